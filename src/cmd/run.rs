@@ -1,0 +1,172 @@
+//! `msgnode run`: start the node and serve until Ctrl-C or SIGTERM.
+//!
+//! [`start`] wires the parts together and is what integration tests call: it builds the PDP
+//! (decision log sink and metrics injected), loads the bundle (a broken or missing bundle is
+//! logged and reported by `/health`, the API still starts), spawns the watcher, and binds the
+//! API. All long-lived tasks hang off one `CancellationToken` and one `TaskTracker`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::RunArgs;
+use crate::config::Config;
+use crate::pdp::api::{self, ApiState};
+use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink};
+use crate::pdp::{watcher, Pdp};
+
+/// How long in-flight requests get to finish after a shutdown signal.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A started node.
+pub struct Running {
+    /// Where the PDP API listens.
+    pub pdp_addr: SocketAddr,
+    /// The decision point, for in-process callers.
+    pub pdp: Pdp,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    /// Stops every task and waits (up to the drain deadline) for them to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("tasks still running after the drain deadline; exiting anyway");
+        }
+    }
+}
+
+/// `msgnode run` / `msgnode pdp`.
+///
+/// # Errors
+/// The runtime cannot start, or [`start`] fails.
+pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
+    if let Some(policies) = args.policies {
+        config.pdp.policies = policies;
+    }
+    if let Some(listen) = args.listen {
+        config.pdp.listen = listen;
+    }
+    crate::telemetry::init(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let node = start(config).await?;
+        println_url(node.pdp_addr);
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        node.stop().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn println_url(addr: SocketAddr) {
+    eprintln!("msgnode: policy decision API on http://{addr}  (try: curl http://{addr}/health)");
+}
+
+/// Builds and starts everything `config` describes.
+///
+/// # Errors
+/// A bad schema or decision rule, an unopenable decision log, or an address in use.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let pdp_config = &config.pdp;
+    let mut registry = Registry::with_prefix("msgnode");
+    let sink: Arc<dyn DecisionSink> = if pdp_config.decision_log.enabled {
+        let sink = JsonLinesSink::open(
+            &pdp_config.decision_log.output,
+            &pdp_config.decision_log.mask,
+        )?;
+        registry.register(
+            "pdp_decision_log_dropped",
+            "Decision log records dropped because the writer could not keep up",
+            sink.dropped_counter(),
+        );
+        Arc::new(sink)
+    } else {
+        Arc::new(NullSink)
+    };
+    let pdp = Pdp::builder(pdp_config)
+        .sink(sink)
+        .registry(&mut registry)
+        .build()
+        .context("cannot set up the policy decision point")?;
+    {
+        let pdp = pdp.clone();
+        // Errors are kept in the PDP's status and logged; the API starts regardless so that
+        // /health can say what is wrong and a fixed bundle is picked up by the watcher.
+        let _ = tokio::task::spawn_blocking(move || pdp.reload()).await;
+    }
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(watcher::watch(
+        pdp.clone(),
+        pdp_config.policies.clone(),
+        pdp_config.reload_debounce,
+        shutdown.child_token(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(pdp_config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} ([pdp] listen)", pdp_config.listen))?;
+    let pdp_addr = listener.local_addr()?;
+    let state = ApiState::new(
+        pdp.clone(),
+        &mut registry,
+        pdp_config.token.clone(),
+        pdp_config.max_body_bytes,
+    );
+    let app = api::router(state);
+    let stop = shutdown.child_token();
+    tracker.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "PDP API server failed");
+        }
+    });
+    tracing::info!(%pdp_addr, "PDP API listening");
+    Ok(Running {
+        pdp_addr,
+        pdp,
+        shutdown,
+        tracker,
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,241 @@
+//! Node configuration: one TOML file (`msgnode.toml`) with `MSGNODE_*` environment overrides.
+//!
+//! Every field has a default, so the node starts with no file at all. Environment variables
+//! override the file: `MSGNODE_PDP__LISTEN=127.0.0.1:9000` sets `[pdp] listen`, with `__`
+//! separating nesting levels (`MSGNODE_PDP__CACHE__TTL=30s`). `msgnode.example.toml` in the
+//! repository documents every key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named on the command line does not exist.
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    /// A key has the wrong type, an unknown value, or the file is not TOML.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Policy decision service.
+    pub pdp: PdpConfig,
+    /// Process logging (not decision logs).
+    pub log: LogConfig,
+}
+
+/// `[pdp]`: the policy decision service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PdpConfig {
+    /// Address of the OPA-compatible HTTP API.
+    pub listen: SocketAddr,
+    /// Bundle directory: `*.rego` modules and `data.json`/`data.yaml` files.
+    pub policies: PathBuf,
+    /// Directory of JSON Schemas (draft 2020-12) that `schemas` bindings refer to.
+    pub schema_dir: PathBuf,
+    /// Binds a data path (`msgnode/authz`) to a schema file name in `schema_dir`: inputs posted
+    /// to that path (or below it) are validated before evaluation and rejected with 400.
+    pub schemas: BTreeMap<String, String>,
+    /// The rule the node's own enforcement points evaluate; it must yield
+    /// `{"allow": bool, "reasons": [string]}`.
+    pub decision: String,
+    /// Bearer token required on every API request when set. Compared in constant time.
+    pub token: Option<String>,
+    /// Evaluation time limit; an evaluation that exceeds it is an error, and so a deny.
+    #[serde(with = "humantime_serde")]
+    pub eval_timeout: Duration,
+    /// Largest accepted request body, in bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// Quiet period after a file change before the bundle is reloaded.
+    #[serde(with = "humantime_serde")]
+    pub reload_debounce: Duration,
+    /// Decision cache.
+    pub cache: CacheConfig,
+    /// Decision log.
+    pub decision_log: DecisionLogConfig,
+}
+
+impl Default for PdpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8181)),
+            policies: PathBuf::from("policies"),
+            schema_dir: PathBuf::from("schemas"),
+            schemas: BTreeMap::from([("msgnode".to_string(), "input.schema.json".to_string())]),
+            decision: "data.msgnode.authz.decision".to_string(),
+            token: None,
+            eval_timeout: Duration::from_millis(50),
+            max_body_bytes: 1024 * 1024,
+            reload_debounce: Duration::from_millis(100),
+            cache: CacheConfig::default(),
+            decision_log: DecisionLogConfig::default(),
+        }
+    }
+}
+
+/// `[pdp.cache]`: decisions cached per (revision, query, canonical input).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Turn the cache off entirely.
+    pub enabled: bool,
+    /// Most decisions kept.
+    pub max_entries: u64,
+    /// How long a decision may be served from the cache. Bounds how stale a decision that
+    /// depends on an ignored field (such as the time) can get.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Input fields left out of the cache key (dotted paths below `input`): values that change
+    /// on every request and that policies do not decide on at finer grain than `ttl`.
+    pub ignore_fields: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_entries: 100_000,
+            ttl: Duration::from_secs(10),
+            ignore_fields: vec!["message.id".to_string(), "context.time".to_string()],
+        }
+    }
+}
+
+/// `[pdp.decision_log]`: one JSON line per decision.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecisionLogConfig {
+    /// Switch decision logging off.
+    pub enabled: bool,
+    /// `"stdout"`, `"stderr"`, or a file path (appended to).
+    pub output: String,
+    /// Input fields (dotted paths below `input`) replaced by `"**REDACTED**"` in the log.
+    pub mask: Vec<String>,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            output: "stdout".to_string(),
+            mask: vec![
+                "message.body.value".to_string(),
+                "matrix.content".to_string(),
+            ],
+        }
+    }
+}
+
+/// `[log]`: the process's own log (tracing).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `msgnode=debug,tower_http=info`; `RUST_LOG` wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_string(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Output format of the process log.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Reads defaults, then the TOML file (when given, or `msgnode.toml` when present in the
+    /// working directory), then `MSGNODE_*` environment variables.
+    ///
+    /// # Errors
+    /// A named file that does not exist, a file that is not valid TOML, or a key of the wrong
+    /// type (the message names the key and where it came from).
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_path_buf())),
+            Some(path) => figment = figment.merge(Toml::file(path)),
+            None => figment = figment.merge(Toml::file("msgnode.toml")),
+        }
+        figment
+            .merge(Env::prefixed("MSGNODE_").split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        figment::Jail::expect_with(|_jail| {
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config, Config::default());
+            assert_eq!(config.pdp.listen.to_string(), "127.0.0.1:8181");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "x.toml",
+                "[pdp]\nlisten = \"127.0.0.1:9000\"\neval_timeout = \"20ms\"\n[pdp.cache]\nttl = \"3s\"\n",
+            )?;
+            jail.set_env("MSGNODE_PDP__CACHE__MAX_ENTRIES", "7");
+            jail.set_env("MSGNODE_PDP__LISTEN", "127.0.0.1:9001");
+            let config = Config::load(Some(Path::new("x.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.pdp.listen.to_string(), "127.0.0.1:9001");
+            assert_eq!(config.pdp.eval_timeout, Duration::from_millis(20));
+            assert_eq!(config.pdp.cache.ttl, Duration::from_secs(3));
+            assert_eq!(config.pdp.cache.max_entries, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("x.toml", "[pdp]\nlisten_addr = \"x\"\n")?;
+            let err = Config::load(Some(Path::new("x.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("listen_addr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_named_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/msgnode.toml"))).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+}

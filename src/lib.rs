@@ -1,0 +1,17 @@
+//! msgnode: a policy-enforced reTHINK messaging node in front of Matrix.
+//!
+//! # Layout
+//! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
+//!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
+//!   HTTP API (`pdp::api`).
+//! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`).
+//! - [`cli`] — the clap command line; [`config`] — `msgnode.toml` + `MSGNODE_*` overrides;
+//!   [`telemetry`] — process logging.
+//!
+//! `ARCHITECTURE.md` at the repository root maps the modules and the path of one decision.
+
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod pdp;
+pub mod telemetry;

@@ -1,0 +1,205 @@
+//! Decision cache: results keyed by (bundle generation, query, canonical input).
+//!
+//! The input is written out canonically (object keys sorted, as `serde_json` keeps them) with
+//! the configured volatile fields left out, and the bytes themselves are the key, so two
+//! different inputs can never share an entry. Every bundle swap bumps the generation and
+//! empties the cache, so a decision is never served for a revision other than its own.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Identifies one cached decision.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    generation: u64,
+    query: Arc<str>,
+    input: Box<[u8]>,
+}
+
+/// A bounded, TTL-limited map from [`CacheKey`] to an evaluation result (`None`: undefined).
+pub struct DecisionCache {
+    entries: Option<moka::sync::Cache<CacheKey, Arc<Option<Value>>>>,
+    ignore: Vec<Vec<String>>,
+}
+
+impl DecisionCache {
+    /// A cache of at most `max_entries` results, each served for at most `ttl`, ignoring the
+    /// dotted `ignore_fields` of the input. `enabled = false` makes every lookup a miss.
+    pub fn new(enabled: bool, max_entries: u64, ttl: Duration, ignore_fields: &[String]) -> Self {
+        let entries = enabled.then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_live(ttl)
+                .build()
+        });
+        let ignore = ignore_fields
+            .iter()
+            .map(|f| {
+                f.trim_start_matches("input.")
+                    .split('.')
+                    .map(str::to_string)
+                    .collect()
+            })
+            .collect();
+        Self { entries, ignore }
+    }
+
+    /// Whether lookups can hit at all.
+    pub fn is_enabled(&self) -> bool {
+        self.entries.is_some()
+    }
+
+    /// The key for `query` and `input` under `generation`.
+    pub fn key(&self, generation: u64, query: &Arc<str>, input: Option<&Value>) -> CacheKey {
+        let mut bytes = Vec::with_capacity(256);
+        match input {
+            None => bytes.push(b'-'),
+            Some(value) => {
+                let mut path = Vec::new();
+                write_canonical(&mut bytes, value, &self.ignore, &mut path);
+            }
+        }
+        CacheKey {
+            generation,
+            query: Arc::clone(query),
+            input: bytes.into_boxed_slice(),
+        }
+    }
+
+    /// The cached result, if any.
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<Option<Value>>> {
+        self.entries.as_ref()?.get(key)
+    }
+
+    /// Remembers a result.
+    pub fn insert(&self, key: CacheKey, result: Arc<Option<Value>>) {
+        if let Some(entries) = &self.entries {
+            entries.insert(key, result);
+        }
+    }
+
+    /// Drops every entry (on bundle swap).
+    pub fn clear(&self) {
+        if let Some(entries) = &self.entries {
+            entries.invalidate_all();
+        }
+    }
+}
+
+/// Writes `value` as compact JSON, skipping object members whose path is in `ignore`.
+fn write_canonical<'a>(
+    out: &mut Vec<u8>,
+    value: &'a Value,
+    ignore: &[Vec<String>],
+    path: &mut Vec<&'a str>,
+) {
+    match value {
+        Value::Object(map) => {
+            out.push(b'{');
+            let mut first = true;
+            for (key, member) in map {
+                path.push(key);
+                let skipped = ignore.iter().any(|p| {
+                    p.len() == path.len() && p.iter().zip(path.iter()).all(|(a, b)| a == b)
+                });
+                if !skipped {
+                    if !first {
+                        out.push(b',');
+                    }
+                    first = false;
+                    // Writing a string into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut *out, key);
+                    out.push(b':');
+                    write_canonical(out, member, ignore, path);
+                }
+                path.pop();
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                // Array elements are not addressed by ignore paths.
+                let mut nested = Vec::new();
+                write_canonical(out, item, &[], &mut nested);
+            }
+            out.push(b']');
+        }
+        scalar => {
+            let _ = out.write_all(scalar.to_string().as_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key_bytes(ignore: &[&str], input: Value) -> String {
+        let ignore: Vec<String> = ignore.iter().map(|s| s.to_string()).collect();
+        let cache = DecisionCache::new(true, 10, Duration::from_secs(1), &ignore);
+        let key = cache.key(1, &Arc::from("q"), Some(&input));
+        String::from_utf8(key.input.to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn key_is_canonical_and_skips_ignored_fields() {
+        let cases = [
+            (
+                vec![],
+                json!({"b": 1, "a": [1, {"y": 2, "x": 1}]}),
+                r#"{"a":[1,{"x":1,"y":2}],"b":1}"#,
+            ),
+            (
+                vec!["message.id"],
+                json!({"message": {"id": 7, "type": "create"}}),
+                r#"{"message":{"type":"create"}}"#,
+            ),
+            (
+                vec!["input.context.time"],
+                json!({"context": {"time": "t", "node": "n"}}),
+                r#"{"context":{"node":"n"}}"#,
+            ),
+            (
+                vec!["id"],
+                json!({"message": {"id": 7}}),
+                r#"{"message":{"id":7}}"#,
+            ),
+            (vec![], json!("s\"q"), r#""s\"q""#),
+        ];
+        for (ignore, input, expected) in cases {
+            assert_eq!(key_bytes(&ignore, input), expected);
+        }
+    }
+
+    #[test]
+    fn entries_are_per_generation_and_cleared() {
+        let cache = DecisionCache::new(true, 10, Duration::from_secs(60), &[]);
+        let query: Arc<str> = Arc::from("data.p.allow");
+        let input = json!({"a": 1});
+        cache.insert(
+            cache.key(1, &query, Some(&input)),
+            Arc::new(Some(json!(true))),
+        );
+        assert!(cache.get(&cache.key(1, &query, Some(&input))).is_some());
+        assert!(cache.get(&cache.key(2, &query, Some(&input))).is_none());
+        assert!(cache.get(&cache.key(1, &query, None)).is_none());
+        cache.clear();
+        assert!(cache.get(&cache.key(1, &query, Some(&input))).is_none());
+    }
+
+    #[test]
+    fn disabled_cache_never_hits() {
+        let cache = DecisionCache::new(false, 10, Duration::from_secs(60), &[]);
+        let query: Arc<str> = Arc::from("q");
+        cache.insert(cache.key(1, &query, None), Arc::new(None));
+        assert!(cache.get(&cache.key(1, &query, None)).is_none());
+    }
+}

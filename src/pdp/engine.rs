@@ -1,0 +1,497 @@
+//! The compiled form of one bundle revision, and evaluation against it.
+//!
+//! A [`CompiledBundle`] holds a regorus `Engine` that has parsed every module, merged the data
+//! and been prepared (analysed) once. Each evaluation clones it (cheap: modules and data are
+//! shared behind `Arc`s) and runs on the clone, so evaluations never wait on one another and
+//! no lock is held while one runs. The regorus execution timer bounds each evaluation.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use regorus::utils::limits::{ExecutionTimerConfig, LimitError};
+
+use super::bundle::{Bundle, BundleError, Location};
+
+/// A path into the data document, e.g. `data.msgnode.authz.decision`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DataPath {
+    segments: Vec<String>,
+    query: String,
+}
+
+/// Why a string is not a usable data path.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid data path {path:?}: {why}")]
+pub struct DataPathError {
+    path: String,
+    why: &'static str,
+}
+
+impl DataPath {
+    /// The root document (`data`).
+    pub fn root() -> Self {
+        Self::from_segments(Vec::new())
+    }
+
+    /// From URL path segments (`msgnode/authz`); empty segments (double or trailing slashes)
+    /// are ignored, as OPA does.
+    ///
+    /// # Errors
+    /// A segment with a control character.
+    pub fn from_url_path(path: &str) -> Result<Self, DataPathError> {
+        let segments: Vec<String> = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if segments.iter().any(|s| s.chars().any(char::is_control)) {
+            return Err(DataPathError {
+                path: path.to_string(),
+                why: "control characters are not allowed",
+            });
+        }
+        Ok(Self::from_segments(segments))
+    }
+
+    /// From a dotted reference (`data.msgnode.authz.decision`); the `data.` prefix is optional.
+    ///
+    /// # Errors
+    /// An empty segment or a segment that is not a Rego identifier.
+    pub fn from_ref(reference: &str) -> Result<Self, DataPathError> {
+        let rest = reference
+            .strip_prefix("data")
+            .filter(|r| r.is_empty() || r.starts_with('.'))
+            .map(|r| r.trim_start_matches('.'))
+            .unwrap_or(reference);
+        if rest.is_empty() {
+            return Ok(Self::root());
+        }
+        let segments: Vec<String> = rest.split('.').map(str::to_string).collect();
+        if segments.iter().any(|s| !is_identifier(s)) {
+            return Err(DataPathError {
+                path: reference.to_string(),
+                why: "each segment must be a Rego identifier",
+            });
+        }
+        Ok(Self::from_segments(segments))
+    }
+
+    fn from_segments(segments: Vec<String>) -> Self {
+        let mut query = String::from("data");
+        for segment in &segments {
+            if is_identifier(segment) {
+                query.push('.');
+                query.push_str(segment);
+            } else {
+                query.push('[');
+                query.push_str(&serde_json::Value::String(segment.clone()).to_string());
+                query.push(']');
+            }
+        }
+        Self { segments, query }
+    }
+
+    /// The Rego reference text, e.g. `data.msgnode.authz` or `data.a["b-c"]`.
+    pub fn as_query(&self) -> &str {
+        &self.query
+    }
+
+    /// The path segments below `data`.
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+}
+
+impl fmt::Display for DataPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.query)
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Why one evaluation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The evaluation ran longer than the configured limit.
+    #[error("evaluation exceeded the time limit of {0:?}")]
+    Timeout(Duration),
+    /// The policy raised an error (a conflict, a strict builtin error, …).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One bundle revision, parsed, merged and prepared for evaluation.
+#[derive(Clone)]
+pub struct CompiledBundle {
+    bundle: Bundle,
+    engine: regorus::Engine,
+    rules: HashSet<String>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for CompiledBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompiledBundle")
+            .field("revision", &self.bundle.revision)
+            .field("modules", &self.bundle.modules.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CompiledBundle {
+    /// Parses every module, merges the data and runs the engine's analysis once, so that
+    /// compile errors (unsafe variables, unknown functions, …) surface here, not at request
+    /// time.
+    ///
+    /// # Errors
+    /// The first module that fails to parse, or the analysis error, with its location.
+    pub fn compile(bundle: Bundle, timeout: Duration) -> Result<Self, BundleError> {
+        let mut engine = regorus::Engine::new();
+        engine.set_rego_v0(false);
+        engine.set_execution_timer_config(ExecutionTimerConfig {
+            limit: timeout,
+            check_interval: NonZeroU32::MIN,
+        });
+        for module in &bundle.modules {
+            engine
+                .add_policy(module.path.clone(), module.raw.to_string())
+                .map_err(|e| rego_error(&module.path, &e.to_string()))?;
+        }
+        let data = regorus::Value::from(bundle.data.clone());
+        engine.add_data(data).map_err(|e| BundleError::Data {
+            file: bundle.root.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let first = bundle
+            .modules
+            .first()
+            .map(|m| m.path.as_str())
+            .unwrap_or("");
+        // Any query prepares the engine (analysis + scheduling); clones then share the result.
+        engine
+            .eval_query("true".to_string(), false)
+            .map_err(|e| rego_error(first, &e.to_string()))?;
+        let ast = engine
+            .get_ast_as_json()
+            .map_err(|e| rego_error(first, &e.to_string()))?;
+        let rules = rule_paths(&ast);
+        let compiled = Self {
+            bundle,
+            engine,
+            rules,
+            timeout,
+        };
+        compiled.check_rules()?;
+        Ok(compiled)
+    }
+
+    /// Evaluates every rule once without input, in a stable order, and turns the errors that
+    /// OPA would report at compile time into a load failure.
+    fn check_rules(&self) -> Result<(), BundleError> {
+        let mut rules: Vec<&String> = self.rules.iter().collect();
+        rules.sort();
+        for rule in rules {
+            let mut engine = self.engine.clone();
+            if let Err(e) = engine.eval_rule(rule.clone()) {
+                let text = e.to_string();
+                if COMPILE_ERROR_MARKERS.iter().any(|m| text.contains(m)) {
+                    let (location, message) = split_location(&text);
+                    let file = location
+                        .as_ref()
+                        .map(|l| l.file.clone())
+                        .unwrap_or_default();
+                    return Err(BundleError::Rego {
+                        file,
+                        location,
+                        message,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The bundle this was compiled from.
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    /// The bundle's revision.
+    pub fn revision(&self) -> &str {
+        &self.bundle.revision
+    }
+
+    /// Every rule defined by the bundle, as `data.pkg.rule`.
+    pub fn rules(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(String::as_str)
+    }
+
+    /// A fresh engine for this revision (for test runners and coverage).
+    pub fn engine(&self) -> regorus::Engine {
+        self.engine.clone()
+    }
+
+    /// Evaluates `path` against `input` (or without input). `Ok(None)` is an undefined
+    /// document, which is not an error.
+    ///
+    /// # Errors
+    /// Timeout, or an error raised by the policy.
+    pub fn evaluate(
+        &self,
+        path: &DataPath,
+        input: Option<regorus::Value>,
+    ) -> Result<Option<serde_json::Value>, EvalError> {
+        let mut engine = self.engine.clone();
+        if let Some(input) = input {
+            engine.set_input(input);
+        }
+        let value = if self.rules.contains(path.as_query()) {
+            engine.eval_rule(path.as_query().to_string())
+        } else {
+            engine
+                .eval_query(path.as_query().to_string(), false)
+                .map(|results| {
+                    results
+                        .result
+                        .into_iter()
+                        .next()
+                        .and_then(|r| r.expressions.into_iter().next())
+                        .map(|e| e.value)
+                        .unwrap_or(regorus::Value::Undefined)
+                })
+        }
+        .map_err(|e| self.eval_error(e))?;
+        if value == regorus::Value::Undefined {
+            return Ok(None);
+        }
+        serde_json::to_value(&value)
+            .map(Some)
+            .map_err(|e| EvalError::Failed(format!("result is not JSON: {e}")))
+    }
+
+    fn eval_error(&self, error: anyhow::Error) -> EvalError {
+        match error.downcast_ref::<LimitError>() {
+            Some(LimitError::TimeLimitExceeded { .. }) => EvalError::Timeout(self.timeout),
+            _ => EvalError::Failed(error.to_string()),
+        }
+    }
+}
+
+/// Splits a regorus error into location and message. regorus reports
+/// `--> file:row:col`, the offending source line with a caret, then `error: message`.
+pub(crate) fn rego_error(file: &str, text: &str) -> BundleError {
+    let (location, message) = split_location(text);
+    BundleError::Rego {
+        file: file.to_string(),
+        location,
+        message,
+    }
+}
+
+fn split_location(text: &str) -> (Option<Location>, String) {
+    let location = text.lines().find_map(|line| {
+        let head = line.trim().strip_prefix("--> ")?;
+        let mut pos = head.rsplitn(3, ':');
+        let col = pos.next()?.trim().parse().ok()?;
+        let row = pos.next()?.trim().parse().ok()?;
+        let file = pos.next()?.trim().to_string();
+        Some(Location { file, row, col })
+    });
+    let message = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| text.trim().to_string());
+    (location, message)
+}
+
+/// Errors that regorus only finds when a rule is first evaluated but that OPA reports at
+/// compile time: they reject the bundle at load instead of failing requests later.
+const COMPILE_ERROR_MARKERS: &[&str] = &[
+    "is unsafe",
+    "could not find function",
+    "rule conflicts with rule",
+    "could not schedule",
+];
+
+/// Rule paths (`data.pkg.rule`) from the engine's AST JSON; functions are left out.
+fn rule_paths(ast_json: &str) -> HashSet<String> {
+    let mut rules = HashSet::new();
+    let Ok(serde_json::Value::Array(modules)) = serde_json::from_str::<serde_json::Value>(ast_json)
+    else {
+        return rules;
+    };
+    for module in &modules {
+        let ast = &module["ast"];
+        let Some(package) = ref_path(&ast["package"]["refr"]) else {
+            continue;
+        };
+        for rule in ast["rules"].as_array().into_iter().flatten() {
+            if let Some(name) = rule_head_path(rule) {
+                rules.insert(format!("data.{package}.{name}"));
+            }
+        }
+    }
+    rules
+}
+
+/// `a.b.c` from a reference in the AST (`Var`, `RefDot`; a `RefBrack` ends the static part).
+fn ref_path(expr: &serde_json::Value) -> Option<String> {
+    if let Some(var) = expr.get("Var") {
+        return var
+            .get("value")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+    }
+    if let Some(dot) = expr.get("RefDot") {
+        let refr = ref_path(dot.get("refr")?)?;
+        let field = dot.get("field")?.get(1)?.as_str()?;
+        return Some(format!("{refr}.{field}"));
+    }
+    if let Some(brack) = expr.get("RefBrack") {
+        return ref_path(brack.get("refr")?);
+    }
+    None
+}
+
+/// The static path of a rule head (`allow`, `deny`, `n.o`); `None` for functions.
+fn rule_head_path(rule: &serde_json::Value) -> Option<String> {
+    if let Some(default) = rule.get("Default") {
+        return ref_path(default.get("refr")?);
+    }
+    let head = rule.get("Spec")?.get("head")?;
+    let kind = ["Compr", "Set"].into_iter().find_map(|k| head.get(k))?;
+    ref_path(kind.get("refr")?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(files: &[(&str, &str)]) -> Result<CompiledBundle, BundleError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (path, text) in files {
+            let full = dir.path().join(path);
+            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+            std::fs::write(full, text).expect("write");
+        }
+        CompiledBundle::compile(Bundle::read(dir.path())?, Duration::from_millis(50))
+    }
+
+    fn eval(
+        bundle: &CompiledBundle,
+        path: &str,
+        input: serde_json::Value,
+    ) -> Option<serde_json::Value> {
+        let path = DataPath::from_url_path(path).expect("path");
+        bundle
+            .evaluate(&path, Some(regorus::Value::from(input)))
+            .expect("eval")
+    }
+
+    #[test]
+    fn data_paths_render_as_rego_references() {
+        let check = |url: &str, expected: &str| {
+            assert_eq!(
+                DataPath::from_url_path(url).expect("path").as_query(),
+                expected
+            );
+        };
+        check("", "data");
+        check("msgnode/authz", "data.msgnode.authz");
+        check("//msgnode//authz/", "data.msgnode.authz");
+        check("a/b-c/1", "data.a[\"b-c\"][\"1\"]");
+        assert_eq!(
+            DataPath::from_ref("data.x.y").expect("ref").as_query(),
+            "data.x.y"
+        );
+        assert_eq!(
+            DataPath::from_ref("x.y").expect("ref").as_query(),
+            "data.x.y"
+        );
+        assert!(DataPath::from_ref("data.x-y").is_err());
+        assert!(DataPath::from_url_path("a/\u{7}").is_err());
+    }
+
+    #[test]
+    fn rules_packages_and_data_evaluate() {
+        let bundle = compile(&[
+            (
+                "p.rego",
+                "package p\nimport rego.v1\ndefault allow := false\nallow if input.user == \"alice\"\nreasons contains \"x\" if not allow\nf(x) := x + 1\n",
+            ),
+            ("cfg/data.json", r#"{"limit": 3}"#),
+        ])
+        .expect("compile");
+        let rules: HashSet<&str> = bundle.rules().collect();
+        assert!(
+            rules.contains("data.p.allow") && rules.contains("data.p.reasons"),
+            "{rules:?}"
+        );
+        let alice = serde_json::json!({"user": "alice"});
+        assert_eq!(
+            eval(&bundle, "p/allow", alice.clone()),
+            Some(serde_json::json!(true))
+        );
+        assert_eq!(
+            eval(&bundle, "p", serde_json::json!({"user": "bob"})),
+            Some(serde_json::json!({"allow": false, "reasons": ["x"]}))
+        );
+        assert_eq!(
+            eval(&bundle, "cfg/limit", alice.clone()),
+            Some(serde_json::json!(3))
+        );
+        assert_eq!(eval(&bundle, "p/nothing", alice), None);
+    }
+
+    #[test]
+    fn parse_errors_carry_file_line_col() {
+        let err =
+            compile(&[("bad.rego", "package p\nallow if {\n  input.a ==\n}\n")]).expect_err("bad");
+        let location = err.location().expect("location").clone();
+        assert!(location.file.ends_with("bad.rego"), "{err}");
+        assert!(location.row >= 3, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("bad.rego:"), "{text}");
+    }
+
+    #[test]
+    fn compile_errors_are_caught_at_load() {
+        let err =
+            compile(&[("p.rego", "package p\nallow if {\n  z := q\n}\n")]).expect_err("unsafe var");
+        assert!(err.to_string().contains("p.rego"), "{err}");
+    }
+
+    #[test]
+    fn conflicts_are_evaluation_errors() {
+        let bundle =
+            compile(&[("p.rego", "package p\nx := input.a\nx := input.b\n")]).expect("compile");
+        let path = DataPath::from_ref("data.p.x").expect("ref");
+        let err = bundle
+            .evaluate(
+                &path,
+                Some(regorus::Value::from(serde_json::json!({"a": 1, "b": 2}))),
+            )
+            .expect_err("conflict");
+        assert!(matches!(err, EvalError::Failed(_)), "{err}");
+    }
+
+    #[test]
+    fn runaway_evaluation_times_out() {
+        let bundle = compile(&[(
+            "p.rego",
+            "package p\nslow := count([x | some a in numbers.range(1, 300); some b in numbers.range(1, 300); some c in numbers.range(1, 300); x := a + b + c])\n",
+        )])
+        .expect("compile");
+        let path = DataPath::from_ref("data.p.slow").expect("ref");
+        let err = bundle.evaluate(&path, None).expect_err("timeout");
+        assert!(matches!(err, EvalError::Timeout(_)), "{err}");
+    }
+}

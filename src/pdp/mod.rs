@@ -1,0 +1,622 @@
+//! Policy decision point: Rego bundle in, decisions out.
+//!
+//! [`Pdp`] is a cheap, cloneable handle shared by the HTTP API and the node's own enforcement
+//! points. It owns the current bundle revision (swapped atomically, so no request ever sees a
+//! half-loaded bundle), the decision cache, the decision log and the metrics. `pdp/` does no
+//! network I/O: `api` exposes it over HTTP, `watcher` reloads it when files change.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use msgnode::config::PdpConfig;
+//! use msgnode::pdp::Pdp;
+//!
+//! let pdp = Pdp::builder(&PdpConfig::default()).build()?;
+//! pdp.reload()?; // reads ./policies
+//! let decision = pdp.decide(serde_json::json!({"kind": "message"}));
+//! assert!(!decision.allow); // default deny
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod bundle;
+pub mod cache;
+pub mod decision_log;
+pub mod engine;
+pub mod metrics;
+pub mod schema;
+pub mod testing;
+pub mod watcher;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use serde_json::Value;
+
+use crate::config::PdpConfig;
+use bundle::{Bundle, BundleError};
+use cache::DecisionCache;
+use decision_log::{DecisionRecord, DecisionSink, NullSink};
+use engine::{CompiledBundle, DataPath, EvalError};
+use metrics::{Outcome, PdpMetrics};
+use schema::{SchemaError, SchemaViolation, Schemas};
+
+/// Why a query produced no decision.
+#[derive(Debug, thiserror::Error)]
+pub enum PdpError {
+    /// No bundle has loaded yet (the last load error says why).
+    #[error("no policy bundle loaded: {0}")]
+    NoBundle(String),
+    /// Evaluation failed or timed out.
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    /// The input does not match the schema bound to the path.
+    #[error(transparent)]
+    Schema(#[from] SchemaViolation),
+}
+
+/// The result of one query, as the HTTP API returns it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Unique id of this decision (also in the decision log).
+    pub decision_id: String,
+    /// The document; `None` when undefined.
+    pub result: Arc<Option<Value>>,
+    /// The revision it was evaluated against.
+    pub revision: Arc<str>,
+    /// Time spent evaluating (or looking up the cache), in nanoseconds.
+    pub eval_ns: u64,
+    /// Whether the result came from the cache.
+    pub cache_hit: bool,
+}
+
+/// A yes/no decision for the node's own enforcement points. Always fails closed: an error,
+/// a timeout, an undefined or malformed result, or no bundle at all is `allow: false`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allow: bool,
+    /// Human-readable reasons (why not, mostly).
+    pub reasons: Vec<String>,
+    /// Decision log id.
+    pub decision_id: String,
+}
+
+/// State of the last bundle load, for `/health` and logs.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LoadStatus {
+    /// Revision being served, if any.
+    pub revision: Option<String>,
+    /// When the served revision was activated.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_time")]
+    pub activated_at: Option<SystemTime>,
+    /// Whether the last load attempt succeeded.
+    pub last_load_ok: bool,
+    /// The last load error (kept until a load succeeds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the last load was attempted.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_time")]
+    pub last_attempt_at: Option<SystemTime>,
+}
+
+fn opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// One activated revision.
+pub struct Active {
+    /// The compiled bundle.
+    pub bundle: CompiledBundle,
+    /// Increases with every activation; part of every cache key.
+    pub generation: u64,
+    /// Revision, shared cheaply with answers.
+    pub revision: Arc<str>,
+}
+
+struct Inner {
+    active: ArcSwapOption<Active>,
+    generation: AtomicU64,
+    cache: DecisionCache,
+    sink: Arc<dyn DecisionSink>,
+    metrics: PdpMetrics,
+    status: Mutex<LoadStatus>,
+    policies: PathBuf,
+    eval_timeout: Duration,
+    decision_path: DataPath,
+    decision_query: Arc<str>,
+    schemas: Schemas,
+}
+
+/// Handle to the policy decision point. Clones share everything.
+#[derive(Clone)]
+pub struct Pdp {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`Pdp`] from configuration plus the injected sink and metrics registry.
+pub struct PdpBuilder<'a> {
+    config: &'a PdpConfig,
+    sink: Arc<dyn DecisionSink>,
+    registry: Option<&'a mut prometheus_client::registry::Registry>,
+}
+
+impl<'a> PdpBuilder<'a> {
+    /// Where decisions are logged (default: nowhere).
+    pub fn sink(mut self, sink: Arc<dyn DecisionSink>) -> Self {
+        self.sink = sink;
+        self
+    }
+
+    /// Registers the PDP's metrics in `registry` (default: a private registry).
+    pub fn registry(mut self, registry: &'a mut prometheus_client::registry::Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Builds the handle. No bundle is loaded yet: call [`Pdp::reload`].
+    ///
+    /// # Errors
+    /// The configured decision rule is not a valid reference, or a schema is broken.
+    pub fn build(self) -> Result<Pdp, BuildError> {
+        let config = self.config;
+        let decision_path = DataPath::from_ref(&config.decision)
+            .map_err(|e| BuildError::Decision(e.to_string()))?;
+        let schemas = Schemas::load(&config.schema_dir, &config.schemas)?;
+        let mut private = prometheus_client::registry::Registry::default();
+        let metrics = PdpMetrics::register(self.registry.unwrap_or(&mut private));
+        let cache = DecisionCache::new(
+            config.cache.enabled,
+            config.cache.max_entries,
+            config.cache.ttl,
+            &config.cache.ignore_fields,
+        );
+        Ok(Pdp {
+            inner: Arc::new(Inner {
+                active: ArcSwapOption::empty(),
+                generation: AtomicU64::new(0),
+                cache,
+                sink: self.sink,
+                metrics,
+                status: Mutex::new(LoadStatus::default()),
+                policies: config.policies.clone(),
+                eval_timeout: config.eval_timeout,
+                decision_query: Arc::from(decision_path.as_query()),
+                decision_path,
+                schemas,
+            }),
+        })
+    }
+}
+
+/// Why a [`Pdp`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `[pdp] decision` is not a data reference.
+    #[error("[pdp] decision: {0}")]
+    Decision(String),
+    /// A schema could not be loaded.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+}
+
+impl Pdp {
+    /// Starts building a PDP for `config`.
+    pub fn builder(config: &PdpConfig) -> PdpBuilder<'_> {
+        PdpBuilder {
+            config,
+            sink: Arc::new(NullSink),
+            registry: None,
+        }
+    }
+
+    /// Reads and compiles the policy directory and, if that succeeds, activates it. On failure
+    /// the previous revision keeps serving; the error is kept for `/health` and counted.
+    /// Blocking (file I/O and compilation): call from a blocking context in async code.
+    ///
+    /// # Errors
+    /// The bundle could not be read or compiled; nothing changed.
+    pub fn reload(&self) -> Result<Arc<str>, BundleError> {
+        let loaded = Bundle::read(&self.inner.policies)
+            .and_then(|b| CompiledBundle::compile(b, self.inner.eval_timeout));
+        let mut status = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.last_attempt_at = Some(SystemTime::now());
+        match loaded {
+            Ok(bundle) => {
+                let revision: Arc<str> = Arc::from(bundle.revision());
+                let unchanged = self
+                    .inner
+                    .active
+                    .load()
+                    .as_ref()
+                    .is_some_and(|a| a.revision == revision);
+                if !unchanged {
+                    self.activate(bundle, Arc::clone(&revision));
+                    status.activated_at = status.last_attempt_at;
+                    tracing::info!(%revision, dir = %self.inner.policies.display(), "policy bundle activated");
+                }
+                status.revision = Some(revision.to_string());
+                status.last_load_ok = true;
+                status.last_error = None;
+                self.inner.metrics.reload_ok(&revision);
+                Ok(revision)
+            }
+            Err(error) => {
+                tracing::error!(%error, "policy bundle rejected; the previous revision keeps serving");
+                status.last_load_ok = false;
+                status.last_error = Some(error.to_string());
+                self.inner.metrics.reload_failed();
+                Err(error)
+            }
+        }
+    }
+
+    fn activate(&self, bundle: CompiledBundle, revision: Arc<str>) {
+        let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inner.active.store(Some(Arc::new(Active {
+            bundle,
+            generation,
+            revision,
+        })));
+        // Entries of older generations can never hit again; drop them now to free memory.
+        self.inner.cache.clear();
+    }
+
+    /// The active revision, if any.
+    pub fn active(&self) -> Option<Arc<Active>> {
+        self.inner.active.load_full()
+    }
+
+    /// State of the last load.
+    pub fn status(&self) -> LoadStatus {
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The schemas inputs are validated against.
+    pub fn schemas(&self) -> &Schemas {
+        &self.inner.schemas
+    }
+
+    /// Records lost by the decision log because it could not keep up.
+    pub fn decision_log_dropped(&self) -> u64 {
+        self.inner.sink.dropped()
+    }
+
+    /// Evaluates `path` with `input` (validated against the schema bound to the path first),
+    /// through the cache, and logs the decision on every exit path.
+    ///
+    /// # Errors
+    /// No bundle, a schema violation, or an evaluation error or timeout.
+    pub fn query(&self, path: &DataPath, input: Option<Value>) -> Result<Answer, PdpError> {
+        if let Some(input) = &input {
+            self.inner
+                .schemas
+                .validate_for_path(path.segments(), input)?;
+        }
+        let query: Arc<str> = Arc::from(path.as_query());
+        self.query_unchecked(&query, path, input)
+    }
+
+    fn query_unchecked(
+        &self,
+        query: &Arc<str>,
+        path: &DataPath,
+        input: Option<Value>,
+    ) -> Result<Answer, PdpError> {
+        let start = Instant::now();
+        let decision_id = uuid::Uuid::new_v4().to_string();
+        let Some(active) = self.inner.active.load_full() else {
+            let why = self
+                .status()
+                .last_error
+                .unwrap_or_else(|| "not loaded yet".to_string());
+            let error = PdpError::NoBundle(why);
+            self.record(&decision_id, query, input, Err(&error), None, 0, false);
+            return Err(error);
+        };
+        let key = self.inner.cache.is_enabled().then(|| {
+            self.inner
+                .cache
+                .key(active.generation, query, input.as_ref())
+        });
+        if let Some(result) = key.as_ref().and_then(|k| self.inner.cache.get(k)) {
+            let eval_ns = elapsed_ns(start);
+            self.record(
+                &decision_id,
+                query,
+                input,
+                Ok(&result),
+                Some(&active.revision),
+                eval_ns,
+                true,
+            );
+            return Ok(Answer {
+                decision_id,
+                result,
+                revision: Arc::clone(&active.revision),
+                eval_ns,
+                cache_hit: true,
+            });
+        }
+        if key.is_some() {
+            self.inner.metrics.cache_miss();
+        }
+        let rego_input = input.as_ref().map(|v| regorus::Value::from(v.clone()));
+        let evaluated = active.bundle.evaluate(path, rego_input);
+        let eval_ns = elapsed_ns(start);
+        match evaluated {
+            Ok(result) => {
+                let result = Arc::new(result);
+                if let Some(key) = key {
+                    self.inner.cache.insert(key, Arc::clone(&result));
+                }
+                self.record(
+                    &decision_id,
+                    query,
+                    input,
+                    Ok(&result),
+                    Some(&active.revision),
+                    eval_ns,
+                    false,
+                );
+                Ok(Answer {
+                    decision_id,
+                    result,
+                    revision: Arc::clone(&active.revision),
+                    eval_ns,
+                    cache_hit: false,
+                })
+            }
+            Err(error) => {
+                let error = PdpError::Eval(error);
+                self.record(
+                    &decision_id,
+                    query,
+                    input,
+                    Err(&error),
+                    Some(&active.revision),
+                    eval_ns,
+                    false,
+                );
+                Err(error)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        decision_id: &str,
+        query: &Arc<str>,
+        input: Option<Value>,
+        result: Result<&Arc<Option<Value>>, &PdpError>,
+        revision: Option<&Arc<str>>,
+        eval_ns: u64,
+        cache_hit: bool,
+    ) {
+        let outcome = match result {
+            Ok(r) => Outcome::of(r.as_ref().as_ref()),
+            Err(_) => Outcome::Error,
+        };
+        self.inner.metrics.decision(outcome, eval_ns, cache_hit);
+        if !self.inner.sink.enabled() {
+            return;
+        }
+        self.inner.sink.log(DecisionRecord {
+            decision_id: decision_id.to_string(),
+            timestamp: SystemTime::now(),
+            path: query.to_string(),
+            input,
+            result: result.ok().and_then(|r| r.as_ref().clone()),
+            error: result.err().map(|e| e.to_string()),
+            revision: revision.map(|r| r.to_string()),
+            eval_ns,
+            cache_hit,
+            erased: Vec::new(),
+        });
+    }
+
+    /// Decides `input` with the configured decision rule (`[pdp] decision`). Fails closed:
+    /// every failure is a deny whose reason says what went wrong.
+    pub fn decide(&self, input: Value) -> Decision {
+        let deny = |decision_id: String, reason: String| Decision {
+            allow: false,
+            reasons: vec![reason],
+            decision_id,
+        };
+        if let Err(violation) = self
+            .inner
+            .schemas
+            .validate_for_path(self.inner.decision_path.segments(), &input)
+        {
+            return deny(String::new(), violation.to_string());
+        }
+        let answer = match self.query_unchecked(
+            &self.inner.decision_query,
+            &self.inner.decision_path,
+            Some(input),
+        ) {
+            Ok(answer) => answer,
+            Err(PdpError::Eval(EvalError::Timeout(limit))) => {
+                return deny(
+                    String::new(),
+                    format!("policy evaluation timed out after {limit:?}"),
+                )
+            }
+            Err(error) => return deny(String::new(), format!("policy error: {error}")),
+        };
+        match answer.result.as_ref() {
+            None => deny(
+                answer.decision_id,
+                format!(
+                    "policy returned no decision ({} is undefined)",
+                    self.inner.decision_query
+                ),
+            ),
+            Some(value) => match value.get("allow").and_then(Value::as_bool) {
+                Some(allow) => Decision {
+                    allow,
+                    reasons: value
+                        .get("reasons")
+                        .and_then(Value::as_array)
+                        .map(|r| {
+                            r.iter()
+                                .map(|v| {
+                                    v.as_str()
+                                        .map(str::to_string)
+                                        .unwrap_or_else(|| v.to_string())
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    decision_id: answer.decision_id,
+                },
+                None => deny(
+                    answer.decision_id,
+                    format!("policy decision has no boolean \"allow\": {value}"),
+                ),
+            },
+        }
+    }
+}
+
+fn elapsed_ns(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn pdp_with(files: &[(&str, &str)]) -> (tempfile::TempDir, Pdp) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (path, text) in files {
+            let full = dir.path().join(path);
+            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+            std::fs::write(full, text).expect("write");
+        }
+        let config = PdpConfig {
+            policies: dir.path().to_path_buf(),
+            schema_dir: dir.path().join("no-schemas"),
+            schemas: Default::default(),
+            decision: "data.t.decision".into(),
+            ..PdpConfig::default()
+        };
+        let pdp = Pdp::builder(&config).build().expect("build");
+        (dir, pdp)
+    }
+
+    const POLICY: &str = r#"package t
+default allow := false
+allow if input.user == "alice"
+reasons contains "not alice" if not allow
+decision := {"allow": allow, "reasons": reasons}
+"#;
+
+    fn check(pdp: &Pdp, input: Value, allow: bool, reason: &str) {
+        let decision = pdp.decide(input.clone());
+        assert_eq!(decision.allow, allow, "{input} → {decision:?}");
+        assert!(
+            reason.is_empty() && decision.reasons.is_empty()
+                || decision.reasons.iter().any(|r| r.contains(reason)),
+            "{input} → {decision:?}, expected reason {reason:?}"
+        );
+    }
+
+    #[test]
+    fn decide_allows_and_denies_with_reasons() {
+        let (_dir, pdp) = pdp_with(&[("t.rego", POLICY)]);
+        pdp.reload().expect("load");
+        check(&pdp, json!({"user": "alice"}), true, "");
+        check(&pdp, json!({"user": "bob"}), false, "not alice");
+    }
+
+    #[test]
+    fn deny_when_no_bundle_is_loaded() {
+        let (_dir, pdp) = pdp_with(&[]);
+        assert!(pdp.reload().is_err());
+        check(
+            &pdp,
+            json!({"user": "alice"}),
+            false,
+            "no policy bundle loaded",
+        );
+    }
+
+    #[test]
+    fn deny_when_decision_is_undefined() {
+        let (_dir, pdp) = pdp_with(&[("t.rego", "package t\nx := 1\n")]);
+        pdp.reload().expect("load");
+        check(&pdp, json!({}), false, "undefined");
+    }
+
+    #[test]
+    fn deny_when_decision_is_malformed() {
+        let (_dir, pdp) = pdp_with(&[("t.rego", "package t\ndecision := {\"ok\": true}\n")]);
+        pdp.reload().expect("load");
+        check(&pdp, json!({}), false, "no boolean \"allow\"");
+    }
+
+    #[test]
+    fn deny_when_evaluation_errors() {
+        let (_dir, pdp) = pdp_with(&[("t.rego", "package t\ndecision := {\"allow\": true} if input.a\ndecision := {\"allow\": false} if input.b\n")]);
+        pdp.reload().expect("load");
+        check(&pdp, json!({"a": true, "b": true}), false, "policy error");
+    }
+
+    #[test]
+    fn deny_when_evaluation_times_out() {
+        let slow = "package t\ndecision := {\"allow\": n > 0} if n := count([x | some a in numbers.range(1, 300); some b in numbers.range(1, 300); some c in numbers.range(1, 300); x := a + b + c])\n";
+        let (_dir, pdp) = pdp_with(&[("t.rego", slow)]);
+        pdp.reload().expect("load");
+        check(&pdp, json!({}), false, "timed out");
+    }
+
+    #[test]
+    fn broken_reload_keeps_serving_the_previous_revision() {
+        let (dir, pdp) = pdp_with(&[("t.rego", POLICY)]);
+        let first = pdp.reload().expect("load");
+        std::fs::write(dir.path().join("t.rego"), "package t\nallow if {\n").expect("write");
+        let err = pdp.reload().expect_err("broken");
+        assert!(err.to_string().contains("t.rego:"), "{err}");
+        let status = pdp.status();
+        assert!(!status.last_load_ok);
+        assert_eq!(status.revision.as_deref(), Some(&*first));
+        check(&pdp, json!({"user": "alice"}), true, "");
+    }
+
+    #[test]
+    fn cache_hits_until_the_revision_changes() {
+        let (dir, pdp) = pdp_with(&[("t.rego", POLICY)]);
+        pdp.reload().expect("load");
+        let path = DataPath::from_ref("data.t.allow").expect("ref");
+        let input = json!({"user": "alice", "message": {"id": 1}});
+        assert!(!pdp.query(&path, Some(input.clone())).expect("q").cache_hit);
+        let mut other_id = input.clone();
+        other_id["message"]["id"] = json!(2);
+        let hit = pdp.query(&path, Some(other_id)).expect("q");
+        assert!(hit.cache_hit, "message.id is ignored by default");
+        assert_eq!(*hit.result, Some(json!(true)));
+        std::fs::write(
+            dir.path().join("t.rego"),
+            POLICY.replace("\"alice\"", "\"carol\""),
+        )
+        .expect("write");
+        pdp.reload().expect("reload");
+        let after = pdp.query(&path, Some(input)).expect("q");
+        assert!(!after.cache_hit);
+        assert_eq!(*after.result, Some(json!(false)));
+    }
+}

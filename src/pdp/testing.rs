@@ -1,0 +1,413 @@
+//! Policy tests, as `opa test` runs them, plus fixture files.
+//!
+//! Two kinds of test: every rule named `test_*` in the bundle's modules (the bundle is read
+//! with its `*_test.rego` files) must evaluate to `true`; and every fixture in the fixtures
+//! directory — `{"description", "query"?, "input", "expect": {"allow", "reasons"?}}` — is
+//! validated against the input schema, evaluated, and must give the expected `allow` and
+//! contain each expected reason (as a substring of some actual reason). Coverage, when asked
+//! for, is gathered by one engine over all tests and reported per non-test module.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::bundle::{Bundle, BundleError};
+use super::engine::{CompiledBundle, DataPath};
+use super::schema::Schemas;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct TestOptions {
+    /// Bundle directory.
+    pub dir: PathBuf,
+    /// Fixture directory (default `<dir>/fixtures`).
+    pub fixtures: Option<PathBuf>,
+    /// Schemas used to validate fixture inputs.
+    pub schemas: PathBuf,
+    /// Schema file fixtures' inputs must match.
+    pub input_schema: String,
+    /// Default query of fixtures that name none.
+    pub decision: String,
+    /// Only tests whose name contains this.
+    pub filter: Option<String>,
+    /// Gather line coverage.
+    pub coverage: bool,
+}
+
+/// Why the tests could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    /// The bundle does not load.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The schemas do not load.
+    #[error(transparent)]
+    Schema(#[from] super::schema::SchemaError),
+    /// The fixture directory cannot be listed.
+    #[error("{0}: {1}")]
+    Fixtures(String, std::io::Error),
+    /// The default decision query is not a reference.
+    #[error("decision query: {0}")]
+    Decision(#[from] super::engine::DataPathError),
+}
+
+/// The outcome of one test.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestResult {
+    /// `data.pkg.test_x` or the fixture's path.
+    pub name: String,
+    /// `rego` or `fixture`.
+    pub kind: &'static str,
+    /// Whether it passed.
+    pub passed: bool,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Fixture description.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Wall time.
+    pub duration_ns: u64,
+}
+
+/// Line coverage of one module.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileCoverage {
+    /// Module path.
+    pub file: String,
+    /// Lines evaluated.
+    pub covered: Vec<u32>,
+    /// Lines with code that were not evaluated.
+    pub not_covered: Vec<u32>,
+}
+
+impl FileCoverage {
+    /// Covered share of lines with code, in percent.
+    pub fn percent(&self) -> f64 {
+        let total = self.covered.len() + self.not_covered.len();
+        if total == 0 {
+            100.0
+        } else {
+            self.covered.len() as f64 * 100.0 / total as f64
+        }
+    }
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestReport {
+    /// One entry per test, rego tests first, each group sorted by name.
+    pub results: Vec<TestResult>,
+    /// Tests that passed.
+    pub passed: usize,
+    /// Tests that failed.
+    pub failed: usize,
+    /// With `coverage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Vec<FileCoverage>>,
+}
+
+/// A fixture file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fixture {
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    query: Option<String>,
+    input: Value,
+    expect: Expectation,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expectation {
+    allow: bool,
+    #[serde(default)]
+    reasons: Vec<String>,
+}
+
+/// Runs every test.
+///
+/// # Errors
+/// The bundle, the schemas or the fixture directory cannot be read. Failing tests are not
+/// errors: they are in the report.
+pub fn run(options: &TestOptions) -> Result<TestReport, TestError> {
+    let bundle = CompiledBundle::compile(
+        Bundle::read_with_tests(&options.dir)?,
+        std::time::Duration::from_secs(5),
+    )?;
+    let schemas = Schemas::load(&options.schemas, std::iter::empty())?;
+    let default_query = DataPath::from_ref(&options.decision)?;
+    let mut engine = bundle.engine();
+    engine.set_enable_coverage(options.coverage);
+    let wanted = |name: &str| options.filter.as_deref().is_none_or(|f| name.contains(f));
+
+    let mut results = Vec::new();
+    let mut tests: Vec<&str> = bundle
+        .rules()
+        .filter(|r| r.rsplit('.').next().is_some_and(|n| n.starts_with("test_")))
+        .filter(|r| wanted(r))
+        .collect();
+    tests.sort_unstable();
+    for test in tests {
+        let start = Instant::now();
+        engine.set_input(regorus::Value::Undefined);
+        let outcome = engine.eval_rule(test.to_string());
+        let (passed, message) = match outcome {
+            Ok(regorus::Value::Bool(true)) => (true, None),
+            Ok(regorus::Value::Undefined) => (
+                false,
+                Some("undefined (a condition in the test body was false)".to_string()),
+            ),
+            Ok(other) => (false, Some(format!("evaluated to {other}, expected true"))),
+            Err(e) => (false, Some(one_line(&e.to_string()))),
+        };
+        results.push(TestResult {
+            name: test.to_string(),
+            kind: "rego",
+            passed,
+            message,
+            description: None,
+            duration_ns: elapsed_ns(start),
+        });
+    }
+
+    let fixtures_dir = options
+        .fixtures
+        .clone()
+        .unwrap_or_else(|| options.dir.join("fixtures"));
+    for path in fixture_files(&fixtures_dir)? {
+        let name = path.display().to_string();
+        if !wanted(&name) {
+            continue;
+        }
+        let start = Instant::now();
+        let (description, outcome) =
+            run_fixture(&path, &mut engine, &schemas, options, &default_query);
+        results.push(TestResult {
+            name,
+            kind: "fixture",
+            passed: outcome.is_ok(),
+            message: outcome.err(),
+            description,
+            duration_ns: elapsed_ns(start),
+        });
+    }
+
+    let coverage = options.coverage.then(|| coverage(&engine));
+    let passed = results.iter().filter(|r| r.passed).count();
+    Ok(TestReport {
+        failed: results.len() - passed,
+        passed,
+        results,
+        coverage,
+    })
+}
+
+fn fixture_files(dir: &Path) -> Result<Vec<PathBuf>, TestError> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| TestError::Fixtures(dir.display().to_string(), e))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn run_fixture(
+    path: &Path,
+    engine: &mut regorus::Engine,
+    schemas: &Schemas,
+    options: &TestOptions,
+    default_query: &DataPath,
+) -> (Option<String>, Result<(), String>) {
+    let fixture: Fixture = match std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| format!("not a fixture: {e}")))
+    {
+        Ok(f) => f,
+        Err(e) => return (None, Err(e)),
+    };
+    let description = fixture.description.clone();
+    let outcome = (|| {
+        schemas
+            .validate(&options.input_schema, &fixture.input)
+            .map_err(|v| v.to_string())?;
+        let query = match &fixture.query {
+            Some(q) => DataPath::from_ref(q).map_err(|e| e.to_string())?,
+            None => default_query.clone(),
+        };
+        engine.set_input(regorus::Value::from(fixture.input.clone()));
+        let value = engine
+            .eval_rule(query.as_query().to_string())
+            .map_err(|e| format!("evaluation failed: {}", one_line(&e.to_string())))?;
+        if value == regorus::Value::Undefined {
+            return Err(format!("{query} is undefined"));
+        }
+        let value = serde_json::to_value(&value).map_err(|e| e.to_string())?;
+        let allow = value.get("allow").and_then(Value::as_bool);
+        let reasons: Vec<&str> = value
+            .get("reasons")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if allow != Some(fixture.expect.allow) {
+            return Err(format!(
+                "expected allow={}, got {} (reasons: {reasons:?})",
+                fixture.expect.allow,
+                allow.map_or("no boolean allow".to_string(), |a| format!("allow={a}"))
+            ));
+        }
+        let missing: Vec<&String> = fixture
+            .expect
+            .reasons
+            .iter()
+            .filter(|want| !reasons.iter().any(|r| r.contains(want.as_str())))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!("missing reasons {missing:?}; got {reasons:?}"));
+        }
+        Ok(())
+    })();
+    (description, outcome)
+}
+
+fn coverage(engine: &regorus::Engine) -> Vec<FileCoverage> {
+    let Ok(report) = engine.get_coverage_report() else {
+        return Vec::new();
+    };
+    let mut files: Vec<FileCoverage> = report
+        .files
+        .into_iter()
+        .filter(|f| !f.path.ends_with("_test.rego"))
+        .map(|f| FileCoverage {
+            file: f.path,
+            covered: f.covered.into_iter().collect(),
+            not_covered: f.not_covered.into_iter().collect(),
+        })
+        .collect();
+    files.sort_by(|a, b| a.file.cmp(&b.file));
+    files
+}
+
+/// `1, 2, 3, 7, 9, 10` → `1-3, 7, 9-10`.
+pub fn line_ranges(lines: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = lines.iter().copied().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    out.join(", ")
+}
+
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn elapsed_ns(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_in(files: &[(&str, &str)]) -> TestReport {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (path, text) in files {
+            let full = dir.path().join(path);
+            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+            std::fs::write(full, text).expect("write");
+        }
+        std::fs::create_dir_all(dir.path().join("schemas")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("schemas/in.json"),
+            r#"{"type": "object", "required": ["user"]}"#,
+        )
+        .expect("write");
+        run(&TestOptions {
+            dir: dir.path().join("p"),
+            fixtures: None,
+            schemas: dir.path().join("schemas"),
+            input_schema: "in.json".into(),
+            decision: "data.t.decision".into(),
+            filter: None,
+            coverage: true,
+        })
+        .expect("run")
+    }
+
+    const POLICY: &str = "package t\ndefault allow := false\nallow if input.user == \"alice\"\nreasons contains \"not alice\" if not allow\ndecision := {\"allow\": allow, \"reasons\": reasons}\n";
+
+    #[test]
+    fn rego_tests_and_fixtures_pass_and_fail() {
+        let report = run_in(&[
+            ("p/t.rego", POLICY),
+            (
+                "p/t_test.rego",
+                "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\ntest_bob_fails if data.t.allow with input as {\"user\": \"bob\"}\n",
+            ),
+            ("p/fixtures/a_ok.json", r#"{"input": {"user": "alice"}, "expect": {"allow": true}}"#),
+            ("p/fixtures/b_reason.json", r#"{"input": {"user": "bob"}, "expect": {"allow": false, "reasons": ["not alice"]}}"#),
+            ("p/fixtures/c_wrong.json", r#"{"input": {"user": "bob"}, "expect": {"allow": true}}"#),
+            ("p/fixtures/d_schema.json", r#"{"input": {"usr": "bob"}, "expect": {"allow": false}}"#),
+            ("p/fixtures/e_missing_reason.json", r#"{"input": {"user": "bob"}, "expect": {"allow": false, "reasons": ["nope"]}}"#),
+        ]);
+        let by_name = |suffix: &str| {
+            report
+                .results
+                .iter()
+                .find(|r| r.name.ends_with(suffix))
+                .expect(suffix)
+        };
+        assert!(by_name("test_alice").passed);
+        assert!(!by_name("test_bob_fails").passed);
+        assert!(by_name("a_ok.json").passed);
+        assert!(by_name("b_reason.json").passed);
+        assert!(by_name("c_wrong.json")
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("expected allow=true"));
+        assert!(by_name("d_schema.json")
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("does not match schema"));
+        assert!(by_name("e_missing_reason.json")
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("missing reasons"));
+        assert_eq!((report.passed, report.failed), (3, 4));
+        let coverage = report.coverage.expect("coverage");
+        assert_eq!(coverage.len(), 1, "test modules are not reported");
+        assert!(!coverage[0].covered.is_empty());
+    }
+
+    #[test]
+    fn line_ranges_compress() {
+        assert_eq!(line_ranges(&[1, 2, 3, 7, 9, 10]), "1-3, 7, 9-10");
+        assert_eq!(line_ranges(&[]), "");
+    }
+}
