@@ -1,13 +1,295 @@
 //! `msgnode bench`: decision latency and throughput figures (printed, never asserted).
+//!
+//! Inputs are the `kind: "message"` fixtures of the bundle (`<policies>/fixtures/*.json`):
+//! realistic reTHINK messages, allowed and denied. Cases:
+//! - `eval uncached`: `Pdp::decide` with the cache off — engine clone, input conversion,
+//!   evaluation of the decision rule, result conversion, metrics.
+//! - `eval cached`: the same inputs with a fresh `message.id` each time (ignored by the cache
+//!   key, as in real traffic), after one warm-up pass.
+//! - `http`: `POST /v1/data/<decision>` over loopback with keep-alive connections, the server
+//!   on 1 and then 2 worker threads, the load generator in the same process. The decision
+//!   log is off in every case (it is asynchronous, but its I/O would share the 2 cores).
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::cli::BenchArgs;
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::cli::{BenchArgs, BenchMode};
+use crate::config::{Config, PdpConfig};
+use crate::pdp::Pdp;
 
 /// Runs the benchmarks `args` selects.
 ///
 /// # Errors
-/// The bundle does not load or the server cannot start.
-pub fn run(_args: BenchArgs) -> anyhow::Result<ExitCode> {
+/// The bundle or its fixtures do not load, or the server cannot start.
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let inputs = message_inputs(&args.policies.join("fixtures"))?;
+    let seconds = Duration::from_secs_f64(args.seconds.max(0.1));
+    println!(
+        "msgnode bench: {} message inputs from {}/fixtures, {:?} per case, {} cores",
+        inputs.len(),
+        args.policies.display(),
+        seconds,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "{:<26} {:>8} {:>10} {:>10} {:>14}",
+        "case", "threads", "p50", "p99", "decisions/s"
+    );
+    if matches!(args.mode, BenchMode::All | BenchMode::Eval) {
+        for cached in [false, true] {
+            let pdp = bench_pdp(&args, cached)?;
+            for threads in [1, 2] {
+                let stats = eval_case(&pdp, &inputs, threads, seconds, cached);
+                let name = if cached {
+                    "eval cached"
+                } else {
+                    "eval uncached"
+                };
+                stats.print(name, threads);
+            }
+        }
+    }
+    if matches!(args.mode, BenchMode::All | BenchMode::Http) {
+        for cached in [true, false] {
+            for threads in [1, 2] {
+                let stats = http_case(&args, &inputs, threads, seconds, cached)?;
+                let name = if cached {
+                    "http cached"
+                } else {
+                    "http uncached"
+                };
+                stats.print(name, threads);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn pdp_config(args: &BenchArgs, cached: bool) -> PdpConfig {
+    let mut config = PdpConfig {
+        policies: args.policies.clone(),
+        ..PdpConfig::default()
+    };
+    config.cache.enabled = cached;
+    config.decision_log.enabled = false;
+    config
+}
+
+fn bench_pdp(args: &BenchArgs, cached: bool) -> anyhow::Result<Pdp> {
+    let pdp = Pdp::builder(&pdp_config(args, cached)).build()?;
+    pdp.reload()?;
+    Ok(pdp)
+}
+
+fn message_inputs(dir: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let mut inputs = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let Ok(fixture) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        if fixture["input"]["kind"] == "message" {
+            inputs.push(fixture["input"].clone());
+        }
+    }
+    if inputs.is_empty() {
+        bail!("no fixtures with kind \"message\" in {}", dir.display());
+    }
+    Ok(inputs)
+}
+
+/// Latencies and throughput of one case.
+struct Stats {
+    latencies_ns: Vec<u64>,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn print(mut self, name: &str, threads: usize) {
+        self.latencies_ns.sort_unstable();
+        let pick = |q: f64| {
+            let n = self.latencies_ns.len();
+            if n == 0 {
+                return 0;
+            }
+            self.latencies_ns[((n as f64 * q) as usize).min(n - 1)]
+        };
+        let rate = self.latencies_ns.len() as f64 / self.elapsed.as_secs_f64();
+        println!(
+            "{:<26} {:>8} {:>10} {:>10} {:>14.0}",
+            name,
+            threads,
+            micros(pick(0.50)),
+            micros(pick(0.99)),
+            rate
+        );
+    }
+}
+
+fn micros(ns: u64) -> String {
+    format!("{:.1} µs", ns as f64 / 1000.0)
+}
+
+fn with_fresh_id(input: &Value, id: u64) -> Value {
+    let mut input = input.clone();
+    if let Some(message) = input.get_mut("message").and_then(Value::as_object_mut) {
+        message.insert("id".to_string(), Value::from(id));
+    }
+    input
+}
+
+fn eval_case(
+    pdp: &Pdp,
+    inputs: &[Value],
+    threads: usize,
+    duration: Duration,
+    cached: bool,
+) -> Stats {
+    if cached {
+        for input in inputs {
+            pdp.decide(input.clone());
+        }
+    }
+    let start = Instant::now();
+    let latencies: Vec<u64> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut latencies = Vec::with_capacity(1 << 20);
+                    let mut i = t;
+                    let deadline = Instant::now() + duration;
+                    while Instant::now() < deadline {
+                        // Prepared outside the timed region: a caller builds its input anyway.
+                        let input = with_fresh_id(&inputs[i % inputs.len()], i as u64);
+                        let t0 = Instant::now();
+                        std::hint::black_box(pdp.decide(input));
+                        latencies.push(t0.elapsed().as_nanos() as u64);
+                        i += threads;
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    Stats {
+        latencies_ns: latencies,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn http_case(
+    args: &BenchArgs,
+    inputs: &[Value],
+    threads: usize,
+    duration: Duration,
+    cached: bool,
+) -> anyhow::Result<Stats> {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    let mut config = Config {
+        pdp: pdp_config(args, cached),
+        ..Config::default()
+    };
+    config.pdp.listen = "127.0.0.1:0".parse()?;
+    let node = server_rt.block_on(crate::cmd::run::start(config))?;
+    let url = format!("http://{}/v1/data/{}", node.pdp_addr, config_decision_url());
+    let bodies: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|input| serde_json::to_vec(&serde_json::json!({ "input": input })))
+        .collect::<Result<_, _>>()?;
+
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let stats = client_rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.connections)
+            .build()?;
+        // Warm up connections and the cache.
+        for body in &bodies {
+            client
+                .post(&url)
+                .body(body.clone())
+                .send()
+                .await?
+                .bytes()
+                .await?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let bodies = Arc::new(bodies);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        let connections = args.connections;
+        for c in 0..connections {
+            let (client, url, stop, errors, bodies) = (
+                client.clone(),
+                url.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&errors),
+                Arc::clone(&bodies),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(1 << 16);
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = bodies[i % bodies.len()].clone();
+                    let t0 = Instant::now();
+                    let ok = match client.post(&url).body(body).send().await {
+                        Ok(response) => {
+                            response.status().is_success() && response.bytes().await.is_ok()
+                        }
+                        Err(_) => false,
+                    };
+                    if ok {
+                        latencies.push(t0.elapsed().as_nanos() as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += connections;
+                }
+                latencies
+            }));
+        }
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await.unwrap_or_default());
+        }
+        let elapsed = start.elapsed();
+        let errors = errors.load(Ordering::Relaxed);
+        if errors > 0 {
+            eprintln!("  ({errors} failed requests)");
+        }
+        anyhow::Ok(Stats {
+            latencies_ns: latencies,
+            elapsed,
+        })
+    })?;
+    server_rt.block_on(node.stop());
+    Ok(stats)
+}
+
+fn config_decision_url() -> String {
+    PdpConfig::default()
+        .decision
+        .trim_start_matches("data.")
+        .replace('.', "/")
 }

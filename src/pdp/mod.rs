@@ -102,6 +102,12 @@ pub struct LoadStatus {
     /// When the last load was attempted.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_time")]
     pub last_attempt_at: Option<SystemTime>,
+    /// `rvm` when the decision rule runs on the bytecode VM, `interpreter` otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision_engine: Option<&'static str>,
+    /// Why the decision rule could not be compiled for the bytecode VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rvm_error: Option<String>,
 }
 
 fn opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -225,11 +231,21 @@ impl Pdp {
     /// The bundle could not be read or compiled; nothing changed.
     pub fn reload(&self) -> Result<Arc<str>, BundleError> {
         let loaded = Bundle::read(&self.inner.policies)
-            .and_then(|b| CompiledBundle::compile(b, self.inner.eval_timeout));
+            .and_then(|b| CompiledBundle::compile(b, self.inner.eval_timeout))
+            .map(|b| b.with_fast_path(&self.inner.decision_path));
         let mut status = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
         status.last_attempt_at = Some(SystemTime::now());
         match loaded {
-            Ok(bundle) => {
+            Ok((bundle, rvm_error)) => {
+                if let Some(error) = &rvm_error {
+                    tracing::warn!(%error, rule = %self.inner.decision_path, "decision rule runs on the interpreter: the bytecode VM cannot compile it");
+                }
+                status.decision_engine = Some(if rvm_error.is_none() {
+                    "rvm"
+                } else {
+                    "interpreter"
+                });
+                status.rvm_error = rvm_error;
                 let revision: Arc<str> = Arc::from(bundle.revision());
                 let unchanged = self
                     .inner
@@ -428,20 +444,15 @@ impl Pdp {
     }
 
     /// Decides `input` with the configured decision rule (`[pdp] decision`). Fails closed:
-    /// every failure is a deny whose reason says what went wrong.
+    /// every failure is a deny whose reason says what went wrong. The input is not validated
+    /// against a schema: the node's enforcement points build it from already-validated types
+    /// (HTTP callers go through [`Pdp::query`], which validates).
     pub fn decide(&self, input: Value) -> Decision {
         let deny = |decision_id: String, reason: String| Decision {
             allow: false,
             reasons: vec![reason],
             decision_id,
         };
-        if let Err(violation) = self
-            .inner
-            .schemas
-            .validate_for_path(self.inner.decision_path.segments(), &input)
-        {
-            return deny(String::new(), violation.to_string());
-        }
         let answer = match self.query_unchecked(
             &self.inner.decision_query,
             &self.inner.decision_path,

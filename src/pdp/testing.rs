@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::bundle::{Bundle, BundleError};
-use super::engine::{CompiledBundle, DataPath};
+use super::engine::{one_line, CompiledBundle, DataPath};
 use super::schema::Schemas;
 
 /// What to run.
@@ -143,6 +143,13 @@ pub fn run(options: &TestOptions) -> Result<TestReport, TestError> {
     let default_query = DataPath::from_ref(&options.decision)?;
     let mut engine = bundle.engine();
     engine.set_enable_coverage(options.coverage);
+    // The server runs the decision rule on the bytecode VM: check it agrees with the
+    // interpreter on every fixture.
+    let (fast, rvm_error) = bundle.clone().with_fast_path(&default_query);
+    let vm = Crosscheck {
+        bundle: rvm_error.is_none().then_some(&fast),
+        query: &default_query,
+    };
     let wanted = |name: &str| options.filter.as_deref().is_none_or(|f| name.contains(f));
 
     let mut results = Vec::new();
@@ -185,8 +192,7 @@ pub fn run(options: &TestOptions) -> Result<TestReport, TestError> {
             continue;
         }
         let start = Instant::now();
-        let (description, outcome) =
-            run_fixture(&path, &mut engine, &schemas, options, &default_query);
+        let (description, outcome) = run_fixture(&path, &mut engine, &schemas, options, &vm);
         results.push(TestResult {
             name,
             kind: "fixture",
@@ -221,13 +227,20 @@ fn fixture_files(dir: &Path) -> Result<Vec<PathBuf>, TestError> {
     Ok(files)
 }
 
+/// The bytecode-VM build of the decision rule, to compare with the interpreter.
+struct Crosscheck<'a> {
+    bundle: Option<&'a CompiledBundle>,
+    query: &'a DataPath,
+}
+
 fn run_fixture(
     path: &Path,
     engine: &mut regorus::Engine,
     schemas: &Schemas,
     options: &TestOptions,
-    default_query: &DataPath,
+    vm: &Crosscheck<'_>,
 ) -> (Option<String>, Result<(), String>) {
+    let default_query = vm.query;
     let fixture: Fixture = match std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
         .and_then(|text| serde_json::from_str(&text).map_err(|e| format!("not a fixture: {e}")))
@@ -252,6 +265,17 @@ fn run_fixture(
             return Err(format!("{query} is undefined"));
         }
         let value = serde_json::to_value(&value).map_err(|e| e.to_string())?;
+        if let Some(fast) = vm.bundle.filter(|b| b.is_fast_path(&query)) {
+            let on_vm = fast
+                .evaluate(&query, Some(regorus::Value::from(fixture.input.clone())))
+                .map_err(|e| format!("bytecode VM failed where the interpreter did not: {e}"))?;
+            if on_vm.as_ref() != Some(&value) {
+                return Err(format!(
+                    "bytecode VM and interpreter disagree: vm={}, interpreter={value}",
+                    on_vm.map_or("undefined".to_string(), |v| v.to_string())
+                ));
+            }
+        }
         let allow = value.get("allow").and_then(Value::as_bool);
         let reasons: Vec<&str> = value
             .get("reasons")
@@ -314,14 +338,6 @@ pub fn line_ranges(lines: &[u32]) -> String {
         });
     }
     out.join(", ")
-}
-
-fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn elapsed_ns(start: Instant) -> u64 {
