@@ -1,0 +1,120 @@
+# Policies for the Matrix kinds, asked by the Matrix PEP (client-server proxy
+# and appservice):
+#   - "matrix_event": may `matrix.sender` send an event of `matrix.event_type`
+#     into `matrix.room_id`?
+#   - "membership": may `matrix.sender` change `matrix.target`'s (or, without
+#     a target, its own) membership to `matrix.membership`?
+package msgnode.matrix
+
+import data.msgnode.lib
+
+mx := object.get(input, "matrix", {})
+
+sender := object.get(mx, "sender", "")
+
+room_id := object.get(mx, "room_id", "")
+
+event_type := object.get(mx, "event_type", "")
+
+membership := object.get(mx, "membership", "")
+
+target := object.get(mx, "target", "")
+
+cfg := object.get(data.config, "matrix", {})
+
+# --- kind matrix_event -------------------------------------------------------
+
+# Event types allowed in the room: the per-room override when there is one,
+# else the default list.
+room_event_types := object.get(object.get(cfg.event_types, "rooms", {}), room_id, cfg.event_types.default)
+
+event_allow if event_type in room_event_types
+
+event_deny contains sprintf("event type '%s' is not allowed in room '%s'", [event_type, room_id]) if {
+	not event_type in room_event_types
+}
+
+event_deny contains r if some r in blocked_deny
+
+# --- kind membership ---------------------------------------------------------
+
+members := object.get(mx, "room_members", [])
+
+# invite: the inviter is a member of the room and of a trusted server, and
+# the invitee is of a trusted server.
+membership_allow if {
+	membership == "invite"
+	sender in members
+	lib.trusted_domain(lib.matrix_server(sender))
+	lib.trusted_domain(lib.matrix_server(target))
+}
+
+membership_deny contains sprintf("inviter '%s' is not a member of room '%s'", [sender, room_id]) if {
+	membership == "invite"
+	not sender in members
+}
+
+membership_deny contains sprintf("inviter domain of '%s' is not trusted", [sender]) if {
+	membership == "invite"
+	not lib.trusted_domain(lib.matrix_server(sender))
+}
+
+membership_deny contains "invite has no target" if {
+	membership == "invite"
+	target == ""
+}
+
+membership_deny contains sprintf("invitee domain of '%s' is not trusted", [target]) if {
+	membership == "invite"
+	target != ""
+	not lib.trusted_domain(lib.matrix_server(target))
+}
+
+# join (and knock, a request to join): users of trusted servers.
+membership_allow if {
+	membership in {"join", "knock"}
+	lib.trusted_domain(lib.matrix_server(sender))
+}
+
+membership_deny contains sprintf("user domain of '%s' is not trusted", [sender]) if {
+	membership in {"join", "knock"}
+	not lib.trusted_domain(lib.matrix_server(sender))
+}
+
+# ban: a room member of a trusted server (Synapse still checks power levels).
+membership_allow if {
+	membership == "ban"
+	sender in members
+	lib.trusted_domain(lib.matrix_server(sender))
+}
+
+membership_deny contains sprintf("banning user '%s' is not a member of room '%s' of a trusted domain", [sender, room_id]) if {
+	membership == "ban"
+	not ban_sender_ok
+}
+
+ban_sender_ok if {
+	sender in members
+	lib.trusted_domain(lib.matrix_server(sender))
+}
+
+# leave: always allowed, also for blocked users (nobody is kept in a room).
+membership_allow if membership == "leave"
+
+membership_deny contains r if {
+	membership != "leave"
+	some r in blocked_deny
+}
+
+# --- shared ------------------------------------------------------------------
+
+# Blocked sender, blocked authenticated user (when the PEP knows it) and, for
+# memberships, blocked target.
+blocked_deny contains sprintf("user '%s' is blocked", [sender]) if lib.blocked_user(sender)
+
+blocked_deny contains sprintf("user '%s' is blocked", [input.subject.user]) if lib.blocked_user(input.subject.user)
+
+blocked_deny contains sprintf("user '%s' is blocked", [target]) if {
+	target != ""
+	lib.blocked_user(target)
+}

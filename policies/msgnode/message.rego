@@ -1,0 +1,168 @@
+# Policy for kind "message": a reTHINK message a connected runtime sends
+# through the node (hyperty to hyperty, to a node component, to the registry).
+#
+# allow: the message type is allowed (data.config.message.allowed_types).
+# deny:  everything else in this file, plus msgnode.common (authentication,
+#        blocked users, identity provider trust).
+package msgnode.message
+
+import data.msgnode.lib
+
+# The message fields, normalised by msgnode.lib (see there). Rules of other
+# packages are always referenced by full path, functions through the `lib`
+# import: see "Performance" in policies/README.md.
+raw_type := data.msgnode.lib.message_type
+
+msg_type := lower(raw_type)
+
+sender := data.msgnode.lib.message_from
+
+destinations := data.msgnode.lib.message_to
+
+subject := data.msgnode.common.subject
+
+# The message type (compared lowercased) is one of the allowed types.
+allow if msg_type in data.config.message.allowed_types
+
+deny contains sprintf("message type '%s' is not allowed", [raw_type]) if {
+	not msg_type in data.config.message.allowed_types
+}
+
+deny contains r if some r in data.msgnode.common.deny
+
+# Structural checks (the schema already enforces these; the policy fails
+# closed on its own too).
+deny contains "message has no 'from'" if sender == ""
+
+deny contains "message has no 'to'" if count(destinations) == 0
+
+# Anti-spoofing: `from` must be an address bound to this connection, or a
+# sub-resource of one.
+deny contains sprintf("sender '%s' is not an address of this connection (spoofed 'from')", [sender]) if {
+	sender != ""
+	not lib.owns(sender)
+}
+
+# Sender and every destination must be in trusted domains.
+deny contains sprintf("sender '%s' is not in a trusted domain", [sender]) if {
+	sender != ""
+	not lib.trusted_domain(domain_of[sender])
+}
+
+deny contains sprintf("destination '%s' is not in a trusted domain", [to]) if {
+	some to in destinations
+	not lib.trusted_domain(domain_of[to])
+}
+
+# Sender and destination schemes must be allowed, when
+# data.config.message.allowed_schemes is set.
+deny contains sprintf("scheme of '%s' is not allowed", [url]) if {
+	schemes := data.config.message.allowed_schemes
+	some url in addresses
+	not lib.scheme(url) in schemes
+}
+
+addresses contains sender if sender != ""
+
+addresses contains to if some to in destinations
+
+# The domain of each address, parsed once per decision (no entry: the URL has
+# no domain).
+domain_of := {url: d | some url in addresses; d := lib.domain(url)}
+
+address_domains := {d | some d in domain_of}
+
+# Blocked addresses (or the allocated address they belong to), as sender or
+# destination.
+deny contains sprintf("address '%s' is blocked", [url]) if {
+	some url in addresses
+	lib.blocked_address(url)
+}
+
+# Group restriction: a destination listed in
+# data.config.group_restricted_destinations accepts messages only from members
+# (subject.user or subject.identity) of one of its groups.
+deny contains sprintf("destination '%s' only accepts senders in group(s) %s", [to, concat(", ", groups)]) if {
+	some to in destinations
+	groups := restricted_groups(to)
+	not sender_in_any(groups)
+}
+
+# The groups for the exact destination, else for the address it belongs to.
+restricted_groups(to) := groups if {
+	restricted := object.get(data.config, "group_restricted_destinations", {})
+	groups := object.get(restricted, to, object.get(restricted, lib.base_address(to), null))
+	groups != null
+}
+
+sender_in_any(groups) if {
+	some g in groups
+	subject.user in object.get(data.config.groups, g, [])
+}
+
+sender_in_any(groups) if {
+	some g in groups
+	subject.identity in object.get(data.config.groups, g, [])
+}
+
+# Time windows (data.config.time_windows): windows are indexed by what they
+# restrict, `by_type` (lowercase message type) and `by_domain` (sender or
+# destination domain), so finding the applicable ones is two lookups. Every
+# applicable window must contain the decision time (weekday, HH:MM range, date
+# range; all UTC from input.context.time). No window applies: no restriction.
+deny contains sprintf("message type '%s' is outside time window '%s'", [raw_type, w.name]) if {
+	some w in applicable_windows
+	not inside_window(w)
+}
+
+applicable_windows contains w if some w in data.config.time_windows.by_type[msg_type]
+
+applicable_windows contains w if {
+	some d in address_domains
+	some w in data.config.time_windows.by_domain[d]
+}
+
+inside_window(w) if {
+	ns := time.parse_rfc3339_ns(input.context.time)
+	weekday_ok(w, ns)
+	hours_ok(w, ns)
+	dates_ok(w, ns)
+}
+
+weekday_ok(w, _) if not w.weekdays
+
+weekday_ok(w, ns) if time.weekday(ns) in w.weekdays
+
+hours_ok(w, _) if not w.start
+
+hours_ok(w, ns) if {
+	[h, m, _] := time.clock(ns)
+	minutes := (h * 60) + m
+	minutes >= hhmm(w.start)
+	minutes < hhmm(w.end)
+}
+
+dates_ok(w, ns) if {
+	not_before_ok(w, ns)
+	not_after_ok(w, ns)
+}
+
+not_before_ok(w, _) if not w.not_before
+
+not_before_ok(w, ns) if ns >= time.parse_rfc3339_ns(w.not_before)
+
+not_after_ok(w, _) if not w.not_after
+
+not_after_ok(w, ns) if ns < time.parse_rfc3339_ns(w.not_after)
+
+# hhmm("08:30") == 510 (minutes after midnight); "24:00" == 1440.
+hhmm(s) := (int2(parts[0]) * 60) + int2(parts[1]) if parts := split(s, ":")
+
+# int2("08") == 8. regorus' to_number parses strings as JSON numbers and
+# rejects leading zeros ("08" is an error there, 8 in OPA), so strip them.
+int2(s) := 0 if trim_left(s, "0") == ""
+
+int2(s) := to_number(t) if {
+	t := trim_left(s, "0")
+	t != ""
+}

@@ -1,0 +1,107 @@
+# Policy for kind "subscription": may `subscription.subscriber` subscribe to
+# the data object `subscription.resource` (e.g. comm://localhost/abc/changes)?
+# The bus asks once per resource of a `subscribe` message.
+#
+# An object listed in data.config.subscription.consent accepts only the
+# subscribers its owner consented to. Any other object may be subscribed to
+# when it lives in this node's domain, in a domain of
+# data.config.subscription.trusted_domains, or is in
+# data.config.subscription.allow_list.
+package msgnode.subscription
+
+import data.msgnode.lib
+
+sub := object.get(input, "subscription", {})
+
+# The subscribe message's sender and destinations (msgnode.lib normalises
+# them). Rules of other packages are always referenced by full path: see
+# "Performance" in policies/README.md.
+sender := data.msgnode.lib.message_from
+
+destinations := data.msgnode.lib.message_to
+
+resource := object.get(sub, "resource", "")
+
+subscriber := object.get(sub, "subscriber", "")
+
+# The object the resource belongs to: "comm://localhost/abc/changes" -> "comm://localhost/abc".
+object_url := lib.base_address(resource)
+
+cfg := object.get(data.config, "subscription", {})
+
+consents := object.get(cfg, "consent", {})
+
+# The consent entry for the exact resource, else for its object (null: none).
+consent_list := object.get(consents, resource, object.get(consents, object_url, null))
+
+has_consent_entry := consent_list != null
+
+# Consent: the owner listed the subscriber address, or the subject's user or identity.
+consented if subscriber in consent_list
+
+consented if input.subject.user in consent_list
+
+consented if input.subject.identity in consent_list
+
+allow if consented
+
+# Objects without a consent entry: the node's own domain ...
+allow if {
+	not has_consent_entry
+	lib.domain(resource) == lower(input.context.node)
+}
+
+# ... or a domain trusted for subscriptions ...
+allow if {
+	not has_consent_entry
+	lib.domain(resource) in object.get(cfg, "trusted_domains", [])
+}
+
+# ... or an allow-listed object (or exact resource).
+allow if {
+	not has_consent_entry
+	cfg.allow_list[object_url]
+}
+
+allow if {
+	not has_consent_entry
+	cfg.allow_list[resource]
+}
+
+deny contains sprintf("subscription to '%s' requires the owner's consent for '%s'", [object_url, subscriber]) if {
+	has_consent_entry
+	not consented
+}
+
+deny contains sprintf("subscription to '%s' is not allowed for '%s'", [object_url, subscriber]) if {
+	not has_consent_entry
+	not allow
+}
+
+deny contains "subscription has no 'resource'" if resource == ""
+
+deny contains "subscription has no 'subscriber'" if subscriber == ""
+
+deny contains r if some r in data.msgnode.common.deny
+
+# Blocked object, subscriber or message endpoints.
+deny contains sprintf("address '%s' is blocked", [url]) if {
+	some url in {resource, subscriber}
+	url != ""
+	lib.blocked_address(url)
+}
+
+deny contains sprintf("address '%s' is blocked", [url]) if {
+	some url in message_addresses
+	lib.blocked_address(url)
+}
+
+message_addresses contains sender if sender != ""
+
+message_addresses contains to if some to in destinations
+
+# Anti-spoofing on the subscribe message's `from`, when the message is given.
+deny contains sprintf("sender '%s' is not an address of this connection (spoofed 'from')", [sender]) if {
+	sender != ""
+	not lib.owns(sender)
+}
