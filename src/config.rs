@@ -56,6 +56,9 @@ pub struct PdpConfig {
     /// Evaluation time limit; an evaluation that exceeds it is an error, and so a deny.
     #[serde(with = "humantime_serde")]
     pub eval_timeout: Duration,
+    /// Most bytecode-VM instructions one decision may execute (a deterministic bound next to
+    /// `eval_timeout`; the default is high enough that the time limit governs).
+    pub max_instructions: usize,
     /// Largest accepted request body, in bytes (larger → 413).
     pub max_body_bytes: usize,
     /// Quiet period after a file change before the bundle is reloaded.
@@ -77,6 +80,7 @@ impl Default for PdpConfig {
             decision: "data.msgnode.authz.decision".to_string(),
             token: None,
             eval_timeout: Duration::from_millis(50),
+            max_instructions: 10_000_000,
             max_body_bytes: 1024 * 1024,
             reload_debounce: Duration::from_millis(100),
             cache: CacheConfig::default(),

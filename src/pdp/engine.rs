@@ -24,6 +24,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::vm::VmError;
 use regorus::rvm::{Program, RegoVM};
 use regorus::utils::limits::{ExecutionTimerConfig, LimitError};
 
@@ -137,6 +138,9 @@ pub enum EvalError {
     /// The evaluation ran longer than the configured limit.
     #[error("evaluation exceeded the time limit of {0:?}")]
     Timeout(Duration),
+    /// The bytecode VM executed more instructions than `[pdp] max_instructions` allows.
+    #[error("evaluation exceeded the instruction limit of {0} ([pdp] max_instructions)")]
+    InstructionLimit(usize),
     /// The policy raised an error (a conflict, a strict builtin error, …).
     #[error("{0}")]
     Failed(String),
@@ -158,6 +162,7 @@ struct FastPath {
     query: String,
     program: Arc<Program>,
     data: regorus::Value,
+    max_instructions: usize,
 }
 
 /// One bundle revision, parsed, merged and prepared for evaluation.
@@ -258,7 +263,11 @@ impl CompiledBundle {
     /// Compiles `rule` for the bytecode VM, which then evaluates it. When the RVM cannot
     /// compile the bundle (it lacks some features, e.g. `with`), the interpreter keeps
     /// evaluating it; the reason is returned so that it can be reported.
-    pub fn with_fast_path(mut self, rule: &DataPath) -> (Self, Option<String>) {
+    pub fn with_fast_path(
+        mut self,
+        rule: &DataPath,
+        max_instructions: usize,
+    ) -> (Self, Option<String>) {
         if !self.rules.contains(rule.as_query()) {
             return (self, Some(format!("{rule} is not a rule of the bundle")));
         }
@@ -276,6 +285,7 @@ impl CompiledBundle {
                     query,
                     program,
                     data: regorus::Value::from(self.bundle.data.clone()),
+                    max_instructions,
                 });
                 (self, None)
             }
@@ -390,6 +400,9 @@ impl CompiledBundle {
                 let mut vm = RegoVM::new();
                 vm.load_program(Arc::clone(&fast.program));
                 vm.set_data(fast.data.clone())?;
+                vm.set_max_instructions(fast.max_instructions);
+                // Raise builtin errors as the interpreter (which runs the policy tests) does.
+                vm.set_strict_builtin_errors(true);
                 vm.set_execution_timer_config(Some(ExecutionTimerConfig {
                     limit: self.timeout,
                     check_interval: NonZeroU32::MIN,
@@ -404,6 +417,13 @@ impl CompiledBundle {
     }
 
     fn eval_error(&self, error: anyhow::Error) -> EvalError {
+        match error.downcast_ref::<VmError>() {
+            Some(VmError::InstructionLimitExceeded { limit, .. }) => {
+                return EvalError::InstructionLimit(*limit)
+            }
+            Some(VmError::TimeLimitExceeded { .. }) => return EvalError::Timeout(self.timeout),
+            _ => {}
+        }
         let timed_out = error.chain().any(|e| {
             matches!(
                 e.downcast_ref::<LimitError>(),

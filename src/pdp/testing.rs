@@ -145,7 +145,7 @@ pub fn run(options: &TestOptions) -> Result<TestReport, TestError> {
     engine.set_enable_coverage(options.coverage);
     // The server runs the decision rule on the bytecode VM: check it agrees with the
     // interpreter on every fixture.
-    let (fast, rvm_error) = bundle.clone().with_fast_path(&default_query);
+    let (fast, rvm_error) = bundle.clone().with_fast_path(&default_query, usize::MAX);
     let vm = Crosscheck {
         bundle: rvm_error.is_none().then_some(&fast),
         query: &default_query,

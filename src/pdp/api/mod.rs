@@ -290,7 +290,7 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Pdp(PdpError::Eval(e)) => {
                 let detail = match e {
-                    EvalError::Timeout(_) => "eval_timeout",
+                    EvalError::Timeout(_) | EvalError::InstructionLimit(_) => "eval_timeout",
                     EvalError::Failed(_) => "eval_error",
                 };
                 (
