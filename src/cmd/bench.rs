@@ -207,73 +207,77 @@ fn http_case(
     };
     config.pdp.listen = "127.0.0.1:0".parse()?;
     let node = server_rt.block_on(crate::cmd::run::start(config))?;
-    let url = format!("http://{}/v1/data/{}", node.pdp_addr, config_decision_url());
-    let bodies: Vec<Vec<u8>> = inputs
+    let bodies: Vec<bytes::Bytes> = inputs
         .iter()
-        .map(|input| serde_json::to_vec(&serde_json::json!({ "input": input })))
+        .map(|input| {
+            serde_json::to_vec(&serde_json::json!({ "input": input })).map(bytes::Bytes::from)
+        })
         .collect::<Result<_, _>>()?;
 
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
+    let addr = node.pdp_addr;
+    let path = format!("/v1/data/{}", config_decision_url());
     let stats = client_rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(args.connections)
-            .build()?;
-        // Warm up connections and the cache.
-        for body in &bodies {
-            client
-                .post(&url)
-                .body(body.clone())
-                .send()
-                .await?
-                .bytes()
-                .await?;
-        }
         let stop = Arc::new(AtomicBool::new(false));
+        let measuring = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(AtomicU64::new(0));
         let bodies = Arc::new(bodies);
-        let start = Instant::now();
         let mut tasks = Vec::new();
         let connections = args.connections;
         for c in 0..connections {
-            let (client, url, stop, errors, bodies) = (
-                client.clone(),
-                url.clone(),
+            let (path, stop, measuring, errors, bodies) = (
+                path.clone(),
                 Arc::clone(&stop),
+                Arc::clone(&measuring),
                 Arc::clone(&errors),
                 Arc::clone(&bodies),
             );
             tasks.push(tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(1 << 16);
+                let Ok(mut conn) = Connection::open(addr).await else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return latencies;
+                };
+                // Warm-up: one pass over the inputs on this connection.
+                for body in bodies.iter() {
+                    let _ = conn.post(&path, body.clone()).await;
+                }
                 let mut i = c;
                 while !stop.load(Ordering::Relaxed) {
-                    let body = bodies[i % bodies.len()].clone();
                     let t0 = Instant::now();
-                    let ok = match client.post(&url).body(body).send().await {
-                        Ok(response) => {
-                            response.status().is_success() && response.bytes().await.is_ok()
+                    match conn.post(&path, bodies[i % bodies.len()].clone()).await {
+                        Ok(()) if measuring.load(Ordering::Relaxed) => {
+                            latencies.push(t0.elapsed().as_nanos() as u64)
                         }
-                        Err(_) => false,
-                    };
-                    if ok {
-                        latencies.push(t0.elapsed().as_nanos() as u64);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                        Ok(()) => {}
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("  request failed: {e}");
+                            match Connection::open(addr).await {
+                                Ok(fresh) => conn = fresh,
+                                Err(_) => break,
+                            }
+                        }
                     }
                     i += connections;
                 }
                 latencies
             }));
         }
+        // Let every connection finish its warm-up before the clock starts.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        measuring.store(true, Ordering::Relaxed);
+        let start = Instant::now();
         tokio::time::sleep(duration).await;
         stop.store(true, Ordering::Relaxed);
+        let elapsed = start.elapsed();
         let mut latencies = Vec::new();
         for task in tasks {
             latencies.extend(task.await.unwrap_or_default());
         }
-        let elapsed = start.elapsed();
         let errors = errors.load(Ordering::Relaxed);
         if errors > 0 {
             eprintln!("  ({errors} failed requests)");
@@ -285,6 +289,38 @@ fn http_case(
     })?;
     server_rt.block_on(node.stop());
     Ok(stats)
+}
+
+/// One keep-alive HTTP/1.1 connection of the load generator (hyper, no pool: as lean as a
+/// client gets, so the figures measure the server).
+struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl Connection {
+    async fn open(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self { sender })
+    }
+
+    async fn post(&mut self, path: &str, body: bytes::Bytes) -> anyhow::Result<()> {
+        self.sender.ready().await?;
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, "127.0.0.1")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(body))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        http_body_util::BodyExt::collect(response.into_body()).await?;
+        if !status.is_success() {
+            bail!("status {status}");
+        }
+        Ok(())
+    }
 }
 
 fn config_decision_url() -> String {
