@@ -79,6 +79,16 @@ impl Node {
         )
     }
 
+    async fn text(&self, path: &str) -> String {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("send");
+        response.text().await.expect("body")
+    }
+
     fn policy(&self, name: &str, text: &str) {
         write(&self.dir.path().join("policies").join(name), text);
     }
@@ -404,15 +414,7 @@ async fn policies_health_and_metrics_report_the_bundle() {
         .await;
     node.post("/v1/data/t/allow", r#"{"input": {"user": "alice"}}"#)
         .await;
-    let text = node
-        .http
-        .get(format!("{}/metrics", node.base))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let text = node.text("/metrics").await;
     for series in [
         "msgnode_pdp_decisions_total{result=\"allow\"}",
         "msgnode_pdp_cache_hits_total 1",
@@ -474,15 +476,7 @@ async fn policy_edits_apply_without_restart_and_broken_edits_change_nothing_but_
         json!(true),
         "decisions unchanged by the broken edit"
     );
-    let metrics = node
-        .http
-        .get(format!("{}/metrics", node.base))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node.text("/metrics").await;
     assert!(
         metrics.contains("msgnode_pdp_bundle_reloads_total{result=\"failed\"}"),
         "{metrics}"

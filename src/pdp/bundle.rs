@@ -303,15 +303,7 @@ mod tests {
     use super::*;
     use std::fs;
 
-    fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for (path, text) in files {
-            let full = dir.path().join(path);
-            fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
-            fs::write(full, text).expect("write");
-        }
-        dir
-    }
+    use crate::pdp::test_tree as tree;
 
     #[test]
     fn data_files_nest_by_directory() {

@@ -550,12 +550,7 @@ mod tests {
     use super::*;
 
     fn compile(files: &[(&str, &str)]) -> Result<CompiledBundle, BundleError> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for (path, text) in files {
-            let full = dir.path().join(path);
-            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
-            std::fs::write(full, text).expect("write");
-        }
+        let dir = crate::pdp::test_tree(files);
         CompiledBundle::compile(Bundle::read(dir.path())?, Duration::from_millis(50))
     }
 

@@ -348,75 +348,48 @@ impl Pdp {
                 .cache
                 .key(active.generation, query, input.as_ref())
         });
-        if let Some(result) = key.as_ref().and_then(|k| self.inner.cache.get(k)) {
-            let eval_ns = elapsed_ns(start);
-            self.record(
-                &decision_id,
-                query,
-                input,
-                Ok(&result),
-                Some(&active.revision),
-                eval_ns,
-                true,
-            );
-            return Ok(Answer {
-                decision_id,
-                result,
-                revision: Arc::clone(&active.revision),
-                eval_ns,
-                cache_hit: true,
-            });
-        }
-        if key.is_some() {
-            self.inner.metrics.cache_miss();
-        }
-        // Deserialising from a reference saves cloning the input (~2 µs on a message).
-        let evaluated = input
-            .as_ref()
-            .map(|v| {
-                <regorus::Value as serde::Deserialize>::deserialize(v)
-                    .map_err(|e| EvalError::Failed(format!("input cannot be evaluated: {e}")))
-            })
-            .transpose()
-            .and_then(|rego_input| active.bundle.evaluate(path, rego_input));
-        let eval_ns = elapsed_ns(start);
-        match evaluated {
-            Ok(result) => {
-                let result = Arc::new(result);
-                if let Some(key) = key {
-                    self.inner.cache.insert(key, Arc::clone(&result));
+        let cached = key.as_ref().and_then(|k| self.inner.cache.get(k));
+        let cache_hit = cached.is_some();
+        let result = match cached {
+            Some(result) => Ok(result),
+            None => {
+                if key.is_some() {
+                    self.inner.metrics.cache_miss();
                 }
-                self.record(
-                    &decision_id,
-                    query,
-                    input,
-                    Ok(&result),
-                    Some(&active.revision),
-                    eval_ns,
-                    false,
-                );
-                Ok(Answer {
-                    decision_id,
-                    result,
-                    revision: Arc::clone(&active.revision),
-                    eval_ns,
-                    cache_hit: false,
-                })
+                // Deserialising from a reference saves cloning the input (~2 µs on a message).
+                let evaluated = input
+                    .as_ref()
+                    .map(|v| {
+                        <regorus::Value as serde::Deserialize>::deserialize(v).map_err(|e| {
+                            EvalError::Failed(format!("input cannot be evaluated: {e}"))
+                        })
+                    })
+                    .transpose()
+                    .and_then(|rego_input| active.bundle.evaluate(path, rego_input))
+                    .map(Arc::new);
+                if let (Some(key), Ok(result)) = (key, &evaluated) {
+                    self.inner.cache.insert(key, Arc::clone(result));
+                }
+                evaluated.map_err(PdpError::Eval)
             }
-            Err(error) => {
-                let error = PdpError::Eval(error);
-                self.record(
-                    &decision_id,
-                    query,
-                    input,
-                    Err(&error),
-                    Some(&active.revision),
-                    eval_ns,
-                    false,
-                );
-                Err(error)
-            }
-        }
+        };
+        let eval_ns = elapsed_ns(start);
+        self.record(
+            &decision_id,
+            query,
+            input,
+            result.as_ref(),
+            Some(&active.revision),
+            eval_ns,
+            cache_hit,
+        );
+        result.map(|result| Answer {
+            decision_id,
+            result,
+            revision: Arc::clone(&active.revision),
+            eval_ns,
+            cache_hit,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -514,8 +487,21 @@ impl Pdp {
     }
 }
 
-fn elapsed_ns(start: Instant) -> u64 {
+/// Nanoseconds since `start`, saturating.
+pub(crate) fn elapsed_ns(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Writes `(path, text)` files into a fresh temporary directory (unit-test helper).
+#[cfg(test)]
+pub(crate) fn test_tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (path, text) in files {
+        let full = dir.path().join(path);
+        std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+        std::fs::write(full, text).expect("write");
+    }
+    dir
 }
 
 #[cfg(test)]
@@ -524,12 +510,7 @@ mod tests {
     use serde_json::json;
 
     pub(crate) fn pdp_with(files: &[(&str, &str)]) -> (tempfile::TempDir, Pdp) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for (path, text) in files {
-            let full = dir.path().join(path);
-            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
-            std::fs::write(full, text).expect("write");
-        }
+        let dir = test_tree(files);
         let config = PdpConfig {
             policies: dir.path().to_path_buf(),
             schema_dir: dir.path().join("no-schemas"),

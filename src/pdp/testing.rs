@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::bundle::{Bundle, BundleError};
+use super::elapsed_ns;
 use super::engine::{one_line, CompiledBundle, DataPath};
 use super::schema::Schemas;
 
@@ -340,27 +341,17 @@ pub fn line_ranges(lines: &[u32]) -> String {
     out.join(", ")
 }
 
-fn elapsed_ns(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn run_in(files: &[(&str, &str)]) -> TestReport {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for (path, text) in files {
-            let full = dir.path().join(path);
-            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
-            std::fs::write(full, text).expect("write");
-        }
-        std::fs::create_dir_all(dir.path().join("schemas")).expect("mkdir");
-        std::fs::write(
-            dir.path().join("schemas/in.json"),
+        let mut files = files.to_vec();
+        files.push((
+            "schemas/in.json",
             r#"{"type": "object", "required": ["user"]}"#,
-        )
-        .expect("write");
+        ));
+        let dir = crate::pdp::test_tree(&files);
         run(&TestOptions {
             dir: dir.path().join("p"),
             fixtures: None,

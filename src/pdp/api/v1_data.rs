@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::types::{codes, BundleProvenanceV1, DataResponseV1, MetricsV1, ProvenanceV1, WarningV1};
 use super::{flag, json_response, ApiError, ApiState};
+use crate::pdp::elapsed_ns;
 use crate::pdp::engine::DataPath;
 
 type Params = Result<Query<Vec<(String, String)>>, QueryRejection>;
@@ -143,10 +144,6 @@ fn parse_data_request(bytes: &[u8]) -> Result<Option<Value>, ApiError> {
             "body contains malformed input document: expected a JSON object such as {\"input\": {...}}".to_string(),
         )),
     }
-}
-
-fn elapsed_ns(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
