@@ -48,35 +48,16 @@ impl Node {
     }
 
     async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let response = self
+        let request = self
             .http
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("send");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+            .body(body);
+        status_and_json(request).await
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("send");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        status_and_json(self.http.get(format!("{}{path}", self.base))).await
     }
 
     async fn text(&self, path: &str) -> String {
@@ -98,6 +79,17 @@ impl Node {
             running.stop().await;
         }
     }
+}
+
+/// Sends `request`; the body as JSON (or as a JSON string when it is not JSON).
+async fn status_and_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn write(path: &Path, text: &str) {
