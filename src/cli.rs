@@ -32,6 +32,36 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Measure decision latency and throughput and print the figures.
     Bench(BenchArgs),
+    /// Matrix application service: generate the registration file for the homeserver.
+    #[command(subcommand)]
+    Appservice(AppserviceCommand),
+}
+
+/// `msgnode appservice …`
+#[derive(Debug, Subcommand)]
+pub enum AppserviceCommand {
+    /// Write a new registration (random as_token/hs_token, exclusive `@_msgnode_.*` users).
+    Registration(RegistrationArgs),
+}
+
+/// `msgnode appservice registration`
+#[derive(Debug, clap::Args)]
+pub struct RegistrationArgs {
+    /// Where the homeserver reaches msgnode's appservice endpoints.
+    #[arg(long, default_value = "http://127.0.0.1:8009")]
+    pub url: String,
+    /// File to write (mode 0600); standard output when absent.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Replace an existing file (the homeserver must then be restarted with it).
+    #[arg(long)]
+    pub force: bool,
+    /// Appservice id.
+    #[arg(long, default_value = "msgnode")]
+    pub id: String,
+    /// Localpart prefix of the exclusive virtual-user and alias namespace.
+    #[arg(long, default_value = "_msgnode_")]
+    pub prefix: String,
 }
 
 /// Flags of `run` and `pdp`; each overrides the config file.

@@ -4,7 +4,9 @@
 //! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
-//! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`).
+//! - [`pep`] — the Matrix enforcement point; so far the appservice registration.
+//! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`,
+//!   `appservice registration`).
 //! - [`cli`] — the clap command line; [`config`] — `msgnode.toml` + `MSGNODE_*` overrides;
 //!   [`telemetry`] — process logging.
 //!
@@ -14,4 +16,5 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod pdp;
+pub mod pep;
 pub mod telemetry;

@@ -1,6 +1,7 @@
 //! One module per CLI verb. Each returns the process exit code; errors that stop a verb are
 //! `anyhow` errors printed once by `main`.
 
+pub mod appservice;
 pub mod bench;
 pub mod policy;
 pub mod run;
@@ -22,5 +23,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy(command) => policy::run(command),
         Command::Bench(args) => bench::run(args),
+        Command::Appservice(command) => appservice::run(command),
     }
 }

@@ -1,0 +1,35 @@
+//! `msgnode appservice registration`: the file a homeserver needs to know msgnode.
+
+use std::process::ExitCode;
+
+use crate::cli::AppserviceCommand;
+use crate::pep::registration::{self, RegistrationSpec};
+
+/// Runs one `appservice` verb.
+///
+/// # Errors
+/// The file exists (without `--force`) or cannot be written.
+pub fn run(command: AppserviceCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AppserviceCommand::Registration(args) => {
+            let spec = RegistrationSpec {
+                id: args.id,
+                url: args.url,
+                prefix: args.prefix,
+                ..RegistrationSpec::default()
+            };
+            let generated = registration::generate(&spec);
+            match args.output {
+                Some(path) => {
+                    registration::write(&generated, &path, args.force)?;
+                    eprintln!(
+                        "wrote {} (add it to the homeserver's app_service_config_files)",
+                        path.display()
+                    );
+                }
+                None => print!("{}", yaml_serde::to_string(&generated)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
