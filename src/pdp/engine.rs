@@ -146,6 +146,14 @@ pub enum EvalError {
     Failed(String),
 }
 
+/// Work units between two reads of the clock by regorus's execution timer. Reading it before
+/// every instruction cost 20–30 % of VM time on the shipped bundle; every 256 units still
+/// notices an overrun within well under a millisecond.
+const TIMER_CHECK_INTERVAL: NonZeroU32 = match NonZeroU32::new(256) {
+    Some(n) => n,
+    None => NonZeroU32::MIN,
+};
+
 /// Identifies a compiled bundle for the per-thread engine slot.
 static NEXT_BUNDLE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -197,7 +205,7 @@ impl CompiledBundle {
         engine.set_rego_v0(false);
         engine.set_execution_timer_config(ExecutionTimerConfig {
             limit: timeout,
-            check_interval: NonZeroU32::MIN,
+            check_interval: TIMER_CHECK_INTERVAL,
         });
         for module in &bundle.modules {
             engine
@@ -405,7 +413,7 @@ impl CompiledBundle {
                 vm.set_strict_builtin_errors(true);
                 vm.set_execution_timer_config(Some(ExecutionTimerConfig {
                     limit: self.timeout,
-                    check_interval: NonZeroU32::MIN,
+                    check_interval: TIMER_CHECK_INTERVAL,
                 }));
                 vm
             }
