@@ -43,7 +43,7 @@ pub enum SchemaError {
 
 /// An input that does not match its schema.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("input does not match schema {schema} at {pointer}: {message}")]
+#[error("input does not match schema {schema} at {}: {message}", if pointer.is_empty() { "the top level" } else { pointer.as_str() })]
 pub struct SchemaViolation {
     /// The schema file name.
     pub schema: String,
