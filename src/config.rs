@@ -31,6 +31,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Policy decision service.
     pub pdp: PdpConfig,
+    /// Matrix enforcement point (client-server proxy in front of the homeserver).
+    pub pep: PepConfig,
     /// Process logging (not decision logs).
     pub log: LogConfig,
 }
@@ -140,6 +142,51 @@ impl Default for DecisionLogConfig {
             ],
         }
     }
+}
+
+/// `[pep]`: the Matrix client-server proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PepConfig {
+    /// Start the proxy (needs a homeserver).
+    pub enabled: bool,
+    /// Where Matrix clients connect.
+    pub listen: SocketAddr,
+    /// The homeserver's client-server API base URL.
+    pub homeserver: String,
+    /// The homeserver's `server_name` (the node's domain in policy inputs).
+    pub server_name: String,
+    /// What a request gets when the PDP cannot decide: `forbidden` (403) or `unavailable` (503).
+    pub on_pdp_failure: PdpFailure,
+    /// How long an access token's user id (from `/whoami`) is remembered.
+    #[serde(with = "humantime_serde")]
+    pub whoami_ttl: Duration,
+    /// Largest body of an intercepted request (larger → 413 `M_TOO_LARGE`).
+    pub max_body_bytes: usize,
+}
+
+impl Default for PepConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8009)),
+            homeserver: "http://127.0.0.1:8008".to_string(),
+            server_name: "localhost".to_string(),
+            on_pdp_failure: PdpFailure::Forbidden,
+            whoami_ttl: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Answer to a request the PDP could not decide.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PdpFailure {
+    /// 403 `M_FORBIDDEN`, reason "policy unavailable".
+    Forbidden,
+    /// 503 `M_UNKNOWN`, reason "policy unavailable".
+    Unavailable,
 }
 
 /// `[log]`: the process's own log (tracing).

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::pdp::api::{self, ApiState};
 use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink};
 use crate::pdp::{watcher, Pdp};
+use crate::pep::{self, proxy::PepState};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -28,6 +29,8 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 pub struct Running {
     /// Where the PDP API listens.
     pub pdp_addr: SocketAddr,
+    /// Where the Matrix proxy listens, when enabled.
+    pub pep_addr: Option<SocketAddr>,
     /// The decision point, for in-process callers.
     pub pdp: Pdp,
     shutdown: CancellationToken,
@@ -67,6 +70,11 @@ pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let node = start(config).await?;
         println_url(node.pdp_addr);
+        if let Some(addr) = node.pep_addr {
+            eprintln!(
+                "msgnode: Matrix client-server proxy on http://{addr}  (point Matrix clients here)"
+            );
+        }
         shutdown_signal().await;
         tracing::info!("shutting down");
         node.stop().await;
@@ -141,8 +149,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     });
     tracing::info!(%pdp_addr, "PDP API listening");
+
+    let pep_addr = if config.pep.enabled {
+        let state = PepState::new(pdp.clone(), config.pep.clone())?;
+        let listener = tokio::net::TcpListener::bind(config.pep.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} ([pep] listen)", config.pep.listen))?;
+        let addr = listener.local_addr()?;
+        let app = pep::proxy::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.child_token();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "Matrix proxy failed");
+            }
+        });
+        tracing::info!(%addr, homeserver = %config.pep.homeserver, "Matrix proxy listening");
+        Some(addr)
+    } else {
+        None
+    };
     Ok(Running {
         pdp_addr,
+        pep_addr,
         pdp,
         shutdown,
         tracker,

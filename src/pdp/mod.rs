@@ -84,6 +84,9 @@ pub struct Decision {
     pub reasons: Vec<String>,
     /// Decision log id.
     pub decision_id: String,
+    /// True when no policy decided: the PDP failed (no bundle, error, timeout, limit).
+    /// Enforcement points may answer these differently (e.g. 503 instead of 403).
+    pub failed: bool,
 }
 
 /// State of the last bundle load, for `/health` and logs.
@@ -434,6 +437,11 @@ impl Pdp {
             allow: false,
             reasons: vec![reason],
             decision_id,
+            failed: false,
+        };
+        let fail = |reason: String| Decision {
+            failed: true,
+            ..deny(String::new(), reason)
         };
         let answer = match self.query_unchecked(
             &self.inner.decision_query,
@@ -442,15 +450,12 @@ impl Pdp {
         ) {
             Ok(answer) => answer,
             Err(PdpError::Eval(EvalError::Timeout(limit))) => {
-                return deny(
-                    String::new(),
-                    format!("policy evaluation timed out after {limit:?}"),
-                )
+                return fail(format!("policy evaluation timed out after {limit:?}"))
             }
             Err(PdpError::Eval(error @ EvalError::InstructionLimit(_))) => {
-                return deny(String::new(), format!("policy evaluation stopped: {error}"))
+                return fail(format!("policy evaluation stopped: {error}"))
             }
-            Err(error) => return deny(String::new(), format!("policy error: {error}")),
+            Err(error) => return fail(format!("policy error: {error}")),
         };
         match answer.result.as_ref() {
             None => deny(
@@ -477,6 +482,7 @@ impl Pdp {
                         })
                         .unwrap_or_default(),
                     decision_id: answer.decision_id,
+                    failed: false,
                 },
                 None => deny(
                     answer.decision_id,

@@ -1,0 +1,40 @@
+//! Matrix errors the proxy answers with: `{"errcode": …, "error": …}` and a status, made
+//! into HTTP responses here only.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// A Matrix client-server error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{errcode}: {error}")]
+pub struct MatrixError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Matrix error code (`M_FORBIDDEN`, …).
+    pub errcode: &'static str,
+    /// What happened, for people.
+    pub error: String,
+}
+
+impl MatrixError {
+    /// 403 `M_FORBIDDEN`.
+    pub fn forbidden(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", error)
+    }
+
+    /// Any status and code.
+    pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            errcode,
+            error: error.into(),
+        }
+    }
+}
+
+impl IntoResponse for MatrixError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"errcode": self.errcode, "error": self.error});
+        (self.status, axum::Json(body)).into_response()
+    }
+}

@@ -1,0 +1,345 @@
+//! The client-server proxy: decide, then forward.
+//!
+//! Every request is classified by `route::classify`. Requests that create traffic or change
+//! who hears it (send, state, redact, invite, join, createRoom, sendToDevice) are decided by
+//! the PDP first — one input per event or membership change, the sender resolved from the
+//! access token — and forwarded with their canonical path only when every decision allows.
+//! Everything else (`/sync`, `/login`, media, …) streams through untouched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::{json, Value};
+
+use super::error::MatrixError;
+use super::homeserver::Homeserver;
+use super::route::{classify, Intercepted};
+use crate::config::{PdpFailure, PepConfig};
+use crate::pdp::Pdp;
+
+/// What the proxy's handler shares.
+#[derive(Clone)]
+pub struct PepState {
+    pdp: Pdp,
+    homeserver: Arc<Homeserver>,
+    config: Arc<PepConfig>,
+}
+
+impl PepState {
+    /// State for a proxy in front of `config.homeserver`, deciding with `pdp`.
+    ///
+    /// # Errors
+    /// The homeserver URL is unusable.
+    pub fn new(pdp: Pdp, config: PepConfig) -> anyhow::Result<Self> {
+        let homeserver = Homeserver::new(&config.homeserver, config.whoami_ttl)?;
+        Ok(Self {
+            pdp,
+            homeserver: Arc::new(homeserver),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The proxy's route table: one fallback, since every path is either decided or forwarded.
+pub fn router(state: PepState) -> Router {
+    Router::new().fallback(proxy).with_state(state)
+}
+
+async fn proxy(
+    State(state): State<PepState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    if is_appservice_api(request.uri().path()) {
+        // The homeserver pushes to msgnode here; it must never be forwarded back to it.
+        return MatrixError::new(
+            StatusCode::NOT_FOUND,
+            "M_UNRECOGNIZED",
+            "the application service API is not served by msgnode yet",
+        )
+        .into_response();
+    }
+    match classify(request.method(), request.uri().path()) {
+        None => {
+            state
+                .homeserver
+                .forward(request, &path_and_query, Some(client))
+                .await
+        }
+        Some(endpoint) => match enforce(&state, request, &endpoint, client).await {
+            Ok(response) | Err(response) => response,
+        },
+    }
+}
+
+/// `/_matrix/app/…` and the legacy unprefixed `/transactions`, `/users`, `/rooms` pushes.
+fn is_appservice_api(path: &str) -> bool {
+    let first: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).take(2).collect();
+    matches!(
+        first.as_slice(),
+        ["_matrix", "app"] | ["transactions", ..] | ["users", ..] | ["rooms", ..]
+    )
+}
+
+/// The caller's access token and, for appservices, the user it masquerades as.
+struct Caller {
+    token: String,
+    user_id: Option<String>,
+}
+
+fn caller(request: &Request) -> Option<Caller> {
+    let query: Vec<(String, String)> = request.uri().query().map(url_pairs).unwrap_or_default();
+    let from_header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let token = from_header.or_else(|| {
+        query
+            .iter()
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v.clone())
+    })?;
+    let user_id = query
+        .iter()
+        .find(|(k, _)| k == "user_id")
+        .map(|(_, v)| v.clone());
+    Some(Caller { token, user_id })
+}
+
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (!k.is_empty()).then(|| (decode(k), decode(v)))
+        })
+        .collect()
+}
+
+async fn enforce(
+    state: &PepState,
+    request: Request,
+    endpoint: &Intercepted,
+    client: SocketAddr,
+) -> Result<Response, Response> {
+    let Some(caller) = caller(&request) else {
+        return Err(MatrixError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_MISSING_TOKEN",
+            "missing access token",
+        )
+        .into_response());
+    };
+    let sender = state
+        .homeserver
+        .whoami(&caller.token, caller.user_id.as_deref())
+        .await?;
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
+        .await
+        .map_err(|_| {
+            MatrixError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                format!("request body exceeds {} bytes", state.config.max_body_bytes),
+            )
+            .into_response()
+        })?;
+    let content: Value = if bytes.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_NOT_JSON",
+                format!("body is not JSON: {e}"),
+            )
+            .into_response()
+        })?
+    };
+    let inputs = inputs_for(state, endpoint, &sender, &content, &caller).await;
+    for input in inputs {
+        let decision = state.pdp.decide(input);
+        if decision.allow {
+            continue;
+        }
+        let reasons = decision.reasons.join("; ");
+        tracing::info!(%sender, endpoint = ?endpoint, %reasons, decision_id = %decision.decision_id, "request denied");
+        let error = match (decision.failed, state.config.on_pdp_failure) {
+            (false, _) => MatrixError::forbidden(reasons),
+            (true, PdpFailure::Forbidden) => {
+                MatrixError::forbidden(format!("policy unavailable: {reasons}"))
+            }
+            (true, PdpFailure::Unavailable) => MatrixError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "M_UNKNOWN",
+                format!("policy unavailable: {reasons}"),
+            ),
+        };
+        return Err(error.into_response());
+    }
+    let mut path_and_query = endpoint.canonical_path();
+    if let Some(query) = parts.uri.query() {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    let request = Request::from_parts(parts, Body::from(bytes));
+    Ok(state
+        .homeserver
+        .forward(request, &path_and_query, Some(client))
+        .await)
+}
+
+/// One PDP input per thing the request would do.
+async fn inputs_for(
+    state: &PepState,
+    endpoint: &Intercepted,
+    sender: &str,
+    content: &Value,
+    caller: &Caller,
+) -> Vec<Value> {
+    let context = json!({
+        "node": state.config.server_name,
+        "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    });
+    let event = |room_id: &str, event_type: &str, state_key: Option<&str>, content: &Value| {
+        let mut matrix = json!({"room_id": room_id, "event_type": event_type, "sender": sender, "content": content});
+        if let Some(key) = state_key {
+            matrix["state_key"] = json!(key);
+        }
+        json!({"kind": "matrix_event", "matrix": matrix, "context": context})
+    };
+    let membership = |room_id: &str, membership: &str, target: &str, members: &[String]| {
+        json!({
+            "kind": "membership",
+            "matrix": {"room_id": room_id, "event_type": "m.room.member", "sender": sender,
+                       "membership": membership, "target": target, "room_members": members},
+            "context": context,
+        })
+    };
+    match endpoint {
+        Intercepted::Send {
+            room_id,
+            event_type,
+            ..
+        } => vec![event(room_id, event_type, None, content)],
+        Intercepted::State {
+            room_id,
+            event_type,
+            state_key,
+        } => {
+            let mut inputs = vec![event(room_id, event_type, Some(state_key), content)];
+            if event_type == "m.room.member" {
+                if let Some(change) = content.get("membership").and_then(Value::as_str) {
+                    let members = state
+                        .homeserver
+                        .joined_members(room_id, &caller.token, caller.user_id.as_deref())
+                        .await;
+                    inputs.push(membership(room_id, change, state_key, &members));
+                }
+            }
+            inputs
+        }
+        Intercepted::Redact {
+            room_id, event_id, ..
+        } => {
+            let mut content = content.clone();
+            content["redacts"] = json!(event_id);
+            vec![event(room_id, "m.room.redaction", None, &content)]
+        }
+        Intercepted::Invite { room_id } => {
+            let target = content.get("user_id").and_then(Value::as_str).unwrap_or("");
+            let members = state
+                .homeserver
+                .joined_members(room_id, &caller.token, caller.user_id.as_deref())
+                .await;
+            vec![membership(room_id, "invite", target, &members)]
+        }
+        Intercepted::Join { room, .. } => vec![membership(room, "join", sender, &[])],
+        Intercepted::CreateRoom => {
+            let creator = [sender.to_string()];
+            let mut inputs: Vec<Value> = content
+                .get("initial_state")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|ev| {
+                    let event_type = ev.get("type").and_then(Value::as_str).unwrap_or("");
+                    let key = ev.get("state_key").and_then(Value::as_str).unwrap_or("");
+                    event(
+                        "",
+                        event_type,
+                        Some(key),
+                        ev.get("content").unwrap_or(&Value::Null),
+                    )
+                })
+                .collect();
+            inputs.extend(
+                content
+                    .get("invite")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(|invitee| membership("", "invite", invitee, &creator)),
+            );
+            inputs
+        }
+        Intercepted::SendToDevice { event_type, .. } => vec![event("", event_type, None, content)],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appservice_pushes_are_recognised_and_client_paths_are_not() {
+        for path in [
+            "/_matrix/app/v1/transactions/1",
+            "//_matrix/app/v1/ping",
+            "/transactions/1",
+            "/users/@a:l",
+            "/rooms/%23a:l",
+        ] {
+            assert!(is_appservice_api(path), "{path}");
+        }
+        for path in [
+            "/_matrix/client/v3/rooms/!r:l/send/m.room.message/1",
+            "/_matrix/media/v3/upload",
+            "/",
+        ] {
+            assert!(!is_appservice_api(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn query_pairs_are_decoded() {
+        assert_eq!(
+            url_pairs("access_token=a%2Bb&user_id=%40x%3Al&flag"),
+            vec![
+                ("access_token".into(), "a+b".into()),
+                ("user_id".into(), "@x:l".into()),
+                ("flag".into(), String::new())
+            ]
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! The Matrix proxy in front of a real Synapse on loopback (one Synapse for this test binary,
+//! installed and started by `scripts/synapse`): allowed traffic reaches other users, denied
+//! traffic is refused with its reason and never reaches the homeserver, every spelling of a
+//! path gets the same decision, policy edits apply without restart, and a PDP that cannot
+//! decide fails closed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use msgnode::cmd::run::{start, Running};
+use msgnode::config::{Config, PdpFailure};
+use serde_json::{json, Value};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A Synapse of our own, stopped and wiped when dropped (also when a test panics).
+struct Synapse {
+    state: tempfile::TempDir,
+    port: u16,
+}
+
+impl Synapse {
+    fn start() -> Synapse {
+        let state = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let synapse = Synapse { state, port };
+        synapse.script(&["start"]);
+        synapse
+    }
+
+    fn script(&self, args: &[&str]) -> String {
+        let output = Command::new(Path::new(REPO).join("scripts/synapse"))
+            .args(args)
+            .env("MSGNODE_STATE_DIR", self.state.path())
+            .env("MSGNODE_VENV", Path::new(REPO).join(".state/venv"))
+            .env("SYNAPSE_PORT", self.port.to_string())
+            .env("SYNAPSE_DATA_ON_TMPFS", "1")
+            .env("MSGNODE_BIN", env!("CARGO_BIN_EXE_msgnode"))
+            // The appservice endpoints are not served yet; Synapse retries pushes quietly.
+            .env(
+                "MSGNODE_AS_URL",
+                format!("http://127.0.0.1:{}", free_port()),
+            )
+            .output()
+            .expect("run scripts/synapse");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "scripts/synapse {args:?} failed:\n{text}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    }
+
+    /// Registers `user` and returns its access token.
+    fn register(&self, user: &str) -> String {
+        let out = self.script(&["register", user, "secret-password"]);
+        let answer: Value = serde_json::from_str(out.trim()).expect("register JSON");
+        answer["access_token"].as_str().expect("token").to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        let _ = Command::new(Path::new(REPO).join("scripts/synapse"))
+            .arg("reset")
+            .env("MSGNODE_STATE_DIR", self.state.path())
+            .env("MSGNODE_VENV", Path::new(REPO).join(".state/venv"))
+            .output();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+async fn node(synapse: &Synapse, policies: PathBuf, on_failure: PdpFailure) -> Running {
+    let mut config = Config::default();
+    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pdp.policies = policies;
+    config.pdp.schema_dir = Path::new(REPO).join("schemas");
+    config.pdp.decision_log.enabled = false;
+    config.pdp.reload_debounce = Duration::from_millis(50);
+    config.pep.enabled = true;
+    config.pep.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pep.homeserver = synapse.url();
+    config.pep.on_pdp_failure = on_failure;
+    start(config).await.expect("start msgnode")
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("send");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+}
+
+fn assert_forbidden(answer: &(u16, Value), reason: &str, what: &str) {
+    assert_eq!(answer.0, 403, "{what}: {}", answer.1);
+    assert_eq!(
+        answer.1["errcode"],
+        json!("M_FORBIDDEN"),
+        "{what}: {}",
+        answer.1
+    );
+    let error = answer.1["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains(reason),
+        "{what}: {error:?} should contain {reason:?}"
+    );
+}
+
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within 15 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_enforces_policy_in_front_of_synapse() {
+    let synapse = Synapse::start();
+    let policies = tempfile::tempdir().expect("tempdir");
+    copy_dir(&Path::new(REPO).join("policies"), policies.path());
+    let running = node(
+        &synapse,
+        policies.path().to_path_buf(),
+        PdpFailure::Forbidden,
+    )
+    .await;
+    let base = format!("http://{}", running.pep_addr.expect("proxy address"));
+    let http = reqwest::Client::new();
+    let as_user = |token: String| Client {
+        http: http.clone(),
+        base: base.clone(),
+        token,
+    };
+    let alice = as_user(synapse.register("alice"));
+    let bob = as_user(synapse.register("bob"));
+    let mallory = as_user(synapse.register("mallory"));
+
+    // Pass-through: the login flows come from Synapse unchanged.
+    let (status, flows) = alice.get("/_matrix/client/v3/login").await;
+    assert_eq!(status, 200);
+    assert!(
+        flows["flows"].as_array().is_some_and(|f| !f.is_empty()),
+        "{flows}"
+    );
+
+    // Allowed: create a room, invite and join, send; the other user sees it in /sync.
+    let (status, created) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().expect("room_id").to_string();
+    let (status, body) = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            json!({"user_id": "@bob:localhost"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = bob
+        .post(&format!("/_matrix/client/v3/join/{room}"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t1"),
+            json!({"msgtype": "m.text", "body": "hello bob"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("bob sees the message", || async {
+        let (_, sync) = bob.get("/_matrix/client/v3/sync?timeout=0").await;
+        sync["rooms"]["join"][&room]["timeline"]["events"]
+            .as_array()
+            .is_some_and(|events| {
+                events
+                    .iter()
+                    .any(|e| e["content"]["body"] == json!("hello bob"))
+            })
+    })
+    .await;
+
+    // Denied: an event type the room does not allow, in every spelling of the path.
+    let encoded_room = room.replace('!', "%21").replace(':', "%3A");
+    for path in [
+        format!("/_matrix/client/v3/rooms/{room}/send/com.example.secret/d1"),
+        format!("/_matrix/client/r0/rooms/{room}/send/com.example.secret/d2"),
+        format!("/_matrix/client/unstable/rooms/{room}/send/com.example.secret/d3"),
+        format!("/_matrix/client/v3/rooms/{encoded_room}/send/com.example.secret/d4"),
+        format!("/_matrix/client/v3/rooms/{room}/send/com%2Eexample%2Esecret/d5"),
+        format!("/_matrix/client/v3/rooms/{room}//send/com.example.secret/d6/"),
+        format!("//_matrix/client/v3/rooms/{room}/send/com.example.secret/d7"),
+    ] {
+        let answer = alice.put(&path, json!({"body": "leak"})).await;
+        assert_forbidden(
+            &answer,
+            "event type 'com.example.secret' is not allowed",
+            &path,
+        );
+    }
+    let (_, messages) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"
+        ))
+        .await;
+    let chunk = messages["chunk"].as_array().expect("chunk");
+    assert!(
+        chunk
+            .iter()
+            .all(|e| e["type"] != json!("com.example.secret")),
+        "a denied event reached the room"
+    );
+    assert!(chunk
+        .iter()
+        .any(|e| e["content"]["body"] == json!("hello bob")));
+
+    // Denied: createRoom with a forbidden initial_state, an invite to an untrusted domain, a
+    // blocked user's join.
+    let answer = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"initial_state": [{"type": "m.room.guest_access", "state_key": "", "content": {"guest_access": "can_join"}}]}),
+        )
+        .await;
+    assert_forbidden(
+        &answer,
+        "event type 'm.room.guest_access' is not allowed",
+        "createRoom initial_state",
+    );
+    let answer = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            json!({"user_id": "@eve:evil.example"}),
+        )
+        .await;
+    assert_forbidden(
+        &answer,
+        "invitee domain of '@eve:evil.example' is not trusted",
+        "invite",
+    );
+    let (status, _) = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            json!({"user_id": "@mallory:localhost"}),
+        )
+        .await;
+    assert_eq!(status, 403, "inviting a blocked user");
+    let answer = mallory
+        .post(&format!("/_matrix/client/v3/join/{room}"), json!({}))
+        .await;
+    assert_forbidden(&answer, "is blocked", "blocked user's join");
+
+    // Tokens: none → 401 from the proxy; a wrong one → the homeserver's own 401.
+    let anonymous = as_user(String::new());
+    let (status, body) = anonymous
+        .http
+        .put(format!(
+            "{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/x"
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map(|s| (s, ()))
+        .expect("send");
+    assert_eq!(status, 401, "{body:?}");
+    let wrong = as_user("syt_wrong".to_string());
+    let (status, body) = wrong
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/x"),
+            json!({}),
+        )
+        .await;
+    assert_eq!((status, &body["errcode"]), (401, &json!("M_UNKNOWN_TOKEN")));
+
+    // A policy edit applies without restart.
+    let data_file = policies.path().join("config/data.json");
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(&data_file).expect("read")).expect("json");
+    data["matrix"]["event_types"]["default"]
+        .as_array_mut()
+        .expect("list")
+        .push(json!("com.example.secret"));
+    std::fs::write(&data_file, serde_json::to_vec_pretty(&data).expect("json")).expect("write");
+    let mut attempt = 0;
+    eventually("the edited policy allows the event type", || {
+        attempt += 1;
+        let path =
+            format!("/_matrix/client/v3/rooms/{room}/send/com.example.secret/after-edit-{attempt}");
+        let alice = &alice;
+        async move { alice.put(&path, json!({"body": "now allowed"})).await.0 == 200 }
+    })
+    .await;
+
+    // Fail closed: a node whose PDP has no bundle forwards nothing.
+    for (failure, status, errcode) in [
+        (PdpFailure::Forbidden, 403, "M_FORBIDDEN"),
+        (PdpFailure::Unavailable, 503, "M_UNKNOWN"),
+    ] {
+        let broken = node(&synapse, policies.path().join("does-not-exist"), failure).await;
+        let client = Client {
+            http: http.clone(),
+            base: format!("http://{}", broken.pep_addr.expect("proxy")),
+            token: alice.token.clone(),
+        };
+        let (got, body) = client
+            .put(
+                &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/fc-{status}"),
+                json!({"body": "x"}),
+            )
+            .await;
+        assert_eq!((got, &body["errcode"]), (status, &json!(errcode)), "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("policy unavailable"),
+            "{body}"
+        );
+        broken.stop().await;
+    }
+    running.stop().await;
+}
