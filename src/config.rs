@@ -163,6 +163,9 @@ pub struct PepConfig {
     pub whoami_ttl: Duration,
     /// Largest body of an intercepted request (larger → 413 `M_TOO_LARGE`).
     pub max_body_bytes: usize,
+    /// Appservice registration file (from `msgnode appservice registration`); when set, the
+    /// proxy's listener also serves the application-service API the homeserver pushes to.
+    pub registration: Option<PathBuf>,
 }
 
 impl Default for PepConfig {
@@ -175,6 +178,7 @@ impl Default for PepConfig {
             on_pdp_failure: PdpFailure::Forbidden,
             whoami_ttl: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
+            registration: None,
         }
     }
 }

@@ -18,15 +18,33 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 struct Synapse {
     state: tempfile::TempDir,
     port: u16,
+    /// Where it pushes appservice transactions (the node's proxy listener).
+    as_port: u16,
 }
 
 impl Synapse {
     fn start() -> Synapse {
         let state = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let synapse = Synapse { state, port };
+        let synapse = Synapse {
+            state,
+            port: free_port(),
+            as_port: free_port(),
+        };
         synapse.script(&["start"]);
         synapse
+    }
+
+    fn registration(&self) -> PathBuf {
+        self.state.path().join("synapse/appservice.yaml")
+    }
+
+    fn token(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.registration()).expect("registration");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .expect("token line")
+            .trim()
+            .to_string()
     }
 
     fn script(&self, args: &[&str]) -> String {
@@ -37,10 +55,9 @@ impl Synapse {
             .env("SYNAPSE_PORT", self.port.to_string())
             .env("SYNAPSE_DATA_ON_TMPFS", "1")
             .env("MSGNODE_BIN", env!("CARGO_BIN_EXE_msgnode"))
-            // The appservice endpoints are not served yet; Synapse retries pushes quietly.
             .env(
                 "MSGNODE_AS_URL",
-                format!("http://127.0.0.1:{}", free_port()),
+                format!("http://127.0.0.1:{}", self.as_port),
             )
             .output()
             .expect("run scripts/synapse");
@@ -94,7 +111,23 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A node with the proxy on the port Synapse pushes to, serving the appservice API too.
+async fn appservice_node(synapse: &Synapse, policies: PathBuf) -> Running {
+    let mut config = node_config(synapse, policies, PdpFailure::Forbidden);
+    config.pep.listen = format!("127.0.0.1:{}", synapse.as_port)
+        .parse()
+        .expect("addr");
+    config.pep.registration = Some(synapse.registration());
+    start(config).await.expect("start msgnode")
+}
+
 async fn node(synapse: &Synapse, policies: PathBuf, on_failure: PdpFailure) -> Running {
+    start(node_config(synapse, policies, on_failure))
+        .await
+        .expect("start msgnode")
+}
+
+fn node_config(synapse: &Synapse, policies: PathBuf, on_failure: PdpFailure) -> Config {
     let mut config = Config::default();
     config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
     config.pdp.policies = policies;
@@ -105,7 +138,22 @@ async fn node(synapse: &Synapse, policies: PathBuf, on_failure: PdpFailure) -> R
     config.pep.listen = "127.0.0.1:0".parse().expect("addr");
     config.pep.homeserver = synapse.url();
     config.pep.on_pdp_failure = on_failure;
-    start(config).await.expect("start msgnode")
+    config
+}
+
+/// The value of one Prometheus series of the node (0 when absent).
+async fn metric(http: &reqwest::Client, running: &Running, series: &str) -> u64 {
+    let text = http
+        .get(format!("http://{}/metrics", running.pdp_addr))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
 }
 
 struct Client {
@@ -166,13 +214,13 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
+    while start.elapsed() < Duration::from_secs(30) {
         if done().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{what}: not within 15 s");
+    panic!("{what}: not within 30 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,12 +228,7 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
     let synapse = Synapse::start();
     let policies = tempfile::tempdir().expect("tempdir");
     copy_dir(&Path::new(REPO).join("policies"), policies.path());
-    let running = node(
-        &synapse,
-        policies.path().to_path_buf(),
-        PdpFailure::Forbidden,
-    )
-    .await;
+    let running = appservice_node(&synapse, policies.path().to_path_buf()).await;
     let base = format!("http://{}", running.pep_addr.expect("proxy address"));
     let http = reqwest::Client::new();
     let as_user = |token: String| Client {
@@ -383,5 +426,145 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
         );
         broken.stop().await;
     }
+
+    // The appservice API: hs_token checked, transactions processed once (also across a
+    // restart), namespace users created on query, ping.
+    let appservice = |path: &str| format!("{base}/_matrix/app/v1/{path}");
+    let hs_token = synapse.token("hs_token");
+    let query = |path: String| http.get(appservice(&path)).bearer_auth(&hs_token).send();
+    assert_eq!(
+        query("users/@_msgnode_watcher:localhost".into())
+            .await
+            .expect("send")
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        query("users/@alice:localhost".into())
+            .await
+            .expect("send")
+            .status()
+            .as_u16(),
+        404
+    );
+    assert_eq!(
+        query("rooms/%23nothing:localhost".into())
+            .await
+            .expect("send")
+            .status()
+            .as_u16(),
+        404
+    );
+    let ping = http
+        .post(appservice("ping"))
+        .bearer_auth(&hs_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(ping.status().as_u16(), 200);
+
+    // Synapse pushes events of rooms a namespace user is in; one sent straight to Synapse
+    // (not through the proxy) is decided too.
+    let (status, body) = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            json!({"user_id": "@_msgnode_watcher:localhost"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let as_token = synapse.token("as_token");
+    let joined = http
+        .post(format!(
+            "{}/_matrix/client/v3/join/{room}?user_id=@_msgnode_watcher:localhost",
+            synapse.url()
+        ))
+        .bearer_auth(&as_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(joined.status().as_u16(), 200);
+    let direct = http
+        .put(format!(
+            "{}/_matrix/client/v3/rooms/{room}/send/com.example.other/direct-1",
+            synapse.url()
+        ))
+        .bearer_auth(&alice.token)
+        .json(&json!({"body": "around the proxy"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(direct.status().as_u16(), 200);
+    let denied = "msgnode_pep_appservice_events_total{outcome=\"denied\"} ";
+    let running_ref = &running;
+    let http_ref = &http;
+    eventually("the pushed event is decided and denied", || async move {
+        metric(http_ref, running_ref, denied).await >= 1
+    })
+    .await;
+
+    let txn = |id: &str, token: Option<&str>| {
+        let mut request = http
+            .put(appservice(&format!("transactions/{id}")))
+            .json(&json!({"events": []}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let first = txn("t-1", None).await.expect("send");
+    let status = first.status().as_u16();
+    assert_eq!(status, 401, "{}", first.text().await.unwrap_or_default());
+    assert_eq!(
+        txn("t-1", Some("wrong"))
+            .await
+            .expect("send")
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        txn("t-1", Some(&hs_token))
+            .await
+            .expect("send")
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        txn("t-1", Some(&hs_token))
+            .await
+            .expect("send")
+            .status()
+            .as_u16(),
+        200
+    );
+    let processed = "msgnode_pep_appservice_transactions_total{outcome=\"processed\"} ";
+    let duplicate = "msgnode_pep_appservice_transactions_total{outcome=\"duplicate\"} ";
+    assert_eq!(
+        metric(&http, &running, duplicate).await,
+        1,
+        "the replay was not processed again"
+    );
+    let before_restart = metric(&http, &running, processed).await;
+    assert!(before_restart >= 1);
+    running.stop().await;
+    let running = appservice_node(&synapse, policies.path().to_path_buf()).await;
+    assert_eq!(
+        txn("t-1", Some(&hs_token))
+            .await
+            .expect("send")
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        metric(&http, &running, duplicate).await,
+        1,
+        "replayed after a restart: not processed again"
+    );
+
     running.stop().await;
 }

@@ -128,6 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.child_token(),
     ));
 
+    let pep_addr = start_pep(&config, &pdp, &mut registry, &shutdown, &tracker).await?;
     let listener = tokio::net::TcpListener::bind(pdp_config.listen)
         .await
         .with_context(|| format!("cannot listen on {} ([pdp] listen)", pdp_config.listen))?;
@@ -150,27 +151,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     tracing::info!(%pdp_addr, "PDP API listening");
 
-    let pep_addr = if config.pep.enabled {
-        let state = PepState::new(pdp.clone(), config.pep.clone())?;
-        let listener = tokio::net::TcpListener::bind(config.pep.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} ([pep] listen)", config.pep.listen))?;
-        let addr = listener.local_addr()?;
-        let app = pep::proxy::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let stop = shutdown.child_token();
-        tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "Matrix proxy failed");
-            }
-        });
-        tracing::info!(%addr, homeserver = %config.pep.homeserver, "Matrix proxy listening");
-        Some(addr)
-    } else {
-        None
-    };
     Ok(Running {
         pdp_addr,
         pep_addr,
@@ -178,6 +158,51 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         tracker,
     })
+}
+
+/// Starts the Matrix proxy (and, with a registration, the appservice API on the same
+/// listener) when `[pep] enabled`.
+async fn start_pep(
+    config: &Config,
+    pdp: &Pdp,
+    registry: &mut Registry,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Option<SocketAddr>> {
+    if !config.pep.enabled {
+        return Ok(None);
+    }
+    let state = PepState::new(pdp.clone(), config.pep.clone())?;
+    let mut app = pep::proxy::router(state.clone());
+    if let Some(path) = &config.pep.registration {
+        let registration = pep::registration::read(path)?;
+        let appservice = pep::appservice::Appservice::new(
+            registration,
+            config.pep.server_name.clone(),
+            state.homeserver(),
+            pdp.clone(),
+            registry,
+        )
+        .await?;
+        // The appservice routes first; everything else is the proxy.
+        app = pep::appservice::router(std::sync::Arc::new(appservice)).fallback_service(app);
+    }
+    let listener = tokio::net::TcpListener::bind(config.pep.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} ([pep] listen)", config.pep.listen))?;
+    let addr = listener.local_addr()?;
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let stop = shutdown.child_token();
+    tracker.spawn(async move {
+        let served = axum::serve(listener, service)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "Matrix proxy failed");
+        }
+    });
+    tracing::info!(%addr, homeserver = %config.pep.homeserver, "Matrix proxy listening");
+    Ok(Some(addr))
 }
 
 async fn shutdown_signal() {

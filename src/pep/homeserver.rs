@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -191,6 +191,21 @@ impl Homeserver {
         path_and_query: &str,
         token: &str,
     ) -> Result<(StatusCode, serde_json::Value), Response> {
+        self.request_json(Method::GET, path_and_query, token, None)
+            .await
+    }
+
+    /// One JSON request to the homeserver as `token`; the answer's status and JSON body.
+    ///
+    /// # Errors
+    /// 502 `M_UNKNOWN` when the homeserver cannot be reached.
+    pub async fn request_json(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        token: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, serde_json::Value), Response> {
         let unavailable = || {
             MatrixError::new(
                 StatusCode::BAD_GATEWAY,
@@ -200,9 +215,16 @@ impl Homeserver {
             .into_response()
         };
         let uri = format!("{}://{}{}", self.scheme, self.authority, path_and_query);
-        let request = Request::get(uri)
+        let body = match body {
+            Some(json) => Body::from(json.to_string()),
+            None => Body::empty(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Body::empty())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
             .map_err(|_| unavailable())?;
         let response = self.client.request(request).await.map_err(|error| {
             tracing::warn!(%error, "homeserver unreachable");

@@ -5,11 +5,13 @@
 //! - `route` — which requests are intercepted, whatever their spelling.
 //! - `homeserver` — forwarding, `/whoami` (cached), joined members.
 //! - `error` — Matrix `{"errcode", "error"}` responses.
+//! - `appservice` — what the homeserver pushes (transactions, user/room queries, ping).
 //! - `registration` — the appservice registration (`msgnode appservice registration`).
 //!
-//! Still to come (issue #3): the appservice endpoints (transactions, users, rooms, ping) and
-//! after-the-fact enforcement of events that did not come through the proxy.
+//! Still to come (issue #3): redacting pushed events the policy denies, acting as virtual
+//! users for the bus.
 
+pub mod appservice;
 pub mod error;
 pub mod homeserver;
 pub mod proxy;

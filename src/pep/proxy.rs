@@ -46,6 +46,13 @@ impl PepState {
     }
 }
 
+impl PepState {
+    /// The homeserver client, shared with the appservice.
+    pub fn homeserver(&self) -> Arc<Homeserver> {
+        Arc::clone(&self.homeserver)
+    }
+}
+
 /// The proxy's route table: one fallback, since every path is either decided or forwarded.
 pub fn router(state: PepState) -> Router {
     Router::new().fallback(proxy).with_state(state)

@@ -1,0 +1,348 @@
+//! The application-service side: what the homeserver pushes to msgnode.
+//!
+//! Routes (prefixed `/_matrix/app/v1` and legacy unprefixed): `PUT /transactions/{txnId}`,
+//! `GET /users/{userId}`, `GET /rooms/{alias}`, `POST /ping`. Every request must carry the
+//! `hs_token` (`Authorization: Bearer`, or the legacy `access_token` query parameter),
+//! compared in constant time: none → 401 `M_UNAUTHORIZED`, wrong → 403 `M_FORBIDDEN`.
+//!
+//! Transactions are processed once: processed ids are kept in the appservice user's account
+//! data (`org.msgnode.appservice.transactions`), so a retried transaction is acknowledged
+//! without being processed again, also after a restart; if that record cannot be written
+//! the transaction is answered 500 and the homeserver retries it. Each event is decided by
+//! the PDP (`kind: "matrix_event"`); a denied one is logged (redacting it is the next step).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use ruma::api::appservice::Registration;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::sync::Mutex;
+
+use super::error::MatrixError;
+use super::homeserver::Homeserver;
+use crate::pdp::Pdp;
+
+/// Account-data type holding processed transaction ids.
+const TXN_ACCOUNT_DATA: &str = "org.msgnode.appservice.transactions";
+/// How many recent transaction ids are remembered (the homeserver retries the latest ones).
+const TXN_MEMORY: usize = 256;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// The appservice: its registration, namespace and transaction record.
+pub struct Appservice {
+    registration: Registration,
+    users: regex::RegexSet,
+    sender: String,
+    server_name: String,
+    homeserver: Arc<Homeserver>,
+    pdp: Pdp,
+    processed: Mutex<VecDeque<String>>,
+    transactions: Family<OutcomeLabel, Counter>,
+    events: Family<OutcomeLabel, Counter>,
+}
+
+impl Appservice {
+    /// Builds the appservice and loads its transaction record from the homeserver (an
+    /// unreachable homeserver at start-up leaves the record empty, with a warning).
+    ///
+    /// # Errors
+    /// A namespace regex that does not compile.
+    pub async fn new(
+        registration: Registration,
+        server_name: String,
+        homeserver: Arc<Homeserver>,
+        pdp: Pdp,
+        registry: &mut Registry,
+    ) -> anyhow::Result<Self> {
+        let users = regex::RegexSet::new(
+            registration
+                .namespaces
+                .users
+                .iter()
+                .map(|n| format!("^{}$", n.regex)),
+        )?;
+        let sender = format!("@{}:{}", registration.sender_localpart, server_name);
+        let transactions = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "pep_appservice_transactions",
+            "Appservice transactions, by outcome",
+            transactions.clone(),
+        );
+        let events = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "pep_appservice_events",
+            "Events pushed by the homeserver, by decision",
+            events.clone(),
+        );
+        let appservice = Self {
+            registration,
+            users,
+            sender,
+            server_name,
+            homeserver,
+            pdp,
+            processed: Mutex::new(VecDeque::new()),
+            transactions,
+            events,
+        };
+        match appservice.load_processed().await {
+            Ok(ids) => *appservice.processed.lock().await = ids,
+            Err(why) => {
+                tracing::warn!(%why, "appservice: cannot read the transaction record; starting empty")
+            }
+        }
+        Ok(appservice)
+    }
+
+    fn account_data_path(&self) -> String {
+        let user =
+            percent_encoding::utf8_percent_encode(&self.sender, percent_encoding::NON_ALPHANUMERIC);
+        format!("/_matrix/client/v3/user/{user}/account_data/{TXN_ACCOUNT_DATA}")
+    }
+
+    async fn load_processed(&self) -> Result<VecDeque<String>, String> {
+        let (status, body) = self
+            .homeserver
+            .request_json(
+                Method::GET,
+                &self.account_data_path(),
+                &self.registration.as_token,
+                None,
+            )
+            .await
+            .map_err(|_| "homeserver unavailable".to_string())?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(VecDeque::new()),
+            s if s.is_success() => Ok(body["processed"]
+                .as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()),
+            s => Err(format!("homeserver answered {s}: {body}")),
+        }
+    }
+
+    async fn store_processed(&self, ids: &VecDeque<String>) -> Result<(), String> {
+        let body = json!({"processed": ids});
+        match self
+            .homeserver
+            .request_json(
+                Method::PUT,
+                &self.account_data_path(),
+                &self.registration.as_token,
+                Some(&body),
+            )
+            .await
+        {
+            Ok((status, _)) if status.is_success() => Ok(()),
+            Ok((status, body)) => Err(format!("homeserver answered {status}: {body}")),
+            Err(_) => Err("homeserver unavailable".to_string()),
+        }
+    }
+
+    fn check_token(
+        &self,
+        headers: &HeaderMap,
+        query: &[(String, String)],
+    ) -> Result<(), MatrixError> {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| {
+                query
+                    .iter()
+                    .find(|(k, _)| k == "access_token")
+                    .map(|(_, v)| v.as_str())
+            });
+        match presented {
+            None => Err(MatrixError::new(
+                StatusCode::UNAUTHORIZED,
+                "M_UNAUTHORIZED",
+                "missing hs_token",
+            )),
+            Some(token)
+                if bool::from(
+                    token
+                        .as_bytes()
+                        .ct_eq(self.registration.hs_token.as_bytes()),
+                ) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(MatrixError::forbidden("wrong hs_token")),
+        }
+    }
+
+    /// Whether `user_id` is in the appservice's user namespace.
+    pub fn owns_user(&self, user_id: &str) -> bool {
+        self.users.is_match(user_id)
+    }
+
+    async fn on_transaction(&self, txn_id: &str, body: &Value) -> Result<(), MatrixError> {
+        let mut processed = self.processed.lock().await;
+        if processed.iter().any(|id| id == txn_id) {
+            self.transactions
+                .get_or_create(&OutcomeLabel {
+                    outcome: "duplicate",
+                })
+                .inc();
+            return Ok(());
+        }
+        let context = json!({"node": self.server_name, "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string()});
+        for event in body["events"].as_array().into_iter().flatten() {
+            let mut matrix = json!({
+                "room_id": event["room_id"], "event_type": event["type"], "sender": event["sender"], "content": event["content"],
+            });
+            if let Some(key) = event.get("state_key") {
+                matrix["state_key"] = key.clone();
+            }
+            let decision = self
+                .pdp
+                .decide(json!({"kind": "matrix_event", "matrix": matrix, "context": context}));
+            let outcome = if decision.allow { "allowed" } else { "denied" };
+            self.events.get_or_create(&OutcomeLabel { outcome }).inc();
+            if !decision.allow {
+                tracing::warn!(event_id = %event["event_id"], room_id = %event["room_id"], reasons = %decision.reasons.join("; "),
+                    decision_id = %decision.decision_id, "event that did not come through the proxy is denied by policy");
+            }
+        }
+        processed.push_back(txn_id.to_string());
+        while processed.len() > TXN_MEMORY {
+            processed.pop_front();
+        }
+        if let Err(why) = self.store_processed(&processed).await {
+            processed.pop_back();
+            tracing::warn!(%why, txn_id, "appservice: cannot record the transaction; the homeserver will retry it");
+            return Err(MatrixError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "M_UNKNOWN",
+                "cannot record the transaction; retry",
+            ));
+        }
+        self.transactions
+            .get_or_create(&OutcomeLabel {
+                outcome: "processed",
+            })
+            .inc();
+        Ok(())
+    }
+
+    async fn on_user_query(&self, user_id: &str) -> Result<(), MatrixError> {
+        let not_found = || {
+            MatrixError::new(
+                StatusCode::NOT_FOUND,
+                "M_NOT_FOUND",
+                "user is not in msgnode's namespace",
+            )
+        };
+        if !self.owns_user(user_id) {
+            return Err(not_found());
+        }
+        let localpart = user_id
+            .trim_start_matches('@')
+            .split(':')
+            .next()
+            .unwrap_or("");
+        let body = json!({"type": "m.login.application_service", "username": localpart});
+        match self
+            .homeserver
+            .request_json(
+                Method::POST,
+                "/_matrix/client/v3/register",
+                &self.registration.as_token,
+                Some(&body),
+            )
+            .await
+        {
+            Ok((status, _)) if status.is_success() => Ok(()),
+            Ok((_, answer)) if answer["errcode"] == "M_USER_IN_USE" => Ok(()),
+            _ => Err(not_found()),
+        }
+    }
+}
+
+type Params = Query<Vec<(String, String)>>;
+
+/// The appservice routes (both spellings), for the listener the homeserver pushes to.
+pub fn router(appservice: Arc<Appservice>) -> Router {
+    Router::new()
+        .route("/_matrix/app/v1/transactions/{txn_id}", put(transaction))
+        .route("/transactions/{txn_id}", put(transaction))
+        .route("/_matrix/app/v1/users/{user_id}", get(user_query))
+        .route("/users/{user_id}", get(user_query))
+        .route("/_matrix/app/v1/rooms/{alias}", get(room_query))
+        .route("/rooms/{alias}", get(room_query))
+        .route("/_matrix/app/v1/ping", post(ping))
+        .with_state(appservice)
+}
+
+async fn transaction(
+    State(appservice): State<Arc<Appservice>>,
+    Path(txn_id): Path<String>,
+    Query(query): Params,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, MatrixError> {
+    appservice.check_token(&headers, &query)?;
+    let body: Value = serde_json::from_slice(&body).map_err(|e| {
+        MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            format!("transaction is not JSON: {e}"),
+        )
+    })?;
+    appservice.on_transaction(&txn_id, &body).await?;
+    Ok(Json(json!({})).into_response())
+}
+
+async fn user_query(
+    State(appservice): State<Arc<Appservice>>,
+    Path(user_id): Path<String>,
+    Query(query): Params,
+    headers: HeaderMap,
+) -> Result<Response, MatrixError> {
+    appservice.check_token(&headers, &query)?;
+    appservice.on_user_query(&user_id).await?;
+    Ok(Json(json!({})).into_response())
+}
+
+async fn room_query(
+    State(appservice): State<Arc<Appservice>>,
+    Query(query): Params,
+    headers: HeaderMap,
+) -> Result<Response, MatrixError> {
+    appservice.check_token(&headers, &query)?;
+    Err(MatrixError::new(
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+        "msgnode creates no rooms on alias queries",
+    ))
+}
+
+async fn ping(
+    State(appservice): State<Arc<Appservice>>,
+    Query(query): Params,
+    headers: HeaderMap,
+) -> Result<Response, MatrixError> {
+    appservice.check_token(&headers, &query)?;
+    Ok(Json(json!({})).into_response())
+}
