@@ -166,6 +166,10 @@ pub struct PepConfig {
     /// Appservice registration file (from `msgnode appservice registration`); when set, the
     /// proxy's listener also serves the application-service API the homeserver pushes to.
     pub registration: Option<PathBuf>,
+    /// Room ids (regexes) where a pushed event the policy denies is redacted (with the
+    /// reasons); elsewhere it is only logged. Needs the appservice's user in the room with
+    /// redaction power.
+    pub redact_denied_rooms: Vec<String>,
 }
 
 impl Default for PepConfig {
@@ -179,6 +183,7 @@ impl Default for PepConfig {
             whoami_ttl: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             registration: None,
+            redact_denied_rooms: vec![".*".to_string()],
         }
     }
 }

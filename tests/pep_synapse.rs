@@ -486,6 +486,21 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
         .await
         .expect("send");
     assert_eq!(joined.status().as_u16(), 200);
+    // Give the node's user the power to redact (through the proxy: power levels are allowed).
+    let (status, mut levels) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.power_levels"
+        ))
+        .await;
+    assert_eq!(status, 200, "{levels}");
+    levels["users"]["@_msgnode_watcher:localhost"] = json!(100);
+    let (status, body) = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels"),
+            levels,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     let direct = http
         .put(format!(
             "{}/_matrix/client/v3/rooms/{room}/send/com.example.other/direct-1",
@@ -497,12 +512,39 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
         .await
         .expect("send");
     assert_eq!(direct.status().as_u16(), 200);
+    let direct_event: Value = direct.json().await.expect("json");
     let denied = "msgnode_pep_appservice_events_total{outcome=\"denied\"} ";
     let running_ref = &running;
     let http_ref = &http;
     eventually("the pushed event is decided and denied", || async move {
         metric(http_ref, running_ref, denied).await >= 1
     })
+    .await;
+    let event_id = direct_event["event_id"]
+        .as_str()
+        .expect("event_id")
+        .to_string();
+    let alice_ref = &alice;
+    let room_ref = &room;
+    let event_ref = &event_id;
+    eventually(
+        "the denied event is redacted with its reason",
+        || async move {
+            let (_, event) = alice_ref
+                .get(&format!(
+                    "/_matrix/client/v3/rooms/{room_ref}/event/{event_ref}"
+                ))
+                .await;
+            event["content"] == json!({})
+                && event["unsigned"]["redacted_because"]["content"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| {
+                        r.contains(
+                            "denied by policy: event type 'com.example.other' is not allowed",
+                        )
+                    })
+        },
+    )
     .await;
 
     let txn = |id: &str, token: Option<&str>| {

@@ -179,6 +179,7 @@ async fn start_pep(
         let appservice = pep::appservice::Appservice::new(
             registration,
             config.pep.server_name.clone(),
+            &config.pep.redact_denied_rooms,
             state.homeserver(),
             pdp.clone(),
             registry,

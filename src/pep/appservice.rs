@@ -9,9 +9,13 @@
 //! data (`org.msgnode.appservice.transactions`), so a retried transaction is acknowledged
 //! without being processed again, also after a restart; if that record cannot be written
 //! the transaction is answered 500 and the homeserver retries it. Each event is decided by
-//! the PDP (`kind: "matrix_event"`); a denied one is logged (redacting it is the next step).
+//! the PDP (`kind: "matrix_event"`). A denied event is redacted with the policy's reasons
+//! in rooms matching `[pep] redact_denied_rooms` (acting as a namespace user seen joining
+//! the room, else the appservice's own user) and logged everywhere. Events sent by the
+//! node's own namespace users are not decided again: they are the node's own actions (and
+//! a policy that forbade redactions must not make the node redact its redactions forever).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -52,8 +56,12 @@ pub struct Appservice {
     homeserver: Arc<Homeserver>,
     pdp: Pdp,
     processed: Mutex<VecDeque<String>>,
+    redact_rooms: regex::RegexSet,
+    /// A namespace user known to be joined to each room (learnt from pushed member events).
+    agents: std::sync::Mutex<HashMap<String, String>>,
     transactions: Family<OutcomeLabel, Counter>,
     events: Family<OutcomeLabel, Counter>,
+    redactions: Family<OutcomeLabel, Counter>,
 }
 
 impl Appservice {
@@ -65,6 +73,7 @@ impl Appservice {
     pub async fn new(
         registration: Registration,
         server_name: String,
+        redact_denied_rooms: &[String],
         homeserver: Arc<Homeserver>,
         pdp: Pdp,
         registry: &mut Registry,
@@ -89,6 +98,14 @@ impl Appservice {
             "Events pushed by the homeserver, by decision",
             events.clone(),
         );
+        let redactions = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "pep_appservice_redactions",
+            "Redactions of denied events, by outcome",
+            redactions.clone(),
+        );
+        let redact_rooms =
+            regex::RegexSet::new(redact_denied_rooms.iter().map(|r| format!("^(?:{r})$")))?;
         let appservice = Self {
             registration,
             users,
@@ -97,8 +114,11 @@ impl Appservice {
             homeserver,
             pdp,
             processed: Mutex::new(VecDeque::new()),
+            redact_rooms,
+            agents: std::sync::Mutex::new(HashMap::new()),
             transactions,
             events,
+            redactions,
         };
         match appservice.load_processed().await {
             Ok(ids) => *appservice.processed.lock().await = ids,
@@ -209,8 +229,13 @@ impl Appservice {
         }
         let context = json!({"node": self.server_name, "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string()});
         for event in body["events"].as_array().into_iter().flatten() {
+            let sender = event["sender"].as_str().unwrap_or("");
+            if sender == self.sender || self.owns_user(sender) {
+                self.learn_agent(event);
+                continue;
+            }
             let mut matrix = json!({
-                "room_id": event["room_id"], "event_type": event["type"], "sender": event["sender"], "content": event["content"],
+                "room_id": event["room_id"], "event_type": event["type"], "sender": sender, "content": event["content"],
             });
             if let Some(key) = event.get("state_key") {
                 matrix["state_key"] = key.clone();
@@ -221,8 +246,10 @@ impl Appservice {
             let outcome = if decision.allow { "allowed" } else { "denied" };
             self.events.get_or_create(&OutcomeLabel { outcome }).inc();
             if !decision.allow {
-                tracing::warn!(event_id = %event["event_id"], room_id = %event["room_id"], reasons = %decision.reasons.join("; "),
+                let reasons = decision.reasons.join("; ");
+                tracing::warn!(event_id = %event["event_id"], room_id = %event["room_id"], %reasons,
                     decision_id = %decision.decision_id, "event that did not come through the proxy is denied by policy");
+                self.redact(event, &reasons).await;
             }
         }
         processed.push_back(txn_id.to_string());
@@ -244,6 +271,76 @@ impl Appservice {
             })
             .inc();
         Ok(())
+    }
+
+    /// Remembers which namespace user is joined to a room, to act as it there.
+    fn learn_agent(&self, event: &Value) {
+        let (Some(room), Some(user)) = (event["room_id"].as_str(), event["state_key"].as_str())
+        else {
+            return;
+        };
+        if event["type"] != "m.room.member" || !self.owns_user(user) {
+            return;
+        }
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if event["content"]["membership"] == "join" {
+            agents.insert(room.to_string(), user.to_string());
+        } else if agents.get(room).is_some_and(|u| u == user) {
+            agents.remove(room);
+        }
+    }
+
+    /// Redacts a denied event where configured; failures are logged and counted (a retry of
+    /// the transaction would not make the appservice more powerful in the room).
+    async fn redact(&self, event: &Value, reasons: &str) {
+        let (Some(room), Some(event_id)) = (event["room_id"].as_str(), event["event_id"].as_str())
+        else {
+            return;
+        };
+        if !self.redact_rooms.is_match(room) {
+            return;
+        }
+        let agent = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room)
+            .cloned()
+            .unwrap_or_else(|| self.sender.clone());
+        let enc = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        // Derived from the event, so a retried transaction does not redact twice.
+        let txn = format!("msgnode-redact-{}", enc(event_id));
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/redact/{}/{txn}?user_id={}",
+            enc(room),
+            enc(event_id),
+            enc(&agent)
+        );
+        let body = json!({"reason": format!("denied by policy: {reasons}")});
+        let outcome = match self
+            .homeserver
+            .request_json(Method::PUT, &path, &self.registration.as_token, Some(&body))
+            .await
+        {
+            Ok((status, _)) if status.is_success() => "redacted",
+            Ok((status, answer)) => {
+                tracing::error!(%status, %answer, room, event_id, %agent, "cannot redact a denied event (does the appservice user have redaction power in the room?)");
+                "failed"
+            }
+            Err(_) => {
+                tracing::error!(
+                    room,
+                    event_id,
+                    "cannot redact a denied event: homeserver unavailable"
+                );
+                "failed"
+            }
+        };
+        self.redactions
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     async fn on_user_query(&self, user_id: &str) -> Result<(), MatrixError> {
