@@ -240,6 +240,53 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
     let bob = as_user(synapse.register("bob"));
     let mallory = as_user(synapse.register("mallory"));
 
+    // A real client library (matrix-nio) logs in, creates a room, chats and syncs through
+    // the proxy; the forbidden send comes back as a Matrix error with the reason.
+    synapse.register("nio");
+    let clients = Command::new(Path::new(REPO).join("scripts/synapse"))
+        .arg("clients")
+        .output()
+        .expect("scripts/synapse clients");
+    assert!(
+        clients.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clients.stderr)
+    );
+    let nio = Command::new(Path::new(REPO).join(".state/clients-venv/bin/python"))
+        .arg(Path::new(REPO).join("tests/clients/nio_chat.py"))
+        .args([&base, "nio", "secret-password"])
+        .output()
+        .expect("run matrix-nio client");
+    let stdout = String::from_utf8_lossy(&nio.stdout);
+    assert!(
+        nio.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&nio.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).expect("client report");
+    for key in [
+        "login",
+        "room_created",
+        "allowed_send",
+        "denied_send_is_error",
+    ] {
+        assert_eq!(report[key], json!(true), "{key}: {report}");
+    }
+    assert_eq!(report["denied_status"], json!("M_FORBIDDEN"), "{report}");
+    assert!(
+        report["denied_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("com.example.nio-secret"),
+        "{report}"
+    );
+    assert!(
+        report["synced_bodies"]
+            .as_array()
+            .is_some_and(|b| b.contains(&json!("hello from nio"))),
+        "{report}"
+    );
+
     // Pass-through: the login flows come from Synapse unchanged.
     let (status, flows) = alice.get("/_matrix/client/v3/login").await;
     assert_eq!(status, 200);
