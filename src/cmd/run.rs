@@ -172,7 +172,7 @@ async fn start_pep(
     if !config.pep.enabled {
         return Ok(None);
     }
-    let state = PepState::new(pdp.clone(), config.pep.clone())?;
+    let state = PepState::new(pdp.clone(), config.pep.clone(), registry)?;
     let mut app = pep::proxy::router(state.clone());
     if let Some(path) = &config.pep.registration {
         let registration = pep::registration::read(path)?;

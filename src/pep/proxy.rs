@@ -8,13 +8,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
 use super::error::MatrixError;
@@ -29,24 +34,69 @@ pub struct PepState {
     pdp: Pdp,
     homeserver: Arc<Homeserver>,
     config: Arc<PepConfig>,
+    metrics: ProxyMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    /// `intercepted` or `passthrough`.
+    path: &'static str,
+    /// `forwarded`, `denied`, `rejected` (bad request or token) or `policy_unavailable`.
+    outcome: &'static str,
+}
+
+/// The proxy's own metrics (labels are closed sets).
+#[derive(Clone)]
+struct ProxyMetrics {
+    requests: Family<RequestLabels, Counter>,
+    /// From arrival to hand-over to the homeserver (or to the refusal): the proxy's own time.
+    enforce_seconds: Histogram,
+}
+
+impl ProxyMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "pep_requests",
+            "Client-server requests through the proxy, by path kind and outcome",
+            requests.clone(),
+        );
+        // 10 µs .. ~0.3 s
+        let enforce_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 16));
+        registry.register(
+            "pep_enforce_duration_seconds",
+            "Proxy time per intercepted request before forwarding: token look-up, body, decisions",
+            enforce_seconds.clone(),
+        );
+        Self {
+            requests,
+            enforce_seconds,
+        }
+    }
+
+    fn count(&self, path: &'static str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels { path, outcome })
+            .inc();
+    }
 }
 
 impl PepState {
-    /// State for a proxy in front of `config.homeserver`, deciding with `pdp`.
+    /// State for a proxy in front of `config.homeserver`, deciding with `pdp`; registers the
+    /// proxy's metrics in `registry`.
     ///
     /// # Errors
     /// The homeserver URL is unusable.
-    pub fn new(pdp: Pdp, config: PepConfig) -> anyhow::Result<Self> {
+    pub fn new(pdp: Pdp, config: PepConfig, registry: &mut Registry) -> anyhow::Result<Self> {
         let homeserver = Homeserver::new(&config.homeserver, config.whoami_ttl)?;
         Ok(Self {
             pdp,
             homeserver: Arc::new(homeserver),
             config: Arc::new(config),
+            metrics: ProxyMetrics::register(registry),
         })
     }
-}
 
-impl PepState {
     /// The homeserver client, shared with the appservice.
     pub fn homeserver(&self) -> Arc<Homeserver> {
         Arc::clone(&self.homeserver)
@@ -79,14 +129,13 @@ async fn proxy(
     }
     match classify(request.method(), request.uri().path()) {
         None => {
+            state.metrics.count("passthrough", "forwarded");
             state
                 .homeserver
                 .forward(request, &path_and_query, Some(client))
                 .await
         }
-        Some(endpoint) => match enforce(&state, request, &endpoint, client).await {
-            Ok(response) | Err(response) => response,
-        },
+        Some(endpoint) => enforce(&state, request, &endpoint, client).await,
     }
 }
 
@@ -146,40 +195,67 @@ async fn enforce(
     request: Request,
     endpoint: &Intercepted,
     client: SocketAddr,
-) -> Result<Response, Response> {
+) -> Response {
+    let started = Instant::now();
+    let decided = decide(state, request, endpoint).await;
+    state
+        .metrics
+        .enforce_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match decided {
+        Ok((request, path_and_query)) => {
+            state.metrics.count("intercepted", "forwarded");
+            state
+                .homeserver
+                .forward(request, &path_and_query, Some(client))
+                .await
+        }
+        Err((outcome, response)) => {
+            state.metrics.count("intercepted", outcome);
+            response
+        }
+    }
+}
+
+/// Decides an intercepted request: the request to forward with its canonical path, or the
+/// outcome label and the refusal.
+async fn decide(
+    state: &PepState,
+    request: Request,
+    endpoint: &Intercepted,
+) -> Result<(Request, String), (&'static str, Response)> {
+    let rejected = |error: MatrixError| ("rejected", error.into_response());
     let Some(caller) = caller(&request) else {
-        return Err(MatrixError::new(
+        return Err(rejected(MatrixError::new(
             StatusCode::UNAUTHORIZED,
             "M_MISSING_TOKEN",
             "missing access token",
-        )
-        .into_response());
+        )));
     };
     let sender = state
         .homeserver
         .whoami(&caller.token, caller.user_id.as_deref())
-        .await?;
+        .await
+        .map_err(|response| ("rejected", response))?;
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
         .await
         .map_err(|_| {
-            MatrixError::new(
+            rejected(MatrixError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "M_TOO_LARGE",
                 format!("request body exceeds {} bytes", state.config.max_body_bytes),
-            )
-            .into_response()
+            ))
         })?;
     let content: Value = if bytes.is_empty() {
         json!({})
     } else {
         serde_json::from_slice(&bytes).map_err(|e| {
-            MatrixError::new(
+            rejected(MatrixError::new(
                 StatusCode::BAD_REQUEST,
                 "M_NOT_JSON",
                 format!("body is not JSON: {e}"),
-            )
-            .into_response()
+            ))
         })?
     };
     let inputs = inputs_for(state, endpoint, &sender, &content, &caller).await;
@@ -190,29 +266,32 @@ async fn enforce(
         }
         let reasons = decision.reasons.join("; ");
         tracing::info!(%sender, endpoint = ?endpoint, %reasons, decision_id = %decision.decision_id, "request denied");
-        let error = match (decision.failed, state.config.on_pdp_failure) {
-            (false, _) => MatrixError::forbidden(reasons),
-            (true, PdpFailure::Forbidden) => {
-                MatrixError::forbidden(format!("policy unavailable: {reasons}"))
-            }
-            (true, PdpFailure::Unavailable) => MatrixError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "M_UNKNOWN",
-                format!("policy unavailable: {reasons}"),
+        let refusal = match (decision.failed, state.config.on_pdp_failure) {
+            (false, _) => ("denied", MatrixError::forbidden(reasons)),
+            (true, PdpFailure::Forbidden) => (
+                "policy_unavailable",
+                MatrixError::forbidden(format!("policy unavailable: {reasons}")),
+            ),
+            (true, PdpFailure::Unavailable) => (
+                "policy_unavailable",
+                MatrixError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "M_UNKNOWN",
+                    format!("policy unavailable: {reasons}"),
+                ),
             ),
         };
-        return Err(error.into_response());
+        return Err((refusal.0, refusal.1.into_response()));
     }
     let mut path_and_query = endpoint.canonical_path();
     if let Some(query) = parts.uri.query() {
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
-    let request = Request::from_parts(parts, Body::from(bytes));
-    Ok(state
-        .homeserver
-        .forward(request, &path_and_query, Some(client))
-        .await)
+    Ok((
+        Request::from_parts(parts, Body::from(bytes)),
+        path_and_query,
+    ))
 }
 
 /// One PDP input per thing the request would do.
