@@ -148,7 +148,7 @@ pub struct BenchArgs {
     /// Measurement length per case, in seconds.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// HTTP connections kept alive by the load generator.
+    /// HTTP connections kept alive by the load generator (`proxy`: Matrix clients).
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
 }
@@ -162,6 +162,9 @@ pub enum BenchMode {
     Eval,
     /// HTTP decisions over loopback.
     Http,
+    /// Matrix sends directly to a real Synapse vs through the proxy (starts its own Synapse;
+    /// run from the repository root). Not part of `all`.
+    Proxy,
 }
 
 /// Output format of reports.

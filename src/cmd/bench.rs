@@ -27,8 +27,12 @@ use crate::pdp::Pdp;
 /// # Errors
 /// The bundle or its fixtures do not load, or the server cannot start.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let inputs = message_inputs(&args.policies.join("fixtures"))?;
     let seconds = Duration::from_secs_f64(args.seconds.max(0.1));
+    if args.mode == BenchMode::Proxy {
+        super::bench_proxy::run(&args, seconds)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let inputs = message_inputs(&args.policies.join("fixtures"))?;
     println!(
         "msgnode bench: {} message inputs from {}/fixtures, {:?} per case, {} cores",
         inputs.len(),
@@ -108,13 +112,16 @@ fn message_inputs(dir: &std::path::Path) -> anyhow::Result<Vec<Value>> {
 }
 
 /// Latencies and throughput of one case.
-struct Stats {
-    latencies_ns: Vec<u64>,
-    elapsed: Duration,
+pub(crate) struct Stats {
+    /// One entry per completed request.
+    pub(crate) latencies_ns: Vec<u64>,
+    /// Wall time of the case.
+    pub(crate) elapsed: Duration,
 }
 
 impl Stats {
-    fn print(mut self, name: &str, threads: usize) {
+    /// Prints one row: name, threads (or clients), p50, p99, rate.
+    pub(crate) fn print(mut self, name: &str, threads: usize) {
         self.latencies_ns.sort_unstable();
         let pick = |q: f64| {
             let n = self.latencies_ns.len();
@@ -136,7 +143,11 @@ impl Stats {
 }
 
 fn micros(ns: u64) -> String {
-    format!("{:.1} µs", ns as f64 / 1000.0)
+    if ns >= 10_000_000 {
+        format!("{:.1} ms", ns as f64 / 1e6)
+    } else {
+        format!("{:.1} µs", ns as f64 / 1000.0)
+    }
 }
 
 fn with_fresh_id(input: &Value, id: u64) -> Value {
