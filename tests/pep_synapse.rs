@@ -352,6 +352,32 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
             &path,
         );
     }
+    // Synapse's other forms of the same endpoints: POST without a txnId, the api/v1 prefix.
+    for path in [
+        format!("/_matrix/client/v3/rooms/{room}/send/com.example.secret"),
+        format!("/_matrix/client/api/v1/rooms/{room}/send/com.example.secret"),
+    ] {
+        let answer = alice.post(&path, json!({"body": "leak"})).await;
+        assert_forbidden(
+            &answer,
+            "event type 'com.example.secret' is not allowed",
+            &path,
+        );
+    }
+    let answer = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/invite/txn-1"),
+            json!({"user_id": "@eve:evil.example"}),
+        )
+        .await;
+    assert_forbidden(&answer, "invitee domain", "PUT invite with a txnId");
+    let answer = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/upgrade"),
+            json!({"new_version": "10"}),
+        )
+        .await;
+    assert_forbidden(&answer, "not supported through msgnode", "room upgrade");
     let (_, messages) = alice
         .get(&format!(
             "/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"
@@ -403,6 +429,22 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
         .post(&format!("/_matrix/client/v3/join/{room}"), json!({}))
         .await;
     assert_forbidden(&answer, "is blocked", "blocked user's join");
+    let answer = mallory
+        .put(&format!("/_matrix/client/v3/join/{room}/txn-1"), json!({}))
+        .await;
+    assert_forbidden(
+        &answer,
+        "is blocked",
+        "blocked user's join, PUT with a txnId",
+    );
+    let answer = mallory
+        .post(&format!("/_matrix/client/v3/rooms/{room}/join"), json!({}))
+        .await;
+    assert_forbidden(
+        &answer,
+        "is blocked",
+        "blocked user's join via /rooms/…/join",
+    );
 
     // Tokens: none → 401 from the proxy; a wrong one → the homeserver's own 401.
     let anonymous = as_user(String::new());

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::error::MatrixError;
 use super::homeserver::Homeserver;
-use super::route::{classify, Intercepted};
+use super::route::{classify, Intercepted, MembershipAction};
 use crate::config::{PdpFailure, PepConfig};
 use crate::pdp::Pdp;
 
@@ -225,6 +225,15 @@ async fn decide(
     endpoint: &Intercepted,
 ) -> Result<(Request, String), (&'static str, Response)> {
     let rejected = |error: MatrixError| ("rejected", error.into_response());
+    if let Intercepted::Unsupported { what } = endpoint {
+        return Err((
+            "denied",
+            MatrixError::forbidden(format!(
+                "{what} is not supported through msgnode: it would create room events no policy has decided"
+            ))
+            .into_response(),
+        ));
+    }
     let Some(caller) = caller(&request) else {
         return Err(rejected(MatrixError::new(
             StatusCode::UNAUTHORIZED,
@@ -351,15 +360,34 @@ async fn inputs_for(
             content["redacts"] = json!(event_id);
             vec![event(room_id, "m.room.redaction", None, &content)]
         }
-        Intercepted::Invite { room_id } => {
+        Intercepted::Membership {
+            room_id, action, ..
+        } => {
             let target = content.get("user_id").and_then(Value::as_str).unwrap_or("");
-            let members = state
-                .homeserver
-                .joined_members(room_id, &caller.token, caller.user_id.as_deref())
-                .await;
-            vec![membership(room_id, "invite", target, &members)]
+            // As the membership the room will record: a kick and an unban make the target
+            // `leave`; policies tell a kick from a leave by sender != target.
+            let (change, target) = match action {
+                MembershipAction::Invite => ("invite", target),
+                MembershipAction::Join => ("join", sender),
+                MembershipAction::Leave => ("leave", sender),
+                MembershipAction::Kick | MembershipAction::Unban => ("leave", target),
+                MembershipAction::Ban => ("ban", target),
+            };
+            let members = match action {
+                MembershipAction::Join | MembershipAction::Leave => Vec::new(),
+                _ => {
+                    state
+                        .homeserver
+                        .joined_members(room_id, &caller.token, caller.user_id.as_deref())
+                        .await
+                }
+            };
+            vec![membership(room_id, change, target, &members)]
         }
         Intercepted::Join { room, .. } => vec![membership(room, "join", sender, &[])],
+        Intercepted::Knock { room } => vec![membership(room, "knock", sender, &[])],
+        // Refused before inputs are built (see `decide`).
+        Intercepted::Unsupported { .. } => Vec::new(),
         Intercepted::CreateRoom => {
             let creator = [sender.to_string()];
             let mut inputs: Vec<Value> = content

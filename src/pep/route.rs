@@ -1,25 +1,74 @@
 //! Which client-server requests the proxy must decide, recognised from the path.
 //!
 //! The path is split into segments, empty segments (double and trailing slashes) dropped and
-//! each segment percent-decoded; any API version (`r0`, `v3`, `unstable`, …) is accepted.
-//! So every spelling of one endpoint classifies the same. An intercepted request is forwarded
-//! with the canonical path rebuilt from the decoded segments ([`Intercepted::canonical_path`]),
-//! so the homeserver executes exactly what the policy decided on.
+//! each segment percent-decoded; any API version (`r0`, `v3`, `unstable`, and the legacy
+//! two-segment `api/v1`) is accepted. So every spelling of one endpoint classifies the same.
+//! Both of Synapse's forms of transactional endpoints are recognised (`PUT …/{txnId}` and
+//! `POST …` without one). An intercepted request is forwarded with the canonical path
+//! rebuilt from the decoded segments ([`Intercepted::canonical_path`]), so the homeserver
+//! executes exactly what the policy decided on.
+//!
+//! Fail closed: a write (`PUT`/`POST`/`DELETE`) under `/rooms/{roomId}/` that is neither
+//! decided here nor known to create no room event (typing, receipts, read markers, reports,
+//! forget) is [`Intercepted::Unsupported`] and refused.
 
 use axum::http::Method;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 
+/// A membership change through `/rooms/{roomId}/{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipAction {
+    /// `invite`
+    Invite,
+    /// `join`
+    Join,
+    /// `leave`
+    Leave,
+    /// `kick`
+    Kick,
+    /// `ban`
+    Ban,
+    /// `unban`
+    Unban,
+}
+
+impl MembershipAction {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "invite" => Self::Invite,
+            "join" => Self::Join,
+            "leave" => Self::Leave,
+            "kick" => Self::Kick,
+            "ban" => Self::Ban,
+            "unban" => Self::Unban,
+            _ => return None,
+        })
+    }
+
+    /// The path segment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invite => "invite",
+            Self::Join => "join",
+            Self::Leave => "leave",
+            Self::Kick => "kick",
+            Self::Ban => "ban",
+            Self::Unban => "unban",
+        }
+    }
+}
+
 /// An endpoint that creates traffic or changes who hears it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intercepted {
-    /// `PUT /rooms/{roomId}/send/{eventType}/{txnId}`
+    /// `PUT /rooms/{roomId}/send/{eventType}/{txnId}` or `POST /rooms/{roomId}/send/{eventType}`
     Send {
         /// Room.
         room_id: String,
         /// Event type.
         event_type: String,
-        /// Transaction id.
-        txn_id: String,
+        /// Transaction id (`None`: the POST form).
+        txn_id: Option<String>,
     },
     /// `PUT /rooms/{roomId}/state/{eventType}[/{stateKey}]`
     State {
@@ -30,26 +79,35 @@ pub enum Intercepted {
         /// State key (empty when absent).
         state_key: String,
     },
-    /// `PUT /rooms/{roomId}/redact/{eventId}/{txnId}`
+    /// `PUT /rooms/{roomId}/redact/{eventId}/{txnId}` or `POST /rooms/{roomId}/redact/{eventId}`
     Redact {
         /// Room.
         room_id: String,
         /// Redacted event.
         event_id: String,
-        /// Transaction id.
-        txn_id: String,
+        /// Transaction id (`None`: the POST form).
+        txn_id: Option<String>,
     },
-    /// `POST /rooms/{roomId}/invite`
-    Invite {
+    /// `POST /rooms/{roomId}/{action}` or `PUT /rooms/{roomId}/{action}/{txnId}`
+    Membership {
         /// Room.
         room_id: String,
+        /// invite, join, leave, kick, ban, unban.
+        action: MembershipAction,
+        /// Transaction id (`None`: the POST form).
+        txn_id: Option<String>,
     },
-    /// `POST /join/{roomIdOrAlias}` or `POST /rooms/{roomId}/join`
+    /// `POST /join/{roomIdOrAlias}` or `PUT /join/{roomIdOrAlias}/{txnId}`
     Join {
         /// Room id or alias, as given.
         room: String,
-        /// Which spelling was used (`/join/…` or `/rooms/…/join`).
-        via_rooms: bool,
+        /// Transaction id (`None`: the POST form).
+        txn_id: Option<String>,
+    },
+    /// `POST /knock/{roomIdOrAlias}`
+    Knock {
+        /// Room id or alias, as given.
+        room: String,
     },
     /// `POST /createRoom`
     CreateRoom,
@@ -59,6 +117,11 @@ pub enum Intercepted {
         event_type: String,
         /// Transaction id.
         txn_id: String,
+    },
+    /// A write under `/rooms/{roomId}/` msgnode does not decide yet (e.g. `upgrade`): refused.
+    Unsupported {
+        /// What it is, for the error message.
+        what: String,
     },
 }
 
@@ -80,6 +143,10 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'^')
     .add(b'|');
 
+/// Room endpoints that write but create no room event: passed through.
+const ROOM_WRITES_WITHOUT_EVENTS: [&str; 5] =
+    ["typing", "receipt", "read_markers", "report", "forget"];
+
 /// Classifies a client-server path; `None` means pass through untouched.
 pub fn classify(method: &Method, raw_path: &str) -> Option<Intercepted> {
     let segments: Vec<String> = raw_path
@@ -87,109 +154,138 @@ pub fn classify(method: &Method, raw_path: &str) -> Option<Intercepted> {
         .filter(|s| !s.is_empty())
         .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
         .collect();
-    let rest = match segments.as_slice() {
-        [m, c, _version, rest @ ..] if m == "_matrix" && c == "client" => rest,
+    let strs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let rest = match strs.as_slice() {
+        ["_matrix", "client", "api", "v1", rest @ ..] => rest,
+        ["_matrix", "client", _version, rest @ ..] => rest,
         _ => return None,
     };
-    let strs: Vec<&str> = rest.iter().map(String::as_str).collect();
     let put = method == Method::PUT;
     let post = method == Method::POST;
+    let write = put || post || method == Method::DELETE;
     let owned = |s: &str| s.to_string();
-    match strs.as_slice() {
-        ["rooms", room, "send", event_type, txn] if put => Some(Intercepted::Send {
+    let txn = |s: &str| Some(s.to_string());
+    Some(match rest {
+        ["rooms", room, "send", event_type, id] if put => Intercepted::Send {
             room_id: owned(room),
             event_type: owned(event_type),
-            txn_id: owned(txn),
-        }),
-        ["rooms", room, "state", event_type] if put => Some(Intercepted::State {
+            txn_id: txn(id),
+        },
+        ["rooms", room, "send", event_type] if post => Intercepted::Send {
+            room_id: owned(room),
+            event_type: owned(event_type),
+            txn_id: None,
+        },
+        ["rooms", room, "state", event_type] if put => Intercepted::State {
             room_id: owned(room),
             event_type: owned(event_type),
             state_key: String::new(),
-        }),
-        ["rooms", room, "state", event_type, state_key] if put => Some(Intercepted::State {
+        },
+        ["rooms", room, "state", event_type, state_key] if put => Intercepted::State {
             room_id: owned(room),
             event_type: owned(event_type),
             state_key: owned(state_key),
-        }),
-        ["rooms", room, "redact", event_id, txn] if put => Some(Intercepted::Redact {
+        },
+        ["rooms", room, "redact", event_id, id] if put => Intercepted::Redact {
             room_id: owned(room),
             event_id: owned(event_id),
-            txn_id: owned(txn),
-        }),
-        ["rooms", room, "invite"] if post => Some(Intercepted::Invite {
+            txn_id: txn(id),
+        },
+        ["rooms", room, "redact", event_id] if post => Intercepted::Redact {
             room_id: owned(room),
-        }),
-        ["rooms", room, "join"] if post => Some(Intercepted::Join {
+            event_id: owned(event_id),
+            txn_id: None,
+        },
+        ["rooms", room, action] if post && MembershipAction::parse(action).is_some() => {
+            Intercepted::Membership {
+                room_id: owned(room),
+                action: MembershipAction::parse(action)?,
+                txn_id: None,
+            }
+        }
+        ["rooms", room, action, id] if put && MembershipAction::parse(action).is_some() => {
+            Intercepted::Membership {
+                room_id: owned(room),
+                action: MembershipAction::parse(action)?,
+                txn_id: txn(id),
+            }
+        }
+        ["join", room] if post => Intercepted::Join {
             room: owned(room),
-            via_rooms: true,
-        }),
-        ["join", room] if post => Some(Intercepted::Join {
+            txn_id: None,
+        },
+        ["join", room, id] if put => Intercepted::Join {
             room: owned(room),
-            via_rooms: false,
-        }),
-        ["createRoom"] if post => Some(Intercepted::CreateRoom),
-        ["sendToDevice", event_type, txn] if put => Some(Intercepted::SendToDevice {
+            txn_id: txn(id),
+        },
+        ["knock", room] if post => Intercepted::Knock { room: owned(room) },
+        ["createRoom"] if post => Intercepted::CreateRoom,
+        ["sendToDevice", event_type, id] if put => Intercepted::SendToDevice {
             event_type: owned(event_type),
-            txn_id: owned(txn),
-        }),
-        _ => None,
-    }
+            txn_id: owned(id),
+        },
+        ["rooms", _room, endpoint, ..]
+            if write && !ROOM_WRITES_WITHOUT_EVENTS.contains(endpoint) =>
+        {
+            Intercepted::Unsupported {
+                what: format!("{method} /rooms/…/{endpoint}"),
+            }
+        }
+        _ => return None,
+    })
 }
 
 impl Intercepted {
     /// The path the homeserver receives: `/_matrix/client/v3/…` from the decoded segments.
     pub fn canonical_path(&self) -> String {
         let enc = |s: &str| utf8_percent_encode(s, SEGMENT).to_string();
+        let with_txn = |base: String, txn: &Option<String>| match txn {
+            Some(id) => format!("{base}/{}", enc(id)),
+            None => base,
+        };
         let tail = match self {
             Intercepted::Send {
                 room_id,
                 event_type,
                 txn_id,
-            } => {
-                format!(
-                    "rooms/{}/send/{}/{}",
-                    enc(room_id),
-                    enc(event_type),
-                    enc(txn_id)
-                )
-            }
+            } => with_txn(
+                format!("rooms/{}/send/{}", enc(room_id), enc(event_type)),
+                txn_id,
+            ),
             Intercepted::State {
                 room_id,
                 event_type,
                 state_key,
-            } => {
-                format!(
-                    "rooms/{}/state/{}/{}",
-                    enc(room_id),
-                    enc(event_type),
-                    enc(state_key)
-                )
-            }
+            } => format!(
+                "rooms/{}/state/{}/{}",
+                enc(room_id),
+                enc(event_type),
+                enc(state_key)
+            ),
             Intercepted::Redact {
                 room_id,
                 event_id,
                 txn_id,
-            } => {
-                format!(
-                    "rooms/{}/redact/{}/{}",
-                    enc(room_id),
-                    enc(event_id),
-                    enc(txn_id)
-                )
-            }
-            Intercepted::Invite { room_id } => format!("rooms/{}/invite", enc(room_id)),
-            Intercepted::Join {
-                room,
-                via_rooms: true,
-            } => format!("rooms/{}/join", enc(room)),
-            Intercepted::Join {
-                room,
-                via_rooms: false,
-            } => format!("join/{}", enc(room)),
+            } => with_txn(
+                format!("rooms/{}/redact/{}", enc(room_id), enc(event_id)),
+                txn_id,
+            ),
+            Intercepted::Membership {
+                room_id,
+                action,
+                txn_id,
+            } => with_txn(
+                format!("rooms/{}/{}", enc(room_id), action.as_str()),
+                txn_id,
+            ),
+            Intercepted::Join { room, txn_id } => with_txn(format!("join/{}", enc(room)), txn_id),
+            Intercepted::Knock { room } => format!("knock/{}", enc(room)),
             Intercepted::CreateRoom => "createRoom".to_string(),
             Intercepted::SendToDevice { event_type, txn_id } => {
                 format!("sendToDevice/{}/{}", enc(event_type), enc(txn_id))
             }
+            // Never forwarded; a path that cannot route anywhere, for completeness.
+            Intercepted::Unsupported { .. } => "unsupported".to_string(),
         };
         format!("/_matrix/client/v3/{tail}")
     }
@@ -198,13 +294,12 @@ impl Intercepted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Method;
 
     fn send() -> Intercepted {
         Intercepted::Send {
             room_id: "!r:localhost".into(),
             event_type: "m.room.message".into(),
-            txn_id: "t1".into(),
+            txn_id: Some("t1".into()),
         }
     }
 
@@ -214,6 +309,7 @@ mod tests {
             "/_matrix/client/v3/rooms/!r:localhost/send/m.room.message/t1",
             "/_matrix/client/r0/rooms/!r:localhost/send/m.room.message/t1",
             "/_matrix/client/unstable/rooms/!r:localhost/send/m.room.message/t1",
+            "/_matrix/client/api/v1/rooms/!r:localhost/send/m.room.message/t1",
             "/_matrix/client/v3/rooms/%21r%3Alocalhost/send/m.room.message/t1",
             "/_matrix/client/v3/rooms/!r:localhost/send/m%2Eroom%2Emessage/t1",
             "//_matrix//client/v3/rooms/!r:localhost/send/m.room.message/t1/",
@@ -224,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn other_endpoints_and_methods_pass_through() {
+    fn reads_and_event_free_writes_pass_through() {
         for (method, path) in [
             (
                 Method::GET,
@@ -236,6 +332,13 @@ mod tests {
                 Method::GET,
                 "/_matrix/client/v3/rooms/!r:localhost/messages",
             ),
+            (Method::PUT, "/_matrix/client/v3/rooms/!r:l/typing/@a:l"),
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:l/receipt/m.read/$e",
+            ),
+            (Method::POST, "/_matrix/client/v3/rooms/!r:l/read_markers"),
+            (Method::POST, "/_matrix/client/v3/rooms/!r:l/forget"),
             (Method::POST, "/_matrix/media/v3/upload"),
             (Method::GET, "/.well-known/matrix/client"),
         ] {
@@ -244,8 +347,22 @@ mod tests {
     }
 
     #[test]
-    fn intercepted_endpoints_are_recognised() {
+    fn both_forms_of_transactional_endpoints_are_recognised() {
+        let membership = |action, txn_id: Option<&str>| Intercepted::Membership {
+            room_id: "!r:l".into(),
+            action,
+            txn_id: txn_id.map(str::to_string),
+        };
         let cases = [
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:l/send/m.room.message",
+                Intercepted::Send {
+                    room_id: "!r:l".into(),
+                    event_type: "m.room.message".into(),
+                    txn_id: None,
+                },
+            ),
             (
                 Method::PUT,
                 "/_matrix/client/v3/rooms/!r:l/state/m.room.topic",
@@ -270,30 +387,74 @@ mod tests {
                 Intercepted::Redact {
                     room_id: "!r:l".into(),
                     event_id: "$e".into(),
-                    txn_id: "t".into(),
+                    txn_id: Some("t".into()),
+                },
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:l/redact/$e",
+                Intercepted::Redact {
+                    room_id: "!r:l".into(),
+                    event_id: "$e".into(),
+                    txn_id: None,
                 },
             ),
             (
                 Method::POST,
                 "/_matrix/client/v3/rooms/!r:l/invite",
-                Intercepted::Invite {
-                    room_id: "!r:l".into(),
-                },
+                membership(MembershipAction::Invite, None),
+            ),
+            (
+                Method::PUT,
+                "/_matrix/client/v3/rooms/!r:l/invite/t",
+                membership(MembershipAction::Invite, Some("t")),
             ),
             (
                 Method::POST,
                 "/_matrix/client/v3/rooms/!r:l/join",
-                Intercepted::Join {
-                    room: "!r:l".into(),
-                    via_rooms: true,
-                },
+                membership(MembershipAction::Join, None),
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:l/ban",
+                membership(MembershipAction::Ban, None),
+            ),
+            (
+                Method::PUT,
+                "/_matrix/client/v3/rooms/!r:l/kick/t",
+                membership(MembershipAction::Kick, Some("t")),
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:l/unban",
+                membership(MembershipAction::Unban, None),
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:l/leave",
+                membership(MembershipAction::Leave, None),
             ),
             (
                 Method::POST,
                 "/_matrix/client/v3/join/%23a:l",
                 Intercepted::Join {
                     room: "#a:l".into(),
-                    via_rooms: false,
+                    txn_id: None,
+                },
+            ),
+            (
+                Method::PUT,
+                "/_matrix/client/v3/join/%23a:l/t",
+                Intercepted::Join {
+                    room: "#a:l".into(),
+                    txn_id: Some("t".into()),
+                },
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/knock/!r:l",
+                Intercepted::Knock {
+                    room: "!r:l".into(),
                 },
             ),
             (
@@ -307,6 +468,20 @@ mod tests {
                 Intercepted::SendToDevice {
                     event_type: "m.room_key_request".into(),
                     txn_id: "t".into(),
+                },
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:l/upgrade",
+                Intercepted::Unsupported {
+                    what: "POST /rooms/…/upgrade".into(),
+                },
+            ),
+            (
+                Method::PUT,
+                "/_matrix/client/v3/rooms/!r:l/something_new/x",
+                Intercepted::Unsupported {
+                    what: "PUT /rooms/…/something_new".into(),
                 },
             ),
         ];
@@ -324,16 +499,34 @@ mod tests {
         let odd = Intercepted::Send {
             room_id: "!r/x:l".into(),
             event_type: "a b".into(),
-            txn_id: "t?1".into(),
+            txn_id: Some("t?1".into()),
         };
         assert_eq!(
             odd.canonical_path(),
             "/_matrix/client/v3/rooms/!r%2Fx:l/send/a%20b/t%3F1"
         );
+        let post_send = Intercepted::Send {
+            room_id: "!r:l".into(),
+            event_type: "m.room.message".into(),
+            txn_id: None,
+        };
+        assert_eq!(
+            post_send.canonical_path(),
+            "/_matrix/client/v3/rooms/!r:l/send/m.room.message"
+        );
         let alias = Intercepted::Join {
             room: "#a:l".into(),
-            via_rooms: false,
+            txn_id: None,
         };
         assert_eq!(alias.canonical_path(), "/_matrix/client/v3/join/%23a:l");
+        let kick = Intercepted::Membership {
+            room_id: "!r:l".into(),
+            action: MembershipAction::Kick,
+            txn_id: Some("t".into()),
+        };
+        assert_eq!(
+            kick.canonical_path(),
+            "/_matrix/client/v3/rooms/!r:l/kick/t"
+        );
     }
 }
