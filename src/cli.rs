@@ -62,6 +62,9 @@ pub struct RegistrationArgs {
     /// Localpart prefix of the exclusive virtual-user and alias namespace.
     #[arg(long, default_value = "_msgnode_")]
     pub prefix: String,
+    /// The homeserver's server name; the namespace covers its users only.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
 }
 
 /// Flags of `run` and `pdp`; each overrides the config file.

@@ -378,6 +378,65 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
         )
         .await;
     assert_forbidden(&answer, "not supported through msgnode", "room upgrade");
+    // Review findings, as regressions: an empty txnId is a txnId; a blocked user cannot create
+    // even a bare room; a non-object body is refused, not a crash; no admin API.
+    let answer = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/com.example.secret/"),
+            json!({"body": "leak"}),
+        )
+        .await;
+    assert_forbidden(
+        &answer,
+        "event type 'com.example.secret' is not allowed",
+        "empty txnId",
+    );
+    let answer = mallory
+        .post("/_matrix/client/v3/createRoom", json!({}))
+        .await;
+    assert_forbidden(&answer, "is blocked", "a blocked user's bare createRoom");
+    let (status, body) = alice
+        .call(
+            reqwest::Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{room}/redact/$x/t"),
+            Some(json!([])),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["errcode"]),
+        (400, &json!("M_NOT_JSON")),
+        "{body}"
+    );
+    let (status, _) = alice.get("/_synapse/admin/v1/server_version").await;
+    assert_eq!(status, 403);
+    // A second token (behind `Connection: authorization` and in the query) cannot make the
+    // homeserver act as someone other than the user the policy decided for.
+    let response = http
+        .put(format!(
+            "{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/two-tokens?access_token={}",
+            mallory.token
+        ))
+        .bearer_auth(&alice.token)
+        .header("connection", "authorization")
+        .json(&json!({"msgtype": "m.text", "body": "who sent this?"}))
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let sent: Value = response.json().await.unwrap_or(Value::Null);
+    if status == 200 {
+        let event_id = sent["event_id"].as_str().expect("event_id");
+        let (_, event) = alice
+            .get(&format!("/_matrix/client/v3/rooms/{room}/event/{event_id}"))
+            .await;
+        assert_eq!(
+            event["sender"],
+            json!("@alice:localhost"),
+            "executed as another user: {event}"
+        );
+    } else {
+        assert!(status >= 400, "{status} {sent}");
+    }
     let (_, messages) = alice
         .get(&format!(
             "/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"

@@ -16,6 +16,7 @@ pub fn run(command: AppserviceCommand) -> anyhow::Result<ExitCode> {
                 id: args.id,
                 url: args.url,
                 prefix: args.prefix,
+                server_name: args.server_name,
                 ..RegistrationSpec::default()
             };
             let generated = registration::generate(&spec);

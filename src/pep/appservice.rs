@@ -39,6 +39,8 @@ use crate::pdp::Pdp;
 
 /// Account-data type holding processed transaction ids.
 const TXN_ACCOUNT_DATA: &str = "org.msgnode.appservice.transactions";
+/// Largest transaction accepted (100 events × 64 KiB, with room to spare).
+const TRANSACTION_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// How many recent transaction ids are remembered (the homeserver retries the latest ones).
 const TXN_MEMORY: usize = 256;
 
@@ -55,7 +57,9 @@ pub struct Appservice {
     server_name: String,
     homeserver: Arc<Homeserver>,
     pdp: Pdp,
-    processed: Mutex<VecDeque<String>>,
+    /// Processed transaction ids; `None` until read from the homeserver (never overwrite a
+    /// record that could not be read).
+    processed: Mutex<Option<VecDeque<String>>>,
     redact_rooms: regex::RegexSet,
     /// A namespace user known to be joined to each room (learnt from pushed member events).
     agents: std::sync::Mutex<HashMap<String, String>>,
@@ -113,7 +117,7 @@ impl Appservice {
             server_name,
             homeserver,
             pdp,
-            processed: Mutex::new(VecDeque::new()),
+            processed: Mutex::new(None),
             redact_rooms,
             agents: std::sync::Mutex::new(HashMap::new()),
             transactions,
@@ -121,10 +125,11 @@ impl Appservice {
             redactions,
         };
         match appservice.load_processed().await {
-            Ok(ids) => *appservice.processed.lock().await = ids,
-            Err(why) => {
-                tracing::warn!(%why, "appservice: cannot read the transaction record; starting empty")
-            }
+            Ok(ids) => *appservice.processed.lock().await = Some(ids),
+            Err(why) => tracing::warn!(
+                %why,
+                "appservice: cannot read the transaction record yet; will retry before the first transaction"
+            ),
         }
         Ok(appservice)
     }
@@ -218,7 +223,21 @@ impl Appservice {
     }
 
     async fn on_transaction(&self, txn_id: &str, body: &Value) -> Result<(), MatrixError> {
-        let mut processed = self.processed.lock().await;
+        let mut guard = self.processed.lock().await;
+        if guard.is_none() {
+            let ids = self.load_processed().await.map_err(|why| {
+                tracing::warn!(%why, "appservice: cannot read the transaction record; the homeserver will retry");
+                MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "transaction record unavailable; retry")
+            })?;
+            *guard = Some(ids);
+        }
+        let Some(processed) = guard.as_mut() else {
+            return Err(MatrixError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "M_UNKNOWN",
+                "transaction record unavailable; retry",
+            ));
+        };
         if processed.iter().any(|id| id == txn_id) {
             self.transactions
                 .get_or_create(&OutcomeLabel {
@@ -229,9 +248,9 @@ impl Appservice {
         }
         let context = json!({"node": self.server_name, "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string()});
         for event in body["events"].as_array().into_iter().flatten() {
+            self.learn_agent(event);
             let sender = event["sender"].as_str().unwrap_or("");
             if sender == self.sender || self.owns_user(sender) {
-                self.learn_agent(event);
                 continue;
             }
             let mut matrix = json!({
@@ -252,12 +271,13 @@ impl Appservice {
                 self.redact(event, &reasons).await;
             }
         }
-        processed.push_back(txn_id.to_string());
-        while processed.len() > TXN_MEMORY {
-            processed.pop_front();
+        // Write the new record first; memory changes only once it is stored.
+        let mut record = processed.clone();
+        record.push_back(txn_id.to_string());
+        while record.len() > TXN_MEMORY {
+            record.pop_front();
         }
-        if let Err(why) = self.store_processed(&processed).await {
-            processed.pop_back();
+        if let Err(why) = self.store_processed(&record).await {
             tracing::warn!(%why, txn_id, "appservice: cannot record the transaction; the homeserver will retry it");
             return Err(MatrixError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -265,6 +285,7 @@ impl Appservice {
                 "cannot record the transaction; retry",
             ));
         }
+        *processed = record;
         self.transactions
             .get_or_create(&OutcomeLabel {
                 outcome: "processed",
@@ -389,6 +410,8 @@ pub fn router(appservice: Arc<Appservice>) -> Router {
         .route("/_matrix/app/v1/rooms/{alias}", get(room_query))
         .route("/rooms/{alias}", get(room_query))
         .route("/_matrix/app/v1/ping", post(ping))
+        // Synapse sends up to 100 events of up to 64 KiB per transaction.
+        .layer(axum::extract::DefaultBodyLimit::max(TRANSACTION_MAX_BYTES))
         .with_state(appservice)
 }
 

@@ -89,21 +89,21 @@ impl Homeserver {
         if let Ok(host) = HeaderValue::from_str(&self.authority) {
             parts.headers.insert(header::HOST, host);
         }
+        // The homeserver trusts X-Forwarded-For from us: it must name the real peer, never
+        // what the client claimed.
+        parts.headers.remove("x-forwarded-for");
+        parts.headers.remove("x-forwarded-proto");
         if let Some(addr) = client {
-            let forwarded = match parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prior) => format!("{prior}, {}", addr.ip()),
-                None => addr.ip().to_string(),
-            };
-            if let Ok(value) = HeaderValue::from_str(&forwarded) {
+            if let Ok(value) = HeaderValue::from_str(&addr.ip().to_string()) {
                 parts
                     .headers
                     .insert(HeaderName::from_static("x-forwarded-for"), value);
             }
         }
+        parts.headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();

@@ -118,6 +118,10 @@ async fn proxy(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
+    if is_admin_api(request.uri().path()) {
+        return MatrixError::forbidden("the homeserver's admin API is not served through msgnode")
+            .into_response();
+    }
     if is_appservice_api(request.uri().path()) {
         // The homeserver pushes to msgnode here; it must never be forwarded back to it.
         return MatrixError::new(
@@ -137,6 +141,21 @@ async fn proxy(
         }
         Some(endpoint) => enforce(&state, request, &endpoint, client).await,
     }
+}
+
+/// `/_synapse/admin/…`: the homeserver's admin API, never exposed through the proxy.
+fn is_admin_api(path: &str) -> bool {
+    let first: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .take(2)
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    first == ["_synapse", "admin"]
 }
 
 /// `/_matrix/app/…` and the legacy unprefixed `/transactions`, `/users`, `/rooms` pushes.
@@ -173,6 +192,10 @@ fn caller(request: &Request) -> Option<Caller> {
         .find(|(k, _)| k == "user_id")
         .map(|(_, v)| v.clone());
     Some(Caller { token, user_id })
+}
+
+fn form_encode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 fn url_pairs(query: &str) -> Vec<(String, String)> {
@@ -267,7 +290,21 @@ async fn decide(
             ))
         })?
     };
+    if !content.is_object() {
+        return Err(rejected(MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            "body must be a JSON object",
+        )));
+    }
     let inputs = inputs_for(state, endpoint, &sender, &content, &caller).await;
+    if inputs.is_empty() {
+        // Every intercepted request yields at least one input; none means a gap: refuse.
+        return Err((
+            "denied",
+            MatrixError::forbidden("nothing in this request could be decided").into_response(),
+        ));
+    }
     for input in inputs {
         let decision = state.pdp.decide(input);
         if decision.allow {
@@ -292,11 +329,40 @@ async fn decide(
         };
         return Err((refusal.0, refusal.1.into_response()));
     }
+    // Forward exactly what was decided: the canonical path, the decided token (no second
+    // token in the query or behind a `Connection` header), the query re-encoded from what
+    // was parsed (the homeserver also splits on `;`), and the body as the JSON it was read as.
+    let mut parts = parts;
     let mut path_and_query = endpoint.canonical_path();
-    if let Some(query) = parts.uri.query() {
+    let query: Vec<String> = parts
+        .uri
+        .query()
+        .map(url_pairs)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k != "access_token")
+        .map(|(k, v)| format!("{}={}", form_encode(&k), form_encode(&v)))
+        .collect();
+    if !query.is_empty() {
         path_and_query.push('?');
-        path_and_query.push_str(query);
+        path_and_query.push_str(&query.join("&"));
     }
+    let headers = &mut parts.headers;
+    headers.remove(header::CONNECTION);
+    headers.remove(header::AUTHORIZATION);
+    let bearer =
+        axum::http::HeaderValue::from_str(&format!("Bearer {}", caller.token)).map_err(|_| {
+            rejected(MatrixError::new(
+                StatusCode::UNAUTHORIZED,
+                "M_UNKNOWN_TOKEN",
+                "unusable access token",
+            ))
+        })?;
+    headers.insert(header::AUTHORIZATION, bearer);
+    headers.insert(
+        header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
     Ok((
         Request::from_parts(parts, Body::from(bytes)),
         path_and_query,
@@ -390,6 +456,15 @@ async fn inputs_for(
         Intercepted::Unsupported { .. } => Vec::new(),
         Intercepted::CreateRoom => {
             let creator = [sender.to_string()];
+            let mut derived = vec![membership("", "join", sender, &[])];
+            for (field, event_type, key) in [
+                ("name", "m.room.name", "name"),
+                ("topic", "m.room.topic", "topic"),
+            ] {
+                if let Some(value) = content.get(field) {
+                    derived.push(event("", event_type, Some(""), &json!({ key: value })));
+                }
+            }
             let mut inputs: Vec<Value> = content
                 .get("initial_state")
                 .and_then(Value::as_array)
@@ -415,7 +490,8 @@ async fn inputs_for(
                     .filter_map(Value::as_str)
                     .map(|invitee| membership("", "invite", invitee, &creator)),
             );
-            inputs
+            derived.extend(inputs);
+            derived
         }
         Intercepted::SendToDevice { event_type, .. } => vec![event("", event_type, None, content)],
     }
@@ -442,6 +518,20 @@ mod tests {
             "/",
         ] {
             assert!(!is_appservice_api(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn admin_api_is_recognised_in_any_spelling() {
+        for path in [
+            "/_synapse/admin/v1/join/!r:l",
+            "//_synapse/admin/v2/users",
+            "/%5Fsynapse/admin/v1/x",
+        ] {
+            assert!(is_admin_api(path), "{path}");
+        }
+        for path in ["/_synapse/client/pick_username", "/_matrix/client/v3/sync"] {
+            assert!(!is_admin_api(path), "{path}");
         }
     }
 

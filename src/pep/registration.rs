@@ -45,6 +45,9 @@ pub struct RegistrationSpec {
     pub sender_localpart: String,
     /// Prefix of the virtual users' and aliases' localparts (exclusive namespace).
     pub prefix: String,
+    /// The homeserver's server name: the namespace covers local users only, so a remote
+    /// user whose localpart happens to match is never mistaken for one of ours.
+    pub server_name: String,
 }
 
 impl Default for RegistrationSpec {
@@ -54,6 +57,7 @@ impl Default for RegistrationSpec {
             url: "http://127.0.0.1:8009".to_string(),
             sender_localpart: "_msgnode".to_string(),
             prefix: "_msgnode_".to_string(),
+            server_name: "localhost".to_string(),
         }
     }
 }
@@ -70,9 +74,10 @@ fn token() -> String {
 /// A new registration with fresh random tokens.
 pub fn generate(spec: &RegistrationSpec) -> Registration {
     let prefix = regex_escape(&spec.prefix);
+    let server = regex_escape(&spec.server_name);
     let mut namespaces = Namespaces::new();
-    namespaces.users = vec![Namespace::new(true, format!("@{prefix}.*"))];
-    namespaces.aliases = vec![Namespace::new(true, format!("#{prefix}.*"))];
+    namespaces.users = vec![Namespace::new(true, format!("@{prefix}.*:{server}"))];
+    namespaces.aliases = vec![Namespace::new(true, format!("#{prefix}.*:{server}"))];
     let mut registration: Registration = RegistrationInit {
         id: spec.id.clone(),
         url: Some(spec.url.clone()),
@@ -162,7 +167,7 @@ mod tests {
         write(&registration, &path, false).expect("write");
         let back = read(&path).expect("read");
         assert_eq!(back.hs_token, registration.hs_token);
-        assert_eq!(back.namespaces.users[0].regex, "@_msgnode_.*");
+        assert_eq!(back.namespaces.users[0].regex, "@_msgnode_.*:localhost");
         assert!(back.namespaces.users[0].exclusive);
         assert_eq!(back.url.as_deref(), Some("http://127.0.0.1:8009"));
         assert_eq!(back.rate_limited, Some(false));

@@ -148,14 +148,33 @@ const ROOM_WRITES_WITHOUT_EVENTS: [&str; 5] =
     ["typing", "receipt", "read_markers", "report", "forget"];
 
 /// Classifies a client-server path; `None` means pass through untouched.
+///
+/// Two readings are tried: the homeserver's own (segments as they are, so an empty segment
+/// is an empty parameter such as a txnId `""`), then the collapsed one (empty segments
+/// dropped, so `//` and trailing slashes decide like the plain path). The request is
+/// intercepted if either reading names an intercepted endpoint.
 pub fn classify(method: &Method, raw_path: &str) -> Option<Intercepted> {
-    let segments: Vec<String> = raw_path
+    let decoded: Vec<String> = raw_path
         .split('/')
-        .filter(|s| !s.is_empty())
+        .skip(1)
         .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
         .collect();
-    let strs: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let rest = match strs.as_slice() {
+    let exact: Vec<&str> = decoded.iter().map(String::as_str).collect();
+    let collapsed: Vec<&str> = exact.iter().copied().filter(|s| !s.is_empty()).collect();
+    let specific = |c: &Option<Intercepted>| matches!(c, Some(e) if !matches!(e, Intercepted::Unsupported { .. }));
+    let as_read = classify_segments(method, &exact);
+    if specific(&as_read) {
+        return as_read;
+    }
+    let as_collapsed = classify_segments(method, &collapsed);
+    if specific(&as_collapsed) {
+        return as_collapsed;
+    }
+    as_read.or(as_collapsed)
+}
+
+fn classify_segments(method: &Method, strs: &[&str]) -> Option<Intercepted> {
+    let rest = match strs {
         ["_matrix", "client", "api", "v1", rest @ ..] => rest,
         ["_matrix", "client", _version, rest @ ..] => rest,
         _ => return None,
@@ -317,6 +336,42 @@ mod tests {
         ] {
             assert_eq!(classify(&Method::PUT, path), Some(send()), "{path}");
         }
+    }
+
+    #[test]
+    fn empty_segments_are_empty_parameters_as_the_homeserver_reads_them() {
+        let empty_txn = Intercepted::Send {
+            room_id: "!r:l".into(),
+            event_type: "m.room.message".into(),
+            txn_id: Some(String::new()),
+        };
+        assert_eq!(
+            classify(
+                &Method::PUT,
+                "/_matrix/client/v3/rooms/!r:l/send/m.room.message/"
+            ),
+            Some(empty_txn)
+        );
+        let empty_type = Intercepted::Send {
+            room_id: "!r:l".into(),
+            event_type: String::new(),
+            txn_id: Some("t".into()),
+        };
+        assert_eq!(
+            classify(&Method::PUT, "/_matrix/client/v3/rooms/!r:l/send//t"),
+            Some(empty_type)
+        );
+        let to_device = Intercepted::SendToDevice {
+            event_type: "m.room.encrypted".into(),
+            txn_id: String::new(),
+        };
+        assert_eq!(
+            classify(
+                &Method::PUT,
+                "/_matrix/client/v3/sendToDevice/m.room.encrypted/"
+            ),
+            Some(to_device)
+        );
     }
 
     #[test]
