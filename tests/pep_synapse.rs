@@ -92,6 +92,13 @@ impl Drop for Synapse {
     }
 }
 
+/// The status code of a sent request.
+async fn status_of(
+    request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+) -> u16 {
+    request.await.expect("send").status().as_u16()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -581,27 +588,12 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
     let hs_token = synapse.token("hs_token");
     let query = |path: String| http.get(appservice(&path)).bearer_auth(&hs_token).send();
     assert_eq!(
-        query("users/@_msgnode_watcher:localhost".into())
-            .await
-            .expect("send")
-            .status()
-            .as_u16(),
+        status_of(query("users/@_msgnode_watcher:localhost".into())).await,
         200
     );
+    assert_eq!(status_of(query("users/@alice:localhost".into())).await, 404);
     assert_eq!(
-        query("users/@alice:localhost".into())
-            .await
-            .expect("send")
-            .status()
-            .as_u16(),
-        404
-    );
-    assert_eq!(
-        query("rooms/%23nothing:localhost".into())
-            .await
-            .expect("send")
-            .status()
-            .as_u16(),
+        status_of(query("rooms/%23nothing:localhost".into())).await,
         404
     );
     let ping = http
@@ -707,30 +699,9 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
     let first = txn("t-1", None).await.expect("send");
     let status = first.status().as_u16();
     assert_eq!(status, 401, "{}", first.text().await.unwrap_or_default());
-    assert_eq!(
-        txn("t-1", Some("wrong"))
-            .await
-            .expect("send")
-            .status()
-            .as_u16(),
-        403
-    );
-    assert_eq!(
-        txn("t-1", Some(&hs_token))
-            .await
-            .expect("send")
-            .status()
-            .as_u16(),
-        200
-    );
-    assert_eq!(
-        txn("t-1", Some(&hs_token))
-            .await
-            .expect("send")
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(status_of(txn("t-1", Some("wrong"))).await, 403);
+    assert_eq!(status_of(txn("t-1", Some(&hs_token))).await, 200);
+    assert_eq!(status_of(txn("t-1", Some(&hs_token))).await, 200);
     let processed = "msgnode_pep_appservice_transactions_total{outcome=\"processed\"} ";
     let duplicate = "msgnode_pep_appservice_transactions_total{outcome=\"duplicate\"} ";
     assert_eq!(
@@ -742,14 +713,7 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
     assert!(before_restart >= 1);
     running.stop().await;
     let running = appservice_node(&synapse, policies.path().to_path_buf()).await;
-    assert_eq!(
-        txn("t-1", Some(&hs_token))
-            .await
-            .expect("send")
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(status_of(txn("t-1", Some(&hs_token))).await, 200);
     assert_eq!(
         metric(&http, &running, duplicate).await,
         1,

@@ -139,16 +139,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         pdp_config.token.clone(),
         pdp_config.max_body_bytes,
     );
-    let app = api::router(state);
-    let stop = shutdown.child_token();
-    tracker.spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "PDP API server failed");
-        }
-    });
+    spawn_server(
+        &tracker,
+        listener,
+        api::router(state),
+        shutdown.child_token(),
+        "PDP API",
+    );
     tracing::info!(%pdp_addr, "PDP API listening");
 
     Ok(Running {
@@ -192,18 +189,35 @@ async fn start_pep(
         .await
         .with_context(|| format!("cannot listen on {} ([pep] listen)", config.pep.listen))?;
     let addr = listener.local_addr()?;
+    spawn_server(
+        tracker,
+        listener,
+        app,
+        shutdown.child_token(),
+        "Matrix proxy",
+    );
+    tracing::info!(%addr, homeserver = %config.pep.homeserver, "Matrix proxy listening");
+    Ok(Some(addr))
+}
+
+/// Serves `app` on `listener` (with the peer address available to handlers) until `stop`,
+/// on a tracked task.
+fn spawn_server(
+    tracker: &TaskTracker,
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+    what: &'static str,
+) {
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    let stop = shutdown.child_token();
     tracker.spawn(async move {
         let served = axum::serve(listener, service)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         if let Err(error) = served {
-            tracing::error!(%error, "Matrix proxy failed");
+            tracing::error!(%error, "{what} server failed");
         }
     });
-    tracing::info!(%addr, homeserver = %config.pep.homeserver, "Matrix proxy listening");
-    Ok(Some(addr))
 }
 
 async fn shutdown_signal() {
