@@ -414,6 +414,20 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
         (400, &json!("M_NOT_JSON")),
         "{body}"
     );
+    let answer = mallory
+        .put(
+            "/_matrix/client/v3/profile/@mallory:localhost/displayname",
+            json!({"displayname": "Not Mallory"}),
+        )
+        .await;
+    assert_forbidden(&answer, "is blocked", "a blocked user's profile change");
+    let (status, body) = alice
+        .put(
+            "/_matrix/client/v3/profile/@alice:localhost/displayname",
+            json!({"displayname": "Alice"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     let (status, _) = alice.get("/_synapse/admin/v1/server_version").await;
     assert_eq!(status, 403);
     // A second token (behind `Connection: authorization` and in the query) cannot make the

@@ -452,6 +452,10 @@ async fn inputs_for(
         }
         Intercepted::Join { room, .. } => vec![membership(room, "join", sender, &[])],
         Intercepted::Knock { room } => vec![membership(room, "knock", sender, &[])],
+        // Decided once as the member event it becomes in each of the user's rooms (room "").
+        Intercepted::Profile { user_id, .. } => {
+            vec![event("", "m.room.member", Some(user_id), content)]
+        }
         // Refused before inputs are built (see `decide`).
         Intercepted::Unsupported { .. } => Vec::new(),
         Intercepted::CreateRoom => {

@@ -118,6 +118,14 @@ pub enum Intercepted {
         /// Transaction id.
         txn_id: String,
     },
+    /// `PUT /profile/{userId}/{field}`: the homeserver turns it into an `m.room.member`
+    /// event in every room the user is in.
+    Profile {
+        /// Whose profile.
+        user_id: String,
+        /// `displayname`, `avatar_url`, or another field.
+        field: String,
+    },
     /// A write under `/rooms/{roomId}/` msgnode does not decide yet (e.g. `upgrade`): refused.
     Unsupported {
         /// What it is, for the error message.
@@ -239,6 +247,10 @@ fn classify_segments(method: &Method, strs: &[&str]) -> Option<Intercepted> {
         },
         ["knock", room] if post => Intercepted::Knock { room: owned(room) },
         ["createRoom"] if post => Intercepted::CreateRoom,
+        ["profile", user, field] if put => Intercepted::Profile {
+            user_id: owned(user),
+            field: owned(field),
+        },
         ["sendToDevice", event_type, id] if put => Intercepted::SendToDevice {
             event_type: owned(event_type),
             txn_id: owned(id),
@@ -300,6 +312,9 @@ impl Intercepted {
             Intercepted::Join { room, txn_id } => with_txn(format!("join/{}", enc(room)), txn_id),
             Intercepted::Knock { room } => format!("knock/{}", enc(room)),
             Intercepted::CreateRoom => "createRoom".to_string(),
+            Intercepted::Profile { user_id, field } => {
+                format!("profile/{}/{}", enc(user_id), enc(field))
+            }
             Intercepted::SendToDevice { event_type, txn_id } => {
                 format!("sendToDevice/{}/{}", enc(event_type), enc(txn_id))
             }
@@ -543,6 +558,26 @@ mod tests {
         for (method, path, expected) in cases {
             assert_eq!(classify(&method, path), Some(expected), "{method} {path}");
         }
+    }
+
+    #[test]
+    fn profile_changes_are_intercepted() {
+        let expected = Intercepted::Profile {
+            user_id: "@a:l".into(),
+            field: "displayname".into(),
+        };
+        assert_eq!(
+            classify(&Method::PUT, "/_matrix/client/v3/profile/@a:l/displayname"),
+            Some(expected.clone())
+        );
+        assert_eq!(
+            expected.canonical_path(),
+            "/_matrix/client/v3/profile/@a:l/displayname"
+        );
+        assert_eq!(
+            classify(&Method::GET, "/_matrix/client/v3/profile/@a:l/displayname"),
+            None
+        );
     }
 
     #[test]
