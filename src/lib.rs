@@ -8,13 +8,14 @@
 //! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`,
 //!   `appservice registration`).
 //! - [`cli`] — the clap command line; [`config`] — `msgnode.toml` + `MSGNODE_*` overrides;
-//!   [`telemetry`] — process logging.
+//!   [`telemetry`] — process logging; [`http_auth`] — bearer tokens, read and compared once.
 //!
 //! `ARCHITECTURE.md` at the repository root maps the modules and the path of one decision.
 
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod http_auth;
 pub mod pdp;
 pub mod pep;
 pub mod telemetry;

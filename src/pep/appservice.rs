@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -30,11 +30,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use ruma::api::appservice::Registration;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use tokio::sync::Mutex;
 
 use super::error::MatrixError;
-use super::homeserver::Homeserver;
+use super::homeserver::{encode, with_user_id, Homeserver};
 use crate::pdp::Pdp;
 
 /// Account-data type holding processed transaction ids.
@@ -135,9 +134,10 @@ impl Appservice {
     }
 
     fn account_data_path(&self) -> String {
-        let user =
-            percent_encoding::utf8_percent_encode(&self.sender, percent_encoding::NON_ALPHANUMERIC);
-        format!("/_matrix/client/v3/user/{user}/account_data/{TXN_ACCOUNT_DATA}")
+        format!(
+            "/_matrix/client/v3/user/{}/account_data/{TXN_ACCOUNT_DATA}",
+            encode(&self.sender)
+        )
     }
 
     async fn load_processed(&self) -> Result<VecDeque<String>, String> {
@@ -188,29 +188,13 @@ impl Appservice {
         headers: &HeaderMap,
         query: &[(String, String)],
     ) -> Result<(), MatrixError> {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| {
-                query
-                    .iter()
-                    .find(|(k, _)| k == "access_token")
-                    .map(|(_, v)| v.as_str())
-            });
-        match presented {
+        match crate::http_auth::presented(headers, query) {
             None => Err(MatrixError::new(
                 StatusCode::UNAUTHORIZED,
                 "M_UNAUTHORIZED",
                 "missing hs_token",
             )),
-            Some(token)
-                if bool::from(
-                    token
-                        .as_bytes()
-                        .ct_eq(self.registration.hs_token.as_bytes()),
-                ) =>
-            {
+            Some(token) if crate::http_auth::token_matches(token, &self.registration.hs_token) => {
                 Ok(())
             }
             Some(_) => Err(MatrixError::forbidden("wrong hs_token")),
@@ -328,16 +312,15 @@ impl Appservice {
             .get(room)
             .cloned()
             .unwrap_or_else(|| self.sender.clone());
-        let enc = |s: &str| {
-            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-        };
         // Derived from the event, so a retried transaction does not redact twice.
-        let txn = format!("msgnode-redact-{}", enc(event_id));
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/redact/{}/{txn}?user_id={}",
-            enc(room),
-            enc(event_id),
-            enc(&agent)
+        let txn = format!("msgnode-redact-{}", encode(event_id));
+        let path = with_user_id(
+            format!(
+                "/_matrix/client/v3/rooms/{}/redact/{}/{txn}",
+                encode(room),
+                encode(event_id)
+            ),
+            Some(&agent),
         );
         let body = json!({"reason": format!("denied by policy: {reasons}")});
         let outcome = match self

@@ -131,14 +131,7 @@ impl Homeserver {
         if let Some(user) = self.whoami.get(&key) {
             return Ok(user);
         }
-        let mut path = "/_matrix/client/v3/account/whoami".to_string();
-        if let Some(user) = user_id {
-            path.push_str("?user_id=");
-            path.push_str(
-                &percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string(),
-            );
-        }
+        let path = with_user_id("/_matrix/client/v3/account/whoami".to_string(), user_id);
         let (status, body) = self.get_json(&path, token).await?;
         if !status.is_success() {
             return Err((status, axum::Json(body)).into_response());
@@ -166,16 +159,13 @@ impl Homeserver {
         token: &str,
         user_id: Option<&str>,
     ) -> Vec<String> {
-        let room =
-            percent_encoding::utf8_percent_encode(room_id, percent_encoding::NON_ALPHANUMERIC);
-        let mut path = format!("/_matrix/client/v3/rooms/{room}/joined_members");
-        if let Some(user) = user_id {
-            path.push_str("?user_id=");
-            path.push_str(
-                &percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string(),
-            );
-        }
+        let path = with_user_id(
+            format!(
+                "/_matrix/client/v3/rooms/{}/joined_members",
+                encode(room_id)
+            ),
+            user_id,
+        );
         match self.get_json(&path, token).await {
             Ok((status, body)) if status.is_success() => body
                 .get("joined")
@@ -237,6 +227,19 @@ impl Homeserver {
             .to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         Ok((status, body))
+    }
+}
+
+/// One path segment or query value, percent-encoded.
+pub fn encode(component: &str) -> String {
+    percent_encoding::utf8_percent_encode(component, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// `path` acting as `user_id` (appservice masquerading), when there is one.
+pub fn with_user_id(path: String, user_id: Option<&str>) -> String {
+    match user_id {
+        Some(user) => format!("{path}?user_id={}", encode(user)),
+        None => path,
     }
 }
 

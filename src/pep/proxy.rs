@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
 use super::error::MatrixError;
-use super::homeserver::Homeserver;
+use super::homeserver::{encode, Homeserver};
 use super::route::{classify, Intercepted, MembershipAction};
 use crate::config::{PdpFailure, PepConfig};
 use crate::pdp::Pdp;
@@ -175,27 +175,12 @@ struct Caller {
 
 fn caller(request: &Request) -> Option<Caller> {
     let query: Vec<(String, String)> = request.uri().query().map(url_pairs).unwrap_or_default();
-    let from_header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let token = from_header.or_else(|| {
-        query
-            .iter()
-            .find(|(k, _)| k == "access_token")
-            .map(|(_, v)| v.clone())
-    })?;
+    let token = crate::http_auth::presented(request.headers(), &query)?.to_string();
     let user_id = query
         .iter()
         .find(|(k, _)| k == "user_id")
         .map(|(_, v)| v.clone());
     Some(Caller { token, user_id })
-}
-
-fn form_encode(text: &str) -> String {
-    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 fn url_pairs(query: &str) -> Vec<(String, String)> {
@@ -341,7 +326,7 @@ async fn decide(
         .unwrap_or_default()
         .into_iter()
         .filter(|(k, _)| k != "access_token")
-        .map(|(k, v)| format!("{}={}", form_encode(&k), form_encode(&v)))
+        .map(|(k, v)| format!("{}={}", encode(&k), encode(&v)))
         .collect();
     if !query.is_empty() {
         path_and_query.push('?');

@@ -24,7 +24,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use subtle::ConstantTimeEq;
 
 use super::engine::EvalError;
 use super::{Pdp, PdpError};
@@ -200,13 +199,8 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
     let Some(expected) = state.token.as_deref() else {
         return next.run(request).await;
     };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+    let presented = crate::http_auth::bearer(request.headers()).unwrap_or("");
+    if crate::http_auth::token_matches(presented, expected) {
         next.run(request).await
     } else {
         ApiError::Unauthorized.into_response()
