@@ -2,7 +2,9 @@
 //! health, metrics and hot reload.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 use msgnode::cmd::run::{start, Running};
 use msgnode::config::Config;
@@ -100,20 +102,13 @@ fn write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
-/// Polls until `done` holds or 10 s pass; returns how long it took.
-async fn eventually<F, Fut>(mut done: F) -> Duration
+/// Polls until `done` holds (10 s at most); returns how long it took.
+async fn eventually<F, Fut>(done: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if done().await {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("condition not reached within 10 s");
+    common::eventually("condition", Duration::from_secs(10), done).await
 }
 
 #[tokio::test]

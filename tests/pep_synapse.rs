@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 use msgnode::cmd::run::{start, Running};
 use msgnode::config::{Config, PdpFailure};
@@ -215,19 +217,12 @@ fn assert_forbidden(answer: &(u16, Value), reason: &str, what: &str) {
     );
 }
 
-async fn eventually<F, Fut>(what: &str, mut done: F)
+async fn eventually<F, Fut>(what: &str, done: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if done().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within 30 s");
+    common::eventually(what, Duration::from_secs(30), done).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
