@@ -53,10 +53,6 @@ fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Er
 pub trait DecisionSink: Send + Sync {
     /// Records one decision.
     fn log(&self, record: DecisionRecord);
-    /// Records lost because the sink could not keep up.
-    fn dropped(&self) -> u64 {
-        0
-    }
     /// Whether records are wanted at all (lets the PDP skip building them).
     fn enabled(&self) -> bool {
         true
@@ -145,10 +141,6 @@ impl DecisionSink for JsonLinesSink {
                 self.dropped.inc();
             }
         }
-    }
-
-    fn dropped(&self) -> u64 {
-        self.dropped.get()
     }
 }
 

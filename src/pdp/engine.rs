@@ -308,21 +308,6 @@ impl CompiledBundle {
             .is_some_and(|f| f.query == path.as_query())
     }
 
-    /// Evaluates `path` on the interpreter even when it is the fast path (for comparisons).
-    ///
-    /// # Errors
-    /// As [`CompiledBundle::evaluate`].
-    pub fn evaluate_interpreted(
-        &self,
-        path: &DataPath,
-        input: Option<regorus::Value>,
-    ) -> Result<Option<serde_json::Value>, EvalError> {
-        let value = self
-            .interpret(path, input)
-            .map_err(|e| self.eval_error(e))?;
-        to_json(value)
-    }
-
     /// The bundle this was compiled from.
     pub fn bundle(&self) -> &Bundle {
         &self.bundle

@@ -304,16 +304,6 @@ impl Pdp {
             .clone()
     }
 
-    /// The schemas inputs are validated against.
-    pub fn schemas(&self) -> &Schemas {
-        &self.inner.schemas
-    }
-
-    /// Records lost by the decision log because it could not keep up.
-    pub fn decision_log_dropped(&self) -> u64 {
-        self.inner.sink.dropped()
-    }
-
     /// Evaluates `path` with `input` (validated against the schema bound to the path first),
     /// through the cache, and logs the decision on every exit path.
     ///
