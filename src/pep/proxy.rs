@@ -145,8 +145,12 @@ async fn proxy(
 
 /// `/_synapse/admin/…`: the homeserver's admin API, never exposed through the proxy.
 fn is_admin_api(path: &str) -> bool {
-    let first: Vec<String> = path
-        .split('/')
+    leading_segments(path) == ["_synapse", "admin"]
+}
+
+/// The first two non-empty path segments, percent-decoded (as `route::classify` reads them).
+fn leading_segments(path: &str) -> Vec<String> {
+    path.split('/')
         .filter(|s| !s.is_empty())
         .take(2)
         .map(|s| {
@@ -154,13 +158,13 @@ fn is_admin_api(path: &str) -> bool {
                 .decode_utf8_lossy()
                 .into_owned()
         })
-        .collect();
-    first == ["_synapse", "admin"]
+        .collect()
 }
 
 /// `/_matrix/app/…` and the legacy unprefixed `/transactions`, `/users`, `/rooms` pushes.
 fn is_appservice_api(path: &str) -> bool {
-    let first: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).take(2).collect();
+    let first = leading_segments(path);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
     matches!(
         first.as_slice(),
         ["_matrix", "app"] | ["transactions", ..] | ["users", ..] | ["rooms", ..]
@@ -495,6 +499,7 @@ mod tests {
         for path in [
             "/_matrix/app/v1/transactions/1",
             "//_matrix/app/v1/ping",
+            "/%5Fmatrix/app/v1/ping",
             "/transactions/1",
             "/users/@a:l",
             "/rooms/%23a:l",
