@@ -89,6 +89,20 @@ test_config_lowercase if {
 	every d in data.config.trusted_domains {
 		d == lower(d)
 	}
+	every d in data.config.anti_spoofing.bindable_foreign_domains {
+		d == lower(d)
+	}
+	every s in data.config.allocation.schemes {
+		s == lower(s)
+	}
+}
+
+# Every reTHINK message type, and the PING/PONG clients send, may pass.
+test_config_allowed_types_cover_rethink if {
+	rethink := {"create", "read", "update", "delete", "subscribe", "unsubscribe", "response", "forward", "execute", "ping", "pong"}
+	every t in rethink {
+		t in data.config.message.allowed_types
+	}
 }
 
 test_config_blocklist_is_large if {

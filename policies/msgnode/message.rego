@@ -166,3 +166,95 @@ int2(s) := to_number(t) if {
 	t := trim_left(s, "0")
 	t != ""
 }
+
+# Address allocation (data.config.allocation). For a `create` (allocate) or
+# `delete` (release) sent to one of this node's allocation components, the PEP
+# adds `input.allocation` = {action, scheme, number, held}: what the request
+# asks for, as the bus understood it, and how many addresses the runtime holds
+# already. Nothing here walks a list: `held` is a count.
+#
+# A release is only checked for its shape: refusing one for quota, size or
+# scheme would keep addresses bound that the runtime wants to give back.
+
+# The allocation components: the current one and the legacy pair.
+allocation_addresses := {concat("", ["domain://msg-node.", lower(input.context.node), "/", c]) |
+	some c in ["address-allocation", "hyperty-address-allocation", "object-address-allocation"]
+}
+
+# The destinations that make this message an allocation request.
+allocation_destinations contains to if {
+	msg_type in {"create", "delete"}
+	some to in destinations
+	trim_right(lower(to), "/") in allocation_addresses
+}
+
+# The allocation the PEP described (undefined when it described none).
+alloc := input.allocation if is_object(input.allocation)
+
+# Fail closed: an allocation request without its description would bypass
+# every quota.
+deny contains sprintf("allocation request to '%s' has no 'allocation' input", [to]) if {
+	some to in allocation_destinations
+	not alloc
+}
+
+deny contains sprintf("allocation action '%v' is not 'create' or 'delete'", [action]) if {
+	action := object.get(alloc, "action", null)
+	not action in {"create", "delete"}
+}
+
+deny contains sprintf("allocation action '%s' does not match message type '%s'", [alloc.action, raw_type]) if {
+	alloc.action in {"create", "delete"}
+	alloc.action != msg_type
+}
+
+deny contains sprintf("allocation number must be an integer of at least 1, got %v", [n]) if {
+	n := object.get(alloc, "number", null)
+	not positive_integer(n)
+}
+
+deny contains sprintf("allocation of %v addresses in one request is over the limit of %v per request", [alloc.number, max]) if {
+	alloc.action == "create"
+	max := data.config.allocation.max_per_request
+	is_number(alloc.number)
+	alloc.number > max
+}
+
+deny contains sprintf("allocation 'held' must be an integer of at least 0, got %v", [held]) if {
+	alloc.action == "create"
+	held := object.get(alloc, "held", null)
+	not count_value(held)
+}
+
+deny contains sprintf("allocation of %v addresses would make the runtime hold %v, over the limit of %v per runtime (it holds %v)", [n, alloc.held + n, max, alloc.held]) if {
+	alloc.action == "create"
+	max := data.config.allocation.max_addresses_per_runtime
+	n := alloc.number
+	is_number(n)
+	count_value(alloc.held)
+	alloc.held + n > max
+}
+
+deny contains "allocation has no 'scheme'" if {
+	alloc.action == "create"
+	not is_string(alloc.scheme)
+}
+
+deny contains sprintf("allocation scheme '%s' is not allowed (allowed: %s)", [alloc.scheme, concat(", ", schemes)]) if {
+	alloc.action == "create"
+	schemes := data.config.allocation.schemes
+	is_string(alloc.scheme)
+	not lower(alloc.scheme) in schemes
+}
+
+positive_integer(n) if {
+	is_number(n)
+	n >= 1
+	floor(n) == n
+}
+
+count_value(n) if {
+	is_number(n)
+	n >= 0
+	floor(n) == n
+}

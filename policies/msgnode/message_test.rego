@@ -200,3 +200,36 @@ test_hhmm if {
 	data.msgnode.message.hhmm("24:00") == 1440
 	data.msgnode.message.hhmm("19:05") == 1145
 }
+
+# Foreign addresses as return routes: a `from` of a domain listed in
+# anti_spoofing.bindable_foreign_domains passes anti-spoofing before the node
+# bound it; the domain must still be trusted.
+test_bindable_foreign_from_allowed if {
+	authz.decision == {"allow": true, "reasons": []} with input as base
+		with input.message.from as "hyperty://broker.example/agent"
+		with data.config.trusted_domains as ["broker.example"]
+		with data.config.anti_spoofing.bindable_foreign_domains as ["broker.example"]
+}
+
+test_foreign_from_not_bindable_denied if {
+	d := authz.decision with input as base
+		with input.message.from as "hyperty://broker.example/agent"
+		with data.config.trusted_domains as ["broker.example"]
+		with data.config.anti_spoofing.bindable_foreign_domains as ["other.example"]
+	d.reasons == ["sender 'hyperty://broker.example/agent' is not an address of this connection (spoofed 'from')"]
+}
+
+test_bindable_foreign_from_still_needs_trust if {
+	d := authz.decision with input as base
+		with input.message.from as "hyperty://broker.example/agent"
+		with data.config.trusted_domains as []
+		with data.config.anti_spoofing.bindable_foreign_domains as ["broker.example"]
+	d.reasons == ["sender 'hyperty://broker.example/agent' is not in a trusted domain"]
+}
+
+# Routed messages of every reTHINK type are decided; a hyperty answers with a
+# response (from = request.to, to = request.from).
+test_hyperty_response_allowed if {
+	authz.allow with input as base with input.message.type as "response"
+		with input.message.body as {"code": 200, "value": {"accepted": true}}
+}
