@@ -33,6 +33,8 @@ pub struct Config {
     pub pdp: PdpConfig,
     /// Matrix enforcement point (client-server proxy in front of the homeserver).
     pub pep: PepConfig,
+    /// reTHINK message bus (protocol stubs over WebSocket).
+    pub bus: BusConfig,
     /// Process logging (not decision logs).
     pub log: LogConfig,
 }
@@ -196,6 +198,112 @@ pub enum PdpFailure {
     Forbidden,
     /// 503 `M_UNKNOWN`, reason "policy unavailable".
     Unavailable,
+}
+
+/// `[bus]`: the reTHINK message bus.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// Start the bus.
+    pub enabled: bool,
+    /// Where protocol stubs connect (`ws://<listen>/ws`, also `/stub/connect`), and where
+    /// peer nodes post messages (`/bus/v1/messages`).
+    pub listen: SocketAddr,
+    /// The node's reTHINK domain; default: `[pep] server_name`.
+    pub domain: Option<String>,
+    /// `delivered`: deliver, then write history in the background; `persisted`: write the
+    /// history first, then deliver.
+    pub durability: Durability,
+    /// Largest WebSocket message accepted (larger → close code 1009).
+    pub max_frame_bytes: usize,
+    /// Messages queued for one socket before it counts as too slow (it is closed and resumes
+    /// from its inbox on reconnect).
+    pub outbound_queue: usize,
+    /// How long a new socket has to say who it is (connect frame or `open` message).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Network Server connectors: services that connect with a static token instead of a
+    /// Matrix access token.
+    pub network_servers: Vec<NetworkServer>,
+    /// Other domains' nodes: messages to their addresses are posted there.
+    pub peers: Vec<Peer>,
+    /// The domain registry.
+    pub registry: RegistryConfig,
+    /// Identity management: which asserted identities a user may use.
+    pub idm: IdmConfig,
+    /// History batching (`[bus.journal]`).
+    pub journal: crate::bus::journal::JournalConfig,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            domain: None,
+            durability: Durability::Delivered,
+            max_frame_bytes: 1024 * 1024,
+            outbound_queue: 8192,
+            handshake_timeout: Duration::from_secs(10),
+            network_servers: Vec::new(),
+            peers: Vec::new(),
+            registry: RegistryConfig::default(),
+            idm: IdmConfig::default(),
+            journal: Default::default(),
+        }
+    }
+}
+
+/// When a routed message is written to the history, relative to its delivery.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Deliver first; history follows within the journal's flush interval.
+    Delivered,
+    /// History first: a message is delivered only once the homeserver stored it.
+    Persisted,
+}
+
+/// `[[bus.network_servers]]`: a service connecting with a static token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkServer {
+    /// Its name (logs, policy input `subject.network_server`).
+    pub name: String,
+    /// The bearer token it presents.
+    pub token: String,
+}
+
+/// `[[bus.peers]]`: the node of another domain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its reTHINK domain.
+    pub domain: String,
+    /// Its bus base URL (`https://node.example`); messages are posted to `/bus/v1/messages`.
+    pub url: String,
+    /// Shared token, presented in both directions.
+    pub token: String,
+}
+
+/// `[bus.registry]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// A reTHINK domain registry's REST API; unset: the built-in registry (Matrix state).
+    pub url: Option<String>,
+}
+
+/// `[bus.idm]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdmConfig {
+    /// An identity provider endpoint that verifies assertions (`POST` with
+    /// `{user, identity, assertion}` → 200 `{identity}`); unset: the local validator.
+    pub url: Option<String>,
+    /// Local validator: Matrix user → identities (`user://idp/name`) it may assert. Every user
+    /// may always assert `user://<node domain>/<localpart>`.
+    pub identities: BTreeMap<String, Vec<String>>,
 }
 
 /// `[log]`: the process's own log (tracing).

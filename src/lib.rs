@@ -12,9 +12,11 @@
 //!
 //! `ARCHITECTURE.md` at the repository root maps the modules and the path of one decision.
 
+pub mod bus;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod connectors;
 pub mod http_auth;
 pub mod pdp;
 pub mod pep;

@@ -15,11 +15,13 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::{self, Bus, Persistence};
 use crate::cli::RunArgs;
 use crate::config::Config;
 use crate::pdp::api::{self, ApiState};
 use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink};
 use crate::pdp::{watcher, Pdp};
+use crate::pep::homeserver::Homeserver;
 use crate::pep::{self, proxy::PepState};
 
 /// How long in-flight requests get to finish after a shutdown signal.
@@ -31,6 +33,10 @@ pub struct Running {
     pub pdp_addr: SocketAddr,
     /// Where the Matrix proxy listens, when enabled.
     pub pep_addr: Option<SocketAddr>,
+    /// Where protocol stubs connect, when the bus is enabled.
+    pub bus_addr: Option<SocketAddr>,
+    /// The bus, when enabled.
+    pub bus: Option<Bus>,
     /// The decision point, for in-process callers.
     pub pdp: Pdp,
     shutdown: CancellationToken,
@@ -40,6 +46,9 @@ pub struct Running {
 impl Running {
     /// Stops every task and waits (up to the drain deadline) for them to finish.
     pub async fn stop(self) {
+        if let Some(bus) = &self.bus {
+            bus.flush().await;
+        }
         self.shutdown.cancel();
         self.tracker.close();
         if tokio::time::timeout(DRAIN_DEADLINE, self.tracker.wait())
@@ -73,6 +82,11 @@ pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(addr) = node.pep_addr {
             eprintln!(
                 "msgnode: Matrix client-server proxy on http://{addr}  (point Matrix clients here)"
+            );
+        }
+        if let Some(addr) = node.bus_addr {
+            eprintln!(
+                "msgnode: reTHINK message bus on ws://{addr}/ws  (protocol stubs connect here)"
             );
         }
         shutdown_signal().await;
@@ -128,7 +142,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.child_token(),
     ));
 
-    let pep_addr = start_pep(&config, &pdp, &mut registry, &shutdown, &tracker).await?;
+    let (pep_addr, homeserver) =
+        start_pep(&config, &pdp, &mut registry, &shutdown, &tracker).await?;
+    let (bus_addr, bus) = match config.bus.enabled {
+        true => {
+            let (addr, bus) = start_bus(
+                &config,
+                &pdp,
+                homeserver,
+                &mut registry,
+                &shutdown,
+                &tracker,
+            )
+            .await?;
+            (Some(addr), Some(bus))
+        }
+        false => (None, None),
+    };
     let listener = tokio::net::TcpListener::bind(pdp_config.listen)
         .await
         .with_context(|| format!("cannot listen on {} ([pdp] listen)", pdp_config.listen))?;
@@ -151,6 +181,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         pdp_addr,
         pep_addr,
+        bus_addr,
+        bus,
         pdp,
         shutdown,
         tracker,
@@ -158,16 +190,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 }
 
 /// Starts the Matrix proxy (and, with a registration, the appservice API on the same
-/// listener) when `[pep] enabled`.
+/// listener) when `[pep] enabled`; its address and homeserver client.
 async fn start_pep(
     config: &Config,
     pdp: &Pdp,
     registry: &mut Registry,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-) -> anyhow::Result<Option<SocketAddr>> {
+) -> anyhow::Result<(Option<SocketAddr>, Option<Arc<Homeserver>>)> {
     if !config.pep.enabled {
-        return Ok(None);
+        return Ok((None, None));
     }
     let state = PepState::new(pdp.clone(), config.pep.clone(), registry)?;
     let mut app = pep::proxy::router(state.clone());
@@ -197,7 +229,89 @@ async fn start_pep(
         "Matrix proxy",
     );
     tracing::info!(%addr, homeserver = %config.pep.homeserver, "Matrix proxy listening");
-    Ok(Some(addr))
+    Ok((Some(addr), Some(state.homeserver())))
+}
+
+/// Starts the reTHINK bus. With an appservice registration (`[pep] registration`) its history,
+/// inboxes and state live in the homeserver; without one, in memory only (with a warning).
+async fn start_bus(
+    config: &Config,
+    pdp: &Pdp,
+    homeserver: Option<Arc<Homeserver>>,
+    registry: &mut Registry,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<(SocketAddr, Bus)> {
+    let domain = config
+        .bus
+        .domain
+        .clone()
+        .unwrap_or_else(|| config.pep.server_name.clone());
+    let persistence = match &config.pep.registration {
+        Some(path) => {
+            let homeserver = match homeserver {
+                Some(h) => h,
+                None => Arc::new(Homeserver::new(
+                    &config.pep.homeserver,
+                    config.pep.whoami_ttl,
+                )?),
+            };
+            let registration = pep::registration::read(path)?;
+            let actor = Arc::new(pep::actor::Actor::new(
+                &registration,
+                &config.pep.server_name,
+                Arc::clone(&homeserver),
+            )?);
+            let journal = bus::journal::Journal::start(
+                Arc::clone(&actor),
+                config.bus.journal.clone(),
+                shutdown.child_token(),
+                tracker,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the bus journal room: {e}"))?;
+            let store = bus::store::Store::open(Arc::clone(&actor))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the bus state room: {e}"))?;
+            Persistence {
+                journal,
+                inbox: bus::inbox::Inbox::new(Arc::clone(&actor), shutdown.child_token(), tracker),
+                store,
+                actor: Some(actor),
+                homeserver: Some(homeserver),
+            }
+        }
+        None => {
+            tracing::warn!("bus without [pep] registration: history, inboxes and allocations are kept in memory only; only network-server tokens authenticate");
+            Persistence {
+                homeserver,
+                ..Persistence::memory()
+            }
+        }
+    };
+    let bus = Bus::start(
+        config.bus.clone(),
+        &domain,
+        pdp.clone(),
+        persistence,
+        registry,
+        shutdown,
+        tracker,
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(config.bus.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} ([bus] listen)", config.bus.listen))?;
+    let addr = listener.local_addr()?;
+    spawn_server(
+        tracker,
+        listener,
+        bus::session::router(bus.clone()),
+        shutdown.child_token(),
+        "bus",
+    );
+    tracing::info!(%addr, %domain, "reTHINK bus listening");
+    Ok((addr, bus))
 }
 
 /// Serves `app` on `listener` (with the peer address available to handlers) until `stop`,

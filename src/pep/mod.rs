@@ -11,6 +11,7 @@
 //! Still to come (issue #3): redacting pushed events the policy denies, acting as virtual
 //! users for the bus.
 
+pub mod actor;
 pub mod appservice;
 pub mod error;
 pub mod homeserver;

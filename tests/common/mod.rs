@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (each test binary uses some of them).
 #![allow(dead_code)]
 
+pub mod stub;
 pub mod synapse;
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,167 @@
+//! reTHINK addresses: the parts of a URL the node routes on, and the node's own well-known
+//! component addresses (`domain://msg-node.<D>/…`, the registry, IdM, `mn:/session`).
+
+/// The host of a `scheme://host[:port]/…` URL, lowercased, without port; `None` for URLs
+/// without an authority (`mn:/session`).
+pub fn domain(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    let host = host.split(':').next().unwrap_or("");
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// The scheme of a URL, lowercased.
+pub fn scheme(url: &str) -> Option<String> {
+    url.split_once(':')
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+}
+
+/// The address a sub-resource belongs to, one path segment at a time:
+/// `comm://d/x/changes` → `comm://d/x` → `None` (no path left to strip).
+pub fn parent(url: &str) -> Option<&str> {
+    let authority_end = url.find("://").map(|i| i + 3)?;
+    let path_start = url[authority_end..].find('/')? + authority_end;
+    let cut = url.rfind('/')?;
+    (cut > path_start).then(|| &url[..cut])
+}
+
+/// Which node component an address names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// `MN/address-allocation`: scheme from `body.scheme` (default `hyperty`).
+    Allocation,
+    /// Legacy `MN/hyperty-address-allocation`: always `hyperty`.
+    HypertyAllocation,
+    /// Legacy `MN/object-address-allocation`: scheme from `body.scheme`.
+    ObjectAllocation,
+    /// `MN/sm`: the subscription manager.
+    SubscriptionManager,
+    /// `domain://registry.<D>`: the registry connector.
+    Registry,
+    /// `domain://idm.<D>`: the identity-management connector.
+    Idm,
+    /// `mn:/session` (and the bare MN address): session messages (`open`, `close`, pings).
+    Session,
+}
+
+/// The well-known addresses of the node of domain `D`.
+#[derive(Debug, Clone)]
+pub struct NodeAddresses {
+    domain: String,
+    /// `domain://msg-node.<D>`.
+    pub node: String,
+    /// `domain://msg-node.<D>/sm`.
+    pub subscription_manager: String,
+    /// `domain://registry.<D>`.
+    pub registry: String,
+    /// `domain://idm.<D>`.
+    pub idm: String,
+}
+
+impl NodeAddresses {
+    /// The addresses of domain `domain`.
+    pub fn new(domain: &str) -> Self {
+        let domain = domain.to_ascii_lowercase();
+        let node = format!("domain://msg-node.{domain}");
+        Self {
+            subscription_manager: format!("{node}/sm"),
+            registry: format!("domain://registry.{domain}"),
+            idm: format!("domain://idm.{domain}"),
+            node,
+            domain,
+        }
+    }
+
+    /// The node's domain.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The component `to` names, if any.
+    pub fn component(&self, to: &str) -> Option<Component> {
+        if to == "mn:/session" || to == self.node {
+            return Some(Component::Session);
+        }
+        if let Some(path) = to.strip_prefix(self.node.as_str()) {
+            return match path.trim_end_matches('/') {
+                "/address-allocation" => Some(Component::Allocation),
+                "/hyperty-address-allocation" => Some(Component::HypertyAllocation),
+                "/object-address-allocation" => Some(Component::ObjectAllocation),
+                "/sm" => Some(Component::SubscriptionManager),
+                _ => None,
+            };
+        }
+        if to == self.registry || to.starts_with(&format!("{}/", self.registry)) {
+            return Some(Component::Registry);
+        }
+        if to == self.idm || to.starts_with(&format!("{}/", self.idm)) {
+            return Some(Component::Idm);
+        }
+        None
+    }
+
+    /// Whether `url` belongs to this node's domain (or one of its direct subdomains, such as
+    /// `msg-node.<D>`).
+    pub fn is_local(&self, url: &str) -> bool {
+        match domain(url) {
+            None => true,
+            Some(d) => {
+                d == self.domain
+                    || d.split_once('.')
+                        .is_some_and(|(_, parent)| parent == self.domain)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_and_parents() {
+        assert_eq!(
+            domain("hyperty://Localhost:8443/abc/changes").as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(domain("mn:/session"), None);
+        assert_eq!(parent("comm://d/x/changes"), Some("comm://d/x"));
+        assert_eq!(parent("comm://d/x"), None);
+        assert_eq!(parent("runtime://d/r/sm/a"), Some("runtime://d/r/sm"));
+        assert_eq!(scheme("HYPERTY://d/x").as_deref(), Some("hyperty"));
+    }
+
+    #[test]
+    fn components() {
+        let n = NodeAddresses::new("localhost");
+        assert_eq!(
+            n.component("domain://msg-node.localhost/address-allocation"),
+            Some(Component::Allocation)
+        );
+        assert_eq!(
+            n.component("domain://msg-node.localhost/hyperty-address-allocation"),
+            Some(Component::HypertyAllocation)
+        );
+        assert_eq!(
+            n.component("domain://msg-node.localhost/object-address-allocation"),
+            Some(Component::ObjectAllocation)
+        );
+        assert_eq!(
+            n.component("domain://msg-node.localhost/sm"),
+            Some(Component::SubscriptionManager)
+        );
+        assert_eq!(
+            n.component("domain://registry.localhost"),
+            Some(Component::Registry)
+        );
+        assert_eq!(n.component("domain://idm.localhost"), Some(Component::Idm));
+        assert_eq!(n.component("mn:/session"), Some(Component::Session));
+        assert_eq!(n.component("domain://msg-node.localhost/nothing"), None);
+        assert_eq!(n.component("hyperty://localhost/x"), None);
+        assert!(n.is_local("hyperty://localhost/x"));
+        assert!(n.is_local("domain://registry.localhost"));
+        assert!(!n.is_local("hyperty://other.example/x"));
+    }
+}

@@ -1,0 +1,246 @@
+//! The address-allocation components: `MN/address-allocation` and the legacy
+//! `MN/hyperty-address-allocation` and `MN/object-address-allocation`.
+//!
+//! `create` allocates `body.value.number` (default 1) addresses `<scheme>://<D>/<uuid>` under
+//! an allocation key (`body.value.allocationKey`, else a new one), binds them to the
+//! requesting runtime, registers the virtual Matrix user behind each, and stores the
+//! runtime's record before answering `200 {value: {allocated, allocationKey}}`. `delete`
+//! releases `body.childrenResources`, or the block under the key `body.resource`. The
+//! request is a policy decision too: the message's input carries `allocation`
+//! (`{action, scheme, number, held}`) so quotas and schemes are the policy's call.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::address::Component;
+use super::message::{BusError, Message};
+use super::router::Runtime;
+use super::{Bus, Connection};
+
+/// At most this many virtual users are registered at once for one request.
+const REGISTRATION_CONCURRENCY: usize = 8;
+
+/// A parsed allocation request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Allocate `number` addresses of `scheme`, under `key` when given.
+    Create {
+        /// Address scheme (`hyperty`, `comm`, …), lowercased.
+        scheme: String,
+        /// How many.
+        number: u64,
+        /// The allocation key the block is kept under.
+        key: Option<String>,
+    },
+    /// Release these addresses.
+    Release(Vec<String>),
+    /// Release the block under this key.
+    ReleaseKey(String),
+}
+
+impl Request {
+    /// Reads the request `message` makes of `component`.
+    ///
+    /// # Errors
+    /// 400 naming the missing or mistyped field.
+    pub fn parse(component: Component, message: &Message) -> Result<Request, BusError> {
+        let body = message.body();
+        let value = body.get("value");
+        if message.kind_is("create") {
+            let scheme = match component {
+                Component::HypertyAllocation => Some("hyperty"),
+                Component::ObjectAllocation => body.get("scheme").and_then(Value::as_str),
+                _ => body
+                    .get("scheme")
+                    .or_else(|| value.and_then(|v| v.get("scheme")))
+                    .and_then(Value::as_str)
+                    .or(Some("hyperty")),
+            }
+            .ok_or_else(|| BusError::BadRequest("object allocation needs body.scheme".into()))?
+            .to_ascii_lowercase();
+            if scheme.is_empty()
+                || !scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(BusError::BadRequest(format!("invalid scheme {scheme:?}")));
+            }
+            let number = match value.and_then(|v| v.get("number")) {
+                None | Some(Value::Null) => 1,
+                Some(n) => n.as_u64().ok_or_else(|| {
+                    BusError::BadRequest(format!(
+                        "body.value.number must be a positive integer, not {n}"
+                    ))
+                })?,
+            };
+            let key = value
+                .and_then(|v| v.get("allocationKey"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            return Ok(Request::Create {
+                scheme,
+                number,
+                key,
+            });
+        }
+        if message.kind_is("delete") {
+            if let Some(children) = message.body_strings("childrenResources")? {
+                if children.is_empty() {
+                    return Err(BusError::BadRequest(
+                        "body.childrenResources is empty".into(),
+                    ));
+                }
+                return Ok(Request::Release(children));
+            }
+            if let Some(key) = body.get("resource").and_then(Value::as_str) {
+                return Ok(Request::ReleaseKey(key.to_string()));
+            }
+            return Err(BusError::BadRequest(
+                "release needs body.childrenResources or body.resource (an allocation key)".into(),
+            ));
+        }
+        Err(BusError::BadRequest(format!(
+            "address allocation answers create and delete, not '{}'",
+            message.kind
+        )))
+    }
+
+    /// The policy input's `allocation` for a runtime holding `held` addresses.
+    pub fn input(&self, held: usize) -> Value {
+        match self {
+            Request::Create { scheme, number, .. } => {
+                json!({"action": "create", "scheme": scheme, "number": number, "held": held})
+            }
+            Request::Release(addresses) => {
+                json!({"action": "delete", "number": addresses.len(), "held": held})
+            }
+            Request::ReleaseKey(_) => json!({"action": "delete", "number": 1, "held": held}),
+        }
+    }
+}
+
+impl Bus {
+    /// Carries out an allowed allocation request.
+    pub(super) async fn allocate(
+        &self,
+        conn: &Connection,
+        message: &Message,
+        request: Request,
+    ) -> Result<String, BusError> {
+        let runtime = &conn.runtime;
+        match request {
+            Request::Create {
+                scheme,
+                number,
+                key,
+            } => {
+                let domain = self.inner.nodes.domain();
+                let addresses: Vec<String> = (0..number)
+                    .map(|_| format!("{scheme}://{domain}/{}", uuid::Uuid::new_v4()))
+                    .collect();
+                self.register_users(&addresses).await?;
+                let key = key.unwrap_or_else(|| format!("{}", uuid::Uuid::new_v4()));
+                let record = runtime.update(|r| {
+                    r.allocations
+                        .entry(key.clone())
+                        .or_default()
+                        .extend(addresses.iter().cloned());
+                });
+                if let Err(e) = self.persist(&runtime.url, &record).await {
+                    runtime.update(|r| {
+                        if let Some(block) = r.allocations.get_mut(&key) {
+                            block.retain(|a| !addresses.contains(a));
+                            if block.is_empty() {
+                                r.allocations.remove(&key);
+                            }
+                        }
+                    });
+                    return Err(e);
+                }
+                for address in &addresses {
+                    self.inner.table.bind(address, runtime);
+                }
+                self.inner.metrics.count("component");
+                tracing::debug!(runtime = %runtime.url, number, %scheme, "addresses allocated");
+                Ok(message.response(
+                    200,
+                    "allocated",
+                    Some(json!({"allocated": addresses, "allocationKey": key})),
+                ))
+            }
+            Request::Release(addresses) => {
+                let record = runtime.record();
+                if let Some(foreign) = addresses
+                    .iter()
+                    .find(|a| !record.allocations.values().flatten().any(|h| h == *a))
+                {
+                    return Err(BusError::Forbidden(format!(
+                        "'{foreign}' is not allocated to this runtime"
+                    )));
+                }
+                self.release_addresses(runtime, &addresses, None).await?;
+                Ok(message.response(200, "released", Some(json!({"released": addresses}))))
+            }
+            Request::ReleaseKey(key) => {
+                let addresses =
+                    runtime
+                        .record()
+                        .allocations
+                        .get(&key)
+                        .cloned()
+                        .ok_or_else(|| {
+                            BusError::NotFound(format!("no allocation under key '{key}'"))
+                        })?;
+                self.release_addresses(runtime, &addresses, Some(&key))
+                    .await?;
+                Ok(message.response(200, "released", Some(json!({"released": addresses}))))
+            }
+        }
+    }
+
+    async fn release_addresses(
+        &self,
+        runtime: &Arc<Runtime>,
+        addresses: &[String],
+        key: Option<&str>,
+    ) -> Result<(), BusError> {
+        let record = runtime.update(|r| {
+            if let Some(key) = key {
+                r.allocations.remove(key);
+            }
+            for block in r.allocations.values_mut() {
+                block.retain(|a| !addresses.contains(a));
+            }
+            r.allocations.retain(|_, block| !block.is_empty());
+        });
+        self.persist(&runtime.url, &record).await?;
+        for address in addresses {
+            self.inner.table.unbind(address, runtime);
+        }
+        self.inner.metrics.count("component");
+        Ok(())
+    }
+
+    /// Registers the virtual Matrix user behind each address (when the node has a homeserver).
+    async fn register_users(&self, addresses: &[String]) -> Result<(), BusError> {
+        let Some(actor) = &self.inner.persistence.actor else {
+            return Ok(());
+        };
+        for chunk in addresses.chunks(REGISTRATION_CONCURRENCY) {
+            let registrations = chunk.iter().map(|address| {
+                let actor = Arc::clone(actor);
+                let user = actor.virtual_user("addr", address);
+                async move { actor.ensure_user(&user).await }
+            });
+            for result in futures_util::future::join_all(registrations).await {
+                result.map_err(|e| {
+                    BusError::Unavailable(format!(
+                        "cannot register the addresses' Matrix users now: {e}"
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}

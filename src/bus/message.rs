@@ -1,0 +1,293 @@
+//! reTHINK messages as clients really send them: parsing with clear errors, the fields the
+//! node routes on, and response messages.
+//!
+//! A message is a JSON object with `id` (number or string, echoed back as sent), `type` (any
+//! string, compared case-insensitively), `from` (one URL), `to` (one URL or an array of URLs)
+//! and an optional `body` object. Everything else is carried through untouched: the node
+//! forwards the text it received, never a re-serialisation.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+/// Why a frame is not a message the node can act on. Each maps to one reTHINK response code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// Malformed input: not JSON, a missing or mistyped field (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The connection has not authenticated (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Refused: by policy, or not the sender's to use (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such address or component (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// A dependency (homeserver, peer, policy) cannot answer now (408, as reTHINK uses it).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl BusError {
+    /// The reTHINK response code (an HTTP status code).
+    pub fn code(&self) -> u16 {
+        match self {
+            BusError::BadRequest(_) => 400,
+            BusError::Unauthorized(_) => 401,
+            BusError::Forbidden(_) => 403,
+            BusError::NotFound(_) => 404,
+            BusError::Unavailable(_) => 408,
+            BusError::Internal(_) => 500,
+        }
+    }
+}
+
+/// A parsed reTHINK message: the routing fields, the JSON value, and the text it came as.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The frame as received: what is forwarded.
+    pub text: Arc<str>,
+    /// The whole message.
+    pub value: Value,
+    /// `id`, as sent (number or string).
+    pub id: Value,
+    /// `type`, as sent.
+    pub kind: String,
+    /// `from`.
+    pub from: String,
+    /// `to`, always as a list.
+    pub to: Vec<String>,
+}
+
+impl Message {
+    /// Parses one frame. The error is a 400 whose text says what is wrong; `id` is returned
+    /// with it when the frame had one, so the response can carry it.
+    pub fn parse(text: &str) -> Result<Message, (BusError, Value)> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| (BusError::BadRequest(format!("not JSON: {e}")), Value::Null))?;
+        Self::from_value(value, Some(Arc::from(text)))
+    }
+
+    /// Builds a message from a JSON value (its text is rendered when not given).
+    pub fn from_value(value: Value, text: Option<Arc<str>>) -> Result<Message, (BusError, Value)> {
+        let Value::Object(object) = &value else {
+            return Err((
+                BusError::BadRequest("a message must be a JSON object".into()),
+                Value::Null,
+            ));
+        };
+        let id = object.get("id").cloned().unwrap_or(Value::Null);
+        let bad = |what: String| Err((BusError::BadRequest(what), id.clone()));
+        match &id {
+            Value::Number(_) => {}
+            Value::String(s) if !s.is_empty() => {}
+            Value::Null => return bad("message has no 'id'".into()),
+            _ => return bad("'id' must be a number or a non-empty string".into()),
+        }
+        let kind = match object.get("type") {
+            Some(Value::String(t)) if !t.is_empty() => t.clone(),
+            Some(_) => return bad("'type' must be a non-empty string".into()),
+            None => return bad("message has no 'type'".into()),
+        };
+        let from = match object.get("from") {
+            Some(Value::String(f)) if is_url(f) => f.clone(),
+            Some(Value::String(f)) => return bad(format!("'from' is not a URL: {f:?}")),
+            Some(_) => return bad("'from' must be a URL string".into()),
+            None => return bad("message has no 'from'".into()),
+        };
+        let to = match object.get("to") {
+            Some(Value::String(t)) if is_url(t) => vec![t.clone()],
+            Some(Value::String(t)) => return bad(format!("'to' is not a URL: {t:?}")),
+            Some(Value::Array(items)) if !items.is_empty() => {
+                let mut to = Vec::with_capacity(items.len());
+                for item in items {
+                    match item.as_str() {
+                        Some(t) if is_url(t) => to.push(t.to_string()),
+                        _ => return bad(format!("every 'to' entry must be a URL, not {item}")),
+                    }
+                }
+                to
+            }
+            Some(Value::Array(_)) => return bad("'to' is an empty array".into()),
+            Some(_) => return bad("'to' must be a URL or an array of URLs".into()),
+            None => return bad("message has no 'to'".into()),
+        };
+        if let Some(body) = object.get("body") {
+            if !body.is_object() {
+                return bad("'body' must be an object".into());
+            }
+        }
+        let text = text.unwrap_or_else(|| Arc::from(value.to_string()));
+        Ok(Message {
+            text,
+            value,
+            id,
+            kind,
+            from,
+            to,
+        })
+    }
+
+    /// `type`, lowercased, for comparisons.
+    pub fn kind_is(&self, kind: &str) -> bool {
+        self.kind.eq_ignore_ascii_case(kind)
+    }
+
+    /// `body`, or an empty object.
+    pub fn body(&self) -> &Map<String, Value> {
+        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+        self.value
+            .get("body")
+            .and_then(Value::as_object)
+            .unwrap_or_else(|| EMPTY.get_or_init(Map::new))
+    }
+
+    /// A string array in `body` (e.g. `resources`), `None` when absent.
+    ///
+    /// # Errors
+    /// The field is present but is not an array of strings.
+    pub fn body_strings(&self, field: &str) -> Result<Option<Vec<String>>, BusError> {
+        match self.body().get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        BusError::BadRequest(format!("body.{field} must be an array of strings"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(Value::String(s)) => Ok(Some(vec![s.clone()])),
+            Some(_) => Err(BusError::BadRequest(format!(
+                "body.{field} must be an array of strings"
+            ))),
+        }
+    }
+
+    /// The response to this message: `from`/`to` swapped (the first `to` answers),
+    /// `body.code` and `body.description`, and `body.value` when given.
+    pub fn response(&self, code: u16, description: &str, value: Option<Value>) -> String {
+        response(
+            &self.id,
+            self.to.first().map(String::as_str).unwrap_or(""),
+            &self.from,
+            code,
+            description,
+            value,
+        )
+    }
+
+    /// The error response for `error`.
+    pub fn error_response(&self, error: &BusError) -> String {
+        self.response(error.code(), &error.to_string(), None)
+    }
+}
+
+/// A response message. `description` is also sent as `desc` (older stubs read that).
+pub fn response(
+    id: &Value,
+    from: &str,
+    to: &str,
+    code: u16,
+    description: &str,
+    value: Option<Value>,
+) -> String {
+    let mut body = json!({"code": code});
+    if !description.is_empty() {
+        body["description"] = json!(description);
+        body["desc"] = json!(description);
+    }
+    if let Some(value) = value {
+        body["value"] = value;
+    }
+    json!({"id": id, "type": "response", "from": from, "to": to, "body": body}).to_string()
+}
+
+/// Whether `s` looks like an absolute URL: a scheme, `:`, and something after it
+/// (`hyperty://d/x`, `mn:/session`, `domain://msg-node.d/sm`).
+pub fn is_url(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
+        && scheme.as_bytes()[0].is_ascii_alphabetic()
+        && !rest.is_empty()
+        && !s.chars().any(char::is_whitespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_clients_send() {
+        let m = Message::parse(r#"{"id":7,"type":"CREATE","from":"hyperty://d/a","to":["hyperty://d/b","hyperty://d/c"],"body":{"x":1},"extra":true}"#).unwrap();
+        assert_eq!(m.id, json!(7));
+        assert!(m.kind_is("create"));
+        assert_eq!(m.to, vec!["hyperty://d/b", "hyperty://d/c"]);
+        assert_eq!(m.body()["x"], 1);
+        let m = Message::parse(
+            r#"{"id":"a1","type":"ping","from":"runtime://d/r","to":"mn:/session"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.id, json!("a1"));
+        assert!(m.body().is_empty());
+    }
+
+    #[test]
+    fn says_what_is_wrong() {
+        let cases = [
+            ("{", "not JSON"),
+            ("[]", "JSON object"),
+            (r#"{"type":"x","from":"a:b","to":"a:c"}"#, "no 'id'"),
+            (
+                r#"{"id":true,"type":"x","from":"a:b","to":"a:c"}"#,
+                "'id' must be",
+            ),
+            (r#"{"id":1,"from":"a:b","to":"a:c"}"#, "no 'type'"),
+            (r#"{"id":1,"type":"x","to":"a:c"}"#, "no 'from'"),
+            (
+                r#"{"id":1,"type":"x","from":"nourl","to":"a:c"}"#,
+                "'from' is not a URL",
+            ),
+            (r#"{"id":1,"type":"x","from":"a:b"}"#, "no 'to'"),
+            (r#"{"id":1,"type":"x","from":"a:b","to":[]}"#, "empty array"),
+            (r#"{"id":1,"type":"x","from":"a:b","to":[1]}"#, "every 'to'"),
+            (
+                r#"{"id":1,"type":"x","from":"a:b","to":"a:c","body":[]}"#,
+                "'body' must be",
+            ),
+        ];
+        for (frame, expected) in cases {
+            let (error, _) = Message::parse(frame).unwrap_err();
+            assert_eq!(error.code(), 400);
+            assert!(error.to_string().contains(expected), "{frame}: {error}");
+        }
+        let (_, id) = Message::parse(r#"{"id":9,"type":"x","from":"a:b"}"#).unwrap_err();
+        assert_eq!(id, json!(9), "the id comes back with the error");
+    }
+
+    #[test]
+    fn response_swaps_and_echoes() {
+        let m = Message::parse(
+            r#"{"id":"7","type":"create","from":"hyperty://d/a","to":"hyperty://d/b"}"#,
+        )
+        .unwrap();
+        let r: Value = serde_json::from_str(&m.response(403, "Blocked by policy", None)).unwrap();
+        assert_eq!(r["id"], "7");
+        assert_eq!(r["type"], "response");
+        assert_eq!(r["from"], "hyperty://d/b");
+        assert_eq!(r["to"], "hyperty://d/a");
+        assert_eq!(r["body"]["code"], 403);
+        assert_eq!(r["body"]["description"], "Blocked by policy");
+    }
+}

@@ -1,0 +1,912 @@
+//! The reTHINK message bus: protocol stubs connect over WebSocket, get addresses allocated,
+//! exchange messages and subscribe to objects — every message and every subscription decided
+//! by the PDP first.
+//!
+//! - `session` — the WebSocket endpoint (End-User Device and Network Server connectors): the
+//!   three stub handshakes, authentication, one reader and one writer per socket; and the
+//!   peer endpoint other domains' nodes post to.
+//! - `message` — the message model, parsing with clear errors, responses.
+//! - `address` — URL parts and the node's component addresses.
+//! - `router` — address → runtime, and delivery (direct, or the inbox while away).
+//! - `allocation` — the address-allocation components.
+//! - `pubsub` — subscriptions and their fan-out.
+//! - `journal`, `inbox`, `store` — what is kept in Matrix: history of routed messages,
+//!   messages for runtimes that are away, and durable state (allocations, subscriptions,
+//!   registry).
+//!
+//! [`Bus::handle`] is the path of one message: components answer; everything else is decided
+//! (`kind: "message"`), checked against spoofing, routed to runtimes (direct or inbox),
+//! subscribers or a connector, and recorded in the journal.
+
+pub mod address;
+pub mod allocation;
+pub mod inbox;
+pub mod journal;
+pub mod message;
+pub mod pubsub;
+pub mod router;
+pub mod session;
+pub mod store;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::ws::Utf8Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{BusConfig, Durability};
+use crate::connectors::foreign::Foreign;
+use crate::connectors::idm::Idm;
+use crate::connectors::registry::{BuiltinRegistry, HttpRegistry};
+use crate::connectors::{Connector, Sender};
+use crate::pdp::{Decision, Pdp};
+use crate::pep::actor::Actor;
+use crate::pep::homeserver::Homeserver;
+use address::{Component, NodeAddresses};
+use inbox::Inbox;
+use journal::Journal;
+use message::{BusError, Message};
+use pubsub::{Subscriber, Subscriptions};
+use router::{Runtime, Table};
+use store::{RuntimeRecord, Store};
+
+/// How often the bus checks for a new policy revision to re-decide subscriptions.
+const REVISION_POLL: Duration = Duration::from_millis(100);
+
+/// Who a connection is, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A Matrix user (access token checked with the homeserver).
+    User(String),
+    /// A configured Network Server connector.
+    NetworkServer(String),
+    /// Another domain's node.
+    Peer(String),
+}
+
+/// One connected socket.
+pub struct Connection {
+    /// Unique per node run.
+    pub id: u64,
+    /// The runtime it speaks for.
+    pub runtime: Arc<Runtime>,
+    /// Who authenticated.
+    pub principal: Principal,
+    /// Its outbound queue (responses and deliveries).
+    pub tx: mpsc::Sender<Utf8Bytes>,
+    /// Cancelled when the socket must close (taken over, too slow, shutting down).
+    pub close: CancellationToken,
+    identity: Mutex<Option<String>>,
+}
+
+impl Connection {
+    fn user(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::User(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+struct BusMetrics {
+    messages: Family<OutcomeLabel, Counter>,
+    deliveries: Family<OutcomeLabel, Counter>,
+    connections: Gauge,
+    handle_seconds: Histogram,
+}
+
+impl BusMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            messages: Family::default(),
+            deliveries: Family::default(),
+            connections: Gauge::default(),
+            handle_seconds: Histogram::new([
+                0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
+                0.25,
+            ]),
+        };
+        registry.register(
+            "bus_messages",
+            "reTHINK messages received, by outcome",
+            metrics.messages.clone(),
+        );
+        registry.register(
+            "bus_deliveries",
+            "Deliveries to runtimes: direct to a socket, or queued in the inbox",
+            metrics.deliveries.clone(),
+        );
+        registry.register(
+            "bus_connections",
+            "Connected protocol stubs",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "bus_handle_duration_seconds",
+            "Time from a message read to its delivery (decision + routing)",
+            metrics.handle_seconds.clone(),
+        );
+        metrics
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.messages.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+}
+
+/// What the bus keeps in the homeserver (or, without one, in memory).
+pub struct Persistence {
+    /// History of routed messages.
+    pub journal: Journal,
+    /// Messages for runtimes that are away.
+    pub inbox: Inbox,
+    /// Durable state.
+    pub store: Store,
+    /// Acting as virtual users (registers the users behind allocated addresses).
+    pub actor: Option<Arc<Actor>>,
+    /// Checks Matrix access tokens.
+    pub homeserver: Option<Arc<Homeserver>>,
+}
+
+impl Persistence {
+    /// Everything in memory: nothing survives a restart; only Network Server tokens
+    /// authenticate.
+    pub fn memory() -> Self {
+        Self {
+            journal: Journal::memory(),
+            inbox: Inbox::memory(),
+            store: Store::memory(),
+            actor: None,
+            homeserver: None,
+        }
+    }
+}
+
+struct Inner {
+    config: BusConfig,
+    nodes: NodeAddresses,
+    pdp: Pdp,
+    table: Table,
+    subscriptions: Subscriptions,
+    persistence: Persistence,
+    registry: Box<dyn Connector>,
+    idm: Idm,
+    foreign: Foreign,
+    metrics: BusMetrics,
+    next_conn: AtomicU64,
+    next_id: AtomicU64,
+    /// Cancelled when the node stops: every socket closes.
+    shutdown: CancellationToken,
+}
+
+/// Handle to the bus; clones share everything.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+impl Bus {
+    /// Builds the bus for `domain`, restoring runtimes, allocations, subscriptions and
+    /// registry entries from the store, and starts re-deciding subscriptions when the policy
+    /// changes.
+    ///
+    /// # Errors
+    /// The stored state cannot be read.
+    pub async fn start(
+        config: BusConfig,
+        domain: &str,
+        pdp: Pdp,
+        persistence: Persistence,
+        registry: &mut Registry,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> anyhow::Result<Bus> {
+        let snapshot =
+            persistence.store.load().await.map_err(|e| {
+                anyhow::anyhow!("cannot read the bus state from the homeserver: {e}")
+            })?;
+        let registry_connector: Box<dyn Connector> = match &config.registry.url {
+            Some(url) => Box::new(HttpRegistry::new(url)),
+            None => Box::new(BuiltinRegistry::new(
+                snapshot.registry,
+                persistence.store.clone(),
+            )),
+        };
+        let bus = Bus {
+            inner: Arc::new(Inner {
+                nodes: NodeAddresses::new(domain),
+                idm: Idm::new(config.idm.clone(), domain),
+                foreign: Foreign::new(config.peers.clone()),
+                config,
+                pdp,
+                table: Table::default(),
+                subscriptions: Subscriptions::default(),
+                persistence,
+                registry: registry_connector,
+                metrics: BusMetrics::new(registry),
+                next_conn: AtomicU64::new(1),
+                next_id: AtomicU64::new(1),
+                shutdown: shutdown.child_token(),
+            }),
+        };
+        let restored = snapshot.runtimes.len();
+        for (url, record) in snapshot.runtimes {
+            let subscriptions = record.subscriptions.clone();
+            let runtime = bus.inner.table.runtime(&url, || record);
+            for (resource, subscriber) in subscriptions {
+                bus.inner.subscriptions.add(
+                    &resource,
+                    Subscriber {
+                        address: subscriber,
+                        runtime: Arc::clone(&runtime),
+                    },
+                );
+            }
+        }
+        if restored > 0 {
+            tracing::info!(
+                runtimes = restored,
+                "bus state restored from the homeserver"
+            );
+        }
+        tracker.spawn(
+            bus.clone()
+                .revalidate_on_policy_change(shutdown.child_token()),
+        );
+        Ok(bus)
+    }
+
+    /// The node's addresses.
+    pub fn nodes(&self) -> &NodeAddresses {
+        &self.inner.nodes
+    }
+
+    /// The bus configuration.
+    pub fn config(&self) -> &BusConfig {
+        &self.inner.config
+    }
+
+    /// The history writer (the benchmark reads its figures).
+    pub fn journal(&self) -> &Journal {
+        &self.inner.persistence.journal
+    }
+
+    /// Checks a token: a Network Server's, else a Matrix access token.
+    ///
+    /// # Errors
+    /// 401 when there is none or it is not valid; 408 when the homeserver cannot answer.
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<Principal, BusError> {
+        let token = token.ok_or_else(|| {
+            BusError::Unauthorized(
+                "no access token (Authorization: Bearer, or ?access_token=)".into(),
+            )
+        })?;
+        if let Some(ns) = self
+            .inner
+            .config
+            .network_servers
+            .iter()
+            .find(|ns| crate::http_auth::token_matches(token, &ns.token))
+        {
+            return Ok(Principal::NetworkServer(ns.name.clone()));
+        }
+        let Some(homeserver) = &self.inner.persistence.homeserver else {
+            return Err(BusError::Unauthorized("unknown token".into()));
+        };
+        match homeserver.whoami(token, None).await {
+            Ok(user) => Ok(Principal::User(user)),
+            Err(response) if response.status().is_client_error() => Err(BusError::Unauthorized(
+                "the homeserver does not know this access token".into(),
+            )),
+            Err(_) => Err(BusError::Unavailable(
+                "homeserver unavailable; retry".into(),
+            )),
+        }
+    }
+
+    /// The runtime `runtime_url` for a socket authenticated as `principal`: created on first
+    /// use (owned by that principal from then on, stored).
+    ///
+    /// # Errors
+    /// 400 for a runtime URL that is not a URL; 403 when the runtime belongs to another
+    /// principal; 408 when the store cannot record a new owner.
+    pub async fn bind(
+        &self,
+        runtime_url: &str,
+        principal: &Principal,
+    ) -> Result<Arc<Runtime>, BusError> {
+        if !message::is_url(runtime_url) {
+            return Err(BusError::BadRequest(format!(
+                "runtime URL {runtime_url:?} is not a URL"
+            )));
+        }
+        let owner = match principal {
+            Principal::User(u) => u.clone(),
+            Principal::NetworkServer(name) => format!("network-server:{name}"),
+            Principal::Peer(domain) => format!("peer:{domain}"),
+        };
+        let runtime = self
+            .inner
+            .table
+            .runtime(runtime_url, RuntimeRecord::default);
+        match runtime.user() {
+            Some(existing) if existing != owner => Err(BusError::Forbidden(format!(
+                "runtime '{runtime_url}' belongs to another user"
+            ))),
+            Some(_) => Ok(runtime),
+            None => {
+                let record = runtime.update(|r| r.user = Some(owner.clone()));
+                self.persist(&runtime.url, &record).await?;
+                Ok(runtime)
+            }
+        }
+    }
+
+    /// Attaches a socket (its outbound queue `tx`) to `runtime`, taking over an earlier socket
+    /// of the same runtime, hands it everything its inbox holds, then goes online.
+    ///
+    /// # Errors
+    /// 408 when the inbox cannot be read or the socket went away meanwhile.
+    pub async fn attach(
+        &self,
+        runtime: Arc<Runtime>,
+        principal: Principal,
+        tx: mpsc::Sender<Utf8Bytes>,
+    ) -> Result<Arc<Connection>, BusError> {
+        let conn = Arc::new(Connection {
+            id: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
+            runtime: Arc::clone(&runtime),
+            principal,
+            tx,
+            close: CancellationToken::new(),
+            identity: Mutex::new(None),
+        });
+        runtime.begin_attach(conn.id, conn.close.clone());
+        let inbox = &self.inner.persistence.inbox;
+        let taken = inbox
+            .take(&runtime.url)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot read the runtime's inbox: {e}")))?;
+        for text in &taken.messages {
+            if conn.tx.send(Utf8Bytes::from(text.clone())).await.is_err() {
+                return Err(BusError::Unavailable("socket closed while resuming".into()));
+            }
+        }
+        if !runtime.go_online(conn.id, &conn.tx).await {
+            return Err(BusError::Unavailable(
+                "another socket took the runtime over".into(),
+            ));
+        }
+        if !taken.messages.is_empty() {
+            self.inner
+                .metrics
+                .deliveries
+                .get_or_create(&OutcomeLabel { outcome: "resumed" })
+                .inc_by(taken.messages.len() as u64);
+            if let Err(e) = inbox.ack(&runtime.url, &taken).await {
+                // Delivered but not recorded as such: a later resume may repeat them.
+                tracing::warn!(%e, runtime = %runtime.url, "cannot record the inbox cursor");
+            }
+        }
+        self.inner.metrics.connections.inc();
+        tracing::info!(runtime = %runtime.url, conn = conn.id, resumed = taken.messages.len(), "runtime connected");
+        Ok(conn)
+    }
+
+    /// The socket of `conn` is gone: its runtime is away (bindings kept; messages go to the
+    /// inbox) until it reconnects or disconnects.
+    pub fn detach(&self, conn: &Connection) {
+        conn.runtime.detach(conn.id, &self.inner.persistence.inbox);
+        self.inner.metrics.connections.dec();
+        tracing::info!(runtime = %conn.runtime.url, conn = conn.id, "runtime socket closed");
+    }
+
+    /// The runtime said goodbye (`disconnect`/`close`): releases everything bound to it.
+    pub async fn release(&self, conn: &Connection) -> Result<(), BusError> {
+        let url = conn.runtime.url.clone();
+        self.inner.subscriptions.remove_runtime(&url);
+        self.inner.table.remove_runtime(&url);
+        self.persist(&url, &RuntimeRecord::default()).await?;
+        tracing::info!(runtime = %url, "runtime released its addresses");
+        Ok(())
+    }
+
+    /// Handles one message from `conn`; the response to send back, if any.
+    pub async fn handle(&self, conn: &Connection, message: Message) -> Option<String> {
+        let started = std::time::Instant::now();
+        let result = self.dispatch(conn, &message).await;
+        self.inner
+            .metrics
+            .handle_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(response) => response,
+            Err(error) => {
+                self.inner.metrics.count(match error.code() {
+                    400 => "bad_request",
+                    403 => "denied",
+                    404 => "not_found",
+                    _ => "failed",
+                });
+                Some(message.error_response(&error))
+            }
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        conn: &Connection,
+        message: &Message,
+    ) -> Result<Option<String>, BusError> {
+        let component = match message.to.as_slice() {
+            [to] => self.inner.nodes.component(to),
+            _ => None,
+        };
+        if component == Some(Component::Session) {
+            return self.session_message(conn, message).await;
+        }
+        self.verify_identity(conn, message).await?;
+        if component == Some(Component::SubscriptionManager) && message.kind_is("subscribe") {
+            return self.subscribe(conn, message).await.map(Some);
+        }
+        let allocation = match component {
+            Some(
+                c @ (Component::Allocation
+                | Component::HypertyAllocation
+                | Component::ObjectAllocation),
+            ) => Some(allocation::Request::parse(c, message)?),
+            _ => None,
+        };
+        let mut input = self.message_input(conn, message);
+        if let Some(request) = &allocation {
+            input["allocation"] = request.input(conn.runtime.held());
+        }
+        self.allowed(input)?;
+        self.check_from(conn, message).await?;
+        match (component, allocation) {
+            (_, Some(request)) => self.allocate(conn, message, request).await.map(Some),
+            (Some(Component::SubscriptionManager), _) => {
+                self.unsubscribe(conn, message).await.map(Some)
+            }
+            (Some(Component::Registry), _) => Ok(self
+                .to_connector(conn, message, &*self.inner.registry)
+                .await),
+            (Some(Component::Idm), _) => {
+                Ok(self.to_connector(conn, message, &self.inner.idm).await)
+            }
+            _ => self.route(conn, message).await,
+        }
+    }
+
+    /// The policy input for a message from `conn`.
+    fn message_input(&self, conn: &Connection, message: &Message) -> Value {
+        json!({
+            "kind": "message",
+            "message": message.value,
+            "subject": self.subject(conn),
+            "context": self.context(),
+        })
+    }
+
+    fn subject(&self, conn: &Connection) -> Value {
+        let mut subject = (*conn.runtime.subject()).clone();
+        if let Some(identity) = conn.identity() {
+            subject["identity"] = json!(identity);
+        }
+        match &conn.principal {
+            Principal::User(_) => {}
+            Principal::NetworkServer(name) => subject["network_server"] = json!(name),
+            Principal::Peer(domain) => subject["peer"] = json!(domain),
+        }
+        subject
+    }
+
+    fn context(&self) -> Value {
+        json!({
+            "node": self.inner.nodes.domain(),
+            "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        })
+    }
+
+    /// Asks the PDP; a deny is a 403 carrying the policy's reasons.
+    fn allowed(&self, input: Value) -> Result<Decision, BusError> {
+        let decision = self.inner.pdp.decide(input);
+        if decision.allow {
+            return Ok(decision);
+        }
+        let reasons = if decision.reasons.is_empty() {
+            "Blocked by policy".to_string()
+        } else {
+            decision.reasons.join("; ")
+        };
+        Err(BusError::Forbidden(if decision.failed {
+            format!("policy unavailable: {reasons}")
+        } else {
+            reasons
+        }))
+    }
+
+    /// Verifies `body.identity`, when asserted, and remembers it for the connection.
+    async fn verify_identity(&self, conn: &Connection, message: &Message) -> Result<(), BusError> {
+        let Some(claimed) = Idm::claimed(message.body()) else {
+            return Ok(());
+        };
+        if conn.identity().as_deref() == Some(claimed) {
+            return Ok(());
+        }
+        let assertion = message
+            .body()
+            .get("idToken")
+            .or_else(|| message.body().get("assertion"));
+        let verified = self
+            .inner
+            .idm
+            .verify(conn.user(), claimed, assertion)
+            .await?;
+        *conn.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(verified);
+        Ok(())
+    }
+
+    /// Anti-spoofing, enforced by the node whatever the policy says: `from` must be held by
+    /// the connection (or be a sub-resource of what it holds). A `from` of another domain,
+    /// once the policy allowed it, becomes a return route of the connection.
+    async fn check_from(&self, conn: &Connection, message: &Message) -> Result<(), BusError> {
+        let from = message.from.as_str();
+        if let Some(holder) = self.inner.table.holder_of(from) {
+            if Arc::ptr_eq(&holder, &conn.runtime) {
+                return Ok(());
+            }
+        }
+        if let Principal::Peer(domain) = &conn.principal {
+            if address::domain(from).as_deref() == Some(domain.as_str()) {
+                return Ok(());
+            }
+        }
+        if !self.inner.nodes.is_local(from) {
+            let record = conn.runtime.update(|r| {
+                if !r.foreign.iter().any(|a| a == from) {
+                    r.foreign.push(from.to_string());
+                }
+            });
+            self.inner.table.bind(from, &conn.runtime);
+            self.persist(&conn.runtime.url, &record).await?;
+            return Ok(());
+        }
+        Err(BusError::Forbidden(format!(
+            "sender '{from}' is not an address of this connection (spoofed 'from')"
+        )))
+    }
+
+    /// Routes an allowed message to every destination: runtimes holding the address (direct
+    /// or inbox), subscribers of a resource, or a peer node. Unknown local addresses are a 404.
+    async fn route(
+        &self,
+        conn: &Connection,
+        message: &Message,
+    ) -> Result<Option<String>, BusError> {
+        let mut targets: Vec<Arc<Runtime>> = Vec::new();
+        let mut foreign: Vec<String> = Vec::new();
+        let mut unknown: Vec<&str> = Vec::new();
+        for to in &message.to {
+            if self.inner.nodes.component(to).is_some() {
+                return Err(BusError::BadRequest(format!(
+                    "node component '{to}' takes a message of its own (a single 'to')"
+                )));
+            }
+            let subscribers = self.inner.subscriptions.subscribers(to);
+            if !subscribers.is_empty() {
+                targets.extend(subscribers.into_iter().map(|s| s.runtime));
+            } else if pubsub::is_topic(to) {
+                // Nobody listens (yet): delivered to no one.
+            } else if let Some(runtime) = self.inner.table.holder_of(to) {
+                targets.push(runtime);
+            } else if !self.inner.nodes.is_local(to) {
+                foreign.push(to.clone());
+            } else {
+                unknown.push(to);
+            }
+        }
+        let targets = Table::distinct(targets);
+        let to_runtimes: Vec<String> = targets.iter().map(|r| r.url.clone()).collect();
+        let journal = &self.inner.persistence.journal;
+        if !targets.is_empty() {
+            if self.inner.config.durability == Durability::Persisted {
+                journal
+                    .record_persisted(&message.text, to_runtimes)
+                    .await
+                    .map_err(|e| BusError::Unavailable(format!("history unavailable: {e}")))?;
+            }
+            let text = Utf8Bytes::from(message.text.to_string());
+            for runtime in &targets {
+                let how = match runtime.deliver(&text, &self.inner.persistence.inbox) {
+                    router::Delivered::Direct => "direct",
+                    router::Delivered::Queued => "queued",
+                };
+                self.inner
+                    .metrics
+                    .deliveries
+                    .get_or_create(&OutcomeLabel { outcome: how })
+                    .inc();
+            }
+            if self.inner.config.durability == Durability::Delivered {
+                journal.record(
+                    &message.text,
+                    targets.iter().map(|r| r.url.clone()).collect(),
+                );
+            }
+        }
+        self.inner.metrics.count("routed");
+        if !foreign.is_empty() {
+            // The peer may take a while; the socket keeps reading meanwhile.
+            let bus = self.clone();
+            let message = message.clone();
+            let tx = conn.tx.clone();
+            tokio::spawn(async move {
+                if let Some(response) = bus.inner.foreign.deliver(&message, &foreign).await {
+                    let _ = tx.send(Utf8Bytes::from(response)).await;
+                }
+            });
+        }
+        if let Some(first) = unknown.first() {
+            return Err(BusError::NotFound(format!(
+                "no route to '{first}': nothing holds this address"
+            )));
+        }
+        Ok(None)
+    }
+
+    async fn to_connector(
+        &self,
+        conn: &Connection,
+        message: &Message,
+        connector: &dyn Connector,
+    ) -> Option<String> {
+        let identity = conn.identity();
+        let sender = Sender {
+            runtime: &conn.runtime.url,
+            user: conn.user(),
+            identity: identity.as_deref(),
+        };
+        let reply = connector.handle(message, sender).await;
+        self.inner.metrics.count("component");
+        if let Some(publish) = reply.publish {
+            self.publish(publish);
+        }
+        reply.response
+    }
+
+    /// Sends a node-originated message (a notification) to whoever `to` reaches.
+    fn publish(&self, mut notification: Value) {
+        notification["id"] = json!(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let Ok(message) = Message::from_value(notification, None) else {
+            return;
+        };
+        let mut targets = Vec::new();
+        for to in &message.to {
+            let subscribers = self.inner.subscriptions.subscribers(to);
+            if subscribers.is_empty() && !pubsub::is_topic(to) {
+                targets.extend(self.inner.table.holder_of(to));
+            }
+            targets.extend(subscribers.into_iter().map(|s| s.runtime));
+        }
+        let targets = Table::distinct(targets);
+        let text = Utf8Bytes::from(message.text.to_string());
+        for runtime in &targets {
+            runtime.deliver(&text, &self.inner.persistence.inbox);
+        }
+        self.inner.persistence.journal.record(
+            &message.text,
+            targets.iter().map(|r| r.url.clone()).collect(),
+        );
+    }
+
+    /// Messages to `mn:/session`: `ping`, `close` (releases everything), `open`/`re-open`
+    /// after the handshake (acknowledged).
+    async fn session_message(
+        &self,
+        conn: &Connection,
+        message: &Message,
+    ) -> Result<Option<String>, BusError> {
+        match message.kind.to_ascii_lowercase().as_str() {
+            "close" | "disconnect" => {
+                self.release(conn).await?;
+                conn.close.cancel();
+                Ok(Some(message.response(200, "closed", None)))
+            }
+            "open" | "re-open" | "ping" | "read" => Ok(Some(message.response(
+                200,
+                "",
+                Some(json!({"runtimeURL": conn.runtime.url})),
+            ))),
+            other => Err(BusError::BadRequest(format!(
+                "the session answers open, re-open, ping and close, not '{other}'"
+            ))),
+        }
+    }
+
+    /// Writes a runtime's record to the store (an empty record deletes it).
+    async fn persist(&self, runtime: &str, record: &RuntimeRecord) -> Result<(), BusError> {
+        self.inner
+            .persistence
+            .store
+            .put_runtime(runtime, record)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot store the change now: {e}")))
+    }
+
+    /// Subscribe: one decision per resource (`kind: "subscription"`); all allowed → all bound
+    /// to the subscriber and stored, 200; any denied → none bound, 403 with every reason.
+    async fn subscribe(&self, conn: &Connection, message: &Message) -> Result<String, BusError> {
+        let mut resources = message.body_strings("resources")?.unwrap_or_default();
+        resources.extend(message.body_strings("subscribe")?.unwrap_or_default());
+        if resources.is_empty() {
+            return Err(BusError::BadRequest(
+                "subscribe needs body.resources (or the legacy body.subscribe)".into(),
+            ));
+        }
+        let subscriber = message
+            .body()
+            .get("source")
+            .and_then(Value::as_str)
+            .unwrap_or(conn.runtime.url.as_str())
+            .to_string();
+        let runtime = self
+            .inner
+            .table
+            .holder_of(&subscriber)
+            .filter(|r| Arc::ptr_eq(r, &conn.runtime))
+            .ok_or_else(|| {
+                BusError::Forbidden(format!(
+                    "subscriber '{subscriber}' is not an address of this connection"
+                ))
+            })?;
+        let mut reasons = Vec::new();
+        for resource in &resources {
+            let input = json!({
+                "kind": "subscription",
+                "message": message.value,
+                "subscription": {"resource": resource, "subscriber": subscriber},
+                "subject": self.subject(conn),
+                "context": self.context(),
+            });
+            if let Err(e) = self.allowed(input) {
+                reasons.push(e.to_string());
+            }
+        }
+        if !reasons.is_empty() {
+            reasons.sort();
+            reasons.dedup();
+            return Err(BusError::Forbidden(reasons.join("; ")));
+        }
+        let record = runtime.update(|r| {
+            for resource in &resources {
+                r.subscriptions.insert(resource.clone(), subscriber.clone());
+            }
+        });
+        self.persist(&runtime.url, &record).await?;
+        for resource in &resources {
+            self.inner.subscriptions.add(
+                resource,
+                Subscriber {
+                    address: subscriber.clone(),
+                    runtime: Arc::clone(&runtime),
+                },
+            );
+        }
+        self.inner.metrics.count("component");
+        Ok(message.response(200, "subscribed", Some(json!({"subscribed": resources}))))
+    }
+
+    async fn unsubscribe(&self, conn: &Connection, message: &Message) -> Result<String, BusError> {
+        if !message.kind_is("unsubscribe") {
+            return Err(BusError::BadRequest(format!(
+                "the subscription manager answers subscribe and unsubscribe, not '{}'",
+                message.kind
+            )));
+        }
+        let mut resources = message.body_strings("resources")?.unwrap_or_default();
+        resources.extend(message.body_strings("unsubscribe")?.unwrap_or_default());
+        if resources.is_empty() {
+            return Err(BusError::BadRequest(
+                "unsubscribe needs body.resources (or the legacy body.unsubscribe)".into(),
+            ));
+        }
+        let record = conn.runtime.record();
+        let mut removed = Vec::new();
+        for resource in &resources {
+            if let Some(subscriber) = record.subscriptions.get(resource) {
+                self.inner.subscriptions.remove(resource, subscriber);
+                removed.push(resource.clone());
+            }
+        }
+        let record = conn.runtime.update(|r| {
+            for resource in &removed {
+                r.subscriptions.remove(resource);
+            }
+        });
+        self.persist(&conn.runtime.url, &record).await?;
+        self.inner.metrics.count("component");
+        Ok(message.response(200, "unsubscribed", Some(json!({"unsubscribed": removed}))))
+    }
+
+    /// Re-decides every subscription whenever a new policy revision is active; a revoked
+    /// subscriber is unsubscribed and told why.
+    async fn revalidate_on_policy_change(self, shutdown: CancellationToken) {
+        let generation = |pdp: &Pdp| pdp.active().map(|a| a.generation);
+        let mut seen = generation(&self.inner.pdp);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(REVISION_POLL) => {}
+            }
+            let now = generation(&self.inner.pdp);
+            if now != seen {
+                seen = now;
+                self.revalidate().await;
+            }
+        }
+    }
+
+    /// Re-decides every subscription now.
+    pub async fn revalidate(&self) {
+        for (resource, subscriber) in self.inner.subscriptions.all() {
+            let mut subject = (*subscriber.runtime.subject()).clone();
+            if let Some(user) = subscriber.runtime.user() {
+                subject["user"] = json!(user);
+            }
+            let input = json!({
+                "kind": "subscription",
+                "subscription": {"resource": resource, "subscriber": subscriber.address},
+                "subject": subject,
+                "context": self.context(),
+            });
+            let Err(reason) = self.allowed(input) else {
+                continue;
+            };
+            self.inner
+                .subscriptions
+                .remove(&resource, &subscriber.address);
+            let record = subscriber.runtime.update(|r| {
+                r.subscriptions.remove(&resource);
+            });
+            if let Err(e) = self.persist(&subscriber.runtime.url, &record).await {
+                tracing::warn!(%e, runtime = %subscriber.runtime.url, "cannot store a revoked subscription");
+            }
+            tracing::info!(%resource, subscriber = %subscriber.address, %reason, "subscription revoked by a policy change");
+            self.inner.metrics.count("revoked");
+            self.publish(json!({
+                "type": "unsubscribe",
+                "from": self.inner.nodes.subscription_manager,
+                "to": subscriber.address,
+                "body": {"resources": [resource], "code": 403, "description": reason.to_string()},
+            }));
+        }
+    }
+
+    /// Writes everything pending to the homeserver (at shutdown).
+    pub async fn flush(&self) {
+        self.inner.persistence.journal.flush().await;
+    }
+}

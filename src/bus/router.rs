@@ -1,0 +1,418 @@
+//! Who holds which address, and delivery to runtimes.
+//!
+//! The [`Table`] maps every bound address (a runtime's URL, the addresses allocated to it,
+//! foreign addresses it uses as return routes) to its [`Runtime`]. Each runtime is either
+//! online — a connected socket with a bounded outbound queue, delivered to directly — or
+//! away, when messages go to its inbox in Matrix and are handed over, in order, when it
+//! reconnects. A reconnect drains the inbox while new messages are buffered, so nothing is
+//! lost, reordered or delivered twice. A socket that cannot keep up (queue full) is treated
+//! as away: the message goes to the inbox and the socket is closed, to resume on reconnect.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::inbox::Inbox;
+use super::store::RuntimeRecord;
+
+/// One runtime the node knows: connected now or away with its bindings kept.
+pub struct Runtime {
+    /// Its runtime URL.
+    pub url: String,
+    state: Mutex<RuntimeState>,
+}
+
+struct RuntimeState {
+    record: RuntimeRecord,
+    delivery: Delivery,
+    /// The policy input's `subject` without the per-connection identity; rebuilt after every
+    /// change of the record.
+    subject: Option<Arc<Value>>,
+}
+
+enum Delivery {
+    Online {
+        conn: u64,
+        tx: mpsc::Sender<Utf8Bytes>,
+        close: CancellationToken,
+    },
+    Draining {
+        conn: u64,
+        buffer: Vec<Utf8Bytes>,
+        close: CancellationToken,
+    },
+    Away,
+}
+
+/// Where one delivery went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Into the socket's queue.
+    Direct,
+    /// Into the inbox (runtime away, reconnecting, or too slow).
+    Queued,
+}
+
+impl Runtime {
+    fn new(url: &str, record: RuntimeRecord) -> Self {
+        Self {
+            url: url.to_string(),
+            state: Mutex::new(RuntimeState {
+                record,
+                delivery: Delivery::Away,
+                subject: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the durable record.
+    pub fn record(&self) -> RuntimeRecord {
+        self.lock().record.clone()
+    }
+
+    /// The Matrix user that owns the runtime, once one connected.
+    pub fn user(&self) -> Option<String> {
+        self.lock().record.user.clone()
+    }
+
+    /// Changes the record; returns the new copy (to persist).
+    pub fn update(&self, change: impl FnOnce(&mut RuntimeRecord)) -> RuntimeRecord {
+        let mut state = self.lock();
+        change(&mut state.record);
+        state.subject = None;
+        state.record.clone()
+    }
+
+    /// How many addresses the runtime holds.
+    pub fn held(&self) -> usize {
+        self.lock().record.allocations.values().map(Vec::len).sum()
+    }
+
+    /// Whether the runtime holds `address` (allocated, foreign return route, or itself).
+    pub fn holds(&self, address: &str) -> bool {
+        let state = self.lock();
+        address == self.url
+            || state.record.foreign.iter().any(|a| a == address)
+            || state
+                .record
+                .allocations
+                .values()
+                .flatten()
+                .any(|a| a == address)
+    }
+
+    /// The policy input's `subject` for this runtime (cached until the record changes).
+    pub fn subject(&self) -> Arc<Value> {
+        let mut state = self.lock();
+        if let Some(subject) = &state.subject {
+            return Arc::clone(subject);
+        }
+        let addresses: Vec<&String> = state
+            .record
+            .allocations
+            .values()
+            .flatten()
+            .chain(state.record.foreign.iter())
+            .collect();
+        let mut subject =
+            json!({"runtime": self.url, "addresses": addresses, "authenticated": true});
+        if let Some(user) = &state.record.user {
+            subject["user"] = json!(user);
+        }
+        let subject = Arc::new(subject);
+        state.subject = Some(Arc::clone(&subject));
+        subject
+    }
+
+    /// Hands `text` to the runtime: straight into its socket queue when online, else into
+    /// its inbox.
+    pub fn deliver(&self, text: &Utf8Bytes, inbox: &Inbox) -> Delivered {
+        let mut state = self.lock();
+        match &mut state.delivery {
+            Delivery::Online { tx, close, .. } => match tx.try_send(text.clone()) {
+                Ok(()) => Delivered::Direct,
+                Err(_) => {
+                    close.cancel();
+                    // Full (too slow) or closed: the socket resumes from the inbox.
+                    tracing::warn!(runtime = %self.url, "runtime cannot keep up or is gone; queueing in its inbox until it reconnects");
+                    state.delivery = Delivery::Away;
+                    inbox.push(&self.url, text.as_str());
+                    Delivered::Queued
+                }
+            },
+            Delivery::Draining { buffer, .. } => {
+                buffer.push(text.clone());
+                Delivered::Queued
+            }
+            Delivery::Away => {
+                inbox.push(&self.url, text.as_str());
+                Delivered::Queued
+            }
+        }
+    }
+
+    /// A new connection takes the runtime over; deliveries are buffered until
+    /// [`Runtime::go_online`]. The previous connection (if any) is told to close (`close`
+    /// of its own attach is cancelled).
+    pub fn begin_attach(&self, conn: u64, close: CancellationToken) {
+        let mut state = self.lock();
+        let previous = std::mem::replace(
+            &mut state.delivery,
+            Delivery::Draining {
+                conn,
+                buffer: Vec::new(),
+                close,
+            },
+        );
+        match previous {
+            Delivery::Online { close, .. } => close.cancel(),
+            Delivery::Draining { close, buffer, .. } => {
+                close.cancel();
+                // Not yet handed to the old socket: keep the order for the new one.
+                if let Delivery::Draining { buffer: new, .. } = &mut state.delivery {
+                    *new = buffer;
+                }
+            }
+            Delivery::Away => {}
+        }
+    }
+
+    /// After the inbox was handed to `tx`: sends what was buffered meanwhile and goes online.
+    /// Returns false when another connection took over in the meantime.
+    pub async fn go_online(&self, conn: u64, tx: &mpsc::Sender<Utf8Bytes>) -> bool {
+        loop {
+            let buffered = {
+                let mut state = self.lock();
+                match &mut state.delivery {
+                    Delivery::Draining {
+                        conn: c,
+                        buffer,
+                        close,
+                    } if *c == conn => {
+                        if buffer.is_empty() {
+                            let close = close.clone();
+                            state.delivery = Delivery::Online {
+                                conn,
+                                tx: tx.clone(),
+                                close,
+                            };
+                            return true;
+                        }
+                        std::mem::take(buffer)
+                    }
+                    _ => return false,
+                }
+            };
+            for text in buffered {
+                if tx.send(text).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The connection `conn` is gone; messages go to the inbox from now on. Messages buffered
+    /// during an unfinished attach are moved to the inbox, in order.
+    pub fn detach(&self, conn: u64, inbox: &Inbox) {
+        let mut state = self.lock();
+        let ours = match &state.delivery {
+            Delivery::Online { conn: c, .. } | Delivery::Draining { conn: c, .. } => *c == conn,
+            Delivery::Away => false,
+        };
+        if ours {
+            if let Delivery::Draining { buffer, .. } =
+                std::mem::replace(&mut state.delivery, Delivery::Away)
+            {
+                for text in buffer {
+                    inbox.push(&self.url, text.as_str());
+                }
+            }
+        }
+    }
+
+    /// Whether a socket currently holds the runtime.
+    pub fn is_online(&self) -> bool {
+        matches!(self.lock().delivery, Delivery::Online { .. })
+    }
+}
+
+/// Address → runtime, and runtime URL → runtime.
+#[derive(Default)]
+pub struct Table {
+    runtimes: RwLock<HashMap<String, Arc<Runtime>>>,
+    addresses: RwLock<HashMap<String, Arc<Runtime>>>,
+}
+
+impl Table {
+    /// The runtime with this URL, created (away, with `record`) when new.
+    pub fn runtime(&self, url: &str, record: impl FnOnce() -> RuntimeRecord) -> Arc<Runtime> {
+        if let Some(r) = self.get_runtime(url) {
+            return r;
+        }
+        let mut runtimes = self.runtimes.write().unwrap_or_else(|p| p.into_inner());
+        let runtime = runtimes
+            .entry(url.to_string())
+            .or_insert_with(|| Arc::new(Runtime::new(url, record())))
+            .clone();
+        drop(runtimes);
+        self.bind(url, &runtime);
+        let record = runtime.record();
+        for address in record.allocations.values().flatten().chain(&record.foreign) {
+            self.bind(address, &runtime);
+        }
+        runtime
+    }
+
+    /// The runtime with this URL, if known.
+    pub fn get_runtime(&self, url: &str) -> Option<Arc<Runtime>> {
+        self.runtimes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .cloned()
+    }
+
+    /// Forgets a runtime and every address bound to it.
+    pub fn remove_runtime(&self, url: &str) {
+        let removed = self
+            .runtimes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(url);
+        if let Some(runtime) = removed {
+            self.addresses
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, r| !Arc::ptr_eq(r, &runtime));
+        }
+    }
+
+    /// Binds `address` to `runtime` (a later binding of the same address wins).
+    pub fn bind(&self, address: &str, runtime: &Arc<Runtime>) {
+        self.addresses
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address.to_string(), Arc::clone(runtime));
+    }
+
+    /// Releases `address` if `runtime` holds it.
+    pub fn unbind(&self, address: &str, runtime: &Arc<Runtime>) {
+        let mut addresses = self.addresses.write().unwrap_or_else(|p| p.into_inner());
+        if addresses
+            .get(address)
+            .is_some_and(|r| Arc::ptr_eq(r, runtime))
+        {
+            addresses.remove(address);
+        }
+    }
+
+    /// The runtime holding exactly `address`.
+    pub fn holder(&self, address: &str) -> Option<Arc<Runtime>> {
+        self.addresses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(address)
+            .cloned()
+    }
+
+    /// The runtime holding `address` or the nearest address it is a sub-resource of
+    /// (`<runtime>/registry` → the runtime; `<object>/subscription` → the object's holder).
+    pub fn holder_of(&self, address: &str) -> Option<Arc<Runtime>> {
+        let addresses = self.addresses.read().unwrap_or_else(|p| p.into_inner());
+        let mut url = address;
+        loop {
+            if let Some(r) = addresses.get(url) {
+                return Some(Arc::clone(r));
+            }
+            url = super::address::parent(url)?;
+        }
+    }
+
+    /// Every runtime, for re-deciding subscriptions.
+    pub fn runtimes(&self) -> Vec<Arc<Runtime>> {
+        self.runtimes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The URLs of the runtimes among `runtimes`, deduplicated (one delivery per runtime).
+    pub fn distinct(runtimes: Vec<Arc<Runtime>>) -> Vec<Arc<Runtime>> {
+        let mut seen = BTreeSet::new();
+        runtimes
+            .into_iter()
+            .filter(|r| seen.insert(r.url.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Utf8Bytes {
+        Utf8Bytes::from(s.to_string())
+    }
+
+    #[tokio::test]
+    async fn away_queues_then_reconnect_drains_in_order() {
+        let table = Table::default();
+        let inbox = Inbox::memory();
+        let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
+        assert_eq!(rt.deliver(&text("a"), &inbox), Delivered::Queued);
+        // Reconnect: buffered during the drain, then online.
+        rt.begin_attach(7, CancellationToken::new());
+        assert_eq!(rt.deliver(&text("b"), &inbox), Delivered::Queued);
+        let (tx, mut rx) = mpsc::channel(16);
+        let taken = inbox.take("runtime://d/1").await.unwrap();
+        for m in &taken.messages {
+            tx.send(Utf8Bytes::from(m.clone())).await.unwrap();
+        }
+        inbox.ack("runtime://d/1", &taken).await.unwrap();
+        assert!(rt.go_online(7, &tx).await);
+        assert_eq!(rt.deliver(&text("c"), &inbox), Delivered::Direct);
+        let got: Vec<String> =
+            std::iter::from_fn(|| rx.try_recv().ok().map(|t| t.to_string())).collect();
+        assert_eq!(got, ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn slow_socket_falls_back_to_the_inbox() {
+        let table = Table::default();
+        let inbox = Inbox::memory();
+        let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
+        let (tx, _rx) = mpsc::channel(1);
+        let close = CancellationToken::new();
+        rt.begin_attach(1, close.clone());
+        assert!(rt.go_online(1, &tx).await);
+        assert_eq!(rt.deliver(&text("a"), &inbox), Delivered::Direct);
+        assert_eq!(rt.deliver(&text("b"), &inbox), Delivered::Queued);
+        assert!(!rt.is_online());
+        assert!(close.is_cancelled(), "the slow socket is told to close");
+        assert_eq!(inbox.take("runtime://d/1").await.unwrap().messages, ["b"]);
+    }
+
+    #[test]
+    fn sub_resources_route_to_their_holder() {
+        let table = Table::default();
+        let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
+        table.bind("comm://d/x", &rt);
+        assert!(table
+            .holder_of("runtime://d/1/registry/allocation")
+            .is_some());
+        assert!(table.holder_of("comm://d/x/subscription").is_some());
+        assert!(table.holder_of("comm://d/y").is_none());
+        table.unbind("comm://d/x", &rt);
+        assert!(table.holder("comm://d/x").is_none());
+    }
+}

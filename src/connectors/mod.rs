@@ -1,0 +1,60 @@
+//! Connectors: what the bus hands a message to when no local runtime holds its address.
+//!
+//! One small trait, [`Connector`], chosen by address:
+//! - `domain://registry.<D>` → [`registry`] (built-in, in Matrix state, or a domain registry
+//!   over HTTP);
+//! - `domain://idm.<D>` → [`idm`] (it also verifies `body.identity` for every message);
+//! - an address of another domain → [`foreign`] (that domain's node, over HTTP).
+//!
+//! The End-User Device and Network Server connectors are the bus's WebSocket sessions
+//! (`bus::session`): the same protocol, authenticated with a Matrix access token or a
+//! configured service token.
+
+pub mod foreign;
+pub mod idm;
+pub mod registry;
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+
+use crate::bus::message::Message;
+
+/// The sender of a message a connector handles.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender<'a> {
+    /// Its runtime URL.
+    pub runtime: &'a str,
+    /// Its Matrix user, if any.
+    pub user: Option<&'a str>,
+    /// Its verified identity (`user://idp/name`), if any.
+    pub identity: Option<&'a str>,
+}
+
+/// What a connector answers.
+#[derive(Debug, Default)]
+pub struct Reply {
+    /// A response message for the sender.
+    pub response: Option<String>,
+    /// A notification to publish through the bus: `(to, message)` (e.g. a registration
+    /// status change to `<url>/registration` subscribers).
+    pub publish: Option<Value>,
+}
+
+impl Reply {
+    /// Just a response.
+    pub fn response(text: String) -> Self {
+        Reply {
+            response: Some(text),
+            publish: None,
+        }
+    }
+}
+
+/// One kind of connector.
+pub trait Connector: Send + Sync {
+    /// Its name, for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Handles one message addressed to it (already allowed by the policy).
+    fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply>;
+}

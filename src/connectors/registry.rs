@@ -1,0 +1,319 @@
+//! The registry connector: messages to `domain://registry.<D>`.
+//!
+//! Built in (no `[bus.registry] url`): entries are kept in memory and, durably, as room state
+//! of the bus's state room (`Store::put_registry`). `create` registers `body.value` under
+//! `value.url`; `read` looks up one address, or every entry of a user URL (a map keyed by
+//! URL), filtered by `criteria` (`dataSchemes`, `resources`); `update` is a keep-alive, or a
+//! status change (`attribute: "status"`) published to `<url>/registration`; `delete` removes.
+//! Only the runtime that registered an entry may change or delete it.
+//!
+//! With `[bus.registry] url` the messages go to a reTHINK domain registry's REST API
+//! (`PUT/GET/DELETE /hyperty/user/<user>/<hyperty>`, `/hyperty/dataobject/<url>`).
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use serde_json::{json, Value};
+
+use super::{Connector, Reply, Sender};
+use crate::bus::message::{BusError, Message};
+use crate::bus::store::Store;
+use crate::pep::homeserver::encode;
+
+/// The built-in registry.
+pub struct BuiltinRegistry {
+    entries: RwLock<BTreeMap<String, Value>>,
+    store: Store,
+}
+
+impl BuiltinRegistry {
+    /// A registry holding `entries` (loaded from the store), writing changes to `store`.
+    pub fn new(entries: BTreeMap<String, Value>, store: Store) -> Self {
+        Self {
+            entries: RwLock::new(entries),
+            store,
+        }
+    }
+
+    async fn on_message(&self, message: &Message, sender: Sender<'_>) -> Result<Reply, BusError> {
+        let body = message.body();
+        let kind = message.kind.to_ascii_lowercase();
+        match kind.as_str() {
+            "create" => {
+                let value = body.get("value").filter(|v| v.is_object()).ok_or_else(|| {
+                    BusError::BadRequest("registry create needs body.value (an object)".into())
+                })?;
+                let url = value
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        BusError::BadRequest("registry create needs body.value.url".into())
+                    })?
+                    .to_string();
+                if let Some(existing) = self.get(&url) {
+                    if existing["runtime"] != sender.runtime {
+                        return Err(BusError::Forbidden(format!(
+                            "'{url}' is registered by another runtime"
+                        )));
+                    }
+                }
+                let mut entry = value.clone();
+                entry["runtime"] = json!(sender.runtime);
+                if entry.get("user").is_none() {
+                    if let Some(user) = sender.identity.or(sender.user) {
+                        entry["user"] = json!(user);
+                    }
+                }
+                entry["status"] = entry.get("status").cloned().unwrap_or(json!("live"));
+                entry["lastModified"] = json!(now_ms());
+                self.put(&url, Some(entry)).await?;
+                Ok(Reply::response(message.response(
+                    200,
+                    "registered",
+                    Some(json!({"url": url})),
+                )))
+            }
+            "read" => {
+                let resource = body
+                    .get("resource")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        BusError::BadRequest("registry read needs body.resource".into())
+                    })?;
+                let criteria = body.get("criteria");
+                let found = if resource.starts_with("user://") {
+                    let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+                    let map: serde_json::Map<String, Value> = entries
+                        .iter()
+                        .filter(|(_, e)| e["user"] == resource)
+                        .filter(|(_, e)| matches(e, criteria))
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .collect();
+                    (!map.is_empty()).then_some(Value::Object(map))
+                } else {
+                    self.get(resource).filter(|e| matches(e, criteria))
+                };
+                match found {
+                    Some(value) => Ok(Reply::response(message.response(200, "", Some(value)))),
+                    None => Err(BusError::NotFound(format!(
+                        "nothing registered for '{resource}'"
+                    ))),
+                }
+            }
+            "update" => {
+                let resource = body
+                    .get("resource")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        BusError::BadRequest("registry update needs body.resource".into())
+                    })?
+                    .to_string();
+                let mut entry = self.owned(&resource, sender)?;
+                entry["lastModified"] = json!(now_ms());
+                let mut publish = None;
+                if body.get("attribute").and_then(Value::as_str) == Some("status") {
+                    let status = body.get("value").cloned().unwrap_or(Value::Null);
+                    entry["status"] = status.clone();
+                    publish = Some(json!({
+                        "type": "update", "from": resource, "to": format!("{resource}/registration"),
+                        "body": {"attribute": "status", "value": status},
+                    }));
+                }
+                self.put(&resource, Some(entry)).await?;
+                Ok(Reply {
+                    response: Some(message.response(200, "updated", None)),
+                    publish,
+                })
+            }
+            "delete" => {
+                let resource = body
+                    .get("resource")
+                    .and_then(Value::as_str)
+                    .or_else(|| {
+                        body.get("value")
+                            .and_then(|v| v.get("url"))
+                            .and_then(Value::as_str)
+                    })
+                    .ok_or_else(|| {
+                        BusError::BadRequest("registry delete needs body.resource".into())
+                    })?
+                    .to_string();
+                self.owned(&resource, sender)?;
+                self.put(&resource, None).await?;
+                Ok(Reply::response(message.response(200, "unregistered", None)))
+            }
+            _ => Err(BusError::BadRequest(format!(
+                "the registry answers create, read, update and delete, not '{}'",
+                message.kind
+            ))),
+        }
+    }
+
+    fn get(&self, url: &str) -> Option<Value> {
+        self.entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .cloned()
+    }
+
+    fn owned(&self, url: &str, sender: Sender<'_>) -> Result<Value, BusError> {
+        let entry = self
+            .get(url)
+            .ok_or_else(|| BusError::NotFound(format!("nothing registered for '{url}'")))?;
+        if entry["runtime"] != sender.runtime {
+            return Err(BusError::Forbidden(format!(
+                "'{url}' is registered by another runtime"
+            )));
+        }
+        Ok(entry)
+    }
+
+    async fn put(&self, url: &str, entry: Option<Value>) -> Result<(), BusError> {
+        self.store
+            .put_registry(url, entry.as_ref())
+            .await
+            .map_err(|e| {
+                BusError::Unavailable(format!("registry cannot store the entry now: {e}"))
+            })?;
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        match entry {
+            Some(entry) => entries.insert(url.to_string(), entry),
+            None => entries.remove(url),
+        };
+        Ok(())
+    }
+}
+
+impl Connector for BuiltinRegistry {
+    fn name(&self) -> &'static str {
+        "registry"
+    }
+
+    fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
+        Box::pin(async move {
+            self.on_message(message, sender)
+                .await
+                .unwrap_or_else(|e| Reply::response(message.error_response(&e)))
+        })
+    }
+}
+
+/// Whether `entry` meets the read `criteria` (every listed data scheme / resource present).
+fn matches(entry: &Value, criteria: Option<&Value>) -> bool {
+    let Some(criteria) = criteria else {
+        return true;
+    };
+    ["dataSchemes", "resources"].iter().all(|field| {
+        match criteria.get(*field).and_then(Value::as_array) {
+            None => true,
+            Some(wanted) => {
+                let have = entry.get(*field).and_then(Value::as_array);
+                wanted.iter().all(|w| have.is_some_and(|h| h.contains(w)))
+            }
+        }
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A reTHINK domain registry over HTTP.
+pub struct HttpRegistry {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl HttpRegistry {
+    /// A client of the registry at `base`.
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn on_message(&self, message: &Message, sender: Sender<'_>) -> Result<Reply, BusError> {
+        let body = message.body();
+        let user = body
+            .get("value")
+            .and_then(|v| v.get("user"))
+            .and_then(Value::as_str)
+            .or(sender.identity)
+            .or(sender.user)
+            .unwrap_or("anonymous")
+            .to_string();
+        let resource = body
+            .get("resource")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                body.get("value")
+                    .and_then(|v| v.get("url"))
+                    .and_then(Value::as_str)
+            })
+            .ok_or_else(|| {
+                BusError::BadRequest(
+                    "registry message needs body.resource or body.value.url".into(),
+                )
+            })?;
+        let path = if resource.starts_with("user://") {
+            format!("/hyperty/user/{}", encode(resource))
+        } else if resource.starts_with("hyperty://") {
+            format!("/hyperty/user/{}/{}", encode(&user), encode(resource))
+        } else {
+            format!("/hyperty/dataobject/{}", encode(resource))
+        };
+        let url = format!("{}{path}", self.base);
+        let request = match message.kind.to_ascii_lowercase().as_str() {
+            "create" | "update" => self
+                .http
+                .put(&url)
+                .json(&body.get("value").cloned().unwrap_or(json!({}))),
+            "read" => self.http.get(&url),
+            "delete" => self.http.delete(&url),
+            other => {
+                return Err(BusError::BadRequest(format!(
+                    "the registry answers create, read, update and delete, not '{other}'"
+                )))
+            }
+        };
+        let answer = request
+            .send()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("domain registry unavailable: {e}")))?;
+        let code = answer.status().as_u16();
+        let value: Option<Value> = answer.json().await.ok();
+        Ok(Reply::response(message.response(
+            code,
+            if code < 300 {
+                ""
+            } else {
+                "domain registry refused"
+            },
+            value,
+        )))
+    }
+}
+
+impl Connector for HttpRegistry {
+    fn name(&self) -> &'static str {
+        "registry-http"
+    }
+
+    fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
+        Box::pin(async move {
+            self.on_message(message, sender)
+                .await
+                .unwrap_or_else(|e| Reply::response(message.error_response(&e)))
+        })
+    }
+}

@@ -1,0 +1,392 @@
+//! The reTHINK bus with a real Synapse on loopback: protocol stubs over real WebSockets,
+//! authenticated with Matrix access tokens; allocation and release, request/response between
+//! hyperties, policy denials with reasons, anti-spoofing, pub/sub fan-out and revocation after
+//! a policy edit, offline delivery after a reconnect, malformed frames, the built-in
+//! registry, and a restart that loses nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod common;
+
+use common::stub::{open, Stub};
+use common::synapse::{copy_dir, Synapse};
+use futures_util::SinkExt;
+use msgnode::cmd::run::{start, Running};
+use msgnode::config::Config;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const MN: &str = "domain://msg-node.localhost";
+
+fn config(synapse: &Synapse, policies: &Path) -> Config {
+    let mut config = Config::default();
+    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pdp.policies = policies.to_path_buf();
+    config.pdp.schema_dir = Path::new(REPO).join("schemas");
+    config.pdp.decision_log.enabled = false;
+    config.pdp.reload_debounce = Duration::from_millis(50);
+    config.pep.enabled = true;
+    config.pep.listen = format!("127.0.0.1:{}", synapse.as_port)
+        .parse()
+        .expect("addr");
+    config.pep.homeserver = synapse.url();
+    config.pep.registration = Some(synapse.registration());
+    config.bus.enabled = true;
+    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    config.bus.max_frame_bytes = 64 * 1024;
+    config
+}
+
+async fn node(config: &Config) -> Running {
+    start(config.clone()).await.expect("start msgnode")
+}
+
+fn edit_data(policies: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = policies.join("config/data.json");
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read data")).expect("json");
+    edit(&mut data);
+    std::fs::write(&path, data.to_string()).expect("write data");
+}
+
+fn code(answer: &Value) -> u64 {
+    answer["body"]["code"].as_u64().unwrap_or(0)
+}
+
+fn description(answer: &Value) -> String {
+    answer["body"]["description"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_routes_and_enforces_between_real_stubs() {
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let carol_token = synapse.register("carol");
+    let policies_dir = tempfile::tempdir().expect("tempdir");
+    let policies: PathBuf = policies_dir.path().join("policies");
+    copy_dir(&Path::new(REPO).join("policies"), &policies);
+    let config = config(&synapse, &policies);
+    let running = node(&config).await;
+    let addr = running.bus_addr.expect("bus address");
+
+    // --- Handshakes: ?runtimeURL=, the connect frame, the open message; no token → 401.
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-1", &alice_token).await;
+    let mut socket = open(addr, "/stub/connect", &bob_token).await;
+    socket
+        .send(Ws::Text(
+            json!({"cmd": "connect", "data": {"runtimeURL": "runtime://localhost/bob-1"}})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .expect("send");
+    let mut bob = Stub::from_socket(socket, "runtime://localhost/bob-1");
+    let hello = bob.recv().await;
+    assert_eq!(hello["cmd"], "connect");
+    assert_eq!(hello["response"], 200, "{hello}");
+    let mut socket = open(addr, "/ws", &carol_token).await;
+    socket
+        .send(Ws::Text(
+            json!({"id": 1, "type": "open", "from": "runtime://localhost/carol-1", "to": "mn:/session"})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .expect("send");
+    let mut carol = Stub::from_socket(socket, "runtime://localhost/carol-1");
+    let hello = carol.recv().await;
+    assert_eq!(code(&hello), 200, "{hello}");
+    assert!(
+        hello["body"]["value"]["runtimeToken"].is_string(),
+        "{hello}"
+    );
+
+    let mut anonymous = Stub::from_socket(
+        open(
+            addr,
+            "/ws?runtimeURL=runtime%3A%2F%2Flocalhost%2Fx",
+            "not-a-token",
+        )
+        .await,
+        "runtime://localhost/x",
+    );
+    let refused = anonymous.recv().await;
+    assert_eq!(code(&refused), 401, "{refused}");
+    assert_eq!(anonymous.closed().await, Some(1008));
+    let mut wrong_first = Stub::from_socket(open(addr, "/stub/connect", &bob_token).await, "x:y");
+    wrong_first.send_text(r#"{"hello":"world"}"#).await;
+    let refused = wrong_first.recv().await;
+    assert_eq!(refused["response"], 403, "{refused}");
+    // Someone else's runtime URL cannot be taken over.
+    let mut thief = Stub::from_socket(
+        open(
+            addr,
+            "/ws?runtimeURL=runtime%3A%2F%2Flocalhost%2Falice-1",
+            &bob_token,
+        )
+        .await,
+        "runtime://localhost/alice-1",
+    );
+    let refused = thief.recv().await;
+    assert_eq!(code(&refused), 403, "{refused}");
+
+    // --- Allocation and release.
+    let alice_h = alice.allocate("localhost", "hyperty", 2).await;
+    assert_eq!(alice_h.len(), 2);
+    assert!(
+        alice_h
+            .iter()
+            .all(|a| a.starts_with("hyperty://localhost/")),
+        "{alice_h:?}"
+    );
+    let bob_h = bob.allocate("localhost", "hyperty", 1).await;
+    let carol_h = carol.allocate("localhost", "hyperty", 1).await;
+    let legacy = alice
+        .request(json!({"type": "create", "from": "runtime://localhost/alice-1/registry/allocation",
+            "to": format!("{MN}/object-address-allocation"), "body": {"scheme": "comm", "value": {"number": 1}}}))
+        .await;
+    assert_eq!(code(&legacy), 200, "{legacy}");
+    let object = legacy["body"]["value"]["allocated"][0]
+        .as_str()
+        .expect("object")
+        .to_string();
+    assert!(object.starts_with("comm://localhost/"), "{object}");
+    let released = alice
+        .request(
+            json!({"type": "delete", "from": "runtime://localhost/alice-1/registry/allocation",
+            "to": format!("{MN}/address-allocation"), "body": {"childrenResources": [alice_h[1]]}}),
+        )
+        .await;
+    assert_eq!(code(&released), 200, "{released}");
+    let neither = alice
+        .request(
+            json!({"type": "delete", "from": "runtime://localhost/alice-1/registry/allocation",
+            "to": format!("{MN}/address-allocation"), "body": {}}),
+        )
+        .await;
+    assert_eq!(code(&neither), 400, "{neither}");
+    let too_many = alice
+        .request(json!({"type": "create", "from": "runtime://localhost/alice-1/registry/allocation",
+            "to": format!("{MN}/address-allocation"), "body": {"scheme": "hyperty", "value": {"number": 101}}}))
+        .await;
+    assert_eq!(code(&too_many), 403, "{too_many}");
+    assert!(description(&too_many).contains("limit"), "{too_many}");
+    let not_mine = alice
+        .request(
+            json!({"type": "delete", "from": "runtime://localhost/alice-1/registry/allocation",
+            "to": format!("{MN}/address-allocation"), "body": {"childrenResources": [bob_h[0]]}}),
+        )
+        .await;
+    assert_eq!(code(&not_mine), 403, "{not_mine}");
+
+    // --- Hyperty to hyperty: request, then the destination's response.
+    let create = json!({"id": 77, "type": "create", "from": alice_h[0], "to": bob_h[0],
+        "body": {"value": {"name": "lunch"}, "via": "runtime://localhost/alice-1/protostub/1", "extra": [1, 2]}});
+    alice.send(create.clone()).await;
+    let got = bob.recv().await;
+    assert_eq!(got, create, "delivered unchanged");
+    bob.send(json!({"id": 77, "type": "response", "from": bob_h[0], "to": alice_h[0], "body": {"code": 200}}))
+        .await;
+    let answer = alice.recv().await;
+    assert_eq!(answer["from"], bob_h[0].as_str());
+    assert_eq!(code(&answer), 200);
+
+    // --- Denied by policy: 403 with the reasons, nothing delivered.
+    let denied = alice
+        .request(json!({"type": "bogus", "from": alice_h[0], "to": bob_h[0]}))
+        .await;
+    assert_eq!(code(&denied), 403, "{denied}");
+    assert!(
+        description(&denied).contains("message type 'bogus' is not allowed"),
+        "{denied}"
+    );
+    let untrusted = alice
+        .request(json!({"type": "create", "from": alice_h[0], "to": "hyperty://evil.example/x"}))
+        .await;
+    assert_eq!(code(&untrusted), 403, "{untrusted}");
+    assert!(
+        description(&untrusted).contains("not in a trusted domain"),
+        "{untrusted}"
+    );
+
+    // --- Spoofed from: 403, nothing delivered.
+    let spoofed = alice
+        .request(json!({"type": "create", "from": bob_h[0], "to": carol_h[0]}))
+        .await;
+    assert_eq!(code(&spoofed), 403, "{spoofed}");
+    assert!(description(&spoofed).contains("spoofed"), "{spoofed}");
+
+    // --- Unknown local address: 404.
+    let unknown = alice
+        .request(json!({"type": "create", "from": alice_h[0], "to": "hyperty://localhost/nobody"}))
+        .await;
+    assert_eq!(code(&unknown), 404, "{unknown}");
+    assert!(
+        bob.quiet_for(Duration::from_millis(200)).await.is_none(),
+        "bob got nothing denied"
+    );
+    assert!(
+        carol.quiet_for(Duration::from_millis(50)).await.is_none(),
+        "carol got nothing"
+    );
+
+    // --- Malformed frames: answered, the socket stays usable.
+    alice.send_text("this is not json").await;
+    let bad = alice.recv().await;
+    assert_eq!(code(&bad), 400, "{bad}");
+    assert!(description(&bad).contains("not JSON"), "{bad}");
+    let bad = alice
+        .request(json!({"id": 5, "type": "create", "from": alice_h[0]}))
+        .await;
+    assert_eq!(code(&bad), 400, "{bad}");
+    assert!(description(&bad).contains("no 'to'"), "{bad}");
+    let ping = alice
+        .request(
+            json!({"type": "ping", "from": "runtime://localhost/alice-1", "to": "mn:/session"}),
+        )
+        .await;
+    assert_eq!(code(&ping), 200, "socket still usable: {ping}");
+    let mut big = Stub::connect(addr, "runtime://localhost/bob-big", &bob_token).await;
+    big.send_text(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100_000)))
+        .await;
+    assert_eq!(big.closed().await, Some(1009), "oversize frame");
+    let mut garbage = Stub::connect(addr, "runtime://localhost/bob-bin", &bob_token).await;
+    garbage.send_binary(vec![0xff, 0xfe, 0x00]).await;
+    assert_eq!(garbage.closed().await, Some(1007), "not UTF-8");
+
+    // --- Pub/sub: three subscribers, each gets a change once; unsubscribe stops it.
+    let mut bob2 = Stub::connect(addr, "runtime://localhost/bob-2", &bob_token).await;
+    let bob2_h = bob2.allocate("localhost", "hyperty", 1).await;
+    let changes = format!("{object}/changes");
+    for (stub, source) in [
+        (&mut bob, &bob_h[0]),
+        (&mut carol, &carol_h[0]),
+        (&mut bob2, &bob2_h[0]),
+    ] {
+        let from = format!("{}/sm", stub.runtime);
+        let answer = stub
+            .request(
+                json!({"type": "subscribe", "from": from, "to": format!("{MN}/sm"),
+                "body": {"resources": [changes], "source": source}}),
+            )
+            .await;
+        assert_eq!(code(&answer), 200, "{answer}");
+    }
+    let untrusted_sub = carol
+        .request(json!({"type": "subscribe", "from": "runtime://localhost/carol-1/sm", "to": format!("{MN}/sm"),
+            "body": {"resources": ["comm://evil.example/x/changes"]}}))
+        .await;
+    assert_eq!(code(&untrusted_sub), 403, "{untrusted_sub}");
+    let update =
+        json!({"type": "update", "from": object, "to": changes, "body": {"value": {"n": 1}}});
+    alice.send(update.clone()).await;
+    for stub in [&mut bob, &mut carol, &mut bob2] {
+        let got = stub.recv().await;
+        assert_eq!(got["body"]["value"]["n"], 1, "{got}");
+        assert!(
+            stub.quiet_for(Duration::from_millis(100)).await.is_none(),
+            "exactly once"
+        );
+    }
+    let answer = carol
+        .request(json!({"type": "unsubscribe", "from": "runtime://localhost/carol-1/sm", "to": format!("{MN}/sm"),
+            "body": {"resources": [changes]}}))
+        .await;
+    assert_eq!(code(&answer), 200, "{answer}");
+    alice
+        .send(json!({"type": "update", "from": object, "to": changes, "body": {"value": {"n": 2}}}))
+        .await;
+    assert_eq!(bob.recv().await["body"]["value"]["n"], 2);
+    assert_eq!(bob2.recv().await["body"]["value"]["n"], 2);
+    assert!(
+        carol.quiet_for(Duration::from_millis(200)).await.is_none(),
+        "carol unsubscribed"
+    );
+
+    // --- A policy edit revokes bob-2's subscription: it is told why and gets no more changes.
+    let bob_sub = bob_h[0].clone();
+    edit_data(&policies, |data| {
+        data["subscription"]["consent"][&object] = json!([bob_sub]);
+    });
+    let notice = bob2.recv().await;
+    assert_eq!(notice["type"], "unsubscribe", "{notice}");
+    assert_eq!(notice["body"]["code"], 403, "{notice}");
+    assert!(
+        notice["body"]["description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("consent"),
+        "{notice}"
+    );
+    alice
+        .send(json!({"type": "update", "from": object, "to": changes, "body": {"value": {"n": 3}}}))
+        .await;
+    assert_eq!(bob.recv().await["body"]["value"]["n"], 3);
+    assert!(
+        bob2.quiet_for(Duration::from_millis(300)).await.is_none(),
+        "revoked"
+    );
+
+    // --- Offline: bob's socket closes; what alice sends meanwhile arrives on reconnect, in
+    // order, once.
+    bob.drop_socket().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for n in 0..5 {
+        alice
+            .send(json!({"type": "update", "from": alice_h[0], "to": bob_h[0], "body": {"n": n}}))
+            .await;
+    }
+    let ping = alice
+        .request(
+            json!({"type": "ping", "from": "runtime://localhost/alice-1", "to": "mn:/session"}),
+        )
+        .await;
+    assert_eq!(code(&ping), 200);
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-1", &bob_token).await;
+    for n in 0..5 {
+        let got = bob.recv().await;
+        assert_eq!(got["body"]["n"], n, "in order: {got}");
+    }
+    assert!(
+        bob.quiet_for(Duration::from_millis(200)).await.is_none(),
+        "once"
+    );
+
+    // --- Registry (built in): register, read back by user and by address, 404 otherwise.
+    let registered = alice
+        .request(json!({"type": "create", "from": alice_h[0], "to": "domain://registry.localhost",
+            "body": {"value": {"url": alice_h[0], "descriptor": "hyperty-catalogue://localhost/Chat",
+                "user": "user://localhost/alice", "dataSchemes": ["comm"], "resources": ["chat"]}}}))
+        .await;
+    assert_eq!(code(&registered), 200, "{registered}");
+    let read = bob
+        .request(
+            json!({"type": "read", "from": bob_h[0], "to": "domain://registry.localhost",
+            "body": {"resource": "user://localhost/alice"}}),
+        )
+        .await;
+    assert_eq!(code(&read), 200, "{read}");
+    assert!(read["body"]["value"][&alice_h[0]].is_object(), "{read}");
+    let read = bob
+        .request(
+            json!({"type": "read", "from": bob_h[0], "to": "domain://registry.localhost",
+            "body": {"resource": alice_h[0], "criteria": {"dataSchemes": ["comm"]}}}),
+        )
+        .await;
+    assert_eq!(code(&read), 200, "{read}");
+    let missing = bob
+        .request(
+            json!({"type": "read", "from": bob_h[0], "to": "domain://registry.localhost",
+            "body": {"resource": "hyperty://localhost/none"}}),
+        )
+        .await;
+    assert_eq!(code(&missing), 404, "{missing}");
+
+    running.stop().await;
+}
