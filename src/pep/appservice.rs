@@ -32,9 +32,9 @@ use ruma::api::appservice::Registration;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use super::decider::Decider;
 use super::error::MatrixError;
 use super::homeserver::{encode, with_user_id, Homeserver};
-use crate::pdp::Pdp;
 
 /// Account-data type holding processed transaction ids.
 const TXN_ACCOUNT_DATA: &str = "org.msgnode.appservice.transactions";
@@ -55,7 +55,7 @@ pub struct Appservice {
     sender: String,
     server_name: String,
     homeserver: Arc<Homeserver>,
-    pdp: Pdp,
+    decider: Decider,
     /// Processed transaction ids; `None` until read from the homeserver (never overwrite a
     /// record that could not be read).
     processed: Mutex<Option<VecDeque<String>>>,
@@ -78,7 +78,7 @@ impl Appservice {
         server_name: String,
         redact_denied_rooms: &[String],
         homeserver: Arc<Homeserver>,
-        pdp: Pdp,
+        decider: Decider,
         registry: &mut Registry,
     ) -> anyhow::Result<Self> {
         let users = regex::RegexSet::new(
@@ -115,7 +115,7 @@ impl Appservice {
             sender,
             server_name,
             homeserver,
-            pdp,
+            decider,
             processed: Mutex::new(None),
             redact_rooms,
             agents: std::sync::Mutex::new(HashMap::new()),
@@ -244,8 +244,9 @@ impl Appservice {
                 matrix["state_key"] = key.clone();
             }
             let decision = self
-                .pdp
-                .decide(json!({"kind": "matrix_event", "matrix": matrix, "context": context}));
+                .decider
+                .decide(json!({"kind": "matrix_event", "matrix": matrix, "context": context}))
+                .await;
             let outcome = if decision.allow { "allowed" } else { "denied" };
             self.events.get_or_create(&OutcomeLabel { outcome }).inc();
             if !decision.allow {

@@ -2,6 +2,8 @@
 //!
 //! - `proxy` — the client-server proxy: intercepted requests are decided by the PDP and
 //!   forwarded with their canonical path; everything else streams through.
+//! - `decider` — where decisions come from: the in-process PDP or a remote one over HTTP
+//!   (`[pep] pdp_url`), failing closed.
 //! - `route` — which requests are intercepted, whatever their spelling.
 //! - `homeserver` — forwarding, `/whoami` (cached), joined members.
 //! - `error` — Matrix `{"errcode", "error"}` responses.
@@ -12,6 +14,7 @@
 //! users for the bus.
 
 pub mod appservice;
+pub mod decider;
 pub mod error;
 pub mod homeserver;
 pub mod proxy;

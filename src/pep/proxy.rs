@@ -22,16 +22,16 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
+use super::decider::{Decider, POLICY_UNAVAILABLE};
 use super::error::MatrixError;
 use super::homeserver::{encode, Homeserver};
 use super::route::{classify, Intercepted, MembershipAction};
 use crate::config::{PdpFailure, PepConfig};
-use crate::pdp::Pdp;
 
 /// What the proxy's handler shares.
 #[derive(Clone)]
 pub struct PepState {
-    pdp: Pdp,
+    decider: Decider,
     homeserver: Arc<Homeserver>,
     config: Arc<PepConfig>,
     metrics: ProxyMetrics,
@@ -82,15 +82,19 @@ impl ProxyMetrics {
 }
 
 impl PepState {
-    /// State for a proxy in front of `config.homeserver`, deciding with `pdp`; registers the
-    /// proxy's metrics in `registry`.
+    /// State for a proxy in front of `config.homeserver`, deciding with `decider`; registers
+    /// the proxy's metrics in `registry`.
     ///
     /// # Errors
     /// The homeserver URL is unusable.
-    pub fn new(pdp: Pdp, config: PepConfig, registry: &mut Registry) -> anyhow::Result<Self> {
+    pub fn new(
+        decider: Decider,
+        config: PepConfig,
+        registry: &mut Registry,
+    ) -> anyhow::Result<Self> {
         let homeserver = Homeserver::new(&config.homeserver, config.whoami_ttl)?;
         Ok(Self {
-            pdp,
+            decider,
             homeserver: Arc::new(homeserver),
             config: Arc::new(config),
             metrics: ProxyMetrics::register(registry),
@@ -295,25 +299,26 @@ async fn decide(
         ));
     }
     for input in inputs {
-        let decision = state.pdp.decide(input);
+        let decision = state.decider.decide(input).await;
         if decision.allow {
             continue;
         }
         let reasons = decision.reasons.join("; ");
         tracing::info!(%sender, endpoint = ?endpoint, %reasons, decision_id = %decision.decision_id, "request denied");
+        // A remote PDP's failures already read "policy unavailable"; local ones say why.
+        let unavailable = if reasons == POLICY_UNAVAILABLE {
+            reasons.clone()
+        } else {
+            format!("{POLICY_UNAVAILABLE}: {reasons}")
+        };
         let refusal = match (decision.failed, state.config.on_pdp_failure) {
             (false, _) => ("denied", MatrixError::forbidden(reasons)),
-            (true, PdpFailure::Forbidden) => (
-                "policy_unavailable",
-                MatrixError::forbidden(format!("policy unavailable: {reasons}")),
-            ),
+            (true, PdpFailure::Forbidden) => {
+                ("policy_unavailable", MatrixError::forbidden(unavailable))
+            }
             (true, PdpFailure::Unavailable) => (
                 "policy_unavailable",
-                MatrixError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "M_UNKNOWN",
-                    format!("policy unavailable: {reasons}"),
-                ),
+                MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", unavailable),
             ),
         };
         return Err((refusal.0, refusal.1.into_response()));
