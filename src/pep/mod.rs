@@ -2,6 +2,7 @@
 //!
 //! - `proxy` — the client-server proxy: intercepted requests are decided by the PDP and
 //!   forwarded with their canonical path; everything else streams through.
+//! - `body` — intercepted bodies (createRoom, membership) read through ruma's request types.
 //! - `decider` — where decisions come from: the in-process PDP or a remote one over HTTP
 //!   (`[pep] pdp_url`), failing closed.
 //! - `route` — which requests are intercepted, whatever their spelling.
@@ -14,6 +15,7 @@
 //! users for the bus.
 
 pub mod appservice;
+pub mod body;
 pub mod decider;
 pub mod error;
 pub mod homeserver;

@@ -4,6 +4,8 @@
 //! who hears it (send, state, redact, invite, join, createRoom, sendToDevice) are decided by
 //! the PDP first — one input per event or membership change, the sender resolved from the
 //! access token — and forwarded with their canonical path only when every decision allows.
+//! Before that, the identifiers in the path (`route`) and the typed bodies (`body`) are
+//! checked with ruma's types: a malformed one is 400 `M_INVALID_PARAM`, decided by no one.
 //! Everything else (`/sync`, `/login`, media, …) streams through untouched.
 
 use std::net::SocketAddr;
@@ -250,6 +252,15 @@ async fn decide(
             .into_response(),
         ));
     }
+    // Malformed identifiers never reach the PDP or the homeserver.
+    let invalid = |why: String| {
+        rejected(MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            why,
+        ))
+    };
+    endpoint.validate().map_err(|e| invalid(e.to_string()))?;
     let Some(caller) = caller(&request) else {
         return Err(rejected(MatrixError::new(
             StatusCode::UNAUTHORIZED,
@@ -257,11 +268,6 @@ async fn decide(
             "missing access token",
         )));
     };
-    let sender = state
-        .homeserver
-        .whoami(&caller.token, caller.user_id.as_deref())
-        .await
-        .map_err(|response| ("rejected", response))?;
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
         .await
@@ -290,6 +296,12 @@ async fn decide(
             "body must be a JSON object",
         )));
     }
+    super::body::validate(endpoint, &bytes).map_err(|e| invalid(e.to_string()))?;
+    let sender = state
+        .homeserver
+        .whoami(&caller.token, caller.user_id.as_deref())
+        .await
+        .map_err(|response| ("rejected", response))?;
     let inputs = inputs_for(state, endpoint, &sender, &content, &caller).await;
     if inputs.is_empty() {
         // Every intercepted request yields at least one input; none means a gap: refuse.
