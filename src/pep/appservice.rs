@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::decider::Decider;
-use super::error::MatrixError;
+use super::error::{ErrorCode, MatrixError};
 use super::homeserver::{encode, with_user_id, Homeserver};
 
 /// Account-data type holding processed transaction ids.
@@ -191,7 +191,7 @@ impl Appservice {
         match crate::http_auth::presented(headers, query) {
             None => Err(MatrixError::new(
                 StatusCode::UNAUTHORIZED,
-                "M_UNAUTHORIZED",
+                ErrorCode::Unauthorized,
                 "missing hs_token",
             )),
             Some(token) if crate::http_auth::token_matches(token, &self.registration.hs_token) => {
@@ -211,14 +211,14 @@ impl Appservice {
         if guard.is_none() {
             let ids = self.load_processed().await.map_err(|why| {
                 tracing::warn!(%why, "appservice: cannot read the transaction record; the homeserver will retry");
-                MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "transaction record unavailable; retry")
+                MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, "transaction record unavailable; retry")
             })?;
             *guard = Some(ids);
         }
         let Some(processed) = guard.as_mut() else {
             return Err(MatrixError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "M_UNKNOWN",
+                ErrorCode::Unknown,
                 "transaction record unavailable; retry",
             ));
         };
@@ -266,7 +266,7 @@ impl Appservice {
             tracing::warn!(%why, txn_id, "appservice: cannot record the transaction; the homeserver will retry it");
             return Err(MatrixError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "M_UNKNOWN",
+                ErrorCode::Unknown,
                 "cannot record the transaction; retry",
             ));
         }
@@ -352,7 +352,7 @@ impl Appservice {
         let not_found = || {
             MatrixError::new(
                 StatusCode::NOT_FOUND,
-                "M_NOT_FOUND",
+                ErrorCode::NotFound,
                 "user is not in msgnode's namespace",
             )
         };
@@ -376,7 +376,7 @@ impl Appservice {
             .await
         {
             Ok((status, _)) if status.is_success() => Ok(()),
-            Ok((_, answer)) if answer["errcode"] == "M_USER_IN_USE" => Ok(()),
+            Ok((_, answer)) if answer["errcode"] == ErrorCode::UserInUse.as_str() => Ok(()),
             _ => Err(not_found()),
         }
     }
@@ -410,7 +410,7 @@ async fn transaction(
     let body: Value = serde_json::from_slice(&body).map_err(|e| {
         MatrixError::new(
             StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
+            ErrorCode::NotJson,
             format!("transaction is not JSON: {e}"),
         )
     })?;
@@ -437,7 +437,7 @@ async fn room_query(
     appservice.check_token(&headers, &query)?;
     Err(MatrixError::new(
         StatusCode::NOT_FOUND,
-        "M_NOT_FOUND",
+        ErrorCode::NotFound,
         "msgnode creates no rooms on alias queries",
     ))
 }

@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
 use super::decider::{Decider, POLICY_UNAVAILABLE};
-use super::error::MatrixError;
+use super::error::{ErrorCode, MatrixError};
 use super::homeserver::{encode, Homeserver};
 use super::route::{classify, Intercepted, MembershipAction};
 use crate::config::{PdpFailure, PepConfig};
@@ -132,7 +132,7 @@ async fn proxy(
         // The homeserver pushes to msgnode here; it must never be forwarded back to it.
         return MatrixError::new(
             StatusCode::NOT_FOUND,
-            "M_UNRECOGNIZED",
+            ErrorCode::Unrecognized,
             "the application service API is not served by msgnode yet",
         )
         .into_response();
@@ -256,7 +256,7 @@ async fn decide(
     let invalid = |why: String| {
         rejected(MatrixError::new(
             StatusCode::BAD_REQUEST,
-            "M_INVALID_PARAM",
+            ErrorCode::InvalidParam,
             why,
         ))
     };
@@ -264,7 +264,7 @@ async fn decide(
     let Some(caller) = caller(&request) else {
         return Err(rejected(MatrixError::new(
             StatusCode::UNAUTHORIZED,
-            "M_MISSING_TOKEN",
+            ErrorCode::MissingToken,
             "missing access token",
         )));
     };
@@ -274,7 +274,7 @@ async fn decide(
         .map_err(|_| {
             rejected(MatrixError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "M_TOO_LARGE",
+                ErrorCode::TooLarge,
                 format!("request body exceeds {} bytes", state.config.max_body_bytes),
             ))
         })?;
@@ -284,7 +284,7 @@ async fn decide(
         serde_json::from_slice(&bytes).map_err(|e| {
             rejected(MatrixError::new(
                 StatusCode::BAD_REQUEST,
-                "M_NOT_JSON",
+                ErrorCode::NotJson,
                 format!("body is not JSON: {e}"),
             ))
         })?
@@ -292,7 +292,7 @@ async fn decide(
     if !content.is_object() {
         return Err(rejected(MatrixError::new(
             StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
+            ErrorCode::NotJson,
             "body must be a JSON object",
         )));
     }
@@ -330,7 +330,11 @@ async fn decide(
             }
             (true, PdpFailure::Unavailable) => (
                 "policy_unavailable",
-                MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", unavailable),
+                MatrixError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unknown,
+                    unavailable,
+                ),
             ),
         };
         return Err((refusal.0, refusal.1.into_response()));
@@ -360,7 +364,7 @@ async fn decide(
         axum::http::HeaderValue::from_str(&format!("Bearer {}", caller.token)).map_err(|_| {
             rejected(MatrixError::new(
                 StatusCode::UNAUTHORIZED,
-                "M_UNKNOWN_TOKEN",
+                ErrorCode::UnknownToken,
                 "unusable access token",
             ))
         })?;
