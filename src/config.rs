@@ -172,6 +172,17 @@ pub struct PepConfig {
     /// reasons); elsewhere it is only logged. Needs the appservice's user in the room with
     /// redaction power.
     pub redact_denied_rooms: Vec<String>,
+    /// A remote, OPA-compatible PDP (e.g. `http://127.0.0.1:8181`, another node's `[pdp]
+    /// listen`) asked for every decision instead of this process's; the `[pdp] decision`
+    /// rule is posted to. Unset: decide in-process.
+    pub pdp_url: Option<String>,
+    /// Bearer token for the remote PDP (its `[pdp] token`).
+    pub pdp_token: Option<String>,
+    /// How long one remote decision may take (connect included); past it the request is
+    /// refused as `on_pdp_failure` says. In-process decisions are bounded by `[pdp]
+    /// eval_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub pdp_timeout: Duration,
 }
 
 impl Default for PepConfig {
@@ -186,6 +197,9 @@ impl Default for PepConfig {
             max_body_bytes: 1024 * 1024,
             registration: None,
             redact_denied_rooms: vec![".*".to_string()],
+            pdp_url: None,
+            pdp_token: None,
+            pdp_timeout: Duration::from_millis(250),
         }
     }
 }
@@ -385,6 +399,22 @@ mod tests {
             assert_eq!(config.pdp.eval_timeout, Duration::from_millis(20));
             assert_eq!(config.pdp.cache.ttl, Duration::from_secs(3));
             assert_eq!(config.pdp.cache.max_entries, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn remote_pdp_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "x.toml",
+                "[pep]\npdp_url = \"http://10.0.0.1:8181\"\npdp_token = \"t\"\npdp_timeout = \"1s\"\n",
+            )?;
+            let config = Config::load(Some(Path::new("x.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.pep.pdp_url.as_deref(), Some("http://10.0.0.1:8181"));
+            assert_eq!(config.pep.pdp_token.as_deref(), Some("t"));
+            assert_eq!(config.pep.pdp_timeout, Duration::from_secs(1));
+            assert_eq!(Config::default().pep.pdp_url, None);
             Ok(())
         });
     }

@@ -22,7 +22,7 @@ use crate::pdp::api::{self, ApiState};
 use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink};
 use crate::pdp::{watcher, Pdp};
 use crate::pep::homeserver::Homeserver;
-use crate::pep::{self, proxy::PepState};
+use crate::pep::{self, decider::Decider, proxy::PepState};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -201,7 +201,11 @@ async fn start_pep(
     if !config.pep.enabled {
         return Ok((None, None));
     }
-    let state = PepState::new(pdp.clone(), config.pep.clone(), registry)?;
+    let decider = Decider::from_config(pdp, &config.pep, &config.pdp.decision, registry)?;
+    if let Decider::Remote(remote) = &decider {
+        tracing::info!(endpoint = %remote.endpoint(), "Matrix proxy decides with a remote PDP");
+    }
+    let state = PepState::new(decider.clone(), config.pep.clone(), registry)?;
     let mut app = pep::proxy::router(state.clone());
     if let Some(path) = &config.pep.registration {
         let registration = pep::registration::read(path)?;
@@ -210,7 +214,7 @@ async fn start_pep(
             config.pep.server_name.clone(),
             &config.pep.redact_denied_rooms,
             state.homeserver(),
-            pdp.clone(),
+            decider,
             registry,
         )
         .await?;

@@ -246,6 +246,31 @@ mod tests {
     }
 
     #[test]
+    fn shipped_input_schema_takes_every_room_id_the_pep_sends() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let bindings = BTreeMap::from([("msgnode".to_string(), "input.schema.json".to_string())]);
+        let schemas = Schemas::load(&dir, &bindings).expect("load");
+        let path = vec!["msgnode".to_string()];
+        let input = |room: &str| {
+            json!({"kind": "matrix_event", "context": {"node": "localhost", "time": "2026-01-01T00:00:00Z"},
+                   "matrix": {"room_id": room, "event_type": "m.room.message", "sender": "@a:localhost"}})
+        };
+        // Room version 12 ids have no server part; "" is createRoom, profile and to-device.
+        for room in ["!r:localhost", "!4UsW2lhkAbCdEf", ""] {
+            assert!(
+                schemas.validate_for_path(&path, &input(room)).is_ok(),
+                "{room:?}"
+            );
+        }
+        for room in ["#alias:localhost", "r:localhost", "!"] {
+            assert!(
+                schemas.validate_for_path(&path, &input(room)).is_err(),
+                "{room:?}"
+            );
+        }
+    }
+
+    #[test]
     fn binding_to_a_missing_schema_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bindings = BTreeMap::from([("a".to_string(), "nope.json".to_string())]);

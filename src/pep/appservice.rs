@@ -32,9 +32,9 @@ use ruma::api::appservice::Registration;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::error::MatrixError;
+use super::decider::Decider;
+use super::error::{ErrorCode, MatrixError};
 use super::homeserver::{encode, with_user_id, Homeserver};
-use crate::pdp::Pdp;
 
 /// Account-data type holding processed transaction ids.
 const TXN_ACCOUNT_DATA: &str = "org.msgnode.appservice.transactions";
@@ -55,7 +55,7 @@ pub struct Appservice {
     sender: String,
     server_name: String,
     homeserver: Arc<Homeserver>,
-    pdp: Pdp,
+    decider: Decider,
     /// Processed transaction ids; `None` until read from the homeserver (never overwrite a
     /// record that could not be read).
     processed: Mutex<Option<VecDeque<String>>>,
@@ -78,7 +78,7 @@ impl Appservice {
         server_name: String,
         redact_denied_rooms: &[String],
         homeserver: Arc<Homeserver>,
-        pdp: Pdp,
+        decider: Decider,
         registry: &mut Registry,
     ) -> anyhow::Result<Self> {
         let users = regex::RegexSet::new(
@@ -115,7 +115,7 @@ impl Appservice {
             sender,
             server_name,
             homeserver,
-            pdp,
+            decider,
             processed: Mutex::new(None),
             redact_rooms,
             agents: std::sync::Mutex::new(HashMap::new()),
@@ -191,7 +191,7 @@ impl Appservice {
         match crate::http_auth::presented(headers, query) {
             None => Err(MatrixError::new(
                 StatusCode::UNAUTHORIZED,
-                "M_UNAUTHORIZED",
+                ErrorCode::Unauthorized,
                 "missing hs_token",
             )),
             Some(token) if crate::http_auth::token_matches(token, &self.registration.hs_token) => {
@@ -211,14 +211,14 @@ impl Appservice {
         if guard.is_none() {
             let ids = self.load_processed().await.map_err(|why| {
                 tracing::warn!(%why, "appservice: cannot read the transaction record; the homeserver will retry");
-                MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "transaction record unavailable; retry")
+                MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, "transaction record unavailable; retry")
             })?;
             *guard = Some(ids);
         }
         let Some(processed) = guard.as_mut() else {
             return Err(MatrixError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "M_UNKNOWN",
+                ErrorCode::Unknown,
                 "transaction record unavailable; retry",
             ));
         };
@@ -244,8 +244,9 @@ impl Appservice {
                 matrix["state_key"] = key.clone();
             }
             let decision = self
-                .pdp
-                .decide(json!({"kind": "matrix_event", "matrix": matrix, "context": context}));
+                .decider
+                .decide(json!({"kind": "matrix_event", "matrix": matrix, "context": context}))
+                .await;
             let outcome = if decision.allow { "allowed" } else { "denied" };
             self.events.get_or_create(&OutcomeLabel { outcome }).inc();
             if !decision.allow {
@@ -265,7 +266,7 @@ impl Appservice {
             tracing::warn!(%why, txn_id, "appservice: cannot record the transaction; the homeserver will retry it");
             return Err(MatrixError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "M_UNKNOWN",
+                ErrorCode::Unknown,
                 "cannot record the transaction; retry",
             ));
         }
@@ -351,7 +352,7 @@ impl Appservice {
         let not_found = || {
             MatrixError::new(
                 StatusCode::NOT_FOUND,
-                "M_NOT_FOUND",
+                ErrorCode::NotFound,
                 "user is not in msgnode's namespace",
             )
         };
@@ -375,7 +376,7 @@ impl Appservice {
             .await
         {
             Ok((status, _)) if status.is_success() => Ok(()),
-            Ok((_, answer)) if answer["errcode"] == "M_USER_IN_USE" => Ok(()),
+            Ok((_, answer)) if answer["errcode"] == ErrorCode::UserInUse.as_str() => Ok(()),
             _ => Err(not_found()),
         }
     }
@@ -409,7 +410,7 @@ async fn transaction(
     let body: Value = serde_json::from_slice(&body).map_err(|e| {
         MatrixError::new(
             StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
+            ErrorCode::NotJson,
             format!("transaction is not JSON: {e}"),
         )
     })?;
@@ -436,7 +437,7 @@ async fn room_query(
     appservice.check_token(&headers, &query)?;
     Err(MatrixError::new(
         StatusCode::NOT_FOUND,
-        "M_NOT_FOUND",
+        ErrorCode::NotFound,
         "msgnode creates no rooms on alias queries",
     ))
 }

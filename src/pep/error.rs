@@ -1,8 +1,10 @@
 //! Matrix errors the proxy answers with: `{"errcode": …, "error": …}` and a status, made
-//! into HTTP responses here only.
+//! into HTTP responses here only. Error codes are ruma's [`ErrorCode`]s, so only standard
+//! (or deliberately custom) codes can be written.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+pub use ruma::api::error::ErrorCode;
 
 /// A Matrix client-server error.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -11,7 +13,7 @@ pub struct MatrixError {
     /// HTTP status.
     pub status: StatusCode,
     /// Matrix error code (`M_FORBIDDEN`, …).
-    pub errcode: &'static str,
+    pub errcode: ErrorCode,
     /// What happened, for people.
     pub error: String,
 }
@@ -19,11 +21,11 @@ pub struct MatrixError {
 impl MatrixError {
     /// 403 `M_FORBIDDEN`.
     pub fn forbidden(error: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", error)
+        Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, error)
     }
 
     /// Any status and code.
-    pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, errcode: ErrorCode, error: impl Into<String>) -> Self {
         Self {
             status,
             errcode,
@@ -34,7 +36,7 @@ impl MatrixError {
 
 impl IntoResponse for MatrixError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"errcode": self.errcode, "error": self.error});
+        let body = serde_json::json!({"errcode": self.errcode.as_str(), "error": self.error});
         (self.status, axum::Json(body)).into_response()
     }
 }

@@ -11,7 +11,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::error::MatrixError;
+use super::error::{ErrorCode, MatrixError};
 
 /// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -78,7 +78,7 @@ impl Homeserver {
             Err(e) => {
                 return MatrixError::new(
                     StatusCode::BAD_REQUEST,
-                    "M_UNRECOGNIZED",
+                    ErrorCode::Unrecognized,
                     format!("bad path: {e}"),
                 )
                 .into_response()
@@ -114,7 +114,7 @@ impl Homeserver {
                 tracing::warn!(%error, "homeserver unreachable");
                 MatrixError::new(
                     StatusCode::BAD_GATEWAY,
-                    "M_UNKNOWN",
+                    ErrorCode::Unknown,
                     "homeserver unavailable",
                 )
                 .into_response()
@@ -143,7 +143,7 @@ impl Homeserver {
             .ok_or_else(|| {
                 MatrixError::new(
                     StatusCode::BAD_GATEWAY,
-                    "M_UNKNOWN",
+                    ErrorCode::Unknown,
                     "homeserver /whoami gave no user_id",
                 )
                 .into_response()
@@ -199,7 +199,7 @@ impl Homeserver {
         let unavailable = || {
             MatrixError::new(
                 StatusCode::BAD_GATEWAY,
-                "M_UNKNOWN",
+                ErrorCode::Unknown,
                 "homeserver unavailable",
             )
             .into_response()

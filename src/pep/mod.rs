@@ -2,17 +2,21 @@
 //!
 //! - `proxy` — the client-server proxy: intercepted requests are decided by the PDP and
 //!   forwarded with their canonical path; everything else streams through.
-//! - `route` — which requests are intercepted, whatever their spelling.
+//! - `body` — intercepted bodies (createRoom, membership) read through ruma's request types.
+//! - `decider` — where decisions come from: the in-process PDP or a remote one over HTTP
+//!   (`[pep] pdp_url`), failing closed.
+//! - `route` — which requests are intercepted, whatever their spelling; identifier checks.
 //! - `homeserver` — forwarding, `/whoami` (cached), joined members.
 //! - `error` — Matrix `{"errcode", "error"}` responses.
 //! - `appservice` — what the homeserver pushes (transactions, user/room queries, ping).
 //! - `registration` — the appservice registration (`msgnode appservice registration`).
 //!
-//! Still to come (issue #3): redacting pushed events the policy denies, acting as virtual
-//! users for the bus.
+//! Still to come: acting as virtual users for the bus.
 
 pub mod actor;
 pub mod appservice;
+pub mod body;
+pub mod decider;
 pub mod error;
 pub mod homeserver;
 pub mod proxy;

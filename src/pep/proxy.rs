@@ -4,6 +4,8 @@
 //! who hears it (send, state, redact, invite, join, createRoom, sendToDevice) are decided by
 //! the PDP first — one input per event or membership change, the sender resolved from the
 //! access token — and forwarded with their canonical path only when every decision allows.
+//! Before that, the identifiers in the path (`route`) and the typed bodies (`body`) are
+//! checked with ruma's types: a malformed one is 400 `M_INVALID_PARAM`, decided by no one.
 //! Everything else (`/sync`, `/login`, media, …) streams through untouched.
 
 use std::net::SocketAddr;
@@ -22,16 +24,16 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-use super::error::MatrixError;
+use super::decider::{Decider, POLICY_UNAVAILABLE};
+use super::error::{ErrorCode, MatrixError};
 use super::homeserver::{encode, Homeserver};
 use super::route::{classify, Intercepted, MembershipAction};
 use crate::config::{PdpFailure, PepConfig};
-use crate::pdp::Pdp;
 
 /// What the proxy's handler shares.
 #[derive(Clone)]
 pub struct PepState {
-    pdp: Pdp,
+    decider: Decider,
     homeserver: Arc<Homeserver>,
     config: Arc<PepConfig>,
     metrics: ProxyMetrics,
@@ -82,15 +84,19 @@ impl ProxyMetrics {
 }
 
 impl PepState {
-    /// State for a proxy in front of `config.homeserver`, deciding with `pdp`; registers the
-    /// proxy's metrics in `registry`.
+    /// State for a proxy in front of `config.homeserver`, deciding with `decider`; registers
+    /// the proxy's metrics in `registry`.
     ///
     /// # Errors
     /// The homeserver URL is unusable.
-    pub fn new(pdp: Pdp, config: PepConfig, registry: &mut Registry) -> anyhow::Result<Self> {
+    pub fn new(
+        decider: Decider,
+        config: PepConfig,
+        registry: &mut Registry,
+    ) -> anyhow::Result<Self> {
         let homeserver = Homeserver::new(&config.homeserver, config.whoami_ttl)?;
         Ok(Self {
-            pdp,
+            decider,
             homeserver: Arc::new(homeserver),
             config: Arc::new(config),
             metrics: ProxyMetrics::register(registry),
@@ -126,7 +132,7 @@ async fn proxy(
         // The homeserver pushes to msgnode here; it must never be forwarded back to it.
         return MatrixError::new(
             StatusCode::NOT_FOUND,
-            "M_UNRECOGNIZED",
+            ErrorCode::Unrecognized,
             "the application service API is not served by msgnode yet",
         )
         .into_response();
@@ -246,25 +252,29 @@ async fn decide(
             .into_response(),
         ));
     }
+    // Malformed identifiers never reach the PDP or the homeserver.
+    let invalid = |why: String| {
+        rejected(MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidParam,
+            why,
+        ))
+    };
+    endpoint.validate().map_err(|e| invalid(e.to_string()))?;
     let Some(caller) = caller(&request) else {
         return Err(rejected(MatrixError::new(
             StatusCode::UNAUTHORIZED,
-            "M_MISSING_TOKEN",
+            ErrorCode::MissingToken,
             "missing access token",
         )));
     };
-    let sender = state
-        .homeserver
-        .whoami(&caller.token, caller.user_id.as_deref())
-        .await
-        .map_err(|response| ("rejected", response))?;
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
         .await
         .map_err(|_| {
             rejected(MatrixError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "M_TOO_LARGE",
+                ErrorCode::TooLarge,
                 format!("request body exceeds {} bytes", state.config.max_body_bytes),
             ))
         })?;
@@ -274,7 +284,7 @@ async fn decide(
         serde_json::from_slice(&bytes).map_err(|e| {
             rejected(MatrixError::new(
                 StatusCode::BAD_REQUEST,
-                "M_NOT_JSON",
+                ErrorCode::NotJson,
                 format!("body is not JSON: {e}"),
             ))
         })?
@@ -282,10 +292,16 @@ async fn decide(
     if !content.is_object() {
         return Err(rejected(MatrixError::new(
             StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
+            ErrorCode::NotJson,
             "body must be a JSON object",
         )));
     }
+    super::body::validate(endpoint, &bytes).map_err(|e| invalid(e.to_string()))?;
+    let sender = state
+        .homeserver
+        .whoami(&caller.token, caller.user_id.as_deref())
+        .await
+        .map_err(|response| ("rejected", response))?;
     let inputs = inputs_for(state, endpoint, &sender, &content, &caller).await;
     if inputs.is_empty() {
         // Every intercepted request yields at least one input; none means a gap: refuse.
@@ -295,24 +311,29 @@ async fn decide(
         ));
     }
     for input in inputs {
-        let decision = state.pdp.decide(input);
+        let decision = state.decider.decide(input).await;
         if decision.allow {
             continue;
         }
         let reasons = decision.reasons.join("; ");
         tracing::info!(%sender, endpoint = ?endpoint, %reasons, decision_id = %decision.decision_id, "request denied");
+        // A remote PDP's failures already read "policy unavailable"; local ones say why.
+        let unavailable = if reasons == POLICY_UNAVAILABLE {
+            reasons.clone()
+        } else {
+            format!("{POLICY_UNAVAILABLE}: {reasons}")
+        };
         let refusal = match (decision.failed, state.config.on_pdp_failure) {
             (false, _) => ("denied", MatrixError::forbidden(reasons)),
-            (true, PdpFailure::Forbidden) => (
-                "policy_unavailable",
-                MatrixError::forbidden(format!("policy unavailable: {reasons}")),
-            ),
+            (true, PdpFailure::Forbidden) => {
+                ("policy_unavailable", MatrixError::forbidden(unavailable))
+            }
             (true, PdpFailure::Unavailable) => (
                 "policy_unavailable",
                 MatrixError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "M_UNKNOWN",
-                    format!("policy unavailable: {reasons}"),
+                    ErrorCode::Unknown,
+                    unavailable,
                 ),
             ),
         };
@@ -343,7 +364,7 @@ async fn decide(
         axum::http::HeaderValue::from_str(&format!("Bearer {}", caller.token)).map_err(|_| {
             rejected(MatrixError::new(
                 StatusCode::UNAUTHORIZED,
-                "M_UNKNOWN_TOKEN",
+                ErrorCode::UnknownToken,
                 "unusable access token",
             ))
         })?;

@@ -11,9 +11,14 @@
 //! Fail closed: a write (`PUT`/`POST`/`DELETE`) under `/rooms/{roomId}/` that is neither
 //! decided here nor known to create no room event (typing, receipts, read markers, reports,
 //! forget) is [`Intercepted::Unsupported`] and refused.
+//!
+//! [`Intercepted::validate`] checks the identifiers in the path with ruma's identifier types
+//! (room id, room id or alias, user id, event id) before anything is decided or forwarded.
+//! ruma 0.17 accepts room ids without a server part (`!4UsW2lhkAbCdEf`, room version 12).
 
 use axum::http::Method;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use ruma::{EventId, RoomId, RoomOrAliasId, UserId};
 
 /// A membership change through `/rooms/{roomId}/{action}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +136,42 @@ pub enum Intercepted {
         /// What it is, for the error message.
         what: String,
     },
+}
+
+/// An identifier in an intercepted path that is not one (answered 400 `M_INVALID_PARAM`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {why}")]
+pub struct InvalidIdentifier {
+    /// Which parameter (`room id`, `user id`, …).
+    pub what: &'static str,
+    /// What was given.
+    pub value: String,
+    /// Why it is not one.
+    pub why: String,
+}
+
+fn check<'a, T: ?Sized + 'a>(what: &'static str, value: &'a str) -> Result<(), InvalidIdentifier>
+where
+    &'a T: TryFrom<&'a str, Error = ruma::IdParseError>,
+{
+    <&T>::try_from(value)
+        .map(|_| ())
+        .map_err(|e| InvalidIdentifier {
+            what,
+            value: value.to_string(),
+            why: e.to_string(),
+        })
+}
+
+fn check_event_type(value: &str) -> Result<(), InvalidIdentifier> {
+    if value.is_empty() {
+        return Err(InvalidIdentifier {
+            what: "event type",
+            value: String::new(),
+            why: "it is empty".to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Characters escaped in a rebuilt path segment: everything but unreserved characters and the
@@ -267,6 +308,50 @@ fn classify_segments(method: &Method, strs: &[&str]) -> Option<Intercepted> {
 }
 
 impl Intercepted {
+    /// Checks the identifiers in the path: room ids, room ids or aliases, user ids (also the
+    /// state key of `m.room.member`), event ids, non-empty event types. Transaction ids,
+    /// state keys and profile fields are opaque strings.
+    ///
+    /// # Errors
+    /// The first parameter that is not a valid identifier of its kind.
+    pub fn validate(&self) -> Result<(), InvalidIdentifier> {
+        match self {
+            Intercepted::Send {
+                room_id,
+                event_type,
+                ..
+            } => {
+                check::<RoomId>("room id", room_id)?;
+                check_event_type(event_type)
+            }
+            Intercepted::State {
+                room_id,
+                event_type,
+                state_key,
+            } => {
+                check::<RoomId>("room id", room_id)?;
+                check_event_type(event_type)?;
+                if event_type == "m.room.member" {
+                    check::<UserId>("state key of m.room.member (a user id)", state_key)?;
+                }
+                Ok(())
+            }
+            Intercepted::Redact {
+                room_id, event_id, ..
+            } => {
+                check::<RoomId>("room id", room_id)?;
+                check::<EventId>("event id", event_id)
+            }
+            Intercepted::Membership { room_id, .. } => check::<RoomId>("room id", room_id),
+            Intercepted::Join { room, .. } | Intercepted::Knock { room } => {
+                check::<RoomOrAliasId>("room id or alias", room)
+            }
+            Intercepted::Profile { user_id, .. } => check::<UserId>("user id", user_id),
+            Intercepted::SendToDevice { event_type, .. } => check_event_type(event_type),
+            Intercepted::CreateRoom | Intercepted::Unsupported { .. } => Ok(()),
+        }
+    }
+
     /// The path the homeserver receives: `/_matrix/client/v3/…` from the decoded segments.
     pub fn canonical_path(&self) -> String {
         let enc = |s: &str| utf8_percent_encode(s, SEGMENT).to_string();
@@ -578,6 +663,54 @@ mod tests {
             classify(&Method::GET, "/_matrix/client/v3/profile/@a:l/displayname"),
             None
         );
+    }
+
+    #[test]
+    fn identifiers_are_validated_with_ruma() {
+        let put = |path: &str| {
+            classify(&Method::PUT, &format!("/_matrix/client/v3/{path}")).expect("intercepted")
+        };
+        let post = |path: &str| {
+            classify(&Method::POST, &format!("/_matrix/client/v3/{path}")).expect("intercepted")
+        };
+        // Room version 12 room ids have no server part; ruma 0.17 takes them.
+        for ok in [
+            put("rooms/!4UsW2lhkAbCdEf/send/m.room.message/t"),
+            put("rooms/!r:localhost/send/m.room.message/t"),
+            put("rooms/!r:l/state/m.room.member/@a:l"),
+            put("rooms/!r:l/state/m.room.topic"),
+            put("rooms/!r:l/redact/$e/t"),
+            put("rooms/!r:l/redact/$e:l/t"),
+            post("rooms/!4UsW2lhkAbCdEf/invite"),
+            post("join/%23a:l"),
+            post("join/!4UsW2lhkAbCdEf"),
+            post("knock/!r:l"),
+            put("profile/@a:l/displayname"),
+            put("sendToDevice/m.room.encrypted/t"),
+            post("createRoom"),
+        ] {
+            assert_eq!(ok.validate(), Ok(()), "{ok:?}");
+        }
+        for (bad, what) in [
+            (put("rooms/r:l/send/m.room.message/t"), "room id"),
+            (put("rooms/%23a:l/send/m.room.message/t"), "room id"),
+            (put("rooms/!r:l/send//t"), "event type"),
+            (
+                put("rooms/!r:l/state/m.room.member/alice"),
+                "state key of m.room.member (a user id)",
+            ),
+            (put("rooms/!r:l/redact/e1/t"), "event id"),
+            (post("rooms/@a:l/invite"), "room id"),
+            (post("join/a:l"), "room id or alias"),
+            (post("join/%23a"), "room id or alias"),
+            (post("knock/!r%00x"), "room id or alias"),
+            (put("profile/alice/displayname"), "user id"),
+            (put("profile/@a/displayname"), "user id"),
+            (put("sendToDevice//t"), "event type"),
+        ] {
+            let err = bad.validate().expect_err("invalid");
+            assert_eq!(err.what, what, "{bad:?}");
+        }
     }
 
     #[test]
