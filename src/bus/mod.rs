@@ -51,6 +51,7 @@ use crate::connectors::registry::{BuiltinRegistry, HttpRegistry};
 use crate::connectors::{Connector, Sender};
 use crate::pdp::{Decision, Pdp};
 use crate::pep::actor::Actor;
+use crate::pep::decider::Decider;
 use crate::pep::homeserver::Homeserver;
 use address::{Component, NodeAddresses};
 use inbox::Inbox;
@@ -187,7 +188,10 @@ impl Persistence {
 struct Inner {
     config: BusConfig,
     nodes: NodeAddresses,
+    /// The local PDP, watched for new revisions.
     pdp: Pdp,
+    /// Where decisions come from (the local PDP, or `[pep] pdp_url`).
+    decider: Decider,
     table: Table,
     subscriptions: Subscriptions,
     persistence: Persistence,
@@ -208,7 +212,7 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Builds the bus for `domain`, restoring runtimes, allocations, subscriptions and
+    /// Builds the bus for `config.domain` (default `localhost`), restoring runtimes, allocations, subscriptions and
     /// registry entries from the store, and starts re-deciding subscriptions when the policy
     /// changes.
     ///
@@ -216,13 +220,15 @@ impl Bus {
     /// The stored state cannot be read.
     pub async fn start(
         config: BusConfig,
-        domain: &str,
         pdp: Pdp,
+        decider: Decider,
         persistence: Persistence,
         registry: &mut Registry,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> anyhow::Result<Bus> {
+        let domain = config.domain.clone().unwrap_or_else(|| "localhost".into());
+        let domain = domain.as_str();
         let snapshot =
             persistence.store.load().await.map_err(|e| {
                 anyhow::anyhow!("cannot read the bus state from the homeserver: {e}")
@@ -241,6 +247,7 @@ impl Bus {
                 foreign: Foreign::new(config.peers.clone()),
                 config,
                 pdp,
+                decider,
                 table: Table::default(),
                 subscriptions: Subscriptions::default(),
                 persistence,
@@ -483,7 +490,7 @@ impl Bus {
         if let Some(request) = &allocation {
             input["allocation"] = request.input(conn.runtime.held());
         }
-        self.allowed(input)?;
+        self.allowed(input).await?;
         self.check_from(conn, message).await?;
         match (component, allocation) {
             (_, Some(request)) => self.allocate(conn, message, request).await.map(Some),
@@ -531,8 +538,8 @@ impl Bus {
     }
 
     /// Asks the PDP; a deny is a 403 carrying the policy's reasons.
-    fn allowed(&self, input: Value) -> Result<Decision, BusError> {
-        let decision = self.inner.pdp.decide(input);
+    async fn allowed(&self, input: Value) -> Result<Decision, BusError> {
+        let decision = self.inner.decider.decide(input).await;
         if decision.allow {
             return Ok(decision);
         }
@@ -791,7 +798,7 @@ impl Bus {
                 "subject": self.subject(conn),
                 "context": self.context(),
             });
-            if let Err(e) = self.allowed(input) {
+            if let Err(e) = self.allowed(input).await {
                 reasons.push(e.to_string());
             }
         }
@@ -872,17 +879,14 @@ impl Bus {
     /// Re-decides every subscription now.
     pub async fn revalidate(&self) {
         for (resource, subscriber) in self.inner.subscriptions.all() {
-            let mut subject = (*subscriber.runtime.subject()).clone();
-            if let Some(user) = subscriber.runtime.user() {
-                subject["user"] = json!(user);
-            }
+            let subject = (*subscriber.runtime.subject()).clone();
             let input = json!({
                 "kind": "subscription",
                 "subscription": {"resource": resource, "subscriber": subscriber.address},
                 "subject": subject,
                 "context": self.context(),
             });
-            let Err(reason) = self.allowed(input) else {
+            let Err(reason) = self.allowed(input).await else {
                 continue;
             };
             self.inner

@@ -124,7 +124,8 @@ impl Runtime {
             .collect();
         let mut subject =
             json!({"runtime": self.url, "addresses": addresses, "authenticated": true});
-        if let Some(user) = &state.record.user {
+        // Only a Matrix user is a `subject.user`; network servers and peers own runtimes too.
+        if let Some(user) = state.record.user.as_ref().filter(|u| u.starts_with('@')) {
             subject["user"] = json!(user);
         }
         let subject = Arc::new(subject);

@@ -142,13 +142,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.child_token(),
     ));
 
+    let decider = Decider::from_config(&pdp, &config.pep, &config.pdp.decision, &mut registry)?;
+    if let Decider::Remote(remote) = &decider {
+        tracing::info!(endpoint = %remote.endpoint(), "enforcement points decide with a remote PDP");
+    }
     let (pep_addr, homeserver) =
-        start_pep(&config, &pdp, &mut registry, &shutdown, &tracker).await?;
+        start_pep(&config, &decider, &mut registry, &shutdown, &tracker).await?;
     let (bus_addr, bus) = match config.bus.enabled {
         true => {
             let (addr, bus) = start_bus(
                 &config,
                 &pdp,
+                &decider,
                 homeserver,
                 &mut registry,
                 &shutdown,
@@ -193,17 +198,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// listener) when `[pep] enabled`; its address and homeserver client.
 async fn start_pep(
     config: &Config,
-    pdp: &Pdp,
+    decider: &Decider,
     registry: &mut Registry,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<(Option<SocketAddr>, Option<Arc<Homeserver>>)> {
     if !config.pep.enabled {
         return Ok((None, None));
-    }
-    let decider = Decider::from_config(pdp, &config.pep, &config.pdp.decision, registry)?;
-    if let Decider::Remote(remote) = &decider {
-        tracing::info!(endpoint = %remote.endpoint(), "Matrix proxy decides with a remote PDP");
     }
     let state = PepState::new(decider.clone(), config.pep.clone(), registry)?;
     let mut app = pep::proxy::router(state.clone());
@@ -214,7 +215,7 @@ async fn start_pep(
             config.pep.server_name.clone(),
             &config.pep.redact_denied_rooms,
             state.homeserver(),
-            decider,
+            decider.clone(),
             registry,
         )
         .await?;
@@ -241,6 +242,7 @@ async fn start_pep(
 async fn start_bus(
     config: &Config,
     pdp: &Pdp,
+    decider: &Decider,
     homeserver: Option<Arc<Homeserver>>,
     registry: &mut Registry,
     shutdown: &CancellationToken,
@@ -293,10 +295,12 @@ async fn start_bus(
             }
         }
     };
+    let mut bus_config = config.bus.clone();
+    bus_config.domain = Some(domain.clone());
     let bus = Bus::start(
-        config.bus.clone(),
-        &domain,
+        bus_config,
         pdp.clone(),
+        decider.clone(),
         persistence,
         registry,
         shutdown,

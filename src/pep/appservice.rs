@@ -247,6 +247,22 @@ impl Appservice {
                 .decider
                 .decide(json!({"kind": "matrix_event", "matrix": matrix, "context": context}))
                 .await;
+            if decision.failed {
+                // Not a decision: redacting now could not be undone. The homeserver retries
+                // the transaction until the policy can answer.
+                tracing::warn!(event_id = %event["event_id"], reasons = %decision.reasons.join("; "),
+                    "appservice: no policy decision for a pushed event; the homeserver will retry the transaction");
+                self.events
+                    .get_or_create(&OutcomeLabel {
+                        outcome: "undecided",
+                    })
+                    .inc();
+                return Err(MatrixError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Unknown,
+                    "policy unavailable; retry",
+                ));
+            }
             let outcome = if decision.allow { "allowed" } else { "denied" };
             self.events.get_or_create(&OutcomeLabel { outcome }).inc();
             if !decision.allow {
