@@ -7,10 +7,11 @@
 //! - `error` — Matrix `{"errcode", "error"}` responses.
 //! - `appservice` — what the homeserver pushes (transactions, user/room queries, ping).
 //! - `registration` — the appservice registration (`msgnode appservice registration`).
+//! - `actor` — acting as the appservice's users (rooms, events, state) for the bus.
 //!
-//! Still to come (issue #3): redacting pushed events the policy denies, acting as virtual
-//! users for the bus.
+//! Still to come (issue #3): redacting pushed events the policy denies.
 
+pub mod actor;
 pub mod appservice;
 pub mod error;
 pub mod homeserver;
