@@ -1,0 +1,207 @@
+//! The bus's Matrix persistence against a real Synapse (one for this test binary, started
+//! by `scripts/synapse`, data on tmpfs): acting as appservice users, the journal (every
+//! record readable back in order, the sequence continuing after a restart), inboxes (push,
+//! take, ack, also after a restart) and the bus state (put, load, delete).
+//!
+//! Synapse pushes transactions to an appservice URL where nothing listens here; its retries
+//! are harmless.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::synapse::Synapse;
+use msgnode::bus::journal::{Journal, JournalConfig};
+use msgnode::pep::actor::{Actor, ActorError};
+use msgnode::pep::homeserver::Homeserver;
+use msgnode::pep::registration;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// One Synapse for this binary, owned by the one test (and so stopped and wiped when it
+/// ends); the scenarios run one after another against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_persistence_in_synapse() {
+    let synapse = Synapse::start();
+    actor_registers_users_creates_rooms_and_sends(&synapse).await;
+    journal_stores_every_record_in_order_and_continues_after_restart(&synapse).await;
+}
+
+async fn actor(synapse: &Synapse) -> Arc<Actor> {
+    let registration = registration::read(&synapse.registration()).expect("registration");
+    let homeserver =
+        Arc::new(Homeserver::new(&synapse.url(), Duration::from_secs(60)).expect("homeserver"));
+    Arc::new(Actor::new(&registration, "localhost", homeserver).expect("actor"))
+}
+
+/// A reTHINK-like message of 300–500 bytes.
+fn message(i: u64) -> String {
+    json!({
+        "id": i,
+        "type": if i % 3 == 0 { "update" } else { "create" },
+        "from": format!("hyperty://example.com/{:x}-{}", i % 97, i % 13),
+        "to": format!("hyperty://example.com/{:x}", (i * 7) % 101),
+        "body": {
+            "via": "hyperty-runtime://example.com/1234/registry",
+            "resource": format!("context://example.com/presence/{}", i % 50),
+            "value": {"status": if i % 2 == 0 { "available" } else { "busy" }, "counter": i, "ts": 1_700_000_000_000u64 + i},
+            "schema": "hyperty-catalogue://catalogue.example.com/.well-known/dataschema/Context",
+        },
+    })
+    .to_string()
+}
+
+async fn actor_registers_users_creates_rooms_and_sends(synapse: &Synapse) {
+    let actor = actor(synapse).await;
+    let user = actor.virtual_user("rt", "hyperty-runtime://example.com/actor-test");
+    actor.ensure_user(&user).await.expect("register");
+    actor.ensure_user(&user).await.expect("again: remembered");
+
+    let sender = actor.sender().to_string();
+    let room = actor
+        .ensure_room("_msgnode_test.actor", &sender, "actor test")
+        .await
+        .expect("create");
+    // A second actor (another node, or a restart) resolves the same alias.
+    let other = self::actor(synapse).await;
+    let again = other
+        .ensure_room("_msgnode_test.actor", &sender, "actor test")
+        .await
+        .expect("resolve");
+    assert_eq!(room, again);
+
+    other.join(&user, &room).await.expect("join via invite");
+    let first = actor
+        .send_event(&user, &room, "org.msgnode.test", "t1", &json!({"n": 1}))
+        .await
+        .expect("send");
+    let retried = actor
+        .send_event(&user, &room, "org.msgnode.test", "t1", &json!({"n": 1}))
+        .await
+        .expect("resend");
+    assert_eq!(first, retried, "same transaction, same event");
+
+    actor
+        .put_state(
+            &sender,
+            &room,
+            "org.msgnode.test.state",
+            "k",
+            &json!({"v": 2}),
+        )
+        .await
+        .expect("state");
+    let state = actor.room_state(&user, &room).await.expect("room state");
+    assert!(state
+        .iter()
+        .any(|e| e["type"] == "org.msgnode.test.state" && e["content"]["v"] == 2));
+
+    let (events, _) = actor
+        .messages(&user, &room, None, true, 50)
+        .await
+        .expect("messages");
+    let sent: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "org.msgnode.test")
+        .collect();
+    assert_eq!(sent.len(), 1, "idempotent send stored once");
+
+    let err = actor
+        .send_event(
+            "@alice:localhost",
+            &room,
+            "org.msgnode.test",
+            "t2",
+            &json!({}),
+        )
+        .await
+        .expect_err("not ours");
+    assert!(matches!(err, ActorError::Refused { .. }), "{err}");
+}
+
+async fn journal_stores_every_record_in_order_and_continues_after_restart(synapse: &Synapse) {
+    let actor = actor(synapse).await;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let journal = Journal::start(
+        actor.clone(),
+        JournalConfig::default(),
+        shutdown.clone(),
+        &tracker,
+    )
+    .await
+    .expect("start");
+
+    const N: u64 = 5_000;
+    let start = Instant::now();
+    let mut first = None;
+    for i in 0..N {
+        let seq = journal.record(&message(i), vec![format!("rt://{}", i % 5)]);
+        first.get_or_insert(seq);
+    }
+    let accepted = start.elapsed();
+    journal.flush().await;
+    let stored = start.elapsed();
+    let stats = journal.stats();
+    eprintln!(
+        "journal: {N} records accepted in {accepted:?} ({:.0}/s), all persisted in {stored:?} ({:.0}/s), {} events, {} bytes sent, {} failures",
+        N as f64 / accepted.as_secs_f64(),
+        N as f64 / stored.as_secs_f64(),
+        stats.events_sent,
+        stats.bytes_sent,
+        stats.send_failures,
+    );
+    assert_eq!(first, Some(1));
+    assert_eq!((stats.recorded, stats.persisted, stats.lag), (N, N, 0));
+
+    let seq = journal
+        .record_persisted(&message(N), vec![])
+        .await
+        .expect("persisted");
+    assert_eq!(seq, N + 1);
+
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+
+    let entries = Journal::read_all(&actor).await.expect("read");
+    assert_eq!(entries.len() as u64, N + 1);
+    for (i, entry) in entries.iter().enumerate() {
+        assert_eq!(entry.seq, i as u64 + 1, "gapless and in order");
+    }
+    let m: Value = serde_json::from_str(entries[42].message.get()).expect("json");
+    let want: Value = serde_json::from_str(&message(42)).expect("json");
+    assert_eq!(m, want);
+    assert_eq!(entries[42].to, vec!["rt://2".to_string()]);
+
+    // A restart: a new journal on the same room continues the sequence.
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let restarted = Journal::start(
+        actor.clone(),
+        JournalConfig::default(),
+        shutdown.clone(),
+        &tracker,
+    )
+    .await
+    .expect("restart");
+    // Floats are not canonical JSON for Synapse: such a batch is stored compressed.
+    let seq = restarted.record(r#"{"type":"update","body":{"value":1.5}}"#, vec![]);
+    assert_eq!(seq, N + 2);
+    let seq = restarted.record("not json", vec![]);
+    assert_eq!(seq, N + 3);
+    // Records still queued at shutdown are stored before the writer ends.
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    assert_eq!(restarted.stats().persisted, 2);
+    let entries = Journal::read_all(&actor).await.expect("read");
+    assert_eq!(entries.len() as u64, N + 3);
+    let last: Vec<u64> = entries.iter().rev().take(2).map(|e| e.seq).collect();
+    assert_eq!(last, vec![N + 3, N + 2]);
+    let float: Value = serde_json::from_str(entries[(N + 1) as usize].message.get()).expect("json");
+    assert_eq!(float["body"]["value"], 1.5);
+    assert_eq!(entries[(N + 2) as usize].message.get(), "\"not json\"");
+}
