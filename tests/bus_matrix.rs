@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::synapse::Synapse;
+use msgnode::bus::inbox::Inbox;
 use msgnode::bus::journal::{Journal, JournalConfig};
 use msgnode::pep::actor::{Actor, ActorError};
 use msgnode::pep::homeserver::Homeserver;
@@ -27,6 +28,7 @@ async fn bus_persistence_in_synapse() {
     let synapse = Synapse::start();
     actor_registers_users_creates_rooms_and_sends(&synapse).await;
     journal_stores_every_record_in_order_and_continues_after_restart(&synapse).await;
+    inbox_keeps_messages_until_acked_also_across_restarts(&synapse).await;
 }
 
 async fn actor(synapse: &Synapse) -> Arc<Actor> {
@@ -204,4 +206,75 @@ async fn journal_stores_every_record_in_order_and_continues_after_restart(synaps
     let float: Value = serde_json::from_str(entries[(N + 1) as usize].message.get()).expect("json");
     assert_eq!(float["body"]["value"], 1.5);
     assert_eq!(entries[(N + 2) as usize].message.get(), "\"not json\"");
+}
+
+fn values(texts: &[String]) -> Vec<Value> {
+    texts
+        .iter()
+        .map(|t| serde_json::from_str(t).expect("json"))
+        .collect()
+}
+
+async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse) {
+    let actor = actor(synapse).await;
+    let (a, b) = (
+        "hyperty-runtime://example.com/a",
+        "hyperty-runtime://example.com/b",
+    );
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let inbox = Inbox::new(actor.clone(), shutdown.clone(), &tracker);
+
+    let start = Instant::now();
+    for i in 0..300 {
+        inbox.push(a, &message(i));
+    }
+    inbox.push(b, r#"{"for":"b","value":0.5}"#);
+    inbox.push(b, "not json");
+    let taken = inbox.take(a).await.expect("take");
+    eprintln!(
+        "inbox: 300 messages pushed, stored and read back in {:?}",
+        start.elapsed()
+    );
+    assert_eq!(taken.upto, 300);
+    assert_eq!(
+        values(&taken.messages),
+        values(&(0..300).map(message).collect::<Vec<_>>())
+    );
+    let again = inbox.take(a).await.expect("take again");
+    assert_eq!(again, taken, "not acked: taken again");
+    inbox.ack(a, &taken).await.expect("ack");
+    let empty = inbox.take(a).await.expect("take after ack");
+    assert!(empty.messages.is_empty());
+    assert_eq!(empty.upto, 300);
+
+    for i in 300..305 {
+        inbox.push(a, &message(i));
+    }
+    let pending = inbox.take(a).await.expect("take");
+    assert_eq!(pending.upto, 305);
+    assert_eq!(pending.messages.len(), 5);
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+
+    // A restart: nothing in memory, the inbox rooms still hold what was not acked.
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let inbox = Inbox::new(self::actor(synapse).await, shutdown.clone(), &tracker);
+    let after = inbox.take(a).await.expect("take after restart");
+    assert_eq!(after, pending);
+    inbox.ack(a, &after).await.expect("ack");
+    inbox.push(a, &message(305));
+    let next = inbox.take(a).await.expect("take");
+    assert_eq!(next.upto, 306, "the sequence continues");
+    assert_eq!(values(&next.messages), values(&[message(305)]));
+    let for_b = inbox.take(b).await.expect("take b");
+    assert_eq!(for_b.upto, 2);
+    assert_eq!(for_b.messages[1], "not json");
+    let float: Value = serde_json::from_str(&for_b.messages[0]).expect("json");
+    assert_eq!(float["value"], 0.5);
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
 }

@@ -7,4 +7,5 @@
 //! - `store` — the bus's durable state (runtimes, registry) as room state of one room.
 //!
 //! Each has a `memory()` variant with the same semantics for a node run without Matrix.
+pub mod inbox;
 pub mod journal;
