@@ -14,6 +14,7 @@ mod common;
 use common::synapse::Synapse;
 use msgnode::bus::inbox::Inbox;
 use msgnode::bus::journal::{Journal, JournalConfig};
+use msgnode::bus::store::{RuntimeRecord, Store};
 use msgnode::pep::actor::{Actor, ActorError};
 use msgnode::pep::homeserver::Homeserver;
 use msgnode::pep::registration;
@@ -29,6 +30,7 @@ async fn bus_persistence_in_synapse() {
     actor_registers_users_creates_rooms_and_sends(&synapse).await;
     journal_stores_every_record_in_order_and_continues_after_restart(&synapse).await;
     inbox_keeps_messages_until_acked_also_across_restarts(&synapse).await;
+    store_round_trips_runtimes_and_registry(&synapse).await;
 }
 
 async fn actor(synapse: &Synapse) -> Arc<Actor> {
@@ -277,4 +279,75 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+async fn store_round_trips_runtimes_and_registry(synapse: &Synapse) {
+    let actor = actor(synapse).await;
+    let store = Store::open(actor.clone()).await.expect("open");
+    assert_eq!(store.load().await.expect("load empty").runtimes.len(), 0);
+    let record = |n: usize| RuntimeRecord {
+        user: Some("@alice:localhost".to_string()),
+        allocations: std::collections::BTreeMap::from([(
+            "key".to_string(),
+            (0..n)
+                .map(|i| format!("hyperty://example.com/{i}"))
+                .collect(),
+        )]),
+        subscriptions: std::collections::BTreeMap::from([(
+            "context://example.com/presence/1".to_string(),
+            "hyperty://example.com/0".to_string(),
+        )]),
+        foreign: vec!["hyperty://other.example/9".to_string()],
+    };
+    let (a, b) = (
+        "hyperty-runtime://example.com/a",
+        "hyperty-runtime://example.com/b",
+    );
+    store.put_runtime(a, &record(1)).await.expect("put a");
+    store.put_runtime(b, &record(2)).await.expect("put b");
+    store
+        .put_registry("hyperty://example.com/0", Some(&json!({"status": "live"})))
+        .await
+        .expect("registry");
+    store
+        .put_registry("hyperty://example.com/1", Some(&json!({"load": 0.25})))
+        .await
+        .expect("registry with a float");
+
+    // Concurrent puts of one runtime (issued in order 1..=8, all in flight together) end
+    // with the latest stored.
+    let records: Vec<RuntimeRecord> = (1..=8).map(record).collect();
+    let puts = records.iter().map(|r| store.put_runtime(a, r));
+    for put in futures_util::future::join_all(puts).await {
+        put.expect("put");
+    }
+
+    // A restart reads it all back.
+    let reopened = Store::open(self::actor(synapse).await)
+        .await
+        .expect("reopen");
+    let snapshot = reopened.load().await.expect("load");
+    assert_eq!(snapshot.runtimes.len(), 2);
+    assert_eq!(snapshot.runtimes[a], record(8), "the latest put wins");
+    assert_eq!(snapshot.runtimes[b], record(2));
+    assert_eq!(
+        snapshot.registry["hyperty://example.com/0"]["status"],
+        "live"
+    );
+    assert_eq!(snapshot.registry["hyperty://example.com/1"]["load"], 0.25);
+
+    reopened
+        .put_runtime(b, &RuntimeRecord::default())
+        .await
+        .expect("delete");
+    reopened
+        .put_registry("hyperty://example.com/0", None)
+        .await
+        .expect("delete");
+    let snapshot = store.load().await.expect("load");
+    assert_eq!(snapshot.runtimes.keys().collect::<Vec<_>>(), vec![a]);
+    assert_eq!(
+        snapshot.registry.keys().collect::<Vec<_>>(),
+        vec!["hyperty://example.com/1"]
+    );
 }

@@ -9,3 +9,4 @@
 //! Each has a `memory()` variant with the same semantics for a node run without Matrix.
 pub mod inbox;
 pub mod journal;
+pub mod store;
