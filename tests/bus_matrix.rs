@@ -351,3 +351,83 @@ async fn store_round_trips_runtimes_and_registry(synapse: &Synapse) {
         vec!["hyperty://example.com/1"]
     );
 }
+
+/// Sustained load (run on demand: `cargo test --release --test bus_matrix -- --ignored
+/// --nocapture`): records offered at `MSGNODE_JOURNAL_RATE` per second (default 20,000) for
+/// 10 s with per-message random ids, the lag printed each second, then everything read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a 10 s load run; prints figures"]
+async fn journal_sustained_rate() {
+    let synapse = Synapse::start();
+    let actor = actor(&synapse).await;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let journal = Journal::start(
+        actor.clone(),
+        JournalConfig::default(),
+        shutdown.clone(),
+        &tracker,
+    )
+    .await
+    .expect("start");
+    let rate: u64 = std::env::var("MSGNODE_JOURNAL_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20_000);
+    let seconds = 10;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut max_lag = 0;
+    for second in 1..=seconds {
+        while sent < rate * second {
+            let id = uuid::Uuid::new_v4();
+            let mut m: Value = serde_json::from_str(&message(sent)).expect("json");
+            m["id"] = json!(id.to_string());
+            journal.record(
+                &m.to_string(),
+                vec![format!("hyperty-runtime://example.com/{}", sent % 17)],
+            );
+            sent += 1;
+            if sent % 500 == 0 {
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let stats = journal.stats();
+        max_lag = max_lag.max(stats.lag);
+        eprintln!(
+            "t={:>5.1}s recorded={} persisted={} lag={} oldest={:?} events={} bytes={}",
+            start.elapsed().as_secs_f64(),
+            stats.recorded,
+            stats.persisted,
+            stats.lag,
+            stats.oldest_unpersisted,
+            stats.events_sent,
+            stats.bytes_sent
+        );
+    }
+    let offered = start.elapsed();
+    journal.flush().await;
+    let done = start.elapsed();
+    let stats = journal.stats();
+    eprintln!(
+        "sustained: {sent} records offered in {offered:?} ({:.0}/s), all persisted after {done:?} ({:.0}/s); {} events ({:.0} records/event, {:.0} bytes/record), max lag {max_lag}, {} failures",
+        sent as f64 / offered.as_secs_f64(),
+        sent as f64 / done.as_secs_f64(),
+        stats.events_sent,
+        sent as f64 / stats.events_sent as f64,
+        stats.bytes_sent as f64 / sent as f64,
+        stats.send_failures,
+    );
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let entries = Journal::read_all(&actor).await.expect("read");
+    assert_eq!(entries.len() as u64, sent);
+    assert!(entries
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.seq == i as u64 + 1));
+}
