@@ -18,10 +18,10 @@
 //! not JSON comes back as given). One node writes a runtime's inbox at a time.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::registry::Registry;
 use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
@@ -74,6 +74,7 @@ struct MatrixInbox {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     boxes: Mutex<HashMap<String, Arc<RuntimeBox>>>,
+    counters: Counters,
 }
 
 /// One runtime's inbox in Matrix.
@@ -87,9 +88,6 @@ struct RuntimeBox {
     room: OnceCell<(String, u64)>,
     /// The cursor as last read or written; the lock also serialises take and ack.
     cursor: tokio::sync::Mutex<Option<u64>>,
-    events_sent: AtomicU64,
-    bytes_sent: AtomicU64,
-    send_failures: AtomicU64,
 }
 
 #[derive(Default)]
@@ -108,6 +106,7 @@ impl Inbox {
                 shutdown,
                 tracker: tracker.clone(),
                 boxes: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
             })),
         }
     }
@@ -116,6 +115,16 @@ impl Inbox {
     pub fn memory() -> Inbox {
         Inbox {
             inner: Arc::new(Inner::Memory(Mutex::new(HashMap::new()))),
+        }
+    }
+
+    /// Registers the inboxes' counters (`bus_inbox_*`: events and bytes sent, send
+    /// failures, lost), summed over runtimes. Nothing for the memory variant.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        if let Inner::Matrix(matrix) = &*self.inner {
+            matrix
+                .counters
+                .register(registry, "bus_inbox", "runtime inboxes");
         }
     }
 
@@ -142,6 +151,7 @@ impl Inbox {
                         actor: matrix.actor.clone(),
                         inbox: inbox.clone(),
                         shutdown: matrix.shutdown.clone(),
+                        counters: matrix.counters.clone(),
                     };
                     matrix.tracker.spawn(writer.run());
                 } else {
@@ -219,9 +229,6 @@ impl MatrixInbox {
                     stored,
                     room: OnceCell::new(),
                     cursor: tokio::sync::Mutex::new(None),
-                    events_sent: AtomicU64::new(0),
-                    bytes_sent: AtomicU64::new(0),
-                    send_failures: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -356,6 +363,7 @@ struct Writer {
     actor: Arc<Actor>,
     inbox: Arc<RuntimeBox>,
     shutdown: CancellationToken,
+    counters: Counters,
 }
 
 impl Writer {
@@ -367,6 +375,7 @@ impl Writer {
                 // Given up at shutdown: count everything as done so no take waits forever.
                 let pushed = lock(&self.inbox.queue).pushed;
                 tracing::error!(%runtime, pushed, "inbox: room unavailable at shutdown; messages not stored");
+                self.counters.lost.inc_by(pushed);
                 self.inbox.stored.send_replace(pushed);
                 return;
             }
@@ -412,11 +421,7 @@ impl Writer {
                         events,
                         &self.shutdown,
                         SHUTDOWN_GRACE,
-                        &Counters {
-                            events_sent: &self.inbox.events_sent,
-                            bytes_sent: &self.inbox.bytes_sent,
-                            send_failures: &self.inbox.send_failures,
-                        },
+                        &self.counters,
                     )
                     .await
                 }
@@ -427,6 +432,7 @@ impl Writer {
             };
             if !ok {
                 tracing::error!(%runtime, count, "inbox: messages not stored");
+                self.counters.lost.inc_by(count);
             }
             next_seq += count;
             stored_count += count;

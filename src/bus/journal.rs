@@ -35,11 +35,12 @@
 //! they are equivalent JSON (whitespace and key order may differ).
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
@@ -154,10 +155,9 @@ struct Shared {
     /// No homeserver: records are counted, not kept.
     memory: bool,
     max_batch_raw_bytes: usize,
-    events_sent: AtomicU64,
-    bytes_sent: AtomicU64,
-    send_failures: AtomicU64,
-    lost: AtomicU64,
+    counters: Counters,
+    recorded: Counter,
+    persisted: Counter,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -240,10 +240,9 @@ impl Journal {
                 first_seq: next_seq,
                 memory,
                 max_batch_raw_bytes,
-                events_sent: AtomicU64::new(0),
-                bytes_sent: AtomicU64::new(0),
-                send_failures: AtomicU64::new(0),
-                lost: AtomicU64::new(0),
+                counters: Counters::default(),
+                recorded: Counter::default(),
+                persisted: Counter::default(),
             }),
         }
     }
@@ -255,9 +254,11 @@ impl Journal {
         let mut queue = shared.lock_queue();
         let seq = queue.next_seq;
         queue.next_seq += 1;
+        shared.recorded.inc();
         if shared.memory || queue.closed {
             drop(queue);
             shared.stored.send_modify(|p| p.stored = seq + 1);
+            shared.persisted.inc();
             return seq;
         }
         let was_empty = queue.records.is_empty();
@@ -314,7 +315,7 @@ impl Journal {
             .wait_for(|p| p.stored >= upto || p.closed)
             .await
             .is_ok_and(|p| p.stored >= upto);
-        let lost = self.shared.lost.load(Ordering::Relaxed) > 0;
+        let lost = self.shared.counters.lost.get() > 0;
         if reached && !lost {
             return Ok(());
         }
@@ -332,21 +333,40 @@ impl Journal {
             (queue.next_seq, oldest)
         };
         let stored = shared.stored.borrow().stored;
-        let lost = shared.lost.load(Ordering::Relaxed);
+        let lost = shared.counters.lost.get();
         let recorded = next_seq - shared.first_seq;
         let persisted = stored.saturating_sub(shared.first_seq).saturating_sub(lost);
         JournalStats {
             recorded,
             persisted,
-            events_sent: shared.events_sent.load(Ordering::Relaxed),
-            bytes_sent: shared.bytes_sent.load(Ordering::Relaxed),
-            send_failures: shared.send_failures.load(Ordering::Relaxed),
+            events_sent: shared.counters.events_sent.get(),
+            bytes_sent: shared.counters.bytes_sent.get(),
+            send_failures: shared.counters.send_failures.get(),
             lost,
             oldest_unpersisted: oldest
                 .filter(|_| recorded > persisted)
                 .map(|at| at.elapsed()),
             lag: recorded.saturating_sub(persisted),
         }
+    }
+
+    /// Registers the journal's counters (`bus_journal_*`: recorded, persisted, events and
+    /// bytes sent, send failures, lost); lag is `recorded - persisted`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let shared = &self.shared;
+        registry.register(
+            "bus_journal_recorded",
+            "Messages recorded in the journal",
+            shared.recorded.clone(),
+        );
+        registry.register(
+            "bus_journal_persisted",
+            "Journal messages stored in the homeserver",
+            shared.persisted.clone(),
+        );
+        shared
+            .counters
+            .register(registry, "bus_journal", "the journal");
     }
 
     /// Every entry in the journal room (all nodes), ordered by sequence number (stable, so
@@ -439,7 +459,7 @@ impl Writer {
                     match result {
                         Ok((first, end, ok)) => {
                             if !ok {
-                                this.shared.lost.fetch_add(end - first, Ordering::Relaxed);
+                                this.shared.counters.lost.inc_by(end - first);
                             }
                             done.insert(first, end);
                             this.advance(&mut done);
@@ -456,7 +476,7 @@ impl Writer {
             }
         }
         this.shared.lock_queue().closed = true;
-        let stats_lost = this.shared.lost.load(Ordering::Relaxed);
+        let stats_lost = this.shared.counters.lost.get();
         // Wake any waiter: nothing more will be stored.
         this.shared.stored.send_modify(|p| p.closed = true);
         if stats_lost > 0 {
@@ -494,10 +514,12 @@ impl Writer {
     }
 
     fn advance(&self, done: &mut std::collections::BTreeMap<u64, u64>) {
-        let mut stored = self.shared.stored.borrow().stored;
+        let before = self.shared.stored.borrow().stored;
+        let mut stored = before;
         while let Some(end) = done.remove(&stored) {
             stored = end;
         }
+        self.shared.persisted.inc_by(stored - before);
         self.shared
             .lock_queue()
             .in_flight
@@ -536,11 +558,7 @@ impl Writer {
             events,
             shutdown,
             self.config.shutdown_grace,
-            &Counters {
-                events_sent: &self.shared.events_sent,
-                bytes_sent: &self.shared.bytes_sent,
-                send_failures: &self.shared.send_failures,
-            },
+            &self.shared.counters,
         )
         .await
     }
@@ -827,11 +845,39 @@ pub(crate) fn txn_id(prefix: &str, event: &EncodedEvent) -> String {
     )
 }
 
-/// Where a writer counts its sends.
-pub(crate) struct Counters<'a> {
-    pub events_sent: &'a AtomicU64,
-    pub bytes_sent: &'a AtomicU64,
-    pub send_failures: &'a AtomicU64,
+/// Where a writer counts its sends (Prometheus counters, so they can be registered).
+#[derive(Clone, Default)]
+pub(crate) struct Counters {
+    pub events_sent: Counter,
+    pub bytes_sent: Counter,
+    pub send_failures: Counter,
+    pub lost: Counter,
+}
+
+impl Counters {
+    /// Registers the counters as `<prefix>_events_sent` etc.
+    pub fn register(&self, registry: &mut Registry, prefix: &str, what: &str) {
+        registry.register(
+            format!("{prefix}_events_sent"),
+            format!("Batch events of {what} sent to the homeserver"),
+            self.events_sent.clone(),
+        );
+        registry.register(
+            format!("{prefix}_event_bytes_sent"),
+            format!("Bytes of batch event content of {what} sent"),
+            self.bytes_sent.clone(),
+        );
+        registry.register(
+            format!("{prefix}_send_failures"),
+            format!("Failed (retried) batch sends of {what}"),
+            self.send_failures.clone(),
+        );
+        registry.register(
+            format!("{prefix}_lost"),
+            format!("Messages of {what} given up on at shutdown"),
+            self.lost.clone(),
+        );
+    }
 }
 
 /// Sends `events` in order as `user`, each retried with backoff until stored; false when
@@ -847,7 +893,7 @@ pub(crate) async fn send_batches(
     events: Vec<EncodedEvent>,
     shutdown: &CancellationToken,
     shutdown_grace: Duration,
-    counters: &Counters<'_>,
+    counters: &Counters,
 ) -> bool {
     let mut queue: std::collections::VecDeque<EncodedEvent> = events.into();
     let mut backoff = Duration::from_millis(50);
@@ -867,10 +913,8 @@ pub(crate) async fn send_batches(
             .await
         {
             Ok(_) => {
-                counters.events_sent.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .bytes_sent
-                    .fetch_add(event.content.len() as u64, Ordering::Relaxed);
+                counters.events_sent.inc();
+                counters.bytes_sent.inc_by(event.content.len() as u64);
                 backoff = Duration::from_millis(50);
             }
             Err(error) if !event.compressed && error.errcode() == Some("M_BAD_JSON") => {
@@ -891,7 +935,7 @@ pub(crate) async fn send_batches(
                 }
             }
             Err(error) => {
-                counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                counters.send_failures.inc();
                 tracing::warn!(%error, first_seq = event.first_seq, count = event.count, retry_in = ?backoff, "batch send failed; retrying");
                 if shutdown.is_cancelled() {
                     let at = *give_up_at.get_or_insert_with(|| Instant::now() + shutdown_grace);
@@ -1182,6 +1226,14 @@ mod tests {
         let stats = journal.stats();
         assert_eq!((stats.recorded, stats.persisted, stats.lag), (3, 3, 0));
         assert_eq!(stats.oldest_unpersisted, None);
+
+        let mut registry = Registry::default();
+        journal.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains("bus_journal_recorded_total 3"), "{text}");
+        assert!(text.contains("bus_journal_persisted_total 3"), "{text}");
+        assert!(text.contains("bus_journal_send_failures_total 0"), "{text}");
     }
 
     #[test]

@@ -418,8 +418,8 @@ impl Actor {
             .get("end")
             .and_then(Value::as_str)
             .map(str::to_string);
-        // An empty page ends the timeline even if a token came along.
-        let end = if chunk.is_empty() { None } else { end };
+        // No token ends the timeline; so does an empty page that would not move on.
+        let end = end.filter(|end| !chunk.is_empty() || Some(end.as_str()) != from);
         Ok((chunk, end))
     }
 
