@@ -5,6 +5,7 @@
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
 //! - [`pep`] — the Matrix enforcement point; so far the appservice registration.
+//! - [`bus`] — the reTHINK bus's Matrix-side persistence (journal, inboxes, state).
 //! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`,
 //!   `appservice registration`).
 //! - [`cli`] — the clap command line; [`config`] — `msgnode.toml` + `MSGNODE_*` overrides;

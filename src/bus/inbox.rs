@@ -1,72 +1,502 @@
-//! STUB (replaced by the bus-store branch): messages for runtimes that are not connected.
-use std::collections::HashMap;
+//! Messages for runtimes that are not connected, kept in Matrix until they are delivered.
+//!
+//! Owns one room per runtime (`#_msgnode_inbox.<hash16 of the runtime URL>:<server>`,
+//! created by the appservice's own user on first use), the runtime's message sequence
+//! (u64 from 1, continued after a restart from the room's newest batch) and its delivery
+//! cursor: room state `org.msgnode.bus.cursor` (state key `""`), `{"upto": <highest seq
+//! delivered>}`.
+//!
+//! [`Inbox::push`] only queues; one writer task per runtime (started on its first push)
+//! sends whatever is queued whenever its previous send is done, as `org.msgnode.inbox.batch`
+//! events in the journal's batch format (`{"runtime", "first_seq", "count", "messages"}` or
+//! compressed, see `bus::journal`) — in order, retried until stored, drained at shutdown.
+//! [`Inbox::take`] waits until every push so far is stored, then reads the messages after
+//! the cursor back from the room (so it works right after a restart); [`Inbox::ack`] moves
+//! the cursor.
+//!
+//! Messages come back as equivalent JSON (whitespace and key order may differ; text that is
+//! not JSON comes back as given). One node writes a runtime's inbox at a time.
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::pep::actor::ActorError;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Map, Value};
+use tokio::sync::{watch, Notify, OnceCell};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// Offline store.
-#[derive(Clone, Default)]
-pub struct Inbox {
-    queues: Arc<Mutex<HashMap<String, Vec<String>>>>,
-}
+use super::journal::{
+    decode_batch, encode_batch, raw_or_string, recover_next_seq, send_batches, Counters,
+    OVERSIZE_KEY,
+};
+use crate::pep::actor::{hash16, Actor, ActorError};
 
-/// Messages taken for delivery.
+/// Event type of inbox batches.
+pub const INBOX_EVENT_TYPE: &str = "org.msgnode.inbox.batch";
+/// State event type of a runtime's delivery cursor.
+pub const CURSOR_EVENT_TYPE: &str = "org.msgnode.bus.cursor";
+/// How long [`Inbox::take`] waits for earlier pushes to be stored.
+const STORE_WAIT: Duration = Duration::from_secs(30);
+/// How long a writer keeps retrying after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Messages taken from an inbox: hand them to the runtime, then [`Inbox::ack`].
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Taken {
-    /// Raw JSON texts in order.
+    /// The messages' JSON texts, in order.
     pub messages: Vec<String>,
-    /// Highest sequence number taken.
+    /// The sequence number of the last of them (the cursor when there are none).
     pub upto: u64,
 }
 
+/// Per-runtime inboxes; cheap to clone.
+#[derive(Clone)]
+pub struct Inbox {
+    inner: Arc<Inner>,
+}
+
+enum Inner {
+    Memory(Mutex<HashMap<String, MemoryBox>>),
+    Matrix(MatrixInbox),
+}
+
+#[derive(Default)]
+struct MemoryBox {
+    next_seq: u64,
+    cursor: u64,
+    messages: VecDeque<(u64, String)>,
+}
+
+struct MatrixInbox {
+    actor: Arc<Actor>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    boxes: Mutex<HashMap<String, Arc<RuntimeBox>>>,
+    counters: Counters,
+}
+
+/// One runtime's inbox in Matrix.
+struct RuntimeBox {
+    runtime: String,
+    queue: Mutex<Pushes>,
+    wake: Notify,
+    /// How many pushes are stored (or given up on at shutdown).
+    stored: watch::Sender<u64>,
+    /// The room and the sequence number after its newest batch when first opened.
+    room: OnceCell<(String, u64)>,
+    /// The cursor as last read or written; the lock also serialises take and ack.
+    cursor: tokio::sync::Mutex<Option<u64>>,
+}
+
+#[derive(Default)]
+struct Pushes {
+    pending: Vec<String>,
+    pushed: u64,
+    writer: bool,
+}
+
 impl Inbox {
-    /// Memory only.
-    pub fn memory() -> Inbox {
-        Inbox::default()
-    }
-    /// Queues one message.
-    pub fn push(&self, runtime: &str, message_json: &str) {
-        self.queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(runtime.to_string())
-            .or_default()
-            .push(message_json.to_string());
-    }
-    /// Everything queued.
-    pub async fn take(&self, runtime: &str) -> Result<Taken, ActorError> {
-        let messages = self
-            .queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(runtime)
-            .cloned()
-            .unwrap_or_default();
-        Ok(Taken {
-            upto: messages.len() as u64,
-            messages,
-        })
-    }
-    /// Delivered.
-    pub async fn ack(&self, runtime: &str, taken: &Taken) -> Result<(), ActorError> {
-        if let Some(q) = self
-            .queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(runtime)
-        {
-            q.drain(..taken.messages.len().min(q.len()));
+    /// Inboxes in Matrix; writers run on `tracker` and drain what is queued on `shutdown`.
+    pub fn new(actor: Arc<Actor>, shutdown: CancellationToken, tracker: &TaskTracker) -> Inbox {
+        Inbox {
+            inner: Arc::new(Inner::Matrix(MatrixInbox {
+                actor,
+                shutdown,
+                tracker: tracker.clone(),
+                boxes: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+            })),
         }
+    }
+
+    /// Inboxes in process memory, with the same semantics (lost on exit).
+    pub fn memory() -> Inbox {
+        Inbox {
+            inner: Arc::new(Inner::Memory(Mutex::new(HashMap::new()))),
+        }
+    }
+
+    /// Registers the inboxes' counters (`bus_inbox_*`: events and bytes sent, send
+    /// failures, lost), summed over runtimes. Nothing for the memory variant.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        if let Inner::Matrix(matrix) = &*self.inner {
+            matrix
+                .counters
+                .register(registry, "bus_inbox", "runtime inboxes");
+        }
+    }
+
+    /// Queues `message_json` for `runtime` (in order per runtime); stored in the background.
+    pub fn push(&self, runtime: &str, message_json: &str) {
+        match &*self.inner {
+            Inner::Memory(boxes) => {
+                let mut boxes = lock(boxes);
+                let inbox = boxes.entry(runtime.to_string()).or_default();
+                inbox.next_seq += 1;
+                let seq = inbox.next_seq;
+                inbox.messages.push_back((seq, message_json.to_string()));
+            }
+            Inner::Matrix(matrix) => {
+                let inbox = matrix.runtime_box(runtime);
+                let start_writer = {
+                    let mut queue = lock(&inbox.queue);
+                    queue.pending.push(message_json.to_string());
+                    queue.pushed += 1;
+                    !std::mem::replace(&mut queue.writer, true)
+                };
+                if start_writer {
+                    let writer = Writer {
+                        actor: matrix.actor.clone(),
+                        inbox: inbox.clone(),
+                        shutdown: matrix.shutdown.clone(),
+                        counters: matrix.counters.clone(),
+                    };
+                    matrix.tracker.spawn(writer.run());
+                } else {
+                    inbox.wake.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Every message for `runtime` after its cursor, in order — after waiting until every
+    /// push for it so far is stored.
+    ///
+    /// # Errors
+    /// The homeserver is unavailable (also: earlier pushes not stored within 30 s) or
+    /// refused, or the room holds an unreadable batch.
+    pub async fn take(&self, runtime: &str) -> Result<Taken, ActorError> {
+        match &*self.inner {
+            Inner::Memory(boxes) => {
+                let boxes = lock(boxes);
+                let Some(inbox) = boxes.get(runtime) else {
+                    return Ok(Taken::default());
+                };
+                let messages: Vec<String> = inbox
+                    .messages
+                    .iter()
+                    .filter(|(seq, _)| *seq > inbox.cursor)
+                    .map(|(_, m)| m.clone())
+                    .collect();
+                let upto = inbox.messages.back().map_or(inbox.cursor, |(seq, _)| *seq);
+                Ok(Taken {
+                    messages,
+                    upto: upto.max(inbox.cursor),
+                })
+            }
+            Inner::Matrix(matrix) => matrix.take(runtime).await,
+        }
+    }
+
+    /// Records that `taken` was delivered: a later take returns none of its messages.
+    ///
+    /// # Errors
+    /// The homeserver is unavailable or refused to store the cursor.
+    pub async fn ack(&self, runtime: &str, taken: &Taken) -> Result<(), ActorError> {
+        match &*self.inner {
+            Inner::Memory(boxes) => {
+                let mut boxes = lock(boxes);
+                if let Some(inbox) = boxes.get_mut(runtime) {
+                    inbox.cursor = inbox.cursor.max(taken.upto);
+                    let cursor = inbox.cursor;
+                    inbox.messages.retain(|(seq, _)| *seq > cursor);
+                }
+                Ok(())
+            }
+            Inner::Matrix(matrix) => matrix.ack(runtime, taken).await,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl MatrixInbox {
+    fn runtime_box(&self, runtime: &str) -> Arc<RuntimeBox> {
+        lock(&self.boxes)
+            .entry(runtime.to_string())
+            .or_insert_with(|| {
+                let (stored, _) = watch::channel(0);
+                Arc::new(RuntimeBox {
+                    runtime: runtime.to_string(),
+                    queue: Mutex::new(Pushes::default()),
+                    wake: Notify::new(),
+                    stored,
+                    room: OnceCell::new(),
+                    cursor: tokio::sync::Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+
+    async fn take(&self, runtime: &str) -> Result<Taken, ActorError> {
+        let inbox = self.runtime_box(runtime);
+        let pushed = lock(&inbox.queue).pushed;
+        let mut stored = inbox.stored.subscribe();
+        match tokio::time::timeout(STORE_WAIT, stored.wait_for(|s| *s >= pushed)).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(ActorError::Unavailable),
+        }
+        let (room, _) = inbox.open(&self.actor).await?;
+        let mut cursor_guard = inbox.cursor.lock().await;
+        let cursor = match *cursor_guard {
+            Some(cursor) => cursor,
+            None => {
+                let cursor = read_cursor(&self.actor, room).await?;
+                *cursor_guard = Some(cursor);
+                cursor
+            }
+        };
+        // Newest first, back to the batch holding the cursor; batches are in order.
+        let filter = json!({"types": [INBOX_EVENT_TYPE]});
+        let sender = self.actor.sender().to_string();
+        let mut batches = Vec::new();
+        let mut token: Option<String> = None;
+        'pages: loop {
+            let (events, next) = self
+                .actor
+                .messages_filtered(&sender, room, token.as_deref(), true, 50, Some(&filter))
+                .await?;
+            for event in &events {
+                let content = &event["content"];
+                if event["type"] != INBOX_EVENT_TYPE
+                    || content.as_object().is_none_or(Map::is_empty)
+                {
+                    continue;
+                }
+                let batch = decode_batch(content).map_err(ActorError::Malformed)?;
+                let end = batch.first_seq + batch.entries.len() as u64;
+                if end <= cursor + 1 {
+                    break 'pages;
+                }
+                batches.push(batch);
+            }
+            match next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        batches.sort_by_key(|b| b.first_seq);
+        let mut taken = Taken {
+            messages: Vec::new(),
+            upto: cursor,
+        };
+        for batch in batches {
+            for (i, entry) in batch.entries.into_iter().enumerate() {
+                let seq = batch.first_seq + i as u64;
+                if seq <= taken.upto {
+                    continue; // before the cursor, or a duplicate
+                }
+                taken.upto = seq;
+                // A message that was not JSON was stored as a JSON string.
+                let text = match serde_json::from_str::<Value>(entry.get()) {
+                    Ok(Value::String(text)) => text,
+                    _ => entry.get().to_string(),
+                };
+                taken.messages.push(text);
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn ack(&self, runtime: &str, taken: &Taken) -> Result<(), ActorError> {
+        let inbox = self.runtime_box(runtime);
+        let (room, _) = inbox.open(&self.actor).await?;
+        let mut cursor = inbox.cursor.lock().await;
+        let current = match *cursor {
+            Some(current) => current,
+            None => read_cursor(&self.actor, room).await?,
+        };
+        if taken.upto > current {
+            let sender = self.actor.sender().to_string();
+            self.actor
+                .put_state(
+                    &sender,
+                    room,
+                    CURSOR_EVENT_TYPE,
+                    "",
+                    &json!({"upto": taken.upto}),
+                )
+                .await?;
+        }
+        *cursor = Some(current.max(taken.upto));
         Ok(())
     }
 }
 
-impl Inbox {
-    /// Starts.
-    pub fn new(
-        _actor: Arc<crate::pep::actor::Actor>,
-        _shutdown: tokio_util::sync::CancellationToken,
-        _tracker: &tokio_util::task::TaskTracker,
-    ) -> Inbox {
-        Inbox::memory()
+async fn read_cursor(actor: &Actor, room: &str) -> Result<u64, ActorError> {
+    let sender = actor.sender().to_string();
+    Ok(actor
+        .state_event(&sender, room, CURSOR_EVENT_TYPE, "")
+        .await?
+        .and_then(|c| c.get("upto").and_then(Value::as_u64))
+        .unwrap_or(0))
+}
+
+impl RuntimeBox {
+    /// The runtime's room (created on first use) and the sequence number its next batch
+    /// starts at when first opened.
+    async fn open(&self, actor: &Actor) -> Result<&(String, u64), ActorError> {
+        self.room
+            .get_or_try_init(|| async {
+                let sender = actor.sender().to_string();
+                let alias = format!("_msgnode_inbox.{}", hash16(&self.runtime));
+                let name = format!("msgnode inbox {}", self.runtime);
+                let room = actor.ensure_room(&alias, &sender, &name).await?;
+                let next =
+                    recover_next_seq(actor, &room, INBOX_EVENT_TYPE, "runtime", &self.runtime)
+                        .await?
+                        .unwrap_or(1);
+                Ok((room, next))
+            })
+            .await
+    }
+}
+
+/// The writer task of one runtime's inbox.
+struct Writer {
+    actor: Arc<Actor>,
+    inbox: Arc<RuntimeBox>,
+    shutdown: CancellationToken,
+    counters: Counters,
+}
+
+impl Writer {
+    async fn run(self) {
+        let runtime = self.inbox.runtime.clone();
+        let (room, mut next_seq) = match self.open().await {
+            Some((room, next)) => (room, next),
+            None => {
+                // Given up at shutdown: count everything as done so no take waits forever.
+                let pushed = lock(&self.inbox.queue).pushed;
+                tracing::error!(%runtime, pushed, "inbox: room unavailable at shutdown; messages not stored");
+                self.counters.lost.inc_by(pushed);
+                self.inbox.stored.send_replace(pushed);
+                return;
+            }
+        };
+        let mut header = Map::new();
+        header.insert("runtime".to_string(), Value::String(runtime.clone()));
+        let prefix = format!("i.{}", hash16(&runtime));
+        let sender = self.actor.sender().to_string();
+        let mut stored_count = 0u64;
+        loop {
+            let pending = std::mem::take(&mut lock(&self.inbox.queue).pending);
+            if pending.is_empty() {
+                if self.shutdown.is_cancelled() {
+                    break;
+                }
+                tokio::select! {
+                    () = self.inbox.wake.notified() => {}
+                    () = self.shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            let count = pending.len() as u64;
+            let first_seq = next_seq;
+            let header = header.clone();
+            let encoded = tokio::task::spawn_blocking(move || {
+                let entries = pending
+                    .into_iter()
+                    .map(|m| raw_or_string(m).get().to_string())
+                    .collect();
+                encode_batch(&header, first_seq, entries, true, &|_, bytes| {
+                    json!({ OVERSIZE_KEY: bytes }).to_string()
+                })
+            })
+            .await;
+            let ok = match encoded {
+                Ok(events) => {
+                    send_batches(
+                        &self.actor,
+                        &sender,
+                        &room,
+                        INBOX_EVENT_TYPE,
+                        &prefix,
+                        events,
+                        &self.shutdown,
+                        SHUTDOWN_GRACE,
+                        &self.counters,
+                    )
+                    .await
+                }
+                Err(error) => {
+                    tracing::error!(%error, %runtime, "inbox: encoding task failed");
+                    false
+                }
+            };
+            if !ok {
+                tracing::error!(%runtime, count, "inbox: messages not stored");
+                self.counters.lost.inc_by(count);
+            }
+            next_seq += count;
+            stored_count += count;
+            self.inbox.stored.send_replace(stored_count);
+        }
+        tracing::debug!(%runtime, "inbox writer stopped");
+    }
+
+    /// Opens the room, retrying while the homeserver is unavailable (until shutdown + grace).
+    async fn open(&self) -> Option<(String, u64)> {
+        let mut backoff = Duration::from_millis(50);
+        let mut give_up_at = None;
+        loop {
+            match self.inbox.open(&self.actor).await {
+                Ok(opened) => return Some(opened.clone()),
+                Err(error) => {
+                    tracing::warn!(%error, runtime = %self.inbox.runtime, "inbox: cannot open the room; retrying");
+                    if self.shutdown.is_cancelled() {
+                        let at = *give_up_at
+                            .get_or_insert_with(|| tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                        if tokio::time::Instant::now() >= at {
+                            return None;
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_inbox_keeps_order_and_forgets_what_was_acked() {
+        let inbox = Inbox::memory();
+        assert_eq!(inbox.take("rt://a").await.expect("take"), Taken::default());
+        inbox.push("rt://a", r#"{"n":1}"#);
+        inbox.push("rt://b", r#"{"n":"b"}"#);
+        inbox.push("rt://a", r#"{"n":2}"#);
+        let taken = inbox.take("rt://a").await.expect("take");
+        assert_eq!(taken.messages, vec![r#"{"n":1}"#, r#"{"n":2}"#]);
+        assert_eq!(taken.upto, 2);
+        // Not acked: taken again, with what came since.
+        inbox.push("rt://a", r#"{"n":3}"#);
+        let again = inbox.take("rt://a").await.expect("take");
+        assert_eq!(again.messages.len(), 3);
+        inbox.ack("rt://a", &taken).await.expect("ack");
+        let rest = inbox.take("rt://a").await.expect("take");
+        assert_eq!(rest.messages, vec![r#"{"n":3}"#]);
+        assert_eq!(rest.upto, 3);
+        inbox.ack("rt://a", &rest).await.expect("ack");
+        // An old ack never moves the cursor back.
+        inbox.ack("rt://a", &taken).await.expect("ack");
+        assert_eq!(
+            inbox.take("rt://a").await.expect("take"),
+            Taken {
+                messages: vec![],
+                upto: 3
+            }
+        );
+        assert_eq!(inbox.take("rt://b").await.expect("take").messages.len(), 1);
     }
 }

@@ -268,20 +268,27 @@ async fn start_bus(
                 &config.pep.server_name,
                 Arc::clone(&homeserver),
             )?);
+            let mut journal_config = config.bus.journal.clone();
+            if journal_config.node == bus::journal::JournalConfig::default().node {
+                journal_config.node = domain.clone();
+            }
             let journal = bus::journal::Journal::start(
                 Arc::clone(&actor),
-                config.bus.journal.clone(),
+                journal_config,
                 shutdown.child_token(),
                 tracker,
             )
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the bus journal room: {e}"))?;
+            journal.register_metrics(registry);
             let store = bus::store::Store::open(Arc::clone(&actor))
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open the bus state room: {e}"))?;
+            let inbox = bus::inbox::Inbox::new(Arc::clone(&actor), shutdown.child_token(), tracker);
+            inbox.register_metrics(registry);
             Persistence {
                 journal,
-                inbox: bus::inbox::Inbox::new(Arc::clone(&actor), shutdown.child_token(), tracker),
+                inbox,
                 store,
                 actor: Some(actor),
                 homeserver: Some(homeserver),

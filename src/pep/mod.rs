@@ -10,8 +10,7 @@
 //! - `error` — Matrix `{"errcode", "error"}` responses.
 //! - `appservice` — what the homeserver pushes (transactions, user/room queries, ping).
 //! - `registration` — the appservice registration (`msgnode appservice registration`).
-//!
-//! Still to come: acting as virtual users for the bus.
+//! - `actor` — acting as the appservice's users (rooms, events, state) for the bus.
 
 pub mod actor;
 pub mod appservice;
