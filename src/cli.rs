@@ -168,6 +168,10 @@ pub enum BenchMode {
     /// Matrix sends directly to a real Synapse vs through the proxy (starts its own Synapse;
     /// run from the repository root). Not part of `all`.
     Proxy,
+    /// reTHINK messages routed between stubs over WebSocket, and their history reaching
+    /// Matrix (starts its own Synapse and node; run from the repository root). Not part of
+    /// `all`.
+    Bus,
 }
 
 /// Output format of reports.

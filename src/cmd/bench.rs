@@ -32,6 +32,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         super::bench_proxy::run(&args, seconds)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if args.mode == BenchMode::Bus {
+        super::bench_bus::run(&args, seconds)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let inputs = message_inputs(&args.policies.join("fixtures"))?;
     println!(
         "msgnode bench: {} message inputs from {}/fixtures, {:?} per case, {} cores",
@@ -120,29 +124,33 @@ pub(crate) struct Stats {
 }
 
 impl Stats {
+    /// p50 and p99, in nanoseconds (0 when nothing completed).
+    pub(crate) fn quantiles(&mut self) -> (u64, u64) {
+        self.latencies_ns.sort_unstable();
+        let n = self.latencies_ns.len();
+        let pick = |q: f64| match n {
+            0 => 0,
+            _ => self.latencies_ns[((n as f64 * q) as usize).min(n - 1)],
+        };
+        (pick(0.50), pick(0.99))
+    }
+
     /// Prints one row: name, threads (or clients), p50, p99, rate.
     pub(crate) fn print(mut self, name: &str, threads: usize) {
-        self.latencies_ns.sort_unstable();
-        let pick = |q: f64| {
-            let n = self.latencies_ns.len();
-            if n == 0 {
-                return 0;
-            }
-            self.latencies_ns[((n as f64 * q) as usize).min(n - 1)]
-        };
+        let (p50, p99) = self.quantiles();
         let rate = self.latencies_ns.len() as f64 / self.elapsed.as_secs_f64();
         println!(
             "{:<26} {:>8} {:>10} {:>10} {:>14.0}",
             name,
             threads,
-            micros(pick(0.50)),
-            micros(pick(0.99)),
+            micros(p50),
+            micros(p99),
             rate
         );
     }
 }
 
-fn micros(ns: u64) -> String {
+pub(crate) fn micros(ns: u64) -> String {
     if ns >= 10_000_000 {
         format!("{:.1} ms", ns as f64 / 1e6)
     } else {

@@ -17,14 +17,18 @@ use crate::cli::BenchArgs;
 use crate::config::Config;
 
 /// A throw-away Synapse; wiped when dropped.
-struct BenchSynapse {
+pub(crate) struct BenchSynapse {
     state: PathBuf,
     venv: PathBuf,
-    port: u16,
+    /// Its client-server port.
+    pub(crate) port: u16,
+    /// Where it pushes appservice transactions.
+    pub(crate) as_port: u16,
 }
 
 impl BenchSynapse {
-    fn start() -> anyhow::Result<Self> {
+    /// Installs (first time) and starts a Synapse on free loopback ports.
+    pub(crate) fn start() -> anyhow::Result<Self> {
         let script = Path::new("scripts/synapse");
         if !script.exists() {
             bail!("run `msgnode bench --mode proxy` from the repository root (it needs scripts/synapse)");
@@ -32,13 +36,22 @@ impl BenchSynapse {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        let as_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let synapse = Self {
             state: std::env::temp_dir().join(format!("msgnode-bench-{}", std::process::id())),
             venv: std::fs::canonicalize(".")?.join(".state/venv"),
             port,
+            as_port,
         };
         synapse.script(&["start"])?;
         Ok(synapse)
+    }
+
+    /// The appservice registration it was set up with.
+    pub(crate) fn registration(&self) -> PathBuf {
+        self.state.join("synapse/appservice.yaml")
     }
 
     fn script(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -49,6 +62,10 @@ impl BenchSynapse {
             .env("SYNAPSE_PORT", self.port.to_string())
             .env("SYNAPSE_DATA_ON_TMPFS", "1")
             .env("MSGNODE_BIN", std::env::current_exe()?)
+            .env(
+                "MSGNODE_AS_URL",
+                format!("http://127.0.0.1:{}", self.as_port),
+            )
             .output()
             .context("running scripts/synapse")?;
         if !output.status.success() {
