@@ -158,8 +158,10 @@ async fn connect(addr: SocketAddr, runtime: &str) -> anyhow::Result<BenchStub> {
     }
 }
 
-/// Answers every request it gets with a response (from its hyperty to the sender).
-async fn echo(mut stub: BenchStub, cold: bool) {
+/// Answers every request it gets with a response (from its hyperty to the sender). A cold
+/// request (one carrying `body.value.n`) gets a cold response (`body.n`), so that neither
+/// direction hits the decision cache.
+async fn echo(mut stub: BenchStub) {
     while let Some(Ok(frame)) = stub.socket.next().await {
         let Ws::Text(text) = frame else { continue };
         let Ok(request) = serde_json::from_str::<Value>(&text) else {
@@ -169,8 +171,8 @@ async fn echo(mut stub: BenchStub, cold: bool) {
             continue;
         }
         let mut body = json!({"code": 200});
-        if cold {
-            body["n"] = request["id"].clone();
+        if let Some(n) = request["body"]["value"].get("n") {
+            body["n"] = n.clone();
         }
         let response = json!({"id": request["id"], "type": "response", "from": stub.hyperty, "to": request["from"], "body": body});
         if stub
@@ -184,41 +186,40 @@ async fn echo(mut stub: BenchStub, cold: bool) {
     }
 }
 
-/// Keeps `window` requests in flight to `to` until `deadline`; the round-trip times.
+/// Keeps `window` requests in flight to `to` until `deadline`; the stub (for the next case)
+/// and the round-trip times.
 async fn client(
     mut stub: BenchStub,
     to: String,
     window: usize,
     cold: bool,
     deadline: Instant,
-) -> Vec<u64> {
+    first_id: u64,
+) -> (BenchStub, Vec<u64>) {
     let mut sent: HashMap<u64, Instant> = HashMap::new();
     let mut latencies = Vec::new();
-    let mut next: u64 = 100;
-    let request = |id: u64, from: &str| {
-        let value = if cold {
-            json!({"text": "hello", "n": id})
-        } else {
-            json!({"text": "hello"})
-        };
-        json!({"id": id, "type": "create", "from": from, "to": to, "body": {"value": value}})
-            .to_string()
-    };
+    let mut next = first_id;
     loop {
         while sent.len() < window && Instant::now() < deadline {
-            let text = request(next, &stub.hyperty);
+            let value = if cold {
+                json!({"text": "hello", "n": next})
+            } else {
+                json!({"text": "hello"})
+            };
+            let text = json!({"id": next, "type": "create", "from": stub.hyperty, "to": to, "body": {"value": value}})
+                .to_string();
             if stub.socket.send(Ws::Text(text.into())).await.is_err() {
-                return latencies;
+                return (stub, latencies);
             }
             sent.insert(next, Instant::now());
             next += 1;
         }
         if sent.is_empty() {
-            return latencies;
+            return (stub, latencies);
         }
         let frame = match tokio::time::timeout(Duration::from_secs(10), stub.socket.next()).await {
             Ok(Some(Ok(frame))) => frame,
-            _ => return latencies,
+            _ => return (stub, latencies),
         };
         let Ws::Text(text) = frame else { continue };
         let Ok(answer) = serde_json::from_str::<Value>(&text) else {
@@ -233,20 +234,14 @@ async fn client(
     }
 }
 
-struct Case {
-    name: &'static str,
-    pairs: usize,
-    window: usize,
-    cold: bool,
-}
-
 /// Runs the bus benchmark and prints its rows.
 ///
 /// # Errors
 /// Synapse or the node cannot start, or stubs cannot connect.
 pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
     let synapse = BenchSynapse::start()?;
-    let dir = tempfile_dir()?;
+    let dir = std::env::temp_dir().join(format!("msgnode-bench-bus-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
     let node = Node::start(&synapse, &dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -257,10 +252,23 @@ pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
     result
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("msgnode-bench-bus-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// The journal's counters at one moment.
+struct History {
+    recorded: f64,
+    persisted: f64,
+}
+
+impl History {
+    async fn read(node: &Node, http: &reqwest::Client) -> History {
+        History {
+            recorded: node
+                .metric(http, "msgnode_bus_journal_recorded_total ")
+                .await,
+            persisted: node
+                .metric(http, "msgnode_bus_journal_persisted_total ")
+                .await,
+        }
+    }
 }
 
 async fn measure_all(
@@ -277,143 +285,106 @@ async fn measure_all(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let many = (args.connections.max(2) / 2).max(1);
-    let cases = [
-        Case {
-            name: "bus 2 stubs, 1 in flight",
-            pairs: 1,
-            window: 1,
-            cold: false,
-        },
-        Case {
-            name: "bus 2 stubs, 1 in flight",
-            pairs: 1,
-            window: 1,
-            cold: true,
-        },
-        Case {
-            name: "bus 2 stubs, 64 in flight",
-            pairs: 1,
-            window: 64,
-            cold: false,
-        },
-        Case {
-            name: "bus 2 stubs, 64 in flight",
-            pairs: 1,
-            window: 64,
-            cold: true,
-        },
-        Case {
-            name: "bus N stubs, 8 in flight",
-            pairs: many,
-            window: 8,
-            cold: false,
-        },
-        Case {
-            name: "bus N stubs, 8 in flight",
-            pairs: many,
-            window: 8,
-            cold: true,
-        },
-    ];
     println!(
-        "msgnode bench --mode bus: {measure:?} per case, node in its own process, load generator on 1 thread; {} cores",
+        "msgnode bench --mode bus: {measure:?} per case; node in its own process (2 worker threads), load generator on 1 thread; {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:<30} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
-        "case", "stubs", "cache", "rtt p50", "rtt p99", "routed msg/s", "cpu/msg"
+        "{:<6} {:>9} {:>5} {:>10} {:>10} {:>12} {:>9} {:>11} {:>9}",
+        "stubs",
+        "in flight",
+        "cache",
+        "rtt p50",
+        "rtt p99",
+        "routed msg/s",
+        "cpu/msg",
+        "history/s",
+        "behind"
     );
-    let mut generation = 0;
     let mut routed_total = 0u64;
-    let load_started = Instant::now();
-    let persisted_before = node
-        .metric(&http, "msgnode_bus_journal_persisted_total ")
-        .await;
-    for case in cases {
-        generation += 1;
-        let mut stubs = Vec::new();
-        for i in 0..case.pairs * 2 {
-            stubs.push(
-                connect(
-                    node.bus,
-                    &format!("runtime://localhost/bench-{generation}-{i}"),
-                )
-                .await?,
-            );
-        }
-        let mut tasks = Vec::new();
-        let deadline = Instant::now() + measure;
-        let cpu_before = node.cpu();
-        let begun = Instant::now();
-        while stubs.len() >= 2 {
-            let (Some(server), Some(client_stub)) = (stubs.pop(), stubs.pop()) else {
-                break;
-            };
+    let mut next_id = 100u64;
+    let many = args.connections.max(2);
+    for (group, (stubs, windows)) in [(2usize, [1usize, 64]), (many, [1, 8])]
+        .into_iter()
+        .enumerate()
+    {
+        let pairs = (stubs / 2).max(1);
+        let mut clients = Vec::new();
+        for i in 0..pairs {
+            let server =
+                connect(node.bus, &format!("runtime://localhost/bench-{group}-s{i}")).await?;
+            let client_stub =
+                connect(node.bus, &format!("runtime://localhost/bench-{group}-c{i}")).await?;
             let to = server.hyperty.clone();
-            tokio::spawn(echo(server, case.cold));
-            tasks.push(tokio::spawn(client(
-                client_stub,
-                to,
-                case.window,
-                case.cold,
-                deadline,
-            )));
+            tokio::spawn(echo(server));
+            clients.push((client_stub, to));
         }
-        let mut latencies = Vec::new();
-        for task in tasks {
-            latencies.extend(task.await.unwrap_or_default());
-        }
-        let elapsed = begun.elapsed();
-        let routed = latencies.len() as u64 * 2;
-        routed_total += routed;
-        let cpu = match (cpu_before, node.cpu()) {
-            (Some(a), Some(b)) if routed > 0 => {
-                format!("{:.1} µs", (b - a).as_secs_f64() * 1e6 / routed as f64)
+        for window in windows {
+            for cold in [false, true] {
+                let deadline = Instant::now() + measure;
+                let cpu_before = node.cpu();
+                let history_before = History::read(node, &http).await;
+                let begun = Instant::now();
+                let tasks: Vec<_> = clients
+                    .drain(..)
+                    .map(|(stub, to)| {
+                        next_id += 10_000_000;
+                        let task =
+                            tokio::spawn(client(stub, to.clone(), window, cold, deadline, next_id));
+                        (task, to)
+                    })
+                    .collect();
+                let mut latencies = Vec::new();
+                for (task, to) in tasks {
+                    let (stub, times) = task.await?;
+                    latencies.extend(times);
+                    clients.push((stub, to));
+                }
+                let elapsed = begun.elapsed();
+                let history_after = History::read(node, &http).await;
+                let routed = latencies.len() as u64 * 2;
+                routed_total += routed;
+                let cpu = match (cpu_before, node.cpu()) {
+                    (Some(a), Some(b)) if routed > 0 => {
+                        format!("{:.1} µs", (b - a).as_secs_f64() * 1e6 / routed as f64)
+                    }
+                    _ => "n/a".to_string(),
+                };
+                let mut stats = Stats {
+                    latencies_ns: latencies,
+                    elapsed,
+                };
+                let (p50, p99) = stats.quantiles();
+                println!(
+                    "{:<6} {:>9} {:>5} {:>10} {:>10} {:>12.0} {:>9} {:>11.0} {:>9.0}",
+                    pairs * 2,
+                    window,
+                    if cold { "cold" } else { "warm" },
+                    super::bench::micros(p50),
+                    super::bench::micros(p99),
+                    routed as f64 / elapsed.as_secs_f64(),
+                    cpu,
+                    (history_after.persisted - history_before.persisted) / elapsed.as_secs_f64(),
+                    history_after.recorded - history_after.persisted,
+                );
             }
-            _ => "n/a".to_string(),
-        };
-        let mut stats = Stats {
-            latencies_ns: latencies,
-            elapsed,
-        };
-        let (p50, p99) = stats.quantiles();
-        println!(
-            "{:<30} {:>6} {:>6} {:>10} {:>10} {:>12.0} {:>12}",
-            case.name,
-            case.pairs * 2,
-            if case.cold { "cold" } else { "warm" },
-            super::bench::micros(p50),
-            super::bench::micros(p99),
-            routed as f64 / elapsed.as_secs_f64(),
-            cpu
-        );
+        }
     }
-    let load_elapsed = load_started.elapsed();
-    // History: how far behind, how fast, and is everything there?
-    let recorded = node
-        .metric(&http, "msgnode_bus_journal_recorded_total ")
-        .await;
-    let persisted_at_end = node
-        .metric(&http, "msgnode_bus_journal_persisted_total ")
-        .await;
-    let lag_start = Instant::now();
-    let mut persisted = persisted_at_end;
-    while persisted < recorded && lag_start.elapsed() < Duration::from_secs(120) {
+    // History: is everything there, and how long did the last of it take?
+    let end = History::read(node, &http).await;
+    let drain = Instant::now();
+    let mut persisted = end.persisted;
+    while persisted < end.recorded && drain.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        persisted = node
-            .metric(&http, "msgnode_bus_journal_persisted_total ")
-            .await;
+        persisted = History::read(node, &http).await.persisted;
     }
-    let drained_in = lag_start.elapsed();
     let events = node
         .metric(&http, "msgnode_bus_journal_events_sent_total ")
         .await;
     println!(
-        "history: {recorded:.0} messages recorded, {persisted:.0} persisted in {events:.0} Matrix events; {:.0} persisted/s during the load ({:.0} behind at its end, caught up {:.1} s later)",
-        (persisted_at_end - persisted_before) / load_elapsed.as_secs_f64(),
-        recorded - persisted_at_end,
-        drained_in.as_secs_f64(),
+        "history: {:.0} messages recorded, {persisted:.0} persisted in {events:.0} Matrix events; the last caught up {:.2} s after the load",
+        end.recorded,
+        drain.elapsed().as_secs_f64(),
     );
     let entries = journal_entries(synapse).await?;
     let mut seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
@@ -421,7 +392,7 @@ async fn measure_all(
     seqs.dedup();
     let gaps = seqs.windows(2).filter(|w| w[1] != w[0] + 1).count();
     println!(
-        "history check: {} entries in the journal room ({} distinct, {gaps} gaps); {routed_total} routed by the benchmark",
+        "history check: {} entries read back from the journal room ({} distinct, {gaps} gaps); {routed_total} messages routed by the benchmark",
         entries.len(),
         seqs.len()
     );
