@@ -197,6 +197,30 @@ async fn bus_routes_and_enforces_between_real_stubs() {
     assert_eq!(answer["from"], bob_h[0].as_str());
     assert_eq!(code(&answer), 200);
 
+    // --- Identity (IdM): an asserted identity must be verified for the user.
+    let own = json!({"type": "create", "from": alice_h[0], "to": bob_h[0],
+        "body": {"identity": {"userProfile": {"userURL": "user://localhost/alice"}}}});
+    alice.send(own).await;
+    assert_eq!(
+        bob.recv().await["body"]["identity"]["userProfile"]["userURL"],
+        "user://localhost/alice"
+    );
+    let borrowed = alice
+        .request(json!({"type": "create", "from": alice_h[0], "to": bob_h[0], "body": {"identity": "user://idp.example/bob"}}))
+        .await;
+    assert_eq!(code(&borrowed), 403, "{borrowed}");
+    assert!(
+        description(&borrowed).contains("not verified"),
+        "{borrowed}"
+    );
+    let me = alice
+        .request(json!({"type": "read", "from": alice_h[0], "to": "domain://idm.localhost"}))
+        .await;
+    assert_eq!(
+        me["body"]["value"]["identity"], "user://localhost/alice",
+        "{me}"
+    );
+
     // --- Denied by policy: 403 with the reasons, nothing delivered.
     let denied = alice
         .request(json!({"type": "bogus", "from": alice_h[0], "to": bob_h[0]}))

@@ -509,10 +509,19 @@ impl Bus {
 
     /// The policy input for a message from `conn`.
     fn message_input(&self, conn: &Connection, message: &Message) -> Value {
+        let mut subject = self.subject(conn);
+        // A peer node authenticated for its domain vouches for its own addresses.
+        if let Principal::Peer(domain) = &conn.principal {
+            if address::domain(&message.from).as_deref() == Some(domain.as_str()) {
+                if let Some(addresses) = subject["addresses"].as_array_mut() {
+                    addresses.push(json!(message.from));
+                }
+            }
+        }
         json!({
             "kind": "message",
             "message": message.value,
-            "subject": self.subject(conn),
+            "subject": subject,
             "context": self.context(),
         })
     }

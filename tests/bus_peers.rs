@@ -1,0 +1,115 @@
+//! Two nodes of different domains, each with its own bus (memory-only, Network Server tokens):
+//! a message to an address of the other domain goes to that domain's node over HTTP and the
+//! answer comes back the same way; unknown domains and wrong peer tokens are refused.
+
+use std::path::Path;
+use std::time::Duration;
+
+mod common;
+
+use common::stub::Stub;
+use msgnode::cmd::run::{start, Running};
+use msgnode::config::{Config, NetworkServer, Peer};
+use serde_json::json;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const NS_TOKEN: &str = "service-token";
+const PEER_TOKEN: &str = "shared-peer-token";
+
+fn config(domain: &str, bus_port: u16, peer: (&str, u16)) -> Config {
+    let mut config = Config::default();
+    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pdp.policies = Path::new(REPO).join("policies");
+    config.pdp.schema_dir = Path::new(REPO).join("schemas");
+    config.pdp.decision_log.enabled = false;
+    config.bus.enabled = true;
+    config.bus.listen = format!("127.0.0.1:{bus_port}").parse().expect("addr");
+    config.bus.domain = Some(domain.to_string());
+    config.bus.network_servers = vec![NetworkServer {
+        name: "svc".into(),
+        token: NS_TOKEN.into(),
+    }];
+    config.bus.peers = vec![Peer {
+        domain: peer.0.into(),
+        url: format!("http://127.0.0.1:{}", peer.1),
+        token: PEER_TOKEN.into(),
+    }];
+    config
+}
+
+async fn node(config: Config) -> Running {
+    start(config).await.expect("start node")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_domains_through_peer_nodes() {
+    let (port_a, port_b) = (common::synapse::free_port(), common::synapse::free_port());
+    // Two domains the shipped policy trusts (and that have no time windows).
+    let a = node(config("msgnode.test", port_a, ("hybroker.example", port_b))).await;
+    let b = node(config("hybroker.example", port_b, ("msgnode.test", port_a))).await;
+    let addr_a = a.bus_addr.expect("bus a");
+    let addr_b = b.bus_addr.expect("bus b");
+
+    let mut on_a = Stub::connect(addr_a, "runtime://msgnode.test/svc-1", NS_TOKEN).await;
+    let mut on_b = Stub::connect(addr_b, "runtime://hybroker.example/svc-1", NS_TOKEN).await;
+    let ha = on_a.allocate("msgnode.test", "hyperty", 1).await.remove(0);
+    let hb = on_b
+        .allocate("hybroker.example", "hyperty", 1)
+        .await
+        .remove(0);
+
+    // A → B and the answer back.
+    let request =
+        json!({"id": 9, "type": "create", "from": ha, "to": hb, "body": {"value": {"hello": "b"}}});
+    on_a.send(request.clone()).await;
+    let got = on_b.recv().await;
+    assert_eq!(got, request, "delivered unchanged across nodes");
+    on_b.send(json!({"id": 9, "type": "response", "from": hb, "to": ha, "body": {"code": 200}}))
+        .await;
+    let answer = on_a.recv().await;
+    assert_eq!(answer["type"], "response", "{answer}");
+    assert_eq!(answer["from"], hb.as_str(), "{answer}");
+
+    // The peer's node answers for addresses it does not hold.
+    let missing = on_a
+        .request(json!({"type": "create", "from": ha, "to": "hyperty://hybroker.example/nobody"}))
+        .await;
+    assert_eq!(missing["body"]["code"], 404, "{missing}");
+
+    // A domain without a peer (trusted by policy, but no route).
+    let no_route = on_a
+        .request(json!({"type": "create", "from": ha, "to": "hyperty://partner.example/x"}))
+        .await;
+    let code = no_route["body"]["code"].as_u64().unwrap_or(0);
+    assert!(code == 404 || code == 403, "{no_route}");
+
+    // A peer may only send from its own domain, and needs the token.
+    let http = reqwest::Client::new();
+    let spoofed = http
+        .post(format!("http://{addr_b}/bus/v1/messages"))
+        .bearer_auth(PEER_TOKEN)
+        .body(
+            json!({"id": 1, "type": "create", "from": "hyperty://other.example/x", "to": hb})
+                .to_string(),
+        )
+        .send()
+        .await
+        .expect("post");
+    let body: serde_json::Value = spoofed.json().await.expect("json");
+    assert_eq!(body["body"]["code"], 403, "{body}");
+    let unknown = http
+        .post(format!("http://{addr_b}/bus/v1/messages"))
+        .bearer_auth("wrong")
+        .body(request.to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(unknown.status(), 401);
+    assert!(
+        on_b.quiet_for(Duration::from_millis(200)).await.is_none(),
+        "nothing else reached B"
+    );
+
+    a.stop().await;
+    b.stop().await;
+}
