@@ -4,8 +4,11 @@
 //! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
-//! - [`pep`] — the Matrix enforcement point; so far the appservice registration.
-//! - [`bus`] — the reTHINK bus's Matrix-side persistence (journal, inboxes, state).
+//! - [`pep`] — the Matrix enforcement point: client-server proxy, application service, the
+//!   decision client (local or remote PDP), and acting as the appservice's virtual users.
+//! - [`bus`] — the reTHINK message bus: protocol stubs over WebSocket, address allocation,
+//!   routing, pub/sub, and what it keeps in Matrix (journal, inboxes, state).
+//! - [`connectors`] — registry, identity management and foreign domains.
 //! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`,
 //!   `appservice registration`).
 //! - [`cli`] — the clap command line; [`config`] — `msgnode.toml` + `MSGNODE_*` overrides;
