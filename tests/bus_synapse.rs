@@ -360,18 +360,7 @@ async fn bus_routes_and_enforces_between_real_stubs() {
     // --- Offline: bob's socket closes; what alice sends meanwhile arrives on reconnect, in
     // order, once.
     bob.drop_socket().await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for n in 0..5 {
-        alice
-            .send(json!({"type": "update", "from": alice_h[0], "to": bob_h[0], "body": {"n": n}}))
-            .await;
-    }
-    let ping = alice
-        .request(
-            json!({"type": "ping", "from": "runtime://localhost/alice-1", "to": "mn:/session"}),
-        )
-        .await;
-    assert_eq!(code(&ping), 200);
+    send_numbered(&mut alice, &alice_h[0], &bob_h[0], 0..5).await;
     let mut bob = Stub::connect(addr, "runtime://localhost/bob-1", &bob_token).await;
     for n in 0..5 {
         let got = bob.recv().await;
@@ -415,18 +404,7 @@ async fn bus_routes_and_enforces_between_real_stubs() {
     // --- Restart mid-stream: bob is away, alice sends, the node restarts, alice sends more;
     // bob gets all of it once, in order; allocations and subscriptions survived.
     bob.drop_socket().await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for n in 10..13 {
-        alice
-            .send(json!({"type": "update", "from": alice_h[0], "to": bob_h[0], "body": {"n": n}}))
-            .await;
-    }
-    let ping = alice
-        .request(
-            json!({"type": "ping", "from": "runtime://localhost/alice-1", "to": "mn:/session"}),
-        )
-        .await;
-    assert_eq!(code(&ping), 200);
+    send_numbered(&mut alice, &alice_h[0], &bob_h[0], 10..13).await;
     running.stop().await;
     let running = node(&config).await;
     let addr = running.bus_addr.expect("bus address");
@@ -482,6 +460,20 @@ async fn bus_routes_and_enforces_between_real_stubs() {
             "message {n} is in the history"
         );
     }
+}
+
+/// Sends `update`s numbered `ns` (after the recipient's socket closed) and waits until the
+/// node has handled them (a ping after them is answered).
+async fn send_numbered(stub: &mut Stub, from: &str, to: &str, ns: std::ops::Range<u64>) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for n in ns {
+        stub.send(json!({"type": "update", "from": from, "to": to, "body": {"n": n}}))
+            .await;
+    }
+    let ping = stub
+        .request(json!({"type": "ping", "from": stub.runtime.clone(), "to": "mn:/session"}))
+        .await;
+    assert_eq!(code(&ping), 200);
 }
 
 /// Every message in the journal room, in order.

@@ -50,6 +50,17 @@ impl Reply {
     }
 }
 
+/// The reply of `work`, or the error response for what it failed with.
+pub fn answer<'a>(
+    message: &'a Message,
+    work: impl std::future::Future<Output = Result<Reply, crate::bus::message::BusError>> + Send + 'a,
+) -> BoxFuture<'a, Reply> {
+    Box::pin(async move {
+        work.await
+            .unwrap_or_else(|e| Reply::response(message.error_response(&e)))
+    })
+}
+
 /// One kind of connector.
 pub trait Connector: Send + Sync {
     /// Its name, for logs and metrics.

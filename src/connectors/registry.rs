@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 
-use super::{Connector, Reply, Sender};
+use super::{answer, Connector, Reply, Sender};
 use crate::bus::message::{BusError, Message};
 use crate::bus::store::Store;
 use crate::pep::homeserver::encode;
@@ -193,11 +193,7 @@ impl Connector for BuiltinRegistry {
     }
 
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
-        Box::pin(async move {
-            self.on_message(message, sender)
-                .await
-                .unwrap_or_else(|e| Reply::response(message.error_response(&e)))
-        })
+        answer(message, self.on_message(message, sender))
     }
 }
 
@@ -310,10 +306,6 @@ impl Connector for HttpRegistry {
     }
 
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
-        Box::pin(async move {
-            self.on_message(message, sender)
-                .await
-                .unwrap_or_else(|e| Reply::response(message.error_response(&e)))
-        })
+        answer(message, self.on_message(message, sender))
     }
 }

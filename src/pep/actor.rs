@@ -95,13 +95,7 @@ impl Actor {
         server_name: &str,
         homeserver: Arc<Homeserver>,
     ) -> anyhow::Result<Self> {
-        let users = regex::RegexSet::new(
-            registration
-                .namespaces
-                .users
-                .iter()
-                .map(|n| format!("^(?:{})$", n.regex)),
-        )?;
+        let users = super::registration::user_namespace(registration)?;
         let sender = format!("@{}:{}", registration.sender_localpart, server_name);
         Ok(Self {
             homeserver,

@@ -81,13 +81,7 @@ impl Appservice {
         decider: Decider,
         registry: &mut Registry,
     ) -> anyhow::Result<Self> {
-        let users = regex::RegexSet::new(
-            registration
-                .namespaces
-                .users
-                .iter()
-                .map(|n| format!("^{}$", n.regex)),
-        )?;
+        let users = super::registration::user_namespace(&registration)?;
         let sender = format!("@{}:{}", registration.sender_localpart, server_name);
         let transactions = Family::<OutcomeLabel, Counter>::default();
         registry.register(

@@ -153,6 +153,20 @@ pub fn read(path: &Path) -> Result<Registration, RegistrationError> {
     })
 }
 
+/// The registration's user namespace as one matcher (each regex anchored to the whole id).
+///
+/// # Errors
+/// A namespace regex that does not compile.
+pub fn user_namespace(registration: &Registration) -> Result<regex::RegexSet, regex::Error> {
+    regex::RegexSet::new(
+        registration
+            .namespaces
+            .users
+            .iter()
+            .map(|n| format!("^(?:{})$", n.regex)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
