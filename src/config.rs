@@ -14,6 +14,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+/// The top-level sections; environment variables name one of them first.
+const SECTIONS: [&str; 4] = ["pdp", "pep", "bus", "log"];
+
 /// Why the configuration could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -363,8 +366,16 @@ impl Config {
             Some(path) => figment = figment.merge(Toml::file(path)),
             None => figment = figment.merge(Toml::file("msgnode.toml")),
         }
+        // Only `MSGNODE_<SECTION>__…` are configuration: other MSGNODE_* variables belong to
+        // the scripts (MSGNODE_STATE_DIR, MSGNODE_NO_SYNAPSE, …) or the CLI (MSGNODE_CONFIG).
+        let env = Env::prefixed("MSGNODE_")
+            .filter(|key| {
+                let section = key.as_str().split("__").next().unwrap_or("");
+                SECTIONS.iter().any(|s| section.eq_ignore_ascii_case(s))
+            })
+            .split("__");
         figment
-            .merge(Env::prefixed("MSGNODE_").split("__"))
+            .merge(env)
             .extract()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
@@ -427,6 +438,18 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("listen_addr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn other_msgnode_variables_are_not_configuration() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MSGNODE_NO_SYNAPSE", "1");
+            jail.set_env("MSGNODE_STATE_DIR", "/tmp/x");
+            jail.set_env("MSGNODE_BUS__ENABLED", "true");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(config.bus.enabled);
             Ok(())
         });
     }
