@@ -27,6 +27,22 @@ pub fn parent(url: &str) -> Option<&str> {
     (cut > path_start).then(|| &url[..cut])
 }
 
+/// Whether `url` is safe to route on: no userinfo in the authority (`a@b` is read differently
+/// by different parsers), no `.`/`..` path segments and no percent-encoded `/` or `\`.
+pub fn is_clean(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        // No authority (`mn:/session`): only the dot segments matter.
+        return !url.split('/').any(|s| s == "." || s == "..");
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let lower = path.to_ascii_lowercase();
+    !authority.contains('@')
+        && !path.split('/').any(|s| s == "." || s == "..")
+        && !lower.contains("%2f")
+        && !lower.contains("%5c")
+        && !path.contains('\\')
+}
+
 /// Which node component an address names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
@@ -102,6 +118,38 @@ impl NodeAddresses {
         None
     }
 
+    /// Why `url` cannot be a runtime URL of this node: it must be
+    /// `runtime://<D>/<id>` or `hyperty-runtime://<D>/<id>` (one path segment, this domain),
+    /// so it can never name a node component, a peer, an allocated address or another
+    /// domain's addresses.
+    pub fn runtime_url_problem(&self, url: &str) -> Option<String> {
+        let scheme = scheme(url).unwrap_or_default();
+        if scheme != "runtime" && scheme != "hyperty-runtime" {
+            return Some(format!(
+                "runtime URL {url:?} must be runtime://{0}/<id> or hyperty-runtime://{0}/<id>",
+                self.domain
+            ));
+        }
+        if domain(url).as_deref() != Some(self.domain.as_str()) {
+            return Some(format!(
+                "runtime URL {url:?} is not of this node's domain '{}'",
+                self.domain
+            ));
+        }
+        let path = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .map(|(_, path)| path)
+            .unwrap_or("");
+        if path.is_empty() || path.contains('/') || !is_clean(url) {
+            return Some(format!(
+                "runtime URL {url:?} must have exactly one path segment (runtime://{}/<id>)",
+                self.domain
+            ));
+        }
+        None
+    }
+
     /// Whether `url` belongs to this node's domain (or one of its direct subdomains, such as
     /// `msg-node.<D>`).
     pub fn is_local(&self, url: &str) -> bool {
@@ -163,5 +211,43 @@ mod tests {
         assert!(n.is_local("hyperty://localhost/x"));
         assert!(n.is_local("domain://registry.localhost"));
         assert!(!n.is_local("hyperty://other.example/x"));
+    }
+
+    #[test]
+    fn runtime_urls() {
+        let n = NodeAddresses::new("localhost");
+        assert_eq!(n.runtime_url_problem("runtime://localhost/abc"), None);
+        assert_eq!(
+            n.runtime_url_problem("hyperty-runtime://localhost/abc"),
+            None
+        );
+        for bad in [
+            "hyperty://localhost/abc",
+            "domain://msg-node.localhost/sm",
+            "domain://msg-node.peer.example",
+            "runtime://other.example/abc",
+            "runtime://localhost",
+            "runtime://localhost/",
+            "runtime://localhost/a/b",
+            "runtime://x@localhost/a",
+            "runtime://localhost/..",
+        ] {
+            assert!(n.runtime_url_problem(bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn clean_urls() {
+        assert!(is_clean("hyperty://localhost/a/changes"));
+        assert!(is_clean("mn:/session"));
+        for bad in [
+            "hyperty://localhost:1@peer.example/x",
+            "hyperty://localhost/mine/../alice",
+            "hyperty://localhost/a/./b",
+            "hyperty://localhost/a%2Fb",
+            "hyperty://localhost/a%5cb",
+        ] {
+            assert!(!is_clean(bad), "{bad}");
+        }
     }
 }

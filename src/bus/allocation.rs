@@ -20,6 +20,8 @@ use super::{Bus, Connection};
 
 /// At most this many virtual users are registered at once for one request.
 const REGISTRATION_CONCURRENCY: usize = 8;
+/// Most addresses one request may allocate, whatever the policy allows (a backstop).
+pub const MAX_PER_REQUEST: u64 = 1000;
 
 /// A parsed allocation request.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +76,11 @@ impl Request {
                     ))
                 })?,
             };
+            if number == 0 || number > MAX_PER_REQUEST {
+                return Err(BusError::BadRequest(format!(
+                    "body.value.number must be between 1 and {MAX_PER_REQUEST}, not {number}"
+                )));
+            }
             let key = value
                 .and_then(|v| v.get("allocationKey"))
                 .and_then(Value::as_str)
@@ -223,7 +230,7 @@ impl Bus {
     }
 
     /// Registers the virtual Matrix user behind each address (when the node has a homeserver).
-    async fn register_users(&self, addresses: &[String]) -> Result<(), BusError> {
+    pub(super) async fn register_users(&self, addresses: &[String]) -> Result<(), BusError> {
         let Some(actor) = &self.inner.persistence.actor else {
             return Ok(());
         };

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use super::address::is_clean;
+
 /// Why a frame is not a message the node can act on. Each maps to one reTHINK response code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
@@ -95,19 +97,19 @@ impl Message {
             None => return bad("message has no 'type'".into()),
         };
         let from = match object.get("from") {
-            Some(Value::String(f)) if is_url(f) => f.clone(),
+            Some(Value::String(f)) if is_url(f) && is_clean(f) => f.clone(),
             Some(Value::String(f)) => return bad(format!("'from' is not a URL: {f:?}")),
             Some(_) => return bad("'from' must be a URL string".into()),
             None => return bad("message has no 'from'".into()),
         };
         let to = match object.get("to") {
-            Some(Value::String(t)) if is_url(t) => vec![t.clone()],
+            Some(Value::String(t)) if is_url(t) && is_clean(t) => vec![t.clone()],
             Some(Value::String(t)) => return bad(format!("'to' is not a URL: {t:?}")),
             Some(Value::Array(items)) if !items.is_empty() => {
                 let mut to = Vec::with_capacity(items.len());
                 for item in items {
                     match item.as_str() {
-                        Some(t) if is_url(t) => to.push(t.to_string()),
+                        Some(t) if is_url(t) && is_clean(t) => to.push(t.to_string()),
                         _ => return bad(format!("every 'to' entry must be a URL, not {item}")),
                     }
                 }
@@ -260,6 +262,14 @@ mod tests {
                 "'from' is not a URL",
             ),
             (r#"{"id":1,"type":"x","from":"a:b"}"#, "no 'to'"),
+            (
+                r#"{"id":1,"type":"x","from":"h://d/a/../b","to":"a:c"}"#,
+                "'from' is not a URL",
+            ),
+            (
+                r#"{"id":1,"type":"x","from":"a:b","to":"h://d@e/x"}"#,
+                "'to' is not a URL",
+            ),
             (r#"{"id":1,"type":"x","from":"a:b","to":[]}"#, "empty array"),
             (r#"{"id":1,"type":"x","from":"a:b","to":[1]}"#, "every 'to'"),
             (

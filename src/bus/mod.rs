@@ -63,6 +63,20 @@ use store::{RuntimeRecord, Store};
 
 /// How often the bus checks for a new policy revision to re-decide subscriptions.
 const REVISION_POLL: Duration = Duration::from_millis(100);
+/// Most foreign addresses one runtime may use as return routes.
+const MAX_FOREIGN_PER_RUNTIME: usize = 1000;
+/// Most subscriptions one runtime may hold.
+const MAX_SUBSCRIPTIONS_PER_RUNTIME: usize = 10_000;
+
+/// Where one `to` of a message goes.
+enum Destination {
+    /// These runtimes (possibly none: a topic nobody subscribed to).
+    Runtimes(Vec<Arc<Runtime>>),
+    /// A peer node.
+    Foreign,
+    /// Nothing holds it.
+    Unknown,
+}
 
 /// Who a connection is, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,9 +358,17 @@ impl Bus {
         runtime_url: &str,
         principal: &Principal,
     ) -> Result<Arc<Runtime>, BusError> {
-        if !message::is_url(runtime_url) {
-            return Err(BusError::BadRequest(format!(
-                "runtime URL {runtime_url:?} is not a URL"
+        if let Some(problem) = self.inner.nodes.runtime_url_problem(runtime_url) {
+            return Err(BusError::BadRequest(problem));
+        }
+        if self
+            .inner
+            .table
+            .holder_of(runtime_url)
+            .is_some_and(|holder| holder.url != runtime_url)
+        {
+            return Err(BusError::Forbidden(format!(
+                "'{runtime_url}' is an address of another runtime"
             )));
         }
         let owner = match principal {
@@ -392,20 +414,32 @@ impl Bus {
         });
         runtime.begin_attach(conn.id, conn.close.clone());
         let inbox = &self.inner.persistence.inbox;
-        let taken = inbox
-            .take(&runtime.url)
-            .await
-            .map_err(|e| BusError::Unavailable(format!("cannot read the runtime's inbox: {e}")))?;
-        for text in &taken.messages {
-            if conn.tx.send(Utf8Bytes::from(text.clone())).await.is_err() {
-                return Err(BusError::Unavailable("socket closed while resuming".into()));
+        let resumed = async {
+            let taken = inbox.take(&runtime.url).await.map_err(|e| {
+                BusError::Unavailable(format!("cannot read the runtime's inbox: {e}"))
+            })?;
+            for text in &taken.messages {
+                if conn.tx.send(Utf8Bytes::from(text.clone())).await.is_err() {
+                    return Err(BusError::Unavailable("socket closed while resuming".into()));
+                }
             }
+            if !runtime.go_online(conn.id, &conn.tx).await {
+                return Err(BusError::Unavailable(
+                    "another socket took the runtime over, or this one closed".into(),
+                ));
+            }
+            Ok(taken)
         }
-        if !runtime.go_online(conn.id, &conn.tx).await {
-            return Err(BusError::Unavailable(
-                "another socket took the runtime over".into(),
-            ));
-        }
+        .await;
+        let taken = match resumed {
+            Ok(taken) => taken,
+            Err(e) => {
+                // Whatever was buffered for this socket goes (back) to the inbox, in order;
+                // the inbox itself was not acknowledged, so it is handed over again next time.
+                runtime.detach(conn.id, inbox);
+                return Err(e);
+            }
+        };
         if !taken.messages.is_empty() {
             self.inner
                 .metrics
@@ -590,33 +624,76 @@ impl Bus {
     /// once the policy allowed it, becomes a return route of the connection.
     async fn check_from(&self, conn: &Connection, message: &Message) -> Result<(), BusError> {
         let from = message.from.as_str();
-        if let Some(holder) = self.inner.table.holder_of(from) {
-            if Arc::ptr_eq(&holder, &conn.runtime) {
-                return Ok(());
-            }
-        }
+        let spoofed = || {
+            BusError::Forbidden(format!(
+                "sender '{from}' is not an address of this connection (spoofed 'from')"
+            ))
+        };
         if let Principal::Peer(domain) = &conn.principal {
             if address::domain(from).as_deref() == Some(domain.as_str()) {
                 return Ok(());
             }
         }
-        if !self.inner.nodes.is_local(from) {
-            let record = conn.runtime.update(|r| {
-                if !r.foreign.iter().any(|a| a == from) {
-                    r.foreign.push(from.to_string());
-                }
-            });
-            self.inner.table.bind(from, &conn.runtime);
-            self.persist(&conn.runtime.url, &record).await?;
-            return Ok(());
+        match self.inner.table.holder_of(from) {
+            Some(holder) if Arc::ptr_eq(&holder, &conn.runtime) => return Ok(()),
+            // Held (or a sub-resource of what is held) by another runtime.
+            Some(_) => return Err(spoofed()),
+            None => {}
         }
-        Err(BusError::Forbidden(format!(
-            "sender '{from}' is not an address of this connection (spoofed 'from')"
-        )))
+        if self.inner.nodes.is_local(from) {
+            return Err(spoofed());
+        }
+        // A transient local address for the foreign hyperty: bound to this connection and
+        // backed by a virtual user, like an allocated one.
+        if conn.runtime.record().foreign.len() >= MAX_FOREIGN_PER_RUNTIME {
+            return Err(BusError::Forbidden(format!(
+                "this runtime already uses {MAX_FOREIGN_PER_RUNTIME} foreign addresses"
+            )));
+        }
+        self.register_users(&[from.to_string()]).await?;
+        if !self.inner.table.bind_if_free(from, &conn.runtime) {
+            return Err(spoofed());
+        }
+        let record = conn.runtime.update(|r| r.foreign.push(from.to_string()));
+        if let Err(e) = self.persist(&conn.runtime.url, &record).await {
+            conn.runtime.update(|r| r.foreign.retain(|a| a != from));
+            self.inner.table.unbind(from, &conn.runtime);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Routes an allowed message to every destination: runtimes holding the address (direct
     /// or inbox), subscribers of a resource, or a peer node. Unknown local addresses are a 404.
+    /// Who `to` reaches. A topic (`…/changes`, `…/registration`, `…/children/…`) reaches its
+    /// subscribers (maybe none). Any other address reaches the runtime holding it (or the
+    /// nearest address it is a sub-resource of) — never subscribers instead — else its
+    /// subscribers, else a peer node (another domain), else nobody (unknown).
+    fn destination(&self, to: &str) -> Destination {
+        let subscribers = || {
+            self.inner
+                .subscriptions
+                .subscribers(to)
+                .into_iter()
+                .map(|s| s.runtime)
+                .collect::<Vec<_>>()
+        };
+        if pubsub::is_topic(to) {
+            return Destination::Runtimes(subscribers());
+        }
+        if let Some(runtime) = self.inner.table.holder_of(to) {
+            return Destination::Runtimes(vec![runtime]);
+        }
+        let subscribed = subscribers();
+        if !subscribed.is_empty() {
+            Destination::Runtimes(subscribed)
+        } else if !self.inner.nodes.is_local(to) {
+            Destination::Foreign
+        } else {
+            Destination::Unknown
+        }
+    }
+
     async fn route(
         &self,
         conn: &Connection,
@@ -631,17 +708,10 @@ impl Bus {
                     "node component '{to}' takes a message of its own (a single 'to')"
                 )));
             }
-            let subscribers = self.inner.subscriptions.subscribers(to);
-            if !subscribers.is_empty() {
-                targets.extend(subscribers.into_iter().map(|s| s.runtime));
-            } else if pubsub::is_topic(to) {
-                // Nobody listens (yet): delivered to no one.
-            } else if let Some(runtime) = self.inner.table.holder_of(to) {
-                targets.push(runtime);
-            } else if !self.inner.nodes.is_local(to) {
-                foreign.push(to.clone());
-            } else {
-                unknown.push(to);
+            match self.destination(to) {
+                Destination::Runtimes(runtimes) => targets.extend(runtimes),
+                Destination::Foreign => foreign.push(to.clone()),
+                Destination::Unknown => unknown.push(to),
             }
         }
         let targets = Table::distinct(targets);
@@ -699,11 +769,22 @@ impl Bus {
         message: &Message,
         connector: &dyn Connector,
     ) -> Option<String> {
-        let identity = conn.identity();
+        let identity = conn.identity().or_else(|| {
+            let localpart = conn.user()?.trim_start_matches('@').split(':').next()?;
+            Some(format!("user://{}/{localpart}", self.inner.nodes.domain()))
+        });
+        let table = &self.inner.table;
+        let runtime = &conn.runtime;
+        let holds = |url: &str| {
+            table
+                .holder_of(url)
+                .is_some_and(|holder| Arc::ptr_eq(&holder, runtime))
+        };
         let sender = Sender {
             runtime: &conn.runtime.url,
             user: conn.user(),
             identity: identity.as_deref(),
+            holds: &holds,
         };
         let reply = connector.handle(message, sender).await;
         self.inner.metrics.count("component");
@@ -721,11 +802,9 @@ impl Bus {
         };
         let mut targets = Vec::new();
         for to in &message.to {
-            let subscribers = self.inner.subscriptions.subscribers(to);
-            if subscribers.is_empty() && !pubsub::is_topic(to) {
-                targets.extend(self.inner.table.holder_of(to));
+            if let Destination::Runtimes(runtimes) = self.destination(to) {
+                targets.extend(runtimes);
             }
-            targets.extend(subscribers.into_iter().map(|s| s.runtime));
         }
         let targets = Table::distinct(targets);
         let text = Utf8Bytes::from(message.text.to_string());
@@ -798,6 +877,24 @@ impl Bus {
                     "subscriber '{subscriber}' is not an address of this connection"
                 ))
             })?;
+        for resource in &resources {
+            if !message::is_url(resource) || !address::is_clean(resource) {
+                return Err(BusError::BadRequest(format!(
+                    "subscribe: {resource:?} is not a URL"
+                )));
+            }
+            // Subscribing must never divert what is addressed to a holder of an address.
+            if !pubsub::is_topic(resource) && self.inner.table.holder_of(resource).is_some() {
+                return Err(BusError::Forbidden(format!(
+                    "'{resource}' is an address, not a topic: only its holder receives what is sent to it"
+                )));
+            }
+        }
+        if runtime.record().subscriptions.len() + resources.len() > MAX_SUBSCRIPTIONS_PER_RUNTIME {
+            return Err(BusError::Forbidden(format!(
+                "a runtime may hold at most {MAX_SUBSCRIPTIONS_PER_RUNTIME} subscriptions"
+            )));
+        }
         let mut reasons = Vec::new();
         for resource in &resources {
             let input = json!({
@@ -816,12 +913,17 @@ impl Bus {
             reasons.dedup();
             return Err(BusError::Forbidden(reasons.join("; ")));
         }
+        self.check_from(conn, message).await?;
+        let before = runtime.record().subscriptions;
         let record = runtime.update(|r| {
             for resource in &resources {
                 r.subscriptions.insert(resource.clone(), subscriber.clone());
             }
         });
-        self.persist(&runtime.url, &record).await?;
+        if let Err(e) = self.persist(&runtime.url, &record).await {
+            runtime.update(|r| r.subscriptions = before);
+            return Err(e);
+        }
         for resource in &resources {
             self.inner.subscriptions.add(
                 resource,

@@ -88,8 +88,10 @@ impl Subscriptions {
     }
 }
 
-/// Whether `url` names a topic (its last segment is `changes` or `registration`): with no
-/// subscriber it reaches nobody, rather than the holder of the object it belongs to.
+/// Whether `url` names a topic: its last segment is `changes` or `registration`, or it is a
+/// child collection (`<object>/children/<name>`). A topic reaches its subscribers only — with
+/// none it reaches nobody, not the holder of the object it belongs to — and it is the only
+/// kind of address that can be subscribed to while someone holds it.
 pub fn is_topic(url: &str) -> bool {
-    matches!(url.rsplit('/').next(), Some("changes" | "registration"))
+    matches!(url.rsplit('/').next(), Some("changes" | "registration")) || url.contains("/children/")
 }

@@ -69,6 +69,11 @@ impl Runtime {
         }
     }
 
+    /// A runtime outside the table (a peer node's stand-in): nothing is routed to it.
+    pub fn standalone(url: &str, record: RuntimeRecord) -> Arc<Runtime> {
+        Arc::new(Runtime::new(url, record))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -212,8 +217,23 @@ impl Runtime {
                     _ => return false,
                 }
             };
-            for text in buffered {
-                if tx.send(text).await.is_err() {
+            let mut buffered = buffered.into_iter();
+            while let Some(text) = buffered.next() {
+                if let Err(unsent) = tx.send(text).await {
+                    // Put back what did not go out, ahead of anything buffered meanwhile, so
+                    // that `detach` moves all of it to the inbox in order.
+                    let mut state = self.lock();
+                    if let Delivery::Draining {
+                        conn: c, buffer, ..
+                    } = &mut state.delivery
+                    {
+                        if *c == conn {
+                            let mut rest: Vec<Utf8Bytes> =
+                                std::iter::once(unsent.0).chain(buffered).collect();
+                            rest.append(buffer);
+                            *buffer = rest;
+                        }
+                    }
                     return false;
                 }
             }
@@ -302,6 +322,16 @@ impl Table {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(address.to_string(), Arc::clone(runtime));
+    }
+
+    /// Binds `address` to `runtime` unless another runtime holds it; whether it is bound to
+    /// `runtime` now.
+    pub fn bind_if_free(&self, address: &str, runtime: &Arc<Runtime>) -> bool {
+        let mut addresses = self.addresses.write().unwrap_or_else(|p| p.into_inner());
+        let holder = addresses
+            .entry(address.to_string())
+            .or_insert_with(|| Arc::clone(runtime));
+        Arc::ptr_eq(holder, runtime)
     }
 
     /// Releases `address` if `runtime` holds it.
@@ -401,6 +431,26 @@ mod tests {
         assert!(!rt.is_online());
         assert!(close.is_cancelled(), "the slow socket is told to close");
         assert_eq!(inbox.take("runtime://d/1").await.unwrap().messages, ["b"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_resume_loses_nothing() {
+        let table = Table::default();
+        let inbox = Inbox::memory();
+        let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
+        rt.begin_attach(1, CancellationToken::new());
+        rt.deliver(&text("m1"), &inbox);
+        rt.deliver(&text("m2"), &inbox);
+        let (tx, rx) = mpsc::channel(4);
+        drop(rx);
+        assert!(!rt.go_online(1, &tx).await, "the socket is gone");
+        rt.deliver(&text("m3"), &inbox);
+        rt.detach(1, &inbox);
+        rt.deliver(&text("m4"), &inbox);
+        assert_eq!(
+            inbox.take("runtime://d/1").await.unwrap().messages,
+            ["m1", "m2", "m3", "m4"]
+        );
     }
 
     #[test]

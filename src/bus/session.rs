@@ -33,6 +33,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::message::{response, BusError, Message};
+use super::router::Runtime;
+use super::store::RuntimeRecord;
 use super::{Bus, Connection, Principal};
 
 /// WebSocket close codes (RFC 6455 §7.4.1).
@@ -429,10 +431,7 @@ async fn peer_message(
                 ));
                 Some(message.error_response(&error))
             } else {
-                match bus.peer_connection(&domain).await {
-                    Ok(conn) => bus.handle(&conn, message).await,
-                    Err(e) => Some(message.error_response(&e)),
-                }
+                bus.handle(&bus.peer_connection(&domain), message).await
             }
         }
     };
@@ -451,21 +450,23 @@ impl Bus {
             .map(|p| p.domain.to_ascii_lowercase())
     }
 
-    /// The connection standing for a peer node (its runtime is `domain://msg-node.<peer>`).
-    async fn peer_connection(&self, domain: &str) -> Result<Arc<Connection>, BusError> {
+    /// The connection standing for a peer node: its runtime `domain://msg-node.<peer>` is
+    /// outside the routing table (what is addressed to the peer's domain goes to the peer).
+    fn peer_connection(&self, domain: &str) -> Arc<Connection> {
         let principal = Principal::Peer(domain.to_string());
-        let runtime = self
-            .bind(&format!("domain://msg-node.{domain}"), &principal)
-            .await?;
+        let runtime = Runtime::standalone(
+            &format!("domain://msg-node.{domain}"),
+            RuntimeRecord::default(),
+        );
         // Nothing reads this queue: a peer's answers travel back as HTTP responses.
         let (tx, _rx) = mpsc::channel(1);
-        Ok(Arc::new(Connection {
+        Arc::new(Connection {
             id: 0,
             runtime,
             principal,
             tx,
             close: CancellationToken::new(),
             identity: Mutex::new(None),
-        }))
+        })
     }
 }

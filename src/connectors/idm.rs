@@ -5,7 +5,7 @@
 //! Local validator (default): a Matrix user may assert `user://<node domain>/<localpart>`,
 //! and the identities `[bus.idm] identities` lists for it. With `[bus.idm] url`, an identity
 //! provider decides: `POST url {"user", "identity", "assertion"}` → 200 `{"identity"}`.
-//! Verified identities are remembered per (user, identity) for a minute.
+//! Verified identities are remembered per (user, identity, assertion) for a minute.
 
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ pub struct Idm {
     config: IdmConfig,
     domain: String,
     http: reqwest::Client,
-    verified: moka::sync::Cache<(Option<String>, String), String>,
+    /// (user, asserted identity, assertion) → verified identity.
+    verified: moka::sync::Cache<(Option<String>, String, String), String>,
 }
 
 impl Idm {
@@ -65,7 +66,11 @@ impl Idm {
         identity: &str,
         assertion: Option<&Value>,
     ) -> Result<String, BusError> {
-        let key = (user.map(str::to_string), identity.to_string());
+        let key = (
+            user.map(str::to_string),
+            identity.to_string(),
+            assertion.map(Value::to_string).unwrap_or_default(),
+        );
         if let Some(verified) = self.verified.get(&key) {
             return Ok(verified);
         }

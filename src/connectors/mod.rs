@@ -17,17 +17,53 @@ pub mod registry;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 
-use crate::bus::message::Message;
+use crate::bus::message::{BusError, Message};
 
 /// The sender of a message a connector handles.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Sender<'a> {
     /// Its runtime URL.
     pub runtime: &'a str,
     /// Its Matrix user, if any.
     pub user: Option<&'a str>,
-    /// Its verified identity (`user://idp/name`), if any.
+    /// Its verified identity (`user://idp/name`), else the one its Matrix user implies
+    /// (`user://<D>/<localpart>`), if any.
     pub identity: Option<&'a str>,
+    /// Whether the sender's runtime holds an address (or the address it belongs to).
+    pub holds: &'a (dyn Fn(&str) -> bool + Send + Sync),
+}
+
+impl Sender<'_> {
+    /// The `user` a registration by this sender is filed under: its identity; a different
+    /// `value.user` is refused.
+    ///
+    /// # Errors
+    /// 403 when `claimed` is not the sender's identity.
+    pub fn registrant(&self, claimed: Option<&str>) -> Result<Option<String>, BusError> {
+        match (claimed, self.identity) {
+            (Some(claimed), Some(identity)) if claimed != identity => Err(BusError::Forbidden(
+                format!("may register only as its own identity '{identity}', not '{claimed}'"),
+            )),
+            (Some(claimed), None) => Err(BusError::Forbidden(format!(
+                "registering as '{claimed}' needs a verified identity"
+            ))),
+            (_, identity) => Ok(identity.map(str::to_string)),
+        }
+    }
+
+    /// Checks that the sender's runtime holds `url`.
+    ///
+    /// # Errors
+    /// 403 otherwise.
+    pub fn must_hold(&self, url: &str) -> Result<(), BusError> {
+        if (self.holds)(url) {
+            Ok(())
+        } else {
+            Err(BusError::Forbidden(format!(
+                "'{url}' is not an address of this runtime"
+            )))
+        }
+    }
 }
 
 /// What a connector answers.
@@ -53,7 +89,7 @@ impl Reply {
 /// The reply of `work`, or the error response for what it failed with.
 pub fn answer<'a>(
     message: &'a Message,
-    work: impl std::future::Future<Output = Result<Reply, crate::bus::message::BusError>> + Send + 'a,
+    work: impl std::future::Future<Output = Result<Reply, BusError>> + Send + 'a,
 ) -> BoxFuture<'a, Reply> {
     Box::pin(async move {
         work.await

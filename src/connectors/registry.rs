@@ -22,6 +22,9 @@ use crate::bus::message::{BusError, Message};
 use crate::bus::store::Store;
 use crate::pep::homeserver::encode;
 
+/// Most entries one runtime may register in the built-in registry.
+const MAX_ENTRIES_PER_RUNTIME: usize = 1000;
+
 /// The built-in registry.
 pub struct BuiltinRegistry {
     entries: RwLock<BTreeMap<String, Value>>,
@@ -52,18 +55,30 @@ impl BuiltinRegistry {
                         BusError::BadRequest("registry create needs body.value.url".into())
                     })?
                     .to_string();
-                if let Some(existing) = self.get(&url) {
-                    if existing["runtime"] != sender.runtime {
+                sender.must_hold(&url)?;
+                let user = sender.registrant(value.get("user").and_then(Value::as_str))?;
+                match self.get(&url) {
+                    Some(existing) if existing["runtime"] != sender.runtime => {
                         return Err(BusError::Forbidden(format!(
                             "'{url}' is registered by another runtime"
                         )));
                     }
+                    Some(_) => {}
+                    None if self.count_of(sender.runtime) >= MAX_ENTRIES_PER_RUNTIME => {
+                        return Err(BusError::Forbidden(format!(
+                            "a runtime may register at most {MAX_ENTRIES_PER_RUNTIME} entries"
+                        )));
+                    }
+                    None => {}
                 }
                 let mut entry = value.clone();
                 entry["runtime"] = json!(sender.runtime);
-                if entry.get("user").is_none() {
-                    if let Some(user) = sender.identity.or(sender.user) {
-                        entry["user"] = json!(user);
+                match user {
+                    Some(user) => entry["user"] = json!(user),
+                    None => {
+                        if let Some(object) = entry.as_object_mut() {
+                            object.remove("user");
+                        }
                     }
                 }
                 entry["status"] = entry.get("status").cloned().unwrap_or(json!("live"));
@@ -149,6 +164,15 @@ impl BuiltinRegistry {
                 message.kind
             ))),
         }
+    }
+
+    fn count_of(&self, runtime: &str) -> usize {
+        self.entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|e| e["runtime"] == runtime)
+            .count()
     }
 
     fn get(&self, url: &str) -> Option<Value> {
@@ -240,14 +264,13 @@ impl HttpRegistry {
 
     async fn on_message(&self, message: &Message, sender: Sender<'_>) -> Result<Reply, BusError> {
         let body = message.body();
-        let user = body
-            .get("value")
-            .and_then(|v| v.get("user"))
-            .and_then(Value::as_str)
-            .or(sender.identity)
-            .or(sender.user)
-            .unwrap_or("anonymous")
-            .to_string();
+        let user = sender
+            .registrant(
+                body.get("value")
+                    .and_then(|v| v.get("user"))
+                    .and_then(Value::as_str),
+            )?
+            .unwrap_or_else(|| "anonymous".to_string());
         let resource = body
             .get("resource")
             .and_then(Value::as_str)
@@ -268,6 +291,9 @@ impl HttpRegistry {
         } else {
             format!("/hyperty/dataobject/{}", encode(resource))
         };
+        if !message.kind_is("read") && !resource.starts_with("user://") {
+            sender.must_hold(resource)?;
+        }
         let url = format!("{}{path}", self.base);
         let request = match message.kind.to_ascii_lowercase().as_str() {
             "create" | "update" => self

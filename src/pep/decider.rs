@@ -30,8 +30,8 @@ pub const POLICY_UNAVAILABLE: &str = "policy unavailable";
 /// Why a decider cannot be built from the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum DeciderError {
-    /// `[pep] pdp_url` is not an `http://` URL.
-    #[error("[pep] pdp_url {0:?} must be an http:// URL (https is not built in)")]
+    /// `[pep] pdp_url` is not an `http://` or `https://` URL.
+    #[error("[pep] pdp_url {0:?} must be an http:// or https:// URL")]
     Url(String),
     /// `[pdp] decision` is not a data reference.
     #[error("[pdp] decision: {0}")]
@@ -131,7 +131,7 @@ impl RemotePdp {
     /// (`data.msgnode.authz.decision` → `POST /v1/data/msgnode/authz/decision`).
     ///
     /// # Errors
-    /// A URL that is not `http://`, a decision that is not a data reference.
+    /// A URL that is not `http://` or `https://`, a decision that is not a data reference.
     pub fn new(
         base_url: &str,
         decision: &str,
@@ -140,7 +140,10 @@ impl RemotePdp {
         registry: &mut Registry,
     ) -> Result<Self, DeciderError> {
         let base = base_url.trim_end_matches('/');
-        if !base.starts_with("http://") || base.len() <= "http://".len() {
+        let authority = base
+            .strip_prefix("http://")
+            .or_else(|| base.strip_prefix("https://"));
+        if authority.is_none_or(str::is_empty) {
             return Err(DeciderError::Url(base_url.to_string()));
         }
         let path = DataPath::from_ref(decision)?;
@@ -461,7 +464,13 @@ mod tests {
 
     #[test]
     fn only_http_urls_are_accepted() {
-        for url in ["https://pdp.example", "pdp.example:8181", "http://", ""] {
+        for url in [
+            "ftp://pdp.example",
+            "pdp.example:8181",
+            "http://",
+            "https://",
+            "",
+        ] {
             assert!(
                 RemotePdp::new(
                     url,

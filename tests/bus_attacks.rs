@@ -1,0 +1,178 @@
+//! Attempts by one connected runtime to read, divert or forge another's traffic — each
+//! refused. A memory-only node with three Network Server principals (alice, bob, mallory).
+
+use std::path::Path;
+use std::time::Duration;
+
+mod common;
+
+use common::stub::{urlencode, Stub};
+use msgnode::cmd::run::{start, Running};
+use msgnode::config::{Config, NetworkServer, Peer};
+use serde_json::{json, Value};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const ALICE: &str = "alice-token";
+const BOB: &str = "bob-token";
+const MALLORY: &str = "mallory-token";
+const PEER_TOKEN: &str = "peer-token";
+const MN: &str = "domain://msg-node.localhost";
+
+async fn node() -> Running {
+    let mut config = Config::default();
+    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pdp.policies = Path::new(REPO).join("policies");
+    config.pdp.schema_dir = Path::new(REPO).join("schemas");
+    config.pdp.decision_log.enabled = false;
+    config.bus.enabled = true;
+    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    config.bus.domain = Some("localhost".into());
+    config.bus.network_servers = [("alice", ALICE), ("bob", BOB), ("mallory", MALLORY)]
+        .into_iter()
+        .map(|(name, token)| NetworkServer {
+            name: name.into(),
+            token: token.into(),
+        })
+        .collect();
+    config.bus.peers = vec![Peer {
+        domain: "hybroker.example".into(),
+        url: "http://127.0.0.1:9".into(),
+        token: PEER_TOKEN.into(),
+    }];
+    start(config).await.expect("start")
+}
+
+fn code(v: &Value) -> u64 {
+    v["body"]["code"].as_u64().unwrap_or(0)
+}
+
+async fn quiet(stub: &mut Stub) -> Option<Value> {
+    stub.quiet_for(Duration::from_millis(200)).await
+}
+
+/// Connecting as `runtime_url` is refused (the handshake answer's code).
+async fn refused_runtime(addr: std::net::SocketAddr, runtime_url: &str) -> u64 {
+    let path = format!("/ws?runtimeURL={}", urlencode(runtime_url));
+    let mut stub = Stub::from_socket(common::stub::open(addr, &path, MALLORY).await, runtime_url);
+    code(&stub.recv().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_runtime_cannot_take_anothers_traffic() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let mut mallory = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let m = mallory.allocate("localhost", "hyperty", 1).await.remove(0);
+
+    // Runtime URLs that name someone's address, a node component, a peer, another domain, or
+    // a sub-resource of a runtime are refused at the handshake.
+    for url in [
+        a.as_str(),
+        "domain://msg-node.localhost/sm",
+        "domain://registry.localhost",
+        "domain://msg-node.hybroker.example",
+        "hyperty://msgnode.test",
+        "runtime://other.example/x",
+        "runtime://localhost/alice-rt/registry",
+    ] {
+        let answer = refused_runtime(addr, url).await;
+        assert!(answer == 400 || answer == 403, "{url}: {answer}");
+    }
+
+    // Subscribing to an address (not a topic) would divert its traffic: refused.
+    let sub = mallory
+        .request(
+            json!({"type": "subscribe", "from": "runtime://localhost/mallory-rt/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": [a, "runtime://localhost/alice-rt"]}}),
+        )
+        .await;
+    assert_eq!(code(&sub), 403, "{sub}");
+    // A subscribe whose `from` is someone else's is spoofed.
+    let sub = mallory
+        .request(json!({"type": "subscribe", "from": "runtime://localhost/alice-rt/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": ["comm://localhost/x/changes"], "source": m}}))
+        .await;
+    assert_eq!(code(&sub), 403, "{sub}");
+    bob.send(json!({"type": "create", "from": b, "to": a, "body": {"value": "for alice"}}))
+        .await;
+    assert_eq!(alice.recv().await["body"]["value"], "for alice");
+    assert!(quiet(&mut mallory).await.is_none(), "mallory got nothing");
+
+    // A foreign return route stays with the runtime that first used it.
+    let foreign = "hyperty://hybroker.example/agent-1";
+    alice
+        .send(json!({"type": "create", "from": foreign, "to": b, "body": {"value": "hi"}}))
+        .await;
+    assert_eq!(bob.recv().await["from"], foreign);
+    let taken = mallory
+        .request(json!({"type": "create", "from": foreign, "to": b}))
+        .await;
+    assert_eq!(code(&taken), 403, "{taken}");
+    let sub_resource = mallory
+        .request(json!({"type": "create", "from": format!("{foreign}/x"), "to": b}))
+        .await;
+    assert_eq!(code(&sub_resource), 403, "{sub_resource}");
+    bob.send(json!({"type": "response", "from": b, "to": foreign, "body": {"code": 200}}))
+        .await;
+    assert_eq!(alice.recv().await["to"], foreign);
+    assert!(quiet(&mut mallory).await.is_none());
+    assert!(
+        quiet(&mut bob).await.is_none(),
+        "bob got none of mallory's attempts"
+    );
+
+    // Registry: only addresses one holds, and only as one's own identity.
+    let squat = mallory
+        .request(
+            json!({"type": "create", "from": m, "to": "domain://registry.localhost",
+            "body": {"value": {"url": a}}}),
+        )
+        .await;
+    assert_eq!(code(&squat), 403, "{squat}");
+    let impersonate = mallory
+        .request(
+            json!({"type": "create", "from": m, "to": "domain://registry.localhost",
+            "body": {"value": {"url": m, "user": "user://idp.example/alice"}}}),
+        )
+        .await;
+    assert_eq!(code(&impersonate), 403, "{impersonate}");
+    let own = mallory
+        .request(
+            json!({"type": "create", "from": m, "to": "domain://registry.localhost",
+            "body": {"value": {"url": m}}}),
+        )
+        .await;
+    assert_eq!(code(&own), 200, "{own}");
+
+    // URLs read differently by different parsers are refused outright.
+    for to in [
+        "hyperty://localhost:1@hybroker.example/x",
+        "hyperty://localhost/x/../y",
+    ] {
+        let odd = mallory
+            .request(json!({"type": "create", "from": m, "to": to}))
+            .await;
+        assert_eq!(code(&odd), 400, "{to}: {odd}");
+    }
+
+    // A peer's node can still deliver: nobody can occupy its place.
+    let http = reqwest::Client::new();
+    let from_peer = http
+        .post(format!("http://{addr}/bus/v1/messages"))
+        .bearer_auth(PEER_TOKEN)
+        .body(
+            json!({"id": 1, "type": "create", "from": "hyperty://hybroker.example/z", "to": b})
+                .to_string(),
+        )
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(from_peer.status(), 202);
+    assert_eq!(bob.recv().await["from"], "hyperty://hybroker.example/z");
+
+    running.stop().await;
+}
