@@ -239,6 +239,14 @@ pub struct BusConfig {
     /// How long a new socket has to say who it is (connect frame or `open` message).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// A runtime whose socket closed without `disconnect` keeps its addresses, subscriptions
+    /// and inbox this long (counted from the node's start for runtimes restored from the
+    /// homeserver); then they are released as if it had disconnected.
+    #[serde(with = "humantime_serde")]
+    pub away_release_after: Duration,
+    /// Routed messages the history may be behind Synapse before new messages are refused
+    /// (408, "retry"): bounds memory when the homeserver is down or slow.
+    pub max_history_backlog: u64,
     /// Network Server connectors: services that connect with a static token instead of a
     /// Matrix access token.
     pub network_servers: Vec<NetworkServer>,
@@ -262,6 +270,8 @@ impl Default for BusConfig {
             max_frame_bytes: 1024 * 1024,
             outbound_queue: 8192,
             handshake_timeout: Duration::from_secs(10),
+            away_release_after: Duration::from_secs(24 * 3600),
+            max_history_backlog: 1_000_000,
             network_servers: Vec::new(),
             peers: Vec::new(),
             registry: RegistryConfig::default(),

@@ -19,6 +19,10 @@ const PEER_TOKEN: &str = "peer-token";
 const MN: &str = "domain://msg-node.localhost";
 
 async fn node() -> Running {
+    node_with(|_| {}).await
+}
+
+async fn node_with(adjust: impl FnOnce(&mut Config)) -> Running {
     let mut config = Config::default();
     config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
     config.pdp.policies = Path::new(REPO).join("policies");
@@ -39,6 +43,7 @@ async fn node() -> Running {
         url: "http://127.0.0.1:9".into(),
         token: PEER_TOKEN.into(),
     }];
+    adjust(&mut config);
     start(config).await.expect("start")
 }
 
@@ -174,5 +179,39 @@ async fn one_runtime_cannot_take_anothers_traffic() {
     assert_eq!(from_peer.status(), 202);
     assert_eq!(bob.recv().await["from"], "hyperty://hybroker.example/z");
 
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_away_too_long_is_released() {
+    let running = node_with(|c| c.bus.away_release_after = Duration::from_millis(300)).await;
+    let addr = running.bus_addr.expect("bus");
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    bob.drop_socket().await;
+    // Within the grace period the address still routes (to bob's inbox) ...
+    let queued = alice
+        .send(json!({"type": "create", "from": a, "to": b}))
+        .await;
+    assert!(quiet(&mut alice).await.is_none(), "no error for {queued}");
+    // ... after it, bob's addresses are gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // Routed (queued) messages get no response; a 404 says the address is gone.
+        alice
+            .send(json!({"type": "create", "from": a, "to": b}))
+            .await;
+        let answer = quiet(&mut alice).await;
+        if answer.as_ref().is_some_and(|r| code(r) == 404) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob's addresses were not released: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     running.stop().await;
 }

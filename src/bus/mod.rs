@@ -63,6 +63,8 @@ use store::{RuntimeRecord, Store};
 
 /// How often the bus checks for a new policy revision to re-decide subscriptions.
 const REVISION_POLL: Duration = Duration::from_millis(100);
+/// Runtimes away too long are looked for every this many polls (~10 s).
+const REAP_EVERY_TICKS: u64 = 100;
 /// Most foreign addresses one runtime may use as return routes.
 const MAX_FOREIGN_PER_RUNTIME: usize = 1000;
 /// Most subscriptions one runtime may hold.
@@ -217,6 +219,8 @@ struct Inner {
     next_id: AtomicU64,
     /// Cancelled when the node stops: every socket closes.
     shutdown: CancellationToken,
+    /// The journal is more than `max_history_backlog` behind: new messages are refused.
+    history_behind: std::sync::atomic::AtomicBool,
 }
 
 /// Handle to the bus; clones share everything.
@@ -270,6 +274,7 @@ impl Bus {
                 next_conn: AtomicU64::new(1),
                 next_id: AtomicU64::new(1),
                 shutdown: shutdown.child_token(),
+                history_behind: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         let restored = snapshot.runtimes.len();
@@ -292,10 +297,7 @@ impl Bus {
                 "bus state restored from the homeserver"
             );
         }
-        tracker.spawn(
-            bus.clone()
-                .revalidate_on_policy_change(shutdown.child_token()),
-        );
+        tracker.spawn(bus.clone().maintain(shutdown.child_token()));
         Ok(bus)
     }
 
@@ -466,11 +468,16 @@ impl Bus {
 
     /// The runtime said goodbye (`disconnect`/`close`): releases everything bound to it.
     pub async fn release(&self, conn: &Connection) -> Result<(), BusError> {
-        let url = conn.runtime.url.clone();
-        self.inner.subscriptions.remove_runtime(&url);
-        self.inner.table.remove_runtime(&url);
-        self.persist(&url, &RuntimeRecord::default()).await?;
-        tracing::info!(runtime = %url, "runtime released its addresses");
+        self.release_runtime(&conn.runtime).await?;
+        tracing::info!(runtime = %conn.runtime.url, "runtime released its addresses");
+        Ok(())
+    }
+
+    async fn release_runtime(&self, runtime: &Arc<Runtime>) -> Result<(), BusError> {
+        self.persist(&runtime.url, &RuntimeRecord::default())
+            .await?;
+        self.inner.subscriptions.remove_runtime(&runtime.url);
+        self.inner.table.remove_runtime(&runtime.url);
         Ok(())
     }
 
@@ -715,6 +722,11 @@ impl Bus {
             }
         }
         let targets = Table::distinct(targets);
+        if !targets.is_empty() && self.inner.history_behind.load(Ordering::Relaxed) {
+            return Err(BusError::Unavailable(
+                "the node's history is behind the homeserver; retry shortly".into(),
+            ));
+        }
         let to_runtimes: Vec<String> = targets.iter().map(|r| r.url.clone()).collect();
         let journal = &self.inner.persistence.journal;
         if !targets.is_empty() {
@@ -969,20 +981,60 @@ impl Bus {
         Ok(message.response(200, "unsubscribed", Some(json!({"unsubscribed": removed}))))
     }
 
-    /// Re-decides every subscription whenever a new policy revision is active; a revoked
-    /// subscriber is unsubscribed and told why.
-    async fn revalidate_on_policy_change(self, shutdown: CancellationToken) {
+    /// The bus's housekeeping, every [`REVISION_POLL`]: re-decides every subscription when a
+    /// new policy revision is active (a revoked subscriber is unsubscribed and told why);
+    /// notes whether the history is too far behind to accept more; and, now and then,
+    /// releases runtimes away longer than `[bus] away_release_after`.
+    async fn maintain(self, shutdown: CancellationToken) {
         let generation = |pdp: &Pdp| pdp.active().map(|a| a.generation);
         let mut seen = generation(&self.inner.pdp);
+        let mut ticks: u64 = 0;
+        // Look for long-away runtimes every ~10 s, or twice per grace period when shorter.
+        let reap_every =
+            (self.inner.config.away_release_after.as_millis() / REVISION_POLL.as_millis() / 2)
+                .clamp(1, u128::from(REAP_EVERY_TICKS)) as u64;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(REVISION_POLL) => {}
             }
+            ticks += 1;
             let now = generation(&self.inner.pdp);
             if now != seen {
                 seen = now;
                 self.revalidate().await;
+            }
+            let lag = self.inner.persistence.journal.stats().lag;
+            let behind = lag > self.inner.config.max_history_backlog;
+            if behind != self.inner.history_behind.swap(behind, Ordering::Relaxed) {
+                if behind {
+                    tracing::warn!(
+                        lag,
+                        "history is behind; refusing new messages until the homeserver catches up"
+                    );
+                } else {
+                    tracing::info!(lag, "history caught up; accepting messages again");
+                }
+            }
+            if ticks % reap_every == 0 {
+                self.release_long_away().await;
+            }
+        }
+    }
+
+    /// Releases every runtime that no socket has held for `[bus] away_release_after`.
+    async fn release_long_away(&self) {
+        let limit = self.inner.config.away_release_after;
+        for runtime in self.inner.table.runtimes() {
+            if runtime.away_for().is_some_and(|away| away >= limit) {
+                match self.release_runtime(&runtime).await {
+                    Ok(()) => {
+                        tracing::info!(runtime = %runtime.url, ?limit, "runtime away too long: released")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%e, runtime = %runtime.url, "cannot release a runtime away too long; will retry")
+                    }
+                }
             }
         }
     }

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Value};
@@ -32,6 +33,8 @@ struct RuntimeState {
     /// The policy input's `subject` without the per-connection identity; rebuilt after every
     /// change of the record.
     subject: Option<Arc<Value>>,
+    /// Since when no socket holds the runtime (`None` while one does).
+    away_since: Option<Instant>,
 }
 
 enum Delivery {
@@ -65,6 +68,7 @@ impl Runtime {
                 record,
                 delivery: Delivery::Away,
                 subject: None,
+                away_since: Some(Instant::now()),
             }),
         }
     }
@@ -150,6 +154,7 @@ impl Runtime {
                     // Full (too slow) or closed: the socket resumes from the inbox.
                     tracing::warn!(runtime = %self.url, "runtime cannot keep up or is gone; queueing in its inbox until it reconnects");
                     state.delivery = Delivery::Away;
+                    state.away_since = Some(Instant::now());
                     inbox.push(&self.url, text.as_str());
                     Delivered::Queued
                 }
@@ -170,6 +175,7 @@ impl Runtime {
     /// of its own attach is cancelled).
     pub fn begin_attach(&self, conn: u64, close: CancellationToken) {
         let mut state = self.lock();
+        state.away_since = None;
         let previous = std::mem::replace(
             &mut state.delivery,
             Delivery::Draining {
@@ -249,6 +255,7 @@ impl Runtime {
             Delivery::Away => false,
         };
         if ours {
+            state.away_since = Some(Instant::now());
             if let Delivery::Draining { buffer, .. } =
                 std::mem::replace(&mut state.delivery, Delivery::Away)
             {
@@ -262,6 +269,11 @@ impl Runtime {
     /// Whether a socket currently holds the runtime.
     pub fn is_online(&self) -> bool {
         matches!(self.lock().delivery, Delivery::Online { .. })
+    }
+
+    /// How long no socket has held the runtime (`None` while one does).
+    pub fn away_for(&self) -> Option<Duration> {
+        self.lock().away_since.map(|since| since.elapsed())
     }
 }
 
