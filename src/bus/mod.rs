@@ -279,6 +279,10 @@ impl Bus {
         };
         let restored = snapshot.runtimes.len();
         for (url, record) in snapshot.runtimes {
+            if let Some(problem) = bus.inner.nodes.runtime_url_problem(&url) {
+                tracing::warn!(runtime = %url, %problem, "stored runtime not restored");
+                continue;
+            }
             let subscriptions = record.subscriptions.clone();
             let runtime = bus.inner.table.runtime(&url, || record);
             for (resource, subscriber) in subscriptions {

@@ -296,10 +296,13 @@ impl Table {
             .or_insert_with(|| Arc::new(Runtime::new(url, record())))
             .clone();
         drop(runtimes);
-        self.bind(url, &runtime);
+        self.bind_if_free(url, &runtime);
         let record = runtime.record();
         for address in record.allocations.values().flatten().chain(&record.foreign) {
-            self.bind(address, &runtime);
+            // First come, first served, also for state restored from the homeserver.
+            if !self.bind_if_free(address, &runtime) {
+                tracing::warn!(%address, runtime = %url, "address held by another runtime; not bound");
+            }
         }
         runtime
     }
