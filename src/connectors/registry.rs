@@ -143,14 +143,7 @@ impl BuiltinRegistry {
                 })
             }
             "delete" => {
-                let resource = body
-                    .get("resource")
-                    .and_then(Value::as_str)
-                    .or_else(|| {
-                        body.get("value")
-                            .and_then(|v| v.get("url"))
-                            .and_then(Value::as_str)
-                    })
+                let resource = target(body)
                     .ok_or_else(|| {
                         BusError::BadRequest("registry delete needs body.resource".into())
                     })?
@@ -221,6 +214,13 @@ impl Connector for BuiltinRegistry {
     }
 }
 
+/// What a registry message is about: `body.resource`, else `body.value.url`.
+fn target(body: &serde_json::Map<String, Value>) -> Option<&str> {
+    body.get("resource")
+        .and_then(Value::as_str)
+        .or_else(|| body.get("value")?.get("url")?.as_str())
+}
+
 /// Whether `entry` meets the read `criteria` (every listed data scheme / resource present).
 fn matches(entry: &Value, criteria: Option<&Value>) -> bool {
     let Some(criteria) = criteria else {
@@ -271,19 +271,9 @@ impl HttpRegistry {
                     .and_then(Value::as_str),
             )?
             .unwrap_or_else(|| "anonymous".to_string());
-        let resource = body
-            .get("resource")
-            .and_then(Value::as_str)
-            .or_else(|| {
-                body.get("value")
-                    .and_then(|v| v.get("url"))
-                    .and_then(Value::as_str)
-            })
-            .ok_or_else(|| {
-                BusError::BadRequest(
-                    "registry message needs body.resource or body.value.url".into(),
-                )
-            })?;
+        let resource = target(body).ok_or_else(|| {
+            BusError::BadRequest("registry message needs body.resource or body.value.url".into())
+        })?;
         let path = if resource.starts_with("user://") {
             format!("/hyperty/user/{}", encode(resource))
         } else if resource.starts_with("hyperty://") {
