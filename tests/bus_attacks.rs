@@ -38,8 +38,9 @@ async fn node_with(adjust: impl FnOnce(&mut Config)) -> Running {
             token: token.into(),
         })
         .collect();
+    // A trusted domain without time windows; hybroker.example stays free for return routes.
     config.bus.peers = vec![Peer {
-        domain: "hybroker.example".into(),
+        domain: "msgnode.test".into(),
         url: "http://127.0.0.1:9".into(),
         token: PEER_TOKEN.into(),
     }];
@@ -88,7 +89,24 @@ async fn one_runtime_cannot_take_anothers_traffic() {
         assert!(answer == 400 || answer == 403, "{url}: {answer}");
     }
 
-    // Subscribing to an address (not a topic) would divert its traffic: refused.
+    // Subscribing to an address (not a topic) would divert its traffic: refused — also to
+    // what only looks like a topic under a hyperty, and to addresses nobody holds yet.
+    for resource in [
+        format!("{a}/children/x"),
+        format!("{a}/changes"),
+        "runtime://localhost/not-yet-connected".to_string(),
+    ] {
+        let sub = mallory
+            .request(
+                json!({"type": "subscribe", "from": "runtime://localhost/mallory-rt/sm",
+                "to": format!("{MN}/sm"), "body": {"resources": [resource]}}),
+            )
+            .await;
+        assert_eq!(code(&sub), 403, "{resource}: {sub}");
+    }
+    bob.send(json!({"type": "create", "from": b, "to": format!("{a}/children/x")}))
+        .await;
+    assert_eq!(alice.recv().await["to"], format!("{a}/children/x"));
     let sub = mallory
         .request(
             json!({"type": "subscribe", "from": "runtime://localhost/mallory-rt/sm",
@@ -170,14 +188,14 @@ async fn one_runtime_cannot_take_anothers_traffic() {
         .post(format!("http://{addr}/bus/v1/messages"))
         .bearer_auth(PEER_TOKEN)
         .body(
-            json!({"id": 1, "type": "create", "from": "hyperty://hybroker.example/z", "to": b})
+            json!({"id": 1, "type": "create", "from": "hyperty://msgnode.test/z", "to": b})
                 .to_string(),
         )
         .send()
         .await
         .expect("post");
     assert_eq!(from_peer.status(), 202);
-    assert_eq!(bob.recv().await["from"], "hyperty://hybroker.example/z");
+    assert_eq!(bob.recv().await["from"], "hyperty://msgnode.test/z");
 
     running.stop().await;
 }
@@ -213,5 +231,49 @@ async fn a_runtime_away_too_long_is_released() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reporter_subscribes_to_its_own_object() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let object = alice.allocate("localhost", "comm", 1).await.remove(0);
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let sub = alice
+        .request(
+            json!({"type": "subscribe", "from": "runtime://localhost/alice-rt/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": [
+                object, format!("{object}/subscription"), format!("{object}/children/chat")]}}),
+        )
+        .await;
+    assert_eq!(code(&sub), 200, "{sub}");
+    // Children reach the subscribers (here the reporter); the reporter's own addresses stay its.
+    bob.send(json!({"type": "create", "from": b, "to": format!("{object}/children/chat")}))
+        .await;
+    assert_eq!(alice.recv().await["to"], format!("{object}/children/chat"));
+    bob.send(json!({"type": "subscribe", "from": b, "to": format!("{object}/subscription")}))
+        .await;
+    assert_eq!(alice.recv().await["to"], format!("{object}/subscription"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_stands_in_for_a_peer_domain() {
+    // hybroker.example is both a peer and (in the shipped data) a bindable foreign domain.
+    let running = node_with(|c| c.bus.peers[0].domain = "hybroker.example".into()).await;
+    let addr = running.bus_addr.expect("bus");
+    let mut mallory = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let refused = mallory
+        .request(
+            json!({"type": "create", "from": "hyperty://hybroker.example/real-agent", "to": b}),
+        )
+        .await;
+    assert_eq!(code(&refused), 403, "{refused}");
+    assert!(quiet(&mut bob).await.is_none());
     running.stop().await;
 }

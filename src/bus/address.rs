@@ -123,29 +123,37 @@ impl NodeAddresses {
     /// so it can never name a node component, a peer, an allocated address or another
     /// domain's addresses.
     pub fn runtime_url_problem(&self, url: &str) -> Option<String> {
-        let scheme = scheme(url).unwrap_or_default();
+        let form = || {
+            Some(format!(
+                "runtime URL {url:?} must be runtime://{0}/<id> or hyperty-runtime://{0}/<id>, \
+                 <id> of letters, digits and . _ ~ -",
+                self.domain
+            ))
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return form();
+        };
         if scheme != "runtime" && scheme != "hyperty-runtime" {
+            return form();
+        }
+        let Some((authority, id)) = rest.split_once('/') else {
+            return form();
+        };
+        if authority != self.domain {
             return Some(format!(
-                "runtime URL {url:?} must be runtime://{0}/<id> or hyperty-runtime://{0}/<id>",
+                "runtime URL {url:?} is not of this node's domain '{}' (written in lowercase, \
+                 without a port)",
                 self.domain
             ));
         }
-        if domain(url).as_deref() != Some(self.domain.as_str()) {
-            return Some(format!(
-                "runtime URL {url:?} is not of this node's domain '{}'",
-                self.domain
-            ));
-        }
-        let path = url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split_once('/'))
-            .map(|(_, path)| path)
-            .unwrap_or("");
-        if path.is_empty() || path.contains('/') || !is_clean(url) {
-            return Some(format!(
-                "runtime URL {url:?} must have exactly one path segment (runtime://{}/<id>)",
-                self.domain
-            ));
+        let id_ok = !id.is_empty()
+            && id != "."
+            && id != ".."
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'));
+        if !id_ok {
+            return form();
         }
         None
     }
@@ -231,6 +239,12 @@ mod tests {
             "runtime://localhost/a/b",
             "runtime://x@localhost/a",
             "runtime://localhost/..",
+            "RUNTIME://localhost/abc",
+            "runtime://LOCALHOST/abc",
+            "runtime://localhost:443/abc",
+            "runtime://localhost/abc?",
+            "runtime://localhost/abc#f",
+            "runtime://localhost/abc%2e",
         ] {
             assert!(n.runtime_url_problem(bad).is_some(), "{bad}");
         }

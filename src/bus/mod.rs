@@ -286,6 +286,15 @@ impl Bus {
             let subscriptions = record.subscriptions.clone();
             let runtime = bus.inner.table.runtime(&url, || record);
             for (resource, subscriber) in subscriptions {
+                let held_by_self = bus
+                    .inner
+                    .table
+                    .holder_of(&resource)
+                    .is_some_and(|h| Arc::ptr_eq(&h, &runtime));
+                if !pubsub::is_topic(&resource) && !held_by_self {
+                    tracing::warn!(%resource, runtime = %url, "stored subscription to a non-topic not restored");
+                    continue;
+                }
                 bus.inner.subscriptions.add(
                     &resource,
                     Subscriber {
@@ -654,6 +663,15 @@ impl Bus {
         if self.inner.nodes.is_local(from) {
             return Err(spoofed());
         }
+        // A domain with a configured peer node is reached through that node; nobody here may
+        // stand in for its addresses.
+        if let Some(domain) = address::domain(from) {
+            if self.inner.foreign.peer(&domain).is_some() {
+                return Err(BusError::Forbidden(format!(
+                    "addresses of '{domain}' are reached through its node, not used as 'from' here"
+                )));
+            }
+        }
         // A transient local address for the foreign hyperty: bound to this connection and
         // backed by a virtual user, like an allocated one.
         if conn.runtime.record().foreign.len() >= MAX_FOREIGN_PER_RUNTIME {
@@ -676,10 +694,11 @@ impl Bus {
 
     /// Routes an allowed message to every destination: runtimes holding the address (direct
     /// or inbox), subscribers of a resource, or a peer node. Unknown local addresses are a 404.
-    /// Who `to` reaches. A topic (`…/changes`, `…/registration`, `…/children/…`) reaches its
-    /// subscribers (maybe none). Any other address reaches the runtime holding it (or the
-    /// nearest address it is a sub-resource of) — never subscribers instead — else its
-    /// subscribers, else a peer node (another domain), else nobody (unknown).
+    /// Who `to` reaches. A topic (see `pubsub::topic`) reaches its subscribers; with none, a
+    /// foreign topic goes to the peer node, a children topic to the object's holder, a changes
+    /// topic to nobody. Any other address reaches the runtime holding it (or the nearest
+    /// address it is a sub-resource of) — never subscribers — else a peer node (another
+    /// domain), else nobody (unknown).
     fn destination(&self, to: &str) -> Destination {
         let subscribers = || {
             self.inner
@@ -689,16 +708,25 @@ impl Bus {
                 .map(|s| s.runtime)
                 .collect::<Vec<_>>()
         };
-        if pubsub::is_topic(to) {
-            return Destination::Runtimes(subscribers());
+        let local = self.inner.nodes.is_local(to);
+        if let Some(topic) = pubsub::topic(to) {
+            let subscribed = subscribers();
+            if !subscribed.is_empty() {
+                return Destination::Runtimes(subscribed);
+            }
+            if !local {
+                return Destination::Foreign;
+            }
+            return match topic {
+                pubsub::Topic::Children => {
+                    Destination::Runtimes(self.inner.table.holder_of(to).into_iter().collect())
+                }
+                pubsub::Topic::Changes => Destination::Runtimes(Vec::new()),
+            };
         }
         if let Some(runtime) = self.inner.table.holder_of(to) {
-            return Destination::Runtimes(vec![runtime]);
-        }
-        let subscribed = subscribers();
-        if !subscribed.is_empty() {
-            Destination::Runtimes(subscribed)
-        } else if !self.inner.nodes.is_local(to) {
+            Destination::Runtimes(vec![runtime])
+        } else if !local {
             Destination::Foreign
         } else {
             Destination::Unknown
@@ -899,10 +927,16 @@ impl Bus {
                     "subscribe: {resource:?} is not a URL"
                 )));
             }
-            // Subscribing must never divert what is addressed to a holder of an address.
-            if !pubsub::is_topic(resource) && self.inner.table.holder_of(resource).is_some() {
+            // Only topics reach subscribers; anything else reaches its holder, so subscribing
+            // to it is allowed only to that holder itself (a reporter listing its own object).
+            let holder_is_self = self
+                .inner
+                .table
+                .holder_of(resource)
+                .is_some_and(|h| Arc::ptr_eq(&h, &runtime));
+            if !pubsub::is_topic(resource) && !holder_is_self {
                 return Err(BusError::Forbidden(format!(
-                    "'{resource}' is an address, not a topic: only its holder receives what is sent to it"
+                    "'{resource}' is not a topic (…/changes, …/registration, <object>/children/…): only its holder receives what is sent to it"
                 )));
             }
         }

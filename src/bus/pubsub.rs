@@ -88,10 +88,57 @@ impl Subscriptions {
     }
 }
 
-/// Whether `url` names a topic: its last segment is `changes` or `registration`, or it is a
-/// child collection (`<object>/children/<name>`). A topic reaches its subscribers only — with
-/// none it reaches nobody, not the holder of the object it belongs to — and it is the only
-/// kind of address that can be subscribed to while someone holds it.
+/// What kind of topic `url` is, if any. Only data objects (`comm`, `connection`, `ctxt`,
+/// `context`) have `changes` and `children`; any address has `registration` (status
+/// published by the registry). A hyperty's or runtime's `…/changes` or `…/children/…` is
+/// not a topic: it goes to their holder.
+pub fn topic(url: &str) -> Option<Topic> {
+    let object = matches!(
+        super::address::scheme(url).as_deref(),
+        Some("comm" | "connection" | "ctxt" | "context")
+    );
+    let segments: Vec<&str> = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split('/').collect())
+        .unwrap_or_default();
+    // authority, object id, then the sub-resource
+    match segments.as_slice() {
+        [_, _, "registration"] => Some(Topic::Changes),
+        [_, _, "changes"] if object => Some(Topic::Changes),
+        [_, _, "children", _, ..] if object => Some(Topic::Children),
+        _ => None,
+    }
+}
+
+/// The kinds of topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// `…/changes`, `…/registration`: subscribers only; with none, nobody.
+    Changes,
+    /// `<object>/children/…`: subscribers; with none, the object's holder (the reporter).
+    Children,
+}
+
+/// Whether `url` is a topic (see [`topic`]): the only addresses others may subscribe to.
 pub fn is_topic(url: &str) -> bool {
-    matches!(url.rsplit('/').next(), Some("changes" | "registration")) || url.contains("/children/")
+    topic(url).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics() {
+        assert_eq!(topic("comm://d/x/changes"), Some(Topic::Changes));
+        assert_eq!(topic("hyperty://d/h/registration"), Some(Topic::Changes));
+        assert_eq!(topic("comm://d/x/children/chat"), Some(Topic::Children));
+        assert_eq!(topic("comm://d/x/children/chat/1"), Some(Topic::Children));
+        assert_eq!(topic("hyperty://d/h/changes"), None);
+        assert_eq!(topic("hyperty://d/h/children/x"), None);
+        assert_eq!(topic("runtime://d/r/children/x"), None);
+        assert_eq!(topic("comm://d/x/subscription"), None);
+        assert_eq!(topic("comm://d/x"), None);
+        assert_eq!(topic("comm://d/x/y/changes"), None);
+    }
 }

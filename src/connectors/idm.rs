@@ -118,6 +118,12 @@ impl Idm {
             .send()
             .await
             .map_err(|e| BusError::Unavailable(format!("identity provider unavailable: {e}")))?;
+        if answer.status().is_server_error() {
+            return Err(BusError::Unavailable(format!(
+                "identity provider unavailable ({})",
+                answer.status()
+            )));
+        }
         if !answer.status().is_success() {
             return Err(BusError::Forbidden(format!(
                 "identity provider refused '{identity}' ({})",

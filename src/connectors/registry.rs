@@ -264,6 +264,7 @@ impl HttpRegistry {
 
     async fn on_message(&self, message: &Message, sender: Sender<'_>) -> Result<Reply, BusError> {
         let body = message.body();
+        let kind = message.kind.to_ascii_lowercase();
         let user = sender
             .registrant(
                 body.get("value")
@@ -274,6 +275,20 @@ impl HttpRegistry {
         let resource = target(body).ok_or_else(|| {
             BusError::BadRequest("registry message needs body.resource or body.value.url".into())
         })?;
+        // Writes only for what the sender holds: its addresses, or its own user entry.
+        if kind != "read" {
+            if resource.starts_with("user://") {
+                if sender.identity != Some(resource) {
+                    return Err(BusError::Forbidden(format!(
+                        "only '{resource}' itself may change its registry entries"
+                    )));
+                }
+            } else {
+                sender.must_hold(resource)?;
+            }
+        }
+        // A hyperty is filed under its user: the registrant's (reads of another user's
+        // hyperty by address need `body.value.user`, as the registry's REST API does).
         let path = if resource.starts_with("user://") {
             format!("/hyperty/user/{}", encode(resource))
         } else if resource.starts_with("hyperty://") {
@@ -281,38 +296,70 @@ impl HttpRegistry {
         } else {
             format!("/hyperty/dataobject/{}", encode(resource))
         };
-        if !message.kind_is("read") && !resource.starts_with("user://") {
-            sender.must_hold(resource)?;
-        }
         let url = format!("{}{path}", self.base);
-        let request = match message.kind.to_ascii_lowercase().as_str() {
-            "create" | "update" => self
-                .http
-                .put(&url)
-                .json(&body.get("value").cloned().unwrap_or(json!({}))),
-            "read" => self.http.get(&url),
-            "delete" => self.http.delete(&url),
+        let mut publish = None;
+        let (code, value) = match kind.as_str() {
+            "create" => {
+                let value = body.get("value").cloned().unwrap_or(json!({}));
+                self.call(self.http.put(&url).json(&value)).await?
+            }
+            "read" => self.call(self.http.get(&url)).await?,
+            "delete" => self.call(self.http.delete(&url)).await?,
+            "update" => {
+                // Keep-alive or status change of the stored entry, never a replacement.
+                let (code, current) = self.call(self.http.get(&url)).await?;
+                let Some(mut entry) = current.filter(|v| v.is_object() && code < 300) else {
+                    return Ok(Reply::response(message.response(
+                        if code < 300 { 404 } else { code },
+                        "domain registry has no such entry",
+                        None,
+                    )));
+                };
+                entry["lastModified"] = json!(now_ms());
+                if body.get("attribute").and_then(Value::as_str) == Some("status") {
+                    let status = body.get("value").cloned().unwrap_or(Value::Null);
+                    entry["status"] = status.clone();
+                    publish = Some(json!({
+                        "type": "update", "from": resource, "to": format!("{resource}/registration"),
+                        "body": {"attribute": "status", "value": status},
+                    }));
+                }
+                self.call(self.http.put(&url).json(&entry)).await?
+            }
             other => {
                 return Err(BusError::BadRequest(format!(
                     "the registry answers create, read, update and delete, not '{other}'"
                 )))
             }
         };
+        let description = if code < 300 {
+            ""
+        } else {
+            "domain registry refused"
+        };
+        Ok(Reply {
+            response: Some(message.response(code, description, value)),
+            publish: publish.filter(|_| code < 300),
+        })
+    }
+
+    /// Sends one request; the status and JSON body (if any).
+    async fn call(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, Option<Value>), BusError> {
         let answer = request
             .send()
             .await
             .map_err(|e| BusError::Unavailable(format!("domain registry unavailable: {e}")))?;
         let code = answer.status().as_u16();
-        let value: Option<Value> = answer.json().await.ok();
-        Ok(Reply::response(message.response(
-            code,
-            if code < 300 {
-                ""
-            } else {
-                "domain registry refused"
-            },
-            value,
-        )))
+        if answer.status().is_server_error() {
+            return Err(BusError::Unavailable(format!(
+                "domain registry unavailable ({})",
+                answer.status()
+            )));
+        }
+        Ok((code, answer.json().await.ok()))
     }
 }
 
