@@ -82,7 +82,8 @@ async fn one_runtime_cannot_take_anothers_traffic() {
         "domain://registry.localhost",
         "domain://msg-node.hybroker.example",
         "hyperty://msgnode.test",
-        "runtime://other.example/x",
+        "runtime://msgnode.test/x",
+        "runtime://localhost:8080/x",
         "runtime://localhost/alice-rt/registry",
     ] {
         let answer = refused_runtime(addr, url).await;
@@ -162,7 +163,15 @@ async fn one_runtime_cannot_take_anothers_traffic() {
             "body": {"value": {"url": m, "user": "user://idp.example/alice"}}}),
         )
         .await;
-    assert_eq!(code(&impersonate), 403, "{impersonate}");
+    // A claimed user is kept aside, never filed as the entry's user.
+    assert_eq!(code(&impersonate), 200, "{impersonate}");
+    let by_user = bob
+        .request(
+            json!({"type": "read", "from": b, "to": "domain://registry.localhost",
+            "body": {"resource": "user://idp.example/alice"}}),
+        )
+        .await;
+    assert_eq!(code(&by_user), 404, "not discoverable as alice: {by_user}");
     let own = mallory
         .request(
             json!({"type": "create", "from": m, "to": "domain://registry.localhost",

@@ -266,13 +266,9 @@ impl Stub {
             .await
             .is_ok()
         {
-            // The node answers {"cmd":"disconnect","response":200} and closes.
+            // The node releases the runtime's addresses and closes the socket.
             let deadline = Instant::now() + Duration::from_secs(3);
-            while let Ok(Some(frame)) = self.read_until(deadline).await {
-                if frame["cmd"] == "disconnect" {
-                    break;
-                }
-            }
+            while let Ok(Some(_)) = self.read_until(deadline).await {}
         }
         let _ = self.socket.close(None).await;
     }

@@ -118,10 +118,12 @@ impl NodeAddresses {
         None
     }
 
-    /// Why `url` cannot be a runtime URL of this node: it must be
-    /// `runtime://<D>/<id>` or `hyperty-runtime://<D>/<id>` (one path segment, this domain),
-    /// so it can never name a node component, a peer, an allocated address or another
-    /// domain's addresses.
+    /// Why `url` cannot be a runtime URL: it must be `runtime://<domain>/<id>` or
+    /// `hyperty-runtime://<domain>/<id>`, written canonically (lowercase host, no port, one
+    /// path segment), so it can never name a node component, an allocated address or a
+    /// sub-resource of someone's address. The domain is usually this node's; a runtime of
+    /// another domain may use this node too (it owns only that URL and what lies under it).
+    /// The caller refuses the domains of configured peers.
     pub fn runtime_url_problem(&self, url: &str) -> Option<String> {
         let form = || {
             Some(format!(
@@ -139,11 +141,18 @@ impl NodeAddresses {
         let Some((authority, id)) = rest.split_once('/') else {
             return form();
         };
-        if authority != self.domain {
+        let host_ok = !authority.is_empty()
+            && authority
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && !authority.starts_with(['.', '-'])
+            && !authority.ends_with(['.', '-'])
+            && !authority.starts_with("msg-node.")
+            && !authority.starts_with("registry.")
+            && !authority.starts_with("idm.");
+        if !host_ok {
             return Some(format!(
-                "runtime URL {url:?} is not of this node's domain '{}' (written in lowercase, \
-                 without a port)",
-                self.domain
+                "runtime URL {url:?}: the host must be a domain name in lowercase, without a port"
             ));
         }
         let id_ok = !id.is_empty()
@@ -225,6 +234,7 @@ mod tests {
     fn runtime_urls() {
         let n = NodeAddresses::new("localhost");
         assert_eq!(n.runtime_url_problem("runtime://localhost/abc"), None);
+        assert_eq!(n.runtime_url_problem("runtime://other.example/abc"), None);
         assert_eq!(
             n.runtime_url_problem("hyperty-runtime://localhost/abc"),
             None
@@ -233,7 +243,6 @@ mod tests {
             "hyperty://localhost/abc",
             "domain://msg-node.localhost/sm",
             "domain://msg-node.peer.example",
-            "runtime://other.example/abc",
             "runtime://localhost",
             "runtime://localhost/",
             "runtime://localhost/a/b",

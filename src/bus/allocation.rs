@@ -92,7 +92,7 @@ impl Request {
             });
         }
         if message.kind_is("delete") {
-            if let Some(children) = message.body_strings("childrenResources")? {
+            if let Some(children) = children_resources(body)? {
                 if children.is_empty() {
                     return Err(BusError::BadRequest(
                         "body.childrenResources is empty".into(),
@@ -125,6 +125,31 @@ impl Request {
             Request::ReleaseKey(_) => json!({"action": "delete", "number": 1, "held": held}),
         }
     }
+}
+
+/// `body.childrenResources` as a flat list (some clients nest it one level: `[[a, b]]`).
+fn children_resources(
+    body: &serde_json::Map<String, Value>,
+) -> Result<Option<Vec<String>>, BusError> {
+    let Some(value) = body.get("childrenResources").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad =
+        || BusError::BadRequest("body.childrenResources must be an array of addresses".into());
+    let items = value.as_array().ok_or_else(bad)?;
+    let mut addresses = Vec::new();
+    for item in items {
+        match item {
+            Value::String(s) => addresses.push(s.clone()),
+            Value::Array(inner) => {
+                for s in inner {
+                    addresses.push(s.as_str().ok_or_else(bad)?.to_string());
+                }
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok(Some(addresses))
 }
 
 impl Bus {
@@ -176,29 +201,30 @@ impl Bus {
                     Some(json!({"allocated": addresses, "allocationKey": key})),
                 ))
             }
+            // Releasing is idempotent, as in the reference nodes: what this runtime no longer
+            // holds (released before, or before a disconnect) is simply 200; only an address
+            // another runtime holds is refused.
             Request::Release(addresses) => {
-                let record = runtime.record();
-                if let Some(foreign) = addresses
-                    .iter()
-                    .find(|a| !record.allocations.values().flatten().any(|h| h == *a))
-                {
+                if let Some(theirs) = addresses.iter().find(|a| {
+                    self.inner
+                        .table
+                        .holder(a)
+                        .is_some_and(|h| !Arc::ptr_eq(&h, runtime))
+                }) {
                     return Err(BusError::Forbidden(format!(
-                        "'{foreign}' is not allocated to this runtime"
+                        "'{theirs}' is allocated to another runtime"
                     )));
                 }
                 self.release_addresses(runtime, &addresses, None).await?;
                 Ok(message.response(200, "released", Some(json!({"released": addresses}))))
             }
             Request::ReleaseKey(key) => {
-                let addresses =
-                    runtime
-                        .record()
-                        .allocations
-                        .get(&key)
-                        .cloned()
-                        .ok_or_else(|| {
-                            BusError::NotFound(format!("no allocation under key '{key}'"))
-                        })?;
+                let addresses = runtime
+                    .record()
+                    .allocations
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_default();
                 self.release_addresses(runtime, &addresses, Some(&key))
                     .await?;
                 Ok(message.response(200, "released", Some(json!({"released": addresses}))))

@@ -376,6 +376,13 @@ impl Bus {
         if let Some(problem) = self.inner.nodes.runtime_url_problem(runtime_url) {
             return Err(BusError::BadRequest(problem));
         }
+        if let Some(domain) = address::domain(runtime_url) {
+            if self.inner.foreign.peer(&domain).is_some() {
+                return Err(BusError::Forbidden(format!(
+                    "runtimes of '{domain}' connect to that domain's node"
+                )));
+            }
+        }
         if self
             .inner
             .table
@@ -511,6 +518,12 @@ impl Bus {
                     404 => "not_found",
                     _ => "failed",
                 });
+                // A response is never answered: runtimes match responses by `to` and `id`
+                // only, so an error answer to one could settle an unrelated request.
+                if message.kind_is("response") {
+                    tracing::info!(%error, from = %message.from, "a response was not delivered");
+                    return None;
+                }
                 Some(message.error_response(&error))
             }
         }
@@ -626,10 +639,13 @@ impl Bus {
         if conn.identity().as_deref() == Some(claimed) {
             return Ok(());
         }
-        let assertion = message
-            .body()
+        let body = message.body();
+        // The assertion: an explicit token, else the identity object runtimes send (it
+        // carries the IdP's assertion).
+        let assertion = body
             .get("idToken")
-            .or_else(|| message.body().get("assertion"));
+            .or_else(|| body.get("assertion"))
+            .or_else(|| body.get("identity"));
         let verified = self
             .inner
             .idm

@@ -83,7 +83,19 @@ fn upgrade(
     headers: &HeaderMap,
     legacy: bool,
 ) -> Response {
-    let token = crate::http_auth::presented(headers, query).map(str::to_string);
+    // The later Matrix stub appends `?runtimeURL=…` to the configured URL even when that
+    // already has a query (`…?access_token=T`): read such a value as two parameters.
+    let query: Vec<(String, String)> = query
+        .iter()
+        .flat_map(|(k, v)| match v.split_once("?runtimeURL=") {
+            Some((value, runtime)) => vec![
+                (k.clone(), value.to_string()),
+                ("runtimeURL".to_string(), runtime.to_string()),
+            ],
+            None => vec![(k.clone(), v.clone())],
+        })
+        .collect();
+    let token = crate::http_auth::presented(headers, &query).map(str::to_string);
     let runtime = query
         .iter()
         .find(|(k, _)| k == "runtimeURL")
@@ -97,14 +109,15 @@ fn upgrade(
 /// How the socket introduced itself.
 enum Hello {
     Query(String),
-    Connect(String),
+    /// The runtime URL, and a token in `data.accessToken`.
+    Connect(String, Option<String>),
     Open(Message),
 }
 
 impl Hello {
     fn runtime(&self) -> &str {
         match self {
-            Hello::Query(url) | Hello::Connect(url) => url,
+            Hello::Query(url) | Hello::Connect(url, _) => url,
             Hello::Open(m) => &m.from,
         }
     }
@@ -112,7 +125,7 @@ impl Hello {
     /// The answer to the handshake.
     fn answer(&self, code: u16, text: &str) -> String {
         match self {
-            Hello::Connect(_) => {
+            Hello::Connect(..) => {
                 json!({"cmd": "connect", "response": code, "data": {"msg": text}}).to_string()
             }
             Hello::Open(m) => {
@@ -247,7 +260,11 @@ async fn first_frame(stream: &mut SplitStream<WebSocket>) -> Result<Hello, Strin
             let url = value["data"]["runtimeURL"]
                 .as_str()
                 .ok_or("connect needs data.runtimeURL")?;
-            return Ok(Hello::Connect(url.to_string()));
+            let token = ["accessToken", "token"]
+                .iter()
+                .find_map(|k| value["data"][*k].as_str())
+                .map(str::to_string);
+            return Ok(Hello::Connect(url.to_string(), token));
         }
         let is_open = value["type"]
             .as_str()
@@ -263,14 +280,17 @@ async fn first_frame(stream: &mut SplitStream<WebSocket>) -> Result<Hello, Strin
 
 /// A token carried in the handshake itself.
 fn hello_token(hello: &Hello) -> Option<String> {
-    let Hello::Open(m) = hello else {
-        return None;
-    };
-    let body = m.body();
-    ["accessToken", "token", "auth"]
-        .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_str))
-        .map(str::to_string)
+    match hello {
+        Hello::Query(_) => None,
+        Hello::Connect(_, token) => token.clone(),
+        Hello::Open(m) => {
+            let body = m.body();
+            ["accessToken", "token", "auth"]
+                .iter()
+                .find_map(|k| body.get(*k).and_then(Value::as_str))
+                .map(str::to_string)
+        }
+    }
 }
 
 async fn read_loop(
@@ -331,12 +351,13 @@ async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> Option<Strin
     if text.contains("\"cmd\"") {
         if let Ok(value) = serde_json::from_str::<Value>(text) {
             if value["cmd"] == "disconnect" {
-                let code = match bus.release(conn).await {
-                    Ok(()) => 200,
-                    Err(e) => e.code(),
-                };
+                // Like the reference node: release, then close (no answer frame, which the
+                // 2016 stub would hand to its runtime as if it were a message).
+                if let Err(e) = bus.release(conn).await {
+                    tracing::warn!(%e, runtime = %conn.runtime.url, "disconnect: cannot release the runtime's addresses now");
+                }
                 conn.close.cancel();
-                return Some(json!({"cmd": "disconnect", "response": code}).to_string());
+                return None;
             }
         }
     }

@@ -34,21 +34,15 @@ pub struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    /// The `user` a registration by this sender is filed under: its identity; a different
-    /// `value.user` is refused.
-    ///
-    /// # Errors
-    /// 403 when `claimed` is not the sender's identity.
-    pub fn registrant(&self, claimed: Option<&str>) -> Result<Option<String>, BusError> {
-        match (claimed, self.identity) {
-            (Some(claimed), Some(identity)) if claimed != identity => Err(BusError::Forbidden(
-                format!("may register only as its own identity '{identity}', not '{claimed}'"),
-            )),
-            (Some(claimed), None) => Err(BusError::Forbidden(format!(
-                "registering as '{claimed}' needs a verified identity"
-            ))),
-            (_, identity) => Ok(identity.map(str::to_string)),
-        }
+    /// Who a registration by this sender is filed under: `(user, claimed)` — `user` is its
+    /// verified identity (what look-ups by user match), `claimed` the `value.user` it gave
+    /// when that is something else (kept, never trusted: runtimes send e-mail addresses).
+    pub fn registrant(&self, claimed: Option<&str>) -> (Option<String>, Option<String>) {
+        let user = self.identity.map(str::to_string);
+        let claimed = claimed
+            .filter(|c| Some(*c) != self.identity)
+            .map(str::to_string);
+        (user, claimed)
     }
 
     /// Checks that the sender's runtime holds `url`.

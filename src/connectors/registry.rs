@@ -48,15 +48,15 @@ impl BuiltinRegistry {
                 let value = body.get("value").filter(|v| v.is_object()).ok_or_else(|| {
                     BusError::BadRequest("registry create needs body.value (an object)".into())
                 })?;
-                let url = value
-                    .get("url")
-                    .and_then(Value::as_str)
+                let url = entry_url(value)
                     .ok_or_else(|| {
-                        BusError::BadRequest("registry create needs body.value.url".into())
+                        BusError::BadRequest(
+                            "registry create needs body.value.url (or hypertyURL)".into(),
+                        )
                     })?
                     .to_string();
                 sender.must_hold(&url)?;
-                let user = sender.registrant(value.get("user").and_then(Value::as_str))?;
+                let (user, claimed) = sender.registrant(value.get("user").and_then(Value::as_str));
                 match self.get(&url) {
                     Some(existing) if existing["runtime"] != sender.runtime => {
                         return Err(BusError::Forbidden(format!(
@@ -73,6 +73,7 @@ impl BuiltinRegistry {
                 }
                 let mut entry = value.clone();
                 entry["runtime"] = json!(sender.runtime);
+                entry["url"] = json!(url);
                 match user {
                     Some(user) => entry["user"] = json!(user),
                     None => {
@@ -80,6 +81,9 @@ impl BuiltinRegistry {
                             object.remove("user");
                         }
                     }
+                }
+                if let Some(claimed) = claimed {
+                    entry["claimedUser"] = json!(claimed);
                 }
                 entry["status"] = entry.get("status").cloned().unwrap_or(json!("live"));
                 entry["lastModified"] = json!(now_ms());
@@ -128,8 +132,7 @@ impl BuiltinRegistry {
                 let mut entry = self.owned(&resource, sender)?;
                 entry["lastModified"] = json!(now_ms());
                 let mut publish = None;
-                if body.get("attribute").and_then(Value::as_str) == Some("status") {
-                    let status = body.get("value").cloned().unwrap_or(Value::Null);
+                if let Some(status) = status_change(body) {
                     entry["status"] = status.clone();
                     publish = Some(json!({
                         "type": "update", "from": resource, "to": format!("{resource}/registration"),
@@ -214,11 +217,28 @@ impl Connector for BuiltinRegistry {
     }
 }
 
-/// What a registry message is about: `body.resource`, else `body.value.url`.
+/// What a registry message is about: `body.resource`, else the entry's URL in `body.value`.
 fn target(body: &serde_json::Map<String, Value>) -> Option<&str> {
     body.get("resource")
         .and_then(Value::as_str)
-        .or_else(|| body.get("value")?.get("url")?.as_str())
+        .or_else(|| entry_url(body.get("value")?))
+}
+
+/// The URL an entry registers: `url`, or `hypertyURL` (2016 runtimes).
+fn entry_url(value: &Value) -> Option<&str> {
+    value
+        .get("url")
+        .or_else(|| value.get("hypertyURL"))
+        .and_then(Value::as_str)
+}
+
+/// The new status an `update` sets: `{attribute: "status", value: S}`, or
+/// `{value: {status: S}}`.
+fn status_change(body: &serde_json::Map<String, Value>) -> Option<Value> {
+    if body.get("attribute").and_then(Value::as_str) == Some("status") {
+        return Some(body.get("value").cloned().unwrap_or(Value::Null));
+    }
+    body.get("value")?.get("status").cloned()
 }
 
 /// Whether `entry` meets the read `criteria` (every listed data scheme / resource present).
@@ -266,11 +286,8 @@ impl HttpRegistry {
         let body = message.body();
         let kind = message.kind.to_ascii_lowercase();
         let user = sender
-            .registrant(
-                body.get("value")
-                    .and_then(|v| v.get("user"))
-                    .and_then(Value::as_str),
-            )?
+            .registrant(None)
+            .0
             .unwrap_or_else(|| "anonymous".to_string());
         let resource = target(body).ok_or_else(|| {
             BusError::BadRequest("registry message needs body.resource or body.value.url".into())
@@ -316,8 +333,7 @@ impl HttpRegistry {
                     )));
                 };
                 entry["lastModified"] = json!(now_ms());
-                if body.get("attribute").and_then(Value::as_str) == Some("status") {
-                    let status = body.get("value").cloned().unwrap_or(Value::Null);
+                if let Some(status) = status_change(body) {
                     entry["status"] = status.clone();
                     publish = Some(json!({
                         "type": "update", "from": resource, "to": format!("{resource}/registration"),
