@@ -406,6 +406,9 @@ async fn bus_routes_and_enforces_between_real_stubs() {
     bob.drop_socket().await;
     send_numbered(&mut alice, &alice_h[0], &bob_h[0], 10..13).await;
     running.stop().await;
+    // The restarted node writes history before it delivers (`durability = persisted`).
+    let mut config = config;
+    config.bus.durability = msgnode::config::Durability::Persisted;
     let running = node(&config).await;
     let addr = running.bus_addr.expect("bus address");
     let mut alice = Stub::connect(addr, "runtime://localhost/alice-1", &alice_token).await;
