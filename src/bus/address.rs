@@ -109,10 +109,14 @@ impl NodeAddresses {
                 _ => None,
             };
         }
-        if to == self.registry || to.starts_with(&format!("{}/", self.registry)) {
+        let under = |base: &str| {
+            to.strip_prefix(base)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        if under(&self.registry) {
             return Some(Component::Registry);
         }
-        if to == self.idm || to.starts_with(&format!("{}/", self.idm)) {
+        if under(&self.idm) {
             return Some(Component::Idm);
         }
         None

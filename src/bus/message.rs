@@ -6,8 +6,7 @@
 //! and an optional `body` object. Everything else is carried through untouched: the node
 //! forwards the text it received, never a re-serialisation.
 
-use std::sync::Arc;
-
+use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Map, Value};
 
 use super::address::is_clean;
@@ -30,9 +29,6 @@ pub enum BusError {
     /// A dependency (homeserver, peer, policy) cannot answer now (408, as reTHINK uses it).
     #[error("{0}")]
     Unavailable(String),
-    /// Anything else (500).
-    #[error("{0}")]
-    Internal(String),
 }
 
 impl BusError {
@@ -44,7 +40,6 @@ impl BusError {
             BusError::Forbidden(_) => 403,
             BusError::NotFound(_) => 404,
             BusError::Unavailable(_) => 408,
-            BusError::Internal(_) => 500,
         }
     }
 }
@@ -52,8 +47,8 @@ impl BusError {
 /// A parsed reTHINK message: the routing fields, the JSON value, and the text it came as.
 #[derive(Debug, Clone)]
 pub struct Message {
-    /// The frame as received: what is forwarded.
-    pub text: Arc<str>,
+    /// The frame as received: what is forwarded (cheap to clone, shared by every delivery).
+    pub text: Utf8Bytes,
     /// The whole message.
     pub value: Value,
     /// `id`, as sent (number or string).
@@ -69,14 +64,15 @@ pub struct Message {
 impl Message {
     /// Parses one frame. The error is a 400 whose text says what is wrong; `id` is returned
     /// with it when the frame had one, so the response can carry it.
-    pub fn parse(text: &str) -> Result<Message, (BusError, Value)> {
-        let value: Value = serde_json::from_str(text)
+    pub fn parse(text: impl Into<Utf8Bytes>) -> Result<Message, (BusError, Value)> {
+        let text = text.into();
+        let value: Value = serde_json::from_str(text.as_str())
             .map_err(|e| (BusError::BadRequest(format!("not JSON: {e}")), Value::Null))?;
-        Self::from_value(value, Some(Arc::from(text)))
+        Self::from_value(value, Some(text))
     }
 
     /// Builds a message from a JSON value (its text is rendered when not given).
-    pub fn from_value(value: Value, text: Option<Arc<str>>) -> Result<Message, (BusError, Value)> {
+    pub fn from_value(value: Value, text: Option<Utf8Bytes>) -> Result<Message, (BusError, Value)> {
         let Value::Object(object) = &value else {
             return Err((
                 BusError::BadRequest("a message must be a JSON object".into()),
@@ -124,7 +120,7 @@ impl Message {
                 return bad("'body' must be an object".into());
             }
         }
-        let text = text.unwrap_or_else(|| Arc::from(value.to_string()));
+        let text = text.unwrap_or_else(|| Utf8Bytes::from(value.to_string()));
         Ok(Message {
             text,
             value,

@@ -130,15 +130,27 @@ struct OutcomeLabel {
 struct BusMetrics {
     messages: Family<OutcomeLabel, Counter>,
     deliveries: Family<OutcomeLabel, Counter>,
+    /// The per-message series, looked up once.
+    routed: Counter,
+    direct: Counter,
+    queued: Counter,
     connections: Gauge,
     handle_seconds: Histogram,
 }
 
 impl BusMetrics {
     fn new(registry: &mut Registry) -> Self {
+        let messages = Family::<OutcomeLabel, Counter>::default();
+        let deliveries = Family::<OutcomeLabel, Counter>::default();
+        let series = |family: &Family<OutcomeLabel, Counter>, outcome| {
+            family.get_or_create(&OutcomeLabel { outcome }).clone()
+        };
         let metrics = Self {
-            messages: Family::default(),
-            deliveries: Family::default(),
+            routed: series(&messages, "routed"),
+            direct: series(&deliveries, "direct"),
+            queued: series(&deliveries, "queued"),
+            messages,
+            deliveries,
             connections: Gauge::default(),
             handle_seconds: Histogram::new([
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
@@ -230,7 +242,7 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Builds the bus for `config.domain` (default `localhost`), restoring runtimes, allocations, subscriptions and
+    /// Builds the bus for `config.domain` (`start_bus` sets it; `localhost` if unset), restoring runtimes, allocations, subscriptions and
     /// registry entries from the store, and starts re-deciding subscriptions when the policy
     /// changes.
     ///
@@ -286,12 +298,7 @@ impl Bus {
             let subscriptions = record.subscriptions.clone();
             let runtime = bus.inner.table.runtime(&url, || record);
             for (resource, subscriber) in subscriptions {
-                let held_by_self = bus
-                    .inner
-                    .table
-                    .holder_of(&resource)
-                    .is_some_and(|h| Arc::ptr_eq(&h, &runtime));
-                if !pubsub::is_topic(&resource) && !held_by_self {
+                if !bus.may_subscribe(&resource, &runtime) {
                     tracing::warn!(%resource, runtime = %url, "stored subscription to a non-topic not restored");
                     continue;
                 }
@@ -322,11 +329,6 @@ impl Bus {
     /// The bus configuration.
     pub fn config(&self) -> &BusConfig {
         &self.inner.config
-    }
-
-    /// The history writer (the benchmark reads its figures).
-    pub fn journal(&self) -> &Journal {
-        &self.inner.persistence.journal
     }
 
     /// Checks a token: a Network Server's, else a Matrix access token.
@@ -619,16 +621,7 @@ impl Bus {
         if decision.allow {
             return Ok(decision);
         }
-        let reasons = if decision.reasons.is_empty() {
-            "Blocked by policy".to_string()
-        } else {
-            decision.reasons.join("; ")
-        };
-        Err(BusError::Forbidden(if decision.failed {
-            format!("policy unavailable: {reasons}")
-        } else {
-            reasons
-        }))
+        Err(BusError::Forbidden(crate::pep::decider::refusal(&decision)))
     }
 
     /// Verifies `body.identity`, when asserted, and remembers it for the connection.
@@ -708,8 +701,6 @@ impl Bus {
         Ok(())
     }
 
-    /// Routes an allowed message to every destination: runtimes holding the address (direct
-    /// or inbox), subscribers of a resource, or a peer node. Unknown local addresses are a 404.
     /// Who `to` reaches. A topic (see `pubsub::topic`) reaches its subscribers; with none, a
     /// foreign topic goes to the peer node, a children topic to the object's holder, a changes
     /// topic to nobody. Any other address reaches the runtime holding it (or the nearest
@@ -749,6 +740,8 @@ impl Bus {
         }
     }
 
+    /// Routes an allowed message to every destination ([`Bus::destination`]): runtimes (direct
+    /// or inbox, recorded in the journal) or a peer node. Unknown local addresses are a 404.
     async fn route(
         &self,
         conn: &Connection,
@@ -775,35 +768,31 @@ impl Bus {
                 "the node's history is behind the homeserver; retry shortly".into(),
             ));
         }
-        let to_runtimes: Vec<String> = targets.iter().map(|r| r.url.clone()).collect();
         let journal = &self.inner.persistence.journal;
         if !targets.is_empty() {
-            if self.inner.config.durability == Durability::Persisted {
+            let to: Vec<String> = targets.iter().map(|r| r.url.clone()).collect();
+            let persisted = self.inner.config.durability == Durability::Persisted;
+            let to = if persisted {
                 journal
-                    .record_persisted(&message.text, to_runtimes)
+                    .record_persisted(message.text.as_str(), to)
                     .await
                     .map_err(|e| BusError::Unavailable(format!("history unavailable: {e}")))?;
-            }
-            let text = Utf8Bytes::from(message.text.to_string());
+                None
+            } else {
+                Some(to)
+            };
+            let metrics = &self.inner.metrics;
             for runtime in &targets {
-                let how = match runtime.deliver(&text, &self.inner.persistence.inbox) {
-                    router::Delivered::Direct => "direct",
-                    router::Delivered::Queued => "queued",
+                match runtime.deliver(&message.text, &self.inner.persistence.inbox) {
+                    router::Delivered::Direct => metrics.direct.inc(),
+                    router::Delivered::Queued => metrics.queued.inc(),
                 };
-                self.inner
-                    .metrics
-                    .deliveries
-                    .get_or_create(&OutcomeLabel { outcome: how })
-                    .inc();
             }
-            if self.inner.config.durability == Durability::Delivered {
-                journal.record(
-                    &message.text,
-                    targets.iter().map(|r| r.url.clone()).collect(),
-                );
+            if let Some(to) = to {
+                journal.record(message.text.as_str(), to);
             }
         }
-        self.inner.metrics.count("routed");
+        self.inner.metrics.routed.inc();
         if !foreign.is_empty() {
             // The peer may take a while; the socket keeps reading meanwhile.
             let bus = self.clone();
@@ -867,18 +856,17 @@ impl Bus {
             }
         }
         let targets = Table::distinct(targets);
-        let text = Utf8Bytes::from(message.text.to_string());
         for runtime in &targets {
-            runtime.deliver(&text, &self.inner.persistence.inbox);
+            runtime.deliver(&message.text, &self.inner.persistence.inbox);
         }
         self.inner.persistence.journal.record(
-            &message.text,
+            message.text.as_str(),
             targets.iter().map(|r| r.url.clone()).collect(),
         );
     }
 
-    /// Messages to `mn:/session`: `ping`, `close` (releases everything), `open`/`re-open`
-    /// after the handshake (acknowledged).
+    /// Messages to `mn:/session`: `ping`, `read`, `open`/`re-open` after the handshake
+    /// (acknowledged with the runtime URL); `close`/`disconnect` (releases everything).
     async fn session_message(
         &self,
         conn: &Connection,
@@ -896,7 +884,7 @@ impl Bus {
                 Some(json!({"runtimeURL": conn.runtime.url})),
             ))),
             other => Err(BusError::BadRequest(format!(
-                "the session answers open, re-open, ping and close, not '{other}'"
+                "the session answers open, re-open, ping, read, close and disconnect, not '{other}'"
             ))),
         }
     }
@@ -909,6 +897,18 @@ impl Bus {
             .put_runtime(runtime, record)
             .await
             .map_err(|e| BusError::Unavailable(format!("cannot store the change now: {e}")))
+    }
+
+    /// Whether `runtime` may subscribe to `resource`: only topics reach subscribers; anything
+    /// else reaches its holder, so only that holder may subscribe to it (a reporter listing
+    /// its own object).
+    fn may_subscribe(&self, resource: &str, runtime: &Arc<Runtime>) -> bool {
+        pubsub::is_topic(resource)
+            || self
+                .inner
+                .table
+                .holder_of(resource)
+                .is_some_and(|h| Arc::ptr_eq(&h, runtime))
     }
 
     /// Subscribe: one decision per resource (`kind: "subscription"`); all allowed → all bound
@@ -943,14 +943,7 @@ impl Bus {
                     "subscribe: {resource:?} is not a URL"
                 )));
             }
-            // Only topics reach subscribers; anything else reaches its holder, so subscribing
-            // to it is allowed only to that holder itself (a reporter listing its own object).
-            let holder_is_self = self
-                .inner
-                .table
-                .holder_of(resource)
-                .is_some_and(|h| Arc::ptr_eq(&h, &runtime));
-            if !pubsub::is_topic(resource) && !holder_is_self {
+            if !self.may_subscribe(resource, &runtime) {
                 return Err(BusError::Forbidden(format!(
                     "'{resource}' is not a topic (…/changes, …/registration, <object>/children/…): only its holder receives what is sent to it"
                 )));
@@ -962,13 +955,14 @@ impl Bus {
             )));
         }
         let mut reasons = Vec::new();
+        let (subject, context) = (self.subject(conn), self.context());
         for resource in &resources {
             let input = json!({
                 "kind": "subscription",
                 "message": message.value,
                 "subscription": {"resource": resource, "subscriber": subscriber},
-                "subject": self.subject(conn),
-                "context": self.context(),
+                "subject": subject,
+                "context": context,
             });
             if let Err(e) = self.allowed(input).await {
                 reasons.push(e.to_string());

@@ -69,14 +69,6 @@ impl Subscriptions {
             .unwrap_or_default()
     }
 
-    /// Whether anyone subscribed to `resource`.
-    pub fn has_subscribers(&self, resource: &str) -> bool {
-        self.by_resource
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(resource)
-    }
-
     /// Every (resource, subscriber), for re-deciding after a policy change.
     pub fn all(&self) -> Vec<(String, Subscriber)> {
         self.by_resource

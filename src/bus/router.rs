@@ -100,22 +100,9 @@ impl Runtime {
         state.record.clone()
     }
 
-    /// How many addresses the runtime holds.
+    /// How many allocated addresses the runtime holds (what allocation quotas count).
     pub fn held(&self) -> usize {
         self.lock().record.allocations.values().map(Vec::len).sum()
-    }
-
-    /// Whether the runtime holds `address` (allocated, foreign return route, or itself).
-    pub fn holds(&self, address: &str) -> bool {
-        let state = self.lock();
-        address == self.url
-            || state.record.foreign.iter().any(|a| a == address)
-            || state
-                .record
-                .allocations
-                .values()
-                .flatten()
-                .any(|a| a == address)
     }
 
     /// The policy input's `subject` for this runtime (cached until the record changes).
@@ -392,7 +379,7 @@ impl Table {
             .collect()
     }
 
-    /// The URLs of the runtimes among `runtimes`, deduplicated (one delivery per runtime).
+    /// `runtimes` without repeats (one delivery per runtime).
     pub fn distinct(runtimes: Vec<Arc<Runtime>>) -> Vec<Arc<Runtime>> {
         let mut seen = BTreeSet::new();
         runtimes

@@ -270,7 +270,7 @@ async fn first_frame(stream: &mut SplitStream<WebSocket>) -> Result<Hello, Strin
             .as_str()
             .is_some_and(|t| t.eq_ignore_ascii_case("open") || t.eq_ignore_ascii_case("re-open"));
         if is_open && value["to"] == "mn:/session" {
-            let message = Message::from_value(value, Some(Arc::from(text.as_str())))
+            let message = Message::from_value(value, Some(Utf8Bytes::from(text)))
                 .map_err(|(e, _)| e.to_string())?;
             return Ok(Hello::Open(message));
         }

@@ -6,9 +6,6 @@
 
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-
-use super::{Connector, Reply, Sender};
 use crate::bus::address::domain;
 use crate::bus::message::{BusError, Message};
 use crate::config::Peer;
@@ -73,7 +70,7 @@ impl Foreign {
             ))
             .bearer_auth(&peer.token)
             .header("content-type", "application/json")
-            .body(message.text.to_string())
+            .body(message.text.as_str().to_owned())
             .send()
             .await
             .map_err(|e| BusError::Unavailable(format!("node of '{target}' unavailable: {e}")))?;
@@ -86,22 +83,5 @@ impl Foreign {
                 "node of '{target}' refused the message ({status}): {text}"
             )))
         }
-    }
-}
-
-impl Connector for Foreign {
-    fn name(&self) -> &'static str {
-        "foreign"
-    }
-
-    /// Sends the message to the peer of each foreign `to` (the caller passes messages whose
-    /// destinations are all foreign); the first response or error is relayed.
-    fn handle<'a>(&'a self, message: &'a Message, _sender: Sender<'a>) -> BoxFuture<'a, Reply> {
-        Box::pin(async move {
-            Reply {
-                response: self.deliver(message, &message.to).await,
-                publish: None,
-            }
-        })
     }
 }

@@ -141,10 +141,6 @@ impl Idm {
 }
 
 impl Connector for Idm {
-    fn name(&self) -> &'static str {
-        "idm"
-    }
-
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
         Box::pin(async move {
             if !message.kind_is("read") {

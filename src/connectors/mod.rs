@@ -1,10 +1,13 @@
 //! Connectors: what the bus hands a message to when no local runtime holds its address.
 //!
-//! One small trait, [`Connector`], chosen by address:
+//! One small trait, [`Connector`], for the node components that answer messages, chosen by
+//! address:
 //! - `domain://registry.<D>` → [`registry`] (built-in, in Matrix state, or a domain registry
 //!   over HTTP);
-//! - `domain://idm.<D>` → [`idm`] (it also verifies `body.identity` for every message);
-//! - an address of another domain → [`foreign`] (that domain's node, over HTTP).
+//! - `domain://idm.<D>` → [`idm`] (it also verifies `body.identity` for every message).
+//!
+//! Addresses of another domain go to [`foreign`] (that domain's node, over HTTP), which the
+//! bus's router calls directly: it delivers one message to several destinations at once.
 //!
 //! The End-User Device and Network Server connectors are the bus's WebSocket sessions
 //! (`bus::session`): the same protocol, authenticated with a Matrix access token or a
@@ -93,9 +96,6 @@ pub fn answer<'a>(
 
 /// One kind of connector.
 pub trait Connector: Send + Sync {
-    /// Its name, for logs and metrics.
-    fn name(&self) -> &'static str;
-
     /// Handles one message addressed to it (already allowed by the policy).
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply>;
 }

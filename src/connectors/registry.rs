@@ -10,9 +10,9 @@
 //! With `[bus.registry] url` the messages go to a reTHINK domain registry's REST API
 //! (`PUT/GET/DELETE /hyperty/user/<user>/<hyperty>`, `/hyperty/dataobject/<url>`).
 
+use crate::bus::journal::now_ms;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
@@ -134,10 +134,7 @@ impl BuiltinRegistry {
                 let mut publish = None;
                 if let Some(status) = status_change(body) {
                     entry["status"] = status.clone();
-                    publish = Some(json!({
-                        "type": "update", "from": resource, "to": format!("{resource}/registration"),
-                        "body": {"attribute": "status", "value": status},
-                    }));
+                    publish = Some(status_notification(&resource, status));
                 }
                 self.put(&resource, Some(entry)).await?;
                 Ok(Reply {
@@ -208,10 +205,6 @@ impl BuiltinRegistry {
 }
 
 impl Connector for BuiltinRegistry {
-    fn name(&self) -> &'static str {
-        "registry"
-    }
-
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
         answer(message, self.on_message(message, sender))
     }
@@ -257,11 +250,12 @@ fn matches(entry: &Value, criteria: Option<&Value>) -> bool {
     })
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The notification of a status change, for subscribers of `<url>/registration`.
+fn status_notification(url: &str, status: Value) -> Value {
+    json!({
+        "type": "update", "from": url, "to": format!("{url}/registration"),
+        "body": {"attribute": "status", "value": status},
+    })
 }
 
 /// A reTHINK domain registry over HTTP.
@@ -285,10 +279,7 @@ impl HttpRegistry {
     async fn on_message(&self, message: &Message, sender: Sender<'_>) -> Result<Reply, BusError> {
         let body = message.body();
         let kind = message.kind.to_ascii_lowercase();
-        let user = sender
-            .registrant(None)
-            .0
-            .unwrap_or_else(|| "anonymous".to_string());
+        let user = sender.identity.unwrap_or("anonymous").to_string();
         let resource = target(body).ok_or_else(|| {
             BusError::BadRequest("registry message needs body.resource or body.value.url".into())
         })?;
@@ -335,10 +326,7 @@ impl HttpRegistry {
                 entry["lastModified"] = json!(now_ms());
                 if let Some(status) = status_change(body) {
                     entry["status"] = status.clone();
-                    publish = Some(json!({
-                        "type": "update", "from": resource, "to": format!("{resource}/registration"),
-                        "body": {"attribute": "status", "value": status},
-                    }));
+                    publish = Some(status_notification(resource, status));
                 }
                 self.call(self.http.put(&url).json(&entry)).await?
             }
@@ -380,10 +368,6 @@ impl HttpRegistry {
 }
 
 impl Connector for HttpRegistry {
-    fn name(&self) -> &'static str {
-        "registry-http"
-    }
-
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
         answer(message, self.on_message(message, sender))
     }

@@ -1,7 +1,7 @@
 //! Where the enforcement points get their decisions: the in-process PDP or a remote,
 //! OPA-compatible one.
 //!
-//! [`Decider::decide`] is the one call the proxy and the appservice make. The local variant
+//! [`Decider::decide`] is the one call the proxy, the appservice and the bus make. The local variant
 //! is `Pdp::decide` (bounded by `[pdp] eval_timeout`). The remote variant posts
 //! `{"input": …}` to `{pdp_url}/v1/data/{decision path}` (another msgnode's PDP API, or OPA)
 //! with an optional bearer token and a per-request timeout (`[pep] pdp_timeout`), and reads
@@ -26,6 +26,20 @@ use crate::pdp::{Decision, Pdp};
 
 /// The reason of every decision a remote PDP could not give.
 pub const POLICY_UNAVAILABLE: &str = "policy unavailable";
+
+/// What a refused request is told: the policy's reasons (reTHINK's "Blocked by policy" when
+/// it gave none), or, when no policy decided, [`POLICY_UNAVAILABLE`] with the detail.
+pub fn refusal(decision: &Decision) -> String {
+    let reasons = match decision.reasons.is_empty() {
+        true => "Blocked by policy".to_string(),
+        false => decision.reasons.join("; "),
+    };
+    match decision.failed {
+        false => reasons,
+        true if reasons == POLICY_UNAVAILABLE => reasons,
+        true => format!("{POLICY_UNAVAILABLE}: {reasons}"),
+    }
+}
 
 /// Why a decider cannot be built from the configuration.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-use super::decider::{Decider, POLICY_UNAVAILABLE};
+use super::decider::Decider;
 use super::error::{ErrorCode, MatrixError};
 use super::homeserver::{encode, Homeserver};
 use super::route::{classify, Intercepted, MembershipAction};
@@ -317,12 +317,7 @@ async fn decide(
         }
         let reasons = decision.reasons.join("; ");
         tracing::info!(%sender, endpoint = ?endpoint, %reasons, decision_id = %decision.decision_id, "request denied");
-        // A remote PDP's failures already read "policy unavailable"; local ones say why.
-        let unavailable = if reasons == POLICY_UNAVAILABLE {
-            reasons.clone()
-        } else {
-            format!("{POLICY_UNAVAILABLE}: {reasons}")
-        };
+        let unavailable = super::decider::refusal(&decision);
         let refusal = match (decision.failed, state.config.on_pdp_failure) {
             (false, _) => ("denied", MatrixError::forbidden(reasons)),
             (true, PdpFailure::Forbidden) => {
