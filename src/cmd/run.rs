@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
+use ruma::api::appservice::Registration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::pdp::api::{self, ApiState};
 use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink};
 use crate::pdp::{watcher, Pdp};
+use crate::pep::actor::Actor;
 use crate::pep::homeserver::Homeserver;
 use crate::pep::{self, decider::Decider, proxy::PepState};
 
@@ -146,7 +148,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Decider::Remote(remote) = &decider {
         tracing::info!(endpoint = %remote.endpoint(), "enforcement points decide with a remote PDP");
     }
-    let (pep_addr, homeserver) =
+    let (pep_addr, matrix) =
         start_pep(&config, &decider, &mut registry, &shutdown, &tracker).await?;
     let (bus_addr, bus) = match config.bus.enabled {
         true => {
@@ -154,7 +156,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 &config,
                 &pdp,
                 &decider,
-                homeserver,
+                matrix,
                 &mut registry,
                 &shutdown,
                 &tracker,
@@ -194,25 +196,58 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
+/// The node's side of Matrix: the homeserver client and, with a registration, the
+/// appservice acting as its users.
+struct Matrix {
+    homeserver: Arc<Homeserver>,
+    actor: Option<(Registration, Arc<Actor>)>,
+}
+
+impl Matrix {
+    /// The homeserver client `homeserver` (or a new one) and the actor of `[pep] registration`.
+    fn new(config: &Config, homeserver: Option<Arc<Homeserver>>) -> anyhow::Result<Matrix> {
+        let homeserver = match homeserver {
+            Some(h) => h,
+            None => Arc::new(Homeserver::new(
+                &config.pep.homeserver,
+                config.pep.whoami_ttl,
+            )?),
+        };
+        let actor = match &config.pep.registration {
+            Some(path) => {
+                let registration = pep::registration::read(path)?;
+                let actor = Actor::new(
+                    &registration,
+                    &config.pep.server_name,
+                    Arc::clone(&homeserver),
+                )?;
+                Some((registration, Arc::new(actor)))
+            }
+            None => None,
+        };
+        Ok(Matrix { homeserver, actor })
+    }
+}
+
 /// Starts the Matrix proxy (and, with a registration, the appservice API on the same
-/// listener) when `[pep] enabled`; its address and homeserver client.
+/// listener) when `[pep] enabled`; its address and the Matrix side it set up.
 async fn start_pep(
     config: &Config,
     decider: &Decider,
     registry: &mut Registry,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-) -> anyhow::Result<(Option<SocketAddr>, Option<Arc<Homeserver>>)> {
+) -> anyhow::Result<(Option<SocketAddr>, Option<Matrix>)> {
     if !config.pep.enabled {
         return Ok((None, None));
     }
     let state = PepState::new(decider.clone(), config.pep.clone(), registry)?;
     let mut app = pep::proxy::router(state.clone());
-    if let Some(path) = &config.pep.registration {
-        let registration = pep::registration::read(path)?;
+    let matrix = Matrix::new(config, Some(state.homeserver()))?;
+    if let Some((registration, actor)) = &matrix.actor {
         let appservice = pep::appservice::Appservice::new(
-            registration,
-            config.pep.server_name.clone(),
+            registration.clone(),
+            Arc::clone(actor),
             &config.pep.redact_denied_rooms,
             state.homeserver(),
             decider.clone(),
@@ -234,7 +269,7 @@ async fn start_pep(
         "Matrix proxy",
     );
     tracing::info!(%addr, homeserver = %config.pep.homeserver, "Matrix proxy listening");
-    Ok((Some(addr), Some(state.homeserver())))
+    Ok((Some(addr), Some(matrix)))
 }
 
 /// Starts the reTHINK bus. With an appservice registration (`[pep] registration`) its history,
@@ -243,7 +278,7 @@ async fn start_bus(
     config: &Config,
     pdp: &Pdp,
     decider: &Decider,
-    homeserver: Option<Arc<Homeserver>>,
+    matrix: Option<Matrix>,
     registry: &mut Registry,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
@@ -253,21 +288,17 @@ async fn start_bus(
         .domain
         .clone()
         .unwrap_or_else(|| config.pep.server_name.clone());
-    let persistence = match &config.pep.registration {
-        Some(path) => {
-            let homeserver = match homeserver {
-                Some(h) => h,
-                None => Arc::new(Homeserver::new(
-                    &config.pep.homeserver,
-                    config.pep.whoami_ttl,
-                )?),
-            };
-            let registration = pep::registration::read(path)?;
-            let actor = Arc::new(pep::actor::Actor::new(
-                &registration,
-                &config.pep.server_name,
-                Arc::clone(&homeserver),
-            )?);
+    // Without the proxy, the Matrix side is set up here (when a registration is configured).
+    let matrix = match matrix {
+        Some(matrix) => Some(matrix),
+        None if config.pep.registration.is_some() => Some(Matrix::new(config, None)?),
+        None => None,
+    };
+    let persistence = match matrix {
+        Some(Matrix {
+            homeserver,
+            actor: Some((_, actor)),
+        }) => {
             let mut journal_config = config.bus.journal.clone();
             if journal_config.node == bus::journal::JournalConfig::default().node {
                 journal_config.node = domain.clone();
@@ -294,10 +325,10 @@ async fn start_bus(
                 homeserver: Some(homeserver),
             }
         }
-        None => {
+        other => {
             tracing::warn!("bus without [pep] registration: history, inboxes and allocations are kept in memory only; only network-server tokens authenticate");
             Persistence {
-                homeserver,
+                homeserver: other.map(|m| m.homeserver),
                 ..Persistence::memory()
             }
         }

@@ -32,6 +32,7 @@ use ruma::api::appservice::Registration;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use super::actor::Actor;
 use super::decider::Decider;
 use super::error::{ErrorCode, MatrixError};
 use super::homeserver::{encode, with_user_id, Homeserver};
@@ -51,7 +52,8 @@ struct OutcomeLabel {
 /// The appservice: its registration, namespace and transaction record.
 pub struct Appservice {
     registration: Registration,
-    users: regex::RegexSet,
+    /// Acts as the namespace's users (registers them on user queries); knows the namespace.
+    actor: Arc<Actor>,
     sender: String,
     server_name: String,
     homeserver: Arc<Homeserver>,
@@ -75,14 +77,14 @@ impl Appservice {
     /// A namespace regex that does not compile.
     pub async fn new(
         registration: Registration,
-        server_name: String,
+        actor: Arc<Actor>,
         redact_denied_rooms: &[String],
         homeserver: Arc<Homeserver>,
         decider: Decider,
         registry: &mut Registry,
     ) -> anyhow::Result<Self> {
-        let users = super::registration::user_namespace(&registration)?;
-        let sender = format!("@{}:{}", registration.sender_localpart, server_name);
+        let sender = actor.sender().to_string();
+        let server_name = actor.server_name().to_string();
         let transactions = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "pep_appservice_transactions",
@@ -105,7 +107,7 @@ impl Appservice {
             regex::RegexSet::new(redact_denied_rooms.iter().map(|r| format!("^(?:{r})$")))?;
         let appservice = Self {
             registration,
-            users,
+            actor,
             sender,
             server_name,
             homeserver,
@@ -197,7 +199,7 @@ impl Appservice {
 
     /// Whether `user_id` is in the appservice's user namespace.
     pub fn owns_user(&self, user_id: &str) -> bool {
-        self.users.is_match(user_id)
+        self.actor.owns_user(user_id)
     }
 
     async fn on_transaction(&self, txn_id: &str, body: &Value) -> Result<(), MatrixError> {
@@ -369,26 +371,10 @@ impl Appservice {
         if !self.owns_user(user_id) {
             return Err(not_found());
         }
-        let localpart = user_id
-            .trim_start_matches('@')
-            .split(':')
-            .next()
-            .unwrap_or("");
-        let body = json!({"type": "m.login.application_service", "username": localpart});
-        match self
-            .homeserver
-            .request_json(
-                Method::POST,
-                "/_matrix/client/v3/register",
-                &self.registration.as_token,
-                Some(&body),
-            )
-            .await
-        {
-            Ok((status, _)) if status.is_success() => Ok(()),
-            Ok((_, answer)) if answer["errcode"] == ErrorCode::UserInUse.as_str() => Ok(()),
-            _ => Err(not_found()),
-        }
+        self.actor.ensure_user(user_id).await.map_err(|e| {
+            tracing::warn!(%e, user = %user_id, "appservice: cannot register a queried user");
+            not_found()
+        })
     }
 }
 
