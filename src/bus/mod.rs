@@ -683,7 +683,7 @@ impl Bus {
         }
         // A transient local address for the foreign hyperty: bound to this connection and
         // backed by a virtual user, like an allocated one.
-        if conn.runtime.record().foreign.len() >= MAX_FOREIGN_PER_RUNTIME {
+        if conn.runtime.with_record(|r| r.foreign.len()) >= MAX_FOREIGN_PER_RUNTIME {
             return Err(BusError::Forbidden(format!(
                 "this runtime already uses {MAX_FOREIGN_PER_RUNTIME} foreign addresses"
             )));
@@ -818,10 +818,9 @@ impl Bus {
         message: &Message,
         connector: &dyn Connector,
     ) -> Option<String> {
-        let identity = conn.identity().or_else(|| {
-            let localpart = conn.user()?.trim_start_matches('@').split(':').next()?;
-            Some(format!("user://{}/{localpart}", self.inner.nodes.domain()))
-        });
+        let identity = conn
+            .identity()
+            .or_else(|| conn.user().map(|u| self.inner.idm.own_identity(u)));
         let table = &self.inner.table;
         let runtime = &conn.runtime;
         let holds = |url: &str| {
@@ -949,7 +948,9 @@ impl Bus {
                 )));
             }
         }
-        if runtime.record().subscriptions.len() + resources.len() > MAX_SUBSCRIPTIONS_PER_RUNTIME {
+        if runtime.with_record(|r| r.subscriptions.len()) + resources.len()
+            > MAX_SUBSCRIPTIONS_PER_RUNTIME
+        {
             return Err(BusError::Forbidden(format!(
                 "a runtime may hold at most {MAX_SUBSCRIPTIONS_PER_RUNTIME} subscriptions"
             )));

@@ -82,6 +82,11 @@ impl Runtime {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Reads the durable record without copying it.
+    pub fn with_record<R>(&self, read: impl FnOnce(&RuntimeRecord) -> R) -> R {
+        read(&self.lock().record)
+    }
+
     /// A copy of the durable record.
     pub fn record(&self) -> RuntimeRecord {
         self.lock().record.clone()

@@ -42,6 +42,12 @@ impl Idm {
         }
     }
 
+    /// The identity every Matrix user of this node has: `user://<domain>/<localpart>`.
+    pub fn own_identity(&self, user: &str) -> String {
+        let localpart = user.trim_start_matches('@').split(':').next().unwrap_or("");
+        format!("user://{}/{localpart}", self.domain)
+    }
+
     /// The identity URL a message body asserts: `identity` as a string, or an object carrying
     /// one (`userProfile.userURL`, `userURL`, `identity`).
     pub fn claimed(body: &Map<String, Value>) -> Option<&str> {
@@ -90,8 +96,7 @@ impl Idm {
             ))
         };
         let user = user.ok_or_else(refused)?;
-        let localpart = user.trim_start_matches('@').split(':').next().unwrap_or("");
-        let own = format!("user://{}/{localpart}", self.domain);
+        let own = self.own_identity(user);
         let listed = self
             .config
             .identities
