@@ -258,6 +258,12 @@ pub struct BusConfig {
     pub idm: IdmConfig,
     /// History batching (`[bus.journal]`).
     pub journal: crate::bus::journal::JournalConfig,
+    /// This node's name when several replicas share the homeserver (`None`: the only one).
+    /// Each replica follows the others through Matrix: runtimes connected elsewhere are
+    /// reached through their inbox rooms, their allocations, subscriptions and registry
+    /// entries through the state room. Names must differ; the journal uses it as its node
+    /// name unless `[bus.journal] node` is set.
+    pub replica: Option<String>,
 }
 
 impl Default for BusConfig {
@@ -277,6 +283,7 @@ impl Default for BusConfig {
             registry: RegistryConfig::default(),
             idm: IdmConfig::default(),
             journal: Default::default(),
+            replica: None,
         }
     }
 }

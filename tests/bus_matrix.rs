@@ -225,7 +225,7 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     );
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let inbox = Inbox::new(actor.clone(), shutdown.clone(), &tracker);
+    let inbox = Inbox::new(actor.clone(), "n1", None, shutdown.clone(), &tracker);
 
     let start = Instant::now();
     for i in 0..300 {
@@ -238,7 +238,7 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
         "inbox: 300 messages pushed, stored and read back in {:?}",
         start.elapsed()
     );
-    assert_eq!(taken.upto, 300);
+    assert_eq!(taken.upto_of("n1"), 300);
     assert_eq!(
         values(&taken.messages),
         values(&(0..300).map(message).collect::<Vec<_>>())
@@ -248,13 +248,13 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     inbox.ack(a, &taken).await.expect("ack");
     let empty = inbox.take(a).await.expect("take after ack");
     assert!(empty.messages.is_empty());
-    assert_eq!(empty.upto, 300);
+    assert_eq!(empty.upto_of("n1"), 300);
 
     for i in 300..305 {
         inbox.push(a, &message(i));
     }
     let pending = inbox.take(a).await.expect("take");
-    assert_eq!(pending.upto, 305);
+    assert_eq!(pending.upto_of("n1"), 305);
     assert_eq!(pending.messages.len(), 5);
     shutdown.cancel();
     tracker.close();
@@ -263,16 +263,48 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     // A restart: nothing in memory, the inbox rooms still hold what was not acked.
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let inbox = Inbox::new(self::actor(synapse).await, shutdown.clone(), &tracker);
+    let inbox = Inbox::new(
+        self::actor(synapse).await,
+        "n1",
+        None,
+        shutdown.clone(),
+        &tracker,
+    );
     let after = inbox.take(a).await.expect("take after restart");
     assert_eq!(after, pending);
     inbox.ack(a, &after).await.expect("ack");
     inbox.push(a, &message(305));
     let next = inbox.take(a).await.expect("take");
-    assert_eq!(next.upto, 306, "the sequence continues");
+    assert_eq!(next.upto_of("n1"), 306, "the sequence continues");
     assert_eq!(values(&next.messages), values(&[message(305)]));
+    inbox.ack(a, &next).await.expect("ack");
+
+    // Another replica writes to the same inbox with its own sequence; a take sees both, and
+    // the cursor keeps one position per writer.
+    let other = Inbox::new(
+        self::actor(synapse).await,
+        "n2",
+        None,
+        shutdown.clone(),
+        &tracker,
+    );
+    other.push(a, &message(1000));
+    other.push(a, &message(1001));
+    let _ = other.take(a).await.expect("stored by n2");
+    inbox.push(a, &message(306));
+    let mixed = inbox.take(a).await.expect("take both writers");
+    assert_eq!(
+        values(&mixed.messages),
+        values(&[message(1000), message(1001), message(306)])
+    );
+    assert_eq!((mixed.upto_of("n1"), mixed.upto_of("n2")), (307, 2));
+    inbox.ack(a, &mixed).await.expect("ack");
+    other.push(a, &message(1002));
+    let _ = other.take(a).await.expect("stored by n2");
+    let last = inbox.take(a).await.expect("take after n2 wrote again");
+    assert_eq!(values(&last.messages), values(&[message(1002)]));
     let for_b = inbox.take(b).await.expect("take b");
-    assert_eq!(for_b.upto, 2);
+    assert_eq!(for_b.upto_of("n1"), 2);
     assert_eq!(for_b.messages[1], "not json");
     let float: Value = serde_json::from_str(&for_b.messages[0]).expect("json");
     assert_eq!(float["value"], 0.5);
@@ -283,7 +315,7 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
 
 async fn store_round_trips_runtimes_and_registry(synapse: &Synapse) {
     let actor = actor(synapse).await;
-    let store = Store::open(actor.clone()).await.expect("open");
+    let store = Store::open(actor.clone(), None).await.expect("open");
     assert_eq!(store.load().await.expect("load empty").runtimes.len(), 0);
     let record = |n: usize| RuntimeRecord {
         user: Some("@alice:localhost".to_string()),
@@ -298,6 +330,7 @@ async fn store_round_trips_runtimes_and_registry(synapse: &Synapse) {
             "hyperty://example.com/0".to_string(),
         )]),
         foreign: vec!["hyperty://other.example/9".to_string()],
+        ..RuntimeRecord::default()
     };
     let (a, b) = (
         "hyperty-runtime://example.com/a",
@@ -323,7 +356,7 @@ async fn store_round_trips_runtimes_and_registry(synapse: &Synapse) {
     }
 
     // A restart reads it all back.
-    let reopened = Store::open(self::actor(synapse).await)
+    let reopened = Store::open(self::actor(synapse).await, None)
         .await
         .expect("reopen");
     let snapshot = reopened.load().await.expect("load");

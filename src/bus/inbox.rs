@@ -1,23 +1,26 @@
 //! Messages for runtimes that are not connected, kept in Matrix until they are delivered.
 //!
 //! Owns one room per runtime (`#_msgnode_inbox.<hash16 of the runtime URL>:<server>`,
-//! created by the appservice's own user on first use), the runtime's message sequence
-//! (u64 from 1, continued after a restart from the room's newest batch) and its delivery
-//! cursor: room state `org.msgnode.bus.cursor` (state key `""`), `{"upto": <highest seq
-//! delivered>}`.
+//! created by the appservice's own user on first use). Every node (replica) writing to it
+//! has its own message sequence there (u64 from 1, continued after a restart from the
+//! room's newest batch of that writer); the delivery cursor is room state
+//! `org.msgnode.bus.cursor` (state key `""`), `{"upto": {"<writer>": <highest seq
+//! delivered>, …}}`.
 //!
 //! [`Inbox::push`] only queues; one writer task per runtime (started on its first push)
 //! sends whatever is queued whenever its previous send is done, as `org.msgnode.inbox.batch`
-//! events in the journal's batch format (`{"runtime", "first_seq", "count", "messages"}` or
-//! compressed, see `bus::journal`) — in order, retried until stored, drained at shutdown.
-//! [`Inbox::take`] waits until every push so far is stored, then reads the messages after
-//! the cursor back from the room (so it works right after a restart); [`Inbox::ack`] moves
-//! the cursor.
+//! events in the journal's batch format (`{"runtime", "writer", "first_seq", "count",
+//! "messages"}` or compressed, see `bus::journal`) — in order, retried until stored, drained
+//! at shutdown. [`Inbox::take`] waits until every push of this node so far is stored, then
+//! reads the messages after the cursor back from the room (so it works right after a
+//! restart, and sees what other replicas wrote); [`Inbox::ack`] moves the cursor.
 //!
-//! Messages come back as equivalent JSON (whitespace and key order may differ; text that is
-//! not JSON comes back as given). One node writes a runtime's inbox at a time.
+//! Whatever is taken is a prefix of the room's timeline (each take reads up to the newest
+//! event, and each writer's batches are in its sequence order), so a take pages back only
+//! to the first batch already delivered. Messages come back as equivalent JSON (whitespace
+//! and key order may differ; text that is not JSON comes back as given).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,9 +50,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Taken {
     /// The messages' JSON texts, in order.
     pub messages: Vec<String>,
-    /// The sequence number of the last of them (the cursor when there are none).
-    pub upto: u64,
+    /// Per writer, the sequence number of the last of them (the cursor when there are none).
+    pub upto: BTreeMap<String, u64>,
 }
+
+impl Taken {
+    /// How far `writer`'s messages are taken (0: none ever).
+    pub fn upto_of(&self, writer: &str) -> u64 {
+        self.upto.get(writer).copied().unwrap_or(0)
+    }
+}
+
+/// The writer name of the in-memory inbox.
+const MEMORY_WRITER: &str = "memory";
 
 /// Per-runtime inboxes; cheap to clone.
 #[derive(Clone)]
@@ -71,6 +84,10 @@ struct MemoryBox {
 
 struct MatrixInbox {
     actor: Arc<Actor>,
+    /// With replicas: the user they follow inboxes as, joined to every inbox room.
+    follower: Option<String>,
+    /// This node's name in the batches it writes.
+    writer: String,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     boxes: Mutex<HashMap<String, Arc<RuntimeBox>>>,
@@ -87,7 +104,7 @@ struct RuntimeBox {
     /// The room and the sequence number after its newest batch when first opened.
     room: OnceCell<(String, u64)>,
     /// The cursor as last read or written; the lock also serialises take and ack.
-    cursor: tokio::sync::Mutex<Option<u64>>,
+    cursor: tokio::sync::Mutex<Option<BTreeMap<String, u64>>>,
 }
 
 #[derive(Default)]
@@ -98,11 +115,21 @@ struct Pushes {
 }
 
 impl Inbox {
-    /// Inboxes in Matrix; writers run on `tracker` and drain what is queued on `shutdown`.
-    pub fn new(actor: Arc<Actor>, shutdown: CancellationToken, tracker: &TaskTracker) -> Inbox {
+    /// Inboxes in Matrix, written as `writer` (this node's name, distinct per replica) and,
+    /// with replicas, followed as `follower`; writers run on `tracker` and drain what is
+    /// queued on `shutdown`.
+    pub fn new(
+        actor: Arc<Actor>,
+        writer: &str,
+        follower: Option<String>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Inbox {
         Inbox {
             inner: Arc::new(Inner::Matrix(MatrixInbox {
                 actor,
+                follower,
+                writer: writer.to_string(),
                 shutdown,
                 tracker: tracker.clone(),
                 boxes: Mutex::new(HashMap::new()),
@@ -149,6 +176,8 @@ impl Inbox {
                 if start_writer {
                     let writer = Writer {
                         actor: matrix.actor.clone(),
+                        writer: matrix.writer.clone(),
+                        follower: matrix.follower.clone(),
                         inbox: inbox.clone(),
                         shutdown: matrix.shutdown.clone(),
                         counters: matrix.counters.clone(),
@@ -183,7 +212,7 @@ impl Inbox {
                 let upto = inbox.messages.back().map_or(inbox.cursor, |(seq, _)| *seq);
                 Ok(Taken {
                     messages,
-                    upto: upto.max(inbox.cursor),
+                    upto: BTreeMap::from([(MEMORY_WRITER.to_string(), upto.max(inbox.cursor))]),
                 })
             }
             Inner::Matrix(matrix) => matrix.take(runtime).await,
@@ -199,7 +228,7 @@ impl Inbox {
             Inner::Memory(boxes) => {
                 let mut boxes = lock(boxes);
                 if let Some(inbox) = boxes.get_mut(runtime) {
-                    inbox.cursor = inbox.cursor.max(taken.upto);
+                    inbox.cursor = inbox.cursor.max(taken.upto_of(MEMORY_WRITER));
                     let cursor = inbox.cursor;
                     inbox.messages.retain(|(seq, _)| *seq > cursor);
                 }
@@ -242,13 +271,15 @@ impl MatrixInbox {
             Ok(Ok(_)) => {}
             _ => return Err(ActorError::Unavailable),
         }
-        let (room, _) = inbox.open(&self.actor).await?;
+        let (room, _) = inbox
+            .open(&self.actor, &self.writer, self.follower.as_deref())
+            .await?;
         let mut cursor_guard = inbox.cursor.lock().await;
-        let cursor = match *cursor_guard {
-            Some(cursor) => cursor,
+        let cursor = match &*cursor_guard {
+            Some(cursor) => cursor.clone(),
             None => {
                 let cursor = read_cursor(&self.actor, room).await?;
-                *cursor_guard = Some(cursor);
+                *cursor_guard = Some(cursor.clone());
                 cursor
             }
         };
@@ -269,30 +300,33 @@ impl MatrixInbox {
                 {
                     continue;
                 }
+                let writer = batch_writer(content);
                 let batch = decode_batch(content).map_err(ActorError::Malformed)?;
                 let end = batch.first_seq + batch.entries.len() as u64;
-                if end <= cursor + 1 {
-                    break 'pages;
+                if end <= cursor.get(&writer).copied().unwrap_or(0) + 1 {
+                    break 'pages; // delivered, and so is everything before it
                 }
-                batches.push(batch);
+                batches.push((writer, batch));
             }
             match next {
                 Some(next) => token = Some(next),
                 None => break,
             }
         }
-        batches.sort_by_key(|b| b.first_seq);
+        // Collected newest first: oldest first now (a writer's batches keep their order).
+        batches.reverse();
         let mut taken = Taken {
             messages: Vec::new(),
             upto: cursor,
         };
-        for batch in batches {
+        for (writer, batch) in batches {
+            let upto = taken.upto.entry(writer).or_insert(0);
             for (i, entry) in batch.entries.into_iter().enumerate() {
                 let seq = batch.first_seq + i as u64;
-                if seq <= taken.upto {
+                if seq <= *upto {
                     continue; // before the cursor, or a duplicate
                 }
-                taken.upto = seq;
+                *upto = seq;
                 // A message that was not JSON was stored as a JSON string.
                 let text = match serde_json::from_str::<Value>(entry.get()) {
                     Ok(Value::String(text)) => text,
@@ -306,52 +340,73 @@ impl MatrixInbox {
 
     async fn ack(&self, runtime: &str, taken: &Taken) -> Result<(), ActorError> {
         let inbox = self.runtime_box(runtime);
-        let (room, _) = inbox.open(&self.actor).await?;
+        let (room, _) = inbox
+            .open(&self.actor, &self.writer, self.follower.as_deref())
+            .await?;
         let mut cursor = inbox.cursor.lock().await;
-        let current = match *cursor {
-            Some(current) => current,
+        let current = match &*cursor {
+            Some(current) => current.clone(),
             None => read_cursor(&self.actor, room).await?,
         };
-        if taken.upto > current {
+        let mut next = current.clone();
+        for (writer, upto) in &taken.upto {
+            let seq = next.entry(writer.clone()).or_insert(0);
+            *seq = (*seq).max(*upto);
+        }
+        if next != current {
             let sender = self.actor.sender().to_string();
             self.actor
-                .put_state(
-                    &sender,
-                    room,
-                    CURSOR_EVENT_TYPE,
-                    "",
-                    &json!({"upto": taken.upto}),
-                )
+                .put_state(&sender, room, CURSOR_EVENT_TYPE, "", &json!({"upto": next}))
                 .await?;
         }
-        *cursor = Some(current.max(taken.upto));
+        *cursor = Some(next);
         Ok(())
     }
 }
 
-async fn read_cursor(actor: &Actor, room: &str) -> Result<u64, ActorError> {
+async fn read_cursor(actor: &Actor, room: &str) -> Result<BTreeMap<String, u64>, ActorError> {
     let sender = actor.sender().to_string();
-    Ok(actor
+    let content = actor
         .state_event(&sender, room, CURSOR_EVENT_TYPE, "")
-        .await?
-        .and_then(|c| c.get("upto").and_then(Value::as_u64))
-        .unwrap_or(0))
+        .await?;
+    Ok(content
+        .as_ref()
+        .and_then(|c| c.get("upto"))
+        .and_then(|upto| serde_json::from_value(upto.clone()).ok())
+        .unwrap_or_default())
+}
+
+/// The node that wrote an inbox batch.
+fn batch_writer(content: &Value) -> String {
+    content
+        .get("writer")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl RuntimeBox {
     /// The runtime's room (created on first use) and the sequence number its next batch
     /// starts at when first opened.
-    async fn open(&self, actor: &Actor) -> Result<&(String, u64), ActorError> {
+    async fn open(
+        &self,
+        actor: &Actor,
+        writer: &str,
+        follower: Option<&str>,
+    ) -> Result<&(String, u64), ActorError> {
         self.room
             .get_or_try_init(|| async {
                 let sender = actor.sender().to_string();
                 let alias = format!("_msgnode_inbox.{}", hash16(&self.runtime));
                 let name = format!("msgnode inbox {}", self.runtime);
                 let room = actor.ensure_room(&alias, &sender, &name).await?;
-                let next =
-                    recover_next_seq(actor, &room, INBOX_EVENT_TYPE, "runtime", &self.runtime)
-                        .await?
-                        .unwrap_or(1);
+                if let Some(follower) = follower {
+                    actor.join(follower, &room).await?;
+                }
+                let header = [("runtime", self.runtime.as_str()), ("writer", writer)];
+                let next = recover_next_seq(actor, &room, INBOX_EVENT_TYPE, &header)
+                    .await?
+                    .unwrap_or(1);
                 Ok((room, next))
             })
             .await
@@ -361,6 +416,8 @@ impl RuntimeBox {
 /// The writer task of one runtime's inbox.
 struct Writer {
     actor: Arc<Actor>,
+    writer: String,
+    follower: Option<String>,
     inbox: Arc<RuntimeBox>,
     shutdown: CancellationToken,
     counters: Counters,
@@ -382,7 +439,8 @@ impl Writer {
         };
         let mut header = Map::new();
         header.insert("runtime".to_string(), Value::String(runtime.clone()));
-        let prefix = format!("i.{}", hash16(&runtime));
+        header.insert("writer".to_string(), Value::String(self.writer.clone()));
+        let prefix = format!("i.{}.{}", hash16(&runtime), hash16(&self.writer));
         let sender = self.actor.sender().to_string();
         let mut stored_count = 0u64;
         loop {
@@ -446,7 +504,11 @@ impl Writer {
         let mut backoff = Duration::from_millis(50);
         let mut give_up_at = None;
         loop {
-            match self.inbox.open(&self.actor).await {
+            match self
+                .inbox
+                .open(&self.actor, &self.writer, self.follower.as_deref())
+                .await
+            {
                 Ok(opened) => return Some(opened.clone()),
                 Err(error) => {
                     tracing::warn!(%error, runtime = %self.inbox.runtime, "inbox: cannot open the room; retrying");
@@ -478,7 +540,7 @@ mod tests {
         inbox.push("rt://a", r#"{"n":2}"#);
         let taken = inbox.take("rt://a").await.expect("take");
         assert_eq!(taken.messages, vec![r#"{"n":1}"#, r#"{"n":2}"#]);
-        assert_eq!(taken.upto, 2);
+        assert_eq!(taken.upto_of(MEMORY_WRITER), 2);
         // Not acked: taken again, with what came since.
         inbox.push("rt://a", r#"{"n":3}"#);
         let again = inbox.take("rt://a").await.expect("take");
@@ -486,7 +548,7 @@ mod tests {
         inbox.ack("rt://a", &taken).await.expect("ack");
         let rest = inbox.take("rt://a").await.expect("take");
         assert_eq!(rest.messages, vec![r#"{"n":3}"#]);
-        assert_eq!(rest.upto, 3);
+        assert_eq!(rest.upto_of(MEMORY_WRITER), 3);
         inbox.ack("rt://a", &rest).await.expect("ack");
         // An old ack never moves the cursor back.
         inbox.ack("rt://a", &taken).await.expect("ack");
@@ -494,7 +556,7 @@ mod tests {
             inbox.take("rt://a").await.expect("take"),
             Taken {
                 messages: vec![],
-                upto: 3
+                upto: BTreeMap::from([(MEMORY_WRITER.to_string(), 3)])
             }
         );
         assert_eq!(inbox.take("rt://b").await.expect("take").messages.len(), 1);

@@ -204,7 +204,7 @@ impl Journal {
         let room = actor
             .ensure_room(JOURNAL_ALIAS, &sender, "msgnode journal")
             .await?;
-        let next_seq = recover_next_seq(&actor, &room, BATCH_EVENT_TYPE, "node", &config.node)
+        let next_seq = recover_next_seq(&actor, &room, BATCH_EVENT_TYPE, &[("node", &config.node)])
             .await?
             .unwrap_or(1);
         tracing::info!(%room, next_seq, node = %config.node, "journal open");
@@ -1015,15 +1015,15 @@ pub(crate) async fn for_each_batch(
     }
 }
 
-/// The sequence number after the highest of the batches of `event_type` whose `field` is
-/// `value`, from the newest events back (`None` for a room without such batches). Looks at
-/// the newest few such batches, as concurrent sends may have reordered the last ones.
+/// The sequence number after the highest of the batches of `event_type` whose header fields
+/// have the given values, from the newest events back (`None` for a room without such
+/// batches). Looks at the newest few such batches, as concurrent sends may have reordered the
+/// last ones.
 pub(crate) async fn recover_next_seq(
     actor: &Actor,
     room: &str,
     event_type: &str,
-    field: &str,
-    value: &str,
+    header: &[(&str, &str)],
 ) -> Result<Option<u64>, ActorError> {
     let filter = json!({"types": [event_type]});
     let sender = actor.sender().to_string();
@@ -1036,7 +1036,11 @@ pub(crate) async fn recover_next_seq(
             .await?;
         for event in &events {
             let content = &event["content"];
-            if event["type"] != event_type || content[field] != value {
+            if event["type"] != event_type
+                || header
+                    .iter()
+                    .any(|(field, value)| content[*field] != *value)
+            {
                 continue;
             }
             if let (Some(first), Some(count)) =

@@ -13,6 +13,7 @@
 //! - `journal`, `inbox`, `store` — what is kept in Matrix: history of routed messages,
 //!   messages for runtimes that are away, and durable state (allocations, subscriptions,
 //!   registry).
+//! - `replicas` — several replicas on one homeserver following each other through Matrix.
 //!
 //! [`Bus::handle`] is the path of one message: components answer; everything else is decided
 //! (`kind: "message"`), checked against spoofing, routed to runtimes (direct or inbox),
@@ -24,6 +25,7 @@ pub mod inbox;
 pub mod journal;
 pub mod message;
 pub mod pubsub;
+pub mod replicas;
 pub mod router;
 pub mod session;
 pub mod store;
@@ -223,7 +225,9 @@ struct Inner {
     table: Table,
     subscriptions: Subscriptions,
     persistence: Persistence,
-    registry: Box<dyn Connector>,
+    registry: Arc<dyn Connector>,
+    /// The built-in registry (no `[bus.registry] url`), which other replicas' changes update.
+    builtin_registry: Option<Arc<BuiltinRegistry>>,
     idm: Idm,
     foreign: Foreign,
     metrics: BusMetrics,
@@ -259,17 +263,33 @@ impl Bus {
     ) -> anyhow::Result<Bus> {
         let domain = config.domain.clone().unwrap_or_else(|| "localhost".into());
         let domain = domain.as_str();
+        let follower = match (&config.replica, &persistence.actor) {
+            (Some(node), Some(actor)) => Some(
+                replicas::Follower::begin(Arc::clone(actor), node)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot follow the other replicas: {e}"))?,
+            ),
+            (Some(_), None) => {
+                tracing::warn!("[bus] replica is set, but without a homeserver there is nothing to share: ignored");
+                None
+            }
+            (None, _) => None,
+        };
         let snapshot =
             persistence.store.load().await.map_err(|e| {
                 anyhow::anyhow!("cannot read the bus state from the homeserver: {e}")
             })?;
-        let registry_connector: Box<dyn Connector> = match &config.registry.url {
-            Some(url) => Box::new(HttpRegistry::new(url)),
-            None => Box::new(BuiltinRegistry::new(
-                snapshot.registry,
-                persistence.store.clone(),
-            )),
-        };
+        let (registry_connector, builtin_registry): (Arc<dyn Connector>, _) =
+            match &config.registry.url {
+                Some(url) => (Arc::new(HttpRegistry::new(url)), None),
+                None => {
+                    let builtin = Arc::new(BuiltinRegistry::new(
+                        snapshot.registry,
+                        persistence.store.clone(),
+                    ));
+                    (builtin.clone(), Some(builtin))
+                }
+            };
         let bus = Bus {
             inner: Arc::new(Inner {
                 nodes: NodeAddresses::new(domain),
@@ -282,6 +302,7 @@ impl Bus {
                 subscriptions: Subscriptions::default(),
                 persistence,
                 registry: registry_connector,
+                builtin_registry,
                 metrics: BusMetrics::new(registry),
                 next_conn: AtomicU64::new(1),
                 next_id: AtomicU64::new(1),
@@ -291,25 +312,7 @@ impl Bus {
         };
         let restored = snapshot.runtimes.len();
         for (url, record) in snapshot.runtimes {
-            if let Some(problem) = bus.inner.nodes.runtime_url_problem(&url) {
-                tracing::warn!(runtime = %url, %problem, "stored runtime not restored");
-                continue;
-            }
-            let subscriptions = record.subscriptions.clone();
-            let runtime = bus.inner.table.runtime(&url, || record);
-            for (resource, subscriber) in subscriptions {
-                if !bus.may_subscribe(&resource, &runtime) {
-                    tracing::warn!(%resource, runtime = %url, "stored subscription to a non-topic not restored");
-                    continue;
-                }
-                bus.inner.subscriptions.add(
-                    &resource,
-                    Subscriber {
-                        address: subscriber,
-                        runtime: Arc::clone(&runtime),
-                    },
-                );
-            }
+            bus.restore(&url, record);
         }
         if restored > 0 {
             tracing::info!(
@@ -318,7 +321,33 @@ impl Bus {
             );
         }
         tracker.spawn(bus.clone().maintain(shutdown.child_token()));
+        if let Some(follower) = follower {
+            tracker.spawn(follower.run(bus.clone(), shutdown.child_token()));
+        }
         Ok(bus)
+    }
+
+    /// Puts a stored runtime into the table (away), with its bindings and subscriptions.
+    fn restore(&self, url: &str, record: RuntimeRecord) {
+        if let Some(problem) = self.inner.nodes.runtime_url_problem(url) {
+            tracing::warn!(runtime = %url, %problem, "stored runtime not restored");
+            return;
+        }
+        let subscriptions = record.subscriptions.clone();
+        let runtime = self.inner.table.runtime(url, || record);
+        for (resource, subscriber) in subscriptions {
+            if !self.may_subscribe(&resource, &runtime) {
+                tracing::warn!(%resource, runtime = %url, "stored subscription to a non-topic not restored");
+                continue;
+            }
+            self.inner.subscriptions.add(
+                &resource,
+                Subscriber {
+                    address: subscriber,
+                    runtime: Arc::clone(&runtime),
+                },
+            );
+        }
     }
 
     /// The node's addresses.
@@ -438,7 +467,19 @@ impl Bus {
         });
         runtime.begin_attach(conn.id, conn.close.clone());
         let inbox = &self.inner.persistence.inbox;
+        let turn = runtime.handover().await;
         let resumed = async {
+            if let Some(me) = &self.inner.config.replica {
+                // Tell the other replicas the runtime is here now (one closes its socket).
+                let attached_ms = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let record = runtime.update(|r| {
+                    r.node = Some(me.clone());
+                    r.attached_ms = attached_ms;
+                });
+                self.persist(&runtime.url, &record).await?;
+            }
             let taken = inbox.take(&runtime.url).await.map_err(|e| {
                 BusError::Unavailable(format!("cannot read the runtime's inbox: {e}"))
             })?;
@@ -475,6 +516,7 @@ impl Bus {
                 tracing::warn!(%e, runtime = %runtime.url, "cannot record the inbox cursor");
             }
         }
+        drop(turn);
         self.inner.metrics.connections.inc();
         tracing::info!(runtime = %runtime.url, conn = conn.id, resumed = taken.messages.len(), "runtime connected");
         Ok(conn)
@@ -1075,7 +1117,9 @@ impl Bus {
     async fn release_long_away(&self) {
         let limit = self.inner.config.away_release_after;
         for runtime in self.inner.table.runtimes() {
-            if runtime.away_for().is_some_and(|away| away >= limit) {
+            if runtime.away_for().is_some_and(|away| away >= limit)
+                && !self.held_elsewhere(&runtime)
+            {
                 match self.release_runtime(&runtime).await {
                     Ok(()) => {
                         tracing::info!(runtime = %runtime.url, ?limit, "runtime away too long: released")
@@ -1091,6 +1135,9 @@ impl Bus {
     /// Re-decides every subscription now.
     pub async fn revalidate(&self) {
         for (resource, subscriber) in self.inner.subscriptions.all() {
+            if self.held_elsewhere(&subscriber.runtime) {
+                continue; // that replica re-decides it
+            }
             let subject = (*subscriber.runtime.subject()).clone();
             let input = json!({
                 "kind": "subscription",

@@ -25,6 +25,9 @@ pub struct Runtime {
     /// Its runtime URL.
     pub url: String,
     state: Mutex<RuntimeState>,
+    /// Held while the inbox is handed to the socket (take, send, ack): one hand-over at a
+    /// time, so nothing is handed over twice.
+    handover: tokio::sync::Mutex<()>,
 }
 
 struct RuntimeState {
@@ -70,7 +73,13 @@ impl Runtime {
                 subject: None,
                 away_since: Some(Instant::now()),
             }),
+            handover: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Waits for the right to hand the inbox over to the socket.
+    pub async fn handover(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.handover.lock().await
     }
 
     /// A runtime outside the table (a peer node's stand-in): nothing is routed to it.
@@ -261,6 +270,19 @@ impl Runtime {
     /// Whether a socket currently holds the runtime.
     pub fn is_online(&self) -> bool {
         matches!(self.lock().delivery, Delivery::Online { .. })
+    }
+
+    /// Whether a socket holds the runtime or is attaching to it.
+    pub fn is_attached(&self) -> bool {
+        !matches!(self.lock().delivery, Delivery::Away)
+    }
+
+    /// Tells the socket holding the runtime (or attaching) to close.
+    pub fn close_socket(&self) {
+        match &self.lock().delivery {
+            Delivery::Online { close, .. } | Delivery::Draining { close, .. } => close.cancel(),
+            Delivery::Away => {}
+        }
     }
 
     /// How long no socket has held the runtime (`None` while one does).

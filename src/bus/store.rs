@@ -8,7 +8,7 @@
 //!   `{"entry_json": "<text>"}` when the homeserver refuses the value as non-canonical JSON
 //!   (floats).
 //!
-//! Empty content (`{}`) means deleted. Writes to one key are coalesced: concurrent puts end
+//! Empty content (`{}`), or a record with nothing in it but its writer, means deleted. Writes to one key are coalesced: concurrent puts end
 //! with the latest one stored (a put returns once its value or a newer one is stored). A
 //! state event, like any event, must stay under 64 KiB.
 
@@ -39,6 +39,87 @@ pub struct RuntimeRecord {
     pub subscriptions: BTreeMap<String, String>,
     /// Foreign addresses bound as return routes to this runtime.
     pub foreign: Vec<String>,
+    /// The replica that wrote the record: the one holding (or last holding) the runtime's
+    /// socket. Only with `[bus] replica`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// When that replica's socket for the runtime attached (ms since the Unix epoch): the
+    /// newest attach wins when two replicas claim the runtime.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub attached_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl RuntimeRecord {
+    /// Nothing bound and no owner: the runtime is released (stored as deleted).
+    pub fn is_empty(&self) -> bool {
+        self.user.is_none()
+            && self.allocations.is_empty()
+            && self.subscriptions.is_empty()
+            && self.foreign.is_empty()
+    }
+}
+
+/// One state event of the store, read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// A runtime's record (empty: released).
+    Runtime {
+        /// The runtime URL.
+        url: String,
+        /// Its record.
+        record: RuntimeRecord,
+    },
+    /// A registry entry (`None`: removed).
+    Registry {
+        /// The registered URL.
+        url: String,
+        /// Its entry.
+        entry: Option<Value>,
+    },
+}
+
+impl Stored {
+    /// Reads a state event of the store, with the replica that wrote it (when it says);
+    /// `None` for other events and unreadable ones (logged).
+    pub fn read(event: &Value) -> Option<(Stored, Option<String>)> {
+        let kind = event.get("type").and_then(Value::as_str)?;
+        let url = event.get("state_key").and_then(Value::as_str)?.to_string();
+        let empty = Value::Object(serde_json::Map::new());
+        let content = event.get("content").unwrap_or(&empty);
+        let writer = content
+            .get("node")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let stored = match kind {
+            RUNTIME_EVENT_TYPE => match serde_json::from_value::<RuntimeRecord>(content.clone()) {
+                Ok(record) => Stored::Runtime { url, record },
+                Err(error) => {
+                    tracing::warn!(%error, runtime = %url, "store: unreadable runtime record skipped");
+                    return None;
+                }
+            },
+            REGISTRY_EVENT_TYPE => {
+                let entry = match (content.get("entry"), content.get("entry_json")) {
+                    (Some(entry), _) => Some(entry.clone()),
+                    (None, Some(Value::String(text))) => match serde_json::from_str(text) {
+                        Ok(entry) => Some(entry),
+                        Err(error) => {
+                            tracing::warn!(%error, %url, "store: unreadable registry entry skipped");
+                            return None;
+                        }
+                    },
+                    _ => None,
+                };
+                Stored::Registry { url, entry }
+            }
+            _ => return None,
+        };
+        Some((stored, writer))
+    }
 }
 
 /// Everything the store holds.
@@ -64,6 +145,8 @@ enum Inner {
 struct MatrixStore {
     actor: Arc<Actor>,
     room: String,
+    /// This replica's name, written into every event (only with `[bus] replica`).
+    node: Option<String>,
     slots: Mutex<HashMap<(&'static str, String), Arc<Slot>>>,
 }
 
@@ -75,11 +158,12 @@ struct Slot {
 }
 
 impl Store {
-    /// The store in the state room (created on first use).
+    /// The store in the state room (created on first use); `node` names this replica in
+    /// what it writes (`None`: the only one).
     ///
     /// # Errors
     /// The homeserver is unavailable or refused to resolve or create the room.
-    pub async fn open(actor: Arc<Actor>) -> Result<Store, ActorError> {
+    pub async fn open(actor: Arc<Actor>, node: Option<String>) -> Result<Store, ActorError> {
         let sender = actor.sender().to_string();
         let room = actor
             .ensure_room(STATE_ALIAS, &sender, "msgnode bus state")
@@ -88,6 +172,7 @@ impl Store {
             inner: Arc::new(Inner::Matrix(MatrixStore {
                 actor,
                 room,
+                node,
                 slots: Mutex::new(HashMap::new()),
             })),
         })
@@ -112,40 +197,19 @@ impl Store {
         let sender = matrix.actor.sender().to_string();
         let events = matrix.actor.room_state(&sender, &matrix.room).await?;
         let mut snapshot = Snapshot::default();
-        for event in events {
-            let (Some(kind), Some(key)) = (
-                event.get("type").and_then(Value::as_str),
-                event.get("state_key").and_then(Value::as_str),
-            ) else {
-                continue;
-            };
-            let content = event.get("content").cloned().unwrap_or(Value::Null);
-            if content.as_object().is_none_or(serde_json::Map::is_empty) {
-                continue;
-            }
-            match kind {
-                RUNTIME_EVENT_TYPE => match serde_json::from_value::<RuntimeRecord>(content) {
-                    Ok(record) => {
-                        snapshot.runtimes.insert(key.to_string(), record);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, runtime = %key, "store: unreadable runtime record skipped");
-                    }
-                },
-                REGISTRY_EVENT_TYPE => {
-                    let entry = match (content.get("entry"), content.get("entry_json")) {
-                        (Some(entry), _) => Some(entry.clone()),
-                        (None, Some(Value::String(text))) => serde_json::from_str(text).ok(),
-                        _ => None,
-                    };
-                    match entry {
-                        Some(entry) => {
-                            snapshot.registry.insert(key.to_string(), entry);
-                        }
-                        None => {
-                            tracing::warn!(url = %key, "store: unreadable registry entry skipped");
-                        }
-                    }
+        for event in &events {
+            match Stored::read(event) {
+                Some((Stored::Runtime { url, record }, _)) if !record.is_empty() => {
+                    snapshot.runtimes.insert(url, record);
+                }
+                Some((
+                    Stored::Registry {
+                        url,
+                        entry: Some(entry),
+                    },
+                    _,
+                )) => {
+                    snapshot.registry.insert(url, entry);
                 }
                 _ => {}
             }
@@ -165,7 +229,7 @@ impl Store {
         let matrix = match &*self.inner {
             Inner::Memory(snapshot) => {
                 let mut snapshot = lock(snapshot);
-                if *record == RuntimeRecord::default() {
+                if record.is_empty() {
                     snapshot.runtimes.remove(runtime);
                 } else {
                     snapshot
@@ -176,9 +240,11 @@ impl Store {
             }
             Inner::Matrix(matrix) => matrix,
         };
-        let content = if *record == RuntimeRecord::default() {
+        let content = if record.is_empty() {
             json!({})
         } else {
+            let mut record = record.clone();
+            record.node.clone_from(&matrix.node);
             serde_json::to_value(record).map_err(|e| ActorError::Malformed(e.to_string()))?
         };
         matrix.put(RUNTIME_EVENT_TYPE, runtime, content).await
@@ -218,7 +284,16 @@ impl Store {
 
 impl MatrixStore {
     /// Writes `content` as the state of (`kind`, `key`), coalescing concurrent writes.
-    async fn put(&self, kind: &'static str, key: &str, content: Value) -> Result<(), ActorError> {
+    async fn put(
+        &self,
+        kind: &'static str,
+        key: &str,
+        mut content: Value,
+    ) -> Result<(), ActorError> {
+        // The writer, so replicas can tell their own changes (and deletions) from others'.
+        if let (Some(node), Some(object)) = (&self.node, content.as_object_mut()) {
+            object.insert("node".to_string(), json!(node));
+        }
         let slot = lock(&self.slots)
             .entry((kind, key.to_string()))
             .or_default()
@@ -262,6 +337,7 @@ mod tests {
                 address.to_string(),
             )]),
             foreign: vec!["hyperty://other.example/1".to_string()],
+            ..RuntimeRecord::default()
         }
     }
 

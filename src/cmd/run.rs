@@ -299,9 +299,11 @@ async fn start_bus(
             homeserver,
             actor: Some((_, actor)),
         }) => {
+            // This node's name in what it writes: the replica's, else the domain.
+            let node = config.bus.replica.clone().unwrap_or_else(|| domain.clone());
             let mut journal_config = config.bus.journal.clone();
             if journal_config.node == bus::journal::JournalConfig::default().node {
-                journal_config.node = domain.clone();
+                journal_config.node = node.clone();
             }
             let journal = bus::journal::Journal::start(
                 Arc::clone(&actor),
@@ -312,10 +314,21 @@ async fn start_bus(
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the bus journal room: {e}"))?;
             journal.register_metrics(registry);
-            let store = bus::store::Store::open(Arc::clone(&actor))
+            let store = bus::store::Store::open(Arc::clone(&actor), config.bus.replica.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open the bus state room: {e}"))?;
-            let inbox = bus::inbox::Inbox::new(Arc::clone(&actor), shutdown.child_token(), tracker);
+            let follower = config
+                .bus
+                .replica
+                .as_ref()
+                .map(|_| bus::replicas::follower_user(&actor));
+            let inbox = bus::inbox::Inbox::new(
+                Arc::clone(&actor),
+                &node,
+                follower,
+                shutdown.child_token(),
+                tracker,
+            );
             inbox.register_metrics(registry);
             Persistence {
                 journal,

@@ -40,6 +40,15 @@ impl BuiltinRegistry {
         }
     }
 
+    /// Takes a change another replica stored (`None`: removed), without storing it again.
+    pub fn apply(&self, url: &str, entry: Option<Value>) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        match entry {
+            Some(entry) => entries.insert(url.to_string(), entry),
+            None => entries.remove(url),
+        };
+    }
+
     async fn on_message(&self, message: &Message, sender: Sender<'_>) -> Result<Reply, BusError> {
         let body = message.body();
         let kind = message.kind.to_ascii_lowercase();

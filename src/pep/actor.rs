@@ -417,6 +417,34 @@ impl Actor {
         Ok((chunk, end))
     }
 
+    /// One `/sync` as `user_id` (a virtual user: Synapse does not let the appservice's own
+    /// user sync) with `filter` (a JSON filter definition), waiting up to `timeout` for
+    /// something new after `since` (`None`: the first sync). `timeout` must stay well under
+    /// [`REQUEST_TIMEOUT`].
+    ///
+    /// # Errors
+    /// The homeserver refused or is unavailable.
+    pub async fn sync(
+        &self,
+        user_id: &str,
+        since: Option<&str>,
+        filter: &Value,
+        timeout: Duration,
+    ) -> Result<Value, ActorError> {
+        let filter = filter.to_string();
+        let timeout = timeout.as_millis().to_string();
+        let mut query = vec![
+            ("user_id", user_id),
+            ("filter", filter.as_str()),
+            ("timeout", timeout.as_str()),
+        ];
+        if let Some(since) = since {
+            query.push(("since", since));
+        }
+        self.call(Method::GET, "/_matrix/client/v3/sync", &query, None)
+            .await
+    }
+
     /// One request as the appservice: the JSON answer of a 2xx, else the error.
     async fn call(
         &self,
