@@ -20,7 +20,7 @@
 //! to the first batch already delivered. Messages come back as equivalent JSON (whitespace
 //! and key order may differ; text that is not JSON comes back as given).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use super::journal::{
     decode_batch, encode_batch, raw_or_string, recover_next_seq, send_batches, Counters,
-    OVERSIZE_KEY,
+    DecodedBatch, OVERSIZE_KEY,
 };
 use crate::pep::actor::{hash16, Actor, ActorError};
 
@@ -275,20 +275,17 @@ impl MatrixInbox {
             .open(&self.actor, &self.writer, self.follower.as_deref())
             .await?;
         let mut cursor_guard = inbox.cursor.lock().await;
-        let cursor = match &*cursor_guard {
-            Some(cursor) => cursor.clone(),
-            None => {
-                let cursor = read_cursor(&self.actor, room).await?;
-                *cursor_guard = Some(cursor.clone());
-                cursor
-            }
-        };
-        // Newest first, back to the batch holding the cursor; batches are in order.
+        let cursor = self.current_cursor(&mut cursor_guard, room).await?;
+        // Newest first, back past the newest delivered batch of every writer met on the way
+        // (and one page more: batches created at the same moment may be ordered either way).
         let filter = json!({"types": [INBOX_EVENT_TYPE]});
         let sender = self.actor.sender().to_string();
         let mut batches = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut reached = BTreeSet::new();
+        let mut done_before = false;
         let mut token: Option<String> = None;
-        'pages: loop {
+        loop {
             let (events, next) = self
                 .actor
                 .messages_filtered(&sender, room, token.as_deref(), true, 50, Some(&filter))
@@ -303,23 +300,42 @@ impl MatrixInbox {
                 let writer = batch_writer(content);
                 let batch = decode_batch(content).map_err(ActorError::Malformed)?;
                 let end = batch.first_seq + batch.entries.len() as u64;
+                seen.insert(writer.clone());
                 if end <= cursor.get(&writer).copied().unwrap_or(0) + 1 {
-                    break 'pages; // delivered, and so is everything before it
+                    reached.insert(writer); // delivered
+                } else {
+                    batches.push((writer, batch));
                 }
-                batches.push((writer, batch));
             }
-            match next {
-                Some(next) => token = Some(next),
-                None => break,
+            let done = !reached.is_empty() && seen.is_subset(&reached);
+            let Some(next) = next else { break };
+            if done && done_before {
+                break;
             }
+            done_before = done;
+            token = Some(next);
         }
-        // Collected newest first: oldest first now (a writer's batches keep their order).
+        // Oldest first: the room's order across writers, each writer's own in sequence.
         batches.reverse();
+        let mut by_writer: BTreeMap<String, Vec<DecodedBatch>> = BTreeMap::new();
+        let order: Vec<String> = batches
+            .into_iter()
+            .map(|(writer, batch)| {
+                by_writer.entry(writer.clone()).or_default().push(batch);
+                writer
+            })
+            .collect();
+        for own in by_writer.values_mut() {
+            own.sort_by_key(|b| std::cmp::Reverse(b.first_seq)); // popped lowest first
+        }
         let mut taken = Taken {
             messages: Vec::new(),
             upto: cursor,
         };
-        for (writer, batch) in batches {
+        for writer in order {
+            let Some(batch) = by_writer.get_mut(&writer).and_then(Vec::pop) else {
+                continue;
+            };
             let upto = taken.upto.entry(writer).or_insert(0);
             for (i, entry) in batch.entries.into_iter().enumerate() {
                 let seq = batch.first_seq + i as u64;
@@ -344,39 +360,67 @@ impl MatrixInbox {
             .open(&self.actor, &self.writer, self.follower.as_deref())
             .await?;
         let mut cursor = inbox.cursor.lock().await;
-        let current = match &*cursor {
-            Some(current) => current.clone(),
-            None => read_cursor(&self.actor, room).await?,
-        };
+        let current = self.current_cursor(&mut cursor, room).await?;
         let mut next = current.clone();
-        for (writer, upto) in &taken.upto {
-            let seq = next.entry(writer.clone()).or_insert(0);
-            *seq = (*seq).max(*upto);
-        }
+        merge(&mut next, &taken.upto);
+        // Kept even when the write fails: what was delivered is not handed over again here.
+        *cursor = Some(next.clone());
         if next != current {
             let sender = self.actor.sender().to_string();
             self.actor
                 .put_state(&sender, room, CURSOR_EVENT_TYPE, "", &json!({"upto": next}))
                 .await?;
         }
-        *cursor = Some(next);
         Ok(())
+    }
+
+    /// The cursor: as last known here, or — with replicas, which move it too — as stored,
+    /// never behind what is known here.
+    async fn current_cursor(
+        &self,
+        known: &mut Option<BTreeMap<String, u64>>,
+        room: &str,
+    ) -> Result<BTreeMap<String, u64>, ActorError> {
+        match known {
+            Some(cursor) if self.follower.is_none() => Ok(cursor.clone()),
+            _ => {
+                let mut cursor = read_cursor(&self.actor, room).await?;
+                if let Some(local) = known.as_ref() {
+                    merge(&mut cursor, local);
+                }
+                *known = Some(cursor.clone());
+                Ok(cursor)
+            }
+        }
     }
 }
 
+/// Moves each writer's position in `cursor` up to the one in `other`.
+fn merge(cursor: &mut BTreeMap<String, u64>, other: &BTreeMap<String, u64>) {
+    for (writer, upto) in other {
+        let seq = cursor.entry(writer.clone()).or_insert(0);
+        *seq = (*seq).max(*upto);
+    }
+}
+
+/// The stored cursor (a plain number: written before inboxes had several writers).
 async fn read_cursor(actor: &Actor, room: &str) -> Result<BTreeMap<String, u64>, ActorError> {
     let sender = actor.sender().to_string();
     let content = actor
         .state_event(&sender, room, CURSOR_EVENT_TYPE, "")
         .await?;
-    Ok(content
-        .as_ref()
-        .and_then(|c| c.get("upto"))
-        .and_then(|upto| serde_json::from_value(upto.clone()).ok())
-        .unwrap_or_default())
+    Ok(parse_cursor(content.as_ref()))
 }
 
-/// The node that wrote an inbox batch.
+fn parse_cursor(content: Option<&Value>) -> BTreeMap<String, u64> {
+    match content.and_then(|c| c.get("upto")) {
+        Some(Value::Number(n)) => BTreeMap::from([(String::new(), n.as_u64().unwrap_or(0))]),
+        Some(upto) => serde_json::from_value(upto.clone()).unwrap_or_default(),
+        None => BTreeMap::new(),
+    }
+}
+
+/// The node that wrote an inbox batch (`""`: written before inboxes had several writers).
 fn batch_writer(content: &Value) -> String {
     content
         .get("writer")
@@ -530,6 +574,32 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cursors_of_one_writer_and_of_several_are_read() {
+        let legacy = json!({"upto": 7});
+        assert_eq!(
+            parse_cursor(Some(&legacy)),
+            BTreeMap::from([(String::new(), 7)]),
+            "written before inboxes had several writers: the batches without a writer"
+        );
+        let current = json!({"upto": {"a": 3, "b": 9}});
+        assert_eq!(
+            parse_cursor(Some(&current)),
+            BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 9)])
+        );
+        assert!(parse_cursor(None).is_empty());
+        let mut cursor = BTreeMap::from([("a".to_string(), 5)]);
+        merge(
+            &mut cursor,
+            &BTreeMap::from([("a".to_string(), 4), ("b".to_string(), 1)]),
+        );
+        assert_eq!(
+            cursor,
+            BTreeMap::from([("a".to_string(), 5), ("b".to_string(), 1)]),
+            "never moves back"
+        );
+    }
 
     #[tokio::test]
     async fn memory_inbox_keeps_order_and_forgets_what_was_acked() {

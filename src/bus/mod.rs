@@ -237,6 +237,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// The journal is more than `max_history_backlog` behind: new messages are refused.
     history_behind: std::sync::atomic::AtomicBool,
+    /// Background work the node waits for at shutdown.
+    tracker: TaskTracker,
 }
 
 /// Handle to the bus; clones share everything.
@@ -308,6 +310,7 @@ impl Bus {
                 next_id: AtomicU64::new(1),
                 shutdown: shutdown.child_token(),
                 history_behind: std::sync::atomic::AtomicBool::new(false),
+                tracker: tracker.clone(),
             }),
         };
         let restored = snapshot.runtimes.len();
@@ -333,10 +336,26 @@ impl Bus {
             tracing::warn!(runtime = %url, %problem, "stored runtime not restored");
             return;
         }
-        let subscriptions = record.subscriptions.clone();
         let runtime = self.inner.table.runtime(url, || record);
+        self.subscribe_stored(&runtime);
+    }
+
+    /// Replaces `runtime`'s record (written by another replica), its bindings and
+    /// subscriptions with it; the runtime itself stays (a socket may be attaching to it).
+    fn rebind(&self, runtime: &Arc<Runtime>, record: RuntimeRecord) {
+        self.inner.table.unbind_record(runtime);
+        self.inner.subscriptions.remove_runtime(&runtime.url);
+        runtime.update(|r| *r = record);
+        self.inner.table.bind_record(runtime);
+        self.subscribe_stored(runtime);
+    }
+
+    /// Adds the subscriptions in `runtime`'s record to the fan-out.
+    fn subscribe_stored(&self, runtime: &Arc<Runtime>) {
+        let (url, subscriptions) =
+            runtime.with_record(|r| (runtime.url.clone(), r.subscriptions.clone()));
         for (resource, subscriber) in subscriptions {
-            if !self.may_subscribe(&resource, &runtime) {
+            if !self.may_subscribe(&resource, runtime) {
                 tracing::warn!(%resource, runtime = %url, "stored subscription to a non-topic not restored");
                 continue;
             }
@@ -344,7 +363,7 @@ impl Bus {
                 &resource,
                 Subscriber {
                     address: subscriber,
-                    runtime: Arc::clone(&runtime),
+                    runtime: Arc::clone(runtime),
                 },
             );
         }
@@ -469,6 +488,12 @@ impl Bus {
         let inbox = &self.inner.persistence.inbox;
         let turn = runtime.handover().await;
         let resumed = async {
+            let current = self.inner.table.get_runtime(&runtime.url);
+            if !current.is_some_and(|current| Arc::ptr_eq(&current, &runtime)) {
+                return Err(BusError::Unavailable(
+                    "the runtime was released meanwhile; reconnect".into(),
+                ));
+            }
             if let Some(me) = &self.inner.config.replica {
                 // Tell the other replicas the runtime is here now (one closes its socket).
                 let attached_ms = SystemTime::now()

@@ -150,8 +150,10 @@ impl Follower {
             }
         }
         for runtime in woken {
-            let bus = bus.clone();
-            tokio::spawn(async move { bus.hand_over(&runtime).await });
+            let bus_for_task = bus.clone();
+            bus.inner
+                .tracker
+                .spawn(async move { bus_for_task.hand_over(&runtime).await });
         }
     }
 }
@@ -166,19 +168,34 @@ fn next_batch(answer: &Value) -> Result<String, ActorError> {
 impl Bus {
     /// Takes another replica's record of runtime `url` as the truth about it.
     pub(crate) fn adopt(&self, url: &str, record: RuntimeRecord) {
-        if let Some(runtime) = self.inner.table.get_runtime(url) {
-            if runtime.is_attached() {
-                if record.attached_ms <= runtime.with_record(|r| r.attached_ms) {
-                    return; // older than the socket here
-                }
-                tracing::info!(runtime = %url, node = ?record.node, "runtime connected to another replica: closing its socket here");
-                runtime.close_socket();
+        let Some(runtime) = self.inner.table.get_runtime(url) else {
+            if !record.is_empty() {
+                self.restore(url, record);
             }
+            return;
+        };
+        if runtime.is_attached() {
+            let here = runtime.with_record(|r| (r.attached_ms, r.node.clone()));
+            if (record.attached_ms, record.node.clone()) <= here {
+                // Written by a socket that has left (or a stale writer): the store must
+                // say where the runtime is now.
+                let bus = self.clone();
+                self.inner.tracker.spawn(async move {
+                    let record = runtime.record();
+                    if let Err(error) = bus.persist(&runtime.url, &record).await {
+                        tracing::warn!(%error, runtime = %runtime.url, "cannot restate where the runtime is");
+                    }
+                });
+                return;
+            }
+            tracing::info!(runtime = %url, node = ?record.node, "runtime connected to another replica: closing its socket here");
+            runtime.close_socket();
+        }
+        if record.is_empty() {
             self.inner.subscriptions.remove_runtime(url);
             self.inner.table.remove_runtime(url);
-        }
-        if !record.is_empty() {
-            self.restore(url, record);
+        } else {
+            self.rebind(&runtime, record);
         }
     }
 

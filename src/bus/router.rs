@@ -311,14 +311,27 @@ impl Table {
             .clone();
         drop(runtimes);
         self.bind_if_free(url, &runtime);
+        self.bind_record(&runtime);
+        runtime
+    }
+
+    /// Binds the addresses in `runtime`'s record to it: first come, first served, also for
+    /// state restored from the homeserver.
+    pub fn bind_record(&self, runtime: &Arc<Runtime>) {
         let record = runtime.record();
         for address in record.allocations.values().flatten().chain(&record.foreign) {
-            // First come, first served, also for state restored from the homeserver.
-            if !self.bind_if_free(address, &runtime) {
-                tracing::warn!(%address, runtime = %url, "address held by another runtime; not bound");
+            if !self.bind_if_free(address, runtime) {
+                tracing::warn!(%address, runtime = %runtime.url, "address held by another runtime; not bound");
             }
         }
-        runtime
+    }
+
+    /// Releases the addresses in `runtime`'s record (not its URL).
+    pub fn unbind_record(&self, runtime: &Arc<Runtime>) {
+        let record = runtime.record();
+        for address in record.allocations.values().flatten().chain(&record.foreign) {
+            self.unbind(address, runtime);
+        }
     }
 
     /// The runtime with this URL, if known.

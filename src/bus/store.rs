@@ -8,7 +8,8 @@
 //!   `{"entry_json": "<text>"}` when the homeserver refuses the value as non-canonical JSON
 //!   (floats).
 //!
-//! Empty content (`{}`), or a record with nothing in it but its writer, means deleted. Writes to one key are coalesced: concurrent puts end
+//! Empty content (`{}`) means deleted. With replicas every event also names the replica that
+//! wrote it (`"writer"`), so a replica can tell its own changes (and deletions) from others'. Writes to one key are coalesced: concurrent puts end
 //! with the latest one stored (a put returns once its value or a newer one is stored). A
 //! state event, like any event, must stay under 64 KiB.
 
@@ -39,8 +40,8 @@ pub struct RuntimeRecord {
     pub subscriptions: BTreeMap<String, String>,
     /// Foreign addresses bound as return routes to this runtime.
     pub foreign: Vec<String>,
-    /// The replica that wrote the record: the one holding (or last holding) the runtime's
-    /// socket. Only with `[bus] replica`.
+    /// The replica holding (or last holding) the runtime's socket. Only with `[bus]
+    /// replica`. (The replica that wrote an event is its `writer`, outside the record.)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// When that replica's socket for the runtime attached (ms since the Unix epoch): the
@@ -91,7 +92,7 @@ impl Stored {
         let empty = Value::Object(serde_json::Map::new());
         let content = event.get("content").unwrap_or(&empty);
         let writer = content
-            .get("node")
+            .get("writer")
             .and_then(Value::as_str)
             .map(str::to_string);
         let stored = match kind {
@@ -243,8 +244,6 @@ impl Store {
         let content = if record.is_empty() {
             json!({})
         } else {
-            let mut record = record.clone();
-            record.node.clone_from(&matrix.node);
             serde_json::to_value(record).map_err(|e| ActorError::Malformed(e.to_string()))?
         };
         matrix.put(RUNTIME_EVENT_TYPE, runtime, content).await
@@ -292,7 +291,7 @@ impl MatrixStore {
     ) -> Result<(), ActorError> {
         // The writer, so replicas can tell their own changes (and deletions) from others'.
         if let (Some(node), Some(object)) = (&self.node, content.as_object_mut()) {
-            object.insert("node".to_string(), json!(node));
+            object.insert("writer".to_string(), json!(node));
         }
         let slot = lock(&self.slots)
             .entry((kind, key.to_string()))
