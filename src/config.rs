@@ -314,10 +314,18 @@ pub struct NetworkServer {
 pub struct Peer {
     /// Its reTHINK domain.
     pub domain: String,
-    /// Its bus base URL (`https://node.example`); messages are posted to `/bus/v1/messages`.
+    /// Over HTTP(S): its bus base URL (`https://node.example`); messages are posted to
+    /// `/bus/v1/messages`.
+    #[serde(default)]
     pub url: String,
-    /// Shared token, presented in both directions.
+    /// Over HTTP(S): the shared token, presented in both directions.
+    #[serde(default)]
     pub token: String,
+    /// Over Matrix federation (instead of `url`): the peer node's appservice user on its
+    /// homeserver (`@_msgnode:b.example`). Messages go as events into a room this node
+    /// shares with it; the peer's messages come the same way, as appservice transactions.
+    #[serde(default)]
+    pub matrix_user: Option<String>,
 }
 
 /// `[bus.registry]`.

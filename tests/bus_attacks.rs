@@ -43,6 +43,7 @@ async fn node_with(adjust: impl FnOnce(&mut Config)) -> Running {
         domain: "msgnode.test".into(),
         url: "http://127.0.0.1:9".into(),
         token: PEER_TOKEN.into(),
+        matrix_user: None,
     }];
     adjust(&mut config);
     start(config).await.expect("start")

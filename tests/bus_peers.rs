@@ -33,6 +33,7 @@ fn config(domain: &str, bus_port: u16, peer: (&str, u16)) -> Config {
         domain: peer.0.into(),
         url: format!("http://127.0.0.1:{}", peer.1),
         token: PEER_TOKEN.into(),
+        matrix_user: None,
     }];
     config
 }

@@ -296,7 +296,8 @@ impl Bus {
             inner: Arc::new(Inner {
                 nodes: NodeAddresses::new(domain),
                 idm: Idm::new(config.idm.clone(), domain),
-                foreign: Foreign::new(config.peers.clone()),
+                foreign: Foreign::new(config.peers.clone(), persistence.actor.clone())
+                    .map_err(|e| anyhow::anyhow!(e))?,
                 config,
                 pdp,
                 decider,
@@ -865,8 +866,9 @@ impl Bus {
             let bus = self.clone();
             let message = message.clone();
             let tx = conn.tx.clone();
+            let tickets = self.inner.foreign.tickets(&foreign);
             tokio::spawn(async move {
-                if let Some(response) = bus.inner.foreign.deliver(&message, &foreign).await {
+                if let Some(response) = bus.inner.foreign.deliver(&message, tickets).await {
                     let _ = tx.send(Utf8Bytes::from(response)).await;
                 }
             });

@@ -36,6 +36,7 @@ use super::message::{response, BusError, Message};
 use super::router::Runtime;
 use super::store::RuntimeRecord;
 use super::{Bus, Connection, Principal};
+use crate::connectors::foreign::PEER_EVENT_TYPE;
 
 /// WebSocket close codes (RFC 6455 §7.4.1).
 mod close_code {
@@ -436,33 +437,92 @@ async fn peer_message(
         Ok(t) => t,
         Err(_) => return (StatusCode::BAD_REQUEST, "body must be UTF-8 JSON").into_response(),
     };
-    let answer = match Message::parse(text) {
-        Err((error, id)) => Some(response(
-            &id,
-            &bus.nodes().node,
-            "",
-            error.code(),
-            &error.to_string(),
-            None,
-        )),
-        Ok(message) => {
-            if super::address::domain(&message.from).as_deref() != Some(domain.as_str()) {
-                let error = BusError::Forbidden(format!(
-                    "peer '{domain}' may only send from its own domain"
-                ));
-                Some(message.error_response(&error))
-            } else {
-                bus.handle(&bus.peer_connection(&domain), message).await
-            }
-        }
-    };
-    match answer {
+    match bus.handle_from_peer(&domain, text).await {
         Some(text) => ([("content-type", "application/json")], text).into_response(),
         None => StatusCode::ACCEPTED.into_response(),
     }
 }
 
 impl Bus {
+    /// Handles `text`, a message from the node of `domain` (over HTTP or Matrix): the
+    /// response to send back, if any.
+    async fn handle_from_peer(&self, domain: &str, text: &str) -> Option<String> {
+        match Message::parse(text) {
+            Err((error, id)) => Some(response(
+                &id,
+                &self.nodes().node,
+                "",
+                error.code(),
+                &error.to_string(),
+                None,
+            )),
+            Ok(message) => {
+                if super::address::domain(&message.from).as_deref() != Some(domain) {
+                    let error = BusError::Forbidden(format!(
+                        "peer '{domain}' may only send from its own domain"
+                    ));
+                    Some(message.error_response(&error))
+                } else {
+                    self.handle(&self.peer_connection(domain), message).await
+                }
+            }
+        }
+    }
+
+    /// Takes an event the homeserver pushed to the appservice if it belongs to the Matrix
+    /// transport of `[[bus.peers]]`: an invitation from a peer node's user is accepted; a
+    /// message it sent is handled like one posted by that peer over HTTP, and the node's
+    /// answer (e.g. 404) goes back to the peer the same way. Whether the event was the
+    /// bus's.
+    ///
+    /// # Errors
+    /// An invitation could not be accepted (the homeserver should retry the transaction).
+    /// An answer that cannot be sent back is logged: retrying would handle the message
+    /// twice.
+    pub async fn matrix_peer_event(&self, event: &Value) -> Result<bool, String> {
+        let sender = event["sender"].as_str().unwrap_or_default();
+        let kind = event["type"].as_str().unwrap_or_default();
+        let Some(peer) = self.inner.foreign.matrix_peer(sender) else {
+            if kind == PEER_EVENT_TYPE {
+                tracing::warn!(%sender, "a reTHINK message event from a user that is no configured peer node: ignored");
+                return Ok(true);
+            }
+            return Ok(false);
+        };
+        let domain = peer.domain.to_ascii_lowercase();
+        let room = event["room_id"].as_str().unwrap_or_default();
+        let Some(actor) = &self.inner.persistence.actor else {
+            return Ok(false);
+        };
+        if kind == "m.room.member" {
+            let invited = event["content"]["membership"] == "invite"
+                && event["state_key"].as_str() == Some(actor.sender());
+            if invited {
+                actor
+                    .join(actor.sender(), room)
+                    .await
+                    .map_err(|e| format!("cannot join the room of peer '{domain}': {e}"))?;
+                tracing::info!(%domain, %room, "joined the room of a peer node");
+            }
+            return Ok(true);
+        }
+        if kind != PEER_EVENT_TYPE {
+            return Ok(false);
+        }
+        let Some(text) = event["content"]["message"].as_str() else {
+            tracing::warn!(%domain, event_id = %event["event_id"], "a peer's message event without a message: ignored");
+            return Ok(true);
+        };
+        if let Some(answer) = self.handle_from_peer(&domain, text).await {
+            let answer = Message::parse(&answer).map_err(|(e, _)| e.to_string())?;
+            let tickets = self.inner.foreign.tickets(&answer.to);
+            if let Some(failed) = self.inner.foreign.deliver(&answer, tickets).await {
+                tracing::warn!(%domain, %failed, "cannot send an answer back to a peer node");
+            }
+        }
+        Ok(true)
+    }
+
     /// The domain of the peer presenting `token`.
     pub fn peer_domain(&self, token: &str) -> Option<String> {
         self.inner

@@ -201,6 +201,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 struct Matrix {
     homeserver: Arc<Homeserver>,
     actor: Option<(Registration, Arc<Actor>)>,
+    /// The appservice API, when this node serves it.
+    appservice: Option<Arc<pep::appservice::Appservice>>,
 }
 
 impl Matrix {
@@ -225,7 +227,11 @@ impl Matrix {
             }
             None => None,
         };
-        Ok(Matrix { homeserver, actor })
+        Ok(Matrix {
+            homeserver,
+            actor,
+            appservice: None,
+        })
     }
 }
 
@@ -243,7 +249,7 @@ async fn start_pep(
     }
     let state = PepState::new(decider.clone(), config.pep.clone(), registry)?;
     let mut app = pep::proxy::router(state.clone());
-    let matrix = Matrix::new(config, Some(state.homeserver()))?;
+    let mut matrix = Matrix::new(config, Some(state.homeserver()))?;
     if let Some((registration, actor)) = &matrix.actor {
         let appservice = pep::appservice::Appservice::new(
             registration.clone(),
@@ -255,7 +261,9 @@ async fn start_pep(
         )
         .await?;
         // The appservice routes first; everything else is the proxy.
-        app = pep::appservice::router(std::sync::Arc::new(appservice)).fallback_service(app);
+        let appservice = Arc::new(appservice);
+        matrix.appservice = Some(Arc::clone(&appservice));
+        app = pep::appservice::router(appservice).fallback_service(app);
     }
     let listener = tokio::net::TcpListener::bind(config.pep.listen)
         .await
@@ -294,10 +302,12 @@ async fn start_bus(
         None if config.pep.registration.is_some() => Some(Matrix::new(config, None)?),
         None => None,
     };
+    let appservice = matrix.as_ref().and_then(|m| m.appservice.clone());
     let persistence = match matrix {
         Some(Matrix {
             homeserver,
             actor: Some((_, actor)),
+            ..
         }) => {
             // This node's name in what it writes: the replica's, else the domain.
             let node = config.bus.replica.clone().unwrap_or_else(|| domain.clone());
@@ -358,6 +368,9 @@ async fn start_bus(
         tracker,
     )
     .await?;
+    if let Some(appservice) = appservice {
+        appservice.serve_bus(bus.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.bus.listen)
         .await
         .with_context(|| format!("cannot listen on {} ([bus] listen)", config.bus.listen))?;

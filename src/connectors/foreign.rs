@@ -1,31 +1,140 @@
 //! The foreign-domain connector: messages to addresses of another domain go to that domain's
-//! node (`[[bus.peers]]`), posted to its `/bus/v1/messages` with the shared token; the peer
-//! routes them and may answer with a response message (e.g. 404), which is relayed to the
-//! sender. Inbound, a peer presenting its token may post messages from addresses of its own
-//! domain (see `bus::session`). Matrix federation as a transport is not built.
+//! node (`[[bus.peers]]`), by one of two transports chosen per peer:
+//! - **HTTP(S)** (`url`, `token`): posted to the peer's `/bus/v1/messages` with the shared
+//!   token; the peer routes them and may answer with a response message (e.g. 404), which is
+//!   relayed to the sender. Inbound, a peer presenting its token may post messages from
+//!   addresses of its own domain (see `bus::session`).
+//! - **Matrix federation** (`matrix_user`): sent as `org.msgnode.rethink.message` events
+//!   (`{"message": "<the message's JSON text>"}`) into this node's room for that peer
+//!   (`#_msgnode_peer.<hash16 of its domain>:<server>`), which the peer node's appservice
+//!   user is invited to and has joined before the first message goes. The peer's homeserver
+//!   pushes them to its appservice; answers come back the same way, in the peer's own room
+//!   for this node (see `bus::Bus::matrix_peer_event`) — the IRC-bridge pattern.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::OnceCell;
 
 use crate::bus::address::domain;
 use crate::bus::message::{BusError, Message};
 use crate::config::Peer;
+use crate::pep::actor::{hash16, Actor};
+
+/// Event type of a reTHINK message carried over Matrix between nodes.
+pub const PEER_EVENT_TYPE: &str = "org.msgnode.rethink.message";
+/// How long the first message to a Matrix peer waits for it to join this node's room.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Route to other domains' nodes.
 pub struct Foreign {
     peers: Vec<Peer>,
     http: reqwest::Client,
+    /// Acts in Matrix (the Matrix transport); `None` without a homeserver.
+    actor: Option<Arc<Actor>>,
+    /// Per Matrix peer's domain: this node's room for it, once the peer joined.
+    rooms: Mutex<HashMap<String, Arc<OnceCell<String>>>>,
+    /// Makes event transaction ids unique per process run.
+    run: String,
+    next_txn: AtomicU64,
+    /// Per peer domain: the line messages to it wait in, to keep their order.
+    lines: Mutex<HashMap<String, Arc<Line>>>,
+}
+
+/// Messages to one peer domain, in routing order.
+struct Line {
+    next: AtomicU64,
+    serving: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            serving: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+/// A place in a peer's line (see [`Foreign::tickets`]); leaving it (drop) lets the next go.
+pub struct Ticket {
+    line: Arc<Line>,
+    number: u64,
+    to: String,
+}
+
+impl Ticket {
+    async fn turn(&self) {
+        let mut serving = self.line.serving.subscribe();
+        // The sender lives in `line`, which this ticket holds: the wait cannot fail.
+        let _ = serving.wait_for(|s| *s >= self.number).await;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let number = self.number;
+        self.line.serving.send_modify(|s| {
+            if *s == number {
+                *s += 1;
+            }
+        });
+    }
 }
 
 impl Foreign {
-    /// The connector for `peers`.
-    pub fn new(peers: Vec<Peer>) -> Self {
-        Self {
+    /// The connector for `peers`; `actor` carries the Matrix transport.
+    ///
+    /// # Errors
+    /// A peer has neither `url` and `token` nor `matrix_user`, or wants the Matrix transport
+    /// on a node without a homeserver.
+    pub fn new(peers: Vec<Peer>, actor: Option<Arc<Actor>>) -> Result<Self, String> {
+        for peer in &peers {
+            match &peer.matrix_user {
+                Some(user) if ruma::UserId::parse(user.as_str()).is_err() => {
+                    return Err(format!(
+                        "[[bus.peers]] {}: matrix_user '{user}' is not a Matrix user id",
+                        peer.domain
+                    ));
+                }
+                Some(_) if actor.is_none() => {
+                    return Err(format!(
+                        "[[bus.peers]] {}: matrix_user needs [pep] registration (a homeserver)",
+                        peer.domain
+                    ));
+                }
+                Some(_) => {}
+                None if peer.url.is_empty() || peer.token.is_empty() => {
+                    return Err(format!(
+                        "[[bus.peers]] {}: give url and token (HTTP), or matrix_user (Matrix federation)",
+                        peer.domain
+                    ));
+                }
+                None => {}
+            }
+        }
+        Ok(Self {
             peers,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
-        }
+            actor,
+            rooms: Mutex::new(HashMap::new()),
+            run: uuid::Uuid::new_v4().simple().to_string(),
+            next_txn: AtomicU64::new(1),
+            lines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The Matrix peer whose node user is `user_id`.
+    pub fn matrix_peer(&self, user_id: &str) -> Option<&Peer> {
+        self.peers
+            .iter()
+            .find(|p| p.matrix_user.as_deref() == Some(user_id))
     }
 
     /// The peer of `domain`.
@@ -35,19 +144,48 @@ impl Foreign {
             .find(|p| p.domain.eq_ignore_ascii_case(domain))
     }
 
-    /// The peer presenting `token` (compared in constant time).
+    /// The HTTP peer presenting `token` (compared in constant time).
     pub fn peer_by_token(&self, token: &str) -> Option<&Peer> {
         self.peers
             .iter()
+            .filter(|p| !p.token.is_empty())
             .find(|p| crate::http_auth::token_matches(token, &p.token))
     }
 
-    /// Posts `message` to the peer of each of `targets`; the first response (or error
-    /// response) for the sender.
-    pub async fn deliver(&self, message: &Message, targets: &[String]) -> Option<String> {
+    /// Places in line for `targets` (call in routing order): messages to one peer domain go
+    /// out in the order their tickets were taken, whatever order their tasks run in.
+    pub fn tickets(&self, targets: &[String]) -> Vec<Ticket> {
+        targets
+            .iter()
+            .map(|to| {
+                let key = domain(to).unwrap_or_default().to_ascii_lowercase();
+                let line = Arc::clone(
+                    self.lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(key)
+                        .or_default(),
+                );
+                let number = line.next.fetch_add(1, Ordering::Relaxed);
+                Ticket {
+                    line,
+                    number,
+                    to: to.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Sends `message` to the peer of each ticket's target, in its turn; the first response
+    /// (or error response) for the sender.
+    pub async fn deliver(&self, message: &Message, tickets: Vec<Ticket>) -> Option<String> {
         let mut response = None;
-        for to in targets {
-            match self.send(message, to).await {
+        for ticket in tickets {
+            ticket.turn().await;
+            let to = ticket.to.clone();
+            let sent = self.send(message, &to).await;
+            drop(ticket); // the next in line may go
+            match sent {
                 Ok(Some(answer)) if response.is_none() => response = Some(answer),
                 Ok(_) => {}
                 Err(e) if response.is_none() => response = Some(message.error_response(&e)),
@@ -62,6 +200,10 @@ impl Foreign {
         let peer = self
             .peer(&target)
             .ok_or_else(|| BusError::NotFound(format!("no route to domain '{target}'")))?;
+        if let Some(user) = &peer.matrix_user {
+            self.send_matrix(&peer.domain, user, message).await?;
+            return Ok(None);
+        }
         let answer = self
             .http
             .post(format!(
@@ -83,5 +225,88 @@ impl Foreign {
                 "node of '{target}' refused the message ({status}): {text}"
             )))
         }
+    }
+
+    /// Sends `message` as an event into this node's room for the peer of `domain`.
+    async fn send_matrix(
+        &self,
+        domain: &str,
+        peer_user: &str,
+        message: &Message,
+    ) -> Result<(), BusError> {
+        let actor = self.actor.as_ref().ok_or_else(|| {
+            BusError::Unavailable("the Matrix transport needs a homeserver".into())
+        })?;
+        let room = self.room_for(actor, domain, peer_user).await?;
+        let txn = format!(
+            "peer.{}.{}",
+            self.run,
+            self.next_txn.fetch_add(1, Ordering::Relaxed)
+        );
+        actor
+            .send_event(
+                actor.sender(),
+                &room,
+                PEER_EVENT_TYPE,
+                &txn,
+                &json!({ "message": message.text.as_str() }),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| {
+                BusError::Unavailable(format!(
+                    "cannot hand the message for '{domain}' to the homeserver: {e}"
+                ))
+            })
+    }
+
+    /// This node's room for the peer of `domain`, once its node user joined it (what is sent
+    /// before its homeserver joins would not be pushed to it).
+    async fn room_for(
+        &self,
+        actor: &Actor,
+        domain: &str,
+        peer_user: &str,
+    ) -> Result<String, BusError> {
+        let cell = self
+            .rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(domain.to_ascii_lowercase())
+            .or_default()
+            .clone();
+        let unavailable =
+            |e| BusError::Unavailable(format!("no room shared with the node of '{domain}': {e}"));
+        cell.get_or_try_init(|| async {
+            let sender = actor.sender().to_string();
+            let alias = format!("_msgnode_peer.{}", hash16(&domain.to_ascii_lowercase()));
+            let room = actor
+                .ensure_room(&alias, &sender, &format!("msgnode peer {domain}"))
+                .await
+                .map_err(unavailable)?;
+            actor
+                .invite(&sender, &room, peer_user)
+                .await
+                .map_err(unavailable)?;
+            let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+            loop {
+                let member = actor
+                    .state_event(&sender, &room, "m.room.member", peer_user)
+                    .await
+                    .map_err(unavailable)?;
+                if member.as_ref().and_then(|m| m["membership"].as_str()) == Some("join") {
+                    tracing::info!(%domain, %room, "peer node joined its room");
+                    return Ok(room);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(BusError::Unavailable(format!(
+                        "the node of '{domain}' ({peer_user}) has not joined its room yet; retry"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .cloned()
     }
 }

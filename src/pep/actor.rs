@@ -250,26 +250,38 @@ impl Actor {
         {
             Ok(_) => Ok(()),
             Err(ActorError::Refused { status: 403, .. }) if user_id != self.sender => {
-                let invite = format!("/_matrix/client/v3/rooms/{}/invite", encode(room_id));
-                let sender = [("user_id", self.sender.as_str())];
-                match self
-                    .call(
-                        Method::POST,
-                        &invite,
-                        &sender,
-                        Some(&json!({"user_id": user_id})),
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    // Already invited (or joined meanwhile): the join below tells.
-                    Err(ActorError::Refused { status: 403, .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                // Already invited (or joined meanwhile): the join below tells.
+                self.invite(&self.sender, room_id, user_id).await?;
                 self.call(Method::POST, &path, &query, Some(&json!({})))
                     .await
                     .map(drop)
             }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `inviter` invites `user_id` (of any server) to `room_id`; a user already invited or
+    /// joined counts as done.
+    ///
+    /// # Errors
+    /// The homeserver refused otherwise or is unavailable.
+    pub async fn invite(
+        &self,
+        inviter: &str,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<(), ActorError> {
+        let invite = format!("/_matrix/client/v3/rooms/{}/invite", encode(room_id));
+        match self
+            .call(
+                Method::POST,
+                &invite,
+                &[("user_id", inviter)],
+                Some(&json!({"user_id": user_id})),
+            )
+            .await
+        {
+            Ok(_) | Err(ActorError::Refused { status: 403, .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }

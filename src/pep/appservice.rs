@@ -14,6 +14,8 @@
 //! the room, else the appservice's own user) and logged everywhere. Events sent by the
 //! node's own namespace users are not decided again: they are the node's own actions (and
 //! a policy that forbade redactions must not make the node redact its redactions forever).
+//! Events of the bus's Matrix peer transport (invitations and messages from configured peer
+//! nodes) go to the bus instead (`Bus::matrix_peer_event`), which decides each message.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -51,6 +53,8 @@ struct OutcomeLabel {
 
 /// The appservice: its registration, namespace and transaction record.
 pub struct Appservice {
+    /// The bus, once started: takes the events of its Matrix peer transport.
+    bus: std::sync::OnceLock<crate::bus::Bus>,
     registration: Registration,
     /// Acts as the namespace's users (registers them on user queries); knows the namespace.
     actor: Arc<Actor>,
@@ -106,6 +110,7 @@ impl Appservice {
         let redact_rooms =
             regex::RegexSet::new(redact_denied_rooms.iter().map(|r| format!("^(?:{r})$")))?;
         let appservice = Self {
+            bus: std::sync::OnceLock::new(),
             registration,
             actor,
             sender,
@@ -197,6 +202,13 @@ impl Appservice {
         }
     }
 
+    /// Hands the events of the bus's Matrix peer transport to `bus` from now on.
+    pub fn serve_bus(&self, bus: crate::bus::Bus) {
+        if self.bus.set(bus).is_err() {
+            tracing::warn!("appservice: the bus was already set");
+        }
+    }
+
     /// Whether `user_id` is in the appservice's user namespace.
     pub fn owns_user(&self, user_id: &str) -> bool {
         self.actor.owns_user(user_id)
@@ -232,6 +244,20 @@ impl Appservice {
             let sender = event["sender"].as_str().unwrap_or("");
             if sender == self.sender || self.owns_user(sender) {
                 continue;
+            }
+            if let Some(bus) = self.bus.get() {
+                match bus.matrix_peer_event(event).await {
+                    Ok(true) => continue, // the bus's own traffic, decided there
+                    Ok(false) => {}
+                    Err(why) => {
+                        tracing::warn!(%why, "appservice: a peer node's event not taken; the homeserver will retry the transaction");
+                        return Err(MatrixError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            ErrorCode::Unknown,
+                            "peer event not taken; retry",
+                        ));
+                    }
+                }
             }
             let mut matrix = json!({
                 "room_id": event["room_id"], "event_type": event["type"], "sender": sender, "content": event["content"],

@@ -14,18 +14,40 @@ pub struct Synapse {
     pub port: u16,
     /// Where it pushes appservice transactions (the node's proxy listener).
     pub as_port: u16,
+    /// Its federation listener, when it federates (with other loopback homeservers only).
+    pub federation_port: Option<u16>,
 }
 
 impl Synapse {
     pub fn start() -> Synapse {
+        Self::start_with(None)
+    }
+
+    /// A Synapse that federates with other loopback ones: server_name `127.0.0.1:<port>`.
+    #[allow(dead_code)] // not every test binary federates
+    pub fn start_federating() -> Synapse {
+        Self::start_with(Some(free_port()))
+    }
+
+    fn start_with(federation_port: Option<u16>) -> Synapse {
         let state = tempfile::tempdir().expect("tempdir");
         let synapse = Synapse {
             state,
             port: free_port(),
             as_port: free_port(),
+            federation_port,
         };
         synapse.script(&["start"]);
         synapse
+    }
+
+    /// Its server_name.
+    #[allow(dead_code)]
+    pub fn server_name(&self) -> String {
+        match self.federation_port {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => "localhost".to_string(),
+        }
     }
 
     pub fn registration(&self) -> PathBuf {
@@ -42,7 +64,13 @@ impl Synapse {
     }
 
     pub fn script(&self, args: &[&str]) -> String {
-        let output = Command::new(Path::new(REPO).join("scripts/synapse"))
+        let mut command = Command::new(Path::new(REPO).join("scripts/synapse"));
+        if let Some(port) = self.federation_port {
+            command
+                .env("SYNAPSE_FEDERATION_PORT", port.to_string())
+                .env("SYNAPSE_SERVER_NAME", self.server_name());
+        }
+        let output = command
             .args(args)
             .env("MSGNODE_STATE_DIR", self.state.path())
             .env("MSGNODE_VENV", Path::new(REPO).join(".state/venv"))

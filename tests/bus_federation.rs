@@ -1,0 +1,146 @@
+//! Two domains whose nodes reach each other over Matrix federation (`[[bus.peers]]
+//! matrix_user`): each node in front of its own real Synapse, the two Synapses federating on
+//! loopback. A request to a hyperty of the other domain travels as an event in the room the
+//! sending node shares with the other node's appservice user, the response comes back the
+//! same way, and the other node's refusals (404) reach the sender too.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::stub::Stub;
+use common::synapse::Synapse;
+use msgnode::cmd::run::{start, Running};
+use msgnode::config::{Config, Peer};
+use serde_json::{json, Value};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// Federation on loopback takes a few hundred ms; the first message waits for the invited
+/// node to join, and CI machines are slow.
+const THROUGH_FEDERATION: Duration = Duration::from_secs(45);
+
+fn config(synapse: &Synapse, domain: &str, peer: (&str, &Synapse)) -> Config {
+    let mut config = Config::default();
+    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pdp.policies = Path::new(REPO).join("policies");
+    config.pdp.schema_dir = Path::new(REPO).join("schemas");
+    config.pdp.decision_log.enabled = false;
+    config.pep.enabled = true;
+    config.pep.listen = format!("127.0.0.1:{}", synapse.as_port)
+        .parse()
+        .expect("addr");
+    config.pep.homeserver = synapse.url();
+    config.pep.server_name = synapse.server_name();
+    config.pep.registration = Some(synapse.registration());
+    config.bus.enabled = true;
+    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    config.bus.domain = Some(domain.to_string());
+    config.bus.peers = vec![Peer {
+        domain: peer.0.to_string(),
+        url: String::new(),
+        token: String::new(),
+        matrix_user: Some(format!("@_msgnode:{}", peer.1.server_name())),
+    }];
+    config
+}
+
+/// The next frame within `within` (the stub's own wait is shorter than federation's).
+async fn next_frame(stub: &mut Stub, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(frame) = stub.quiet_for(Duration::from_secs(2)).await {
+            return frame;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing arrived within {within:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_domains_over_matrix_federation() {
+    let synapse_a = Synapse::start_federating();
+    let synapse_b = Synapse::start_federating();
+    let alice_token = synapse_a.register("alice");
+    let bob_token = synapse_b.register("bob");
+    // Two domains the shipped policy trusts.
+    let a: Running = start(config(
+        &synapse_a,
+        "msgnode.test",
+        ("hybroker.example", &synapse_b),
+    ))
+    .await
+    .expect("start node a");
+    let b: Running = start(config(
+        &synapse_b,
+        "hybroker.example",
+        ("msgnode.test", &synapse_a),
+    ))
+    .await
+    .expect("start node b");
+
+    let mut alice = Stub::connect(
+        a.bus_addr.expect("bus a"),
+        "runtime://msgnode.test/alice-1",
+        &alice_token,
+    )
+    .await;
+    let mut bob = Stub::connect(
+        b.bus_addr.expect("bus b"),
+        "runtime://hybroker.example/bob-1",
+        &bob_token,
+    )
+    .await;
+    let ha = alice.allocate("msgnode.test", "hyperty", 1).await.remove(0);
+    let hb = bob
+        .allocate("hybroker.example", "hyperty", 1)
+        .await
+        .remove(0);
+
+    // A → B over federation, unchanged, and the response back.
+    let request =
+        json!({"id": 9, "type": "create", "from": ha, "to": hb, "body": {"value": {"hello": "b"}}});
+    alice.send(request.clone()).await;
+    let got = next_frame(&mut bob, THROUGH_FEDERATION).await;
+    assert_eq!(got, request, "delivered unchanged across domains");
+    bob.send(json!({"id": 9, "type": "response", "from": hb, "to": ha, "body": {"code": 200}}))
+        .await;
+    let answer = next_frame(&mut alice, THROUGH_FEDERATION).await;
+    assert_eq!(answer["type"], "response", "{answer}");
+    assert_eq!(answer["from"], hb.as_str(), "{answer}");
+    assert_eq!(answer["id"], 9, "{answer}");
+
+    // Several in a row arrive once each, in order.
+    for n in 0..5 {
+        alice
+            .send(json!({"type": "create", "from": ha, "to": hb, "body": {"n": n}}))
+            .await;
+    }
+    for n in 0..5 {
+        let got = next_frame(&mut bob, THROUGH_FEDERATION).await;
+        assert_eq!(got["body"]["n"], n, "in order: {got}");
+    }
+    assert!(
+        bob.quiet_for(Duration::from_millis(500)).await.is_none(),
+        "once"
+    );
+
+    // The other node's refusal comes back over federation too.
+    alice
+        .send(json!({"id": 77, "type": "create", "from": ha, "to": "hyperty://hybroker.example/nobody"}))
+        .await;
+    let missing = next_frame(&mut alice, THROUGH_FEDERATION).await;
+    assert_eq!(missing["id"], 77, "{missing}");
+    assert_eq!(missing["body"]["code"], 404, "{missing}");
+
+    // A node never takes a peer's domain as a sender from a local runtime.
+    let spoof = alice
+        .request(json!({"type": "create", "from": "hyperty://hybroker.example/x", "to": ha}))
+        .await;
+    assert_eq!(spoof["body"]["code"], 403, "{spoof}");
+
+    a.stop().await;
+    b.stop().await;
+}
