@@ -1,7 +1,6 @@
 //! Attempts by one connected runtime to read, divert or forge another's traffic — each
 //! refused. A memory-only node with three Network Server principals (alice, bob, mallory).
 
-use std::path::Path;
 use std::time::Duration;
 
 mod common;
@@ -11,7 +10,6 @@ use msgnode::cmd::run::{start, Running};
 use msgnode::config::{Config, NetworkServer, Peer};
 use serde_json::{json, Value};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const ALICE: &str = "alice-token";
 const BOB: &str = "bob-token";
 const MALLORY: &str = "mallory-token";
@@ -23,13 +21,7 @@ async fn node() -> Running {
 }
 
 async fn node_with(adjust: impl FnOnce(&mut Config)) -> Running {
-    let mut config = Config::default();
-    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
-    config.pdp.policies = Path::new(REPO).join("policies");
-    config.pdp.schema_dir = Path::new(REPO).join("schemas");
-    config.pdp.decision_log.enabled = false;
-    config.bus.enabled = true;
-    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    let mut config = common::bus_config(&common::shipped_policies());
     config.bus.domain = Some("localhost".into());
     config.bus.network_servers = [("alice", ALICE), ("bob", BOB), ("mallory", MALLORY)]
         .into_iter()

@@ -15,7 +15,6 @@
 //!   user, so it may assert no identity at all; for Matrix users, listed identities pass.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +29,6 @@ use msgnode::config::{Config, IdmConfig, NetworkServer};
 use msgnode::connectors::idm::Idm;
 use serde_json::{json, Value};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const ALICE: &str = "alice-token";
 const BOB: &str = "bob-token";
 const REGISTRY: &str = "domain://registry.localhost";
@@ -127,13 +125,7 @@ fn down_url() -> String {
 
 /// A memory-only node of `localhost` with the Network Servers `alice` and `bob`.
 async fn node(adjust: impl FnOnce(&mut Config)) -> (Running, SocketAddr) {
-    let mut config = Config::default();
-    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
-    config.pdp.policies = Path::new(REPO).join("policies");
-    config.pdp.schema_dir = Path::new(REPO).join("schemas");
-    config.pdp.decision_log.enabled = false;
-    config.bus.enabled = true;
-    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    let mut config = common::bus_config(&common::shipped_policies());
     config.bus.domain = Some("localhost".into());
     config.bus.network_servers = [("alice", ALICE), ("bob", BOB)]
         .into_iter()

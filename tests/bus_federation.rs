@@ -4,7 +4,6 @@
 //! sending node shares with the other node's appservice user, the response comes back the
 //! same way, and the other node's refusals (404) reach the sender too.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -15,26 +14,13 @@ use msgnode::cmd::run::{start, Running};
 use msgnode::config::{Config, Peer};
 use serde_json::{json, Value};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// Federation on loopback takes a few hundred ms; the first message waits for the invited
 /// node to join, and CI machines are slow.
 const THROUGH_FEDERATION: Duration = Duration::from_secs(45);
 
 fn config(synapse: &Synapse, domain: &str, peer: (&str, &Synapse)) -> Config {
-    let mut config = Config::default();
-    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
-    config.pdp.policies = Path::new(REPO).join("policies");
-    config.pdp.schema_dir = Path::new(REPO).join("schemas");
-    config.pdp.decision_log.enabled = false;
-    config.pep.enabled = true;
-    config.pep.listen = format!("127.0.0.1:{}", synapse.as_port)
-        .parse()
-        .expect("addr");
-    config.pep.homeserver = synapse.url();
-    config.pep.server_name = synapse.server_name();
-    config.pep.registration = Some(synapse.registration());
-    config.bus.enabled = true;
-    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    let mut config = common::bus_config(&common::shipped_policies());
+    synapse.serve(&mut config);
     config.bus.domain = Some(domain.to_string());
     config.bus.peers = vec![Peer {
         domain: peer.0.to_string(),

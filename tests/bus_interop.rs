@@ -3,28 +3,20 @@
 //! after a reconnect, nested `childrenResources`, the 2016 registry shape, status updates
 //! without `attribute`, no answer to a refused `response`, and a silent `disconnect`.
 
-use std::path::Path;
 use std::time::Duration;
 
 mod common;
 
 use common::stub::{urlencode, Stub};
 use msgnode::cmd::run::{start, Running};
-use msgnode::config::{Config, NetworkServer};
+use msgnode::config::NetworkServer;
 use serde_json::{json, Value};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const TOKEN: &str = "stub-token";
 const MN: &str = "domain://msg-node.localhost";
 
 async fn node() -> Running {
-    let mut config = Config::default();
-    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
-    config.pdp.policies = Path::new(REPO).join("policies");
-    config.pdp.schema_dir = Path::new(REPO).join("schemas");
-    config.pdp.decision_log.enabled = false;
-    config.bus.enabled = true;
-    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    let mut config = common::bus_config(&common::shipped_policies());
     config.bus.domain = Some("localhost".into());
     config.bus.network_servers = vec![NetworkServer {
         name: "stubs".into(),

@@ -2,7 +2,6 @@
 //! a message to an address of the other domain goes to that domain's node over HTTP and the
 //! answer comes back the same way; unknown domains and wrong peer tokens are refused.
 
-use std::path::Path;
 use std::time::Duration;
 
 mod common;
@@ -12,17 +11,11 @@ use msgnode::cmd::run::{start, Running};
 use msgnode::config::{Config, NetworkServer, Peer};
 use serde_json::json;
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const NS_TOKEN: &str = "service-token";
 const PEER_TOKEN: &str = "shared-peer-token";
 
 fn config(domain: &str, bus_port: u16, peer: (&str, u16)) -> Config {
-    let mut config = Config::default();
-    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
-    config.pdp.policies = Path::new(REPO).join("policies");
-    config.pdp.schema_dir = Path::new(REPO).join("schemas");
-    config.pdp.decision_log.enabled = false;
-    config.bus.enabled = true;
+    let mut config = common::bus_config(&common::shipped_policies());
     config.bus.listen = format!("127.0.0.1:{bus_port}").parse().expect("addr");
     config.bus.domain = Some(domain.to_string());
     config.bus.network_servers = vec![NetworkServer {

@@ -21,20 +21,9 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const MN: &str = "domain://msg-node.localhost";
 
 fn config(synapse: &Synapse, policies: &Path) -> Config {
-    let mut config = Config::default();
-    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
-    config.pdp.policies = policies.to_path_buf();
-    config.pdp.schema_dir = Path::new(REPO).join("schemas");
-    config.pdp.decision_log.enabled = false;
+    let mut config = common::bus_config(policies);
     config.pdp.reload_debounce = Duration::from_millis(50);
-    config.pep.enabled = true;
-    config.pep.listen = format!("127.0.0.1:{}", synapse.as_port)
-        .parse()
-        .expect("addr");
-    config.pep.homeserver = synapse.url();
-    config.pep.registration = Some(synapse.registration());
-    config.bus.enabled = true;
-    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    synapse.serve(&mut config);
     config.bus.max_frame_bytes = 64 * 1024;
     config
 }

@@ -239,6 +239,12 @@ struct Inner {
     history_behind: std::sync::atomic::AtomicBool,
     /// Background work the node waits for at shutdown.
     tracker: TaskTracker,
+    /// Peer message events handled lately (ids, oldest first): a retried transaction's
+    /// repeats are skipped.
+    peer_events: Mutex<(
+        std::collections::HashSet<String>,
+        std::collections::VecDeque<String>,
+    )>,
 }
 
 /// Handle to the bus; clones share everything.
@@ -312,6 +318,7 @@ impl Bus {
                 shutdown: shutdown.child_token(),
                 history_behind: std::sync::atomic::AtomicBool::new(false),
                 tracker: tracker.clone(),
+                peer_events: Mutex::default(),
             }),
         };
         let restored = snapshot.runtimes.len();

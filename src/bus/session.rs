@@ -37,6 +37,30 @@ use super::router::Runtime;
 use super::store::RuntimeRecord;
 use super::{Bus, Connection, Principal};
 use crate::connectors::foreign::PEER_EVENT_TYPE;
+use crate::pep::actor::Actor;
+
+/// How many peer message events are remembered to skip a retried transaction's repeats.
+const PEER_EVENTS_REMEMBERED: usize = 4096;
+
+/// Joins this node's user to the room a peer node invited it to, retrying for about ten
+/// minutes while the peer's homeserver cannot be reached.
+async fn join_peer_room(actor: Arc<Actor>, domain: String, room: String) {
+    let mut backoff = std::time::Duration::from_secs(1);
+    for attempt in 1..=12 {
+        match actor.join(actor.sender(), &room).await {
+            Ok(()) => {
+                tracing::info!(%domain, %room, "joined the room of a peer node");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%domain, %room, %error, attempt, "cannot join the room of a peer node yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(120));
+            }
+        }
+    }
+    tracing::error!(%domain, %room, "gave up joining the room of a peer node; its messages do not arrive until it invites again");
+}
 
 /// WebSocket close codes (RFC 6455 §7.4.1).
 mod close_code {
@@ -470,57 +494,99 @@ impl Bus {
     }
 
     /// Takes an event the homeserver pushed to the appservice if it belongs to the Matrix
-    /// transport of `[[bus.peers]]`: an invitation from a peer node's user is accepted; a
-    /// message it sent is handled like one posted by that peer over HTTP, and the node's
-    /// answer (e.g. 404) goes back to the peer the same way. Whether the event was the
-    /// bus's.
-    ///
-    /// # Errors
-    /// An invitation could not be accepted (the homeserver should retry the transaction).
-    /// An answer that cannot be sent back is logged: retrying would handle the message
-    /// twice.
-    pub async fn matrix_peer_event(&self, event: &Value) -> Result<bool, String> {
+    /// transport of `[[bus.peers]]`: an invitation of this node's user by a peer node's user
+    /// is accepted (retried in the background); a message a peer node sent is handled like
+    /// one posted by that peer over HTTP (once per event, also when the transaction is
+    /// retried), and the node's answer (e.g. 404) goes back to that peer the same way. A
+    /// peer node leaving a room makes the next message to it check its room again. Whether
+    /// the event was the bus's (else the appservice decides it as any event).
+    pub async fn matrix_peer_event(&self, event: &Value) -> bool {
         let sender = event["sender"].as_str().unwrap_or_default();
         let kind = event["type"].as_str().unwrap_or_default();
         let Some(peer) = self.inner.foreign.matrix_peer(sender) else {
             if kind == PEER_EVENT_TYPE {
                 tracing::warn!(%sender, "a reTHINK message event from a user that is no configured peer node: ignored");
-                return Ok(true);
+                return true;
             }
-            return Ok(false);
+            return false;
         };
         let domain = peer.domain.to_ascii_lowercase();
-        let room = event["room_id"].as_str().unwrap_or_default();
-        let Some(actor) = &self.inner.persistence.actor else {
-            return Ok(false);
+        let room = event["room_id"].as_str().unwrap_or_default().to_string();
+        let Some(actor) = self.inner.persistence.actor.clone() else {
+            return false;
         };
         if kind == "m.room.member" {
-            let invited = event["content"]["membership"] == "invite"
-                && event["state_key"].as_str() == Some(actor.sender());
-            if invited {
-                actor
-                    .join(actor.sender(), room)
-                    .await
-                    .map_err(|e| format!("cannot join the room of peer '{domain}': {e}"))?;
-                tracing::info!(%domain, %room, "joined the room of a peer node");
+            let membership = event["content"]["membership"].as_str().unwrap_or_default();
+            let target = event["state_key"].as_str().unwrap_or_default();
+            if membership == "invite" && target == actor.sender() {
+                self.inner
+                    .tracker
+                    .spawn(join_peer_room(actor, domain, room));
+                return true;
             }
-            return Ok(true);
+            if target == sender && matches!(membership, "leave" | "ban") {
+                self.inner.foreign.forget_room(&domain);
+            }
+            return false;
         }
         if kind != PEER_EVENT_TYPE {
-            return Ok(false);
+            return false;
+        }
+        if let Some(event_id) = event["event_id"].as_str() {
+            if !self.first_time(event_id) {
+                return true; // a retried transaction: handled already
+            }
         }
         let Some(text) = event["content"]["message"].as_str() else {
             tracing::warn!(%domain, event_id = %event["event_id"], "a peer's message event without a message: ignored");
-            return Ok(true);
+            return true;
         };
-        if let Some(answer) = self.handle_from_peer(&domain, text).await {
-            let answer = Message::parse(&answer).map_err(|(e, _)| e.to_string())?;
-            let tickets = self.inner.foreign.tickets(&answer.to);
-            if let Some(failed) = self.inner.foreign.deliver(&answer, tickets).await {
+        let Some(answer) = self.handle_from_peer(&domain, text).await else {
+            return true;
+        };
+        let answer = match Message::parse(&answer) {
+            Ok(answer) => answer,
+            Err((error, _)) => {
+                tracing::warn!(%domain, %error, "an answer to a peer node that cannot be sent: dropped");
+                return true;
+            }
+        };
+        // Only to the peer that sent the message: an answer never goes to a third domain.
+        let to_peer = |to: &String| {
+            super::address::domain(to).is_some_and(|d| d.eq_ignore_ascii_case(&domain))
+        };
+        if answer.to.is_empty() || !answer.to.iter().all(to_peer) {
+            tracing::warn!(%domain, to = ?answer.to, "an answer addressed outside the peer's domain: dropped");
+            return true;
+        }
+        let tickets = self.inner.foreign.tickets(&answer.to);
+        let bus = self.clone();
+        self.inner.tracker.spawn(async move {
+            if let Some(failed) = bus.inner.foreign.deliver(&answer, tickets).await {
                 tracing::warn!(%domain, %failed, "cannot send an answer back to a peer node");
             }
+        });
+        true
+    }
+
+    /// Whether the peer event `event_id` is new (remembers the latest few thousand).
+    fn first_time(&self, event_id: &str) -> bool {
+        let mut seen = self
+            .inner
+            .peer_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (ids, order) = &mut *seen;
+        if !ids.insert(event_id.to_string()) {
+            return false;
         }
-        Ok(true)
+        order.push_back(event_id.to_string());
+        if order.len() > PEER_EVENTS_REMEMBERED {
+            if let Some(oldest) = order.pop_front() {
+                ids.remove(&oldest);
+            }
+        }
+        true
     }
 
     /// The domain of the peer presenting `token`.

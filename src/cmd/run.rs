@@ -261,6 +261,9 @@ async fn start_pep(
         )
         .await?;
         // The appservice routes first; everything else is the proxy.
+        if config.bus.enabled {
+            appservice.expect_bus();
+        }
         let appservice = Arc::new(appservice);
         matrix.appservice = Some(Arc::clone(&appservice));
         app = pep::appservice::router(appservice).fallback_service(app);
@@ -296,6 +299,12 @@ async fn start_bus(
         .domain
         .clone()
         .unwrap_or_else(|| config.pep.server_name.clone());
+    let matrix_peers = config.bus.peers.iter().any(|p| p.matrix_user.is_some());
+    if matrix_peers && !config.pep.enabled && config.bus.replica.is_none() {
+        anyhow::bail!(
+            "[[bus.peers]] with matrix_user need [pep] enabled: the appservice receives their messages"
+        );
+    }
     // Without the proxy, the Matrix side is set up here (when a registration is configured).
     let matrix = match matrix {
         Some(matrix) => Some(matrix),

@@ -48,6 +48,8 @@ pub struct Foreign {
 struct Line {
     next: AtomicU64,
     serving: tokio::sync::watch::Sender<u64>,
+    /// Tickets given up before their turn (their task ended early): skipped when reached.
+    abandoned: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Default for Line {
@@ -55,31 +57,47 @@ impl Default for Line {
         Self {
             next: AtomicU64::new(0),
             serving: tokio::sync::watch::Sender::new(0),
+            abandoned: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 }
 
-/// A place in a peer's line (see [`Foreign::tickets`]); leaving it (drop) lets the next go.
+/// A place in a peer's line (see [`Foreign::tickets`]); leaving it (drop) — served or not —
+/// lets the next go. A target that is no peer's stands in no line.
 pub struct Ticket {
-    line: Arc<Line>,
+    line: Option<Arc<Line>>,
     number: u64,
     to: String,
 }
 
 impl Ticket {
     async fn turn(&self) {
-        let mut serving = self.line.serving.subscribe();
-        // The sender lives in `line`, which this ticket holds: the wait cannot fail.
-        let _ = serving.wait_for(|s| *s >= self.number).await;
+        if let Some(line) = &self.line {
+            let mut serving = line.serving.subscribe();
+            // The sender lives in `line`, which this ticket holds: the wait cannot fail.
+            let _ = serving.wait_for(|s| *s >= self.number).await;
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        let Some(line) = &self.line else {
+            return;
+        };
         let number = self.number;
-        self.line.serving.send_modify(|s| {
+        let mut abandoned = line
+            .abandoned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        line.serving.send_modify(|s| {
             if *s == number {
                 *s += 1;
+                while abandoned.remove(s) {
+                    *s += 1;
+                }
+            } else if *s < number {
+                abandoned.insert(number);
             }
         });
     }
@@ -159,14 +177,18 @@ impl Foreign {
             .iter()
             .map(|to| {
                 let key = domain(to).unwrap_or_default().to_ascii_lowercase();
-                let line = Arc::clone(
-                    self.lines
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .entry(key)
-                        .or_default(),
-                );
-                let number = line.next.fetch_add(1, Ordering::Relaxed);
+                let line = self.peer(&key).map(|_| {
+                    Arc::clone(
+                        self.lines
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .entry(key)
+                            .or_default(),
+                    )
+                });
+                let number = line
+                    .as_ref()
+                    .map_or(0, |line| line.next.fetch_add(1, Ordering::Relaxed));
                 Ticket {
                     line,
                     number,
@@ -238,6 +260,7 @@ impl Foreign {
             BusError::Unavailable("the Matrix transport needs a homeserver".into())
         })?;
         let room = self.room_for(actor, domain, peer_user).await?;
+        // The peer may have left meanwhile (`forget_room`): then the next message asks again.
         let txn = format!(
             "peer.{}.{}",
             self.run,
@@ -258,6 +281,15 @@ impl Foreign {
                     "cannot hand the message for '{domain}' to the homeserver: {e}"
                 ))
             })
+    }
+
+    /// The peer node of `domain` left (or was removed from) this node's room for it: the next
+    /// message invites it again and waits for it to join.
+    pub fn forget_room(&self, domain: &str) {
+        self.rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&domain.to_ascii_lowercase());
     }
 
     /// This node's room for the peer of `domain`, once its node user joined it (what is sent
@@ -308,5 +340,62 @@ impl Foreign {
         })
         .await
         .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn foreign() -> Foreign {
+        let peer = Peer {
+            domain: "p.example".into(),
+            url: "http://127.0.0.1:9".into(),
+            token: "t".into(),
+            matrix_user: None,
+        };
+        Foreign::new(vec![peer], None).expect("valid peers")
+    }
+
+    #[tokio::test]
+    async fn a_peer_line_keeps_routing_order_and_skips_abandoned_tickets() {
+        let foreign = foreign();
+        let to = vec!["hyperty://p.example/x".to_string()];
+        let first = foreign.tickets(&to).remove(0);
+        let abandoned = foreign.tickets(&to).remove(0);
+        let third = foreign.tickets(&to).remove(0);
+        drop(abandoned); // its task ended before its turn
+        let waiting = tokio::spawn(async move { third.turn().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "waits for the first");
+        first.turn().await;
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("served after the first, past the abandoned one")
+            .expect("task");
+        // A domain that is no peer's stands in no line.
+        let stranger = foreign.tickets(&["hyperty://q.example/y".to_string()]);
+        assert!(stranger[0].line.is_none());
+    }
+
+    #[test]
+    fn peers_need_a_transport() {
+        let peer = |url: &str, token: &str, matrix_user: Option<&str>| Peer {
+            domain: "p.example".into(),
+            url: url.into(),
+            token: token.into(),
+            matrix_user: matrix_user.map(str::to_string),
+        };
+        assert!(Foreign::new(vec![peer("", "", None)], None).is_err());
+        assert!(Foreign::new(vec![peer("http://x", "", None)], None).is_err());
+        assert!(Foreign::new(vec![peer("", "", Some("not a user"))], None).is_err());
+        let err = Foreign::new(vec![peer("", "", Some("@_msgnode:b.example"))], None)
+            .err()
+            .expect("no homeserver");
+        assert!(err.contains("[pep] registration"), "{err}");
+        let foreign = Foreign::new(vec![peer("http://x", "t", None)], None).expect("valid");
+        assert!(foreign.peer_by_token("t").is_some());
+        assert!(foreign.peer_by_token("").is_none());
     }
 }

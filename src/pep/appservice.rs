@@ -55,6 +55,8 @@ struct OutcomeLabel {
 pub struct Appservice {
     /// The bus, once started: takes the events of its Matrix peer transport.
     bus: std::sync::OnceLock<crate::bus::Bus>,
+    /// A bus will be set: transactions wait for it (answered 503 until then).
+    bus_expected: std::sync::atomic::AtomicBool,
     registration: Registration,
     /// Acts as the namespace's users (registers them on user queries); knows the namespace.
     actor: Arc<Actor>,
@@ -111,6 +113,7 @@ impl Appservice {
             regex::RegexSet::new(redact_denied_rooms.iter().map(|r| format!("^(?:{r})$")))?;
         let appservice = Self {
             bus: std::sync::OnceLock::new(),
+            bus_expected: std::sync::atomic::AtomicBool::new(false),
             registration,
             actor,
             sender,
@@ -202,6 +205,13 @@ impl Appservice {
         }
     }
 
+    /// A bus is starting: transactions are answered 503 (the homeserver retries) until
+    /// [`Appservice::serve_bus`].
+    pub fn expect_bus(&self) {
+        self.bus_expected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Hands the events of the bus's Matrix peer transport to `bus` from now on.
     pub fn serve_bus(&self, bus: crate::bus::Bus) {
         if self.bus.set(bus).is_err() {
@@ -222,6 +232,16 @@ impl Appservice {
                 MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, "transaction record unavailable; retry")
             })?;
             *guard = Some(ids);
+        }
+        if self.bus_expected.load(std::sync::atomic::Ordering::Relaxed) && self.bus.get().is_none()
+        {
+            // Starting: events for the bus (a peer node's invitations and messages) must not
+            // be taken before it can handle them.
+            return Err(MatrixError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unknown,
+                "starting; retry",
+            ));
         }
         let Some(processed) = guard.as_mut() else {
             return Err(MatrixError::new(
@@ -246,17 +266,8 @@ impl Appservice {
                 continue;
             }
             if let Some(bus) = self.bus.get() {
-                match bus.matrix_peer_event(event).await {
-                    Ok(true) => continue, // the bus's own traffic, decided there
-                    Ok(false) => {}
-                    Err(why) => {
-                        tracing::warn!(%why, "appservice: a peer node's event not taken; the homeserver will retry the transaction");
-                        return Err(MatrixError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            ErrorCode::Unknown,
-                            "peer event not taken; retry",
-                        ));
-                    }
+                if bus.matrix_peer_event(event).await {
+                    continue; // the bus's own traffic, decided there
                 }
             }
             let mut matrix = json!({

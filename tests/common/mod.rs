@@ -4,7 +4,30 @@
 pub mod stub;
 pub mod synapse;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use msgnode::config::Config;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The repository's shipped policy bundle.
+pub fn shipped_policies() -> PathBuf {
+    Path::new(REPO).join("policies")
+}
+
+/// A node with its bus on, both listening on free loopback ports, deciding with the bundle in
+/// `policies` (decision log off).
+pub fn bus_config(policies: &Path) -> Config {
+    let mut config = Config::default();
+    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pdp.policies = policies.to_path_buf();
+    config.pdp.schema_dir = Path::new(REPO).join("schemas");
+    config.pdp.decision_log.enabled = false;
+    config.bus.enabled = true;
+    config.bus.listen = "127.0.0.1:0".parse().expect("addr");
+    config
+}
 
 /// Polls `done` until it holds and returns how long that took; panics naming `what` when it
 /// does not hold within `within`.

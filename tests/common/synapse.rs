@@ -99,6 +99,16 @@ impl Synapse {
         answer["access_token"].as_str().expect("token").to_string()
     }
 
+    /// Points `config`'s Matrix side at this Synapse: the proxy and appservice listen where
+    /// it pushes transactions, with its registration and server name.
+    pub fn serve(&self, config: &mut msgnode::config::Config) {
+        config.pep.enabled = true;
+        config.pep.listen = format!("127.0.0.1:{}", self.as_port).parse().expect("addr");
+        config.pep.homeserver = self.url();
+        config.pep.server_name = self.server_name();
+        config.pep.registration = Some(self.registration());
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
