@@ -209,24 +209,38 @@ impl Bus {
     }
 
     /// Hands what the inbox of `url` holds to its socket, when the runtime is online here.
+    /// Retried for about a minute while the homeserver cannot be read; after that the
+    /// runtime's next reconnect (or the next batch) hands it over.
     pub(crate) async fn hand_over(&self, url: &str) {
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1..=7 {
+            match self.try_hand_over(url).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, runtime = %url, attempt, "cannot read the inbox of a connected runtime; retrying");
+                    tokio::select! {
+                        () = self.inner.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(16));
+                }
+            }
+        }
+        tracing::warn!(runtime = %url, "gave up handing over the inbox of a connected runtime; its next reconnect does");
+    }
+
+    async fn try_hand_over(&self, url: &str) -> Result<(), ActorError> {
         let Some(runtime) = self.inner.table.get_runtime(url) else {
-            return;
+            return Ok(());
         };
         let _turn = runtime.handover().await;
         if !runtime.is_online() {
-            return; // away: its reconnect takes the inbox
+            return Ok(()); // away: its reconnect takes the inbox
         }
         let inbox = &self.inner.persistence.inbox;
-        let taken = match inbox.take(url).await {
-            Ok(taken) => taken,
-            Err(error) => {
-                tracing::warn!(%error, runtime = %url, "cannot read the inbox of a connected runtime; its next reconnect hands it over");
-                return;
-            }
-        };
+        let taken = inbox.take(url).await?;
         if taken.messages.is_empty() {
-            return;
+            return Ok(());
         }
         for text in &taken.messages {
             // A socket too slow for it sends the rest back to the inbox, under a new number.
@@ -240,5 +254,6 @@ impl Bus {
         if let Err(error) = inbox.ack(url, &taken).await {
             tracing::warn!(%error, runtime = %url, "cannot record the inbox cursor; a reconnect may repeat messages");
         }
+        Ok(())
     }
 }

@@ -320,15 +320,35 @@ impl Foreign {
                 .invite(&sender, &room, peer_user)
                 .await
                 .map_err(unavailable)?;
-            let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+            let started = tokio::time::Instant::now();
+            let (deadline, reinvite_at) = (started + JOIN_WAIT, started + JOIN_WAIT / 2);
+            let mut reinvited = false;
             loop {
                 let member = actor
                     .state_event(&sender, &room, "m.room.member", peer_user)
                     .await
                     .map_err(unavailable)?;
-                if member.as_ref().and_then(|m| m["membership"].as_str()) == Some("join") {
+                let membership = member.as_ref().and_then(|m| m["membership"].as_str());
+                if membership == Some("join") {
                     tracing::info!(%domain, %room, "peer node joined its room");
                     return Ok(room);
+                }
+                // An invitation pushed while the peer node was down is not pushed again:
+                // withdraw it and invite anew.
+                if membership == Some("invite")
+                    && !reinvited
+                    && tokio::time::Instant::now() >= reinvite_at
+                {
+                    reinvited = true;
+                    tracing::info!(%domain, %room, "peer node has not answered its invitation; inviting again");
+                    actor
+                        .withdraw_invite(&sender, &room, peer_user)
+                        .await
+                        .map_err(unavailable)?;
+                    actor
+                        .invite(&sender, &room, peer_user)
+                        .await
+                        .map_err(unavailable)?;
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Err(BusError::Unavailable(format!(

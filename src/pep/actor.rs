@@ -260,6 +260,27 @@ impl Actor {
         }
     }
 
+    /// `by` withdraws the invitation of `user_id` to `room_id` (a kick of an invited user).
+    ///
+    /// # Errors
+    /// The homeserver refused or is unavailable.
+    pub async fn withdraw_invite(
+        &self,
+        by: &str,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<(), ActorError> {
+        let kick = format!("/_matrix/client/v3/rooms/{}/kick", encode(room_id));
+        self.call(
+            Method::POST,
+            &kick,
+            &[("user_id", by)],
+            Some(&json!({"user_id": user_id, "reason": "invitation not answered; inviting again"})),
+        )
+        .await
+        .map(drop)
+    }
+
     /// `inviter` invites `user_id` (of any server) to `room_id`; a user already invited or
     /// joined counts as done.
     ///
