@@ -5,6 +5,7 @@
 //! - `session` — the WebSocket endpoint (End-User Device and Network Server connectors): the
 //!   three stub handshakes, authentication, one reader and one writer per socket; and the
 //!   peer endpoint other domains' nodes post to.
+//! - `peers` — what other domains' nodes send, over HTTP or the Matrix transport.
 //! - `message` — the message model, parsing with clear errors, responses.
 //! - `address` — URL parts and the node's component addresses.
 //! - `router` — address → runtime, and delivery (direct, or the inbox while away).
@@ -24,6 +25,7 @@ pub mod allocation;
 pub mod inbox;
 pub mod journal;
 pub mod message;
+pub mod peers;
 pub mod pubsub;
 pub mod replicas;
 pub mod router;

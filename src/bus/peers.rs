@@ -1,0 +1,192 @@
+//! What other domains' nodes send: messages posted to `/bus/v1/messages` (the endpoint is in
+//! `session`) and, over the Matrix transport of `[[bus.peers]]`, the events their nodes'
+//! users send in rooms shared with this node (pushed to the appservice, which hands them
+//! here). Both are handled as messages of a `Principal::Peer` connection, which may send
+//! only from its own domain; each is decided like any message.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::message::{response, BusError, Message};
+use super::router::Runtime;
+use super::store::RuntimeRecord;
+use super::{Bus, Connection, Principal};
+use crate::connectors::foreign::PEER_EVENT_TYPE;
+use crate::pep::actor::Actor;
+
+/// How many peer message events are remembered to skip a retried transaction's repeats.
+const PEER_EVENTS_REMEMBERED: usize = 4096;
+
+/// Joins this node's user to the room a peer node invited it to, retrying for about ten
+/// minutes while the peer's homeserver cannot be reached.
+async fn join_peer_room(actor: Arc<Actor>, domain: String, room: String) {
+    let mut backoff = std::time::Duration::from_secs(1);
+    for attempt in 1..=12 {
+        match actor.join(actor.sender(), &room).await {
+            Ok(()) => {
+                tracing::info!(%domain, %room, "joined the room of a peer node");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%domain, %room, %error, attempt, "cannot join the room of a peer node yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(120));
+            }
+        }
+    }
+    tracing::error!(%domain, %room, "gave up joining the room of a peer node; its messages do not arrive until it invites again");
+}
+
+impl Bus {
+    /// Handles `text`, a message from the node of `domain` (over HTTP or Matrix): the
+    /// response to send back, if any.
+    pub(crate) async fn handle_from_peer(&self, domain: &str, text: &str) -> Option<String> {
+        match Message::parse(text) {
+            Err((error, id)) => Some(response(
+                &id,
+                &self.nodes().node,
+                "",
+                error.code(),
+                &error.to_string(),
+                None,
+            )),
+            Ok(message) => {
+                if super::address::domain(&message.from).as_deref() != Some(domain) {
+                    let error = BusError::Forbidden(format!(
+                        "peer '{domain}' may only send from its own domain"
+                    ));
+                    Some(message.error_response(&error))
+                } else {
+                    self.handle(&self.peer_connection(domain), message).await
+                }
+            }
+        }
+    }
+
+    /// Takes an event the homeserver pushed to the appservice if it belongs to the Matrix
+    /// transport of `[[bus.peers]]`: an invitation of this node's user by a peer node's user
+    /// is accepted (retried in the background); a message a peer node sent is handled like
+    /// one posted by that peer over HTTP (once per event, also when the transaction is
+    /// retried), and the node's answer (e.g. 404) goes back to that peer the same way. A
+    /// peer node leaving a room makes the next message to it check its room again. Whether
+    /// the event was the bus's (else the appservice decides it as any event).
+    pub async fn matrix_peer_event(&self, event: &Value) -> bool {
+        let sender = event["sender"].as_str().unwrap_or_default();
+        let kind = event["type"].as_str().unwrap_or_default();
+        let Some(peer) = self.inner.foreign.matrix_peer(sender) else {
+            if kind == PEER_EVENT_TYPE {
+                tracing::warn!(%sender, "a reTHINK message event from a user that is no configured peer node: ignored");
+                return true;
+            }
+            return false;
+        };
+        let domain = peer.domain.to_ascii_lowercase();
+        let room = event["room_id"].as_str().unwrap_or_default().to_string();
+        let Some(actor) = self.inner.persistence.actor.clone() else {
+            return false;
+        };
+        if kind == "m.room.member" {
+            let membership = event["content"]["membership"].as_str().unwrap_or_default();
+            let target = event["state_key"].as_str().unwrap_or_default();
+            if membership == "invite" && target == actor.sender() {
+                self.inner
+                    .tracker
+                    .spawn(join_peer_room(actor, domain, room));
+                return true;
+            }
+            if target == sender && matches!(membership, "leave" | "ban") {
+                self.inner.foreign.forget_room(&domain);
+            }
+            return false;
+        }
+        if kind != PEER_EVENT_TYPE {
+            return false;
+        }
+        if let Some(event_id) = event["event_id"].as_str() {
+            if !self.first_time(event_id) {
+                return true; // a retried transaction: handled already
+            }
+        }
+        let Some(text) = event["content"]["message"].as_str() else {
+            tracing::warn!(%domain, event_id = %event["event_id"], "a peer's message event without a message: ignored");
+            return true;
+        };
+        let Some(answer) = self.handle_from_peer(&domain, text).await else {
+            return true;
+        };
+        let answer = match Message::parse(&answer) {
+            Ok(answer) => answer,
+            Err((error, _)) => {
+                tracing::warn!(%domain, %error, "an answer to a peer node that cannot be sent: dropped");
+                return true;
+            }
+        };
+        // Only to the peer that sent the message: an answer never goes to a third domain.
+        let to_peer = |to: &String| {
+            super::address::domain(to).is_some_and(|d| d.eq_ignore_ascii_case(&domain))
+        };
+        if answer.to.is_empty() || !answer.to.iter().all(to_peer) {
+            tracing::warn!(%domain, to = ?answer.to, "an answer addressed outside the peer's domain: dropped");
+            return true;
+        }
+        let tickets = self.inner.foreign.tickets(&answer.to);
+        let bus = self.clone();
+        self.inner.tracker.spawn(async move {
+            if let Some(failed) = bus.inner.foreign.deliver(&answer, tickets).await {
+                tracing::warn!(%domain, %failed, "cannot send an answer back to a peer node");
+            }
+        });
+        true
+    }
+
+    /// Whether the peer event `event_id` is new (remembers the latest few thousand).
+    fn first_time(&self, event_id: &str) -> bool {
+        let mut seen = self
+            .inner
+            .peer_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (ids, order) = &mut *seen;
+        if !ids.insert(event_id.to_string()) {
+            return false;
+        }
+        order.push_back(event_id.to_string());
+        if order.len() > PEER_EVENTS_REMEMBERED {
+            if let Some(oldest) = order.pop_front() {
+                ids.remove(&oldest);
+            }
+        }
+        true
+    }
+
+    /// The domain of the peer presenting `token`.
+    pub fn peer_domain(&self, token: &str) -> Option<String> {
+        self.inner
+            .foreign
+            .peer_by_token(token)
+            .map(|p| p.domain.to_ascii_lowercase())
+    }
+
+    /// The connection standing for a peer node: its runtime `domain://msg-node.<peer>` is
+    /// outside the routing table (what is addressed to the peer's domain goes to the peer).
+    fn peer_connection(&self, domain: &str) -> Arc<Connection> {
+        let principal = Principal::Peer(domain.to_string());
+        let runtime = Runtime::standalone(
+            &format!("domain://msg-node.{domain}"),
+            RuntimeRecord::default(),
+        );
+        // Nothing reads this queue: a peer's answers travel back as HTTP responses.
+        let (tx, _rx) = mpsc::channel(1);
+        Arc::new(Connection {
+            id: 0,
+            runtime,
+            principal,
+            tx,
+            close: CancellationToken::new(),
+            identity: Mutex::new(None),
+        })
+    }
+}
