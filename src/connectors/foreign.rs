@@ -333,8 +333,8 @@ impl Foreign {
                     tracing::info!(%domain, %room, "peer node joined its room");
                     return Ok(room);
                 }
-                // An invitation pushed while the peer node was down is not pushed again:
-                // withdraw it and invite anew.
+                // An invitation the peer node took but could not accept (its joins gave up)
+                // is not pushed again: withdraw it and invite anew.
                 if membership == Some("invite")
                     && !reinvited
                     && tokio::time::Instant::now() >= reinvite_at
