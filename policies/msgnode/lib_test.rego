@@ -108,3 +108,10 @@ test_config_allowed_types_cover_rethink if {
 test_config_blocklist_is_large if {
 	count(data.config.blocked_addresses) >= 1000
 }
+
+# Every scheme the node allocates addresses in can also be used in messages.
+test_allocated_schemes_are_message_schemes if {
+	every s in data.config.allocation.schemes {
+		s in data.config.message.allowed_schemes
+	}
+}
