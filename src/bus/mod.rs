@@ -273,17 +273,21 @@ impl Bus {
     ) -> anyhow::Result<Bus> {
         let domain = config.domain.clone().unwrap_or_else(|| "localhost".into());
         let domain = domain.as_str();
-        let follower = match (&config.replica, &persistence.actor) {
-            (Some(node), Some(actor)) => Some(
-                replicas::Follower::begin(Arc::clone(actor), node)
+        let follower = match (
+            &config.replica,
+            &persistence.actor,
+            persistence.store.room(),
+        ) {
+            (Some(node), Some(actor), Some(state_room)) => Some(
+                replicas::Follower::begin(Arc::clone(actor), node, state_room)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot follow the other replicas: {e}"))?,
             ),
-            (Some(_), None) => {
+            (Some(_), _, _) => {
                 tracing::warn!("[bus] replica is set, but without a homeserver there is nothing to share: ignored");
                 None
             }
-            (None, _) => None,
+            (None, _, _) => None,
         };
         let snapshot =
             persistence.store.load().await.map_err(|e| {
@@ -506,12 +510,9 @@ impl Bus {
             }
             if let Some(me) = &self.inner.config.replica {
                 // Tell the other replicas the runtime is here now (one closes its socket).
-                let attached_ms = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
                 let record = runtime.update(|r| {
                     r.node = Some(me.clone());
-                    r.attached_ms = attached_ms;
+                    r.attached_ms = journal::now_ms();
                 });
                 self.persist(&runtime.url, &record).await?;
             }

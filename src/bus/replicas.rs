@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::inbox::INBOX_EVENT_TYPE;
-use super::store::{RuntimeRecord, Stored, REGISTRY_EVENT_TYPE, RUNTIME_EVENT_TYPE, STATE_ALIAS};
+use super::store::{RuntimeRecord, Stored, REGISTRY_EVENT_TYPE, RUNTIME_EVENT_TYPE};
 use super::Bus;
 use crate::pep::actor::{Actor, ActorError};
 
@@ -47,18 +47,18 @@ pub fn follower_user(actor: &Actor) -> String {
 }
 
 impl Follower {
-    /// The position to follow from: call it before loading the state, so that nothing
-    /// written after the load is missed.
+    /// Joins the follower to `state_room` and takes the position to follow from: call it
+    /// before loading the state, so that nothing written after the load is missed.
     ///
     /// # Errors
     /// The homeserver is unavailable or refused.
-    pub async fn begin(actor: Arc<Actor>, node: &str) -> Result<Follower, ActorError> {
+    pub async fn begin(
+        actor: Arc<Actor>,
+        node: &str,
+        state_room: &str,
+    ) -> Result<Follower, ActorError> {
         let user = follower_user(&actor);
-        let sender = actor.sender().to_string();
-        let state_room = actor
-            .ensure_room(STATE_ALIAS, &sender, "msgnode bus state")
-            .await?;
-        actor.join(&user, &state_room).await?;
+        actor.join(&user, state_room).await?;
         // A sync that returns no rooms: only the position.
         let nothing = json!({
             "room": {"rooms": []},

@@ -179,6 +179,14 @@ impl Store {
         })
     }
 
+    /// The state room's id (`None` in memory).
+    pub fn room(&self) -> Option<&str> {
+        match &*self.inner {
+            Inner::Memory(_) => None,
+            Inner::Matrix(matrix) => Some(&matrix.room),
+        }
+    }
+
     /// A store in process memory (lost on exit).
     pub fn memory() -> Store {
         Store {
