@@ -257,7 +257,7 @@ pub struct BusConfig {
     /// Identity management: which asserted identities a user may use.
     pub idm: IdmConfig,
     /// History batching (`[bus.journal]`).
-    pub journal: crate::bus::journal::JournalConfig,
+    pub journal: JournalConfig,
     /// This node's name when several replicas share the homeserver (`None`: the only one).
     /// Each replica follows the others through Matrix: runtimes connected elsewhere are
     /// reached through their inbox rooms, their allocations, subscriptions and registry
@@ -296,6 +296,38 @@ pub enum Durability {
     Delivered,
     /// History first: a message is delivered only once the homeserver stored it.
     Persisted,
+}
+
+/// `[bus.journal]`: how the journal batches its writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Longest a record waits for company before its batch is sent (when no send is in flight).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Raw JSON bytes that make a batch big enough to send at once; also the most one batch
+    /// takes from the queue (it may become several events).
+    pub max_batch_raw_bytes: usize,
+    /// Sends in flight at once: 1 keeps the room in sequence order; 2 overlaps encoding and
+    /// round trips at the cost of possible reordering in the room.
+    pub max_in_flight: usize,
+    /// This node's name in batch events; nodes sharing a homeserver need distinct names.
+    pub node: String,
+    /// How long the writer keeps retrying after shutdown before giving up on what is queued.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_millis(5),
+            max_batch_raw_bytes: 4 * 1024 * 1024,
+            max_in_flight: 1,
+            node: "msgnode".to_string(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[[bus.network_servers]]`: a service connecting with a static token.
@@ -483,5 +515,18 @@ mod tests {
     fn missing_named_file_is_an_error() {
         let err = Config::load(Some(Path::new("/nonexistent/msgnode.toml"))).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn journal_config_defaults_and_toml() {
+        let config: JournalConfig =
+            toml::from_str("flush_interval = \"20ms\"\nmax_in_flight = 2").expect("toml");
+        assert_eq!(config.flush_interval, Duration::from_millis(20));
+        assert_eq!(config.max_in_flight, 2);
+        assert_eq!(
+            config.max_batch_raw_bytes,
+            JournalConfig::default().max_batch_raw_bytes
+        );
+        assert!(toml::from_str::<JournalConfig>("nope = 1").is_err());
     }
 }

@@ -1,27 +1,38 @@
 //! msgnode: a policy-enforced reTHINK messaging node in front of Matrix.
 //!
-//! # Layout
+//! # Layout (lower floors first; no module imports one above it)
+//! - [`config`], [`clock`], [`http_auth`], [`telemetry`] — configuration (`msgnode.toml` +
+//!   `MSGNODE_*` overrides), the wall clock, bearer tokens, process logging.
 //! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
-//! - [`pep`] — the Matrix enforcement point: client-server proxy, application service, the
-//!   decision client (local or remote PDP), and acting as the appservice's virtual users.
-//! - [`bus`] — the reTHINK message bus: protocol stubs over WebSocket, address allocation,
-//!   routing, pub/sub, and what it keeps in Matrix (journal, inboxes, state).
+//! - [`policy`] — asking for decisions: the typed policy-input contract and the decider
+//!   (in-process PDP or remote), used by every enforcement point.
+//! - [`matrix`] — the homeserver client: `/whoami`, JSON calls, acting as the appservice's
+//!   users, the registration file.
+//! - [`rethink`] — the reTHINK message model and addresses.
+//! - [`persist`] — what the bus keeps in Matrix: batch format, room logs, journal, inboxes,
+//!   state, and following other replicas.
 //! - [`connectors`] — registry, identity management and foreign domains.
+//! - [`bus`] — the reTHINK message bus: protocol stubs over WebSocket, allocation, routing,
+//!   pub/sub.
+//! - [`pep`] — the Matrix enforcement point: client-server proxy and application service.
 //! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`,
-//!   `appservice registration`).
-//! - [`cli`] — the clap command line; [`config`] — `msgnode.toml` + `MSGNODE_*` overrides;
-//!   [`telemetry`] — process logging; [`http_auth`] — bearer tokens, read and compared once.
+//!   `appservice registration`), wiring the rest; [`cli`] — the clap command line.
 //!
 //! `ARCHITECTURE.md` at the repository root maps the modules and the path of one decision.
 
 pub mod bus;
 pub mod cli;
+pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod connectors;
 pub mod http_auth;
+pub mod matrix;
 pub mod pdp;
 pub mod pep;
+pub mod persist;
+pub mod policy;
+pub mod rethink;
 pub mod telemetry;

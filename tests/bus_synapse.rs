@@ -471,14 +471,14 @@ async fn send_numbered(stub: &mut Stub, from: &str, to: &str, ns: std::ops::Rang
 /// Every message in the journal room, in order.
 async fn journal_messages(synapse: &Synapse) -> Vec<Value> {
     let registration =
-        msgnode::pep::registration::read(&synapse.registration()).expect("registration");
+        msgnode::matrix::registration::read(&synapse.registration()).expect("registration");
     let homeserver = std::sync::Arc::new(
-        msgnode::pep::homeserver::Homeserver::new(&synapse.url(), Duration::from_secs(30))
+        msgnode::matrix::client::Homeserver::new(&synapse.url(), Duration::from_secs(30))
             .expect("homeserver"),
     );
     let actor =
-        msgnode::pep::actor::Actor::new(&registration, "localhost", homeserver).expect("actor");
-    let entries = msgnode::bus::journal::Journal::read_all(&actor)
+        msgnode::matrix::actor::Actor::new(&registration, "localhost", homeserver).expect("actor");
+    let entries = msgnode::persist::journal::Journal::read_all(&actor)
         .await
         .expect("journal");
     let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();

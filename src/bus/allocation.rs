@@ -13,10 +13,11 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::address::Component;
-use super::message::{BusError, Message};
-use super::router::Runtime;
+use super::runtimes::Runtime;
 use super::{Bus, Connection};
+use crate::policy::input::{Allocation, AllocationAction};
+use crate::rethink::address::Component;
+use crate::rethink::{BusError, Message};
 
 /// At most this many virtual users are registered at once for one request.
 const REGISTRATION_CONCURRENCY: usize = 8;
@@ -25,7 +26,7 @@ pub const MAX_PER_REQUEST: u64 = 1000;
 
 /// A parsed allocation request.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Request {
+pub enum AllocationRequest {
     /// Allocate `number` addresses of `scheme`, under `key` when given.
     Create {
         /// Address scheme (`hyperty`, `comm`, …), lowercased.
@@ -41,12 +42,12 @@ pub enum Request {
     ReleaseKey(String),
 }
 
-impl Request {
+impl AllocationRequest {
     /// Reads the request `message` makes of `component`.
     ///
     /// # Errors
     /// 400 naming the missing or mistyped field.
-    pub fn parse(component: Component, message: &Message) -> Result<Request, BusError> {
+    pub fn parse(component: Component, message: &Message) -> Result<AllocationRequest, BusError> {
         let body = message.body();
         let value = body.get("value");
         if message.kind_is("create") {
@@ -85,7 +86,7 @@ impl Request {
                 .and_then(|v| v.get("allocationKey"))
                 .and_then(Value::as_str)
                 .map(str::to_string);
-            return Ok(Request::Create {
+            return Ok(AllocationRequest::Create {
                 scheme,
                 number,
                 key,
@@ -98,10 +99,10 @@ impl Request {
                         "body.childrenResources is empty".into(),
                     ));
                 }
-                return Ok(Request::Release(children));
+                return Ok(AllocationRequest::Release(children));
             }
             if let Some(key) = body.get("resource").and_then(Value::as_str) {
-                return Ok(Request::ReleaseKey(key.to_string()));
+                return Ok(AllocationRequest::ReleaseKey(key.to_string()));
             }
             return Err(BusError::BadRequest(
                 "release needs body.childrenResources or body.resource (an allocation key)".into(),
@@ -114,15 +115,21 @@ impl Request {
     }
 
     /// The policy input's `allocation` for a runtime holding `held` addresses.
-    pub fn input(&self, held: usize) -> Value {
-        match self {
-            Request::Create { scheme, number, .. } => {
-                json!({"action": "create", "scheme": scheme, "number": number, "held": held})
+    pub fn input(&self, held: usize) -> Allocation {
+        let (action, scheme, number) = match self {
+            AllocationRequest::Create { scheme, number, .. } => {
+                (AllocationAction::Create, Some(scheme.clone()), *number)
             }
-            Request::Release(addresses) => {
-                json!({"action": "delete", "number": addresses.len(), "held": held})
+            AllocationRequest::Release(addresses) => {
+                (AllocationAction::Delete, None, addresses.len() as u64)
             }
-            Request::ReleaseKey(_) => json!({"action": "delete", "number": 1, "held": held}),
+            AllocationRequest::ReleaseKey(_) => (AllocationAction::Delete, None, 1),
+        };
+        Allocation {
+            action,
+            scheme,
+            number,
+            held,
         }
     }
 }
@@ -158,11 +165,11 @@ impl Bus {
         &self,
         conn: &Connection,
         message: &Message,
-        request: Request,
+        request: AllocationRequest,
     ) -> Result<String, BusError> {
         let runtime = &conn.runtime;
         match request {
-            Request::Create {
+            AllocationRequest::Create {
                 scheme,
                 number,
                 key,
@@ -204,7 +211,7 @@ impl Bus {
             // Releasing is idempotent, as in the reference nodes: what this runtime no longer
             // holds (released before, or before a disconnect) is simply 200; only an address
             // another runtime holds is refused.
-            Request::Release(addresses) => {
+            AllocationRequest::Release(addresses) => {
                 if let Some(theirs) = addresses.iter().find(|a| {
                     self.inner
                         .table
@@ -218,7 +225,7 @@ impl Bus {
                 self.release_addresses(runtime, &addresses, None).await?;
                 Ok(message.response(200, "released", Some(json!({"released": addresses}))))
             }
-            Request::ReleaseKey(key) => {
+            AllocationRequest::ReleaseKey(key) => {
                 let addresses = runtime
                     .record()
                     .allocations

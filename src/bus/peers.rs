@@ -4,21 +4,48 @@
 //! here). Both are handled as messages of a `Principal::Peer` connection, which may send
 //! only from its own domain; each is decided like any message.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use super::message::{response, BusError, Message};
-use super::router::Runtime;
-use super::store::RuntimeRecord;
+use super::runtimes::Runtime;
 use super::{Bus, Connection, Principal};
 use crate::connectors::foreign::PEER_EVENT_TYPE;
-use crate::pep::actor::Actor;
+use crate::matrix::Actor;
+use crate::persist::store::RuntimeRecord;
+use crate::rethink::address;
+use crate::rethink::message::response;
+use crate::rethink::{BusError, Message};
 
 /// How many peer message events are remembered to skip a retried transaction's repeats.
 const PEER_EVENTS_REMEMBERED: usize = 4096;
+
+/// The ids of the peer message events handled lately, oldest first.
+#[derive(Default)]
+pub(super) struct SeenEvents(Mutex<(HashSet<String>, VecDeque<String>)>);
+
+impl SeenEvents {
+    /// Whether `event_id` is new (remembers the latest few thousand).
+    fn first_time(&self, event_id: &str) -> bool {
+        let mut seen = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (ids, order) = &mut *seen;
+        if !ids.insert(event_id.to_string()) {
+            return false;
+        }
+        order.push_back(event_id.to_string());
+        if order.len() > PEER_EVENTS_REMEMBERED {
+            if let Some(oldest) = order.pop_front() {
+                ids.remove(&oldest);
+            }
+        }
+        true
+    }
+}
 
 /// Joins this node's user to the room a peer node invited it to, retrying for about ten
 /// minutes while the peer's homeserver cannot be reached.
@@ -43,7 +70,7 @@ async fn join_peer_room(actor: Arc<Actor>, domain: String, room: String) {
 impl Bus {
     /// Handles `text`, a message from the node of `domain` (over HTTP or Matrix): the
     /// response to send back, if any.
-    pub(crate) async fn handle_from_peer(&self, domain: &str, text: &str) -> Option<String> {
+    pub async fn handle_from_peer(&self, domain: &str, text: &str) -> Option<String> {
         match Message::parse(text) {
             Err((error, id)) => Some(response(
                 &id,
@@ -54,7 +81,7 @@ impl Bus {
                 None,
             )),
             Ok(message) => {
-                if super::address::domain(&message.from).as_deref() != Some(domain) {
+                if address::domain(&message.from).as_deref() != Some(domain) {
                     let error = BusError::Forbidden(format!(
                         "peer '{domain}' may only send from its own domain"
                     ));
@@ -76,7 +103,7 @@ impl Bus {
     pub async fn matrix_peer_event(&self, event: &Value) -> bool {
         let sender = event["sender"].as_str().unwrap_or_default();
         let kind = event["type"].as_str().unwrap_or_default();
-        let Some(peer) = self.inner.foreign.matrix_peer(sender) else {
+        let Some(peer) = self.inner.connectors.foreign.matrix_peer(sender) else {
             if kind == PEER_EVENT_TYPE {
                 tracing::warn!(%sender, "a reTHINK message event from a user that is no configured peer node: ignored");
                 return true;
@@ -98,7 +125,7 @@ impl Bus {
                 return true;
             }
             if target == sender && matches!(membership, "leave" | "ban") {
-                self.inner.foreign.forget_room(&domain);
+                self.inner.connectors.foreign.forget_room(&domain);
             }
             return false;
         }
@@ -106,7 +133,7 @@ impl Bus {
             return false;
         }
         if let Some(event_id) = event["event_id"].as_str() {
-            if !self.first_time(event_id) {
+            if !self.inner.peer_events.first_time(event_id) {
                 return true; // a retried transaction: handled already
             }
         }
@@ -125,46 +152,26 @@ impl Bus {
             }
         };
         // Only to the peer that sent the message: an answer never goes to a third domain.
-        let to_peer = |to: &String| {
-            super::address::domain(to).is_some_and(|d| d.eq_ignore_ascii_case(&domain))
-        };
+        let to_peer =
+            |to: &String| address::domain(to).is_some_and(|d| d.eq_ignore_ascii_case(&domain));
         if answer.to.is_empty() || !answer.to.iter().all(to_peer) {
             tracing::warn!(%domain, to = ?answer.to, "an answer addressed outside the peer's domain: dropped");
             return true;
         }
-        let tickets = self.inner.foreign.tickets(&answer.to);
+        let tickets = self.inner.connectors.foreign.tickets(&answer.to);
         let bus = self.clone();
         self.inner.tracker.spawn(async move {
-            if let Some(failed) = bus.inner.foreign.deliver(&answer, tickets).await {
+            if let Some(failed) = bus.inner.connectors.foreign.deliver(&answer, tickets).await {
                 tracing::warn!(%domain, %failed, "cannot send an answer back to a peer node");
             }
         });
         true
     }
 
-    /// Whether the peer event `event_id` is new (remembers the latest few thousand).
-    fn first_time(&self, event_id: &str) -> bool {
-        let mut seen = self
-            .inner
-            .peer_events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (ids, order) = &mut *seen;
-        if !ids.insert(event_id.to_string()) {
-            return false;
-        }
-        order.push_back(event_id.to_string());
-        if order.len() > PEER_EVENTS_REMEMBERED {
-            if let Some(oldest) = order.pop_front() {
-                ids.remove(&oldest);
-            }
-        }
-        true
-    }
-
     /// The domain of the peer presenting `token`.
     pub fn peer_domain(&self, token: &str) -> Option<String> {
         self.inner
+            .connectors
             .foreign
             .peer_by_token(token)
             .map(|p| p.domain.to_ascii_lowercase())
@@ -180,13 +187,6 @@ impl Bus {
         );
         // Nothing reads this queue: a peer's answers travel back as HTTP responses.
         let (tx, _rx) = mpsc::channel(1);
-        Arc::new(Connection {
-            id: 0,
-            runtime,
-            principal,
-            tx,
-            close: CancellationToken::new(),
-            identity: Mutex::new(None),
-        })
+        Arc::new(Connection::new(0, runtime, principal, tx))
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use super::router::Runtime;
+use super::runtimes::Runtime;
 
 /// One subscriber of a resource.
 #[derive(Clone)]
@@ -86,7 +86,7 @@ impl Subscriptions {
 /// not a topic: it goes to their holder.
 pub fn topic(url: &str) -> Option<Topic> {
     let object = matches!(
-        super::address::scheme(url).as_deref(),
+        crate::rethink::address::scheme(url).as_deref(),
         Some("comm" | "connection" | "ctxt" | "context")
     );
     let segments: Vec<&str> = url

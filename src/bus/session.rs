@@ -1,440 +1,55 @@
-//! The End-User Device and Network Server connectors: protocol stubs over WebSocket
-//! (`/ws` and `/stub/connect`), and the endpoint other domains' nodes post to
-//! (`POST /bus/v1/messages`).
-//!
-//! A socket says which runtime it speaks for in one of the three ways reTHINK stubs do:
-//! `?runtimeURL=` in the query; a first frame `{"cmd":"connect","data":{"runtimeURL":U}}`
-//! (answered `{"cmd":"connect","response":200}`); or a first message
-//! `{type:"open", from:U, to:"mn:/session"}` (answered with a response carrying
-//! `runtimeToken`). The token is the `Authorization: Bearer` header, `?access_token=`, or
-//! `accessToken`/`token` in the connect frame or open message body: a Matrix access token
-//! (checked with the homeserver) or a Network Server's configured token. A failed handshake
-//! is answered (401/403/400) and the socket closed with 1008.
-//!
-//! After the handshake one task reads (messages are handled in order; each request gets its
-//! response through the same outbound queue as deliveries) and one writes. Frames that are
-//! not JSON messages get a 400 response and the socket stays open; a text frame that is not
-//! UTF-8 closes it with 1007, a frame over `[bus] max_frame_bytes` with 1009.
-//! `{"cmd":"disconnect"}` (or a `close` to `mn:/session`) releases the runtime's addresses;
-//! a socket that just closes keeps them, and messages wait in the inbox.
+//! The session component, `mn:/session` (Session Management): `open`/`re-open`/`ping`/`read`
+//! after the handshake are acknowledged with the runtime URL; `close`/`disconnect` releases
+//! everything bound to the runtime and closes the socket. Decided by no one: these messages
+//! reach nobody else.
 
-use std::sync::{Arc, Mutex};
+use serde_json::json;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
-use super::message::{response, Message};
 use super::{Bus, Connection};
-/// WebSocket close codes (RFC 6455 §7.4.1).
-mod close_code {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const INVALID_DATA: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const TRY_AGAIN: u16 = 1013;
+use crate::rethink::{BusError, Message};
+
+/// What a message to the session asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SessionOp {
+    /// `open`, `re-open`, `ping`, `read`: acknowledged.
+    Open,
+    /// `close`, `disconnect`: release and close.
+    Close,
 }
 
-/// The bus's HTTP routes.
-pub fn router(bus: Bus) -> Router {
-    Router::new()
-        .route("/ws", get(ws_current))
-        .route("/stub/connect", get(ws_legacy))
-        .route("/bus/v1/messages", post(peer_message))
-        .with_state(bus)
-}
-
-type Params = Query<Vec<(String, String)>>;
-
-async fn ws_current(
-    ws: WebSocketUpgrade,
-    State(bus): State<Bus>,
-    Query(query): Params,
-    headers: HeaderMap,
-) -> Response {
-    upgrade(ws, bus, &query, &headers, false)
-}
-
-async fn ws_legacy(
-    ws: WebSocketUpgrade,
-    State(bus): State<Bus>,
-    Query(query): Params,
-    headers: HeaderMap,
-) -> Response {
-    upgrade(ws, bus, &query, &headers, true)
-}
-
-fn upgrade(
-    ws: WebSocketUpgrade,
-    bus: Bus,
-    query: &[(String, String)],
-    headers: &HeaderMap,
-    legacy: bool,
-) -> Response {
-    // The later Matrix stub appends `?runtimeURL=…` to the configured URL even when that
-    // already has a query (`…?access_token=T`): read such a value as two parameters.
-    let query: Vec<(String, String)> = query
-        .iter()
-        .flat_map(|(k, v)| match v.split_once("?runtimeURL=") {
-            Some((value, runtime)) => vec![
-                (k.clone(), value.to_string()),
-                ("runtimeURL".to_string(), runtime.to_string()),
-            ],
-            None => vec![(k.clone(), v.clone())],
-        })
-        .collect();
-    let token = crate::http_auth::presented(headers, &query).map(str::to_string);
-    let runtime = query
-        .iter()
-        .find(|(k, _)| k == "runtimeURL")
-        .map(|(_, v)| v.clone());
-    let max = bus.config().max_frame_bytes;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| session(bus, socket, token, runtime, legacy))
-}
-
-/// How the socket introduced itself.
-enum Hello {
-    Query(String),
-    /// The runtime URL, and a token in `data.accessToken`.
-    Connect(String, Option<String>),
-    Open(Message),
-}
-
-impl Hello {
-    fn runtime(&self) -> &str {
-        match self {
-            Hello::Query(url) | Hello::Connect(url, _) => url,
-            Hello::Open(m) => &m.from,
-        }
-    }
-
-    /// The answer to the handshake.
-    fn answer(&self, code: u16, text: &str) -> String {
-        match self {
-            Hello::Connect(..) => {
-                json!({"cmd": "connect", "response": code, "data": {"msg": text}}).to_string()
-            }
-            Hello::Open(m) => {
-                let value = (code == 200)
-                    .then(|| json!({"runtimeToken": uuid::Uuid::new_v4().to_string()}));
-                m.response(code, text, value)
-            }
-            Hello::Query(url) => response(&Value::Null, "mn:/session", url, code, text, None),
+impl SessionOp {
+    /// The operation `message` asks for.
+    ///
+    /// # Errors
+    /// 400 for any other type.
+    pub(super) fn parse(message: &Message) -> Result<SessionOp, BusError> {
+        match message.kind.to_ascii_lowercase().as_str() {
+            "close" | "disconnect" => Ok(SessionOp::Close),
+            "open" | "re-open" | "ping" | "read" => Ok(SessionOp::Open),
+            other => Err(BusError::BadRequest(format!(
+                "the session answers open, re-open, ping, read, close and disconnect, not '{other}'"
+            ))),
         }
     }
 }
 
-type Sink = SplitSink<WebSocket, WsMessage>;
-
-async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
-    let _ = sink
-        .send(WsMessage::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason.to_string()),
-        })))
-        .await;
-}
-
-async fn session(
-    bus: Bus,
-    socket: WebSocket,
-    token: Option<String>,
-    runtime: Option<String>,
-    legacy: bool,
-) {
-    let (mut sink, mut stream) = socket.split();
-    let hello = match runtime {
-        Some(url) => Hello::Query(url),
-        None => {
-            match tokio::time::timeout(bus.config().handshake_timeout, first_frame(&mut stream))
-                .await
-            {
-                Ok(Ok(hello)) => hello,
-                Ok(Err(answer)) => {
-                    let answer = if legacy {
-                        json!({"cmd": "connect", "response": 403, "data": {"msg": answer}})
-                            .to_string()
-                    } else {
-                        response(&Value::Null, "mn:/session", "", 400, &answer, None)
-                    };
-                    let _ = sink.send(WsMessage::Text(Utf8Bytes::from(answer))).await;
-                    close_with(&mut sink, close_code::POLICY, "handshake expected").await;
-                    return;
-                }
-                Err(_) => {
-                    close_with(&mut sink, close_code::POLICY, "no handshake in time").await;
-                    return;
-                }
-            }
-        }
-    };
-    let token = token.or_else(|| hello_token(&hello));
-    let bound = match bus.authenticate(token.as_deref()).await {
-        Ok(principal) => bus
-            .bind(hello.runtime(), &principal)
-            .await
-            .map(|r| (r, principal)),
-        Err(e) => Err(e),
-    };
-    let (runtime, principal) = match bound {
-        Ok(bound) => bound,
-        Err(e) => {
-            let _ = sink
-                .send(WsMessage::Text(Utf8Bytes::from(
-                    hello.answer(e.code(), &e.to_string()),
-                )))
-                .await;
-            close_with(&mut sink, close_code::POLICY, "not allowed").await;
-            return;
-        }
-    };
-    if !matches!(hello, Hello::Query(_)) {
-        let answer = hello.answer(200, "connected");
-        if sink
-            .send(WsMessage::Text(Utf8Bytes::from(answer)))
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-    let (tx, rx) = mpsc::channel(bus.config().outbound_queue.max(1));
-    let closing: Arc<Mutex<Option<(u16, String)>>> = Arc::default();
-    let writer_close = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        rx,
-        Arc::clone(&closing),
-        writer_close.clone(),
-    ));
-    let conn = match bus.attach(runtime, principal, tx).await {
-        Ok(conn) => conn,
-        Err(e) => {
-            *closing.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((close_code::TRY_AGAIN, e.to_string()));
-            writer_close.cancel();
-            let _ = writer.await;
-            return;
-        }
-    };
-    read_loop(&bus, &conn, &mut stream, &closing).await;
-    bus.detach(&conn);
-    if closing.lock().unwrap_or_else(|p| p.into_inner()).is_none() && conn.close.is_cancelled() {
-        *closing.lock().unwrap_or_else(|p| p.into_inner()) = Some((
-            close_code::TRY_AGAIN,
-            "taken over by another socket, or too slow: reconnect to resume".into(),
-        ));
-    }
-    drop(conn);
-    writer_close.cancel();
-    let _ = writer.await;
-}
-
-/// Reads the first frame: a connect command or an `open` message.
-async fn first_frame(stream: &mut SplitStream<WebSocket>) -> Result<Hello, String> {
-    loop {
-        let text = match stream.next().await {
-            Some(Ok(WsMessage::Text(t))) => t.to_string(),
-            Some(Ok(WsMessage::Binary(b))) => String::from_utf8(b.to_vec())
-                .map_err(|_| "frames must be UTF-8 JSON".to_string())?,
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-            _ => return Err("socket closed before the handshake".into()),
-        };
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| format!("first frame is not JSON: {e}"))?;
-        if value["cmd"] == "connect" {
-            let url = value["data"]["runtimeURL"]
-                .as_str()
-                .ok_or("connect needs data.runtimeURL")?;
-            let token = ["accessToken", "token"]
-                .iter()
-                .find_map(|k| value["data"][*k].as_str())
-                .map(str::to_string);
-            return Ok(Hello::Connect(url.to_string(), token));
-        }
-        let is_open = value["type"]
-            .as_str()
-            .is_some_and(|t| t.eq_ignore_ascii_case("open") || t.eq_ignore_ascii_case("re-open"));
-        if is_open && value["to"] == "mn:/session" {
-            let message = Message::from_value(value, Some(Utf8Bytes::from(text)))
-                .map_err(|(e, _)| e.to_string())?;
-            return Ok(Hello::Open(message));
-        }
-        return Err("the first frame must be {\"cmd\":\"connect\",\"data\":{\"runtimeURL\":…}} or an 'open' message to mn:/session (or give ?runtimeURL=)".into());
-    }
-}
-
-/// A token carried in the handshake itself.
-fn hello_token(hello: &Hello) -> Option<String> {
-    match hello {
-        Hello::Query(_) => None,
-        Hello::Connect(_, token) => token.clone(),
-        Hello::Open(m) => {
-            let body = m.body();
-            ["accessToken", "token", "auth"]
-                .iter()
-                .find_map(|k| body.get(*k).and_then(Value::as_str))
-                .map(str::to_string)
-        }
-    }
-}
-
-async fn read_loop(
-    bus: &Bus,
-    conn: &Arc<Connection>,
-    stream: &mut SplitStream<WebSocket>,
-    closing: &Mutex<Option<(u16, String)>>,
-) {
-    let set_close = |code: u16, reason: &str| {
-        *closing.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, reason.to_string()));
-    };
-    loop {
-        let frame = tokio::select! {
-            () = conn.close.cancelled() => return,
-            () = bus.inner.shutdown.cancelled() => {
-                set_close(close_code::GOING_AWAY, "node shutting down");
-                return;
-            }
-            frame = stream.next() => frame,
-        };
-        let text = match frame {
-            None | Some(Ok(WsMessage::Close(_))) => return,
-            Some(Ok(WsMessage::Text(t))) => t,
-            Some(Ok(WsMessage::Binary(b))) => match Utf8Bytes::try_from(b) {
-                Ok(t) => t,
-                Err(_) => {
-                    set_close(close_code::INVALID_DATA, "frames must be UTF-8 JSON");
-                    return;
-                }
-            },
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                let text = e.to_string();
-                if text.contains("too long") || text.contains("Space limit") {
-                    set_close(close_code::TOO_BIG, "message too big");
-                } else if text.contains("UTF-8") || text.contains("utf-8") {
-                    set_close(close_code::INVALID_DATA, "text frames must be UTF-8");
-                }
-                tracing::debug!(error = %text, runtime = %conn.runtime.url, "socket read failed");
-                return;
-            }
-        };
-        if let Some(answer) = on_frame(bus, conn, text.as_str()).await {
-            if conn.tx.send(Utf8Bytes::from(answer)).await.is_err() {
-                return;
-            }
-        }
-        if conn.close.is_cancelled() {
-            set_close(close_code::NORMAL, "closed");
-            return;
-        }
-    }
-}
-
-/// One frame after the handshake; the answer for the sender, if any.
-async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> Option<String> {
-    // The stubs' disconnect command (not a reTHINK message).
-    if text.contains("\"cmd\"") {
-        if let Ok(value) = serde_json::from_str::<Value>(text) {
-            if value["cmd"] == "disconnect" {
-                // Like the reference node: release, then close (no answer frame, which the
-                // 2016 stub would hand to its runtime as if it were a message).
-                if let Err(e) = bus.release(conn).await {
-                    tracing::warn!(%e, runtime = %conn.runtime.url, "disconnect: cannot release the runtime's addresses now");
-                }
+impl Bus {
+    /// Carries out a session operation; the response.
+    pub(super) async fn session(
+        &self,
+        conn: &Connection,
+        message: &Message,
+        op: SessionOp,
+    ) -> Result<String, BusError> {
+        match op {
+            SessionOp::Close => {
+                self.release(conn).await?;
                 conn.close.cancel();
-                return None;
+                Ok(message.response(200, "closed", None))
+            }
+            SessionOp::Open => {
+                Ok(message.response(200, "", Some(json!({"runtimeURL": conn.runtime.url}))))
             }
         }
-    }
-    match Message::parse(text) {
-        Ok(message) => bus.handle(conn, message).await,
-        Err((error, id)) => Some(response(
-            &id,
-            &bus.nodes().node,
-            &conn.runtime.url,
-            error.code(),
-            &error.to_string(),
-            None,
-        )),
-    }
-}
-
-async fn write_loop(
-    mut sink: Sink,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
-    closing: Arc<Mutex<Option<(u16, String)>>>,
-    stop: CancellationToken,
-) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            text = rx.recv() => text,
-            () = stop.cancelled() => None,
-        };
-        let Some(first) = first else {
-            break;
-        };
-        if sink.feed(WsMessage::Text(first)).await.is_err() {
-            return;
-        }
-        // Write whatever else is queued before flushing: one syscall for a burst.
-        while let Ok(text) = rx.try_recv() {
-            if sink.feed(WsMessage::Text(text)).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-    // Hand over what is still queued (responses written before the close).
-    while let Ok(text) = rx.try_recv() {
-        if sink.feed(WsMessage::Text(text)).await.is_err() {
-            return;
-        }
-    }
-    let (code, reason) = closing
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or((close_code::NORMAL, String::new()));
-    close_with(&mut sink, code, &reason).await;
-}
-
-/// `POST /bus/v1/messages`: a message from another domain's node (`[[bus.peers]]` token).
-/// Answered 202 when routed, or with the reTHINK response (JSON) when the node answers.
-async fn peer_message(
-    State(bus): State<Bus>,
-    Query(query): Params,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let token = crate::http_auth::presented(&headers, &query);
-    let Some(domain) = token.and_then(|t| bus.peer_domain(t)) else {
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(json!({"code": 401, "description": "unknown peer token"})),
-        )
-            .into_response();
-    };
-    let text = match std::str::from_utf8(&body) {
-        Ok(t) => t,
-        Err(_) => return (StatusCode::BAD_REQUEST, "body must be UTF-8 JSON").into_response(),
-    };
-    match bus.handle_from_peer(&domain, text).await {
-        Some(text) => ([("content-type", "application/json")], text).into_response(),
-        None => StatusCode::ACCEPTED.into_response(),
     }
 }

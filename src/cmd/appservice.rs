@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use crate::cli::AppserviceCommand;
-use crate::pep::registration::{self, RegistrationSpec};
+use crate::matrix::registration::{self, RegistrationSpec};
 
 /// Runs one `appservice` verb.
 ///

@@ -3,8 +3,6 @@
 
 pub mod appservice;
 pub mod bench;
-pub mod bench_bus;
-pub mod bench_proxy;
 pub mod policy;
 pub mod run;
 

@@ -18,13 +18,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::{self, Bus, Persistence};
 use crate::cli::RunArgs;
-use crate::config::Config;
+use crate::config::{Config, JournalConfig};
+use crate::matrix::{self, Actor, Homeserver};
 use crate::pdp::api::{self, ApiState};
 use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink};
 use crate::pdp::{watcher, Pdp};
-use crate::pep::actor::Actor;
-use crate::pep::homeserver::Homeserver;
-use crate::pep::{self, decider::Decider, proxy::PepState};
+use crate::pep::appservice::{Appservice, PeerEvents};
+use crate::pep::{self, proxy::PepState};
+use crate::persist::{follower, inbox::Inbox, journal::Journal, store::Store};
+use crate::policy::Decider;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -202,7 +204,7 @@ struct Matrix {
     homeserver: Arc<Homeserver>,
     actor: Option<(Registration, Arc<Actor>)>,
     /// The appservice API, when this node serves it.
-    appservice: Option<Arc<pep::appservice::Appservice>>,
+    appservice: Option<Arc<Appservice>>,
 }
 
 impl Matrix {
@@ -217,7 +219,7 @@ impl Matrix {
         };
         let actor = match &config.pep.registration {
             Some(path) => {
-                let registration = pep::registration::read(path)?;
+                let registration = matrix::registration::read(path)?;
                 let actor = Actor::new(
                     &registration,
                     &config.pep.server_name,
@@ -251,7 +253,7 @@ async fn start_pep(
     let mut app = pep::proxy::router(state.clone());
     let mut matrix = Matrix::new(config, Some(state.homeserver()))?;
     if let Some((registration, actor)) = &matrix.actor {
-        let appservice = pep::appservice::Appservice::new(
+        let appservice = Appservice::new(
             registration.clone(),
             Arc::clone(actor),
             &config.pep.redact_denied_rooms,
@@ -321,10 +323,10 @@ async fn start_bus(
             // This node's name in what it writes: the replica's, else the domain.
             let node = config.bus.replica.clone().unwrap_or_else(|| domain.clone());
             let mut journal_config = config.bus.journal.clone();
-            if journal_config.node == bus::journal::JournalConfig::default().node {
+            if journal_config.node == JournalConfig::default().node {
                 journal_config.node = node.clone();
             }
-            let journal = bus::journal::Journal::start(
+            let journal = Journal::start(
                 Arc::clone(&actor),
                 journal_config,
                 shutdown.child_token(),
@@ -333,15 +335,15 @@ async fn start_bus(
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the bus journal room: {e}"))?;
             journal.register_metrics(registry);
-            let store = bus::store::Store::open(Arc::clone(&actor), config.bus.replica.clone())
+            let store = Store::open(Arc::clone(&actor), config.bus.replica.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open the bus state room: {e}"))?;
             let follower = config
                 .bus
                 .replica
                 .as_ref()
-                .map(|_| bus::replicas::follower_user(&actor));
-            let inbox = bus::inbox::Inbox::new(
+                .map(|_| follower::follower_user(&actor));
+            let inbox = Inbox::new(
                 Arc::clone(&actor),
                 &node,
                 follower,
@@ -378,7 +380,7 @@ async fn start_bus(
     )
     .await?;
     if let Some(appservice) = appservice {
-        appservice.serve_bus(bus.clone());
+        appservice.serve_peer_events(Arc::new(BusPeerEvents(bus.clone())));
     }
     let listener = tokio::net::TcpListener::bind(config.bus.listen)
         .await
@@ -387,12 +389,24 @@ async fn start_bus(
     spawn_server(
         tracker,
         listener,
-        bus::session::router(bus.clone()),
+        bus::listener::router(bus.clone()),
         shutdown.child_token(),
         "bus",
     );
     tracing::info!(%addr, %domain, "reTHINK bus listening");
     Ok((addr, bus))
+}
+
+/// The bus as the appservice sees it: where the events of its Matrix peer transport go.
+struct BusPeerEvents(Bus);
+
+impl PeerEvents for BusPeerEvents {
+    fn take<'a>(
+        &'a self,
+        event: &'a serde_json::Value,
+    ) -> futures_util::future::BoxFuture<'a, bool> {
+        Box::pin(self.0.matrix_peer_event(event))
+    }
 }
 
 /// Serves `app` on `listener` (with the peer address available to handlers) until `stop`,

@@ -3,7 +3,7 @@
 //! - **HTTP(S)** (`url`, `token`): posted to the peer's `/bus/v1/messages` with the shared
 //!   token; the peer routes them and may answer with a response message (e.g. 404), which is
 //!   relayed to the sender. Inbound, a peer presenting its token may post messages from
-//!   addresses of its own domain (see `bus::session`).
+//!   addresses of its own domain (see `bus::listener`).
 //! - **Matrix federation** (`matrix_user`): sent as `org.msgnode.rethink.message` events
 //!   (`{"message": "<the message's JSON text>"}`) into this node's room for that peer
 //!   (`#_msgnode_peer.<hash16 of its domain>:<server>`), which the peer node's appservice
@@ -19,10 +19,10 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-use crate::bus::address::domain;
-use crate::bus::message::{BusError, Message};
 use crate::config::Peer;
-use crate::pep::actor::{hash16, Actor};
+use crate::matrix::{hash16, Actor};
+use crate::rethink::address::domain;
+use crate::rethink::{BusError, Message};
 
 /// Event type of a reTHINK message carried over Matrix between nodes.
 pub const PEER_EVENT_TYPE: &str = "org.msgnode.rethink.message";

@@ -13,8 +13,8 @@ use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 
 use super::{Connector, Reply, Sender};
-use crate::bus::message::{BusError, Message};
 use crate::config::IdmConfig;
+use crate::rethink::{BusError, Message};
 
 /// Identity verification.
 pub struct Idm {

@@ -10,7 +10,7 @@
 //! bus's router calls directly: it delivers one message to several destinations at once.
 //!
 //! The End-User Device and Network Server connectors are the bus's WebSocket sessions
-//! (`bus::session`): the same protocol, authenticated with a Matrix access token or a
+//! (`bus::socket`): the same protocol, authenticated with a Matrix access token or a
 //! configured service token.
 
 pub mod foreign;
@@ -20,7 +20,7 @@ pub mod registry;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 
-use crate::bus::message::{BusError, Message};
+use crate::rethink::{BusError, Message};
 
 /// The sender of a message a connector handles.
 #[derive(Clone, Copy)]

@@ -10,7 +10,6 @@
 //! With `[bus.registry] url` the messages go to a reTHINK domain registry's REST API
 //! (`PUT/GET/DELETE /hyperty/user/<user>/<hyperty>`, `/hyperty/dataobject/<url>`).
 
-use crate::bus::journal::now_ms;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
@@ -18,9 +17,9 @@ use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 
 use super::{answer, Connector, Reply, Sender};
-use crate::bus::message::{BusError, Message};
-use crate::bus::store::Store;
-use crate::pep::homeserver::encode;
+use crate::clock::now_ms;
+use crate::persist::store::Store;
+use crate::rethink::{BusError, Message};
 
 /// Most entries one runtime may register in the built-in registry.
 const MAX_ENTRIES_PER_RUNTIME: usize = 1000;
@@ -306,6 +305,10 @@ impl HttpRegistry {
         }
         // A hyperty is filed under its user: the registrant's (reads of another user's
         // hyperty by address need `body.value.user`, as the registry's REST API does).
+        let encode = |segment: &str| {
+            percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC)
+                .to_string()
+        };
         let path = if resource.starts_with("user://") {
             format!("/hyperty/user/{}", encode(resource))
         } else if resource.starts_with("hyperty://") {

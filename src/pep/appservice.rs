@@ -15,17 +15,18 @@
 //! node's own namespace users are not decided again: they are the node's own actions (and
 //! a policy that forbade redactions must not make the node redact its redactions forever).
 //! Events of the bus's Matrix peer transport (invitations and messages from configured peer
-//! nodes) go to the bus instead (`Bus::matrix_peer_event`), which decides each message.
+//! nodes) go to the bus instead, through the [`PeerEvents`] it is given at start (the bus
+//! decides each message itself); the appservice knows nothing else of the bus.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use futures_util::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,10 +35,10 @@ use ruma::api::appservice::Registration;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::actor::Actor;
-use super::decider::Decider;
 use super::error::{ErrorCode, MatrixError};
-use super::homeserver::{encode, with_user_id, Homeserver};
+use crate::matrix::{encode, with_user_id, Actor, Homeserver};
+use crate::policy::input::{Context, Input, MatrixEvent, MatrixEventInput};
+use crate::policy::Decider;
 
 /// Account-data type holding processed transaction ids.
 const TXN_ACCOUNT_DATA: &str = "org.msgnode.appservice.transactions";
@@ -46,6 +47,14 @@ const TRANSACTION_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// How many recent transaction ids are remembered (the homeserver retries the latest ones).
 const TXN_MEMORY: usize = 256;
 
+/// Where pushed events of the bus's Matrix peer transport go: given to the appservice at
+/// start, so that neither knows the other's type.
+pub trait PeerEvents: Send + Sync {
+    /// Takes `event` if it belongs to the peer transport (an invitation from, or a message
+    /// of, a configured peer node); whether it did (then the appservice decides nothing).
+    fn take<'a>(&'a self, event: &'a Value) -> BoxFuture<'a, bool>;
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
@@ -53,8 +62,8 @@ struct OutcomeLabel {
 
 /// The appservice: its registration, namespace and transaction record.
 pub struct Appservice {
-    /// The bus, once started: takes the events of its Matrix peer transport.
-    bus: std::sync::OnceLock<crate::bus::Bus>,
+    /// The bus's peer transport, once started: takes the events that are its.
+    peer_events: std::sync::OnceLock<Arc<dyn PeerEvents>>,
     /// A bus will be set: transactions wait for it (answered 503 until then).
     bus_expected: std::sync::atomic::AtomicBool,
     registration: Registration,
@@ -112,7 +121,7 @@ impl Appservice {
         let redact_rooms =
             regex::RegexSet::new(redact_denied_rooms.iter().map(|r| format!("^(?:{r})$")))?;
         let appservice = Self {
-            bus: std::sync::OnceLock::new(),
+            peer_events: std::sync::OnceLock::new(),
             bus_expected: std::sync::atomic::AtomicBool::new(false),
             registration,
             actor,
@@ -156,8 +165,8 @@ impl Appservice {
             .await
             .map_err(|_| "homeserver unavailable".to_string())?;
         match status {
-            StatusCode::NOT_FOUND => Ok(VecDeque::new()),
-            s if s.is_success() => Ok(body["processed"]
+            404 => Ok(VecDeque::new()),
+            s if (200..300).contains(&s) => Ok(body["processed"]
                 .as_array()
                 .map(|ids| {
                     ids.iter()
@@ -181,7 +190,7 @@ impl Appservice {
             )
             .await
         {
-            Ok((status, _)) if status.is_success() => Ok(()),
+            Ok((status, _)) if (200..300).contains(&status) => Ok(()),
             Ok((status, body)) => Err(format!("homeserver answered {status}: {body}")),
             Err(_) => Err("homeserver unavailable".to_string()),
         }
@@ -206,15 +215,15 @@ impl Appservice {
     }
 
     /// A bus is starting: transactions are answered 503 (the homeserver retries) until
-    /// [`Appservice::serve_bus`].
+    /// [`Appservice::serve_peer_events`].
     pub fn expect_bus(&self) {
         self.bus_expected
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Hands the events of the bus's Matrix peer transport to `bus` from now on.
-    pub fn serve_bus(&self, bus: crate::bus::Bus) {
-        if self.bus.set(bus).is_err() {
+    /// Hands the events of the bus's Matrix peer transport to `peer_events` from now on.
+    pub fn serve_peer_events(&self, peer_events: Arc<dyn PeerEvents>) {
+        if self.peer_events.set(peer_events).is_err() {
             tracing::warn!("appservice: the bus was already set");
         }
     }
@@ -233,7 +242,8 @@ impl Appservice {
             })?;
             *guard = Some(ids);
         }
-        if self.bus_expected.load(std::sync::atomic::Ordering::Relaxed) && self.bus.get().is_none()
+        if self.bus_expected.load(std::sync::atomic::Ordering::Relaxed)
+            && self.peer_events.get().is_none()
         {
             // Starting: events for the bus (a peer node's invitations and messages) must not
             // be taken before it can handle them.
@@ -258,28 +268,32 @@ impl Appservice {
                 .inc();
             return Ok(());
         }
-        let context = json!({"node": self.server_name, "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string()});
+        let context = Context::now(&self.server_name);
         for event in body["events"].as_array().into_iter().flatten() {
             self.learn_agent(event);
             let sender = event["sender"].as_str().unwrap_or("");
             if sender == self.sender || self.owns_user(sender) {
                 continue;
             }
-            if let Some(bus) = self.bus.get() {
-                if bus.matrix_peer_event(event).await {
+            if let Some(peer_events) = self.peer_events.get() {
+                if peer_events.take(event).await {
                     continue; // the bus's own traffic, decided there
                 }
             }
-            let mut matrix = json!({
-                "room_id": event["room_id"], "event_type": event["type"], "sender": sender, "content": event["content"],
+            let input = Input::MatrixEvent(MatrixEventInput {
+                matrix: MatrixEvent {
+                    room_id: event["room_id"].as_str().unwrap_or_default().to_string(),
+                    event_type: event["type"].as_str().unwrap_or_default().to_string(),
+                    sender: sender.to_string(),
+                    content: event["content"].clone(),
+                    state_key: event
+                        .get("state_key")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                },
+                context: context.clone(),
             });
-            if let Some(key) = event.get("state_key") {
-                matrix["state_key"] = key.clone();
-            }
-            let decision = self
-                .decider
-                .decide(json!({"kind": "matrix_event", "matrix": matrix, "context": context}))
-                .await;
+            let decision = self.decider.decide(&input).await;
             if decision.failed {
                 // Not a decision: redacting now could not be undone. The homeserver retries
                 // the transaction until the policy can answer.
@@ -378,7 +392,7 @@ impl Appservice {
             .request_json(Method::PUT, &path, &self.registration.as_token, Some(&body))
             .await
         {
-            Ok((status, _)) if status.is_success() => "redacted",
+            Ok((status, _)) if (200..300).contains(&status) => "redacted",
             Ok((status, answer)) => {
                 tracing::error!(%status, %answer, room, event_id, %agent, "cannot redact a denied event (does the appservice user have redaction power in the room?)");
                 "failed"

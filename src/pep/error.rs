@@ -6,6 +6,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 pub use ruma::api::error::ErrorCode;
 
+use crate::matrix::HomeserverError;
+
 /// A Matrix client-server error.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{errcode}: {error}")]
@@ -24,12 +26,36 @@ impl MatrixError {
         Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, error)
     }
 
+    /// 502 `M_UNKNOWN`: the homeserver cannot be reached.
+    pub fn unavailable() -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Unknown,
+            "homeserver unavailable",
+        )
+    }
+
     /// Any status and code.
     pub fn new(status: StatusCode, errcode: ErrorCode, error: impl Into<String>) -> Self {
         Self {
             status,
             errcode,
             error: error.into(),
+        }
+    }
+}
+
+/// What a client hears when the homeserver gave the proxy no usable answer: the homeserver's
+/// own refusal as it was (e.g. 401 `M_UNKNOWN_TOKEN` for a bad access token), else 502.
+pub fn from_homeserver(error: HomeserverError) -> Response {
+    match error {
+        HomeserverError::Refused { status, body } => match StatusCode::from_u16(status) {
+            Ok(status) => (status, axum::Json(body)).into_response(),
+            Err(_) => MatrixError::unavailable().into_response(),
+        },
+        HomeserverError::Unavailable => MatrixError::unavailable().into_response(),
+        HomeserverError::Malformed(what) => {
+            MatrixError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unknown, what).into_response()
         }
     }
 }

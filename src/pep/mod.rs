@@ -1,23 +1,19 @@
-//! Matrix policy enforcement point: the only code that talks to the homeserver.
+//! Matrix policy enforcement point: the client-server proxy and the application service in
+//! front of the homeserver (which `matrix` speaks to).
 //!
 //! - `proxy` — the client-server proxy: intercepted requests are decided by the PDP and
-//!   forwarded with their canonical path; everything else streams through.
-//! - `body` — intercepted bodies (createRoom, membership) read through ruma's request types.
-//! - `decider` — where decisions come from: the in-process PDP or a remote one over HTTP
-//!   (`[pep] pdp_url`), failing closed.
+//!   forwarded with their canonical path; everything else streams through (`forward`).
 //! - `route` — which requests are intercepted, whatever their spelling; identifier checks.
-//! - `homeserver` — forwarding, `/whoami` (cached), joined members.
-//! - `error` — Matrix `{"errcode", "error"}` responses.
+//! - `body` — intercepted bodies (createRoom, membership) read through ruma's request types.
+//! - `inputs` — the policy inputs of an intercepted request.
+//! - `forward` — streaming a request to the homeserver and its answer back.
+//! - `error` — Matrix `{"errcode", "error"}` responses: the only place they become HTTP.
 //! - `appservice` — what the homeserver pushes (transactions, user/room queries, ping).
-//! - `registration` — the appservice registration (`msgnode appservice registration`).
-//! - `actor` — acting as the appservice's users (rooms, events, state) for the bus.
 
-pub mod actor;
 pub mod appservice;
 pub mod body;
-pub mod decider;
 pub mod error;
-pub mod homeserver;
+pub mod forward;
+pub mod inputs;
 pub mod proxy;
-pub mod registration;
 pub mod route;

@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -24,11 +24,13 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-use super::decider::Decider;
-use super::error::{ErrorCode, MatrixError};
-use super::homeserver::{encode, Homeserver};
-use super::route::{classify, Intercepted, MembershipAction};
+use super::error::{from_homeserver, ErrorCode, MatrixError};
+use super::forward::forward;
+use super::inputs::inputs_for;
+use super::route::{classify, Intercepted};
 use crate::config::{PdpFailure, PepConfig};
+use crate::matrix::{encode, Homeserver};
+use crate::policy::Decider;
 
 /// What the proxy's handler shares.
 #[derive(Clone)]
@@ -140,10 +142,7 @@ async fn proxy(
     match classify(request.method(), request.uri().path()) {
         None => {
             state.metrics.count("passthrough", "forwarded");
-            state
-                .homeserver
-                .forward(request, &path_and_query, Some(client))
-                .await
+            forward(&state.homeserver, request, &path_and_query, Some(client)).await
         }
         Some(endpoint) => enforce(&state, request, &endpoint, client).await,
     }
@@ -223,10 +222,7 @@ async fn enforce(
     match decided {
         Ok((request, path_and_query)) => {
             state.metrics.count("intercepted", "forwarded");
-            state
-                .homeserver
-                .forward(request, &path_and_query, Some(client))
-                .await
+            forward(&state.homeserver, request, &path_and_query, Some(client)).await
         }
         Err((outcome, response)) => {
             state.metrics.count("intercepted", outcome);
@@ -301,8 +297,20 @@ async fn decide(
         .homeserver
         .whoami(&caller.token, caller.user_id.as_deref())
         .await
-        .map_err(|response| ("rejected", response))?;
-    let inputs = inputs_for(state, endpoint, &sender, &content, &caller).await;
+        .map_err(|error| ("rejected", from_homeserver(error)))?;
+    let asking = super::inputs::Caller {
+        sender: &sender,
+        token: &caller.token,
+        user_id: caller.user_id.as_deref(),
+    };
+    let inputs = inputs_for(
+        &state.homeserver,
+        &state.config.server_name,
+        endpoint,
+        &content,
+        &asking,
+    )
+    .await;
     if inputs.is_empty() {
         // Every intercepted request yields at least one input; none means a gap: refuse.
         return Err((
@@ -310,14 +318,14 @@ async fn decide(
             MatrixError::forbidden("nothing in this request could be decided").into_response(),
         ));
     }
-    for input in inputs {
+    for input in &inputs {
         let decision = state.decider.decide(input).await;
         if decision.allow {
             continue;
         }
         let reasons = decision.reasons.join("; ");
         tracing::info!(%sender, endpoint = ?endpoint, %reasons, decision_id = %decision.decision_id, "request denied");
-        let unavailable = super::decider::refusal(&decision);
+        let unavailable = crate::policy::refusal(&decision);
         let refusal = match (decision.failed, state.config.on_pdp_failure) {
             (false, _) => ("denied", MatrixError::forbidden(reasons)),
             (true, PdpFailure::Forbidden) => {
@@ -372,138 +380,6 @@ async fn decide(
         Request::from_parts(parts, Body::from(bytes)),
         path_and_query,
     ))
-}
-
-/// One PDP input per thing the request would do.
-async fn inputs_for(
-    state: &PepState,
-    endpoint: &Intercepted,
-    sender: &str,
-    content: &Value,
-    caller: &Caller,
-) -> Vec<Value> {
-    let context = json!({
-        "node": state.config.server_name,
-        "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-    });
-    let event = |room_id: &str, event_type: &str, state_key: Option<&str>, content: &Value| {
-        let mut matrix = json!({"room_id": room_id, "event_type": event_type, "sender": sender, "content": content});
-        if let Some(key) = state_key {
-            matrix["state_key"] = json!(key);
-        }
-        json!({"kind": "matrix_event", "matrix": matrix, "context": context})
-    };
-    let membership = |room_id: &str, membership: &str, target: &str, members: &[String]| {
-        json!({
-            "kind": "membership",
-            "matrix": {"room_id": room_id, "event_type": "m.room.member", "sender": sender,
-                       "membership": membership, "target": target, "room_members": members},
-            "context": context,
-        })
-    };
-    match endpoint {
-        Intercepted::Send {
-            room_id,
-            event_type,
-            ..
-        } => vec![event(room_id, event_type, None, content)],
-        Intercepted::State {
-            room_id,
-            event_type,
-            state_key,
-        } => {
-            let mut inputs = vec![event(room_id, event_type, Some(state_key), content)];
-            if event_type == "m.room.member" {
-                if let Some(change) = content.get("membership").and_then(Value::as_str) {
-                    let members = state
-                        .homeserver
-                        .joined_members(room_id, &caller.token, caller.user_id.as_deref())
-                        .await;
-                    inputs.push(membership(room_id, change, state_key, &members));
-                }
-            }
-            inputs
-        }
-        Intercepted::Redact {
-            room_id, event_id, ..
-        } => {
-            let mut content = content.clone();
-            content["redacts"] = json!(event_id);
-            vec![event(room_id, "m.room.redaction", None, &content)]
-        }
-        Intercepted::Membership {
-            room_id, action, ..
-        } => {
-            let target = content.get("user_id").and_then(Value::as_str).unwrap_or("");
-            // As the membership the room will record: a kick and an unban make the target
-            // `leave`; policies tell a kick from a leave by sender != target.
-            let (change, target) = match action {
-                MembershipAction::Invite => ("invite", target),
-                MembershipAction::Join => ("join", sender),
-                MembershipAction::Leave => ("leave", sender),
-                MembershipAction::Kick | MembershipAction::Unban => ("leave", target),
-                MembershipAction::Ban => ("ban", target),
-            };
-            let members = match action {
-                MembershipAction::Join | MembershipAction::Leave => Vec::new(),
-                _ => {
-                    state
-                        .homeserver
-                        .joined_members(room_id, &caller.token, caller.user_id.as_deref())
-                        .await
-                }
-            };
-            vec![membership(room_id, change, target, &members)]
-        }
-        Intercepted::Join { room, .. } => vec![membership(room, "join", sender, &[])],
-        Intercepted::Knock { room } => vec![membership(room, "knock", sender, &[])],
-        // Decided once as the member event it becomes in each of the user's rooms (room "").
-        Intercepted::Profile { user_id, .. } => {
-            vec![event("", "m.room.member", Some(user_id), content)]
-        }
-        // Refused before inputs are built (see `decide`).
-        Intercepted::Unsupported { .. } => Vec::new(),
-        Intercepted::CreateRoom => {
-            let creator = [sender.to_string()];
-            let mut derived = vec![membership("", "join", sender, &[])];
-            for (field, event_type, key) in [
-                ("name", "m.room.name", "name"),
-                ("topic", "m.room.topic", "topic"),
-            ] {
-                if let Some(value) = content.get(field) {
-                    derived.push(event("", event_type, Some(""), &json!({ key: value })));
-                }
-            }
-            let mut inputs: Vec<Value> = content
-                .get("initial_state")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|ev| {
-                    let event_type = ev.get("type").and_then(Value::as_str).unwrap_or("");
-                    let key = ev.get("state_key").and_then(Value::as_str).unwrap_or("");
-                    event(
-                        "",
-                        event_type,
-                        Some(key),
-                        ev.get("content").unwrap_or(&Value::Null),
-                    )
-                })
-                .collect();
-            inputs.extend(
-                content
-                    .get("invite")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .map(|invitee| membership("", "invite", invitee, &creator)),
-            );
-            derived.extend(inputs);
-            derived
-        }
-        Intercepted::SendToDevice { event_type, .. } => vec![event("", event_type, None, content)],
-    }
 }
 
 #[cfg(test)]

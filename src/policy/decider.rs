@@ -1,7 +1,8 @@
 //! Where the enforcement points get their decisions: the in-process PDP or a remote,
 //! OPA-compatible one.
 //!
-//! [`Decider::decide`] is the one call the proxy, the appservice and the bus make. The local variant
+//! [`Decider::decide`] is the one call the proxy, the appservice and the bus make, with a typed
+//! [`Input`](super::input::Input). The local variant
 //! is `Pdp::decide` (bounded by `[pdp] eval_timeout`). The remote variant posts
 //! `{"input": …}` to `{pdp_url}/v1/data/{decision path}` (another msgnode's PDP API, or OPA)
 //! with an optional bearer token and a per-request timeout (`[pep] pdp_timeout`), and reads
@@ -20,6 +21,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
+use super::input::Input;
 use crate::config::PepConfig;
 use crate::pdp::engine::DataPath;
 use crate::pdp::{Decision, Pdp};
@@ -89,7 +91,8 @@ impl Decider {
     }
 
     /// Decides `input`; never fails: every failure is a deny with `failed: true`.
-    pub async fn decide(&self, input: Value) -> Decision {
+    pub async fn decide(&self, input: &Input<'_>) -> Decision {
+        let input = input.to_value();
         match self {
             Self::Local(pdp) => pdp.decide(input),
             Self::Remote(remote) => remote.decide(input).await,
@@ -164,7 +167,10 @@ impl RemotePdp {
         let segments: Vec<String> = path
             .segments()
             .iter()
-            .map(|s| super::homeserver::encode(s))
+            .map(|s| {
+                percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            })
             .collect();
         let endpoint = format!("{base}/v1/data/{}", segments.join("/"));
         let client = reqwest::Client::builder()

@@ -1,4 +1,4 @@
-//! Who holds which address, and delivery to runtimes.
+//! The runtimes the node knows and their delivery state; who holds which address.
 //!
 //! The [`Table`] maps every bound address (a runtime's URL, the addresses allocated to it,
 //! foreign addresses it uses as return routes) to its [`Runtime`]. Each runtime is either
@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::inbox::Inbox;
-use super::store::RuntimeRecord;
+use crate::persist::inbox::Inbox;
+use crate::persist::store::RuntimeRecord;
+use crate::policy::input::Subject;
 
 /// One runtime the node knows: connected now or away with its bindings kept.
 pub struct Runtime {
@@ -35,7 +35,7 @@ struct RuntimeState {
     delivery: Delivery,
     /// The policy input's `subject` without the per-connection identity; rebuilt after every
     /// change of the record.
-    subject: Option<Arc<Value>>,
+    subject: Option<Arc<Subject>>,
     /// Since when no socket holds the runtime (`None` while one does).
     away_since: Option<Instant>,
 }
@@ -120,25 +120,28 @@ impl Runtime {
     }
 
     /// The policy input's `subject` for this runtime (cached until the record changes).
-    pub fn subject(&self) -> Arc<Value> {
+    pub fn subject(&self) -> Arc<Subject> {
         let mut state = self.lock();
         if let Some(subject) = &state.subject {
             return Arc::clone(subject);
         }
-        let addresses: Vec<&String> = state
+        let addresses: Vec<String> = state
             .record
             .allocations
             .values()
             .flatten()
             .chain(state.record.foreign.iter())
+            .cloned()
             .collect();
-        let mut subject =
-            json!({"runtime": self.url, "addresses": addresses, "authenticated": true});
-        // Only a Matrix user is a `subject.user`; network servers and peers own runtimes too.
-        if let Some(user) = state.record.user.as_ref().filter(|u| u.starts_with('@')) {
-            subject["user"] = json!(user);
-        }
-        let subject = Arc::new(subject);
+        let subject = Arc::new(Subject {
+            runtime: self.url.clone(),
+            addresses,
+            authenticated: true,
+            // Only a Matrix user is a `subject.user`; network servers and peers own runtimes
+            // too.
+            user: state.record.user.clone().filter(|u| u.starts_with('@')),
+            ..Subject::default()
+        });
         state.subject = Some(Arc::clone(&subject));
         subject
     }
@@ -405,7 +408,7 @@ impl Table {
             if let Some(r) = addresses.get(url) {
                 return Some(Arc::clone(r));
             }
-            url = super::address::parent(url)?;
+            url = crate::rethink::address::parent(url)?;
         }
     }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::pep::actor::{Actor, ActorError};
+use crate::matrix::{Actor, ActorError};
 
 /// State event type of a runtime's record.
 pub const RUNTIME_EVENT_TYPE: &str = "org.msgnode.bus.runtime";

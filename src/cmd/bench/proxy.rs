@@ -5,86 +5,15 @@
 //! measures the same sequential sends (`PUT …/send/m.room.message/…`) directly to Synapse
 //! and through the proxy, and reads the proxy's own time per request from its histogram.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::bench::Stats;
+use super::stats::Stats;
+use super::synapse::BenchSynapse;
 use crate::cli::BenchArgs;
 use crate::config::Config;
-
-/// A throw-away Synapse; wiped when dropped.
-pub(crate) struct BenchSynapse {
-    state: PathBuf,
-    venv: PathBuf,
-    /// Its client-server port.
-    pub(crate) port: u16,
-    /// Where it pushes appservice transactions.
-    pub(crate) as_port: u16,
-}
-
-impl BenchSynapse {
-    /// Installs (first time) and starts a Synapse on free loopback ports.
-    pub(crate) fn start() -> anyhow::Result<Self> {
-        let script = Path::new("scripts/synapse");
-        if !script.exists() {
-            bail!("run `msgnode bench --mode proxy` from the repository root (it needs scripts/synapse)");
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let as_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let synapse = Self {
-            state: std::env::temp_dir().join(format!("msgnode-bench-{}", std::process::id())),
-            venv: std::fs::canonicalize(".")?.join(".state/venv"),
-            port,
-            as_port,
-        };
-        synapse.script(&["start"])?;
-        Ok(synapse)
-    }
-
-    /// The appservice registration it was set up with.
-    pub(crate) fn registration(&self) -> PathBuf {
-        self.state.join("synapse/appservice.yaml")
-    }
-
-    fn script(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new("scripts/synapse")
-            .args(args)
-            .env("MSGNODE_STATE_DIR", &self.state)
-            .env("MSGNODE_VENV", &self.venv)
-            .env("SYNAPSE_PORT", self.port.to_string())
-            .env("SYNAPSE_DATA_ON_TMPFS", "1")
-            .env("MSGNODE_BIN", std::env::current_exe()?)
-            .env(
-                "MSGNODE_AS_URL",
-                format!("http://127.0.0.1:{}", self.as_port),
-            )
-            .output()
-            .context("running scripts/synapse")?;
-        if !output.status.success() {
-            bail!(
-                "scripts/synapse {args:?} failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    }
-}
-
-impl Drop for BenchSynapse {
-    fn drop(&mut self) {
-        let _ = self.script(&["reset"]);
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
-}
 
 /// Runs the proxy benchmark and prints its rows.
 ///

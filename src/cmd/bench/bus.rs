@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
-use super::bench::Stats;
-use super::bench_proxy::BenchSynapse;
+use super::stats::Stats;
+use super::synapse::BenchSynapse;
 use crate::cli::BenchArgs;
 
 const TOKEN: &str = "bench-network-server-token";
@@ -130,7 +130,7 @@ struct BenchStub {
 async fn connect(addr: SocketAddr, runtime: &str) -> anyhow::Result<BenchStub> {
     let url = format!(
         "ws://{addr}/ws?runtimeURL={}",
-        crate::pep::homeserver::encode(runtime)
+        crate::matrix::encode(runtime)
     );
     let mut request = url.into_client_request()?;
     request
@@ -360,8 +360,8 @@ async fn measure_all(
                     pairs * 2,
                     window,
                     if cold { "cold" } else { "warm" },
-                    super::bench::micros(p50),
-                    super::bench::micros(p99),
+                    super::stats::micros(p50),
+                    super::stats::micros(p99),
                     routed as f64 / elapsed.as_secs_f64(),
                     cpu,
                     (history_after.persisted - history_before.persisted) / elapsed.as_secs_f64(),
@@ -401,14 +401,14 @@ async fn measure_all(
 
 async fn journal_entries(
     synapse: &BenchSynapse,
-) -> anyhow::Result<Vec<crate::bus::journal::JournalEntry>> {
-    let registration = crate::pep::registration::read(&synapse.registration())?;
-    let homeserver = Arc::new(crate::pep::homeserver::Homeserver::new(
+) -> anyhow::Result<Vec<crate::persist::journal::JournalEntry>> {
+    let registration = crate::matrix::registration::read(&synapse.registration())?;
+    let homeserver = Arc::new(crate::matrix::Homeserver::new(
         &format!("http://127.0.0.1:{}", synapse.port),
         Duration::from_secs(30),
     )?);
-    let actor = crate::pep::actor::Actor::new(&registration, "localhost", homeserver)?;
-    crate::bus::journal::Journal::read_all(&actor)
+    let actor = crate::matrix::Actor::new(&registration, "localhost", homeserver)?;
+    crate::persist::journal::Journal::read_all(&actor)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the journal room: {e}"))
 }

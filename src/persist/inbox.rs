@@ -10,7 +10,7 @@
 //! [`Inbox::push`] only queues; one writer task per runtime (started on its first push)
 //! sends whatever is queued whenever its previous send is done, as `org.msgnode.inbox.batch`
 //! events in the journal's batch format (`{"runtime", "writer", "first_seq", "count",
-//! "messages"}` or compressed, see `bus::journal`) — in order, retried until stored, drained
+//! "messages"}` or compressed, see `persist::batch`) — in order, retried until stored, drained
 //! at shutdown. [`Inbox::take`] waits until every push of this node so far is stored, then
 //! reads the messages after the cursor back from the room (so it works right after a
 //! restart, and sees what other replicas wrote); [`Inbox::ack`] moves the cursor.
@@ -30,11 +30,9 @@ use tokio::sync::{watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::journal::{
-    decode_batch, encode_batch, raw_or_string, recover_next_seq, send_batches, Counters,
-    DecodedBatch, OVERSIZE_KEY,
-};
-use crate::pep::actor::{hash16, Actor, ActorError};
+use super::batch::{decode_batch, encode_batch, raw_or_string, DecodedBatch, OVERSIZE_KEY};
+use super::roomlog::{recover_next_seq, send_batches, Counters};
+use crate::matrix::{hash16, Actor, ActorError};
 
 /// Event type of inbox batches.
 pub const INBOX_EVENT_TYPE: &str = "org.msgnode.inbox.batch";

@@ -3,8 +3,8 @@
 //! Owns the client-server calls the node makes on its own behalf with the `as_token`
 //! (masquerading with `user_id=`): lazily registering namespace users, creating or resolving
 //! aliased rooms, joining, sending events, writing and reading room state and paging room
-//! history. The bus's persistence (`bus::journal`, `bus::inbox`, `bus::store`) is built on
-//! it; nothing here knows about reTHINK.
+//! history. The bus's persistence (`persist::journal`, `persist::inbox`, `persist::store`) is
+//! built on it; nothing here knows about reTHINK.
 //!
 //! Every call is bounded by [`REQUEST_TIMEOUT`]; an unreachable or silent homeserver is
 //! [`ActorError::Unavailable`], an answer other than 2xx is [`ActorError::Refused`] with the
@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use axum::http::Method;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
-use super::homeserver::{encode, Homeserver};
+use super::client::{encode, Homeserver};
+use super::hash16;
 
 /// Longest a single homeserver request may take before it counts as unavailable.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -504,7 +504,7 @@ impl Actor {
                 return Err(ActorError::Unavailable);
             }
         };
-        if status.is_success() {
+        if (200..300).contains(&status) {
             return Ok(answer);
         }
         let errcode = answer
@@ -515,10 +515,15 @@ impl Actor {
         let error = answer
             .get("error")
             .and_then(Value::as_str)
-            .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
+            .unwrap_or_else(|| {
+                axum::http::StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("")
+            })
             .to_string();
         Err(ActorError::Refused {
-            status: status.as_u16(),
+            status,
             errcode,
             error,
         })
@@ -535,12 +540,6 @@ impl Actor {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-/// The first 16 hex digits of sha256(`key`): short, stable names for URLs and addresses.
-pub fn hash16(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn state_path(room_id: &str, event_type: &str, state_key: &str) -> String {
@@ -574,7 +573,7 @@ fn kind_of(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pep::registration::{generate, RegistrationSpec};
+    use crate::matrix::registration::{generate, RegistrationSpec};
 
     fn actor() -> Actor {
         let registration = generate(&RegistrationSpec::default());

@@ -18,6 +18,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+mod bus;
+mod proxy;
+mod stats;
+mod synapse;
+
+use stats::Stats;
+
 use crate::cli::{BenchArgs, BenchMode};
 use crate::config::{Config, PdpConfig};
 use crate::pdp::Pdp;
@@ -29,11 +36,11 @@ use crate::pdp::Pdp;
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let seconds = Duration::from_secs_f64(args.seconds.max(0.1));
     if args.mode == BenchMode::Proxy {
-        super::bench_proxy::run(&args, seconds)?;
+        proxy::run(&args, seconds)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.mode == BenchMode::Bus {
-        super::bench_bus::run(&args, seconds)?;
+        bus::run(&args, seconds)?;
         return Ok(ExitCode::SUCCESS);
     }
     let inputs = message_inputs(&args.policies.join("fixtures"))?;
@@ -113,49 +120,6 @@ fn message_inputs(dir: &std::path::Path) -> anyhow::Result<Vec<Value>> {
         bail!("no fixtures with kind \"message\" in {}", dir.display());
     }
     Ok(inputs)
-}
-
-/// Latencies and throughput of one case.
-pub(crate) struct Stats {
-    /// One entry per completed request.
-    pub(crate) latencies_ns: Vec<u64>,
-    /// Wall time of the case.
-    pub(crate) elapsed: Duration,
-}
-
-impl Stats {
-    /// p50 and p99, in nanoseconds (0 when nothing completed).
-    pub(crate) fn quantiles(&mut self) -> (u64, u64) {
-        self.latencies_ns.sort_unstable();
-        let n = self.latencies_ns.len();
-        let pick = |q: f64| match n {
-            0 => 0,
-            _ => self.latencies_ns[((n as f64 * q) as usize).min(n - 1)],
-        };
-        (pick(0.50), pick(0.99))
-    }
-
-    /// Prints one row: name, threads (or clients), p50, p99, rate.
-    pub(crate) fn print(mut self, name: &str, threads: usize) {
-        let (p50, p99) = self.quantiles();
-        let rate = self.latencies_ns.len() as f64 / self.elapsed.as_secs_f64();
-        println!(
-            "{:<26} {:>8} {:>10} {:>10} {:>14.0}",
-            name,
-            threads,
-            micros(p50),
-            micros(p99),
-            rate
-        );
-    }
-}
-
-pub(crate) fn micros(ns: u64) -> String {
-    if ns >= 10_000_000 {
-        format!("{:.1} ms", ns as f64 / 1e6)
-    } else {
-        format!("{:.1} µs", ns as f64 / 1000.0)
-    }
 }
 
 fn with_fresh_id(input: &Value, id: u64) -> Value {

@@ -1,0 +1,89 @@
+//! Who is on the other end of a socket: the authenticated [`Principal`] and the
+//! [`Connection`] the bus hands every message of that socket with.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::runtimes::Runtime;
+
+/// Who a connection is, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A Matrix user (access token checked with the homeserver).
+    User(String),
+    /// A configured Network Server connector.
+    NetworkServer(String),
+    /// Another domain's node.
+    Peer(String),
+}
+
+impl Principal {
+    /// How a runtime's record names its owner: the Matrix user id, or
+    /// `network-server:<name>` / `peer:<domain>`.
+    pub fn owner(&self) -> String {
+        match self {
+            Principal::User(u) => u.clone(),
+            Principal::NetworkServer(name) => format!("network-server:{name}"),
+            Principal::Peer(domain) => format!("peer:{domain}"),
+        }
+    }
+}
+
+/// One connected socket.
+pub struct Connection {
+    /// Unique per node run.
+    pub id: u64,
+    /// The runtime it speaks for.
+    pub runtime: Arc<Runtime>,
+    /// Who authenticated.
+    pub principal: Principal,
+    /// Its outbound queue (responses and deliveries).
+    pub tx: mpsc::Sender<Utf8Bytes>,
+    /// Cancelled when the socket must close (taken over, too slow, shutting down).
+    pub close: CancellationToken,
+    /// The identity its messages asserted and the IdM verified.
+    identity: Mutex<Option<String>>,
+}
+
+impl Connection {
+    /// A connection of `principal` for `runtime`, writing to `tx`.
+    pub(super) fn new(
+        id: u64,
+        runtime: Arc<Runtime>,
+        principal: Principal,
+        tx: mpsc::Sender<Utf8Bytes>,
+    ) -> Self {
+        Self {
+            id,
+            runtime,
+            principal,
+            tx,
+            close: CancellationToken::new(),
+            identity: Mutex::new(None),
+        }
+    }
+
+    /// The Matrix user, for a user's connection.
+    pub(super) fn user(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::User(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// The verified identity, once one was asserted.
+    pub(super) fn identity(&self) -> Option<String> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Remembers a verified identity for the connection's later messages.
+    pub(super) fn set_identity(&self, identity: String) {
+        *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
+    }
+}

@@ -1,0 +1,44 @@
+//! Handing an allowed message to a connector that answers it (the registry, the IdM): the
+//! sender as the connector sees it (runtime, user, identity, what its runtime holds), the
+//! response back, and a notification the connector asks for published through the bus.
+
+use std::sync::Arc;
+
+use super::connection::Connection;
+use super::Bus;
+use crate::connectors::{Connector, Sender};
+use crate::rethink::Message;
+
+impl Bus {
+    /// The connector's response to `message` from `conn`.
+    pub(super) async fn to_connector(
+        &self,
+        conn: &Connection,
+        message: &Message,
+        connector: &dyn Connector,
+    ) -> Option<String> {
+        let identity = conn.identity().or_else(|| {
+            conn.user()
+                .map(|u| self.inner.connectors.idm.own_identity(u))
+        });
+        let table = &self.inner.table;
+        let runtime = &conn.runtime;
+        let holds = |url: &str| {
+            table
+                .holder_of(url)
+                .is_some_and(|holder| Arc::ptr_eq(&holder, runtime))
+        };
+        let sender = Sender {
+            runtime: &conn.runtime.url,
+            user: conn.user(),
+            identity: identity.as_deref(),
+            holds: &holds,
+        };
+        let reply = connector.handle(message, sender).await;
+        self.inner.metrics.count("component");
+        if let Some(publish) = reply.publish {
+            self.publish(publish);
+        }
+        reply.response
+    }
+}

@@ -1,0 +1,76 @@
+//! The bus's housekeeping, every [`REVISION_POLL`]: re-deciding every subscription when a
+//! new policy revision is active; noting whether the history is too far behind to accept
+//! more messages; and, now and then, releasing runtimes away longer than
+//! `[bus] away_release_after`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Bus;
+use crate::pdp::Pdp;
+
+/// How often the bus checks for a new policy revision to re-decide subscriptions.
+const REVISION_POLL: Duration = Duration::from_millis(100);
+/// Runtimes away too long are looked for every this many polls (~10 s).
+const REAP_EVERY_TICKS: u64 = 100;
+
+impl Bus {
+    /// Runs the housekeeping until `shutdown`.
+    pub(super) async fn maintain(self, shutdown: CancellationToken) {
+        let generation = |pdp: &Pdp| pdp.active().map(|a| a.generation);
+        let mut seen = generation(&self.inner.policy.pdp);
+        let mut ticks: u64 = 0;
+        // Look for long-away runtimes every ~10 s, or twice per grace period when shorter.
+        let reap_every =
+            (self.inner.config.away_release_after.as_millis() / REVISION_POLL.as_millis() / 2)
+                .clamp(1, u128::from(REAP_EVERY_TICKS)) as u64;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(REVISION_POLL) => {}
+            }
+            ticks += 1;
+            let now = generation(&self.inner.policy.pdp);
+            if now != seen {
+                seen = now;
+                self.revalidate().await;
+            }
+            let lag = self.inner.persistence.journal.stats().lag;
+            let behind = lag > self.inner.config.max_history_backlog;
+            if behind != self.inner.history_behind.swap(behind, Ordering::Relaxed) {
+                if behind {
+                    tracing::warn!(
+                        lag,
+                        "history is behind; refusing new messages until the homeserver catches up"
+                    );
+                } else {
+                    tracing::info!(lag, "history caught up; accepting messages again");
+                }
+            }
+            if ticks % reap_every == 0 {
+                self.release_long_away().await;
+            }
+        }
+    }
+
+    /// Releases every runtime that no socket has held for `[bus] away_release_after`.
+    async fn release_long_away(&self) {
+        let limit = self.inner.config.away_release_after;
+        for runtime in self.inner.table.runtimes() {
+            if runtime.away_for().is_some_and(|away| away >= limit)
+                && !self.held_elsewhere(&runtime)
+            {
+                match self.release_runtime(&runtime).await {
+                    Ok(()) => {
+                        tracing::info!(runtime = %runtime.url, ?limit, "runtime away too long: released")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%e, runtime = %runtime.url, "cannot release a runtime away too long; will retry")
+                    }
+                }
+            }
+        }
+    }
+}

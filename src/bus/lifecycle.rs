@@ -1,0 +1,225 @@
+//! A runtime's life on the bus: a socket authenticates, binds its runtime URL (first
+//! principal for good), attaches (takes over an earlier socket, drains the inbox, goes
+//! online), detaches (away: bindings kept, messages wait in the inbox) and finally releases
+//! everything (`disconnect`, `close`, or away too long). Also restoring runtimes from the
+//! store at start and replacing one's record with another replica's.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+use super::connection::{Connection, Principal};
+use super::runtimes::Runtime;
+use super::Bus;
+use crate::matrix::HomeserverError;
+use crate::persist::store::RuntimeRecord;
+use crate::rethink::address;
+use crate::rethink::BusError;
+
+impl Bus {
+    /// Checks a token: a Network Server's, else a Matrix access token.
+    ///
+    /// # Errors
+    /// 401 when there is none or it is not valid; 408 when the homeserver cannot answer.
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<Principal, BusError> {
+        let token = token.ok_or_else(|| {
+            BusError::Unauthorized(
+                "no access token (Authorization: Bearer, or ?access_token=)".into(),
+            )
+        })?;
+        if let Some(ns) = self
+            .inner
+            .config
+            .network_servers
+            .iter()
+            .find(|ns| crate::http_auth::token_matches(token, &ns.token))
+        {
+            return Ok(Principal::NetworkServer(ns.name.clone()));
+        }
+        let Some(homeserver) = &self.inner.persistence.homeserver else {
+            return Err(BusError::Unauthorized("unknown token".into()));
+        };
+        match homeserver.whoami(token, None).await {
+            Ok(user) => Ok(Principal::User(user)),
+            Err(HomeserverError::Refused { status, .. }) if (400..500).contains(&status) => Err(
+                BusError::Unauthorized("the homeserver does not know this access token".into()),
+            ),
+            Err(_) => Err(BusError::Unavailable(
+                "homeserver unavailable; retry".into(),
+            )),
+        }
+    }
+
+    /// The runtime `runtime_url` for a socket authenticated as `principal`: created on first
+    /// use (owned by that principal from then on, stored).
+    ///
+    /// # Errors
+    /// 400 for a runtime URL that is not a URL; 403 when the runtime belongs to another
+    /// principal; 408 when the store cannot record a new owner.
+    pub async fn bind(
+        &self,
+        runtime_url: &str,
+        principal: &Principal,
+    ) -> Result<Arc<Runtime>, BusError> {
+        if let Some(problem) = self.inner.nodes.runtime_url_problem(runtime_url) {
+            return Err(BusError::BadRequest(problem));
+        }
+        if let Some(domain) = address::domain(runtime_url) {
+            if self.inner.connectors.foreign.peer(&domain).is_some() {
+                return Err(BusError::Forbidden(format!(
+                    "runtimes of '{domain}' connect to that domain's node"
+                )));
+            }
+        }
+        if self
+            .inner
+            .table
+            .holder_of(runtime_url)
+            .is_some_and(|holder| holder.url != runtime_url)
+        {
+            return Err(BusError::Forbidden(format!(
+                "'{runtime_url}' is an address of another runtime"
+            )));
+        }
+        let owner = principal.owner();
+        let runtime = self
+            .inner
+            .table
+            .runtime(runtime_url, RuntimeRecord::default);
+        match runtime.user() {
+            Some(existing) if existing != owner => Err(BusError::Forbidden(format!(
+                "runtime '{runtime_url}' belongs to another user"
+            ))),
+            Some(_) => Ok(runtime),
+            None => {
+                let record = runtime.update(|r| r.user = Some(owner.clone()));
+                self.persist(&runtime.url, &record).await?;
+                Ok(runtime)
+            }
+        }
+    }
+
+    /// Attaches a socket (its outbound queue `tx`) to `runtime`, taking over an earlier socket
+    /// of the same runtime, hands it everything its inbox holds, then goes online.
+    ///
+    /// # Errors
+    /// 408 when the inbox cannot be read or the socket went away meanwhile.
+    pub async fn attach(
+        &self,
+        runtime: Arc<Runtime>,
+        principal: Principal,
+        tx: mpsc::Sender<Utf8Bytes>,
+    ) -> Result<Arc<Connection>, BusError> {
+        let conn = Arc::new(Connection::new(
+            self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
+            Arc::clone(&runtime),
+            principal,
+            tx,
+        ));
+        runtime.begin_attach(conn.id, conn.close.clone());
+        let inbox = &self.inner.persistence.inbox;
+        let turn = runtime.handover().await;
+        let resumed = async {
+            let current = self.inner.table.get_runtime(&runtime.url);
+            if !current.is_some_and(|current| Arc::ptr_eq(&current, &runtime)) {
+                return Err(BusError::Unavailable(
+                    "the runtime was released meanwhile; reconnect".into(),
+                ));
+            }
+            if let Some(me) = &self.inner.config.replica {
+                // Tell the other replicas the runtime is here now (one closes its socket).
+                let record = runtime.update(|r| {
+                    r.node = Some(me.clone());
+                    r.attached_ms = crate::clock::now_ms();
+                });
+                self.persist(&runtime.url, &record).await?;
+            }
+            let taken = inbox.take(&runtime.url).await.map_err(|e| {
+                BusError::Unavailable(format!("cannot read the runtime's inbox: {e}"))
+            })?;
+            for text in &taken.messages {
+                if conn.tx.send(Utf8Bytes::from(text.clone())).await.is_err() {
+                    return Err(BusError::Unavailable("socket closed while resuming".into()));
+                }
+            }
+            if !runtime.go_online(conn.id, &conn.tx).await {
+                return Err(BusError::Unavailable(
+                    "another socket took the runtime over, or this one closed".into(),
+                ));
+            }
+            Ok(taken)
+        }
+        .await;
+        let taken = match resumed {
+            Ok(taken) => taken,
+            Err(e) => {
+                // Whatever was buffered for this socket goes (back) to the inbox, in order;
+                // the inbox itself was not acknowledged, so it is handed over again next time.
+                runtime.detach(conn.id, inbox);
+                return Err(e);
+            }
+        };
+        if !taken.messages.is_empty() {
+            self.inner
+                .metrics
+                .delivered("resumed", taken.messages.len() as u64);
+            if let Err(e) = inbox.ack(&runtime.url, &taken).await {
+                // Delivered but not recorded as such: a later resume may repeat them.
+                tracing::warn!(%e, runtime = %runtime.url, "cannot record the inbox cursor");
+            }
+        }
+        drop(turn);
+        self.inner.metrics.connections.inc();
+        tracing::info!(runtime = %runtime.url, conn = conn.id, resumed = taken.messages.len(), "runtime connected");
+        Ok(conn)
+    }
+
+    /// The socket of `conn` is gone: its runtime is away (bindings kept; messages go to the
+    /// inbox) until it reconnects or disconnects.
+    pub fn detach(&self, conn: &Connection) {
+        conn.runtime.detach(conn.id, &self.inner.persistence.inbox);
+        self.inner.metrics.connections.dec();
+        tracing::info!(runtime = %conn.runtime.url, conn = conn.id, "runtime socket closed");
+    }
+
+    /// The runtime said goodbye (`disconnect`/`close`): releases everything bound to it.
+    ///
+    /// # Errors
+    /// 408 when the store cannot record the release.
+    pub async fn release(&self, conn: &Connection) -> Result<(), BusError> {
+        self.release_runtime(&conn.runtime).await?;
+        tracing::info!(runtime = %conn.runtime.url, "runtime released its addresses");
+        Ok(())
+    }
+
+    /// Forgets `runtime` and everything bound to it, once the store recorded that.
+    pub(super) async fn release_runtime(&self, runtime: &Arc<Runtime>) -> Result<(), BusError> {
+        self.persist(&runtime.url, &RuntimeRecord::default())
+            .await?;
+        self.inner.subscriptions.remove_runtime(&runtime.url);
+        self.inner.table.remove_runtime(&runtime.url);
+        Ok(())
+    }
+
+    /// Puts a stored runtime into the table (away), with its bindings and subscriptions.
+    pub(super) fn restore(&self, url: &str, record: RuntimeRecord) {
+        if let Some(problem) = self.inner.nodes.runtime_url_problem(url) {
+            tracing::warn!(runtime = %url, %problem, "stored runtime not restored");
+            return;
+        }
+        let runtime = self.inner.table.runtime(url, || record);
+        self.subscribe_stored(&runtime);
+    }
+
+    /// Replaces `runtime`'s record (written by another replica), its bindings and
+    /// subscriptions with it; the runtime itself stays (a socket may be attaching to it).
+    pub(super) fn rebind(&self, runtime: &Arc<Runtime>, record: RuntimeRecord) {
+        self.inner.table.unbind_record(runtime);
+        self.inner.subscriptions.remove_runtime(&runtime.url);
+        runtime.update(|r| *r = record);
+        self.inner.table.bind_record(runtime);
+        self.subscribe_stored(runtime);
+    }
+}

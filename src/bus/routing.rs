@@ -1,0 +1,236 @@
+//! Where an allowed message goes, and who may send it.
+//!
+//! Anti-spoofing ([`Bus::check_from`]) is the node's own rule, whatever the policy says:
+//! `from` must be held by the sending connection (or be a sub-resource of what it holds);
+//! a foreign `from` the policy allowed becomes a return route of the connection. Routing
+//! ([`Bus::route`]) sends each `to` to its [`Destination`]: a topic reaches its
+//! subscribers; any other address reaches the runtime holding it (or its nearest parent),
+//! never subscribers; else a peer node (another domain); else nobody (404). Each target
+//! runtime gets the received frame once (shared, not copied), directly or in its inbox, and
+//! the journal records it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::{json, Value};
+
+use super::connection::{Connection, Principal};
+use super::pubsub::{self, Topic};
+use super::runtimes::{Delivered, Runtime, Table};
+use super::Bus;
+use crate::config::Durability;
+use crate::rethink::address;
+use crate::rethink::{BusError, Message};
+
+/// Most foreign addresses one runtime may use as return routes.
+const MAX_FOREIGN_PER_RUNTIME: usize = 1000;
+
+/// Where one `to` of a message goes.
+enum Destination {
+    /// These runtimes (possibly none: a topic nobody subscribed to).
+    Runtimes(Vec<Arc<Runtime>>),
+    /// A peer node.
+    Foreign,
+    /// Nothing holds it.
+    Unknown,
+}
+
+impl Bus {
+    /// Anti-spoofing, enforced by the node whatever the policy says: `from` must be held by
+    /// the connection (or be a sub-resource of what it holds). A `from` of another domain,
+    /// once the policy allowed it, becomes a return route of the connection.
+    pub(super) async fn check_from(
+        &self,
+        conn: &Connection,
+        message: &Message,
+    ) -> Result<(), BusError> {
+        let from = message.from.as_str();
+        let spoofed = || {
+            BusError::Forbidden(format!(
+                "sender '{from}' is not an address of this connection (spoofed 'from')"
+            ))
+        };
+        if let Principal::Peer(domain) = &conn.principal {
+            if address::domain(from).as_deref() == Some(domain.as_str()) {
+                return Ok(());
+            }
+        }
+        match self.inner.table.holder_of(from) {
+            Some(holder) if Arc::ptr_eq(&holder, &conn.runtime) => return Ok(()),
+            // Held (or a sub-resource of what is held) by another runtime.
+            Some(_) => return Err(spoofed()),
+            None => {}
+        }
+        if self.inner.nodes.is_local(from) {
+            return Err(spoofed());
+        }
+        // A domain with a configured peer node is reached through that node; nobody here may
+        // stand in for its addresses.
+        if let Some(domain) = address::domain(from) {
+            if self.inner.connectors.foreign.peer(&domain).is_some() {
+                return Err(BusError::Forbidden(format!(
+                    "addresses of '{domain}' are reached through its node, not used as 'from' here"
+                )));
+            }
+        }
+        // A transient local address for the foreign hyperty: bound to this connection and
+        // backed by a virtual user, like an allocated one.
+        if conn.runtime.with_record(|r| r.foreign.len()) >= MAX_FOREIGN_PER_RUNTIME {
+            return Err(BusError::Forbidden(format!(
+                "this runtime already uses {MAX_FOREIGN_PER_RUNTIME} foreign addresses"
+            )));
+        }
+        self.register_users(&[from.to_string()]).await?;
+        if !self.inner.table.bind_if_free(from, &conn.runtime) {
+            return Err(spoofed());
+        }
+        let record = conn.runtime.update(|r| r.foreign.push(from.to_string()));
+        if let Err(e) = self.persist(&conn.runtime.url, &record).await {
+            conn.runtime.update(|r| r.foreign.retain(|a| a != from));
+            self.inner.table.unbind(from, &conn.runtime);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Who `to` reaches. A topic (see `pubsub::topic`) reaches its subscribers; with none, a
+    /// foreign topic goes to the peer node, a children topic to the object's holder, a changes
+    /// topic to nobody. Any other address reaches the runtime holding it (or the nearest
+    /// address it is a sub-resource of) — never subscribers — else a peer node (another
+    /// domain), else nobody (unknown).
+    fn destination(&self, to: &str) -> Destination {
+        let subscribers = || {
+            self.inner
+                .subscriptions
+                .subscribers(to)
+                .into_iter()
+                .map(|s| s.runtime)
+                .collect::<Vec<_>>()
+        };
+        let local = self.inner.nodes.is_local(to);
+        if let Some(topic) = pubsub::topic(to) {
+            let subscribed = subscribers();
+            if !subscribed.is_empty() {
+                return Destination::Runtimes(subscribed);
+            }
+            if !local {
+                return Destination::Foreign;
+            }
+            return match topic {
+                Topic::Children => {
+                    Destination::Runtimes(self.inner.table.holder_of(to).into_iter().collect())
+                }
+                Topic::Changes => Destination::Runtimes(Vec::new()),
+            };
+        }
+        if let Some(runtime) = self.inner.table.holder_of(to) {
+            Destination::Runtimes(vec![runtime])
+        } else if !local {
+            Destination::Foreign
+        } else {
+            Destination::Unknown
+        }
+    }
+
+    /// Routes an allowed message to every destination ([`Bus::destination`]): runtimes (direct
+    /// or inbox, recorded in the journal) or a peer node. Unknown local addresses are a 404.
+    pub(super) async fn route(
+        &self,
+        conn: &Connection,
+        message: &Message,
+    ) -> Result<Option<String>, BusError> {
+        let mut targets: Vec<Arc<Runtime>> = Vec::new();
+        let mut foreign: Vec<String> = Vec::new();
+        let mut unknown: Vec<&str> = Vec::new();
+        for to in &message.to {
+            if self.inner.nodes.component(to).is_some() {
+                return Err(BusError::BadRequest(format!(
+                    "node component '{to}' takes a message of its own (a single 'to')"
+                )));
+            }
+            match self.destination(to) {
+                Destination::Runtimes(runtimes) => targets.extend(runtimes),
+                Destination::Foreign => foreign.push(to.clone()),
+                Destination::Unknown => unknown.push(to),
+            }
+        }
+        let targets = Table::distinct(targets);
+        if !targets.is_empty() && self.inner.history_behind.load(Ordering::Relaxed) {
+            return Err(BusError::Unavailable(
+                "the node's history is behind the homeserver; retry shortly".into(),
+            ));
+        }
+        let journal = &self.inner.persistence.journal;
+        if !targets.is_empty() {
+            let to: Vec<String> = targets.iter().map(|r| r.url.clone()).collect();
+            let persisted = self.inner.config.durability == Durability::Persisted;
+            let to = if persisted {
+                journal
+                    .record_persisted(message.text.as_str(), to)
+                    .await
+                    .map_err(|e| BusError::Unavailable(format!("history unavailable: {e}")))?;
+                None
+            } else {
+                Some(to)
+            };
+            let metrics = &self.inner.metrics;
+            for runtime in &targets {
+                match runtime.deliver(&message.text, &self.inner.persistence.inbox) {
+                    Delivered::Direct => metrics.direct.inc(),
+                    Delivered::Queued => metrics.queued.inc(),
+                };
+            }
+            if let Some(to) = to {
+                journal.record(message.text.as_str(), to);
+            }
+        }
+        self.inner.metrics.routed.inc();
+        if !foreign.is_empty() {
+            // The peer may take a while; the socket keeps reading meanwhile.
+            let bus = self.clone();
+            let message = message.clone();
+            let tx = conn.tx.clone();
+            let tickets = self.inner.connectors.foreign.tickets(&foreign);
+            tokio::spawn(async move {
+                if let Some(response) = bus
+                    .inner
+                    .connectors
+                    .foreign
+                    .deliver(&message, tickets)
+                    .await
+                {
+                    let _ = tx.send(Utf8Bytes::from(response)).await;
+                }
+            });
+        }
+        if let Some(first) = unknown.first() {
+            return Err(BusError::NotFound(format!(
+                "no route to '{first}': nothing holds this address"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Sends a node-originated message (a notification) to whoever `to` reaches.
+    pub(super) fn publish(&self, mut notification: Value) {
+        notification["id"] = json!(self.next_message_id());
+        let Ok(message) = Message::from_value(notification, None) else {
+            return;
+        };
+        let mut targets = Vec::new();
+        for to in &message.to {
+            if let Destination::Runtimes(runtimes) = self.destination(to) {
+                targets.extend(runtimes);
+            }
+        }
+        let targets = Table::distinct(targets);
+        for runtime in &targets {
+            runtime.deliver(&message.text, &self.inner.persistence.inbox);
+        }
+        self.inner.persistence.journal.record(
+            message.text.as_str(),
+            targets.iter().map(|r| r.url.clone()).collect(),
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! The homeserver's client-server API as msgnode calls it: one connection pool, `/whoami`
+//! with a short cache, joined members, and JSON requests — answering typed errors, never
+//! HTTP responses (the edges map them: `pep` to Matrix errors, `bus` to reTHINK codes).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// Why a homeserver call gave no usable answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HomeserverError {
+    /// The homeserver could not be reached (or its answer could not be read).
+    #[error("homeserver unavailable")]
+    Unavailable,
+    /// The homeserver refused: its status and JSON body (`{"errcode", "error"}` as a rule).
+    #[error("homeserver refused ({status}): {body}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Its JSON body (`null` when it was not JSON).
+        body: Value,
+    },
+    /// The homeserver answered 2xx without what the call needs.
+    #[error("unexpected homeserver answer: {0}")]
+    Malformed(String),
+}
+
+/// Client of one homeserver.
+pub struct Homeserver {
+    scheme: String,
+    authority: String,
+    client: Client<HttpConnector, Body>,
+    whoami: moka::sync::Cache<(String, Option<String>), String>,
+}
+
+impl Homeserver {
+    /// A client for `base` (e.g. `http://127.0.0.1:8008`), remembering token owners for `ttl`.
+    ///
+    /// # Errors
+    /// `base` is not an absolute `http` URL.
+    pub fn new(base: &str, whoami_ttl: Duration) -> anyhow::Result<Self> {
+        let uri: Uri = base.parse()?;
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            anyhow::bail!("[pep] homeserver must be an absolute URL such as http://127.0.0.1:8008, not {base:?}");
+        };
+        if scheme != "http" {
+            anyhow::bail!("[pep] homeserver: only http:// is supported (the homeserver is local)");
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Ok(Self {
+            scheme: scheme.to_string(),
+            authority: authority.to_string(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            whoami: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(whoami_ttl)
+                .build(),
+        })
+    }
+
+    /// The homeserver's `host:port`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The homeserver's URI for `path_and_query`.
+    ///
+    /// # Errors
+    /// `path_and_query` is not a valid URI path.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, axum::http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.as_str())
+            .authority(self.authority.as_str())
+            .path_and_query(path_and_query)
+            .build()
+    }
+
+    /// Sends `request` as it is (its URI already the homeserver's), streaming both bodies.
+    ///
+    /// # Errors
+    /// [`HomeserverError::Unavailable`] when the homeserver cannot be reached.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+    ) -> Result<hyper::Response<Incoming>, HomeserverError> {
+        self.client.request(request).await.map_err(|error| {
+            tracing::warn!(%error, "homeserver unreachable");
+            HomeserverError::Unavailable
+        })
+    }
+
+    /// The user an access token (and, for appservices, `user_id` masquerading) acts as.
+    ///
+    /// # Errors
+    /// [`HomeserverError::Refused`] with the homeserver's answer when it rejects the token;
+    /// `Unavailable` when it cannot be reached; `Malformed` when it names no user.
+    pub async fn whoami(
+        &self,
+        token: &str,
+        user_id: Option<&str>,
+    ) -> Result<String, HomeserverError> {
+        let key = (token.to_string(), user_id.map(str::to_string));
+        if let Some(user) = self.whoami.get(&key) {
+            return Ok(user);
+        }
+        let path = with_user_id("/_matrix/client/v3/account/whoami".to_string(), user_id);
+        let (status, body) = self.request_json(Method::GET, &path, token, None).await?;
+        if !(200..300).contains(&status) {
+            return Err(HomeserverError::Refused { status, body });
+        }
+        let user = body
+            .get("user_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                HomeserverError::Malformed("homeserver /whoami gave no user_id".into())
+            })?;
+        self.whoami.insert(key, user.clone());
+        Ok(user)
+    }
+
+    /// Users joined to `room_id`, as the requesting user may see them (empty when it may not).
+    pub async fn joined_members(
+        &self,
+        room_id: &str,
+        token: &str,
+        user_id: Option<&str>,
+    ) -> Vec<String> {
+        let path = with_user_id(
+            format!(
+                "/_matrix/client/v3/rooms/{}/joined_members",
+                encode(room_id)
+            ),
+            user_id,
+        );
+        match self.request_json(Method::GET, &path, token, None).await {
+            Ok((status, body)) if (200..300).contains(&status) => body
+                .get("joined")
+                .and_then(Value::as_object)
+                .map(|members| members.keys().cloned().collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// One JSON request to the homeserver as `token`; the answer's status and JSON body
+    /// (`null` when the body is not JSON), whatever the status.
+    ///
+    /// # Errors
+    /// [`HomeserverError::Unavailable`] when the homeserver cannot be reached or its answer
+    /// cannot be read.
+    pub async fn request_json(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), HomeserverError> {
+        let uri = self
+            .uri(path_and_query)
+            .map_err(|_| HomeserverError::Unavailable)?;
+        let body = match body {
+            Some(json) => Body::from(json.to_string()),
+            None => Body::empty(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(|_| HomeserverError::Unavailable)?;
+        let response = self.send(request).await?;
+        let status = response.status().as_u16();
+        let bytes = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .map_err(|_| HomeserverError::Unavailable)?
+            .to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+}
+
+/// One path segment or query value, percent-encoded.
+pub fn encode(component: &str) -> String {
+    percent_encoding::utf8_percent_encode(component, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// `path` acting as `user_id` (appservice masquerading), when there is one.
+pub fn with_user_id(path: String, user_id: Option<&str>) -> String {
+    match user_id {
+        Some(user) => format!("{path}?user_id={}", encode(user)),
+        None => path,
+    }
+}

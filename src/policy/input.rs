@@ -1,0 +1,443 @@
+//! The policy input contract: the one document every decision is asked with, as
+//! `schemas/input.schema.json` describes it. Every enforcement point builds its inputs here,
+//! from typed values, and nowhere else; the schema test below builds every kind of input
+//! the node makes and checks it against the schema and against the exact JSON the shipped
+//! policies read.
+//!
+//! Kinds: `message` (a reTHINK message, with `allocation` for allocation requests),
+//! `subscription` (one resource of a subscribe request, or a re-decision of a held
+//! subscription), `matrix_event` (an event a Matrix client or the homeserver would create)
+//! and `membership` (a membership change). Absent optional fields are left out, never
+//! `null`.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// One decision's input document.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Input<'a> {
+    /// A reTHINK message from a connection.
+    Message(MessageInput<'a>),
+    /// One subscription.
+    Subscription(SubscriptionInput<'a>),
+    /// A Matrix event.
+    MatrixEvent(MatrixEventInput),
+    /// A Matrix membership change.
+    Membership(MembershipInput),
+}
+
+impl Input<'_> {
+    /// The document as JSON (what the PDP evaluates and a remote PDP receives).
+    pub fn to_value(&self) -> Value {
+        // These types serialise to JSON infallibly (string keys, no custom serialisers).
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// `kind: "message"`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageInput<'a> {
+    /// The message as received (the whole JSON object).
+    pub message: &'a Value,
+    /// The sending connection.
+    pub subject: Subject,
+    /// When and where.
+    pub context: Context,
+    /// For a request to an address-allocation component.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Allocation>,
+}
+
+/// `kind: "subscription"`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionInput<'a> {
+    /// The subscribe request; absent when a held subscription is re-decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'a Value>,
+    /// What is subscribed to, by whom.
+    pub subscription: Subscription<'a>,
+    /// The subscribing connection (its runtime, when re-decided).
+    pub subject: Subject,
+    /// When and where.
+    pub context: Context,
+}
+
+/// One resource of a subscription.
+#[derive(Debug, Clone, Serialize)]
+pub struct Subscription<'a> {
+    /// The topic URL (`comm://D/x/changes`).
+    pub resource: &'a str,
+    /// The address that receives what is published (`body.source`, else the runtime).
+    pub subscriber: &'a str,
+}
+
+/// `kind: "matrix_event"`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatrixEventInput {
+    /// The event.
+    pub matrix: MatrixEvent,
+    /// When and where.
+    pub context: Context,
+}
+
+/// A Matrix event as it would be created.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MatrixEvent {
+    /// Its room (`""`: none yet, or every room of the sender).
+    pub room_id: String,
+    /// Its type.
+    pub event_type: String,
+    /// Who sends it.
+    pub sender: String,
+    /// Its content.
+    pub content: Value,
+    /// For state events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_key: Option<String>,
+}
+
+/// `kind: "membership"`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MembershipInput {
+    /// The change.
+    pub matrix: Membership,
+    /// When and where.
+    pub context: Context,
+}
+
+/// A membership change, as the room will record it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Membership {
+    /// The room (`""` for a room being created).
+    pub room_id: String,
+    /// Always `m.room.member`.
+    pub event_type: &'static str,
+    /// Who makes the change.
+    pub sender: String,
+    /// `invite`, `join`, `leave`, `ban` or `knock`.
+    pub membership: String,
+    /// Whose membership changes.
+    pub target: String,
+    /// The room's joined members, when the enforcement point knows them.
+    pub room_members: Vec<String>,
+}
+
+impl Membership {
+    /// `sender` makes `target`'s membership in `room_id` be `membership`.
+    pub fn new(
+        room_id: &str,
+        sender: &str,
+        membership: &str,
+        target: &str,
+        room_members: Vec<String>,
+    ) -> Self {
+        Self {
+            room_id: room_id.to_string(),
+            event_type: "m.room.member",
+            sender: sender.to_string(),
+            membership: membership.to_string(),
+            target: target.to_string(),
+            room_members,
+        }
+    }
+}
+
+/// Who asks: the authenticated connection and its runtime.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Subject {
+    /// The Matrix user the connection authenticated as (absent for network servers and
+    /// peer nodes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The runtime URL of the connection.
+    pub runtime: String,
+    /// The addresses bound to the runtime (allocated, return routes, and for a peer node
+    /// the address it sends from).
+    pub addresses: Vec<String>,
+    /// Whether the connection authenticated (always, once connected).
+    pub authenticated: bool,
+    /// The identity the connection asserted and the IdM verified (`user://idp/name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The Network Server connector the connection is, by its configured name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_server: Option<String>,
+    /// The peer node's domain, for messages another domain's node sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+/// When and where a decision is asked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Context {
+    /// The node's domain (its Matrix server name).
+    pub node: String,
+    /// Now, RFC 3339 in UTC.
+    pub time: String,
+}
+
+impl Context {
+    /// The context of a decision asked now at the node of `node`.
+    pub fn now(node: &str) -> Self {
+        Self {
+            node: node.to_string(),
+            time: crate::clock::now_rfc3339(),
+        }
+    }
+}
+
+/// What an allocation request asks (kind `message`, to an allocation component).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Allocation {
+    /// `create` or `delete`.
+    pub action: AllocationAction,
+    /// The scheme of the addresses (create only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// How many addresses are allocated or released.
+    pub number: u64,
+    /// How many addresses the runtime holds already.
+    pub held: usize,
+}
+
+/// The two allocation actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocationAction {
+    /// Allocate.
+    Create,
+    /// Release.
+    Delete,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    use crate::pdp::schema::Schemas;
+
+    fn schemas() -> Schemas {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let bindings: std::collections::BTreeMap<String, String> =
+            [("msgnode".to_string(), "input.schema.json".to_string())].into();
+        Schemas::load(&dir, &bindings).expect("schemas")
+    }
+
+    fn context() -> Context {
+        Context {
+            node: "localhost".into(),
+            time: "2026-11-25T09:00:00Z".into(),
+        }
+    }
+
+    fn subject() -> Subject {
+        Subject {
+            user: Some("@alice:localhost".into()),
+            runtime: "runtime://localhost/1".into(),
+            addresses: vec!["hyperty://localhost/a".into()],
+            authenticated: true,
+            ..Subject::default()
+        }
+    }
+
+    /// Every kind of input the node builds: validates against the schema, and its JSON is
+    /// exactly the document the shipped policies read (the shape the node sent before the
+    /// inputs were typed).
+    #[test]
+    fn every_input_matches_the_schema_and_the_policies_contract() {
+        let schemas = schemas();
+        let message = json!({"id": 1, "type": "create", "from": "hyperty://localhost/a",
+                             "to": "hyperty://localhost/b", "body": {"value": {}}});
+        let subscribe = json!({"id": 2, "type": "subscribe", "from": "runtime://localhost/1/sm",
+                               "to": "domain://msg-node.localhost/sm",
+                               "body": {"resources": ["comm://localhost/x/changes"]}});
+        let content = json!({"msgtype": "m.text", "body": "hi"});
+        let members = vec!["@alice:localhost".to_string()];
+        let network_server = Subject {
+            user: None,
+            runtime: "runtime://localhost/ns".into(),
+            addresses: vec![],
+            authenticated: true,
+            identity: Some("user://localhost/alice".into()),
+            network_server: Some("gateway".into()),
+            peer: None,
+        };
+        let peer = Subject {
+            user: None,
+            runtime: "domain://msg-node.peer.example".into(),
+            addresses: vec!["hyperty://peer.example/p".into()],
+            authenticated: true,
+            peer: Some("peer.example".into()),
+            ..Subject::default()
+        };
+        let cases: Vec<(&str, Input, Value)> = vec![
+            (
+                "message",
+                Input::Message(MessageInput {
+                    message: &message,
+                    subject: subject(),
+                    context: context(),
+                    allocation: None,
+                }),
+                json!({"kind": "message", "message": message, "context": context_json(),
+                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
+                                   "authenticated": true, "user": "@alice:localhost"}}),
+            ),
+            (
+                "message from a network server with an identity",
+                Input::Message(MessageInput {
+                    message: &message,
+                    subject: network_server,
+                    context: context(),
+                    allocation: None,
+                }),
+                json!({"kind": "message", "message": message, "context": context_json(),
+                       "subject": {"runtime": "runtime://localhost/ns", "addresses": [], "authenticated": true,
+                                   "identity": "user://localhost/alice", "network_server": "gateway"}}),
+            ),
+            (
+                "message from a peer node",
+                Input::Message(MessageInput {
+                    message: &message,
+                    subject: peer,
+                    context: context(),
+                    allocation: None,
+                }),
+                json!({"kind": "message", "message": message, "context": context_json(),
+                       "subject": {"runtime": "domain://msg-node.peer.example", "addresses": ["hyperty://peer.example/p"],
+                                   "authenticated": true, "peer": "peer.example"}}),
+            ),
+            (
+                "allocation create",
+                Input::Message(MessageInput {
+                    message: &message,
+                    subject: subject(),
+                    context: context(),
+                    allocation: Some(Allocation {
+                        action: AllocationAction::Create,
+                        scheme: Some("hyperty".into()),
+                        number: 3,
+                        held: 2,
+                    }),
+                }),
+                json!({"kind": "message", "message": message, "context": context_json(),
+                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
+                                   "authenticated": true, "user": "@alice:localhost"},
+                       "allocation": {"action": "create", "scheme": "hyperty", "number": 3, "held": 2}}),
+            ),
+            (
+                "allocation delete",
+                Input::Message(MessageInput {
+                    message: &message,
+                    subject: subject(),
+                    context: context(),
+                    allocation: Some(Allocation {
+                        action: AllocationAction::Delete,
+                        scheme: None,
+                        number: 1,
+                        held: 2,
+                    }),
+                }),
+                json!({"kind": "message", "message": message, "context": context_json(),
+                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
+                                   "authenticated": true, "user": "@alice:localhost"},
+                       "allocation": {"action": "delete", "number": 1, "held": 2}}),
+            ),
+            (
+                "subscription",
+                Input::Subscription(SubscriptionInput {
+                    message: Some(&subscribe),
+                    subscription: Subscription {
+                        resource: "comm://localhost/x/changes",
+                        subscriber: "runtime://localhost/1",
+                    },
+                    subject: subject(),
+                    context: context(),
+                }),
+                json!({"kind": "subscription", "message": subscribe, "context": context_json(),
+                       "subscription": {"resource": "comm://localhost/x/changes", "subscriber": "runtime://localhost/1"},
+                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
+                                   "authenticated": true, "user": "@alice:localhost"}}),
+            ),
+            (
+                "subscription re-decided",
+                Input::Subscription(SubscriptionInput {
+                    message: None,
+                    subscription: Subscription {
+                        resource: "comm://localhost/x/changes",
+                        subscriber: "runtime://localhost/1",
+                    },
+                    subject: subject(),
+                    context: context(),
+                }),
+                json!({"kind": "subscription", "context": context_json(),
+                       "subscription": {"resource": "comm://localhost/x/changes", "subscriber": "runtime://localhost/1"},
+                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
+                                   "authenticated": true, "user": "@alice:localhost"}}),
+            ),
+            (
+                "matrix event",
+                Input::MatrixEvent(MatrixEventInput {
+                    matrix: MatrixEvent {
+                        room_id: "!r:localhost".into(),
+                        event_type: "m.room.message".into(),
+                        sender: "@alice:localhost".into(),
+                        content: content.clone(),
+                        state_key: None,
+                    },
+                    context: context(),
+                }),
+                json!({"kind": "matrix_event", "context": context_json(),
+                       "matrix": {"room_id": "!r:localhost", "event_type": "m.room.message", "sender": "@alice:localhost", "content": content}}),
+            ),
+            (
+                "state event in a room being created",
+                Input::MatrixEvent(MatrixEventInput {
+                    matrix: MatrixEvent {
+                        room_id: "".into(),
+                        event_type: "m.room.topic".into(),
+                        sender: "@alice:localhost".into(),
+                        content: content.clone(),
+                        state_key: Some("".into()),
+                    },
+                    context: context(),
+                }),
+                json!({"kind": "matrix_event", "context": context_json(),
+                       "matrix": {"room_id": "", "event_type": "m.room.topic", "sender": "@alice:localhost", "content": content, "state_key": ""}}),
+            ),
+            (
+                "membership",
+                Input::Membership(MembershipInput {
+                    matrix: Membership::new(
+                        "!r:localhost",
+                        "@alice:localhost",
+                        "invite",
+                        "@bob:localhost",
+                        members.clone(),
+                    ),
+                    context: context(),
+                }),
+                json!({"kind": "membership", "context": context_json(),
+                       "matrix": {"room_id": "!r:localhost", "event_type": "m.room.member", "sender": "@alice:localhost",
+                                  "membership": "invite", "target": "@bob:localhost", "room_members": members}}),
+            ),
+        ];
+        for (what, input, expected) in cases {
+            let value = input.to_value();
+            assert_eq!(
+                value.to_string(),
+                expected.to_string(),
+                "{what}: the JSON the policies read"
+            );
+            schemas
+                .validate("input.schema.json", &value)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+    }
+
+    fn context_json() -> Value {
+        json!({"node": "localhost", "time": "2026-11-25T09:00:00Z"})
+    }
+}
