@@ -154,6 +154,9 @@ pub struct BenchArgs {
     /// HTTP connections kept alive by the load generator (`proxy`: Matrix clients).
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
+    /// `journal`: messages recorded per second.
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
 }
 
 /// Which benchmark to run.
@@ -172,6 +175,9 @@ pub enum BenchMode {
     /// Matrix (starts its own Synapse and node; run from the repository root). Not part of
     /// `all`.
     Bus,
+    /// The journal's group commit under a sustained offered rate (`--rate`, `--seconds`)
+    /// against its own Synapse, then every record read back. Not part of `all`.
+    Journal,
 }
 
 /// Output format of reports.

@@ -159,9 +159,7 @@ async fn two_replicas_reach_each_others_runtimes_through_matrix() {
 
     // --- The built-in registry is shared: registered on a, read on b.
     let registered = alice
-        .request(json!({"type": "create", "from": alice_h[0], "to": "domain://registry.localhost",
-            "body": {"value": {"url": alice_h[0], "descriptor": "hyperty-catalogue://localhost/Chat",
-                "user": "user://localhost/alice", "dataSchemes": ["comm"], "resources": ["chat"]}}}))
+        .register_chat_hyperty(&alice_h[0], "user://localhost/alice")
         .await;
     assert_eq!(code(&registered), 200, "{registered}");
     let read = json!({"type": "read", "from": bob_h[0], "to": "domain://registry.localhost",

@@ -362,9 +362,7 @@ async fn bus_routes_and_enforces_between_real_stubs() {
 
     // --- Registry (built in): register, read back by user and by address, 404 otherwise.
     let registered = alice
-        .request(json!({"type": "create", "from": alice_h[0], "to": "domain://registry.localhost",
-            "body": {"value": {"url": alice_h[0], "descriptor": "hyperty-catalogue://localhost/Chat",
-                "user": "user://localhost/alice", "dataSchemes": ["comm"], "resources": ["chat"]}}}))
+        .register_chat_hyperty(&alice_h[0], "user://localhost/alice")
         .await;
     assert_eq!(code(&registered), 200, "{registered}");
     let read = bob

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 mod common;
 
+use common::matrix::Client;
+use common::metric;
 use common::synapse::Synapse;
 
 use msgnode::cmd::run::{start, Running};
@@ -46,26 +48,6 @@ async fn proxy_node(synapse: &Synapse, pdp: &Running) -> Running {
     start(config).await.expect("start the proxy node")
 }
 
-async fn call(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = http.request(method, url).bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.expect("send");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_fails_closed_when_the_remote_pdp_goes_away() {
     let synapse = Synapse::start();
@@ -73,43 +55,43 @@ async fn proxy_fails_closed_when_the_remote_pdp_goes_away() {
     let node = proxy_node(&synapse, &pdp).await;
     let proxy = format!("http://{}", node.pep_addr.expect("proxy address"));
     let http = reqwest::Client::new();
-    let alice = synapse.register("alice");
-    let put = |path: String, body: Value| {
-        call(
-            &http,
-            reqwest::Method::PUT,
-            format!("{proxy}{path}"),
-            &alice,
-            Some(body),
-        )
+    let alice = Client {
+        http: http.clone(),
+        base: proxy.clone(),
+        token: synapse.register("alice"),
+    };
+    let direct = Client {
+        http: http.clone(),
+        base: synapse.url(),
+        token: alice.token.clone(),
     };
 
     // Decided remotely (schema-checked there too): createRoom, an allowed and a denied send.
-    let (status, created) = call(
-        &http,
-        reqwest::Method::POST,
-        format!("{proxy}/_matrix/client/v3/createRoom"),
-        &alice,
-        Some(json!({"preset": "private_chat", "name": "remote"})),
-    )
-    .await;
+    let (status, created) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat", "name": "remote"}),
+        )
+        .await;
     assert_eq!(status, 200, "{created}");
     let room = created["room_id"].as_str().expect("room_id").to_string();
     // Synapse 1.163 creates room version 12 rooms, whose ids have no server part; the
     // proxy's identifier checks (ruma) and the input schema take them.
     assert!(!room.contains(':'), "expected a room version 12 id: {room}");
     let send = |txn: &str| format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
-    let (status, body) = put(
-        send("t1"),
-        json!({"msgtype": "m.text", "body": "decided remotely"}),
-    )
-    .await;
+    let (status, body) = alice
+        .put(
+            &send("t1"),
+            json!({"msgtype": "m.text", "body": "decided remotely"}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = put(
-        format!("/_matrix/client/v3/rooms/{room}/send/com.example.secret/t2"),
-        json!({"body": "leak"}),
-    )
-    .await;
+    let (status, body) = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/com.example.secret/t2"),
+            json!({"body": "leak"}),
+        )
+        .await;
     assert_eq!((status, &body["errcode"]), (403, &json!("M_FORBIDDEN")));
     assert!(
         body["error"]
@@ -120,11 +102,12 @@ async fn proxy_fails_closed_when_the_remote_pdp_goes_away() {
 
     // The PDP goes away: refused, fail closed, and nothing reaches Synapse.
     pdp.stop().await;
-    let (status, body) = put(
-        send("t3"),
-        json!({"msgtype": "m.text", "body": "after the PDP stopped"}),
-    )
-    .await;
+    let (status, body) = alice
+        .put(
+            &send("t3"),
+            json!({"msgtype": "m.text", "body": "after the PDP stopped"}),
+        )
+        .await;
     assert_eq!(
         (status, &body["errcode"], &body["error"]),
         (403, &json!("M_FORBIDDEN"), &json!("policy unavailable")),
@@ -153,8 +136,7 @@ async fn proxy_fails_closed_when_the_remote_pdp_goes_away() {
             json!({"displayname": "A"}),
         ),
     ] {
-        let (status, answer) =
-            call(&http, method, format!("{proxy}{path}"), &alice, Some(body)).await;
+        let (status, answer) = alice.call(method, &path, Some(body)).await;
         assert_eq!(
             (status, &answer["errcode"]),
             (400, &json!("M_INVALID_PARAM")),
@@ -162,17 +144,11 @@ async fn proxy_fails_closed_when_the_remote_pdp_goes_away() {
         );
     }
 
-    let (status, messages) = call(
-        &http,
-        reqwest::Method::GET,
-        format!(
-            "{}/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100",
-            synapse.url()
-        ),
-        &alice,
-        None,
-    )
-    .await;
+    let (status, messages) = direct
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"
+        ))
+        .await;
     assert_eq!(status, 200, "{messages}");
     let bodies: Vec<&Value> = messages["chunk"]
         .as_array()
@@ -186,25 +162,24 @@ async fn proxy_fails_closed_when_the_remote_pdp_goes_away() {
         "a request nobody decided reached Synapse"
     );
 
-    let metrics = http
-        .get(format!("http://{}/metrics", node.pdp_addr))
-        .send()
+    assert!(
+        metric(
+            &http,
+            &node,
+            "msgnode_pep_remote_pdp_decisions_total{outcome=\"allowed\"} "
+        )
         .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
-    let count = |series: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0u64)
-    };
-    assert!(count("msgnode_pep_remote_pdp_decisions_total{outcome=\"allowed\"} ") >= 2);
+            >= 2
+    );
     assert_eq!(
-        count("msgnode_pep_remote_pdp_decisions_total{outcome=\"unreachable\"} "),
+        metric(
+            &http,
+            &node,
+            "msgnode_pep_remote_pdp_decisions_total{outcome=\"unreachable\"} "
+        )
+        .await,
         1,
-        "{metrics}"
+        "one unreachable decision"
     );
     node.stop().await;
 }

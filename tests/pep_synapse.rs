@@ -10,6 +10,9 @@ use std::time::Duration;
 
 mod common;
 
+use common::matrix::Client;
+use common::metric;
+
 use common::synapse::{copy_dir, Synapse};
 
 use msgnode::cmd::run::{start, Running};
@@ -53,58 +56,6 @@ fn node_config(synapse: &Synapse, policies: PathBuf, on_failure: PdpFailure) -> 
     config.pep.homeserver = synapse.url();
     config.pep.on_pdp_failure = on_failure;
     config
-}
-
-/// The value of one Prometheus series of the node (0 when absent).
-async fn metric(http: &reqwest::Client, running: &Running, series: &str) -> u64 {
-    let text = http
-        .get(format!("http://{}/metrics", running.pdp_addr))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
-}
-
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Client {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("send");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call(reqwest::Method::PUT, path, Some(body)).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.call(reqwest::Method::GET, path, None).await
-    }
 }
 
 fn assert_forbidden(answer: &(u16, Value), reason: &str, what: &str) {

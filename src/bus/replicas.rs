@@ -16,15 +16,15 @@ use super::runtimes::Runtime;
 use super::Bus;
 use crate::matrix::ActorError;
 use crate::persist::follower::Followed;
-use crate::persist::store::RuntimeRecord;
+use crate::persist::store::{RuntimeRecord, Stored};
 
 impl Bus {
     /// Takes what the follower saw, in order.
     pub(super) fn followed(&self, seen: Vec<Followed>) {
         for followed in seen {
             match followed {
-                Followed::Runtime { url, record } => self.adopt(&url, record),
-                Followed::Registry { url, entry } => {
+                Followed::Stored(Stored::Runtime { url, record }) => self.adopt(&url, record),
+                Followed::Stored(Stored::Registry { url, entry }) => {
                     if let Some(registry) = &self.inner.connectors.builtin_registry {
                         registry.apply(&url, entry);
                     }

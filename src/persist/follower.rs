@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::inbox::INBOX_EVENT_TYPE;
-use super::store::{RuntimeRecord, Stored, REGISTRY_EVENT_TYPE, RUNTIME_EVENT_TYPE};
+use super::store::{Stored, REGISTRY_EVENT_TYPE, RUNTIME_EVENT_TYPE};
 use crate::matrix::{Actor, ActorError};
 
 /// How long one `/sync` waits for something new.
@@ -27,20 +27,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// One thing another replica wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Followed {
-    /// A runtime's record (empty: released).
-    Runtime {
-        /// The runtime URL.
-        url: String,
-        /// Its record.
-        record: RuntimeRecord,
-    },
-    /// A registry entry (`None`: removed).
-    Registry {
-        /// The registered URL.
-        url: String,
-        /// Its entry.
-        entry: Option<Value>,
-    },
+    /// A state event of the store (a runtime record or a registry entry).
+    Stored(Stored),
     /// A batch in the inbox of this runtime.
     Inbox {
         /// The runtime URL.
@@ -161,12 +149,7 @@ impl Follower {
                 }
                 match Stored::read(event) {
                     Some((_, Some(writer))) if writer == self.node => {}
-                    Some((Stored::Runtime { url, record }, _)) => {
-                        followed.push(Followed::Runtime { url, record })
-                    }
-                    Some((Stored::Registry { url, entry }, _)) => {
-                        followed.push(Followed::Registry { url, entry })
-                    }
+                    Some((stored, _)) => followed.push(Followed::Stored(stored)),
                     None => {}
                 }
             }

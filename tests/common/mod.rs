@@ -1,12 +1,14 @@
 //! Helpers shared by the integration tests (each test binary uses some of them).
 #![allow(dead_code)]
 
+pub mod matrix;
 pub mod stub;
 pub mod synapse;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use msgnode::cmd::run::Running;
 use msgnode::config::Config;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -44,4 +46,19 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{what}: not within {within:?}");
+}
+
+/// The value of one Prometheus series of the node (0 when absent).
+pub async fn metric(http: &reqwest::Client, running: &Running, series: &str) -> u64 {
+    let text = http
+        .get(format!("http://{}/metrics", running.pdp_addr))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
 }

@@ -186,6 +186,17 @@ impl Stub {
     }
 
     /// Closes the socket without a disconnect.
+    /// Registers `hyperty` (held by this stub) in the built-in registry as a chat hyperty of
+    /// `user` (`comm` objects, resource `chat`); the registry's response.
+    pub async fn register_chat_hyperty(&mut self, hyperty: &str, user: &str) -> Value {
+        self.request(
+            json!({"type": "create", "from": hyperty, "to": "domain://registry.localhost",
+            "body": {"value": {"url": hyperty, "descriptor": "hyperty-catalogue://localhost/Chat",
+                "user": user, "dataSchemes": ["comm"], "resources": ["chat"]}}}),
+        )
+        .await
+    }
+
     pub async fn drop_socket(mut self) {
         let _ = self.socket.close(None).await;
     }

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -386,7 +385,9 @@ async fn measure_all(
         end.recorded,
         drain.elapsed().as_secs_f64(),
     );
-    let entries = journal_entries(synapse).await?;
+    let entries = crate::persist::journal::Journal::read_all(&*synapse.actor()?)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the journal room: {e}"))?;
     let mut seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
     seqs.sort_unstable();
     seqs.dedup();
@@ -397,18 +398,4 @@ async fn measure_all(
         seqs.len()
     );
     Ok(())
-}
-
-async fn journal_entries(
-    synapse: &BenchSynapse,
-) -> anyhow::Result<Vec<crate::persist::journal::JournalEntry>> {
-    let registration = crate::matrix::registration::read(&synapse.registration())?;
-    let homeserver = Arc::new(crate::matrix::Homeserver::new(
-        &format!("http://127.0.0.1:{}", synapse.port),
-        Duration::from_secs(30),
-    )?);
-    let actor = crate::matrix::Actor::new(&registration, "localhost", homeserver)?;
-    crate::persist::journal::Journal::read_all(&actor)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read the journal room: {e}"))
 }

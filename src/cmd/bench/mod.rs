@@ -19,6 +19,7 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 
 mod bus;
+mod journal;
 mod proxy;
 mod stats;
 mod synapse;
@@ -41,6 +42,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.mode == BenchMode::Bus {
         bus::run(&args, seconds)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.mode == BenchMode::Journal {
+        journal::run(&args, seconds)?;
         return Ok(ExitCode::SUCCESS);
     }
     let inputs = message_inputs(&args.policies.join("fixtures"))?;

@@ -3,8 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+use crate::matrix::{registration, Actor, Homeserver};
 
 /// A throw-away Synapse; wiped when dropped.
 pub(crate) struct BenchSynapse {
@@ -37,6 +41,23 @@ impl BenchSynapse {
         };
         synapse.script(&["start"])?;
         Ok(synapse)
+    }
+
+    /// Acting as the appservice it was set up with.
+    ///
+    /// # Errors
+    /// The registration cannot be read.
+    pub(crate) fn actor(&self) -> anyhow::Result<Arc<Actor>> {
+        let registration = registration::read(&self.registration())?;
+        let homeserver = Arc::new(Homeserver::new(
+            &format!("http://127.0.0.1:{}", self.port),
+            Duration::from_secs(30),
+        )?);
+        Ok(Arc::new(Actor::new(
+            &registration,
+            "localhost",
+            homeserver,
+        )?))
     }
 
     /// The appservice registration it was set up with.
