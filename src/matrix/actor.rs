@@ -1,4 +1,5 @@
 //! Acting as the appservice's users: msgnode's own writes to the homeserver.
+//! (One concern: the file is past 600 lines only with its tests.)
 //!
 //! Owns the client-server calls the node makes on its own behalf with the `as_token`
 //! (masquerading with `user_id=`): lazily registering namespace users, creating or resolving

@@ -1,4 +1,5 @@
 //! The compiled form of one bundle revision, and evaluation against it.
+//! (One concern: the file is past 600 lines only with its tests.)
 //!
 //! A [`CompiledBundle`] holds a regorus `Engine` that has parsed every module, merged the data
 //! and been prepared (analysed) once. Each thread evaluates on its own copy, cloned from the

@@ -1,4 +1,5 @@
 //! Which client-server requests the proxy must decide, recognised from the path.
+//! (One concern: the file is past 600 lines only with its tests.)
 //!
 //! The path is split into segments, empty segments (double and trailing slashes) dropped and
 //! each segment percent-decoded; any API version (`r0`, `v3`, `unstable`, and the legacy

@@ -1,4 +1,5 @@
 //! Messages for runtimes that are not connected, kept in Matrix until they are delivered.
+//! (One concern: the file is past 600 lines only with its tests.)
 //!
 //! Owns one room per runtime (`#_msgnode_inbox.<hash16 of the runtime URL>:<server>`,
 //! created by the appservice's own user on first use). Every node (replica) writing to it
