@@ -9,6 +9,7 @@ use std::time::Duration;
 
 mod common;
 
+use common::matrix::Client;
 use common::stub::{open, Stub};
 use common::synapse::{copy_dir, Synapse};
 use futures_util::SinkExt;
@@ -488,4 +489,82 @@ async fn journal_messages(synapse: &Synapse) -> Vec<Value> {
         .iter()
         .map(|e| serde_json::from_str(e.message.get()).expect("message JSON"))
         .collect()
+}
+
+/// A reTHINK peer message event from a user that is no configured peer node used to be
+/// ignored by the bus and so decided by no one; it is decided like any pushed event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_message_events_from_other_users_are_decided() {
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let policies_dir = tempfile::tempdir().expect("tempdir");
+    copy_dir(&common::shipped_policies(), policies_dir.path());
+    let running = node(&config(&synapse, policies_dir.path())).await;
+    let alice = Client {
+        http: reqwest::Client::new(),
+        base: synapse.url(),
+        token: alice_token,
+    };
+    let (status, created) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().expect("room_id").to_string();
+    let watcher = "@_msgnode_watcher:localhost";
+    let appservice = Client {
+        http: reqwest::Client::new(),
+        base: synapse.url(),
+        token: synapse.token("as_token"),
+    };
+    let (status, body) = appservice
+        .post(
+            "/_matrix/client/v3/register",
+            json!({"type": "m.login.application_service", "username": "_msgnode_watcher"}),
+        )
+        .await;
+    assert!(
+        status == 200 || body["errcode"] == "M_USER_IN_USE",
+        "{body}"
+    );
+    let (status, body) = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            json!({"user_id": watcher}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let appservice = Client {
+        http: reqwest::Client::new(),
+        base: synapse.url(),
+        token: synapse.token("as_token"),
+    };
+    let (status, body) = appservice
+        .post(
+            &format!("/_matrix/client/v3/join/{room}?user_id={watcher}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/org.msgnode.rethink.message/m1"),
+            json!({"message": "{\"id\":1,\"type\":\"create\",\"from\":\"hyperty://localhost/x\",\"to\":\"hyperty://localhost/y\"}"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let http = reqwest::Client::new();
+    let denied = "msgnode_pep_appservice_events_total{outcome=\"denied\"} ";
+    common::eventually(
+        "the pushed peer event is decided and denied",
+        Duration::from_secs(20),
+        || {
+            let (http, running) = (&http, &running);
+            async move { common::metric(http, running, denied).await >= 1 }
+        },
+    )
+    .await;
+    running.stop().await;
 }

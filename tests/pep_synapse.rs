@@ -330,12 +330,12 @@ async fn proxy_enforces_policy_in_front_of_synapse() {
     let answer = alice
         .post(
             "/_matrix/client/v3/createRoom",
-            json!({"initial_state": [{"type": "m.room.guest_access", "state_key": "", "content": {"guest_access": "can_join"}}]}),
+            json!({"initial_state": [{"type": "m.room.server_acl", "state_key": "", "content": {"allow": ["*"]}}]}),
         )
         .await;
     assert_forbidden(
         &answer,
-        "event type 'm.room.guest_access' is not allowed",
+        "event type 'm.room.server_acl' is not allowed",
         "createRoom initial_state",
     );
     let answer = alice

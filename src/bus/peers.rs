@@ -99,14 +99,15 @@ impl Bus {
     /// one posted by that peer over HTTP (once per event, also when the transaction is
     /// retried), and the node's answer (e.g. 404) goes back to that peer the same way. A
     /// peer node leaving a room makes the next message to it check its room again. Whether
-    /// the event was the bus's (else the appservice decides it as any event).
+    /// the event was the bus's (else the appservice decides it as any event — also a peer
+    /// message event from a user that is no configured peer node).
     pub async fn matrix_peer_event(&self, event: &Value) -> bool {
         let sender = event["sender"].as_str().unwrap_or_default();
         let kind = event["type"].as_str().unwrap_or_default();
         let Some(peer) = self.inner.connectors.foreign.matrix_peer(sender) else {
             if kind == PEER_EVENT_TYPE {
-                tracing::warn!(%sender, "a reTHINK message event from a user that is no configured peer node: ignored");
-                return true;
+                // Not the bus's: an event like any other, which the appservice decides.
+                tracing::info!(%sender, "a reTHINK message event from a user that is no configured peer node: decided as any event");
             }
             return false;
         };

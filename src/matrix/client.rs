@@ -12,6 +12,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+/// How long the homeserver's default room version is remembered.
+pub const ROOM_VERSION_TTL: Duration = Duration::from_secs(600);
+
 /// Why a homeserver call gave no usable answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum HomeserverError {
@@ -37,6 +40,8 @@ pub struct Homeserver {
     authority: String,
     client: Client<HttpConnector, Body>,
     whoami: moka::sync::Cache<(String, Option<String>), String>,
+    /// The homeserver's default room version (from `/capabilities`), kept for a while.
+    room_version: moka::sync::Cache<(), String>,
 }
 
 impl Homeserver {
@@ -61,6 +66,10 @@ impl Homeserver {
             whoami: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(whoami_ttl)
+                .build(),
+            room_version: moka::sync::Cache::builder()
+                .max_capacity(1)
+                .time_to_live(ROOM_VERSION_TTL)
                 .build(),
         })
     }
@@ -124,6 +133,31 @@ impl Homeserver {
             })?;
         self.whoami.insert(key, user.clone());
         Ok(user)
+    }
+
+    /// The room version new rooms get (`m.room_versions.default` of `/capabilities`, asked
+    /// with `token`; remembered for [`ROOM_VERSION_TTL`]).
+    ///
+    /// # Errors
+    /// The homeserver refused, cannot be reached, or names no default.
+    pub async fn default_room_version(&self, token: &str) -> Result<String, HomeserverError> {
+        if let Some(version) = self.room_version.get(&()) {
+            return Ok(version);
+        }
+        let (status, body) = self
+            .request_json(Method::GET, "/_matrix/client/v3/capabilities", token, None)
+            .await?;
+        if !(200..300).contains(&status) {
+            return Err(HomeserverError::Refused { status, body });
+        }
+        let version = body["capabilities"]["m.room_versions"]["default"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                HomeserverError::Malformed("/capabilities names no default room version".into())
+            })?;
+        self.room_version.insert((), version.clone());
+        Ok(version)
     }
 
     /// Users joined to `room_id`, as the requesting user may see them (empty when it may not).

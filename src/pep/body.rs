@@ -37,7 +37,9 @@ pub struct InvalidBody {
 pub fn validate(endpoint: &Intercepted, body: &[u8]) -> Result<(), InvalidBody> {
     let body: &[u8] = if body.is_empty() { b"{}" } else { body };
     match endpoint {
-        Intercepted::CreateRoom => parse::<create_room::v3::Request>("createRoom", body, &[]),
+        Intercepted::CreateRoom { .. } => {
+            parse::<create_room::v3::Request>("createRoom", body, &[])
+        }
         Intercepted::Membership {
             room_id, action, ..
         } => {
@@ -93,8 +95,10 @@ mod tests {
     use serde_json::json;
 
     fn endpoint(method: Method, path: &str) -> Intercepted {
-        super::super::route::classify(&method, &format!("/_matrix/client/v3/{path}"))
-            .expect("intercepted")
+        match super::super::route::classify(&method, &format!("/_matrix/client/v3/{path}")) {
+            super::super::route::Route::Decide(endpoint) => endpoint,
+            other => panic!("{path} is not decided: {other:?}"),
+        }
     }
 
     fn check(method: Method, path: &str, body: serde_json::Value) -> Result<(), InvalidBody> {

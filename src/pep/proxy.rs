@@ -1,12 +1,14 @@
 //! The client-server proxy: decide, then forward.
 //!
-//! Every request is classified by `route::classify`. Requests that create traffic or change
-//! who hears it (send, state, redact, invite, join, createRoom, sendToDevice) are decided by
-//! the PDP first — one input per event or membership change, the sender resolved from the
-//! access token — and forwarded with their canonical path only when every decision allows.
-//! Before that, the identifiers in the path (`route`) and the typed bodies (`body`) are
-//! checked with ruma's types: a malformed one is 400 `M_INVALID_PARAM`, decided by no one.
-//! Everything else (`/sync`, `/login`, media, …) streams through untouched.
+//! Every request is classified by `route::classify`, an allow-list of the client-server API's
+//! writes. Writes that create room events, change who is in a room or carry traffic between
+//! users (send, state, redact, memberships, createRoom, profile changes, alias deletion,
+//! deactivation, sendToDevice) are decided by the PDP first — one input per event or
+//! membership change, the sender resolved from the access token — and forwarded with their
+//! canonical path only when every decision allows. Before that, the identifiers in the path
+//! (`route`) and the typed bodies (`body`) are checked with ruma's types: a malformed one is
+//! 400 `M_INVALID_PARAM`, decided by no one. Writes known to create no room event are
+//! forwarded as they are; every other write is refused. Reads stream through untouched.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,8 +28,8 @@ use serde_json::{json, Value};
 
 use super::error::{from_homeserver, ErrorCode, MatrixError};
 use super::forward::forward;
-use super::inputs::inputs_for;
-use super::route::{classify, Intercepted};
+use super::inputs::{inputs_for, InputsError};
+use super::route::{classify, Intercepted, Route};
 use crate::config::{PdpFailure, PepConfig};
 use crate::matrix::{encode, Homeserver};
 use crate::policy::Decider;
@@ -43,7 +45,8 @@ pub struct PepState {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    /// `intercepted` or `passthrough`.
+    /// `intercepted` (decided), `allowlisted`, `refused` (by the route table) or
+    /// `passthrough`.
     path: &'static str,
     /// `forwarded`, `denied`, `rejected` (bad request or token) or `policy_unavailable`.
     outcome: &'static str,
@@ -126,54 +129,25 @@ async fn proxy(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
-    if is_admin_api(request.uri().path()) {
-        return MatrixError::forbidden("the homeserver's admin API is not served through msgnode")
-            .into_response();
-    }
-    if is_appservice_api(request.uri().path()) {
-        // The homeserver pushes to msgnode here; it must never be forwarded back to it.
-        return MatrixError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::Unrecognized,
-            "the application service API is not served by msgnode yet",
-        )
-        .into_response();
-    }
     match classify(request.method(), request.uri().path()) {
-        None => {
+        Route::PassThrough => {
             state.metrics.count("passthrough", "forwarded");
             forward(&state.homeserver, request, &path_and_query, Some(client)).await
         }
-        Some(endpoint) => enforce(&state, request, &endpoint, client).await,
+        Route::Allowed(_) => {
+            state.metrics.count("allowlisted", "forwarded");
+            forward(&state.homeserver, request, &path_and_query, Some(client)).await
+        }
+        Route::Refused(refusal) => {
+            state.metrics.count("refused", "rejected");
+            let errcode = match refusal.status {
+                StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+                _ => ErrorCode::Unrecognized,
+            };
+            MatrixError::new(refusal.status, errcode, refusal.reason).into_response()
+        }
+        Route::Decide(endpoint) => enforce(&state, request, &endpoint, client).await,
     }
-}
-
-/// `/_synapse/admin/…`: the homeserver's admin API, never exposed through the proxy.
-fn is_admin_api(path: &str) -> bool {
-    leading_segments(path) == ["_synapse", "admin"]
-}
-
-/// The first two non-empty path segments, percent-decoded (as `route::classify` reads them).
-fn leading_segments(path: &str) -> Vec<String> {
-    path.split('/')
-        .filter(|s| !s.is_empty())
-        .take(2)
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect()
-}
-
-/// `/_matrix/app/…` and the legacy unprefixed `/transactions`, `/users`, `/rooms` pushes.
-fn is_appservice_api(path: &str) -> bool {
-    let first = leading_segments(path);
-    let first: Vec<&str> = first.iter().map(String::as_str).collect();
-    matches!(
-        first.as_slice(),
-        ["_matrix", "app"] | ["transactions", ..] | ["users", ..] | ["rooms", ..]
-    )
 }
 
 /// The caller's access token and, for appservices, the user it masquerades as.
@@ -239,15 +213,6 @@ async fn decide(
     endpoint: &Intercepted,
 ) -> Result<(Request, String), (&'static str, Response)> {
     let rejected = |error: MatrixError| ("rejected", error.into_response());
-    if let Intercepted::Unsupported { what } = endpoint {
-        return Err((
-            "denied",
-            MatrixError::forbidden(format!(
-                "{what} is not supported through msgnode: it would create room events no policy has decided"
-            ))
-            .into_response(),
-        ));
-    }
     // Malformed identifiers never reach the PDP or the homeserver.
     let invalid = |why: String| {
         rejected(MatrixError::new(
@@ -310,7 +275,12 @@ async fn decide(
         &content,
         &asking,
     )
-    .await;
+    .await
+    .map_err(|error| match error {
+        InputsError::Undecidable(why) => ("denied", MatrixError::forbidden(why).into_response()),
+        InputsError::Invalid(why) => invalid(why),
+        InputsError::Homeserver(error) => ("rejected", from_homeserver(error)),
+    })?;
     if inputs.is_empty() {
         // Every intercepted request yields at least one input; none means a gap: refuse.
         return Err((
@@ -385,41 +355,6 @@ async fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn appservice_pushes_are_recognised_and_client_paths_are_not() {
-        for path in [
-            "/_matrix/app/v1/transactions/1",
-            "//_matrix/app/v1/ping",
-            "/%5Fmatrix/app/v1/ping",
-            "/transactions/1",
-            "/users/@a:l",
-            "/rooms/%23a:l",
-        ] {
-            assert!(is_appservice_api(path), "{path}");
-        }
-        for path in [
-            "/_matrix/client/v3/rooms/!r:l/send/m.room.message/1",
-            "/_matrix/media/v3/upload",
-            "/",
-        ] {
-            assert!(!is_appservice_api(path), "{path}");
-        }
-    }
-
-    #[test]
-    fn admin_api_is_recognised_in_any_spelling() {
-        for path in [
-            "/_synapse/admin/v1/join/!r:l",
-            "//_synapse/admin/v2/users",
-            "/%5Fsynapse/admin/v1/x",
-        ] {
-            assert!(is_admin_api(path), "{path}");
-        }
-        for path in ["/_synapse/client/pick_username", "/_matrix/client/v3/sync"] {
-            assert!(!is_admin_api(path), "{path}");
-        }
-    }
 
     #[test]
     fn query_pairs_are_decoded() {
