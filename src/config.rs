@@ -236,6 +236,16 @@ pub struct BusConfig {
     /// Messages queued for one socket before it counts as too slow (it is closed and resumes
     /// from its inbox on reconnect).
     pub outbound_queue: usize,
+    /// Bytes queued for one socket before it counts as too slow (as `outbound_queue`): what
+    /// a receiver that does not read can hold in the node's memory.
+    pub outbound_queue_bytes: usize,
+    /// Most `to` addresses one message may have (more → 400).
+    pub max_destinations: usize,
+    /// Hard per-principal limits, whatever the policy allows (the policy's own, lower ones
+    /// are in `data.config.limits`).
+    pub limits: BusLimits,
+    /// Messages one principal may send per second, over all its sockets.
+    pub rate_limit: RateLimit,
     /// How long a new socket has to say who it is (connect frame or `open` message).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -247,6 +257,13 @@ pub struct BusConfig {
     /// Routed messages the history may be behind Synapse before new messages are refused
     /// (408, "retry"): bounds memory when the homeserver is down or slow.
     pub max_history_backlog: u64,
+    /// Bytes of routed messages the history may hold in memory, not yet in Synapse, before
+    /// new messages are refused (408, "retry").
+    pub max_history_bytes: usize,
+    /// Bytes the inboxes of away runtimes may hold in memory (all of them, when the node
+    /// has no homeserver; else what is not stored yet) before messages for away runtimes
+    /// are refused (408, "retry").
+    pub inbox_max_bytes: usize,
     /// Network Server connectors: services that connect with a static token instead of a
     /// Matrix access token.
     pub network_servers: Vec<NetworkServer>,
@@ -266,6 +283,55 @@ pub struct BusConfig {
     pub replica: Option<String>,
 }
 
+/// `[bus.limits]`: backstops per principal (a Matrix user, a network server, a peer node)
+/// over all its runtimes, enforced by the node whatever the policy says (403).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusLimits {
+    /// Runtime URLs one principal owns (released ones count: they stay its own).
+    pub runtimes_per_principal: usize,
+    /// Allocated addresses over its runtimes.
+    pub addresses_per_principal: usize,
+    /// Foreign return routes over its runtimes.
+    pub foreign_routes_per_principal: usize,
+    /// Built-in registry entries over its runtimes.
+    pub registry_entries_per_principal: usize,
+}
+
+impl Default for BusLimits {
+    fn default() -> Self {
+        Self {
+            runtimes_per_principal: 10_000,
+            addresses_per_principal: 100_000,
+            foreign_routes_per_principal: 10_000,
+            registry_entries_per_principal: 10_000,
+        }
+    }
+}
+
+/// A token bucket: `per_second` sustained, `burst` at once. `per_second = 0` switches it off.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate.
+    pub per_second: u32,
+    /// Most at once.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// A limit of `per_second` with bursts of `burst`.
+    pub const fn new(per_second: u32, burst: u32) -> Self {
+        Self { per_second, burst }
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self::new(0, 0)
+    }
+}
+
 impl Default for BusConfig {
     fn default() -> Self {
         Self {
@@ -275,9 +341,15 @@ impl Default for BusConfig {
             durability: Durability::Delivered,
             max_frame_bytes: 1024 * 1024,
             outbound_queue: 8192,
+            outbound_queue_bytes: 8 * 1024 * 1024,
+            max_destinations: 256,
+            limits: BusLimits::default(),
+            rate_limit: RateLimit::new(20_000, 40_000),
             handshake_timeout: Duration::from_secs(10),
             away_release_after: Duration::from_secs(24 * 3600),
             max_history_backlog: 1_000_000,
+            max_history_bytes: 256 * 1024 * 1024,
+            inbox_max_bytes: 64 * 1024 * 1024,
             network_servers: Vec::new(),
             peers: Vec::new(),
             registry: RegistryConfig::default(),

@@ -42,6 +42,11 @@ kind_allow if {
 	data.msgnode.matrix.membership_allow
 }
 
+kind_allow if {
+	kind == "claim"
+	data.msgnode.claim.allow
+}
+
 # Why the request is denied: the deny rules of its kind.
 deny contains r if {
 	kind == "message"
@@ -61,6 +66,11 @@ deny contains r if {
 deny contains r if {
 	kind == "membership"
 	some r in data.msgnode.matrix.membership_deny
+}
+
+deny contains r if {
+	kind == "claim"
+	some r in data.msgnode.claim.deny
 }
 
 # The reason when nothing allowed the request and no deny rule said why.

@@ -43,6 +43,16 @@ deny contains sprintf("sender '%s' is not an address of this connection (spoofed
 	not lib.owns(sender)
 }
 
+# Only an object's holder publishes to its changes and registration topics
+# (targets: what the node knows of each `to`).
+deny contains sprintf("only the holder of '%s' publishes to '%s'", [lib.base_address(t.address), t.address]) if {
+	some t in object.get(input, "targets", [])
+	object.get(t, "topic", "") in {"changes", "registration"}
+	object.get(t, "held_by_sender", false) == false
+}
+
+deny contains r if some r in data.msgnode.limits.deny
+
 # Sender and every destination must be in trusted domains.
 deny contains sprintf("sender '%s' is not in a trusted domain", [sender]) if {
 	sender != ""

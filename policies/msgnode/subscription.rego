@@ -78,6 +78,15 @@ deny contains sprintf("subscription to '%s' is not allowed for '%s'", [object_ur
 	not allow
 }
 
+# What is sent to an object's children always reaches its holder; another
+# runtime listens in only with the holder's consent.
+deny contains sprintf("the children of '%s' belong to its holder: listening in needs its consent for '%s'", [object_url, subscriber]) if {
+	object.get(sub, "topic", "") == "children"
+	object.get(sub, "holder", "") != ""
+	object.get(sub, "held_by_subscriber", false) == false
+	not consented
+}
+
 deny contains "subscription has no 'resource'" if resource == ""
 
 deny contains "subscription has no 'subscriber'" if subscriber == ""

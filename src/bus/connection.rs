@@ -3,10 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::outbound::Outbound;
 use super::runtimes::Runtime;
 
 /// Who a connection is, once authenticated.
@@ -41,7 +40,7 @@ pub struct Connection {
     /// Who authenticated.
     pub principal: Principal,
     /// Its outbound queue (responses and deliveries).
-    pub tx: mpsc::Sender<Utf8Bytes>,
+    pub tx: Outbound,
     /// Cancelled when the socket must close (taken over, too slow, shutting down).
     pub close: CancellationToken,
     /// The identity its messages asserted and the IdM verified.
@@ -50,12 +49,7 @@ pub struct Connection {
 
 impl Connection {
     /// A connection of `principal` for `runtime`, writing to `tx`.
-    pub(super) fn new(
-        id: u64,
-        runtime: Arc<Runtime>,
-        principal: Principal,
-        tx: mpsc::Sender<Utf8Bytes>,
-    ) -> Self {
+    pub(super) fn new(id: u64, runtime: Arc<Runtime>, principal: Principal, tx: Outbound) -> Self {
         Self {
             id,
             runtime,

@@ -6,20 +6,22 @@ use super::connection::{Connection, Principal};
 use super::Bus;
 use crate::connectors::idm::Idm;
 use crate::pdp::Decision;
-use crate::policy::input::{Allocation, Context, Input, MessageInput, Subject};
+use crate::policy::input::{Allocation, Context, Input, MessageInput, Subject, Totals};
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
 
 impl Bus {
     /// The policy input for `message` from `conn` (with `allocation` for a request to an
-    /// allocation component).
+    /// allocation component, and what the principal holds when the message can add to it).
     pub(super) fn message_input<'a>(
         &self,
         conn: &Connection,
         message: &'a Message,
         allocation: Option<Allocation>,
+        principal: Option<Totals>,
     ) -> Input<'a> {
         let mut subject = self.subject(conn);
+        subject.principal = principal;
         // A peer node authenticated for its domain vouches for its own addresses.
         if let Principal::Peer(domain) = &conn.principal {
             if address::domain(&message.from).as_deref() == Some(domain.as_str()) {
@@ -30,6 +32,7 @@ impl Bus {
             message: &message.value,
             subject,
             context: self.context(),
+            targets: self.targets(conn, message),
             allocation,
         })
     }
@@ -45,6 +48,32 @@ impl Bus {
             Principal::Peer(domain) => subject.peer = Some(domain.clone()),
         }
         subject
+    }
+
+    /// What the principal `owner` holds across its runtimes; with `registry`, also how many
+    /// entries they registered in the built-in registry.
+    pub(super) fn totals(&self, owner: &str, registry: bool) -> Totals {
+        let holdings = self.inner.table.owner(owner);
+        let registry_entries = match (&self.inner.connectors.builtin_registry, registry) {
+            (Some(builtin), true) => Some(
+                holdings
+                    .as_ref()
+                    .map_or(0, |h| builtin.registered_by(&h.urls())),
+            ),
+            _ => None,
+        };
+        match holdings {
+            None => Totals {
+                registry_entries,
+                ..Totals::default()
+            },
+            Some(h) => Totals {
+                runtimes: h.runtimes(),
+                addresses: h.addresses(),
+                foreign_routes: h.foreign(),
+                registry_entries,
+            },
+        }
     }
 
     /// Now, at this node.

@@ -60,6 +60,7 @@ impl Bus {
         let limit = self.inner.config.away_release_after;
         for runtime in self.inner.table.runtimes() {
             if runtime.away_for().is_some_and(|away| away >= limit)
+                && !runtime.with_record(|r| r.released)
                 && !self.held_elsewhere(&runtime)
             {
                 match self.release_runtime(&runtime).await {

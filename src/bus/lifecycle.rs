@@ -8,15 +8,31 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
 
 use super::connection::{Connection, Principal};
+use super::outbound::Outbound;
 use super::runtimes::Runtime;
 use super::Bus;
 use crate::matrix::HomeserverError;
 use crate::persist::store::RuntimeRecord;
+use crate::policy::input::{Claim, ClaimInput, Input, Subject};
 use crate::rethink::address;
 use crate::rethink::BusError;
+
+/// The subject of a principal for a runtime it does not hold yet.
+fn principal_subject(principal: &Principal, runtime: &str) -> Subject {
+    let mut subject = Subject {
+        runtime: runtime.to_string(),
+        authenticated: true,
+        ..Subject::default()
+    };
+    match principal {
+        Principal::User(user) => subject.user = Some(user.clone()),
+        Principal::NetworkServer(name) => subject.network_server = Some(name.clone()),
+        Principal::Peer(domain) => subject.peer = Some(domain.clone()),
+    }
+    subject
+}
 
 impl Bus {
     /// Checks a token: a Network Server's, else a Matrix access token.
@@ -94,11 +110,58 @@ impl Bus {
             ))),
             Some(_) => Ok(runtime),
             None => {
-                let record = runtime.update(|r| r.user = Some(owner.clone()));
+                if let Err(refused) = self.claim_runtime(runtime_url, principal, &owner).await {
+                    // Nothing of it is kept for a claim not made.
+                    if runtime.user().is_none() && !runtime.is_attached() {
+                        self.inner.table.remove_runtime(runtime_url);
+                    }
+                    return Err(refused);
+                }
+                let record = runtime.update(|r| {
+                    r.user.get_or_insert_with(|| owner.clone());
+                });
+                if record.user.as_deref() != Some(owner.as_str()) {
+                    // Another principal claimed it in the meantime: first come, for good.
+                    return Err(BusError::Forbidden(format!(
+                        "runtime '{runtime_url}' belongs to another user"
+                    )));
+                }
+                self.inner.table.own(&runtime);
                 self.persist(&runtime.url, &record).await?;
                 Ok(runtime)
             }
         }
+    }
+
+    /// Decides whether `principal` may take the runtime URL `url`, which nobody owns yet
+    /// (`kind: "claim"`): within the per-principal limit of runtimes and as the policy says
+    /// (the shipped one allows runtime URLs of this node's domain).
+    async fn claim_runtime(
+        &self,
+        url: &str,
+        principal: &Principal,
+        owner: &str,
+    ) -> Result<(), BusError> {
+        let totals = self.totals(owner, false);
+        let limit = self.inner.config.limits.runtimes_per_principal;
+        if totals.runtimes >= limit {
+            return Err(BusError::Forbidden(format!(
+                "this user already owns {} runtimes (the limit is {limit})",
+                totals.runtimes
+            )));
+        }
+        let mut subject = principal_subject(principal, url);
+        subject.principal = Some(totals);
+        let input = Input::Claim(ClaimInput {
+            claim: Claim {
+                address: url.to_string(),
+                kind: "runtime",
+                domain: address::domain(url),
+            },
+            subject,
+            context: self.context(),
+        });
+        self.allowed(&input).await.map(drop)
     }
 
     /// Attaches a socket (its outbound queue `tx`) to `runtime`, taking over an earlier socket
@@ -110,7 +173,7 @@ impl Bus {
         &self,
         runtime: Arc<Runtime>,
         principal: Principal,
-        tx: mpsc::Sender<Utf8Bytes>,
+        tx: Outbound,
     ) -> Result<Arc<Connection>, BusError> {
         let conn = Arc::new(Connection::new(
             self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -118,6 +181,10 @@ impl Bus {
             principal,
             tx,
         ));
+        if runtime.with_record(|r| r.released) {
+            // In use again: the reaper may release it once more when it is away too long.
+            runtime.update(|r| r.released = false);
+        }
         runtime.begin_attach(conn.id, conn.close.clone());
         let inbox = &self.inner.persistence.inbox;
         let turn = runtime.handover().await;
@@ -194,12 +261,41 @@ impl Bus {
         Ok(())
     }
 
-    /// Forgets `runtime` and everything bound to it, once the store recorded that.
+    /// Releases `runtime`: everything bound to it (addresses, subscriptions, return routes),
+    /// its registry entries and what its inbox still holds are gone; its URL stays its
+    /// owner's for good (the record becomes a tombstone, stored first), so nobody else can
+    /// take it over with what was addressed to it.
     pub(super) async fn release_runtime(&self, runtime: &Arc<Runtime>) -> Result<(), BusError> {
-        self.persist(&runtime.url, &RuntimeRecord::default())
-            .await?;
+        let Some(owner) = runtime.user() else {
+            self.persist(&runtime.url, &RuntimeRecord::default())
+                .await?;
+            self.inner.subscriptions.remove_runtime(&runtime.url);
+            self.inner.table.remove_runtime(&runtime.url);
+            return Ok(());
+        };
+        let tombstone = RuntimeRecord {
+            user: Some(owner),
+            released: true,
+            ..RuntimeRecord::default()
+        };
+        self.persist(&runtime.url, &tombstone).await?;
         self.inner.subscriptions.remove_runtime(&runtime.url);
-        self.inner.table.remove_runtime(&runtime.url);
+        self.inner.table.unbind_record(runtime);
+        runtime.update(|r| *r = tombstone);
+        if let Some(registry) = &self.inner.connectors.builtin_registry {
+            if let Err(e) = registry.remove_runtime(&runtime.url).await {
+                tracing::warn!(%e, runtime = %runtime.url, "released runtime: its registry entries are not all removed yet");
+            }
+        }
+        match self.inner.persistence.inbox.discard(&runtime.url).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(runtime = %runtime.url, messages = n, "released runtime: its inbox was discarded")
+            }
+            Err(e) => {
+                tracing::warn!(%e, runtime = %runtime.url, "released runtime: its inbox could not be discarded now")
+            }
+        }
         Ok(())
     }
 

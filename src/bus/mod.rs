@@ -27,6 +27,8 @@ mod housekeeping;
 mod lifecycle;
 pub mod listener;
 mod metrics;
+mod outbound;
+mod owners;
 mod peers;
 pub mod pubsub;
 mod replicas;
@@ -190,6 +192,7 @@ impl Bus {
                     (builtin.clone(), Some(builtin))
                 }
             };
+        persistence.inbox.limit_bytes(config.inbox_max_bytes);
         let bus = Bus {
             inner: Arc::new(Inner {
                 nodes: NodeAddresses::new(domain),
@@ -286,11 +289,30 @@ impl Bus {
         if let Request::Subscribe = request {
             return self.subscribe(conn, message).await.map(Some);
         }
+        if message.to.len() > self.inner.config.max_destinations {
+            return Err(BusError::BadRequest(format!(
+                "a message may have at most {} destinations, not {}",
+                self.inner.config.max_destinations,
+                message.to.len()
+            )));
+        }
         let allocation = match &request {
             Request::Allocation(allocation) => Some(allocation.input(conn.runtime.held())),
             _ => None,
         };
-        self.allowed(&self.message_input(conn, message, allocation))
+        // What the principal holds, for the requests that can add to it: allocations,
+        // registrations, and a `from` not bound yet (a return route to be).
+        let principal = match &request {
+            Request::Allocation(_) | Request::Registry => {
+                Some(self.totals(&conn.principal.owner(), request == Request::Registry))
+            }
+            _ if !self.holds(conn, &message.from) => {
+                Some(self.totals(&conn.principal.owner(), false))
+            }
+            _ => None,
+        };
+        self.enforce_limits(&request, message, principal.as_ref())?;
+        self.allowed(&self.message_input(conn, message, allocation, principal))
             .await?;
         self.check_from(conn, message).await?;
         match request {
@@ -306,6 +328,52 @@ impl Bus {
                 .await),
             Request::Route => self.route(conn, message).await,
             Request::Session(_) | Request::Subscribe => Ok(None), // answered above
+        }
+    }
+
+    /// The per-principal backstops (`[bus.limits]`), whatever the policy says: 403 when
+    /// `request` would take the principal past one.
+    fn enforce_limits(
+        &self,
+        request: &Request,
+        message: &Message,
+        totals: Option<&crate::policy::input::Totals>,
+    ) -> Result<(), BusError> {
+        let (Some(totals), limits) = (totals, &self.inner.config.limits) else {
+            return Ok(());
+        };
+        let over = |what: &str, have: usize, limit: usize| {
+            Err(BusError::Forbidden(format!(
+                "this user holds {have} {what} (the limit is {limit})"
+            )))
+        };
+        match request {
+            Request::Allocation(allocation::AllocationRequest::Create { number, .. })
+                if totals.addresses + *number as usize > limits.addresses_per_principal =>
+            {
+                over(
+                    "addresses",
+                    totals.addresses,
+                    limits.addresses_per_principal,
+                )
+            }
+            Request::Registry
+                if message.kind_is("create")
+                    && totals.registry_entries.unwrap_or(0)
+                        >= limits.registry_entries_per_principal =>
+            {
+                over(
+                    "registry entries",
+                    totals.registry_entries.unwrap_or(0),
+                    limits.registry_entries_per_principal,
+                )
+            }
+            Request::Route if totals.foreign_routes >= limits.foreign_routes_per_principal => over(
+                "foreign return routes",
+                totals.foreign_routes,
+                limits.foreign_routes_per_principal,
+            ),
+            _ => Ok(()),
         }
     }
 

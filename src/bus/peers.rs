@@ -8,8 +8,8 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use tokio::sync::mpsc;
 
+use super::outbound::Outbound;
 use super::runtimes::Runtime;
 use super::{Bus, Connection, Principal};
 use crate::connectors::foreign::PEER_EVENT_TYPE;
@@ -187,7 +187,6 @@ impl Bus {
             RuntimeRecord::default(),
         );
         // Nothing reads this queue: a peer's answers travel back as HTTP responses.
-        let (tx, _rx) = mpsc::channel(1);
-        Arc::new(Connection::new(0, runtime, principal, tx))
+        Arc::new(Connection::new(0, runtime, principal, Outbound::detached()))
     }
 }

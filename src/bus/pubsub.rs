@@ -85,30 +85,56 @@ impl Subscriptions {
 /// published by the registry). A hyperty's or runtime's `…/changes` or `…/children/…` is
 /// not a topic: it goes to their holder.
 pub fn topic(url: &str) -> Option<Topic> {
+    topic_of(url).map(|(kind, _)| kind)
+}
+
+/// The topic `url` is and the address it is a topic of (`comm://d/x/changes` →
+/// `comm://d/x`).
+pub fn topic_of(url: &str) -> Option<(Topic, &str)> {
     let object = matches!(
         crate::rethink::address::scheme(url).as_deref(),
         Some("comm" | "connection" | "ctxt" | "context")
     );
-    let segments: Vec<&str> = url
-        .split_once("://")
-        .map(|(_, rest)| rest.split('/').collect())
-        .unwrap_or_default();
+    let (scheme_end, rest) = url.find("://").map(|i| (i + 3, &url[i + 3..]))?;
+    let segments: Vec<&str> = rest.split('/').collect();
     // authority, object id, then the sub-resource
-    match segments.as_slice() {
-        [_, _, "registration"] => Some(Topic::Changes),
-        [_, _, "changes"] if object => Some(Topic::Changes),
-        [_, _, "children", _, ..] if object => Some(Topic::Children),
-        _ => None,
-    }
+    let kind = match segments.as_slice() {
+        [_, _, "registration"] => Topic::Registration,
+        [_, _, "changes"] if object => Topic::Changes,
+        [_, _, "children", _, ..] if object => Topic::Children,
+        _ => return None,
+    };
+    let base_len = scheme_end + segments[0].len() + 1 + segments[1].len();
+    Some((kind, &url[..base_len]))
 }
 
 /// The kinds of topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
-    /// `…/changes`, `…/registration`: subscribers only; with none, nobody.
+    /// `<object>/changes`: the holder publishes, subscribers receive; with none, nobody.
     Changes,
-    /// `<object>/children/…`: subscribers; with none, the object's holder (the reporter).
+    /// `<address>/registration`: the registry (or the holder) publishes status changes;
+    /// subscribers receive; with none, nobody.
+    Registration,
+    /// `<object>/children/…`: the object's holder (the reporter) always receives, and so do
+    /// its subscribers.
     Children,
+}
+
+impl Topic {
+    /// The name policies see (`subscription.topic`, `targets[].topic`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topic::Changes => "changes",
+            Topic::Registration => "registration",
+            Topic::Children => "children",
+        }
+    }
+
+    /// Whether only the object's holder (or the node) may send to it.
+    pub fn holder_publishes(self) -> bool {
+        matches!(self, Topic::Changes | Topic::Registration)
+    }
 }
 
 /// Whether `url` is a topic (see [`topic`]): the only addresses others may subscribe to.
@@ -123,7 +149,10 @@ mod tests {
     #[test]
     fn topics() {
         assert_eq!(topic("comm://d/x/changes"), Some(Topic::Changes));
-        assert_eq!(topic("hyperty://d/h/registration"), Some(Topic::Changes));
+        assert_eq!(
+            topic("hyperty://d/h/registration"),
+            Some(Topic::Registration)
+        );
         assert_eq!(topic("comm://d/x/children/chat"), Some(Topic::Children));
         assert_eq!(topic("comm://d/x/children/chat/1"), Some(Topic::Children));
         assert_eq!(topic("hyperty://d/h/changes"), None);
@@ -132,5 +161,14 @@ mod tests {
         assert_eq!(topic("comm://d/x/subscription"), None);
         assert_eq!(topic("comm://d/x"), None);
         assert_eq!(topic("comm://d/x/y/changes"), None);
+        assert_eq!(
+            topic_of("comm://d/x/children/chat/1"),
+            Some((Topic::Children, "comm://d/x"))
+        );
+        assert_eq!(
+            topic_of("hyperty://d/h/registration"),
+            Some((Topic::Registration, "hyperty://d/h"))
+        );
+        assert_eq!(topic_of("mn:/session"), None);
     }
 }

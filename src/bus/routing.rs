@@ -20,6 +20,7 @@ use super::pubsub::{self, Topic};
 use super::runtimes::{Delivered, Runtime, Table};
 use super::Bus;
 use crate::config::Durability;
+use crate::policy::input::Target;
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
 
@@ -94,35 +95,28 @@ impl Bus {
         Ok(())
     }
 
-    /// Who `to` reaches. A topic (see `pubsub::topic`) reaches its subscribers; with none, a
-    /// foreign topic goes to the peer node, a children topic to the object's holder, a changes
-    /// topic to nobody. Any other address reaches the runtime holding it (or the nearest
-    /// address it is a sub-resource of) — never subscribers — else a peer node (another
-    /// domain), else nobody (unknown).
+    /// Who `to` reaches. A topic (see `pubsub::topic`) reaches its subscribers — and a
+    /// children topic always its object's holder too; with none, a foreign topic goes to the
+    /// peer node, a changes or registration topic to nobody. Any other address reaches the
+    /// runtime holding it (or the nearest address it is a sub-resource of) — never
+    /// subscribers — else a peer node (another domain), else nobody (unknown).
     fn destination(&self, to: &str) -> Destination {
-        let subscribers = || {
-            self.inner
+        let local = self.inner.nodes.is_local(to);
+        if let Some(topic) = pubsub::topic(to) {
+            let mut runtimes: Vec<Arc<Runtime>> = self
+                .inner
                 .subscriptions
                 .subscribers(to)
                 .into_iter()
                 .map(|s| s.runtime)
-                .collect::<Vec<_>>()
-        };
-        let local = self.inner.nodes.is_local(to);
-        if let Some(topic) = pubsub::topic(to) {
-            let subscribed = subscribers();
-            if !subscribed.is_empty() {
-                return Destination::Runtimes(subscribed);
+                .collect();
+            if topic == Topic::Children {
+                runtimes.extend(self.inner.table.holder_of(to));
             }
-            if !local {
+            if runtimes.is_empty() && !local {
                 return Destination::Foreign;
             }
-            return match topic {
-                Topic::Children => {
-                    Destination::Runtimes(self.inner.table.holder_of(to).into_iter().collect())
-                }
-                Topic::Changes => Destination::Runtimes(Vec::new()),
-            };
+            return Destination::Runtimes(runtimes);
         }
         if let Some(runtime) = self.inner.table.holder_of(to) {
             Destination::Runtimes(vec![runtime])
@@ -131,6 +125,34 @@ impl Bus {
         } else {
             Destination::Unknown
         }
+    }
+
+    /// What the policy sees of each `to` of `message` from `conn`: the topic it is, and
+    /// whether the sender holds it (for a topic: holds its object).
+    pub(super) fn targets(&self, conn: &Connection, message: &Message) -> Vec<Target> {
+        message
+            .to
+            .iter()
+            .map(|to| {
+                let (topic, held) = match pubsub::topic_of(to) {
+                    Some((topic, object)) => (Some(topic.as_str()), object),
+                    None => (None, to.as_str()),
+                };
+                Target {
+                    address: to.clone(),
+                    topic,
+                    held_by_sender: self.holds(conn, held),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether `conn`'s runtime holds `address` (or the address it is a sub-resource of).
+    pub(super) fn holds(&self, conn: &Connection, address: &str) -> bool {
+        self.inner
+            .table
+            .holder_of(address)
+            .is_some_and(|holder| Arc::ptr_eq(&holder, &conn.runtime))
     }
 
     /// Routes an allowed message to every destination ([`Bus::destination`]): runtimes (direct
@@ -149,6 +171,18 @@ impl Bus {
                     "node component '{to}' takes a message of its own (a single 'to')"
                 )));
             }
+            // Only an object's holder publishes its changes (and status): nobody else may
+            // reach its subscribers as if it were the object.
+            if let Some((topic, object)) = pubsub::topic_of(to) {
+                if topic.holder_publishes()
+                    && self.inner.nodes.is_local(to)
+                    && !self.holds(conn, object)
+                {
+                    return Err(BusError::Forbidden(format!(
+                        "only the holder of '{object}' publishes to '{to}'"
+                    )));
+                }
+            }
             match self.destination(to) {
                 Destination::Runtimes(runtimes) => targets.extend(runtimes),
                 Destination::Foreign => foreign.push(to.clone()),
@@ -156,9 +190,19 @@ impl Bus {
             }
         }
         let targets = Table::distinct(targets);
-        if !targets.is_empty() && self.inner.history_behind.load(Ordering::Relaxed) {
+        let persistence = &self.inner.persistence;
+        if !targets.is_empty()
+            && (self.inner.history_behind.load(Ordering::Relaxed)
+                || persistence.journal.held_bytes() > self.inner.config.max_history_bytes)
+        {
             return Err(BusError::Unavailable(
                 "the node's history is behind the homeserver; retry shortly".into(),
+            ));
+        }
+        let away = targets.iter().filter(|r| !r.is_online()).count();
+        if away > 0 && !persistence.inbox.has_room(message.text.len() * away) {
+            return Err(BusError::Unavailable(
+                "the receiver is away and the inboxes are full; retry shortly".into(),
             ));
         }
         let journal = &self.inner.persistence.journal;

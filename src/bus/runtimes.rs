@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::outbound::Outbound;
+use super::owners::{counts, Owner, Owners};
 use crate::persist::inbox::Inbox;
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::Subject;
@@ -38,12 +39,14 @@ struct RuntimeState {
     subject: Option<Arc<Subject>>,
     /// Since when no socket holds the runtime (`None` while one does).
     away_since: Option<Instant>,
+    /// Its principal's holdings, which every change of the record updates.
+    owner: Option<Arc<Owner>>,
 }
 
 enum Delivery {
     Online {
         conn: u64,
-        tx: mpsc::Sender<Utf8Bytes>,
+        tx: Outbound,
         close: CancellationToken,
     },
     Draining {
@@ -72,6 +75,7 @@ impl Runtime {
                 delivery: Delivery::Away,
                 subject: None,
                 away_since: Some(Instant::now()),
+                owner: None,
             }),
             handover: tokio::sync::Mutex::new(()),
         }
@@ -109,9 +113,18 @@ impl Runtime {
     /// Changes the record; returns the new copy (to persist).
     pub fn update(&self, change: impl FnOnce(&mut RuntimeRecord)) -> RuntimeRecord {
         let mut state = self.lock();
+        let before = counts(&state.record);
         change(&mut state.record);
+        if let Some(owner) = &state.owner {
+            owner.changed(before, counts(&state.record));
+        }
         state.subject = None;
         state.record.clone()
+    }
+
+    /// The holdings of the principal that owns the runtime (once one does).
+    pub fn owner(&self) -> Option<Arc<Owner>> {
+        self.lock().owner.clone()
     }
 
     /// How many allocated addresses the runtime holds (what allocation quotas count).
@@ -203,7 +216,7 @@ impl Runtime {
 
     /// After the inbox was handed to `tx`: sends what was buffered meanwhile and goes online.
     /// Returns false when another connection took over in the meantime.
-    pub async fn go_online(&self, conn: u64, tx: &mpsc::Sender<Utf8Bytes>) -> bool {
+    pub async fn go_online(&self, conn: u64, tx: &Outbound) -> bool {
         loop {
             let buffered = {
                 let mut state = self.lock();
@@ -239,7 +252,7 @@ impl Runtime {
                     {
                         if *c == conn {
                             let mut rest: Vec<Utf8Bytes> =
-                                std::iter::once(unsent.0).chain(buffered).collect();
+                                std::iter::once(unsent).chain(buffered).collect();
                             rest.append(buffer);
                             *buffer = rest;
                         }
@@ -299,9 +312,27 @@ impl Runtime {
 pub struct Table {
     runtimes: RwLock<HashMap<String, Arc<Runtime>>>,
     addresses: RwLock<HashMap<String, Arc<Runtime>>>,
+    owners: Owners,
 }
 
 impl Table {
+    /// Counts `runtime` among its principal's holdings (its record names the owner); once.
+    pub fn own(&self, runtime: &Arc<Runtime>) {
+        let mut state = runtime.lock();
+        if state.owner.is_some() {
+            return;
+        }
+        let Some(user) = state.record.user.clone() else {
+            return;
+        };
+        state.owner = Some(self.owners.add(&user, &runtime.url, &state.record));
+    }
+
+    /// The holdings of the principal `owner`, if it owns any runtime.
+    pub fn owner(&self, owner: &str) -> Option<Arc<Owner>> {
+        self.owners.find(owner)
+    }
+
     /// The runtime with this URL, created (away, with `record`) when new.
     pub fn runtime(&self, url: &str, record: impl FnOnce() -> RuntimeRecord) -> Arc<Runtime> {
         if let Some(r) = self.get_runtime(url) {
@@ -315,6 +346,7 @@ impl Table {
         drop(runtimes);
         self.bind_if_free(url, &runtime);
         self.bind_record(&runtime);
+        self.own(&runtime);
         runtime
     }
 
@@ -358,6 +390,10 @@ impl Table {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(|_, r| !Arc::ptr_eq(r, &runtime));
+            let mut state = runtime.lock();
+            if let (Some(_), Some(user)) = (state.owner.take(), &state.record.user) {
+                self.owners.remove(user, &runtime.url, &state.record);
+            }
         }
     }
 
@@ -449,7 +485,7 @@ mod tests {
         // Reconnect: buffered during the drain, then online.
         rt.begin_attach(7, CancellationToken::new());
         assert_eq!(rt.deliver(&text("b"), &inbox), Delivered::Queued);
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = super::super::outbound::channel(16, 1 << 20);
         let taken = inbox.take("runtime://d/1").await.unwrap();
         for m in &taken.messages {
             tx.send(Utf8Bytes::from(m.clone())).await.unwrap();
@@ -458,7 +494,7 @@ mod tests {
         assert!(rt.go_online(7, &tx).await);
         assert_eq!(rt.deliver(&text("c"), &inbox), Delivered::Direct);
         let got: Vec<String> =
-            std::iter::from_fn(|| rx.try_recv().ok().map(|t| t.to_string())).collect();
+            std::iter::from_fn(|| rx.try_recv().map(|t| t.to_string())).collect();
         assert_eq!(got, ["a", "b", "c"]);
     }
 
@@ -467,7 +503,7 @@ mod tests {
         let table = Table::default();
         let inbox = Inbox::memory();
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = super::super::outbound::channel(1, 1 << 20);
         let close = CancellationToken::new();
         rt.begin_attach(1, close.clone());
         assert!(rt.go_online(1, &tx).await);
@@ -486,7 +522,7 @@ mod tests {
         rt.begin_attach(1, CancellationToken::new());
         rt.deliver(&text("m1"), &inbox);
         rt.deliver(&text("m2"), &inbox);
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = super::super::outbound::channel(4, 1 << 20);
         drop(rx);
         assert!(!rt.go_online(1, &tx).await, "the socket is gone");
         rt.deliver(&text("m3"), &inbox);

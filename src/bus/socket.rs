@@ -25,9 +25,9 @@ use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::outbound::{self, OutboundRx};
 use super::{Bus, Connection};
 use crate::rethink::message::response;
 use crate::rethink::Message;
@@ -179,7 +179,10 @@ async fn session(
             return;
         }
     }
-    let (tx, rx) = mpsc::channel(bus.config().outbound_queue.max(1));
+    let (tx, rx) = outbound::channel(
+        bus.config().outbound_queue,
+        bus.config().outbound_queue_bytes,
+    );
     let closing: Arc<Mutex<Option<(u16, String)>>> = Arc::default();
     let writer_close = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
@@ -343,7 +346,7 @@ async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> Option<Strin
 
 async fn write_loop(
     mut sink: Sink,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
+    mut rx: OutboundRx,
     closing: Arc<Mutex<Option<(u16, String)>>>,
     stop: CancellationToken,
 ) {
@@ -360,7 +363,7 @@ async fn write_loop(
             return;
         }
         // Write whatever else is queued before flushing: one syscall for a burst.
-        while let Ok(text) = rx.try_recv() {
+        while let Some(text) = rx.try_recv() {
             if sink.feed(WsMessage::Text(text)).await.is_err() {
                 return;
             }
@@ -370,7 +373,7 @@ async fn write_loop(
         }
     }
     // Hand over what is still queued (responses written before the close).
-    while let Ok(text) = rx.try_recv() {
+    while let Some(text) = rx.try_recv() {
         if sink.feed(WsMessage::Text(text)).await.is_err() {
             return;
         }

@@ -33,6 +33,28 @@ impl Bus {
                 .is_some_and(|h| Arc::ptr_eq(&h, runtime))
     }
 
+    /// The policy's view of `subscriber` (of `runtime`) subscribing to `resource`: the topic
+    /// it is, and whose object it belongs to.
+    fn subscription<'a>(
+        &self,
+        resource: &'a str,
+        subscriber: &'a str,
+        runtime: &Arc<Runtime>,
+    ) -> Subscription<'a> {
+        let (topic, object) = match pubsub::topic_of(resource) {
+            Some((topic, object)) => (Some(topic.as_str()), object),
+            None => (None, resource),
+        };
+        let holder = self.inner.table.holder_of(object);
+        Subscription {
+            resource,
+            subscriber,
+            topic,
+            held_by_subscriber: holder.as_ref().is_some_and(|h| Arc::ptr_eq(h, runtime)),
+            holder: holder.and_then(|h| h.user()),
+        }
+    }
+
     /// Subscribe: one decision per resource (`kind: "subscription"`); all allowed → all bound
     /// to the subscriber and stored, 200; any denied → none bound, 403 with every reason.
     pub(super) async fn subscribe(
@@ -87,10 +109,7 @@ impl Bus {
         for resource in &resources {
             let input = Input::Subscription(SubscriptionInput {
                 message: Some(&message.value),
-                subscription: Subscription {
-                    resource,
-                    subscriber: &subscriber,
-                },
+                subscription: self.subscription(resource, &subscriber, &runtime),
                 subject: subject.clone(),
                 context: context.clone(),
             });
@@ -192,10 +211,11 @@ impl Bus {
             }
             let input = Input::Subscription(SubscriptionInput {
                 message: None,
-                subscription: Subscription {
-                    resource: &resource,
-                    subscriber: &subscriber.address,
-                },
+                subscription: self.subscription(
+                    &resource,
+                    &subscriber.address,
+                    &subscriber.runtime,
+                ),
                 subject: (*subscriber.runtime.subject()).clone(),
                 context: self.context(),
             });

@@ -10,7 +10,7 @@
 //! With `[bus.registry] url` the messages go to a reTHINK domain registry's REST API
 //! (`PUT/GET/DELETE /hyperty/user/<user>/<hyperty>`, `/hyperty/dataobject/<url>`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
 use futures_util::future::BoxFuture;
@@ -26,26 +26,91 @@ const MAX_ENTRIES_PER_RUNTIME: usize = 1000;
 
 /// The built-in registry.
 pub struct BuiltinRegistry {
-    entries: RwLock<BTreeMap<String, Value>>,
+    entries: RwLock<Entries>,
     store: Store,
+}
+
+/// The entries by URL, and how many each runtime registered.
+#[derive(Default)]
+struct Entries {
+    by_url: BTreeMap<String, Value>,
+    per_runtime: HashMap<String, usize>,
+}
+
+impl Entries {
+    fn set(&mut self, url: &str, entry: Option<Value>) {
+        let counted = |entry: &Value| entry["runtime"].as_str().map(str::to_string);
+        let old = match entry {
+            Some(entry) => {
+                if let Some(runtime) = counted(&entry) {
+                    *self.per_runtime.entry(runtime).or_default() += 1;
+                }
+                self.by_url.insert(url.to_string(), entry)
+            }
+            None => self.by_url.remove(url),
+        };
+        if let Some(runtime) = old.as_ref().and_then(counted) {
+            if let Some(n) = self.per_runtime.get_mut(&runtime) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_runtime.remove(&runtime);
+                }
+            }
+        }
+    }
 }
 
 impl BuiltinRegistry {
     /// A registry holding `entries` (loaded from the store), writing changes to `store`.
     pub fn new(entries: BTreeMap<String, Value>, store: Store) -> Self {
+        let mut indexed = Entries::default();
+        for (url, entry) in entries {
+            indexed.set(&url, Some(entry));
+        }
         Self {
-            entries: RwLock::new(entries),
+            entries: RwLock::new(indexed),
             store,
         }
     }
 
     /// Takes a change another replica stored (`None`: removed), without storing it again.
     pub fn apply(&self, url: &str, entry: Option<Value>) {
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        match entry {
-            Some(entry) => entries.insert(url.to_string(), entry),
-            None => entries.remove(url),
-        };
+        self.write().set(url, entry);
+    }
+
+    /// How many entries the runtimes `runtimes` registered.
+    pub fn registered_by(&self, runtimes: &[String]) -> usize {
+        let entries = self.read();
+        runtimes
+            .iter()
+            .filter_map(|r| entries.per_runtime.get(r))
+            .sum()
+    }
+
+    /// Removes every entry `runtime` registered (it was released): stored, then forgotten.
+    ///
+    /// # Errors
+    /// The store cannot record a removal now (the rest stay for a later release).
+    pub async fn remove_runtime(&self, runtime: &str) -> Result<usize, BusError> {
+        let urls: Vec<String> = self
+            .read()
+            .by_url
+            .iter()
+            .filter(|(_, e)| e["runtime"] == runtime)
+            .map(|(url, _)| url.clone())
+            .collect();
+        for url in &urls {
+            self.put(url, None).await?;
+        }
+        Ok(urls.len())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
+        self.entries.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
+        self.entries.write().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn on_message(&self, message: &Message, sender: Sender<'_>) -> Result<Reply, BusError> {
@@ -111,8 +176,9 @@ impl BuiltinRegistry {
                     })?;
                 let criteria = body.get("criteria");
                 let found = if resource.starts_with("user://") {
-                    let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+                    let entries = self.read();
                     let map: serde_json::Map<String, Value> = entries
+                        .by_url
                         .iter()
                         .filter(|(_, e)| e["user"] == resource)
                         .filter(|(_, e)| matches(e, criteria))
@@ -168,20 +234,11 @@ impl BuiltinRegistry {
     }
 
     fn count_of(&self, runtime: &str) -> usize {
-        self.entries
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|e| e["runtime"] == runtime)
-            .count()
+        self.read().per_runtime.get(runtime).copied().unwrap_or(0)
     }
 
     fn get(&self, url: &str) -> Option<Value> {
-        self.entries
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(url)
-            .cloned()
+        self.read().by_url.get(url).cloned()
     }
 
     fn owned(&self, url: &str, sender: Sender<'_>) -> Result<Value, BusError> {
@@ -203,11 +260,7 @@ impl BuiltinRegistry {
             .map_err(|e| {
                 BusError::Unavailable(format!("registry cannot store the entry now: {e}"))
             })?;
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        match entry {
-            Some(entry) => entries.insert(url.to_string(), entry),
-            None => entries.remove(url),
-        };
+        self.write().set(url, entry);
         Ok(())
     }
 }

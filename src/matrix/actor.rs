@@ -226,6 +226,18 @@ impl Actor {
         Ok(room_id)
     }
 
+    /// The room `#<alias_localpart>:<server>` names, if it exists (never created here).
+    ///
+    /// # Errors
+    /// The homeserver refused or is unavailable.
+    pub async fn find_room(&self, alias_localpart: &str) -> Result<Option<String>, ActorError> {
+        let alias = format!("#{alias_localpart}:{}", self.server_name);
+        if let Some(room) = self.lock_rooms().get(&alias) {
+            return Ok(Some(room.clone()));
+        }
+        self.resolve_alias(&alias).await
+    }
+
     async fn resolve_alias(&self, alias: &str) -> Result<Option<String>, ActorError> {
         let path = format!("/_matrix/client/v3/directory/room/{}", encode(alias));
         match self.call(Method::GET, &path, &[], None).await {

@@ -1,10 +1,16 @@
-//! Decision cache: results keyed by (bundle generation, query, canonical input).
+//! Decision cache: results keyed by (bundle generation, query, digest of the canonical input).
 //!
 //! The input is written out canonically (object keys sorted, as `serde_json` keeps them) with
-//! the configured volatile fields left out, and the bytes themselves are the key, so two
-//! different inputs can never share an entry. Every bundle swap bumps the generation and
-//! empties the cache, so a decision is never served for a revision other than its own.
+//! the configured volatile fields left out, straight into a 128-bit digest — two AHash
+//! hashers with independent keys drawn at random when the process starts — so a key is 16
+//! bytes whatever the input's size (a 1 MiB input does not cost 1 MiB of cache), and no
+//! input is copied to be compared. Two different inputs share an entry only if they collide
+//! in both keyed hashes, whose keys an attacker never sees. Every bundle swap bumps the
+//! generation and empties the cache, so a decision is never served for a revision other than
+//! its own.
 
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +21,30 @@ use serde_json::Value;
 pub struct CacheKey {
     generation: u64,
     query: Arc<str>,
-    input: Box<[u8]>,
+    digest: (u64, u64),
 }
 
 /// A bounded, TTL-limited map from [`CacheKey`] to an evaluation result (`None`: undefined).
 pub struct DecisionCache {
     entries: Option<moka::sync::Cache<CacheKey, Arc<Option<Value>>, ahash::RandomState>>,
     ignore: Vec<Vec<String>>,
+    /// The two keyed hashes of the digest.
+    digests: (ahash::RandomState, ahash::RandomState),
+}
+
+/// Bytes written into both hashes of a digest.
+struct Digest(ahash::AHasher, ahash::AHasher);
+
+impl Write for Digest {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.write(bytes);
+        self.1.write(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl DecisionCache {
@@ -44,7 +67,11 @@ impl DecisionCache {
                     .collect()
             })
             .collect();
-        Self { entries, ignore }
+        Self {
+            entries,
+            ignore,
+            digests: (ahash::RandomState::new(), ahash::RandomState::new()),
+        }
     }
 
     /// Whether lookups can hit at all.
@@ -54,18 +81,18 @@ impl DecisionCache {
 
     /// The key for `query` and `input` under `generation`.
     pub fn key(&self, generation: u64, query: &Arc<str>, input: Option<&Value>) -> CacheKey {
-        let mut bytes = Vec::with_capacity(256);
+        let mut digest = Digest(self.digests.0.build_hasher(), self.digests.1.build_hasher());
         match input {
-            None => bytes.push(b'-'),
+            None => digest.0.write_u8(b'-'),
             Some(value) => {
                 let mut path = Vec::new();
-                write_canonical(&mut bytes, value, &self.ignore, &mut path);
+                write_canonical(&mut digest, value, &self.ignore, &mut path);
             }
         }
         CacheKey {
             generation,
             query: Arc::clone(query),
-            input: bytes.into_boxed_slice(),
+            digest: (digest.0.finish(), digest.1.finish()),
         }
     }
 
@@ -90,15 +117,15 @@ impl DecisionCache {
 }
 
 /// Writes `value` as compact JSON, skipping object members whose path is in `ignore`.
-fn write_canonical<'a>(
-    out: &mut Vec<u8>,
+fn write_canonical<'a, W: Write>(
+    out: &mut W,
     value: &'a Value,
     ignore: &[Vec<String>],
     path: &mut Vec<&'a str>,
 ) {
     match value {
         Value::Object(map) => {
-            out.push(b'{');
+            put(out, b"{");
             let mut first = true;
             for (key, member) in map {
                 path.push(key);
@@ -107,35 +134,40 @@ fn write_canonical<'a>(
                 });
                 if !skipped {
                     if !first {
-                        out.push(b',');
+                        put(out, b",");
                     }
                     first = false;
-                    // Writing a string into a Vec cannot fail.
+                    // Writing into a Vec or a digest cannot fail.
                     let _ = serde_json::to_writer(&mut *out, key);
-                    out.push(b':');
+                    put(out, b":");
                     write_canonical(out, member, ignore, path);
                 }
                 path.pop();
             }
-            out.push(b'}');
+            put(out, b"}");
         }
         Value::Array(items) => {
-            out.push(b'[');
+            put(out, b"[");
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(b',');
+                    put(out, b",");
                 }
                 // Array elements are not addressed by ignore paths.
                 let mut nested = Vec::new();
                 write_canonical(out, item, &[], &mut nested);
             }
-            out.push(b']');
+            put(out, b"]");
         }
         scalar => {
-            // Writing into a Vec cannot fail.
+            // Writing into a Vec or a digest cannot fail.
             let _ = serde_json::to_writer(&mut *out, scalar);
         }
     }
+}
+
+fn put<W: Write>(out: &mut W, bytes: &[u8]) {
+    // Writing into a Vec or a digest cannot fail.
+    let _ = out.write_all(bytes);
 }
 
 #[cfg(test)]
@@ -143,11 +175,34 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The canonical text the digest of the key is made of.
     fn key_bytes(ignore: &[&str], input: Value) -> String {
         let ignore: Vec<String> = ignore.iter().map(|s| s.to_string()).collect();
         let cache = DecisionCache::new(true, 10, Duration::from_secs(1), &ignore);
-        let key = cache.key(1, &Arc::from("q"), Some(&input));
-        String::from_utf8(key.input.to_vec()).expect("utf8")
+        let mut bytes = Vec::new();
+        write_canonical(&mut bytes, &input, &cache.ignore, &mut Vec::new());
+        String::from_utf8(bytes).expect("utf8")
+    }
+
+    #[test]
+    fn keys_are_small_and_tell_inputs_apart() {
+        let cache = DecisionCache::new(true, 10, Duration::from_secs(1), &["message.id".into()]);
+        let query: Arc<str> = Arc::from("q");
+        let big = json!({"message": {"body": "x".repeat(1 << 20)}});
+        assert_eq!(
+            std::mem::size_of_val(&cache.key(1, &query, Some(&big)).digest),
+            16
+        );
+        let key = |v: Value| cache.key(1, &query, Some(&v));
+        assert_eq!(
+            key(json!({"message": {"id": 1, "t": 1}})),
+            key(json!({"message": {"id": 2, "t": 1}}))
+        );
+        assert_ne!(
+            key(json!({"message": {"t": 1}})),
+            key(json!({"message": {"t": 2}}))
+        );
+        assert_ne!(key(json!({"a": "b"})), key(json!({"a": ["b"]})));
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! and key order may differ; text that is not JSON comes back as given).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,7 +68,43 @@ const MEMORY_WRITER: &str = "memory";
 #[derive(Clone)]
 pub struct Inbox {
     inner: Arc<Inner>,
+    /// What the inboxes hold in the node's memory (in memory: everything not delivered; in
+    /// Matrix: what is not stored yet), against the limit.
+    budget: Arc<Budget>,
 }
+
+/// Bytes held in memory, and how many may be.
+#[derive(Debug)]
+struct Budget {
+    held: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            max: AtomicUsize::new(DEFAULT_MAX_BYTES),
+        }
+    }
+}
+
+impl Budget {
+    fn add(&self, bytes: usize) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn free(&self, bytes: usize) {
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(bytes))
+            });
+    }
+}
+
+/// What inboxes may hold in memory unless [`Inbox::limit_bytes`] says otherwise.
+pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 enum Inner {
     Memory(Mutex<HashMap<String, MemoryBox>>),
@@ -83,6 +120,7 @@ struct MemoryBox {
 
 struct MatrixInbox {
     actor: Arc<Actor>,
+    budget: Arc<Budget>,
     /// With replicas: the user they follow inboxes as, joined to every inbox room.
     follower: Option<String>,
     /// This node's name in the batches it writes.
@@ -124,9 +162,12 @@ impl Inbox {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Inbox {
+        let budget = Arc::new(Budget::default());
         Inbox {
+            budget: Arc::clone(&budget),
             inner: Arc::new(Inner::Matrix(MatrixInbox {
                 actor,
+                budget,
                 follower,
                 writer: writer.to_string(),
                 shutdown,
@@ -141,7 +182,24 @@ impl Inbox {
     pub fn memory() -> Inbox {
         Inbox {
             inner: Arc::new(Inner::Memory(Mutex::new(HashMap::new()))),
+            budget: Arc::default(),
         }
+    }
+
+    /// Lets the inboxes hold at most `bytes` in memory (see [`Inbox::has_room`]).
+    pub fn limit_bytes(&self, bytes: usize) {
+        self.budget.max.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether `bytes` more fit in memory now: when not, a message for an away runtime is
+    /// refused (the sender retries) rather than held.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.budget.held.load(Ordering::Relaxed) + bytes <= self.budget.max.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the inboxes hold in memory now.
+    pub fn held_bytes(&self) -> usize {
+        self.budget.held.load(Ordering::Relaxed)
     }
 
     /// Registers the inboxes' counters (`bus_inbox_*`: events and bytes sent, send
@@ -156,6 +214,7 @@ impl Inbox {
 
     /// Queues `message_json` for `runtime` (in order per runtime); stored in the background.
     pub fn push(&self, runtime: &str, message_json: &str) {
+        self.budget.add(message_json.len());
         match &*self.inner {
             Inner::Memory(boxes) => {
                 let mut boxes = lock(boxes);
@@ -180,6 +239,7 @@ impl Inbox {
                         inbox: inbox.clone(),
                         shutdown: matrix.shutdown.clone(),
                         counters: matrix.counters.clone(),
+                        budget: Arc::clone(&matrix.budget),
                     };
                     matrix.tracker.spawn(writer.run());
                 } else {
@@ -229,12 +289,43 @@ impl Inbox {
                 if let Some(inbox) = boxes.get_mut(runtime) {
                     inbox.cursor = inbox.cursor.max(taken.upto_of(MEMORY_WRITER));
                     let cursor = inbox.cursor;
+                    let before: usize = inbox.messages.iter().map(|(_, m)| m.len()).sum();
                     inbox.messages.retain(|(seq, _)| *seq > cursor);
+                    let after: usize = inbox.messages.iter().map(|(_, m)| m.len()).sum();
+                    self.budget.free(before - after);
                 }
                 Ok(())
             }
             Inner::Matrix(matrix) => matrix.ack(runtime, taken).await,
         }
+    }
+
+    /// Discards every message for `runtime` (it was released): what is stored is marked
+    /// delivered, so no later take returns any of it. How many messages that was.
+    ///
+    /// # Errors
+    /// As [`Inbox::take`] and [`Inbox::ack`].
+    pub async fn discard(&self, runtime: &str) -> Result<usize, ActorError> {
+        if let Inner::Memory(boxes) = &*self.inner {
+            let removed = lock(boxes).remove(runtime);
+            let bytes = removed
+                .iter()
+                .flat_map(|b| &b.messages)
+                .map(|(_, m)| m.len())
+                .sum();
+            self.budget.free(bytes);
+            return Ok(removed.map_or(0, |b| b.messages.len()));
+        }
+        if let Inner::Matrix(matrix) = &*self.inner {
+            let inbox = matrix.runtime_box(runtime);
+            let never_written = inbox.room.get().is_none() && lock(&inbox.queue).pushed == 0;
+            if never_written && matrix.actor.find_room(&inbox.alias()).await?.is_none() {
+                return Ok(0); // no room: nothing ever waited for it
+            }
+        }
+        let taken = self.take(runtime).await?;
+        self.ack(runtime, &taken).await?;
+        Ok(taken.messages.len())
     }
 }
 
@@ -429,6 +520,11 @@ fn batch_writer(content: &Value) -> String {
 }
 
 impl RuntimeBox {
+    /// The alias localpart of the runtime's room.
+    fn alias(&self) -> String {
+        format!("_msgnode_inbox.{}", hash16(&self.runtime))
+    }
+
     /// The runtime's room (created on first use) and the sequence number its next batch
     /// starts at when first opened.
     async fn open(
@@ -440,7 +536,7 @@ impl RuntimeBox {
         self.room
             .get_or_try_init(|| async {
                 let sender = actor.sender().to_string();
-                let alias = format!("_msgnode_inbox.{}", hash16(&self.runtime));
+                let alias = self.alias();
                 let name = format!("msgnode inbox {}", self.runtime);
                 let room = actor.ensure_room(&alias, &sender, &name).await?;
                 if let Some(follower) = follower {
@@ -464,6 +560,7 @@ struct Writer {
     inbox: Arc<RuntimeBox>,
     shutdown: CancellationToken,
     counters: Counters,
+    budget: Arc<Budget>,
 }
 
 impl Writer {
@@ -473,7 +570,12 @@ impl Writer {
             Some((room, next)) => (room, next),
             None => {
                 // Given up at shutdown: count everything as done so no take waits forever.
-                let pushed = lock(&self.inbox.queue).pushed;
+                let (pushed, bytes) = {
+                    let mut queue = lock(&self.inbox.queue);
+                    let pending = std::mem::take(&mut queue.pending);
+                    (queue.pushed, pending.iter().map(String::len).sum())
+                };
+                self.budget.free(bytes);
                 tracing::error!(%runtime, pushed, "inbox: room unavailable at shutdown; messages not stored");
                 self.counters.lost.inc_by(pushed);
                 self.inbox.stored.send_replace(pushed);
@@ -499,6 +601,7 @@ impl Writer {
                 continue;
             }
             let count = pending.len() as u64;
+            let bytes: usize = pending.iter().map(String::len).sum();
             let first_seq = next_seq;
             let header = header.clone();
             let encoded = tokio::task::spawn_blocking(move || {
@@ -531,6 +634,7 @@ impl Writer {
                     false
                 }
             };
+            self.budget.free(bytes);
             if !ok {
                 tracing::error!(%runtime, count, "inbox: messages not stored");
                 self.counters.lost.inc_by(count);

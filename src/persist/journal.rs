@@ -107,6 +107,9 @@ struct Shared {
     counters: Counters,
     recorded: Counter,
     persisted: Counter,
+    /// Bytes of records not yet stored (queued or in flight): what the journal holds in
+    /// memory.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -192,6 +195,7 @@ impl Journal {
                 counters: Counters::default(),
                 recorded: Counter::default(),
                 persisted: Counter::default(),
+                held: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -213,6 +217,10 @@ impl Journal {
         let was_empty = queue.records.is_empty();
         let was_small = queue.bytes < shared.max_batch_raw_bytes;
         queue.bytes += message_json.len() + 64;
+        shared.held.fetch_add(
+            message_json.len() + 64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         queue.records.push(Record {
             seq,
             ts_ms: now_ms(),
@@ -271,6 +279,11 @@ impl Journal {
         // Given up at shutdown: whether this very record was lost is not tracked per
         // record, so report it conservatively.
         Err(JournalError::Closed)
+    }
+
+    /// Bytes of records recorded but not stored yet, held in memory.
+    pub fn held_bytes(&self) -> usize {
+        self.shared.held.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counters and lag.
@@ -469,8 +482,20 @@ impl Writer {
         self.shared.stored.send_modify(|p| p.stored = stored);
     }
 
-    /// Encodes and sends one batch, retrying until stored; false when given up at shutdown.
+    /// Stores one batch ([`Writer::send`]), then counts its bytes as no longer held.
     async fn store(&self, records: Vec<Record>, shutdown: &CancellationToken) -> bool {
+        let bytes: usize = records.iter().map(|r| r.message.len() + 64).sum();
+        let stored = self.send(records, shutdown).await;
+        let _ = self.shared.held.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |held| Some(held.saturating_sub(bytes)),
+        );
+        stored
+    }
+
+    /// Encodes and sends one batch, retrying until stored; false when given up at shutdown.
+    async fn send(&self, records: Vec<Record>, shutdown: &CancellationToken) -> bool {
         let Some(first_seq) = records.first().map(|r| r.seq) else {
             return true;
         };

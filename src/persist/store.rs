@@ -3,7 +3,8 @@
 //! Owns the state room (`#_msgnode_state:<server>`, created by the appservice's own user)
 //! and two state event types in it:
 //! - `org.msgnode.bus.runtime`, state key = runtime URL: a [`RuntimeRecord`] (its user,
-//!   allocated addresses, subscriptions, foreign return routes);
+//!   allocated addresses, subscriptions, foreign return routes; a released runtime keeps
+//!   only its user, marked `released`);
 //! - `org.msgnode.registry`, state key = registered URL: `{"entry": <value>}`, or
 //!   `{"entry_json": "<text>"}` when the homeserver refuses the value as non-canonical JSON
 //!   (floats).
@@ -48,6 +49,10 @@ pub struct RuntimeRecord {
     /// newest attach wins when two replicas claim the runtime.
     #[serde(skip_serializing_if = "is_zero")]
     pub attached_ms: u64,
+    /// Released (`disconnect`, `close`, or away too long): nothing is bound to it any more,
+    /// but its URL stays its owner's for good (a tombstone).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -55,7 +60,8 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl RuntimeRecord {
-    /// Nothing bound and no owner: the runtime is released (stored as deleted).
+    /// Nothing bound and no owner: the runtime is forgotten (stored as deleted). A released
+    /// runtime keeps its owner: see [`RuntimeRecord::released`].
     pub fn is_empty(&self) -> bool {
         self.user.is_none()
             && self.allocations.is_empty()

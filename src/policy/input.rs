@@ -4,7 +4,9 @@
 //! the node makes and checks it against the schema and against the exact JSON the shipped
 //! policies read.
 //!
-//! Kinds: `message` (a reTHINK message, with `allocation` for allocation requests),
+//! Kinds: `message` (a reTHINK message, with `targets` — what each `to` is — and
+//! `allocation` for allocation requests), `claim` (a principal taking an address nobody
+//! holds, a runtime URL at the handshake),
 //! `subscription` (one resource of a subscribe request, or a re-decision of a held
 //! subscription), `matrix_event` (an event a Matrix client or the homeserver would create)
 //! and `membership` (a membership change). Absent optional fields are left out, never
@@ -19,6 +21,8 @@ use serde_json::Value;
 pub enum Input<'a> {
     /// A reTHINK message from a connection.
     Message(MessageInput<'a>),
+    /// A principal taking an address no one holds yet (a runtime URL at the handshake).
+    Claim(ClaimInput),
     /// One subscription.
     Subscription(SubscriptionInput<'a>),
     /// A Matrix event.
@@ -44,9 +48,46 @@ pub struct MessageInput<'a> {
     pub subject: Subject,
     /// When and where.
     pub context: Context,
+    /// What each `to` is, as the node knows it.
+    pub targets: Vec<Target>,
     /// For a request to an address-allocation component.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation: Option<Allocation>,
+}
+
+/// One `to` of a message, as the node knows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Target {
+    /// The address.
+    pub address: String,
+    /// `changes`, `registration` or `children` when it is a topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<&'static str>,
+    /// Whether the sender holds the address (for a topic: the address it is a topic of).
+    pub held_by_sender: bool,
+}
+
+/// `kind: "claim"`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClaimInput {
+    /// What is claimed.
+    pub claim: Claim,
+    /// Who claims it (without addresses: it holds nothing there yet).
+    pub subject: Subject,
+    /// When and where.
+    pub context: Context,
+}
+
+/// An address a principal takes for good.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Claim {
+    /// The address.
+    pub address: String,
+    /// `runtime`: a runtime URL, at a socket's handshake.
+    pub kind: &'static str,
+    /// The address's domain (absent when it has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// `kind: "subscription"`.
@@ -70,6 +111,17 @@ pub struct Subscription<'a> {
     pub resource: &'a str,
     /// The address that receives what is published (`body.source`, else the runtime).
     pub subscriber: &'a str,
+    /// `changes`, `registration` or `children` (absent: not a topic, the subscriber's own
+    /// address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<&'static str>,
+    /// Whose object the resource belongs to: the owner of the runtime holding it (a Matrix
+    /// user id, `network-server:<name>` or `peer:<domain>`); absent when no runtime here
+    /// holds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// Whether the subscribing runtime holds that object itself.
+    pub held_by_subscriber: bool,
 }
 
 /// `kind: "matrix_event"`.
@@ -166,6 +218,25 @@ pub struct Subject {
     /// The peer node's domain, for messages another domain's node sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// What the principal holds across all its runtimes (for the decisions that add to it:
+    /// claims, allocations, registrations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<Totals>,
+}
+
+/// What one principal holds across all its runtimes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Totals {
+    /// Runtime URLs it owns.
+    pub runtimes: usize,
+    /// Addresses allocated to its runtimes.
+    pub addresses: usize,
+    /// Foreign addresses its runtimes use as return routes.
+    pub foreign_routes: usize,
+    /// Entries its runtimes registered in the built-in registry (absent with a domain
+    /// registry, which the node does not count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_entries: Option<usize>,
 }
 
 /// When and where a decision is asked.
@@ -242,9 +313,61 @@ mod tests {
         }
     }
 
+    fn targets() -> Vec<Target> {
+        vec![
+            Target {
+                address: "hyperty://localhost/b".into(),
+                topic: None,
+                held_by_sender: false,
+            },
+            Target {
+                address: "comm://localhost/x/changes".into(),
+                topic: Some("changes"),
+                held_by_sender: true,
+            },
+        ]
+    }
+
+    fn targets_json() -> Value {
+        json!([{"address": "hyperty://localhost/b", "held_by_sender": false},
+               {"address": "comm://localhost/x/changes", "topic": "changes", "held_by_sender": true}])
+    }
+
+    fn totals() -> Totals {
+        Totals {
+            runtimes: 2,
+            addresses: 7,
+            foreign_routes: 0,
+            registry_entries: Some(1),
+        }
+    }
+
+    fn context_json() -> Value {
+        json!({"node": "localhost", "time": "2026-11-25T09:00:00Z"})
+    }
+
+    fn subject_json() -> Value {
+        json!({"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
+               "authenticated": true, "user": "@alice:localhost"})
+    }
+
+    fn message_input<'a>(
+        message: &'a Value,
+        subject: Subject,
+        targets: Vec<Target>,
+        allocation: Option<Allocation>,
+    ) -> Input<'a> {
+        Input::Message(MessageInput {
+            message,
+            subject,
+            context: context(),
+            targets,
+            allocation,
+        })
+    }
+
     /// Every kind of input the node builds: validates against the schema, and its JSON is
-    /// exactly the document the shipped policies read (the shape the node sent before the
-    /// inputs were typed).
+    /// exactly the document the shipped policies read.
     #[test]
     fn every_input_matches_the_schema_and_the_policies_contract() {
         let schemas = schemas();
@@ -256,126 +379,129 @@ mod tests {
         let content = json!({"msgtype": "m.text", "body": "hi"});
         let members = vec!["@alice:localhost".to_string()];
         let network_server = Subject {
-            user: None,
             runtime: "runtime://localhost/ns".into(),
-            addresses: vec![],
             authenticated: true,
             identity: Some("user://localhost/alice".into()),
             network_server: Some("gateway".into()),
-            peer: None,
+            ..Subject::default()
         };
         let peer = Subject {
-            user: None,
             runtime: "domain://msg-node.peer.example".into(),
             addresses: vec!["hyperty://peer.example/p".into()],
             authenticated: true,
             peer: Some("peer.example".into()),
             ..Subject::default()
         };
+        let mut with_totals = subject_json();
+        with_totals["principal"] =
+            json!({"runtimes": 2, "addresses": 7, "foreign_routes": 0, "registry_entries": 1});
+        let subscription = |topic, holder: Option<&str>, held| Subscription {
+            resource: "comm://localhost/x/changes",
+            subscriber: "runtime://localhost/1",
+            topic,
+            holder: holder.map(str::to_string),
+            held_by_subscriber: held,
+        };
         let cases: Vec<(&str, Input, Value)> = vec![
             (
                 "message",
-                Input::Message(MessageInput {
-                    message: &message,
-                    subject: subject(),
-                    context: context(),
-                    allocation: None,
-                }),
+                message_input(&message, subject(), targets(), None),
                 json!({"kind": "message", "message": message, "context": context_json(),
-                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
-                                   "authenticated": true, "user": "@alice:localhost"}}),
+                       "targets": targets_json(), "subject": subject_json()}),
             ),
             (
                 "message from a network server with an identity",
-                Input::Message(MessageInput {
-                    message: &message,
-                    subject: network_server,
-                    context: context(),
-                    allocation: None,
-                }),
-                json!({"kind": "message", "message": message, "context": context_json(),
+                message_input(&message, network_server, vec![], None),
+                json!({"kind": "message", "message": message, "context": context_json(), "targets": [],
                        "subject": {"runtime": "runtime://localhost/ns", "addresses": [], "authenticated": true,
                                    "identity": "user://localhost/alice", "network_server": "gateway"}}),
             ),
             (
                 "message from a peer node",
-                Input::Message(MessageInput {
-                    message: &message,
-                    subject: peer,
-                    context: context(),
-                    allocation: None,
-                }),
-                json!({"kind": "message", "message": message, "context": context_json(),
+                message_input(&message, peer, vec![], None),
+                json!({"kind": "message", "message": message, "context": context_json(), "targets": [],
                        "subject": {"runtime": "domain://msg-node.peer.example", "addresses": ["hyperty://peer.example/p"],
                                    "authenticated": true, "peer": "peer.example"}}),
             ),
             (
-                "allocation create",
-                Input::Message(MessageInput {
-                    message: &message,
-                    subject: subject(),
-                    context: context(),
-                    allocation: Some(Allocation {
+                "allocation create, with what the principal holds",
+                message_input(
+                    &message,
+                    Subject {
+                        principal: Some(totals()),
+                        ..subject()
+                    },
+                    vec![],
+                    Some(Allocation {
                         action: AllocationAction::Create,
                         scheme: Some("hyperty".into()),
                         number: 3,
                         held: 2,
                     }),
-                }),
-                json!({"kind": "message", "message": message, "context": context_json(),
-                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
-                                   "authenticated": true, "user": "@alice:localhost"},
+                ),
+                json!({"kind": "message", "message": message, "context": context_json(), "targets": [],
+                       "subject": with_totals,
                        "allocation": {"action": "create", "scheme": "hyperty", "number": 3, "held": 2}}),
             ),
             (
                 "allocation delete",
-                Input::Message(MessageInput {
-                    message: &message,
-                    subject: subject(),
-                    context: context(),
-                    allocation: Some(Allocation {
+                message_input(
+                    &message,
+                    subject(),
+                    vec![],
+                    Some(Allocation {
                         action: AllocationAction::Delete,
                         scheme: None,
                         number: 1,
                         held: 2,
                     }),
-                }),
-                json!({"kind": "message", "message": message, "context": context_json(),
-                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
-                                   "authenticated": true, "user": "@alice:localhost"},
-                       "allocation": {"action": "delete", "number": 1, "held": 2}}),
+                ),
+                json!({"kind": "message", "message": message, "context": context_json(), "targets": [],
+                       "subject": subject_json(), "allocation": {"action": "delete", "number": 1, "held": 2}}),
             ),
             (
-                "subscription",
+                "subscription to another holder's object",
                 Input::Subscription(SubscriptionInput {
                     message: Some(&subscribe),
-                    subscription: Subscription {
-                        resource: "comm://localhost/x/changes",
-                        subscriber: "runtime://localhost/1",
-                    },
+                    subscription: subscription(Some("changes"), Some("@carol:localhost"), false),
                     subject: subject(),
                     context: context(),
                 }),
                 json!({"kind": "subscription", "message": subscribe, "context": context_json(),
-                       "subscription": {"resource": "comm://localhost/x/changes", "subscriber": "runtime://localhost/1"},
-                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
-                                   "authenticated": true, "user": "@alice:localhost"}}),
+                       "subscription": {"resource": "comm://localhost/x/changes", "subscriber": "runtime://localhost/1",
+                                        "topic": "changes", "holder": "@carol:localhost", "held_by_subscriber": false},
+                       "subject": subject_json()}),
             ),
             (
                 "subscription re-decided",
                 Input::Subscription(SubscriptionInput {
                     message: None,
-                    subscription: Subscription {
-                        resource: "comm://localhost/x/changes",
-                        subscriber: "runtime://localhost/1",
-                    },
+                    subscription: subscription(Some("changes"), None, false),
                     subject: subject(),
                     context: context(),
                 }),
                 json!({"kind": "subscription", "context": context_json(),
-                       "subscription": {"resource": "comm://localhost/x/changes", "subscriber": "runtime://localhost/1"},
-                       "subject": {"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
-                                   "authenticated": true, "user": "@alice:localhost"}}),
+                       "subscription": {"resource": "comm://localhost/x/changes", "subscriber": "runtime://localhost/1",
+                                        "topic": "changes", "held_by_subscriber": false},
+                       "subject": subject_json()}),
+            ),
+            (
+                "claim of a runtime URL",
+                Input::Claim(ClaimInput {
+                    claim: Claim {
+                        address: "runtime://partner.example/7".into(),
+                        kind: "runtime",
+                        domain: Some("partner.example".into()),
+                    },
+                    subject: Subject {
+                        principal: Some(totals()),
+                        ..subject()
+                    },
+                    context: context(),
+                }),
+                json!({"kind": "claim", "context": context_json(),
+                       "claim": {"address": "runtime://partner.example/7", "kind": "runtime", "domain": "partner.example"},
+                       "subject": with_totals}),
             ),
             (
                 "matrix event",
@@ -396,11 +522,11 @@ mod tests {
                 "state event in a room being created",
                 Input::MatrixEvent(MatrixEventInput {
                     matrix: MatrixEvent {
-                        room_id: "".into(),
+                        room_id: String::new(),
                         event_type: "m.room.topic".into(),
                         sender: "@alice:localhost".into(),
                         content: content.clone(),
-                        state_key: Some("".into()),
+                        state_key: Some(String::new()),
                     },
                     context: context(),
                 }),
@@ -435,9 +561,5 @@ mod tests {
                 .validate("input.schema.json", &value)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
         }
-    }
-
-    fn context_json() -> Value {
-        json!({"node": "localhost", "time": "2026-11-25T09:00:00Z"})
     }
 }

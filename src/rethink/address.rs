@@ -28,16 +28,21 @@ pub fn parent(url: &str) -> Option<&str> {
 }
 
 /// Whether `url` is safe to route on: no userinfo in the authority (`a@b` is read differently
-/// by different parsers), no `.`/`..` path segments and no percent-encoded `/` or `\`.
+/// by different parsers), no `.`/`..` path segments — also percent-encoded (`%2e%2e`), which
+/// receivers that normalise URLs read as dot segments — and no percent-encoded `/` or `\`.
 pub fn is_clean(url: &str) -> bool {
+    let dot_segment = |segment: &str| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    };
     let Some((_, rest)) = url.split_once("://") else {
         // No authority (`mn:/session`): only the dot segments matter.
-        return !url.split('/').any(|s| s == "." || s == "..");
+        return !url.split('/').any(dot_segment);
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let lower = path.to_ascii_lowercase();
     !authority.contains('@')
-        && !path.split('/').any(|s| s == "." || s == "..")
+        && !path.split('/').any(dot_segment)
         && !lower.contains("%2f")
         && !lower.contains("%5c")
         && !path.contains('\\')
@@ -273,6 +278,11 @@ mod tests {
             "hyperty://localhost/a/./b",
             "hyperty://localhost/a%2Fb",
             "hyperty://localhost/a%5cb",
+            "hyperty://localhost/mine/%2e%2e/alice",
+            "hyperty://localhost/mine/%2E%2e/alice",
+            "hyperty://localhost/a/%2e/b",
+            "hyperty://localhost/mine/.%2e/alice",
+            "mn:/x/%2e%2e/y",
         ] {
             assert!(!is_clean(bad), "{bad}");
         }

@@ -62,3 +62,69 @@ pub async fn metric(http: &reqwest::Client, running: &Running, series: &str) -> 
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0)
 }
+
+/// A node running as a child process of the test (`msgnode run` with a config of the
+/// test's own), so that what it costs — its resident memory — is its own; killed when
+/// dropped.
+pub struct ChildNode {
+    child: std::process::Child,
+    pub bus: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildNode {
+    /// Starts `msgnode run` with the repository's bundle, its PDP API and bus on free
+    /// loopback ports, `bus_keys` (TOML lines) in `[bus]` and the TOML `tables` after it, and
+    /// waits until its bus accepts connections.
+    pub async fn start(bus_keys: &str, tables: &str) -> ChildNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = synapse::free_port;
+        let (pdp, bus) = (port(), port());
+        let text = format!(
+            "[pdp]\nlisten = \"127.0.0.1:{pdp}\"\npolicies = \"{}\"\nschema_dir = \"{}\"\n[pdp.decision_log]\nenabled = false\n[bus]\nenabled = true\nlisten = \"127.0.0.1:{bus}\"\n{bus_keys}\n{tables}\n[log]\nlevel = \"warn\"\n",
+            shipped_policies().display(),
+            Path::new(REPO).join("schemas").display(),
+        );
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).expect("write config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_msgnode"))
+            .arg("--config")
+            .arg(&path)
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start msgnode");
+        let bus = std::net::SocketAddr::from(([127, 0, 0, 1], bus));
+        eventually(
+            "the child node listens",
+            Duration::from_secs(60),
+            || async move { tokio::net::TcpStream::connect(bus).await.is_ok() },
+        )
+        .await;
+        ChildNode {
+            child,
+            bus,
+            _dir: dir,
+        }
+    }
+
+    /// Its resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -185,7 +185,6 @@ impl Stub {
             .collect()
     }
 
-    /// Closes the socket without a disconnect.
     /// Registers `hyperty` (held by this stub) in the built-in registry as a chat hyperty of
     /// `user` (`comm` objects, resource `chat`); the registry's response.
     pub async fn register_chat_hyperty(&mut self, hyperty: &str, user: &str) -> Value {
@@ -197,6 +196,7 @@ impl Stub {
         .await
     }
 
+    /// Closes the socket without a disconnect.
     pub async fn drop_socket(mut self) {
         let _ = self.socket.close(None).await;
     }

@@ -1,0 +1,59 @@
+# Per-principal limits (data.config.limits.per_principal): what one principal
+# (a Matrix user, a network server, a peer node) may hold over all its
+# runtimes. The node adds `subject.principal` = {runtimes, addresses,
+# foreign_routes, registry_entries?} to the decisions that can add to it:
+# claims (a new runtime), allocations, registry writes, and messages whose
+# `from` is not bound yet (a foreign return route to be). Keys absent from the
+# data: no limit. The node has higher hard limits of its own ([bus.limits]).
+package msgnode.limits
+
+limits := object.get(object.get(data.config, "limits", {}), "per_principal", {})
+
+subject := object.get(input, "subject", {})
+
+held := object.get(subject, "principal", {}) if is_object(subject)
+
+count_of(what) := n if {
+	n := object.get(held, what, 0)
+	is_number(n)
+}
+
+allocation := a if {
+	a := object.get(input, "allocation", {})
+	is_object(a)
+}
+
+limited(what) := object.get(limits, what, -1)
+
+# A claim adds a runtime.
+deny contains sprintf("this user already owns %d runtimes (the limit is %d)", [count_of("runtimes"), limited("runtimes")]) if {
+	input.kind == "claim"
+	limited("runtimes") >= 0
+	count_of("runtimes") >= limited("runtimes")
+}
+
+# An allocation adds `number` addresses.
+deny contains sprintf("allocating %d addresses would give this user %d (the limit is %d)", [n, count_of("addresses") + n, limited("addresses")]) if {
+	object.get(allocation, "action", "") == "create"
+	n := object.get(allocation, "number", 0)
+	is_number(n)
+	limited("addresses") >= 0
+	count_of("addresses") + n > limited("addresses")
+}
+
+# A registry create adds an entry.
+deny contains sprintf("this user already has %d registry entries (the limit is %d)", [count_of("registry_entries"), limited("registry_entries")]) if {
+	lower(data.msgnode.lib.message_type) == "create"
+	some to in data.msgnode.lib.message_to
+	lower(to) == concat("", ["domain://registry.", lower(input.context.node)])
+	limited("registry_entries") >= 0
+	count_of("registry_entries") >= limited("registry_entries")
+}
+
+# A `from` the connection does not hold yet may become a return route.
+deny contains sprintf("this user already uses %d foreign return routes (the limit is %d)", [count_of("foreign_routes"), limited("foreign_routes")]) if {
+	input.kind == "message"
+	held.foreign_routes
+	limited("foreign_routes") >= 0
+	count_of("foreign_routes") >= limited("foreign_routes")
+}

@@ -1,0 +1,141 @@
+//! One socket's outbound queue, bounded in messages and in bytes: what a receiver that does
+//! not read can hold in the node's memory. Full means too slow: the runtime's deliveries go
+//! to its inbox and the socket is closed, to resume from there on reconnect.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+/// The sending side (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Outbound {
+    tx: mpsc::Sender<Utf8Bytes>,
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The receiving side, read by the socket's writer.
+pub struct OutboundRx {
+    rx: mpsc::Receiver<Utf8Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A queue of at most `messages` messages and `max_bytes` bytes.
+pub fn channel(messages: usize, max_bytes: usize) -> (Outbound, OutboundRx) {
+    let (tx, rx) = mpsc::channel(messages.max(1));
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Outbound {
+            tx,
+            queued: Arc::clone(&queued),
+            max_bytes: max_bytes.max(1),
+        },
+        OutboundRx { rx, queued },
+    )
+}
+
+/// Why a message was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue holds its limit of messages or bytes.
+    Full(Utf8Bytes),
+    /// The socket is gone.
+    Closed(Utf8Bytes),
+}
+
+impl Outbound {
+    /// Queues `text` now, unless the queue is full or gone.
+    ///
+    /// # Errors
+    /// [`Refused`], with the text.
+    pub fn try_send(&self, text: Utf8Bytes) -> Result<(), Refused> {
+        let len = text.len();
+        if self.queued.load(Ordering::Relaxed) + len > self.max_bytes
+            && self.queued.load(Ordering::Relaxed) > 0
+        {
+            return Err(Refused::Full(text));
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        self.tx.try_send(text).map_err(|e| {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(text) => Refused::Full(text),
+                mpsc::error::TrySendError::Closed(text) => Refused::Closed(text),
+            }
+        })
+    }
+
+    /// Queues `text`, waiting for room in messages (responses, and hand-overs from the
+    /// inbox, which the node writes at the socket's own pace).
+    ///
+    /// # Errors
+    /// The socket is gone; the text comes back.
+    pub async fn send(&self, text: Utf8Bytes) -> Result<(), Utf8Bytes> {
+        let len = text.len();
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        self.tx.send(text).await.map_err(|e| {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            e.0
+        })
+    }
+
+    /// A queue that nobody reads (a peer node's stand-in connection).
+    pub fn detached() -> Outbound {
+        channel(1, 1).0
+    }
+}
+
+impl OutboundRx {
+    /// The next message, waiting for one; `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        let text = self.rx.recv().await?;
+        self.queued.fetch_sub(text.len(), Ordering::Relaxed);
+        Some(text)
+    }
+
+    /// The next message if one is queued.
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        let text = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(text.len(), Ordering::Relaxed);
+        Some(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(n: usize) -> Utf8Bytes {
+        Utf8Bytes::from("x".repeat(n))
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_frees_what_is_read() {
+        let (tx, mut rx) = channel(100, 10);
+        assert!(tx.try_send(text(6)).is_ok());
+        assert!(
+            matches!(tx.try_send(text(6)), Err(Refused::Full(_))),
+            "12 > 10 bytes"
+        );
+        assert!(tx.try_send(text(4)).is_ok());
+        assert_eq!(rx.recv().await.map(|t| t.len()), Some(6));
+        assert!(tx.try_send(text(6)).is_ok(), "read: room again");
+        // A single message bigger than the budget still goes into an empty queue.
+        let (big, _rx) = channel(10, 4);
+        assert!(big.try_send(text(9)).is_ok());
+        drop(rx);
+        let (gone, rx) = channel(10, 10);
+        drop(rx);
+        assert!(matches!(gone.try_send(text(1)), Err(Refused::Closed(_))));
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_messages() {
+        let (tx, _rx) = channel(1, 1000);
+        assert!(tx.try_send(text(1)).is_ok());
+        assert!(matches!(tx.try_send(text(1)), Err(Refused::Full(_))));
+    }
+}

@@ -1,0 +1,155 @@
+//! What each principal holds across all its runtimes: runtime URLs (released ones too: a
+//! runtime URL belongs to its first principal for good), allocated addresses and foreign
+//! return routes — counted as records change, so that a decision reads them in O(1) and
+//! per-principal limits hold however many runtimes a principal opens.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::persist::store::RuntimeRecord;
+
+/// One principal's holdings.
+#[derive(Debug, Default)]
+pub struct Owner {
+    /// Its runtime URLs.
+    urls: Mutex<BTreeSet<String>>,
+    addresses: AtomicUsize,
+    foreign: AtomicUsize,
+}
+
+impl Owner {
+    /// How many runtime URLs it owns.
+    pub fn runtimes(&self) -> usize {
+        self.lock_urls().len()
+    }
+
+    /// Its runtime URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.lock_urls().iter().cloned().collect()
+    }
+
+    /// Addresses allocated to its runtimes.
+    pub fn addresses(&self) -> usize {
+        self.addresses.load(Ordering::Relaxed)
+    }
+
+    /// Foreign return routes of its runtimes.
+    pub fn foreign(&self) -> usize {
+        self.foreign.load(Ordering::Relaxed)
+    }
+
+    /// A record's counts moved from `before` to `after`.
+    pub fn changed(&self, before: (usize, usize), after: (usize, usize)) {
+        apply(&self.addresses, before.0, after.0);
+        apply(&self.foreign, before.1, after.1);
+    }
+
+    fn lock_urls(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.urls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn apply(counter: &AtomicUsize, before: usize, after: usize) {
+    if after >= before {
+        counter.fetch_add(after - before, Ordering::Relaxed);
+    } else {
+        // Never below zero, whatever the order of concurrent changes.
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+            Some(now.saturating_sub(before - after))
+        });
+    }
+}
+
+/// What a record counts: (allocated addresses, foreign return routes).
+pub fn counts(record: &RuntimeRecord) -> (usize, usize) {
+    (
+        record.allocations.values().map(Vec::len).sum(),
+        record.foreign.len(),
+    )
+}
+
+/// Principal (a record's `user`) → its holdings.
+#[derive(Default)]
+pub struct Owners {
+    by_owner: Mutex<HashMap<String, Arc<Owner>>>,
+}
+
+impl Owners {
+    /// The holdings of `owner`, created empty on first use.
+    pub fn get(&self, owner: &str) -> Arc<Owner> {
+        self.lock().entry(owner.to_string()).or_default().clone()
+    }
+
+    /// The holdings of `owner`, if it owns anything.
+    pub fn find(&self, owner: &str) -> Option<Arc<Owner>> {
+        self.lock().get(owner).cloned()
+    }
+
+    /// `url`, with `record`'s counts, now belongs to `owner`.
+    pub fn add(&self, owner: &str, url: &str, record: &RuntimeRecord) -> Arc<Owner> {
+        let holdings = self.get(owner);
+        if holdings.lock_urls().insert(url.to_string()) {
+            holdings.changed((0, 0), counts(record));
+        }
+        holdings
+    }
+
+    /// `url`, with `record`'s counts, no longer belongs to `owner`.
+    pub fn remove(&self, owner: &str, url: &str, record: &RuntimeRecord) {
+        let mut by_owner = self.lock();
+        let Some(holdings) = by_owner.get(owner).cloned() else {
+            return;
+        };
+        let mut urls = holdings.lock_urls();
+        if urls.remove(url) {
+            holdings.changed(counts(record), (0, 0));
+        }
+        if urls.is_empty() {
+            by_owner.remove(owner);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Owner>>> {
+        self.by_owner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(addresses: usize, foreign: usize) -> RuntimeRecord {
+        RuntimeRecord {
+            user: Some("@a:l".into()),
+            allocations: [(
+                "k".to_string(),
+                (0..addresses).map(|i| format!("hyperty://l/{i}")).collect(),
+            )]
+            .into(),
+            foreign: (0..foreign).map(|i| format!("hyperty://x/{i}")).collect(),
+            ..RuntimeRecord::default()
+        }
+    }
+
+    #[test]
+    fn holdings_follow_runtimes_and_their_records() {
+        let owners = Owners::default();
+        let owner = owners.add("@a:l", "runtime://l/1", &record(3, 1));
+        owners.add("@a:l", "runtime://l/2", &record(2, 0));
+        owners.add("@a:l", "runtime://l/2", &record(2, 0)); // once per URL
+        assert_eq!(
+            (owner.runtimes(), owner.addresses(), owner.foreign()),
+            (2, 5, 1)
+        );
+        owner.changed((2, 0), (0, 0));
+        assert_eq!(owner.addresses(), 3);
+        owners.remove("@a:l", "runtime://l/1", &record(3, 1));
+        assert_eq!(
+            (owner.runtimes(), owner.addresses(), owner.foreign()),
+            (1, 0, 0)
+        );
+        owners.remove("@a:l", "runtime://l/2", &record(0, 0));
+        assert!(owners.find("@a:l").is_none());
+    }
+}
