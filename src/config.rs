@@ -68,6 +68,13 @@ pub struct PdpConfig {
     pub max_instructions: usize,
     /// Largest accepted request body, in bytes (larger → 413).
     pub max_body_bytes: usize,
+    /// Threads that evaluate policies (decisions the cache does not hold); unset: one per
+    /// core. Evaluation never runs on the threads serving sockets and requests.
+    pub eval_threads: Option<usize>,
+    /// Evaluations that may wait for a thread; past it, callers wait (and slow down).
+    pub eval_queue: usize,
+    /// API requests per client address (429 with `Retry-After` past it).
+    pub rate_limit: RateLimit,
     /// Quiet period after a file change before the bundle is reloaded.
     #[serde(with = "humantime_serde")]
     pub reload_debounce: Duration,
@@ -89,6 +96,9 @@ impl Default for PdpConfig {
             eval_timeout: Duration::from_millis(50),
             max_instructions: 10_000_000,
             max_body_bytes: 1024 * 1024,
+            eval_threads: None,
+            eval_queue: 1024,
+            rate_limit: RateLimit::new(100_000, 100_000),
             reload_debounce: Duration::from_millis(100),
             cache: CacheConfig::default(),
             decision_log: DecisionLogConfig::default(),
@@ -130,9 +140,12 @@ impl Default for CacheConfig {
 pub struct DecisionLogConfig {
     /// Switch decision logging off.
     pub enabled: bool,
-    /// `"stdout"`, `"stderr"`, or a file path (appended to).
+    /// `"stdout"`, `"stderr"`, `"off"`, or a file path with a `/` or an extension (appended
+    /// to; created readable by its owner only). Anything else is refused at start.
     pub output: String,
-    /// Input fields (dotted paths below `input`) replaced by `"**REDACTED**"` in the log.
+    /// Input fields (dotted paths below `input`) replaced by `"**REDACTED**"` in the log. The
+    /// default masks message values, Matrix event content, and identity assertions and
+    /// tokens (`body.idToken`, `body.assertion`, `body.accessToken`, `body.identity.*`).
     pub mask: Vec<String>,
 }
 
@@ -141,10 +154,17 @@ impl Default for DecisionLogConfig {
         Self {
             enabled: true,
             output: "stdout".to_string(),
-            mask: vec![
-                "message.body.value".to_string(),
-                "matrix.content".to_string(),
-            ],
+            mask: [
+                "message.body.value",
+                "message.body.idToken",
+                "message.body.assertion",
+                "message.body.accessToken",
+                "message.body.identity.assertion",
+                "message.body.identity.idToken",
+                "matrix.content",
+            ]
+            .map(str::to_string)
+            .to_vec(),
         }
     }
 }
@@ -186,6 +206,9 @@ pub struct PepConfig {
     /// eval_timeout`.
     #[serde(with = "humantime_serde")]
     pub pdp_timeout: Duration,
+    /// Decided requests (the writes the proxy intercepts) per client address: 429
+    /// `M_LIMIT_EXCEEDED` with `retry_after_ms` past it. Synapse limits what it serves itself.
+    pub rate_limit: RateLimit,
 }
 
 impl Default for PepConfig {
@@ -203,6 +226,7 @@ impl Default for PepConfig {
             pdp_url: None,
             pdp_token: None,
             pdp_timeout: Duration::from_millis(250),
+            rate_limit: RateLimit::new(500, 1000),
         }
     }
 }

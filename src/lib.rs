@@ -1,8 +1,9 @@
 //! msgnode: a policy-enforced reTHINK messaging node in front of Matrix.
 //!
 //! # Layout (lower floors first; no module imports one above it)
-//! - [`config`], [`clock`], [`http_auth`], [`telemetry`] — configuration (`msgnode.toml` +
-//!   `MSGNODE_*` overrides), the wall clock, bearer tokens, process logging.
+//! - [`config`], [`clock`], [`http_auth`], [`ratelimit`], [`telemetry`] — configuration
+//!   (`msgnode.toml` + `MSGNODE_*` overrides), the wall clock, bearer tokens, keyed rate
+//!   limits, process logging.
 //! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
@@ -34,5 +35,6 @@ pub mod pdp;
 pub mod pep;
 pub mod persist;
 pub mod policy;
+pub mod ratelimit;
 pub mod rethink;
 pub mod telemetry;

@@ -595,3 +595,33 @@ async fn a_receiver_that_does_not_read_costs_bounded_memory() {
     );
     drop(sleeper);
 }
+
+/// Messages per principal are limited: over it, the sender is told when to retry (429).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_over_its_rate_limit_is_told_to_retry() {
+    let running = node_with(|c| c.bus.rate_limit = msgnode::config::RateLimit::new(1, 5)).await;
+    let addr = running.bus_addr.expect("bus");
+    let mut mallory = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let mut answers = Vec::new();
+    for _ in 0..8 {
+        answers.push(
+            mallory
+                .request(json!({"type": "ping", "from": "runtime://localhost/mallory-rt", "to": "mn:/session"}))
+                .await,
+        );
+    }
+    let limited: Vec<&Value> = answers.iter().filter(|a| code(a) == 429).collect();
+    assert!(!limited.is_empty(), "{answers:?}");
+    assert!(
+        description(limited[0]).contains("retry in"),
+        "{}",
+        limited[0]
+    );
+    // Another principal has its own budget.
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let pong = bob
+        .request(json!({"type": "ping", "from": "runtime://localhost/bob-rt", "to": "mn:/session"}))
+        .await;
+    assert_eq!(code(&pong), 200);
+    running.stop().await;
+}

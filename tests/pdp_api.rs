@@ -508,3 +508,36 @@ async fn missing_policy_dir_is_unhealthy_until_it_appears() {
     assert_eq!((status, &body["result"]), (200, &json!(true)));
     node.stop().await;
 }
+
+#[tokio::test]
+async fn clients_over_their_rate_limit_are_told_when_to_retry() {
+    let node = Node::start(
+        &[(
+            "policies/t.rego",
+            "package t\ndecision := {\"allow\": true}\n",
+        )],
+        |config| config.pdp.rate_limit = msgnode::config::RateLimit::new(1, 3),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(node.post("/v1/data/t/decision", "{}").await.0, 200);
+    }
+    let response = node
+        .http
+        .post(format!("{}/v1/data/t/decision", node.base))
+        .body("{}")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["code"], "too_many_requests", "{body}");
+    node.stop().await;
+}

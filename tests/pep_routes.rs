@@ -219,6 +219,14 @@ async fn every_write_route_of_synapse_is_decided_allow_listed_or_refused() {
 
 /// A proxy node in front of `synapse` deciding with `policies`.
 async fn proxy(synapse: &Synapse, policies: &Path) -> Running {
+    proxy_with(synapse, policies, |_| {}).await
+}
+
+async fn proxy_with(
+    synapse: &Synapse,
+    policies: &Path,
+    adjust: impl FnOnce(&mut Config),
+) -> Running {
     let mut config = Config::default();
     config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
     config.pdp.policies = policies.to_path_buf();
@@ -227,6 +235,7 @@ async fn proxy(synapse: &Synapse, policies: &Path) -> Running {
     config.pep.enabled = true;
     config.pep.listen = "127.0.0.1:0".parse().expect("addr");
     config.pep.homeserver = synapse.url();
+    adjust(&mut config);
     start(config).await.expect("start msgnode")
 }
 
@@ -422,5 +431,30 @@ event_deny contains "aliases in the lobby namespace are reserved" if {
     assert_refused(&answer, "policy unavailable", "PDP down");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(joined_rooms(&synapse, &alice_token).await.len(), before);
+    node.stop().await;
+
+    // Decided requests per client address are limited: 429 with when to retry.
+    let node = proxy_with(&synapse, &Path::new(REPO).join("policies"), |c| {
+        c.pep.rate_limit = msgnode::config::RateLimit::new(1, 2);
+    })
+    .await;
+    let mallory = client(&node, &mallory_token);
+    let mut last = (0, Value::Null);
+    for i in 0..3 {
+        last = mallory
+            .put(&format!("/_matrix/client/v3/createRoom/rl-{i}"), json!({}))
+            .await;
+    }
+    assert_eq!(
+        (last.0, last.1["errcode"].as_str()),
+        (429, Some("M_LIMIT_EXCEEDED")),
+        "{}",
+        last.1
+    );
+    assert!(
+        last.1["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{}",
+        last.1
+    );
     node.stop().await;
 }

@@ -1,7 +1,7 @@
 //! The bus's housekeeping, every [`REVISION_POLL`]: re-deciding every subscription when a
 //! new policy revision is active; noting whether the history is too far behind to accept
 //! more messages; and, now and then, releasing runtimes away longer than
-//! `[bus] away_release_after`.
+//! `[bus] away_release_after` and forgetting the rate-limit state of idle principals.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -51,6 +51,9 @@ impl Bus {
             }
             if ticks % reap_every == 0 {
                 self.release_long_away().await;
+            }
+            if ticks % REAP_EVERY_TICKS == 0 {
+                self.inner.rate.forget_idle();
             }
         }
     }

@@ -135,6 +135,8 @@ struct Inner {
     tracker: TaskTracker,
     /// Peer message events handled lately: a retried transaction's repeats are skipped.
     peer_events: peers::SeenEvents,
+    /// Messages per principal.
+    rate: crate::ratelimit::Limiter,
 }
 
 /// Handle to the bus; clones share everything.
@@ -193,6 +195,7 @@ impl Bus {
                 }
             };
         persistence.inbox.limit_bytes(config.inbox_max_bytes);
+        let rate = crate::ratelimit::Limiter::new(&config.rate_limit);
         let bus = Bus {
             inner: Arc::new(Inner {
                 nodes: NodeAddresses::new(domain),
@@ -215,6 +218,7 @@ impl Bus {
                 history_behind: AtomicBool::new(false),
                 tracker: tracker.clone(),
                 peer_events: peers::SeenEvents::default(),
+                rate,
             }),
         };
         let restored = snapshot.runtimes.len();
@@ -248,7 +252,13 @@ impl Bus {
     /// Handles one message from `conn`; the response to send back, if any.
     pub async fn handle(&self, conn: &Connection, message: Message) -> Option<String> {
         let started = std::time::Instant::now();
-        let result = self.dispatch(conn, &message).await;
+        let result = match self.inner.rate.check(&conn.principal.owner()) {
+            Ok(()) => self.dispatch(conn, &message).await,
+            Err(wait) => Err(BusError::RateLimited(format!(
+                "too many messages: retry in {} ms",
+                crate::ratelimit::millis(wait)
+            ))),
+        };
         self.inner
             .metrics
             .handle_seconds
@@ -260,6 +270,7 @@ impl Bus {
                     400 => "bad_request",
                     403 => "denied",
                     404 => "not_found",
+                    429 => "rate_limited",
                     _ => "failed",
                 });
                 // A response is never answered: runtimes match responses by `to` and `id`

@@ -30,6 +30,26 @@ use crate::policy::Decider;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the HTTP listeners forget the rate-limit state of idle clients.
+const FORGET_IDLE_CLIENTS: Duration = Duration::from_secs(60);
+
+/// Runs `work` every `period` on a tracked task until `shutdown`.
+fn every(
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    period: Duration,
+    work: impl Fn() + Send + 'static,
+) {
+    let stop = shutdown.child_token();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(period) => work(),
+            }
+        }
+    });
+}
 
 /// A started node.
 pub struct Running {
@@ -111,7 +131,9 @@ fn println_url(addr: SocketAddr) {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let pdp_config = &config.pdp;
     let mut registry = Registry::with_prefix("msgnode");
-    let sink: Arc<dyn DecisionSink> = if pdp_config.decision_log.enabled {
+    let logging = pdp_config.decision_log.enabled
+        && !crate::pdp::decision_log::is_off(&pdp_config.decision_log.output);
+    let sink: Arc<dyn DecisionSink> = if logging {
         let sink = JsonLinesSink::open(
             &pdp_config.decision_log.output,
             &pdp_config.decision_log.mask,
@@ -177,7 +199,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &mut registry,
         pdp_config.token.clone(),
         pdp_config.max_body_bytes,
-    );
+    )
+    .with_rate_limit(&pdp_config.rate_limit);
+    {
+        let state = state.clone();
+        every(&tracker, &shutdown, FORGET_IDLE_CLIENTS, move || {
+            state.forget_idle_clients()
+        });
+    }
     spawn_server(
         &tracker,
         listener,
@@ -250,6 +279,12 @@ async fn start_pep(
         return Ok((None, None));
     }
     let state = PepState::new(decider.clone(), config.pep.clone(), registry)?;
+    {
+        let state = state.clone();
+        every(tracker, shutdown, FORGET_IDLE_CLIENTS, move || {
+            state.forget_idle_clients()
+        });
+    }
     let mut app = pep::proxy::router(state.clone());
     let mut matrix = Matrix::new(config, Some(state.homeserver()))?;
     if let Some((registration, actor)) = &matrix.actor {

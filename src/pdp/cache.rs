@@ -96,6 +96,11 @@ impl DecisionCache {
         }
     }
 
+    /// Whether the cache holds a result for `key`.
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.entries.as_ref().is_some_and(|e| e.contains_key(key))
+    }
+
     /// The cached result, if any.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Option<Value>>> {
         self.entries.as_ref()?.get(key)

@@ -1,4 +1,7 @@
-//! Decision log: one JSON line per decision, with configurable masking of input fields.
+//! Decision log: one JSON line per decision, with configurable masking of input fields
+//! (identity assertions and tokens are masked by default), and strings longer than
+//! [`MAX_FIELD_BYTES`] or arrays longer than [`MAX_ITEMS`] cut short, so one huge request
+//! cannot make a huge log line.
 //!
 //! The PDP gets a [`DecisionSink`] injected and calls it on every exit path (allow, deny,
 //! undefined, error, timeout, cache hit). [`JsonLinesSink`] hands records to a writer thread
@@ -80,6 +83,10 @@ const QUEUE_LEN: usize = 64 * 1024;
 
 /// The value masked fields are replaced with.
 pub const MASKED: &str = "**REDACTED**";
+/// Longest string of an input written whole; longer ones are cut, saying how long they were.
+pub const MAX_FIELD_BYTES: usize = 4096;
+/// Most items of an input array written; the rest are replaced by one note.
+pub const MAX_ITEMS: usize = 100;
 
 impl JsonLinesSink {
     /// Starts the writer thread over `out`, masking the dotted `mask` paths of each input.
@@ -111,23 +118,31 @@ impl JsonLinesSink {
         self.dropped.clone()
     }
 
-    /// Opens `output` (`stdout`, `stderr` or a file path, appended to) and starts the writer.
+    /// Opens `output` (`stdout`, `stderr`, or a file path — with a `/` or an extension —
+    /// appended to, created readable by its owner only) and starts the writer. (`off` is no
+    /// sink at all: see [`is_off`].)
     ///
     /// # Errors
-    /// The file cannot be opened.
+    /// An output that is none of these, or a file that cannot be opened.
     pub fn open(output: &str, mask: &[String]) -> std::io::Result<Self> {
         let out: Box<dyn Write + Send> = match output {
             "stdout" | "-" => Box::new(std::io::stdout()),
             "stderr" => Box::new(std::io::stderr()),
-            path => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("decision log {path}: {e}"))
-                    })?,
-            ),
+            path if path.contains('/') || path.contains('.') => {
+                let mut options = std::fs::OpenOptions::new();
+                options.create(true).append(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                Box::new(options.open(path).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("decision log {path}: {e}"))
+                })?)
+            }
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("[pdp.decision_log] output must be stdout, stderr, off or a file path (with a '/' or an extension), not {other:?}"),
+                ))
+            }
         };
         Self::spawn(out, mask)
     }
@@ -144,11 +159,19 @@ impl DecisionSink for JsonLinesSink {
     }
 }
 
+/// Whether `output` switches the decision log off.
+pub fn is_off(output: &str) -> bool {
+    output.eq_ignore_ascii_case("off")
+}
+
 fn write_loop(rx: Receiver<DecisionRecord>, out: Box<dyn Write + Send>, mask: &[Vec<String>]) {
     let mut out = BufWriter::new(out);
     while let Ok(mut record) = rx.recv() {
         loop {
             apply_mask(&mut record, mask);
+            if let Some(input) = record.input.as_mut() {
+                cut_short(input);
+            }
             if serde_json::to_writer(&mut out, &record).is_err() || out.write_all(b"\n").is_err() {
                 tracing::warn!("decision log: write failed");
             }
@@ -161,6 +184,32 @@ fn write_loop(rx: Receiver<DecisionRecord>, out: Box<dyn Write + Send>, mask: &[
         if let Err(e) = out.flush() {
             tracing::warn!(error = %e, "decision log: flush failed");
         }
+    }
+}
+
+/// Cuts strings longer than [`MAX_FIELD_BYTES`] and arrays longer than [`MAX_ITEMS`],
+/// saying what was left out.
+pub fn cut_short(value: &mut Value) {
+    match value {
+        Value::String(text) if text.len() > MAX_FIELD_BYTES => {
+            let mut end = MAX_FIELD_BYTES;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let total = text.len();
+            text.truncate(end);
+            text.push_str(&format!("…(cut: {total} bytes)"));
+        }
+        Value::Array(items) => {
+            if items.len() > MAX_ITEMS {
+                let total = items.len();
+                items.truncate(MAX_ITEMS);
+                items.push(Value::String(format!("…(cut: {total} items)")));
+            }
+            items.iter_mut().for_each(cut_short);
+        }
+        Value::Object(members) => members.values_mut().for_each(cut_short),
+        _ => {}
     }
 }
 
@@ -256,5 +305,60 @@ mod tests {
         }
         let second: Value = serde_json::from_str(&lines[1]).expect("json");
         assert!(second.get("erased").is_none());
+    }
+
+    #[test]
+    fn identity_assertions_and_tokens_are_masked_by_default() {
+        let mask: Vec<Vec<String>> = crate::config::DecisionLogConfig::default()
+            .mask
+            .iter()
+            .map(|m| m.split('.').map(str::to_string).collect())
+            .collect();
+        let mut r = record(json!({"message": {"body": {
+            "identity": {"userURL": "user://idp.example/alice", "assertion": "eyJhbGciOi…"},
+            "idToken": "token-1", "assertion": "a-1", "accessToken": "t-1", "resource": "kept"}}}));
+        apply_mask(&mut r, &mask);
+        let body = &r.input.as_ref().expect("input")["message"]["body"];
+        for field in ["idToken", "assertion", "accessToken"] {
+            assert_eq!(body[field], json!(MASKED), "{field}");
+        }
+        assert_eq!(body["identity"]["assertion"], json!(MASKED));
+        assert_eq!(body["identity"]["userURL"], "user://idp.example/alice");
+        assert_eq!(body["resource"], "kept");
+    }
+
+    #[test]
+    fn huge_fields_are_cut_short() {
+        let mut input = json!({"to": (0..300).collect::<Vec<_>>(), "body": "é".repeat(5000)});
+        cut_short(&mut input);
+        assert_eq!(input["to"].as_array().map(Vec::len), Some(MAX_ITEMS + 1));
+        assert_eq!(input["to"][MAX_ITEMS], json!("…(cut: 300 items)"));
+        let body = input["body"].as_str().expect("body");
+        assert!(
+            body.len() < MAX_FIELD_BYTES + 40 && body.ends_with("(cut: 10000 bytes)"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn outputs_are_a_stream_a_file_or_off() {
+        assert!(is_off("off") && is_off("OFF") && !is_off("stdout"));
+        let err = JsonLinesSink::open("stdot", &[]).err().expect("refused");
+        assert!(
+            err.to_string().contains("must be stdout, stderr, off"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("decisions.jsonl");
+        JsonLinesSink::open(path.to_str().expect("utf8"), &[]).expect("file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .expect("created")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        }
     }
 }

@@ -26,6 +26,7 @@ pub mod cache;
 pub mod decision_log;
 pub mod engine;
 pub mod metrics;
+pub mod pool;
 pub mod schema;
 pub mod testing;
 pub mod watcher;
@@ -40,7 +41,7 @@ use serde_json::Value;
 
 use crate::config::PdpConfig;
 use bundle::{Bundle, BundleError};
-use cache::DecisionCache;
+use cache::{CacheKey, DecisionCache};
 use decision_log::{DecisionRecord, DecisionSink, NullSink};
 use engine::{CompiledBundle, DataPath, EvalError};
 use metrics::{Outcome, PdpMetrics};
@@ -144,6 +145,8 @@ struct Inner {
     decision_path: DataPath,
     decision_query: Arc<str>,
     schemas: Schemas,
+    /// Where evaluations that miss the cache run.
+    pool: pool::EvalPool,
 }
 
 /// Handle to the policy decision point. Clones share everything.
@@ -175,7 +178,8 @@ impl<'a> PdpBuilder<'a> {
     /// Builds the handle. No bundle is loaded yet: call [`Pdp::reload`].
     ///
     /// # Errors
-    /// The configured decision rule is not a valid reference, or a schema is broken.
+    /// The configured decision rule is not a valid reference, a schema is broken, or the
+    /// evaluation threads cannot start.
     pub fn build(self) -> Result<Pdp, BuildError> {
         let config = self.config;
         let decision_path = DataPath::from_ref(&config.decision)
@@ -203,6 +207,13 @@ impl<'a> PdpBuilder<'a> {
                 decision_query: Arc::from(decision_path.as_query()),
                 decision_path,
                 schemas,
+                pool: pool::EvalPool::new(
+                    config.eval_threads.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(2, |n| n.get())
+                    }),
+                    config.eval_queue,
+                )
+                .map_err(BuildError::Pool)?,
             }),
         })
     }
@@ -217,6 +228,9 @@ pub enum BuildError {
     /// A schema could not be loaded.
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    /// The evaluation threads could not start.
+    #[error("cannot start the policy evaluation threads: {0}")]
+    Pool(std::io::Error),
 }
 
 impl Pdp {
@@ -317,7 +331,52 @@ impl Pdp {
                 .validate_for_path(path.segments(), input)?;
         }
         let query: Arc<str> = Arc::from(path.as_query());
-        self.query_unchecked(&query, path, input)
+        self.query_unchecked(&query, path, input, None)
+    }
+
+    /// [`Pdp::query`] on the evaluation pool, unless the cache holds the answer (answered
+    /// here, at once).
+    ///
+    /// # Errors
+    /// As [`Pdp::query`]; an evaluation that cannot be run is an evaluation error.
+    pub async fn query_async(
+        &self,
+        path: &DataPath,
+        input: Option<Value>,
+    ) -> Result<Answer, PdpError> {
+        if let Some(input) = &input {
+            self.inner
+                .schemas
+                .validate_for_path(path.segments(), input)?;
+        }
+        let query: Arc<str> = Arc::from(path.as_query());
+        let key = self.cached_key(&query, input.as_ref());
+        if key.as_ref().is_some_and(|(_, hit)| *hit) {
+            return self.query_unchecked(&query, path, input, key.map(|(k, _)| k));
+        }
+        let (pdp, path) = (self.clone(), path.clone());
+        self.inner
+            .pool
+            .run(move || pdp.query_unchecked(&query, &path, input, key.map(|(k, _)| k)))
+            .await
+            .unwrap_or_else(|| {
+                Err(PdpError::Eval(EvalError::Failed(
+                    "the evaluation threads are gone".into(),
+                )))
+            })
+    }
+
+    /// The cache key of `query` with `input` under the active revision, and whether the
+    /// cache holds it (`None`: cache off, or no revision).
+    fn cached_key(&self, query: &Arc<str>, input: Option<&Value>) -> Option<(CacheKey, bool)> {
+        if !self.inner.cache.is_enabled() {
+            return None;
+        }
+        let active = self.inner.active.load();
+        let active = active.as_ref()?;
+        let key = self.inner.cache.key(active.generation, query, input);
+        let hit = self.inner.cache.contains(&key);
+        Some((key, hit))
     }
 
     fn query_unchecked(
@@ -325,6 +384,7 @@ impl Pdp {
         query: &Arc<str>,
         path: &DataPath,
         input: Option<Value>,
+        key: Option<CacheKey>,
     ) -> Result<Answer, PdpError> {
         let start = Instant::now();
         let decision_id = uuid::Uuid::new_v4().to_string();
@@ -337,10 +397,12 @@ impl Pdp {
             self.record(&decision_id, query, input, Err(&error), None, 0, false);
             return Err(error);
         };
-        let key = self.inner.cache.is_enabled().then(|| {
-            self.inner
-                .cache
-                .key(active.generation, query, input.as_ref())
+        let key = key.or_else(|| {
+            self.inner.cache.is_enabled().then(|| {
+                self.inner
+                    .cache
+                    .key(active.generation, query, input.as_ref())
+            })
         });
         let cached = key.as_ref().and_then(|k| self.inner.cache.get(k));
         let cache_hit = cached.is_some();
@@ -424,6 +486,30 @@ impl Pdp {
     /// against a schema: the node's enforcement points build it from already-validated types
     /// (HTTP callers go through [`Pdp::query`], which validates).
     pub fn decide(&self, input: Value) -> Decision {
+        self.decide_keyed(input, None)
+    }
+
+    /// [`Pdp::decide`] on the evaluation pool, unless the cache holds the decision (answered
+    /// here, at once): what the node's enforcement points call from async code.
+    pub async fn decide_async(&self, input: Value) -> Decision {
+        let key = self.cached_key(&self.inner.decision_query, Some(&input));
+        if key.as_ref().is_some_and(|(_, hit)| *hit) {
+            return self.decide_keyed(input, key.map(|(k, _)| k));
+        }
+        let pdp = self.clone();
+        self.inner
+            .pool
+            .run(move || pdp.decide_keyed(input, key.map(|(k, _)| k)))
+            .await
+            .unwrap_or_else(|| Decision {
+                allow: false,
+                reasons: vec!["policy error: the evaluation threads are gone".into()],
+                decision_id: String::new(),
+                failed: true,
+            })
+    }
+
+    fn decide_keyed(&self, input: Value, key: Option<CacheKey>) -> Decision {
         let deny = |decision_id: String, reason: String| Decision {
             allow: false,
             reasons: vec![reason],
@@ -438,6 +524,7 @@ impl Pdp {
             &self.inner.decision_query,
             &self.inner.decision_path,
             Some(input),
+            key,
         ) {
             Ok(answer) => answer,
             Err(PdpError::Eval(EvalError::Timeout(limit))) => {

@@ -18,6 +18,8 @@ pub struct MatrixError {
     pub errcode: ErrorCode,
     /// What happened, for people.
     pub error: String,
+    /// For 429: when to retry (`retry_after_ms`, and the `Retry-After` header).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl MatrixError {
@@ -41,6 +43,19 @@ impl MatrixError {
             status,
             errcode,
             error: error.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429 `M_LIMIT_EXCEEDED`, to retry after `wait`.
+    pub fn limit_exceeded(wait: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::LimitExceeded,
+                "too many requests",
+            )
         }
     }
 }
@@ -62,7 +77,19 @@ pub fn from_homeserver(error: HomeserverError) -> Response {
 
 impl IntoResponse for MatrixError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"errcode": self.errcode.as_str(), "error": self.error});
-        (self.status, axum::Json(body)).into_response()
+        let mut body = serde_json::json!({"errcode": self.errcode.as_str(), "error": self.error});
+        match self.retry_after {
+            Some(wait) => {
+                body["retry_after_ms"] = serde_json::json!(crate::ratelimit::millis(wait));
+                let seconds = (wait.as_secs() + 1).to_string();
+                (
+                    self.status,
+                    [(axum::http::header::RETRY_AFTER, seconds)],
+                    axum::Json(body),
+                )
+                    .into_response()
+            }
+            None => (self.status, axum::Json(body)).into_response(),
+        }
     }
 }

@@ -33,6 +33,7 @@ use super::route::{classify, Intercepted, Route};
 use crate::config::{PdpFailure, PepConfig};
 use crate::matrix::{encode, Homeserver};
 use crate::policy::Decider;
+use crate::ratelimit::Limiter;
 
 /// What the proxy's handler shares.
 #[derive(Clone)]
@@ -41,6 +42,8 @@ pub struct PepState {
     homeserver: Arc<Homeserver>,
     config: Arc<PepConfig>,
     metrics: ProxyMetrics,
+    /// Decided requests per client address.
+    limiter: Arc<Limiter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,7 +51,8 @@ struct RequestLabels {
     /// `intercepted` (decided), `allowlisted`, `refused` (by the route table) or
     /// `passthrough`.
     path: &'static str,
-    /// `forwarded`, `denied`, `rejected` (bad request or token) or `policy_unavailable`.
+    /// `forwarded`, `denied`, `rejected` (bad request or token), `rate_limited` or
+    /// `policy_unavailable`.
     outcome: &'static str,
 }
 
@@ -103,9 +107,15 @@ impl PepState {
         Ok(Self {
             decider,
             homeserver: Arc::new(homeserver),
+            limiter: Arc::new(Limiter::new(&config.rate_limit)),
             config: Arc::new(config),
             metrics: ProxyMetrics::register(registry),
         })
+    }
+
+    /// Forgets the rate-limit state of idle clients (call now and then).
+    pub fn forget_idle_clients(&self) {
+        self.limiter.forget_idle();
     }
 
     /// The homeserver client, shared with the appservice.
@@ -146,7 +156,13 @@ async fn proxy(
             };
             MatrixError::new(refusal.status, errcode, refusal.reason).into_response()
         }
-        Route::Decide(endpoint) => enforce(&state, request, &endpoint, client).await,
+        Route::Decide(endpoint) => match state.limiter.check(&client.ip().to_string()) {
+            Ok(()) => enforce(&state, request, &endpoint, client).await,
+            Err(wait) => {
+                state.metrics.count("intercepted", "rate_limited");
+                MatrixError::limit_exceeded(wait).into_response()
+            }
+        },
     }
 }
 

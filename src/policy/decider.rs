@@ -94,7 +94,7 @@ impl Decider {
     pub async fn decide(&self, input: &Input<'_>) -> Decision {
         let input = input.to_value();
         match self {
-            Self::Local(pdp) => pdp.decide(input),
+            Self::Local(pdp) => pdp.decide_async(input).await,
             Self::Remote(remote) => remote.decide(input).await,
         }
     }

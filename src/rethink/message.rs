@@ -29,6 +29,9 @@ pub enum BusError {
     /// A dependency (homeserver, peer, policy) cannot answer now (408, as reTHINK uses it).
     #[error("{0}")]
     Unavailable(String),
+    /// The sender is over its rate limit (429); the text says when to retry.
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl BusError {
@@ -40,6 +43,7 @@ impl BusError {
             BusError::Forbidden(_) => 403,
             BusError::NotFound(_) => 404,
             BusError::Unavailable(_) => 408,
+            BusError::RateLimited(_) => 429,
         }
     }
 }

@@ -64,6 +64,8 @@ registration = "{registration}"
 [bus]
 enabled = true
 listen = "127.0.0.1:{bus}"
+[bus.rate_limit]
+per_second = 0
 [[bus.network_servers]]
 name = "bench"
 token = "{TOKEN}"

@@ -40,6 +40,8 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// Requests per client address.
+    limiter: Arc<crate::ratelimit::Limiter>,
     http: HttpMetrics,
 }
 
@@ -57,8 +59,22 @@ impl ApiState {
             registry: Arc::new(std::mem::take(registry)),
             token: token.filter(|t| !t.is_empty()).map(Arc::from),
             max_body_bytes,
+            limiter: Arc::new(crate::ratelimit::Limiter::new(
+                &crate::config::RateLimit::default(),
+            )),
             http,
         }
+    }
+
+    /// Limits the requests of each client address to `limit`.
+    pub fn with_rate_limit(mut self, limit: &crate::config::RateLimit) -> Self {
+        self.limiter = Arc::new(crate::ratelimit::Limiter::new(limit));
+        self
+    }
+
+    /// Forgets the rate-limit state of idle clients (call now and then).
+    pub fn forget_idle_clients(&self) {
+        self.limiter.forget_idle();
     }
 }
 
@@ -164,6 +180,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(authenticated)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), limit_rate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
@@ -193,6 +210,18 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
         })
         .inc();
     response
+}
+
+/// 429 with `Retry-After` for a client address over its rate limit.
+async fn limit_rate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
+    match state.limiter.check(&client) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => ApiError::TooManyRequests(wait).into_response(),
+    }
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -241,6 +270,9 @@ pub enum ApiError {
     /// Unexpected failure.
     #[error("{0}")]
     Internal(String),
+    /// The client is over its rate limit; it may retry after the duration.
+    #[error("too many requests: retry in {} ms", crate::ratelimit::millis(*.0))]
+    TooManyRequests(std::time::Duration),
     /// The PDP could not decide.
     #[error(transparent)]
     Pdp(#[from] PdpError),
@@ -249,7 +281,16 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let message = self.to_string();
+        let retry_after = match &self {
+            ApiError::TooManyRequests(wait) => Some(wait.as_secs() + 1),
+            _ => None,
+        };
         let (status, code, errors) = match self {
+            ApiError::TooManyRequests(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                codes::TOO_MANY_REQUESTS,
+                vec![],
+            ),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, vec![]),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_PARAMETER, vec![]),
             ApiError::TooLarge(_) => (
@@ -307,6 +348,10 @@ impl IntoResponse for ApiError {
             },
             false,
         );
+        if let Some(seconds) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, seconds);
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

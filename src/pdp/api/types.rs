@@ -13,6 +13,8 @@ pub mod codes {
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// Evaluation error, timeout, or no bundle.
     pub const INTERNAL_ERROR: &str = "internal_error";
+    /// 429: the client is over its rate limit (msgnode's own; OPA has no rate limits).
+    pub const TOO_MANY_REQUESTS: &str = "too_many_requests";
     /// Warning code when a data request has no `input`.
     pub const API_USAGE_WARNING: &str = "api_usage_warning";
 }

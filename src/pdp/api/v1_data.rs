@@ -85,7 +85,7 @@ async fn data(
         message: "'input' key missing from the request",
     });
     let pdp = state.pdp.clone();
-    let answer = pdp.query(&path, input)?;
+    let answer = pdp.query_async(&path, input).await?;
     let response = DataResponseV1 {
         decision_id: answer.decision_id,
         result: answer.result.as_ref().clone(),
