@@ -608,6 +608,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_documents_the_defaults() {
+        figment::Jail::expect_with(|_jail| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("msgnode.example.toml");
+            let config = Config::load(Some(&path)).map_err(|e| e.to_string())?;
+            assert_eq!(config, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
     fn missing_named_file_is_an_error() {
         let err = Config::load(Some(Path::new("/nonexistent/msgnode.toml"))).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
