@@ -515,6 +515,16 @@ async fn odd_urls_foreign_runtime_urls_and_huge_fan_outs_are_refused() {
     running.stop().await;
 }
 
+/// A stub whose runtime the node has bound (a `ping` answered).
+async fn bound(addr: std::net::SocketAddr, runtime: &str, token: &str) -> Stub {
+    let mut stub = Stub::connect(addr, runtime, token).await;
+    let pong = stub
+        .request(json!({"type": "ping", "from": runtime, "to": "mn:/session"}))
+        .await;
+    assert_eq!(code(&pong), 200, "{runtime}: {pong}");
+    stub
+}
+
 /// Review: one user made 1,010 Synapse users in 10 s by allocating from fresh runtime URLs:
 /// limits were per runtime. They are per principal too, from the policy's data (and the
 /// node's own higher backstops).
@@ -525,8 +535,8 @@ async fn limits_hold_per_principal_across_runtimes() {
     });
     let running = node_with(|c| c.pdp.policies = policies.path().to_path_buf()).await;
     let addr = running.bus_addr.expect("bus");
-    let mut first = Stub::connect(addr, "runtime://localhost/m-1", MALLORY).await;
-    let mut second = Stub::connect(addr, "runtime://localhost/m-2", MALLORY).await;
+    let mut first = bound(addr, "runtime://localhost/m-1", MALLORY).await;
+    let mut second = bound(addr, "runtime://localhost/m-2", MALLORY).await;
     assert_eq!(refused_runtime(addr, "runtime://localhost/m-3").await, 403);
     first.allocate("localhost", "hyperty", 2).await;
     second.allocate("localhost", "hyperty", 1).await;
@@ -547,7 +557,7 @@ async fn limits_hold_per_principal_across_runtimes() {
     // The node's own backstop, whatever the policy says.
     let running = node_with(|c| c.bus.limits.runtimes_per_principal = 1).await;
     let addr = running.bus_addr.expect("bus");
-    let _only = Stub::connect(addr, "runtime://localhost/m-1", MALLORY).await;
+    let _only = bound(addr, "runtime://localhost/m-1", MALLORY).await;
     assert_eq!(refused_runtime(addr, "runtime://localhost/m-2").await, 403);
     running.stop().await;
 }
