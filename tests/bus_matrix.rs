@@ -45,13 +45,13 @@ async fn actor(synapse: &Synapse) -> Arc<Actor> {
 fn message(i: u64) -> String {
     json!({
         "id": i,
-        "type": if i % 3 == 0 { "update" } else { "create" },
+        "type": if i.is_multiple_of(3) { "update" } else { "create" },
         "from": format!("hyperty://example.com/{:x}-{}", i % 97, i % 13),
         "to": format!("hyperty://example.com/{:x}", (i * 7) % 101),
         "body": {
             "via": "hyperty-runtime://example.com/1234/registry",
             "resource": format!("context://example.com/presence/{}", i % 50),
-            "value": {"status": if i % 2 == 0 { "available" } else { "busy" }, "counter": i, "ts": 1_700_000_000_000u64 + i},
+            "value": {"status": if i.is_multiple_of(2) { "available" } else { "busy" }, "counter": i, "ts": 1_700_000_000_000u64 + i},
             "schema": "hyperty-catalogue://catalogue.example.com/.well-known/dataschema/Context",
         },
     })

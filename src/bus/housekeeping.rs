@@ -49,10 +49,10 @@ impl Bus {
                     tracing::info!(lag, "history caught up; accepting messages again");
                 }
             }
-            if ticks % reap_every == 0 {
+            if ticks.is_multiple_of(reap_every) {
                 self.release_long_away().await;
             }
-            if ticks % REAP_EVERY_TICKS == 0 {
+            if ticks.is_multiple_of(REAP_EVERY_TICKS) {
                 self.inner.rate.forget_idle();
             }
         }

@@ -58,7 +58,7 @@ async fn sustained(synapse: &BenchSynapse, rate: u64, measure: Duration) -> anyh
                 vec![format!("hyperty-runtime://example.com/{}", sent % 17)],
             );
             sent += 1;
-            if sent % 500 == 0 {
+            if sent.is_multiple_of(500) {
                 let due = Duration::from_secs_f64(sent as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(start.elapsed()) {
                     tokio::time::sleep(wait).await;
