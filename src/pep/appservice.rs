@@ -290,6 +290,7 @@ impl Appservice {
                         .get("state_key")
                         .and_then(Value::as_str)
                         .map(str::to_string),
+                    door: Default::default(),
                 },
                 context: context.clone(),
             });

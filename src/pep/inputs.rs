@@ -70,6 +70,7 @@ pub async fn inputs_for(
                 sender: sender.to_string(),
                 content: content.clone(),
                 state_key: state_key.map(str::to_string),
+                door: Default::default(),
             },
             context: context.clone(),
         })

@@ -134,7 +134,7 @@ pub struct MatrixEventInput {
 }
 
 /// A Matrix event as it would be created.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MatrixEvent {
     /// Its room (`""`: none yet, or every room of the sender).
     pub room_id: String,
@@ -147,6 +147,33 @@ pub struct MatrixEvent {
     /// For state events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_key: Option<String>,
+    /// Which door the event came through, when it was not the proxy or the appservice.
+    #[serde(flatten)]
+    pub door: Door,
+}
+
+/// How an event reached the node, for the doors that say more than the event itself: a
+/// homeserver asking the node's policy server (`via: "policy_server"`) names itself and the
+/// event. Empty (no fields) for the proxy and the appservice.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Door {
+    /// `policy_server`: a homeserver asked before accepting the event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+    /// The homeserver that asked (authenticated by its federation signature).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// The event's id (computed from the event by its room version's rules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+}
+
+/// The doors of `matrix.via`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// A homeserver asked the node's policy server (MSC4284) to sign the event.
+    PolicyServer,
 }
 
 /// `kind: "membership"`.
@@ -173,6 +200,9 @@ pub struct Membership {
     pub target: String,
     /// The room's joined members, when the enforcement point knows them.
     pub room_members: Vec<String>,
+    /// Which door the change came through (see [`Door`]).
+    #[serde(flatten)]
+    pub door: Door,
 }
 
 impl Membership {
@@ -191,6 +221,7 @@ impl Membership {
             membership: membership.to_string(),
             target: target.to_string(),
             room_members,
+            door: Door::default(),
         }
     }
 }
@@ -512,6 +543,7 @@ mod tests {
                         sender: "@alice:localhost".into(),
                         content: content.clone(),
                         state_key: None,
+                        door: Door::default(),
                     },
                     context: context(),
                 }),
@@ -527,11 +559,49 @@ mod tests {
                         sender: "@alice:localhost".into(),
                         content: content.clone(),
                         state_key: Some(String::new()),
+                        door: Door::default(),
                     },
                     context: context(),
                 }),
                 json!({"kind": "matrix_event", "context": context_json(),
                        "matrix": {"room_id": "", "event_type": "m.room.topic", "sender": "@alice:localhost", "content": content, "state_key": ""}}),
+            ),
+            (
+                "event a homeserver asked the policy server about",
+                Input::MatrixEvent(MatrixEventInput {
+                    matrix: MatrixEvent {
+                        room_id: "!4UsW2lhkAbCdEf".into(),
+                        event_type: "m.room.message".into(),
+                        sender: "@bob:127.0.0.1:8449".into(),
+                        content: content.clone(),
+                        state_key: None,
+                        door: policy_server_door(),
+                    },
+                    context: context(),
+                }),
+                json!({"kind": "matrix_event", "context": context_json(),
+                       "matrix": {"room_id": "!4UsW2lhkAbCdEf", "event_type": "m.room.message", "sender": "@bob:127.0.0.1:8449",
+                                  "content": content, "via": "policy_server", "origin": "127.0.0.1:8449", "event_id": "$ev"}}),
+            ),
+            (
+                "membership a homeserver asked the policy server about",
+                Input::Membership(MembershipInput {
+                    matrix: Membership {
+                        door: policy_server_door(),
+                        ..Membership::new(
+                            "!4UsW2lhkAbCdEf",
+                            "@bob:127.0.0.1:8449",
+                            "join",
+                            "@bob:127.0.0.1:8449",
+                            vec![],
+                        )
+                    },
+                    context: context(),
+                }),
+                json!({"kind": "membership", "context": context_json(),
+                       "matrix": {"room_id": "!4UsW2lhkAbCdEf", "event_type": "m.room.member", "sender": "@bob:127.0.0.1:8449",
+                                  "membership": "join", "target": "@bob:127.0.0.1:8449", "room_members": [],
+                                  "via": "policy_server", "origin": "127.0.0.1:8449", "event_id": "$ev"}}),
             ),
             (
                 "membership",
@@ -560,6 +630,14 @@ mod tests {
             schemas
                 .validate("input.schema.json", &value)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+    }
+
+    fn policy_server_door() -> Door {
+        Door {
+            via: Some(Via::PolicyServer),
+            origin: Some("127.0.0.1:8449".into()),
+            event_id: Some("$ev".into()),
         }
     }
 }
