@@ -15,7 +15,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The top-level sections; environment variables name one of them first.
-const SECTIONS: [&str; 4] = ["pdp", "pep", "bus", "log"];
+const SECTIONS: [&str; 5] = ["pdp", "pep", "bus", "log", "policy_server"];
 
 /// Why the configuration could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,8 @@ pub struct Config {
     pub bus: BusConfig,
     /// Process logging (not decision logs).
     pub log: LogConfig,
+    /// Matrix policy server (MSC4284): the homeserver asks it before accepting an event.
+    pub policy_server: PolicyServerConfig,
 }
 
 /// `[pdp]`: the policy decision service.
@@ -129,7 +131,11 @@ impl Default for CacheConfig {
             enabled: true,
             max_entries: 100_000,
             ttl: Duration::from_secs(10),
-            ignore_fields: vec!["message.id".to_string(), "context.time".to_string()],
+            ignore_fields: vec![
+                "message.id".to_string(),
+                "context.time".to_string(),
+                "matrix.event_id".to_string(),
+            ],
         }
     }
 }
@@ -476,6 +482,83 @@ pub struct IdmConfig {
     pub identities: BTreeMap<String, Vec<String>>,
 }
 
+/// `[policy_server]`: msgnode as the Matrix policy server (MSC4284) of the node's rooms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyServerConfig {
+    /// Start the policy server (its TLS federation listener).
+    pub enabled: bool,
+    /// Where homeservers reach it (HTTPS: federation is always TLS).
+    pub listen: SocketAddr,
+    /// Its server name: `via` in `m.room.policy`, the domain of its user, the origin of its
+    /// federation requests. An IP literal or a name with a port, so that homeservers reach
+    /// `https://<server_name>` without `.well-known` or SRV lookups.
+    pub server_name: String,
+    /// Localpart of the user that is the policy server's member of each room.
+    pub user: String,
+    /// Where its keys (federation and policy, ed25519) and its generated certificate are
+    /// kept, created on first start, readable by the owner only.
+    pub state_dir: PathBuf,
+    /// PEM certificate chain for the listener; unset: a self-signed certificate for
+    /// `server_name` is generated in `state_dir` (homeservers must be told to accept it).
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key of `tls_certificate`.
+    pub tls_private_key: Option<PathBuf>,
+    /// Federation base URLs by server name, instead of discovery (`https://<name>`, port
+    /// 8448 by default, after `/.well-known/matrix/server`). E.g. a homeserver named
+    /// `localhost` serving federation on its client port: `localhost =
+    /// "http://127.0.0.1:8008"`.
+    pub servers: BTreeMap<String, String>,
+    /// Verify the certificates of the homeservers it calls. Off only for loopback tests with
+    /// self-signed certificates.
+    pub verify_certificates: bool,
+    /// Rooms it protects: room ids or aliases of `[pep] server_name`, and `"*"` for every
+    /// room the node's appservice user is joined to (except rooms the node's own users
+    /// created: the bus's storage). For each, the node's user joins, invites the policy
+    /// server's user, which joins over federation, and writes `m.room.policy`. Needs `[pep]
+    /// registration`, and the node's user with power to write state (50) in the room.
+    pub rooms: Vec<String>,
+    /// How often `rooms` are checked and protected again (new joined rooms, a removed
+    /// `m.room.policy`).
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Answers remembered by event id (the homeserver may ask twice for one event).
+    pub cache_max_entries: u64,
+    /// How long a remembered answer serves (also bounded by the policy revision).
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// Largest request body accepted (a `/send` transaction is the largest: 50 PDUs).
+    pub max_body_bytes: usize,
+    /// Connections served at once; more wait.
+    pub max_connections: usize,
+    /// Longest one outgoing federation request (key fetch, join, event) may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for PolicyServerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8448)),
+            server_name: "127.0.0.1:8448".to_string(),
+            user: "policy".to_string(),
+            state_dir: PathBuf::from(".state/policy-server"),
+            tls_certificate: None,
+            tls_private_key: None,
+            servers: BTreeMap::new(),
+            verify_certificates: true,
+            rooms: vec!["*".to_string()],
+            sweep_interval: Duration::from_secs(30),
+            cache_max_entries: 10_000,
+            cache_ttl: Duration::from_secs(60),
+            max_body_bytes: 8 * 1024 * 1024,
+            max_connections: 256,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// `[log]`: the process's own log (tracing).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -613,6 +696,28 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("msgnode.example.toml");
             let config = Config::load(Some(&path)).map_err(|e| e.to_string())?;
             assert_eq!(config, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn policy_server_keys_from_file_and_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "x.toml",
+                "[policy_server]\nenabled = true\nrooms = [\"#lobby:localhost\"]\n[policy_server.servers]\nlocalhost = \"http://127.0.0.1:8008\"\n",
+            )?;
+            jail.set_env("MSGNODE_POLICY_SERVER__SERVER_NAME", "127.0.0.1:9448");
+            let config = Config::load(Some(Path::new("x.toml"))).map_err(|e| e.to_string())?;
+            let ps = &config.policy_server;
+            assert!(ps.enabled);
+            assert_eq!(ps.server_name, "127.0.0.1:9448");
+            assert_eq!(ps.rooms, vec!["#lobby:localhost".to_string()]);
+            assert_eq!(
+                ps.servers.get("localhost").map(String::as_str),
+                Some("http://127.0.0.1:8008")
+            );
+            assert!(!Config::default().policy_server.enabled);
             Ok(())
         });
     }

@@ -35,6 +35,7 @@ pub mod pdp;
 pub mod pep;
 pub mod persist;
 pub mod policy;
+pub mod policyserver;
 pub mod ratelimit;
 pub mod rethink;
 pub mod telemetry;

@@ -27,6 +27,7 @@ use crate::pep::appservice::{Appservice, PeerEvents};
 use crate::pep::{self, proxy::PepState};
 use crate::persist::{follower, inbox::Inbox, journal::Journal, store::Store};
 use crate::policy::Decider;
+use crate::policyserver::{self, PolicyServer};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -63,6 +64,10 @@ pub struct Running {
     pub bus: Option<Bus>,
     /// The decision point, for in-process callers.
     pub pdp: Pdp,
+    /// Where the policy server listens (TLS), when enabled.
+    pub policy_server_addr: Option<SocketAddr>,
+    /// The policy server, when enabled.
+    pub policy_server: Option<PolicyServer>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -111,6 +116,13 @@ pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(addr) = node.bus_addr {
             eprintln!(
                 "msgnode: reTHINK message bus on ws://{addr}/ws  (protocol stubs connect here)"
+            );
+        }
+        if let (Some(addr), Some(ps)) = (node.policy_server_addr, &node.policy_server) {
+            eprintln!(
+                "msgnode: Matrix policy server {} on https://{addr}  (m.room.policy: {})",
+                ps.server_name(),
+                ps.policy_content()
             );
         }
         shutdown_signal().await;
@@ -174,6 +186,30 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let (pep_addr, matrix) =
         start_pep(&config, &decider, &mut registry, &shutdown, &tracker).await?;
+    let (policy_server_addr, policy_server) = match config.policy_server.enabled {
+        true => {
+            // The policy server acts as the node's appservice user when there is one.
+            let actor = match matrix.as_ref().and_then(|m| m.actor.as_ref()) {
+                Some((_, actor)) => Some(Arc::clone(actor)),
+                None if config.pep.registration.is_some() => {
+                    Matrix::new(&config, None)?.actor.map(|(_, actor)| actor)
+                }
+                None => None,
+            };
+            let started = policyserver::start(
+                &config.policy_server,
+                &config.pep.server_name,
+                decider.clone(),
+                actor,
+                &mut registry,
+                &shutdown,
+                &tracker,
+            )
+            .await?;
+            (Some(started.addr), Some(started.server))
+        }
+        false => (None, None),
+    };
     let (bus_addr, bus) = match config.bus.enabled {
         true => {
             let (addr, bus) = start_bus(
@@ -222,6 +258,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         bus_addr,
         bus,
         pdp,
+        policy_server_addr,
+        policy_server,
         shutdown,
         tracker,
     })

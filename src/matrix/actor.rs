@@ -238,7 +238,11 @@ impl Actor {
         self.resolve_alias(&alias).await
     }
 
-    async fn resolve_alias(&self, alias: &str) -> Result<Option<String>, ActorError> {
+    /// The room `alias` names, `None` when it names none.
+    ///
+    /// # Errors
+    /// The homeserver refused or is unavailable.
+    pub async fn resolve_alias(&self, alias: &str) -> Result<Option<String>, ActorError> {
         let path = format!("/_matrix/client/v3/directory/room/{}", encode(alias));
         match self.call(Method::GET, &path, &[], None).await {
             Ok(answer) => Ok(Some(string_field(&answer, "room_id")?)),
@@ -271,6 +275,23 @@ impl Actor {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The rooms the appservice's own user is joined to.
+    ///
+    /// # Errors
+    /// The homeserver refused or is unavailable.
+    pub async fn joined_rooms(&self) -> Result<Vec<String>, ActorError> {
+        let answer = self
+            .call(Method::GET, "/_matrix/client/v3/joined_rooms", &[], None)
+            .await?;
+        Ok(answer["joined_rooms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect())
     }
 
     /// `by` withdraws the invitation of `user_id` to `room_id` (a kick of an invited user).

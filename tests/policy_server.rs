@@ -1,0 +1,286 @@
+//! msgnode as the Matrix policy server (MSC4284) of rooms on a real Synapse: clients that
+//! talk to Synapse directly, and a second Synapse federating on loopback, get every event
+//! decided by the node's Rego policy before Synapse accepts it.
+//!
+//! One scenario, in order (two Synapses start once): the node protects a room (its
+//! appservice user joins, invites the policy server's user, which joins over federation;
+//! `m.room.policy` is written); a direct client's denied event is refused with the policy's
+//! reason and absent from `/messages`, an allowed one is delivered carrying the policy
+//! signature; a policy edit flips the decision without a restart; the second Synapse's
+//! allowed event arrives, its denied member event is soft-failed (and its denied message
+//! refused to its own client); with the policy server down, Synapse refuses.
+
+use std::path::Path;
+use std::time::Duration;
+
+mod common;
+
+use common::matrix::Client;
+use common::synapse::{copy_dir, free_port, Synapse};
+use msgnode::cmd::run::{start, Running};
+use msgnode::config::Config;
+use serde_json::{json, Value};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn node_config(synapse: &Synapse, policies: &Path, state: &Path) -> Config {
+    let mut config = Config::default();
+    config.pdp.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pdp.policies = policies.to_path_buf();
+    config.pdp.schema_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    config.pdp.decision_log.enabled = false;
+    config.pdp.reload_debounce = Duration::from_millis(50);
+    synapse.serve(&mut config);
+    let port = free_port();
+    let ps = &mut config.policy_server;
+    ps.enabled = true;
+    ps.listen = format!("127.0.0.1:{port}").parse().expect("addr");
+    ps.server_name = format!("127.0.0.1:{port}");
+    ps.state_dir = state.to_path_buf();
+    // Loopback Synapses have self-signed certificates.
+    ps.verify_certificates = false;
+    // The test protects its room itself.
+    ps.rooms = Vec::new();
+    config
+}
+
+/// Edits the bundle's data: `edit` changes `data.json`'s value.
+fn edit_data(policies: &Path, edit: impl FnOnce(&mut Value)) {
+    let file = policies.join("config/data.json");
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+    edit(&mut data);
+    std::fs::write(&file, serde_json::to_vec_pretty(&data).expect("json")).expect("write");
+}
+
+/// Waits until the node serves a revision other than `before`.
+async fn new_revision(node: &Running, before: Option<String>) {
+    common::eventually("the edited policy is served", WITHIN, || {
+        let changed = node.pdp.status().revision != before;
+        async move { changed }
+    })
+    .await;
+}
+
+async fn messages(client: &Client, room: &str) -> Vec<Value> {
+    let (status, page) = client
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page["chunk"].as_array().cloned().unwrap_or_default()
+}
+
+fn has_body(events: &[Value], body: &str) -> bool {
+    events.iter().any(|e| e["content"]["body"] == body)
+}
+
+async fn send(
+    client: &Client,
+    room: &str,
+    event_type: &str,
+    txn: &str,
+    body: &str,
+) -> (u16, Value) {
+    client
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/{event_type}/{txn}"),
+            json!({"msgtype": "m.text", "body": body}),
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rego_decides_every_event_inside_synapse() {
+    let synapse_a = Synapse::start_federating();
+    let synapse_b = Synapse::start_federating();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    copy_dir(&common::shipped_policies(), &policies);
+    // Users of the loopback homeservers (server names 127.0.0.1:<port>) are trusted.
+    edit_data(&policies, |data| {
+        data["trusted_domains"]
+            .as_array_mut()
+            .expect("trusted_domains")
+            .push(json!("127.0.0.1"));
+    });
+    let node = start(node_config(&synapse_a, &policies, &dir.path().join("ps")))
+        .await
+        .expect("start node");
+    let ps = node.policy_server.clone().expect("policy server");
+    let http = reqwest::Client::new();
+    let alice = Client {
+        http: http.clone(),
+        base: synapse_a.url(),
+        token: synapse_a.register("alice"),
+    };
+    let bob = Client {
+        http: http.clone(),
+        base: synapse_b.url(),
+        token: synapse_b.register("bob"),
+    };
+    let a_name = synapse_a.server_name();
+    let node_user = format!("@_msgnode:{a_name}");
+
+    // Alice's public room, with the node's user invited and given power.
+    let (status, created) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "public_chat", "invite": [node_user],
+                   "power_level_content_override": {"users": {node_user.clone(): 100}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().expect("room_id").to_string();
+
+    // One step puts the room under the policy server.
+    assert_eq!(ps.protect(&room).await.expect("protect"), room);
+    let (status, policy) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.policy/"
+        ))
+        .await;
+    assert_eq!(status, 200, "{policy}");
+    assert_eq!(policy, ps.policy_content());
+    let (status, member) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.member/{}",
+            ps.user_id()
+        ))
+        .await;
+    assert_eq!(
+        (status, member["membership"].as_str()),
+        (200, Some("join")),
+        "{member}"
+    );
+    // Protecting again changes nothing.
+    ps.protect(&room).await.expect("protect again");
+
+    // Direct to Synapse, denied by the policy: refused with its reason, never stored.
+    let (status, refused) = send(&alice, &room, "com.example.secret", "s1", "secret 1").await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["errcode"], "M_FORBIDDEN", "{refused}");
+    let reason = refused["error"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("event type 'com.example.secret' is not allowed"),
+        "{refused}"
+    );
+    assert!(!has_body(&messages(&alice, &room).await, "secret 1"));
+
+    // Allowed: delivered, carrying the policy server's signature over the event.
+    let (status, sent) = send(&alice, &room, "m.room.message", "m1", "hello 1").await;
+    assert_eq!(status, 200, "{sent}");
+    let event_id = sent["event_id"].as_str().expect("event_id").to_string();
+    assert!(has_body(&messages(&alice, &room).await, "hello 1"));
+    let pdu = ps
+        .homeserver_event(&event_id)
+        .await
+        .expect("event over federation");
+    let content: ruma::events::room::policy::RoomPolicyEventContent =
+        serde_json::from_value(ps.policy_content()).expect("policy content");
+    let rules = ruma::RoomVersionId::V12.rules().expect("v12");
+    ruma::signatures::verify_policy_server_signature(&content, &pdu, &rules)
+        .expect("the stored event carries a valid policy signature");
+
+    // A policy edit flips the decision, without a restart.
+    let before = node.pdp.status().revision;
+    edit_data(&policies, |data| {
+        data["matrix"]["event_types"]["default"]
+            .as_array_mut()
+            .expect("default types")
+            .push(json!("com.example.secret"));
+    });
+    new_revision(&node, before).await;
+    let (status, sent) = send(&alice, &room, "com.example.secret", "s2", "secret 2").await;
+    assert_eq!(status, 200, "now allowed: {sent}");
+    assert!(has_body(&messages(&alice, &room).await, "secret 2"));
+
+    // The second Synapse: Bob joins over federation (decided, allowed) ...
+    let b_name = synapse_b.server_name();
+    let bob_id = format!("@bob:{b_name}");
+    let (status, joined) = bob
+        .post(
+            &format!("/_matrix/client/v3/join/{room}?server_name={a_name}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{joined}");
+    // ... and his allowed message, signed at his homeserver's request, arrives.
+    let (status, sent) = send(&bob, &room, "m.room.message", "b1", "hello from b").await;
+    assert_eq!(status, 200, "{sent}");
+    common::eventually("bob's message reaches alice", WITHIN, || {
+        let alice = &alice;
+        let room = &room;
+        async move { has_body(&messages(alice, room).await, "hello from b") }
+    })
+    .await;
+
+    // Bob is blocked: his next member event (a display name, which his homeserver sends
+    // without asking) is soft-failed where the room lives; his message is refused at home.
+    let denied_before = common::metric(
+        &http,
+        &node,
+        "msgnode_policy_server_sign_requests_total{outcome=\"denied\"}",
+    )
+    .await;
+    let before = node.pdp.status().revision;
+    edit_data(&policies, |data| {
+        data["blocked_users"][bob_id.as_str()] = json!("test: blocked after joining");
+    });
+    new_revision(&node, before).await;
+    let (status, answer) = bob
+        .put(
+            &format!("/_matrix/client/v3/profile/{bob_id}/displayname"),
+            json!({"displayname": "Bob the Blocked"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    common::eventually("synapse a asked about bob's member event", WITHIN, || {
+        let (http, node) = (&http, &node);
+        async move {
+            common::metric(
+                http,
+                node,
+                "msgnode_policy_server_sign_requests_total{outcome=\"denied\"}",
+            )
+            .await
+                > denied_before
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = messages(&alice, &room).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["content"]["displayname"] == "Bob the Blocked"),
+        "the soft-failed member event is not shown: {events:?}"
+    );
+    let (status, member) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.member/{bob_id}"
+        ))
+        .await;
+    assert_eq!(status, 200, "{member}");
+    assert_ne!(member["displayname"], "Bob the Blocked", "{member}");
+    let (status, refused) = send(&bob, &room, "m.room.message", "b2", "blocked bob").await;
+    assert_eq!(
+        (status, refused["errcode"].as_str()),
+        (400, Some("M_FORBIDDEN")),
+        "{refused}"
+    );
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is blocked"),
+        "{refused}"
+    );
+
+    // The policy server down: Synapse refuses (fails closed), nothing is stored.
+    node.stop().await;
+    let (status, refused) = send(&alice, &room, "m.room.message", "m2", "while down").await;
+    assert_ne!(status, 200, "{refused}");
+    assert!(!has_body(&messages(&alice, &room).await, "while down"));
+}
