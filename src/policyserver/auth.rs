@@ -2,7 +2,8 @@
 //! its origin server and carries that server's signature over method, request-target as
 //! received, origin, destination and body (ruma's `XMatrix`). Verified with the origin's
 //! keys from the keyring; the destination, when named, must be this server. Anything else
-//! is 401 `M_UNAUTHORIZED`.
+//! is 401 `M_UNAUTHORIZED` (after 400 `M_NOT_JSON`/`M_BAD_JSON` for a body that is not
+//! canonical JSON, and 413 for one over the limit).
 
 use axum::body::Bytes;
 use axum::extract::Request;
@@ -35,6 +36,15 @@ impl PolicyServer {
     ) -> Result<Authenticated, PolicyServerError> {
         let (parts, body) = request.into_parts();
         let body = read_body(body, self.inner.config.max_body_bytes).await?;
+        if !body.is_empty() {
+            // What is signed is the canonical JSON of the body: say what is wrong with it
+            // before saying the signature does not verify.
+            let value: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| PolicyServerError::NotJson(format!("body is not JSON: {e}")))?;
+            ruma::canonical_json::to_canonical_value(&value).map_err(|e| {
+                PolicyServerError::BadJson(format!("body is not canonical JSON: {e}"))
+            })?;
+        }
         let unauthorized = |why: String| PolicyServerError::Unauthorized(why);
         let headers: Vec<XMatrix> = parts
             .headers

@@ -28,6 +28,7 @@ pub mod keyring;
 pub mod keys;
 pub mod rooms;
 pub mod sign;
+pub mod testing;
 pub mod tls;
 
 use std::net::SocketAddr;
