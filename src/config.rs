@@ -491,8 +491,10 @@ pub struct PolicyServerConfig {
     /// Where homeservers reach it (HTTPS: federation is always TLS).
     pub listen: SocketAddr,
     /// Its server name: `via` in `m.room.policy`, the domain of its user, the origin of its
-    /// federation requests. An IP literal or a name with a port, so that homeservers reach
-    /// `https://<server_name>` without `.well-known` or SRV lookups.
+    /// federation requests. A name with a port, so that homeservers reach
+    /// `https://<server_name>` without `.well-known` or SRV lookups. (Synapse refuses IP
+    /// literals in federation whatever its `ip_range_whitelist` says, hence `localhost:8448`
+    /// on loopback rather than `127.0.0.1:8448`.)
     pub server_name: String,
     /// Localpart of the user that is the policy server's member of each room.
     pub user: String,
@@ -541,7 +543,7 @@ impl Default for PolicyServerConfig {
         Self {
             enabled: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 8448)),
-            server_name: "127.0.0.1:8448".to_string(),
+            server_name: "localhost:8448".to_string(),
             user: "policy".to_string(),
             state_dir: PathBuf::from(".state/policy-server"),
             tls_certificate: None,
@@ -705,9 +707,14 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
                 "x.toml",
-                "[policy_server]\nenabled = true\nrooms = [\"#lobby:localhost\"]\n[policy_server.servers]\nlocalhost = \"http://127.0.0.1:8008\"\n",
+                "[policy_server]\nenabled = true\nrooms = [\"#lobby:localhost\"]\n",
             )?;
             jail.set_env("MSGNODE_POLICY_SERVER__SERVER_NAME", "127.0.0.1:9448");
+            // As scripts/run sets it.
+            jail.set_env(
+                "MSGNODE_POLICY_SERVER__SERVERS",
+                "{\"localhost\"=\"http://127.0.0.1:8008\"}",
+            );
             let config = Config::load(Some(Path::new("x.toml"))).map_err(|e| e.to_string())?;
             let ps = &config.policy_server;
             assert!(ps.enabled);

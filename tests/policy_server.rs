@@ -35,7 +35,7 @@ fn node_config(synapse: &Synapse, policies: &Path, state: &Path) -> Config {
     let ps = &mut config.policy_server;
     ps.enabled = true;
     ps.listen = format!("127.0.0.1:{port}").parse().expect("addr");
-    ps.server_name = format!("127.0.0.1:{port}");
+    ps.server_name = format!("localhost:{port}");
     ps.state_dir = state.to_path_buf();
     // Loopback Synapses have self-signed certificates.
     ps.verify_certificates = false;
@@ -89,6 +89,97 @@ async fn send(
             json!({"msgtype": "m.text", "body": body}),
         )
         .await
+}
+
+/// The local Synapse as `scripts/synapse` sets it up without federation (server name
+/// `localhost`, federation on the client port, loopback allowed) and the node as
+/// `scripts/run` starts it with `MSGNODE_POLICY_SERVER__ENABLED=true`: a room in
+/// `[policy_server] rooms` is protected by the sweep, and Synapse asks before it accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_scripts_setup_protects_the_configured_rooms() {
+    let synapse = Synapse::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = node_config(
+        &synapse,
+        &common::shipped_policies(),
+        &dir.path().join("ps"),
+    );
+    config.policy_server.servers = [("localhost".to_string(), synapse.url())].into();
+    config.policy_server.rooms = vec!["*".to_string(), "#lobby:localhost".to_string()];
+    config.policy_server.sweep_interval = Duration::from_millis(300);
+    let alice = Client {
+        http: reqwest::Client::new(),
+        base: synapse.url(),
+        token: synapse.register("alice"),
+    };
+    let (status, created) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat", "room_alias_name": "lobby", "invite": ["@_msgnode:localhost"],
+                   "power_level_content_override": {"users": {"@_msgnode:localhost": 100}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().expect("room_id").to_string();
+    let node = start(config).await.expect("start node");
+    let ps = node.policy_server.clone().expect("policy server");
+    common::eventually("the sweep protects #lobby", WITHIN, || {
+        let (alice, room) = (&alice, &room);
+        async move {
+            alice
+                .get(&format!(
+                    "/_matrix/client/v3/rooms/{room}/state/m.room.policy/"
+                ))
+                .await
+                .0
+                == 200
+        }
+    })
+    .await;
+    let (_, policy) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.policy/"
+        ))
+        .await;
+    assert_eq!(policy, ps.policy_content());
+    let (status, refused) = send(&alice, &room, "com.example.secret", "s1", "secret").await;
+    assert_eq!(
+        (status, refused["errcode"].as_str()),
+        (400, Some("M_FORBIDDEN")),
+        "{refused}"
+    );
+    let (status, sent) = send(&alice, &room, "m.room.message", "m1", "hello").await;
+    assert_eq!(status, 200, "{sent}");
+    // The node's own rooms ("*") are not put under the policy server.
+    let bus_like = node_room(&synapse).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (status, _) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{bus_like}/state/m.room.policy/"
+        ))
+        .await;
+    assert_ne!(
+        status, 200,
+        "a room the node's own user created stays unprotected"
+    );
+    node.stop().await;
+}
+
+/// A room the node's appservice user creates (like the bus's storage rooms); alice is in it.
+async fn node_room(synapse: &Synapse) -> String {
+    let node = Client {
+        http: reqwest::Client::new(),
+        base: synapse.url(),
+        token: synapse.token("as_token"),
+    };
+    let (status, created) = node
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "public_chat"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    created["room_id"].as_str().expect("room_id").to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
