@@ -175,6 +175,10 @@ pub enum BenchMode {
     /// Matrix (starts its own Synapse and node; run from the repository root). Not part of
     /// `all`.
     Bus,
+    /// The Matrix policy server: `/sign` over loopback TLS, and a real Synapse's sends
+    /// without and with the policy server, same run (starts its own Synapse; run from the
+    /// repository root). Not part of `all`.
+    PolicyServer,
     /// The journal's group commit under a sustained offered rate (`--rate`, `--seconds`)
     /// against its own Synapse, then every record read back. Not part of `all`.
     Journal,

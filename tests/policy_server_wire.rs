@@ -5,76 +5,35 @@
 use std::path::Path;
 use std::time::Duration;
 
-use msgnode::config::{PdpConfig, PolicyServerConfig};
-use msgnode::pdp::Pdp;
-use msgnode::policy::Decider;
-use msgnode::policyserver::testing::Origin;
-use msgnode::policyserver::{self, PolicyServer};
+use msgnode::policyserver::testing::{Loopback, Origin};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// A room version 12 room id (no server part).
 const ROOM: &str = "!4UsW2lhkAbCdEfGh";
 const ORIGIN: &str = "localhost";
 
 struct Wire {
-    server: PolicyServer,
-    base: String,
+    loopback: Loopback,
     http: reqwest::Client,
-    origin: Origin,
-    stop: CancellationToken,
     _dir: tempfile::TempDir,
 }
 
 async fn wire() -> Wire {
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut pdp_config = PdpConfig {
-        policies: repo.join("policies"),
-        schema_dir: repo.join("schemas"),
-        ..PdpConfig::default()
-    };
-    pdp_config.decision_log.enabled = false;
-    let pdp = Pdp::builder(&pdp_config).build().expect("pdp");
-    pdp.reload().expect("bundle");
-    let config = PolicyServerConfig {
-        enabled: true,
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        server_name: "127.0.0.1:18448".to_string(),
-        state_dir: dir.path().join("ps"),
-        max_body_bytes: 256 * 1024,
-        ..PolicyServerConfig::default()
-    };
-    let mut registry = prometheus_client::registry::Registry::default();
-    let stop = CancellationToken::new();
-    let started = policyserver::start(
-        &config,
-        ORIGIN,
-        Decider::Local(pdp),
-        None,
-        &mut registry,
-        &stop,
-        &TaskTracker::new(),
-    )
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let loopback = Loopback::start(&policies, &dir.path().join("ps"), ORIGIN, ROOM, |config| {
+        config.server_name = "localhost:18448".to_string();
+        config.max_body_bytes = 256 * 1024;
+    })
     .await
     .expect("start");
-    let origin = Origin::new(ORIGIN).expect("origin");
-    started
-        .server
-        .keyring()
-        .insert_fixed(ORIGIN, origin.public_keys());
-    started.server.note_room(ROOM, ruma::RoomVersionId::V12);
     Wire {
-        server: started.server,
-        base: format!("https://{}", started.addr),
+        loopback,
         http: reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
             .timeout(Duration::from_secs(10))
             .build()
             .expect("client"),
-        origin,
-        stop,
         _dir: dir,
     }
 }
@@ -82,6 +41,7 @@ async fn wire() -> Wire {
 impl Wire {
     fn message(&self, body: &str) -> Value {
         let event = self
+            .loopback
             .origin
             .event(
                 json!({"room_id": ROOM, "sender": "@alice:localhost", "type": "m.room.message",
@@ -94,15 +54,19 @@ impl Wire {
     /// Posts `body` signed by `signer` (default: the origin) for `destination`.
     async fn post_signed(&self, signer: &Origin, destination: &str, body: &[u8]) -> (u16, Value) {
         let request = signer
-            .sign_request(&self.base, destination, body)
+            .sign_request(&self.loopback.base, destination, body)
             .expect("request");
         self.send(request).await
     }
 
     async fn post(&self, body: &Value) -> (u16, Value) {
         let body = serde_json::to_vec(body).expect("json");
-        self.post_signed(&self.origin, self.server.server_name(), &body)
-            .await
+        self.post_signed(
+            &self.loopback.origin,
+            self.loopback.server.server_name(),
+            &body,
+        )
+        .await
     }
 
     async fn send(&self, request: axum::http::Request<Vec<u8>>) -> (u16, Value) {
@@ -135,7 +99,7 @@ fn assert_error(answer: &(u16, Value), status: u16, errcode: &str, what: &str) {
 #[tokio::test]
 async fn sign_answers_allowed_events_with_a_policy_signature_and_refuses_the_rest() {
     let wire = wire().await;
-    let name = wire.server.server_name().to_string();
+    let name = wire.loopback.server.server_name().to_string();
 
     // Allowed: the policy key's signature over the redacted event, as Synapse checks it.
     let event = wire.message("hello");
@@ -165,7 +129,7 @@ async fn sign_answers_allowed_events_with_a_policy_signature_and_refuses_the_res
         ruma::CanonicalJsonValue::Object(with),
     );
     let content: ruma::events::room::policy::RoomPolicyEventContent =
-        serde_json::from_value(wire.server.policy_content()).expect("content");
+        serde_json::from_value(wire.loopback.server.policy_content()).expect("content");
     let rules = ruma::RoomVersionId::V12.rules().expect("rules");
     ruma::signatures::verify_policy_server_signature(&content, &signed, &rules)
         .expect("a valid policy signature");
@@ -174,6 +138,7 @@ async fn sign_answers_allowed_events_with_a_policy_signature_and_refuses_the_res
 
     // Denied by the policy: 400 M_FORBIDDEN with its reason.
     let denied = wire
+        .loopback
         .origin
         .event(
             json!({"room_id": ROOM, "sender": "@alice:localhost", "type": "com.example.secret",
@@ -195,6 +160,7 @@ async fn sign_answers_allowed_events_with_a_policy_signature_and_refuses_the_res
 
     // A member event is decided as the membership it records too.
     let blocked = wire
+        .loopback
         .origin
         .event(
             json!({"room_id": ROOM, "sender": "@mallory:localhost", "type": "m.room.member",
@@ -213,20 +179,20 @@ async fn sign_answers_allowed_events_with_a_policy_signature_and_refuses_the_res
         "{}",
         answer.1
     );
-    wire.stop.cancel();
 }
 
 #[tokio::test]
 async fn forged_or_broken_requests_are_refused_never_signed() {
     let wire = wire().await;
-    let name = wire.server.server_name().to_string();
+    let name = wire.loopback.server.server_name().to_string();
     let event = wire.message("hello");
     let body = serde_json::to_vec(&event).expect("json");
 
     // No X-Matrix at all.
     let mut request = wire
+        .loopback
         .origin
-        .sign_request(&wire.base, &name, &body)
+        .sign_request(&wire.loopback.base, &name, &body)
         .expect("request");
     request.headers_mut().remove("authorization");
     assert_error(
@@ -247,7 +213,9 @@ async fn forged_or_broken_requests_are_refused_never_signed() {
 
     // Signed for another destination.
     assert_error(
-        &wire.post_signed(&wire.origin, "other.example", &body).await,
+        &wire
+            .post_signed(&wire.loopback.origin, "other.example", &body)
+            .await,
         401,
         "M_UNAUTHORIZED",
         "other destination",
@@ -255,8 +223,9 @@ async fn forged_or_broken_requests_are_refused_never_signed() {
 
     // The body changed after signing the request.
     let mut request = wire
+        .loopback
         .origin
-        .sign_request(&wire.base, &name, &body)
+        .sign_request(&wire.loopback.base, &name, &body)
         .expect("request");
     *request.body_mut() = serde_json::to_vec(&wire.message("changed")).expect("json");
     assert_error(
@@ -291,6 +260,7 @@ async fn forged_or_broken_requests_are_refused_never_signed() {
 
     // Hash recomputed, but the origin's signature is not over this event.
     let other = wire
+        .loopback
         .origin
         .event(
             json!({"room_id": ROOM, "sender": "@alice:localhost", "type": "m.room.message",
@@ -329,7 +299,9 @@ async fn forged_or_broken_requests_are_refused_never_signed() {
 
     // Not JSON, not an object, not canonical, missing fields, unknown room, too large.
     assert_error(
-        &wire.post_signed(&wire.origin, &name, b"[1,2]").await,
+        &wire
+            .post_signed(&wire.loopback.origin, &name, b"[1,2]")
+            .await,
         400,
         "M_BAD_JSON",
         "an array",
@@ -337,7 +309,7 @@ async fn forged_or_broken_requests_are_refused_never_signed() {
     let unsigned = |body: &[u8]| {
         axum::http::Request::builder()
             .method("POST")
-            .uri(format!("{}/_matrix/policy/v1/sign", wire.base))
+            .uri(format!("{}/_matrix/policy/v1/sign", wire.loopback.base))
             .header(
                 "authorization",
                 "X-Matrix origin=localhost,key=\"ed25519:origin\",sig=\"AAAA\"",
@@ -382,7 +354,10 @@ async fn forged_or_broken_requests_are_refused_never_signed() {
 
     // Unknown endpoints: M_UNRECOGNIZED (Synapse's cue to try the unstable path).
     let request = axum::http::Request::builder()
-        .uri(format!("{}/_matrix/federation/v1/nothing", wire.base))
+        .uri(format!(
+            "{}/_matrix/federation/v1/nothing",
+            wire.loopback.base
+        ))
         .body(Vec::new())
         .expect("request");
     assert_error(
@@ -391,16 +366,15 @@ async fn forged_or_broken_requests_are_refused_never_signed() {
         "M_UNRECOGNIZED",
         "unknown endpoint",
     );
-    wire.stop.cancel();
 }
 
 #[tokio::test]
 async fn keys_and_discovery_are_published() {
     let wire = wire().await;
-    let name = wire.server.server_name().to_string();
+    let name = wire.loopback.server.server_name().to_string();
     let get = |path: &str| {
         axum::http::Request::builder()
-            .uri(format!("{}{path}", wire.base))
+            .uri(format!("{}{path}", wire.loopback.base))
             .body(Vec::new())
             .expect("request")
     };
@@ -416,7 +390,6 @@ async fn keys_and_discovery_are_published() {
     assert_eq!(status, 200, "{discovery}");
     assert_eq!(
         discovery["public_keys"]["ed25519"],
-        wire.server.policy_content()["public_keys"]["ed25519"]
+        wire.loopback.server.policy_content()["public_keys"]["ed25519"]
     );
-    wire.stop.cancel();
 }

@@ -20,7 +20,6 @@ use ruma::api::federation::transactions::send_transaction_message;
 use ruma::api::{IncomingRequestExt, OutgoingResponseExt};
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::serde::Base64;
-use ruma::signatures::Verified;
 use ruma::{MilliSecondsSinceUnixEpoch, OwnedServerSigningKeyId, UInt};
 
 use super::error::PolicyServerError;
@@ -202,29 +201,9 @@ impl PolicyServer {
                 invite.event_id
             )));
         }
-        let servers =
-            ruma::signatures::required_server_signatures_to_verify_event(&event, &rules.signatures)
-                .map_err(|e| PolicyServerError::Forbidden(e.to_string()))?;
-        let keys = self
-            .inner
-            .keyring
-            .key_map(
-                &servers
-                    .iter()
-                    .map(|s| (s.as_str(), None))
-                    .collect::<Vec<_>>(),
-            )
+        self.verify_origin_signatures(&event, &rules)
             .await
             .map_err(|e| PolicyServerError::Forbidden(e.to_string()))?;
-        match ruma::signatures::verify_event(&keys, &event, &rules) {
-            Ok(Verified::All) => {}
-            Ok(Verified::Signatures) => {
-                return Err(PolicyServerError::Forbidden(
-                    "content hash does not match".to_string(),
-                ))
-            }
-            Err(e) => return Err(PolicyServerError::Forbidden(format!("signature: {e}"))),
-        }
         ruma::signatures::sign_event(
             self.inner.name.as_str(),
             &self.inner.keys.federation,

@@ -137,8 +137,13 @@ impl PolicyServer {
         }
     }
 
-    /// Checks the signatures the room version requires on `pdu` (its sender's server, …).
-    async fn verify_origin_signatures(
+    /// Checks the signatures the room version requires on `pdu` (its sender's server, …)
+    /// and its content hash.
+    ///
+    /// # Errors
+    /// 400 `M_FORBIDDEN` (the caller of an invitation maps it to 403): a signature missing
+    /// or not verifying, keys that cannot be fetched, a content hash that differs.
+    pub(super) async fn verify_origin_signatures(
         &self,
         pdu: &CanonicalJsonObject,
         rules: &RoomVersionRules,

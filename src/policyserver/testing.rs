@@ -89,3 +89,76 @@ impl Origin {
         Ok(request.try_into_http_request::<Vec<u8>>(base_url, signing, ())?)
     }
 }
+
+/// A policy server on loopback TLS, deciding in-process with the bundle in `policies`,
+/// knowing its origin's keys and one room version 12 room: what the wire tests and the
+/// benchmark drive. Stopped when dropped.
+pub struct Loopback {
+    /// The server.
+    pub server: super::PolicyServer,
+    /// `https://127.0.0.1:<port>`.
+    pub base: String,
+    /// The homeserver that asks it (also its `[pep] server_name`).
+    pub origin: Origin,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Loopback {
+    /// Starts one with its keys and certificate in `state_dir`, for `origin`'s events in
+    /// `room`; `tune` adjusts the configuration.
+    ///
+    /// # Errors
+    /// The bundle does not load, or the server cannot start.
+    pub async fn start(
+        policies: &std::path::Path,
+        state_dir: &std::path::Path,
+        origin: &str,
+        room: &str,
+        tune: impl FnOnce(&mut crate::config::PolicyServerConfig),
+    ) -> anyhow::Result<Self> {
+        let mut pdp_config = crate::config::PdpConfig {
+            policies: policies.to_path_buf(),
+            ..crate::config::PdpConfig::default()
+        };
+        pdp_config.decision_log.enabled = false;
+        let pdp = crate::pdp::Pdp::builder(&pdp_config).build()?;
+        pdp.reload()?;
+        let mut config = crate::config::PolicyServerConfig {
+            enabled: true,
+            listen: "127.0.0.1:0".parse()?,
+            state_dir: state_dir.to_path_buf(),
+            ..crate::config::PolicyServerConfig::default()
+        };
+        tune(&mut config);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let started = super::start(
+            &config,
+            origin,
+            crate::policy::Decider::Local(pdp),
+            None,
+            &mut registry,
+            &stop,
+            &tokio_util::task::TaskTracker::new(),
+        )
+        .await?;
+        let origin = Origin::new(origin)?;
+        started
+            .server
+            .keyring()
+            .insert_fixed(origin.name.as_str(), origin.public_keys());
+        started.server.note_room(room, RoomVersionId::V12);
+        Ok(Self {
+            server: started.server,
+            base: format!("https://{}", started.addr),
+            origin,
+            stop,
+        })
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

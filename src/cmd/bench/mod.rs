@@ -20,6 +20,7 @@ use serde_json::Value;
 
 mod bus;
 mod journal;
+mod policy_server;
 mod proxy;
 mod stats;
 mod synapse;
@@ -42,6 +43,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.mode == BenchMode::Bus {
         bus::run(&args, seconds)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.mode == BenchMode::PolicyServer {
+        policy_server::run(&args, seconds)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.mode == BenchMode::Journal {

@@ -22,16 +22,7 @@ use crate::config::Config;
 pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
     let synapse = BenchSynapse::start()?;
     let homeserver = format!("http://127.0.0.1:{}", synapse.port);
-    let mut tokens = Vec::new();
-    for i in 0..args.connections.max(1) {
-        let out = synapse.script(&["register", &format!("bench{i}"), "bench-password"])?;
-        let answer: Value = serde_json::from_str(out.trim()).context("register answer")?;
-        let token = answer["access_token"]
-            .as_str()
-            .context("no access_token")?
-            .to_string();
-        tokens.push(token);
-    }
+    let tokens = synapse.register_users(args.connections.max(1))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -87,7 +78,7 @@ pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn send_phase(
+pub(super) async fn send_phase(
     http: &reqwest::Client,
     base: &str,
     clients: &[(String, String)],
@@ -146,7 +137,7 @@ async fn send_phase(
 }
 
 /// Upper bounds of the buckets holding the 50th and 99th percentile of a histogram.
-fn histogram_quantiles(text: &str, name: &str) -> (f64, f64) {
+pub(super) fn histogram_quantiles(text: &str, name: &str) -> (f64, f64) {
     let buckets: Vec<(f64, f64)> = text
         .lines()
         .filter_map(|line| {

@@ -60,6 +60,24 @@ impl BenchSynapse {
         )?))
     }
 
+    /// Registers `count` users (`bench0`, `bench1`, …); their access tokens.
+    ///
+    /// # Errors
+    /// A registration fails.
+    pub(crate) fn register_users(&self, count: usize) -> anyhow::Result<Vec<String>> {
+        (0..count)
+            .map(|i| {
+                let out = self.script(&["register", &format!("bench{i}"), "bench-password"])?;
+                let answer: serde_json::Value =
+                    serde_json::from_str(out.trim()).context("register answer")?;
+                Ok(answer["access_token"]
+                    .as_str()
+                    .context("no access_token")?
+                    .to_string())
+            })
+            .collect()
+    }
+
     /// The appservice registration it was set up with.
     pub(crate) fn registration(&self) -> PathBuf {
         self.state.join("synapse/appservice.yaml")
