@@ -18,6 +18,8 @@
 //! - [`bus`] — the reTHINK message bus: protocol stubs over WebSocket, allocation, routing,
 //!   pub/sub.
 //! - [`pep`] — the Matrix enforcement point: client-server proxy and application service.
+//! - [`policyserver`] — the Matrix policy server (MSC4284): the homeserver asks it about every
+//!   event of a protected room before accepting it.
 //! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`,
 //!   `appservice registration`), wiring the rest; [`cli`] — the clap command line.
 //!
