@@ -20,7 +20,6 @@ use super::proxy::{histogram_quantiles, send_phase};
 use super::stats::Stats;
 use super::synapse::BenchSynapse;
 use crate::cli::BenchArgs;
-use crate::config::Config;
 use crate::policyserver::testing::Loopback;
 
 /// Room version 12 room id of the stand-in origin's events.
@@ -39,7 +38,7 @@ pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
         args.connections
     );
     println!(
-        "{:<34} {:>8} {:>10} {:>10} {:>14}",
+        "{:<26} {:>8} {:>10} {:>10} {:>14}",
         "case", "threads", "p50", "p99", "signs/s"
     );
     for threads in [1, 2] {
@@ -187,11 +186,7 @@ fn synapse_case(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut config = Config::default();
-        config.pdp.policies = args.policies.clone();
-        config.pdp.listen = "127.0.0.1:0".parse()?;
-        config.pdp.decision_log.enabled = false;
-        config.pep.homeserver = homeserver.clone();
+        let mut config = synapse.node_config(&args.policies)?;
         config.pep.registration = Some(synapse.registration());
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         config.policy_server.enabled = true;
@@ -238,14 +233,14 @@ fn synapse_case(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
         with.elapsed += more_with.elapsed;
         let (w50, _) = without.quantiles();
         let (p50, _) = with.quantiles();
-        println!("{:<34} {:>8} {:>10} {:>10} {:>14}", "case", "clients", "p50", "p99", "messages/s");
+        println!("{:<26} {:>8} {:>10} {:>10} {:>14}", "case", "clients", "p50", "p99", "messages/s");
         without.print("send, no policy server", clients);
-        with.print("send, with the policy server", clients);
+        with.print("send, policy server", clients);
         let metrics = http.get(format!("http://{}/metrics", node.pdp_addr)).send().await?.text().await?;
         let (s50, s99) = histogram_quantiles(&metrics, "msgnode_policy_server_sign_duration_seconds");
         println!(
-            "{:<34} {:>8} {:>10} {:>10} {:>14}",
-            "policy server's own time", "", format!("≤{:.0} µs", s50 * 1e6), format!("≤{:.0} µs", s99 * 1e6), "(histogram)"
+            "{:<26} {:>8} {:>10} {:>10} {:>14}",
+            "policy server's time", "", format!("≤{:.0} µs", s50 * 1e6), format!("≤{:.0} µs", s99 * 1e6), "(histogram)"
         );
         println!(
             "added p50: {:+.1} ms ({:+.0} % of Synapse's own send time)",

@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use super::stats::Stats;
 use super::synapse::BenchSynapse;
 use crate::cli::BenchArgs;
-use crate::config::Config;
 
 /// Runs the proxy benchmark and prints its rows.
 ///
@@ -27,13 +26,9 @@ pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut config = Config::default();
-        config.pdp.policies = args.policies.clone();
-        config.pdp.listen = "127.0.0.1:0".parse()?;
-        config.pdp.decision_log.enabled = false;
+        let mut config = synapse.node_config(&args.policies)?;
         config.pep.enabled = true;
         config.pep.listen = "127.0.0.1:0".parse()?;
-        config.pep.homeserver = homeserver.clone();
         let node = crate::cmd::run::start(config).await?;
         let proxy = format!("http://{}", node.pep_addr.context("proxy did not start")?);
         let http = reqwest::Client::new();

@@ -78,6 +78,20 @@ impl BenchSynapse {
             .collect()
     }
 
+    /// A node for a benchmark against this Synapse: the PDP on a free port deciding with
+    /// `policies`, no decision log, the Matrix side pointing here (no listener enabled).
+    ///
+    /// # Errors
+    /// Never in practice (the fixed addresses parse).
+    pub(crate) fn node_config(&self, policies: &Path) -> anyhow::Result<crate::config::Config> {
+        let mut config = crate::config::Config::default();
+        config.pdp.policies = policies.to_path_buf();
+        config.pdp.listen = "127.0.0.1:0".parse()?;
+        config.pdp.decision_log.enabled = false;
+        config.pep.homeserver = format!("http://127.0.0.1:{}", self.port);
+        Ok(config)
+    }
+
     /// The appservice registration it was set up with.
     pub(crate) fn registration(&self) -> PathBuf {
         self.state.join("synapse/appservice.yaml")
