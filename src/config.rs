@@ -215,6 +215,14 @@ pub struct PepConfig {
     /// Decided requests (the writes the proxy intercepts) per client address: 429
     /// `M_LIMIT_EXCEEDED` with `retry_after_ms` past it. Synapse limits what it serves itself.
     pub rate_limit: RateLimit,
+    /// Decisions per user (a request costs one per event or membership change it makes):
+    /// 429 `M_LIMIT_EXCEEDED` past it. Checked once the access token names the user, so
+    /// clients behind one address do not share a bucket.
+    pub user_rate_limit: RateLimit,
+    /// Most decisions one request may need (a `createRoom` with many invites or
+    /// `initial_state` events, a profile change of a user in many rooms): past it 413
+    /// `M_TOO_LARGE`, decided by no one. At most `user_rate_limit.burst`.
+    pub max_decisions_per_request: usize,
 }
 
 impl Default for PepConfig {
@@ -233,6 +241,8 @@ impl Default for PepConfig {
             pdp_token: None,
             pdp_timeout: Duration::from_millis(250),
             rate_limit: RateLimit::new(500, 1000),
+            user_rate_limit: RateLimit::new(500, 2000),
+            max_decisions_per_request: 1000,
         }
     }
 }

@@ -14,6 +14,8 @@ use crate::config::RateLimit;
 pub struct Limiter {
     buckets: Option<DefaultKeyedRateLimiter<String>>,
     clock: DefaultClock,
+    /// Tokens per second.
+    rate: u32,
 }
 
 impl Limiter {
@@ -26,6 +28,7 @@ impl Limiter {
         Self {
             buckets,
             clock: DefaultClock::default(),
+            rate: limit.per_second,
         }
     }
 
@@ -40,6 +43,27 @@ impl Limiter {
         buckets
             .check_key(&key.to_string())
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// Takes `n` tokens of `key`'s bucket at once (none when `n` is 0). More than a burst
+    /// holds is never granted: the wait is then as long as `n` tokens take to accrue.
+    ///
+    /// # Errors
+    /// How long to wait before `n` would be granted.
+    pub fn check_n(&self, key: &str, n: usize) -> Result<(), Duration> {
+        let Some(buckets) = &self.buckets else {
+            return Ok(());
+        };
+        let Some(wanted) = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else {
+            return Ok(());
+        };
+        match buckets.check_key_n(&key.to_string(), wanted) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            Err(_insufficient) => Err(Duration::from_secs_f64(
+                f64::from(wanted.get()) / f64::from(self.rate.max(1)),
+            )),
+        }
     }
 
     /// Forgets the buckets of keys that have been idle long enough to be full again (call
@@ -74,6 +98,21 @@ mod tests {
         );
         assert!(limiter.check("b").is_ok(), "another key has its own bucket");
         assert!(millis(Duration::from_micros(1)) == 1);
+    }
+
+    #[test]
+    fn many_tokens_at_once_are_taken_together() {
+        let limiter = Limiter::new(&RateLimit::new(10, 20));
+        assert!(limiter.check_n("a", 15).is_ok());
+        assert!(limiter.check_n("a", 15).is_err(), "5 left");
+        assert!(limiter.check_n("a", 0).is_ok());
+        assert!(
+            limiter.check_n("b", 21).expect_err("over the burst") >= Duration::from_secs(2),
+            "more than a burst waits as long as the tokens take"
+        );
+        assert!(Limiter::new(&RateLimit::new(0, 0))
+            .check_n("a", 1_000_000)
+            .is_ok());
     }
 
     #[test]

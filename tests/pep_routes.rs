@@ -458,3 +458,224 @@ event_deny contains "aliases in the lobby namespace are reserved" if {
     );
     node.stop().await;
 }
+
+/// A client straight to `synapse`, bypassing the proxy (to set a scene up).
+fn direct(synapse: &Synapse, token: &str) -> Client {
+    Client {
+        http: reqwest::Client::new(),
+        base: synapse.url(),
+        token: token.to_string(),
+    }
+}
+
+fn assert_error(answer: &(u16, Value), status: u16, errcode: &str, what: &str) {
+    assert_eq!(
+        (answer.0, answer.1["errcode"].as_str()),
+        (status, Some(errcode)),
+        "{what}: {}",
+        answer.1
+    );
+}
+
+/// The review's second round: bodies Synapse reads differently from what was decided, a
+/// profile change decided without its rooms, a join decided on an alias, delayed sends, a
+/// request worth thousands of decisions, a kick by a blocked user — each replayed through the
+/// proxy against the real Synapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_forwarded_as_they_were_decided_against_synapse() {
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let mallory_token = synapse.register("mallory"); // blocked in the shipped data
+                                                     // The scene, set up directly on Synapse: a closed room and an open one, with aliases.
+    let alice_direct = direct(&synapse, &alice_token);
+    let mut room_ids = Vec::new();
+    for alias in ["closed", "open"] {
+        let (status, room) = alice_direct
+            .post(
+                "/_matrix/client/v3/createRoom",
+                json!({"preset": "public_chat", "room_alias_name": alias}),
+            )
+            .await;
+        assert_eq!(status, 200, "{room}");
+        room_ids.push(room["room_id"].as_str().expect("room id").to_string());
+    }
+    let (closed, open) = (&room_ids[0], &room_ids[1]);
+    let (status, joined) = direct(&synapse, &mallory_token)
+        .post(&format!("/_matrix/client/v3/join/{open}"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{joined}");
+
+    let policies = tempfile::tempdir().expect("tempdir");
+    copy_dir(&Path::new(REPO).join("policies"), policies.path());
+    std::fs::write(
+        policies.path().join("msgnode/room_rules.rego"),
+        format!(
+            r##"package msgnode.matrix
+
+event_deny contains "rooms may not be public" if {{
+	input.matrix.event_type == "m.room.join_rules"
+	input.matrix.content.join_rule == "public"
+}}
+
+event_deny contains "this display name is refused in rooms" if {{
+	input.matrix.event_type == "m.room.member"
+	input.matrix.room_id != ""
+	input.matrix.content.displayname == "Per Room"
+}}
+
+membership_deny contains "the closed room takes no one" if {{
+	input.matrix.membership == "join"
+	input.matrix.room_id == "{closed}"
+}}
+"##
+        ),
+    )
+    .expect("write rule");
+    let node = proxy_with(&synapse, policies.path(), |c| {
+        c.pep.max_decisions_per_request = 100;
+    })
+    .await;
+    let alice = client(&node, &alice_token);
+    let bob = client(&node, &bob_token);
+    let mallory = client(&node, &mallory_token);
+    let before = joined_rooms(&synapse, &alice_token).await.len();
+
+    // P1: a visibility Synapse reads as public was decided as private.
+    for visibility in ["shared", "Public", ""] {
+        let answer = alice
+            .post(
+                "/_matrix/client/v3/createRoom",
+                json!({ "visibility": visibility }),
+            )
+            .await;
+        assert_error(&answer, 400, "M_INVALID_PARAM", visibility);
+    }
+    // P2: an initial_state member event invited a blocked user with no membership decision.
+    let answer = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"initial_state": [{"type": "m.room.member", "state_key": "@mallory:localhost",
+                                      "content": {"membership": "invite"}}]}),
+        )
+        .await;
+    assert_refused(&answer, "user '@mallory:localhost' is blocked", "P2");
+    // P7: one request worth more decisions than allowed.
+    let many: Vec<Value> = (0..200)
+        .map(|i| json!({"type": "m.room.name", "state_key": format!("k{i}"), "content": {"name": "n"}}))
+        .collect();
+    let answer = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({ "initial_state": many }),
+        )
+        .await;
+    assert_error(&answer, 413, "M_TOO_LARGE", "P7");
+    assert_eq!(
+        joined_rooms(&synapse, &alice_token).await.len(),
+        before,
+        "no room was created"
+    );
+
+    // What is allowed still works, forwarded canonically.
+    let (status, created) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"name": "Team", "org.example.unknown": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let team = created["room_id"].as_str().expect("room id").to_string();
+
+    // P3: user_id beside 3PID fields, which Synapse executes as a third-party invite.
+    let answer = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{team}/invite"),
+            json!({"user_id": "@bob:localhost", "medium": "email", "address": "v@example.org",
+                   "id_server": "is.example", "id_access_token": "t"}),
+        )
+        .await;
+    assert_refused(&answer, "third-party invites are not supported", "P3");
+
+    // P6: a delayed send would be committed after its decision.
+    let answer = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{team}/send/m.room.message/d1?org.matrix.msc4140.delay=1000"),
+            json!({"msgtype": "m.text", "body": "later"}),
+        )
+        .await;
+    assert_refused(&answer, "delayed events are not supported", "P6");
+
+    // P4: a profile change becomes a member event in each of alice's rooms.
+    let answer = alice
+        .put(
+            "/_matrix/client/v3/profile/@alice:localhost/displayname",
+            json!({"displayname": "Per Room"}),
+        )
+        .await;
+    assert_refused(&answer, "this display name is refused in rooms", "P4");
+    let (status, body) = alice
+        .put(
+            "/_matrix/client/v3/profile/@alice:localhost/displayname",
+            json!({"displayname": "Alice"}),
+        )
+        .await;
+    assert_eq!(status, 200, "an allowed profile change: {body}");
+
+    // P5: a join by alias is decided on the room it names, and joins that room.
+    let answer = bob
+        .post("/_matrix/client/v3/join/%23closed:localhost", json!({}))
+        .await;
+    assert_refused(&answer, "the closed room takes no one", "P5 alias");
+    let answer = bob
+        .post(&format!("/_matrix/client/v3/join/{closed}"), json!({}))
+        .await;
+    assert_refused(&answer, "the closed room takes no one", "P5 id");
+    let (status, body) = bob
+        .post("/_matrix/client/v3/join/%23open:localhost", json!({}))
+        .await;
+    assert_eq!(
+        (status, body["room_id"].as_str()),
+        (200, Some(open.as_str())),
+        "{body}"
+    );
+    let answer = bob
+        .post("/_matrix/client/v3/join/%23nowhere:localhost", json!({}))
+        .await;
+    assert_error(&answer, 404, "M_NOT_FOUND", "unknown alias");
+
+    // A blocked user's kick was always allowed as a "leave".
+    let answer = mallory
+        .post(
+            &format!("/_matrix/client/v3/rooms/{open}/kick"),
+            json!({"user_id": "@bob:localhost"}),
+        )
+        .await;
+    assert_refused(&answer, "user '@mallory:localhost' is blocked", "kick");
+    let (status, body) = mallory
+        .post(&format!("/_matrix/client/v3/rooms/{open}/leave"), json!({}))
+        .await;
+    assert_eq!(status, 200, "a blocked user may still leave: {body}");
+
+    // P8: the federation API is not served through the client proxy.
+    let answer = alice
+        .put("/_matrix/federation/v1/send/1", json!({"pdus": []}))
+        .await;
+    assert_eq!(answer.0, 404, "{}", answer.1);
+    node.stop().await;
+
+    // P9: decisions are charged to the user, one per decision, whatever the address.
+    let node = proxy_with(&synapse, &Path::new(REPO).join("policies"), |c| {
+        c.pep.user_rate_limit = msgnode::config::RateLimit::new(1, 8);
+    })
+    .await;
+    let alice = client(&node, &alice_token);
+    let bob = client(&node, &bob_token);
+    let (status, body) = alice.post("/_matrix/client/v3/createRoom", json!({})).await;
+    assert_eq!(status, 200, "six decisions fit in eight: {body}");
+    let answer = alice.post("/_matrix/client/v3/createRoom", json!({})).await;
+    assert_error(&answer, 429, "M_LIMIT_EXCEEDED", "alice's bucket is spent");
+    let (status, body) = bob.post("/_matrix/client/v3/createRoom", json!({})).await;
+    assert_eq!(status, 200, "bob has his own bucket: {body}");
+    node.stop().await;
+}

@@ -98,11 +98,30 @@ ban_sender_ok if {
 	lib.trusted_domain(lib.matrix_server(sender))
 }
 
-# leave: always allowed, also for blocked users (nobody is kept in a room).
-membership_allow if membership == "leave"
+# leave of one's own: always allowed, also for blocked users (nobody is kept in a room).
+self_leave if {
+	membership == "leave"
+	target in {"", sender}
+}
+
+membership_allow if self_leave
+
+# kick and unban (a leave of someone else): a room member of a trusted server
+# (Synapse still checks power levels).
+membership_allow if {
+	membership == "leave"
+	not self_leave
+	ban_sender_ok
+}
+
+membership_deny contains sprintf("user '%s' may not remove '%s': not a member of room '%s' of a trusted domain", [sender, target, room_id]) if {
+	membership == "leave"
+	not self_leave
+	not ban_sender_ok
+}
 
 membership_deny contains r if {
-	membership != "leave"
+	not self_leave
 	some r in blocked_deny
 }
 

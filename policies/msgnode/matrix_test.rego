@@ -138,6 +138,31 @@ test_leave_always_allowed if {
 		with data.config.blocked_users as {"@bob:partner.example": "x"}
 }
 
+test_self_leave_with_target_allowed if {
+	authz.allow with input as join with input.matrix.membership as "leave"
+		with input.matrix.target as "@bob:partner.example"
+		with data.config.blocked_users as {"@bob:partner.example": "x"}
+}
+
+test_kick_by_member_allowed if {
+	authz.allow with input as invite with input.matrix.membership as "leave"
+		with data.config.trusted_domains as trusted
+}
+
+test_kick_by_blocked_member_denied if {
+	d := authz.decision with input as invite with input.matrix.membership as "leave"
+		with data.config.trusted_domains as trusted
+		with data.config.blocked_users as {"@alice:localhost": "x"}
+	has_reason(d, "user '@alice:localhost' is blocked")
+}
+
+test_kick_by_non_member_denied if {
+	d := authz.decision with input as invite with input.matrix.membership as "leave"
+		with input.matrix.room_members as ["@carol:localhost"]
+		with data.config.trusted_domains as trusted
+	has_reason(d, "user '@alice:localhost' may not remove '@bob:partner.example': not a member of room '!chat:localhost' of a trusted domain")
+}
+
 test_ban_by_member_allowed if {
 	authz.allow with input as invite with input.matrix.membership as "ban"
 		with data.config.trusted_domains as trusted

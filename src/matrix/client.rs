@@ -184,6 +184,72 @@ impl Homeserver {
         }
     }
 
+    /// The rooms the caller (`token`, masquerading as `user_id` when set) is joined to.
+    ///
+    /// # Errors
+    /// The homeserver refused, cannot be reached, or gave no list.
+    pub async fn joined_rooms(
+        &self,
+        token: &str,
+        user_id: Option<&str>,
+    ) -> Result<Vec<String>, HomeserverError> {
+        let path = with_user_id("/_matrix/client/v3/joined_rooms".to_string(), user_id);
+        let (status, body) = self.request_json(Method::GET, &path, token, None).await?;
+        if !(200..300).contains(&status) {
+            return Err(HomeserverError::Refused { status, body });
+        }
+        body.get("joined_rooms")
+            .and_then(Value::as_array)
+            .map(|rooms| {
+                rooms
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .ok_or_else(|| HomeserverError::Malformed("/joined_rooms gave no list".into()))
+    }
+
+    /// The room `alias` names and the servers likely in it, the alias's own server first (as
+    /// Synapse orders them before a join); `None` when the directory knows no such alias.
+    ///
+    /// # Errors
+    /// The homeserver refused otherwise, cannot be reached, or named no room.
+    pub async fn resolve_alias(
+        &self,
+        alias: &str,
+        token: &str,
+    ) -> Result<Option<(String, Vec<String>)>, HomeserverError> {
+        let path = format!("/_matrix/client/v3/directory/room/{}", encode(alias));
+        let (status, body) = self.request_json(Method::GET, &path, token, None).await?;
+        if status == 404 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&status) {
+            return Err(HomeserverError::Refused { status, body });
+        }
+        let room_id = body
+            .get("room_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| HomeserverError::Malformed("the directory named no room".into()))?;
+        let mut servers: Vec<String> = body
+            .get("servers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        if let Some((_, domain)) = alias.split_once(':') {
+            if let Some(i) = servers.iter().position(|s| s == domain) {
+                let own = servers.remove(i);
+                servers.insert(0, own);
+            }
+        }
+        Ok(Some((room_id, servers)))
+    }
+
     /// One JSON request to the homeserver as `token`; the answer's status and JSON body
     /// (`null` when the body is not JSON), whatever the status.
     ///

@@ -8,6 +8,11 @@
 //! preset's join rules, history visibility and guest access, every `initial_state` event,
 //! name, topic, and one invite per invitee (`is_direct` marks them).
 //!
+//! What is forwarded is [`canonical`]: the request rebuilt from the fields derived here, with
+//! the preset, visibility and room version spelled out — so Synapse creates exactly the room
+//! that was decided (a field it reads and msgnode does not is never sent; a visibility other
+//! than `public`/`private`, which Synapse would read as public, is refused).
+//!
 //! Not derived, because they depend on the homeserver's configuration rather than the
 //! request: `default_power_level_content_override` and the encryption some deployments force
 //! per preset. `invite_3pid` is refused: its `m.room.third_party_invite` event carries what the
@@ -102,6 +107,97 @@ fn version(id: &str) -> Version {
     }
 }
 
+/// The fields of a `createRoom` body msgnode derives events from; nothing else is forwarded.
+const FIELDS: [&str; 11] = [
+    "creation_content",
+    "initial_state",
+    "invite",
+    "is_direct",
+    "name",
+    "power_level_content_override",
+    "preset",
+    "room_alias_name",
+    "room_version",
+    "topic",
+    "visibility",
+];
+
+/// The `createRoom` body forwarded for `body`: only [`FIELDS`], with `preset`, `visibility`
+/// and `room_version` (else `default_version`) explicit and `initial_state` entries as
+/// `{type, state_key, content}`.
+///
+/// # Errors
+/// As [`new_room`], and a `visibility` other than `public` or `private`.
+pub fn canonical(body: &Value, default_version: &str) -> Result<Value, CreateRoomError> {
+    let field = |name: &str| body.get(name).filter(|v| !v.is_null());
+    let visibility = match field("visibility") {
+        None => "private",
+        Some(Value::String(v)) if v == "public" || v == "private" => v.as_str(),
+        Some(other) => {
+            return Err(CreateRoomError::Invalid(format!(
+                "visibility must be \"public\" or \"private\", not {other}"
+            )))
+        }
+    };
+    // Every field checked (invite_3pid refused) as the client sent it, before any is dropped.
+    new_room(body, "@check:invalid", "invalid", default_version)?;
+    let mut canonical = Map::new();
+    for name in FIELDS {
+        if let Some(value) = field(name) {
+            canonical.insert(name.to_string(), value.clone());
+        }
+    }
+    canonical.insert("visibility".into(), json!(visibility));
+    if !canonical.contains_key("preset") {
+        let preset = match visibility {
+            "public" => "public_chat",
+            _ => "private_chat",
+        };
+        canonical.insert("preset".into(), json!(preset));
+    }
+    if !canonical.contains_key("room_version") {
+        canonical.insert("room_version".into(), json!(default_version));
+    }
+    let mut canonical = Value::Object(canonical);
+    if let Some(entries) = field("initial_state").and_then(Value::as_array) {
+        canonical["initial_state"] = Value::Array(
+            initial_state(entries)?
+                .into_iter()
+                .map(|e| json!({"type": e.event_type, "state_key": e.state_key, "content": e.content}))
+                .collect(),
+        );
+    }
+    Ok(canonical)
+}
+
+/// `initial_state` entries as events, in order, a later entry for the same type and state
+/// key replacing an earlier one.
+fn initial_state(entries: &[Value]) -> Result<Vec<StateEvent>, CreateRoomError> {
+    let mut initial: Vec<StateEvent> = Vec::new();
+    for entry in entries {
+        let (Some(event_type), Some(content @ Value::Object(_))) = (
+            entry.get("type").and_then(Value::as_str),
+            entry.get("content"),
+        ) else {
+            return Err(CreateRoomError::Invalid(
+                "every initial_state event needs a type and an object content".into(),
+            ));
+        };
+        let state_key = match entry.get("state_key") {
+            None => "",
+            Some(Value::String(key)) => key.as_str(),
+            Some(_) => {
+                return Err(CreateRoomError::Invalid(
+                    "an initial_state state_key must be a string".into(),
+                ))
+            }
+        };
+        initial.retain(|e| !(e.event_type == event_type && e.state_key == state_key));
+        initial.push(state(event_type, state_key, content.clone()));
+    }
+    Ok(initial)
+}
+
 /// The events `body` creates for `creator` on the homeserver `server_name`, whose default
 /// room version is `default_version`.
 ///
@@ -187,31 +283,15 @@ pub fn new_room(
     let mut events = vec![state("m.room.create", "", Value::Object(creation))];
 
     // initial_state, keyed by (type, state key); a later entry replaces an earlier one.
-    let mut initial: Vec<StateEvent> = Vec::new();
-    for entry in field("initial_state")
-        .map(|v| {
-            v.as_array().cloned().ok_or_else(|| {
-                CreateRoomError::Invalid("initial_state must be a list of events".into())
-            })
-        })
-        .transpose()?
-        .unwrap_or_default()
-    {
-        let (Some(event_type), Some(content)) = (
-            entry.get("type").and_then(Value::as_str),
-            entry.get("content"),
-        ) else {
+    let mut initial = match field("initial_state") {
+        None => Vec::new(),
+        Some(Value::Array(entries)) => initial_state(entries)?,
+        Some(_) => {
             return Err(CreateRoomError::Invalid(
-                "every initial_state event needs a type and a content".into(),
-            ));
-        };
-        let state_key = entry
-            .get("state_key")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        initial.retain(|e| !(e.event_type == event_type && e.state_key == state_key));
-        initial.push(state(event_type, state_key, content.clone()));
-    }
+                "initial_state must be a list of events".into(),
+            ))
+        }
+    };
 
     // m.room.power_levels: from initial_state, else computed.
     match initial

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 pub use ruma::api::error::ErrorCode;
 
+use super::create_room::CreateRoomError;
 use crate::matrix::HomeserverError;
 
 /// A Matrix client-server error.
@@ -57,6 +58,59 @@ impl MatrixError {
                 "too many requests",
             )
         }
+    }
+}
+
+/// Why an intercepted request is refused before, or instead of, its decisions.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// It would do something no input can describe beforehand (403 `M_FORBIDDEN`).
+    #[error("{0}")]
+    Undecidable(String),
+    /// A field or parameter the homeserver would refuse, or that msgnode does not forward
+    /// (400 `M_INVALID_PARAM`).
+    #[error("{0}")]
+    Invalid(String),
+    /// What it names does not exist (404 `M_NOT_FOUND`), e.g. an unknown room alias.
+    #[error("{0}")]
+    NotFound(String),
+    /// It would need more decisions than one request may (413 `M_TOO_LARGE`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The homeserver cannot tell what the request needs (its room version, an alias, the
+    /// caller's rooms).
+    #[error(transparent)]
+    Homeserver(#[from] HomeserverError),
+}
+
+impl From<CreateRoomError> for RequestError {
+    fn from(error: CreateRoomError) -> Self {
+        match error {
+            CreateRoomError::Undecidable(why) => Self::Undecidable(why),
+            CreateRoomError::Invalid(why) => Self::Invalid(why),
+        }
+    }
+}
+
+impl RequestError {
+    /// The proxy's outcome label (`pep_requests{outcome}`).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Undecidable(_) => "denied",
+            _ => "rejected",
+        }
+    }
+
+    /// The answer the client gets.
+    pub fn into_response(self) -> Response {
+        let (status, errcode, why) = match self {
+            Self::Undecidable(why) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden, why),
+            Self::Invalid(why) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidParam, why),
+            Self::NotFound(why) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, why),
+            Self::TooLarge(why) => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, why),
+            Self::Homeserver(error) => return from_homeserver(error),
+        };
+        MatrixError::new(status, errcode, why).into_response()
     }
 }
 

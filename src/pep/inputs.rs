@@ -1,16 +1,23 @@
 //! The policy inputs of an intercepted request: one per event or membership change the
 //! request would make (`kind: matrix_event | membership`), as the room will record it — for
-//! `createRoom` every event of the new room (`create_room`), for an alias deletion the
-//! canonical alias event it updates, for a deactivation the account leaving its rooms.
+//! `createRoom` every event of the new room (`create_room`), a membership change also for an
+//! `m.room.member` event in `initial_state`; for a profile change the member event it becomes
+//! in each of the caller's rooms; for an alias deletion the canonical alias event it updates;
+//! for a deactivation the account leaving each of its rooms. Inputs are made from the request
+//! as it is forwarded (`canonical`), so what is decided is what the homeserver executes.
 
 use serde_json::{json, Value};
 
-use super::create_room::{new_room, CreateRoomError};
+use super::create_room::new_room;
+use super::error::RequestError;
 use super::route::{Intercepted, MembershipAction};
-use crate::matrix::{Homeserver, HomeserverError};
+use crate::matrix::Homeserver;
 use crate::policy::input::{
     Context, Input, MatrixEvent, MatrixEventInput, Membership, MembershipInput,
 };
+
+/// Profile fields the homeserver copies into the member event of every room the user is in.
+const PROPAGATED: [&str; 2] = ["displayname", "avatar_url"];
 
 /// Who sent the request: the user its access token acts as, the token and, for an
 /// appservice, the user it masquerades as (to look up room members as that user).
@@ -23,32 +30,9 @@ pub struct Caller<'a> {
     pub user_id: Option<&'a str>,
 }
 
-/// Why a request's inputs cannot be made.
-#[derive(Debug, thiserror::Error)]
-pub enum InputsError {
-    /// It would create events no input can describe beforehand (403).
-    #[error("{0}")]
-    Undecidable(String),
-    /// A field the homeserver would refuse anyway (400).
-    #[error("{0}")]
-    Invalid(String),
-    /// The homeserver cannot tell what the request needs (its room version, an alias).
-    #[error(transparent)]
-    Homeserver(#[from] HomeserverError),
-}
-
-impl From<CreateRoomError> for InputsError {
-    fn from(error: CreateRoomError) -> Self {
-        match error {
-            CreateRoomError::Undecidable(why) => Self::Undecidable(why),
-            CreateRoomError::Invalid(why) => Self::Invalid(why),
-        }
-    }
-}
-
-/// One PDP input per thing the request to `endpoint` with body `content` would do at the
-/// node `node` (the homeserver's server name); room members, room versions and aliases are
-/// looked up in `homeserver` as the caller.
+/// One PDP input per thing the request to `endpoint` with body `content` (as forwarded)
+/// would do at the node `node` (the homeserver's server name); room members, rooms, room
+/// versions and aliases are looked up in `homeserver` as the caller.
 ///
 /// # Errors
 /// A request whose events cannot be decided (`invite_3pid`), malformed fields, or a
@@ -59,7 +43,7 @@ pub async fn inputs_for(
     endpoint: &Intercepted,
     content: &Value,
     caller: &Caller<'_>,
-) -> Result<Vec<Input<'static>>, InputsError> {
+) -> Result<Vec<Input<'static>>, RequestError> {
     let sender = caller.sender;
     let context = Context::now(node);
     let event = |room_id: &str, event_type: &str, state_key: Option<&str>, content: &Value| {
@@ -93,13 +77,11 @@ pub async fn inputs_for(
             state_key,
         } => {
             let mut inputs = vec![event(room_id, event_type, Some(state_key), content)];
-            if event_type == "m.room.member" {
-                if let Some(change) = content.get("membership").and_then(Value::as_str) {
-                    let members = homeserver
-                        .joined_members(room_id, caller.token, caller.user_id)
-                        .await;
-                    inputs.push(membership(room_id, change, state_key, members));
-                }
+            if let Some(change) = member_change(event_type, content) {
+                let members = homeserver
+                    .joined_members(room_id, caller.token, caller.user_id)
+                    .await;
+                inputs.push(membership(room_id, change, state_key, members));
             }
             inputs
         }
@@ -113,11 +95,7 @@ pub async fn inputs_for(
         Intercepted::Membership {
             room_id, action, ..
         } => {
-            if *action == MembershipAction::Invite && content.get("user_id").is_none() {
-                return Err(InputsError::Undecidable(
-                    "third-party invites are not supported through msgnode: their event depends on the identity server's answer".into(),
-                ));
-            }
+            // Third-party invites and missing targets were refused by `canonical`.
             let target = content.get("user_id").and_then(Value::as_str).unwrap_or("");
             // As the membership the room will record: a kick and an unban make the target
             // `leave`; policies tell a kick from a leave by sender != target.
@@ -140,8 +118,8 @@ pub async fn inputs_for(
         }
         Intercepted::Join { room, .. } => vec![membership(room, "join", sender, Vec::new())],
         Intercepted::Knock { room } => vec![membership(room, "knock", sender, Vec::new())],
-        // Decided once as the member event it becomes in each of the user's rooms (room "");
-        // a removed field is `null`.
+        // Decided as a whole (room "") and as the member event it becomes in each of the
+        // user's rooms (a removed field is `null`), as the homeserver will send them.
         Intercepted::Profile {
             user_id,
             field,
@@ -151,10 +129,31 @@ pub async fn inputs_for(
                 true => json!({ field.as_str(): Value::Null }),
                 false => content.clone(),
             };
-            vec![event("", "m.room.member", Some(user_id), &change)]
+            let mut inputs = vec![event("", "m.room.member", Some(user_id), &change)];
+            if PROPAGATED.contains(&field.as_str()) {
+                let mut joined = change.clone();
+                joined["membership"] = json!("join");
+                // The user is joined already: the events change no membership.
+                for room in homeserver
+                    .joined_rooms(caller.token, caller.user_id)
+                    .await?
+                {
+                    inputs.push(event(&room, "m.room.member", Some(user_id), &joined));
+                }
+            }
+            inputs
         }
         // The account leaves every room it is in.
-        Intercepted::Deactivate => vec![membership("", "leave", sender, Vec::new())],
+        Intercepted::Deactivate => {
+            let mut inputs = vec![membership("", "leave", sender, Vec::new())];
+            for room in homeserver
+                .joined_rooms(caller.token, caller.user_id)
+                .await?
+            {
+                inputs.push(membership(&room, "leave", sender, Vec::new()));
+            }
+            inputs
+        }
         Intercepted::DeleteAlias { alias } => {
             let (room_id, canonical) = canonical_alias_after(homeserver, alias, caller).await?;
             vec![event(
@@ -165,7 +164,10 @@ pub async fn inputs_for(
             )]
         }
         Intercepted::CreateRoom { .. } => {
-            let version = homeserver.default_room_version(caller.token).await?;
+            let version = match content.get("room_version").and_then(Value::as_str) {
+                Some(version) => version.to_string(),
+                None => homeserver.default_room_version(caller.token).await?,
+            };
             let room = new_room(content, sender, node, &version)?;
             let creator = vec![sender.to_string()];
             let mut events = room.events.into_iter();
@@ -175,7 +177,12 @@ pub async fn inputs_for(
                 inputs.push(event("", &create.event_type, Some(""), &create.content));
             }
             inputs.push(membership("", "join", sender, Vec::new()));
-            inputs.extend(events.map(|e| event("", &e.event_type, Some(&e.state_key), &e.content)));
+            for e in events {
+                inputs.push(event("", &e.event_type, Some(&e.state_key), &e.content));
+                if let Some(change) = member_change(&e.event_type, &e.content) {
+                    inputs.push(membership("", change, &e.state_key, creator.clone()));
+                }
+            }
             inputs.extend(
                 room.invites
                     .iter()
@@ -194,25 +201,14 @@ async fn canonical_alias_after(
     homeserver: &Homeserver,
     alias: &str,
     caller: &Caller<'_>,
-) -> Result<(String, Value), InputsError> {
-    let path = format!(
-        "/_matrix/client/v3/directory/room/{}",
-        crate::matrix::encode(alias)
-    );
-    let (status, answer) = homeserver
-        .request_json(axum::http::Method::GET, &path, caller.token, None)
-        .await?;
-    let Some(room_id) = answer
-        .get("room_id")
-        .and_then(Value::as_str)
-        .filter(|_| status == 200)
-    else {
+) -> Result<(String, Value), RequestError> {
+    let Some((room_id, _)) = homeserver.resolve_alias(alias, caller.token).await? else {
         return Ok((String::new(), json!({})));
     };
     let path = crate::matrix::with_user_id(
         format!(
             "/_matrix/client/v3/rooms/{}/state/m.room.canonical_alias/",
-            crate::matrix::encode(room_id)
+            crate::matrix::encode(&room_id)
         ),
         caller.user_id,
     );
@@ -233,5 +229,12 @@ async fn canonical_alias_after(
     {
         alt.retain(|a| a.as_str() != Some(alias));
     }
-    Ok((room_id.to_string(), canonical))
+    Ok((room_id, canonical))
+}
+
+/// The membership an `m.room.member` event with `content` makes, for any other event `None`.
+fn member_change<'a>(event_type: &str, content: &'a Value) -> Option<&'a str> {
+    (event_type == "m.room.member")
+        .then(|| content.get("membership").and_then(Value::as_str))
+        .flatten()
 }

@@ -6,6 +6,8 @@
 //! - `route` — the allow-list: what each client request is (decided, forwarded as
 //!   event-free, refused), whatever its spelling, as Synapse routes it; identifier checks.
 //! - `body` — intercepted bodies (createRoom, membership) read through ruma's request types.
+//! - `canonical` — what is forwarded for a decided request: body and query rebuilt from what
+//!   was decided, aliases resolved.
 //! - `inputs` — the policy inputs of an intercepted request; `create_room` — every event a
 //!   `createRoom` request puts into its new room.
 //! - `forward` — streaming a request to the homeserver and its answer back.
@@ -14,6 +16,7 @@
 
 pub mod appservice;
 pub mod body;
+pub mod canonical;
 pub mod create_room;
 pub mod error;
 pub mod forward;

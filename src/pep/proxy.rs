@@ -26,9 +26,10 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-use super::error::{from_homeserver, ErrorCode, MatrixError};
+use super::canonical::forwarded;
+use super::error::{from_homeserver, ErrorCode, MatrixError, RequestError};
 use super::forward::forward;
-use super::inputs::{inputs_for, InputsError};
+use super::inputs::inputs_for;
 use super::route::{classify, Intercepted, Route};
 use crate::config::{PdpFailure, PepConfig};
 use crate::matrix::{encode, Homeserver};
@@ -42,8 +43,10 @@ pub struct PepState {
     homeserver: Arc<Homeserver>,
     config: Arc<PepConfig>,
     metrics: ProxyMetrics,
-    /// Decided requests per client address.
+    /// Decided requests per client address (before the token is looked up).
     limiter: Arc<Limiter>,
+    /// Decisions per user (once the token names one).
+    user_limiter: Arc<Limiter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,6 +111,7 @@ impl PepState {
             decider,
             homeserver: Arc::new(homeserver),
             limiter: Arc::new(Limiter::new(&config.rate_limit)),
+            user_limiter: Arc::new(Limiter::new(&config.user_rate_limit)),
             config: Arc::new(config),
             metrics: ProxyMetrics::register(registry),
         })
@@ -116,6 +120,7 @@ impl PepState {
     /// Forgets the rate-limit state of idle clients (call now and then).
     pub fn forget_idle_clients(&self) {
         self.limiter.forget_idle();
+        self.user_limiter.forget_idle();
     }
 
     /// The homeserver client, shared with the appservice.
@@ -279,6 +284,18 @@ async fn decide(
         .whoami(&caller.token, caller.user_id.as_deref())
         .await
         .map_err(|error| ("rejected", from_homeserver(error)))?;
+    let query: Vec<(String, String)> = parts
+        .uri
+        .query()
+        .map(url_pairs)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k != "access_token")
+        .collect();
+    let refused = |error: RequestError| (error.outcome(), error.into_response());
+    let forwarded = forwarded(&state.homeserver, endpoint, &content, &query, &caller.token)
+        .await
+        .map_err(refused)?;
     let asking = super::inputs::Caller {
         sender: &sender,
         token: &caller.token,
@@ -287,21 +304,39 @@ async fn decide(
     let inputs = inputs_for(
         &state.homeserver,
         &state.config.server_name,
-        endpoint,
-        &content,
+        &forwarded.endpoint,
+        &forwarded.body,
         &asking,
     )
     .await
-    .map_err(|error| match error {
-        InputsError::Undecidable(why) => ("denied", MatrixError::forbidden(why).into_response()),
-        InputsError::Invalid(why) => invalid(why),
-        InputsError::Homeserver(error) => ("rejected", from_homeserver(error)),
-    })?;
+    .map_err(refused)?;
     if inputs.is_empty() {
         // Every intercepted request yields at least one input; none means a gap: refuse.
         return Err((
             "denied",
             MatrixError::forbidden("nothing in this request could be decided").into_response(),
+        ));
+    }
+    // No more than one burst of the user's bucket either: more would never be granted.
+    let user_limit = state.config.user_rate_limit;
+    let most = match user_limit.per_second {
+        0 => state.config.max_decisions_per_request,
+        _ => state
+            .config
+            .max_decisions_per_request
+            .min(usize::try_from(user_limit.burst.max(1)).unwrap_or(usize::MAX)),
+    };
+    if inputs.len() > most {
+        return Err(refused(RequestError::TooLarge(format!(
+            "this request makes {} events or membership changes; msgnode decides at most {most} per request",
+            inputs.len()
+        ))));
+    }
+    // Each decision costs the user one token: one request cannot buy thousands.
+    if let Err(wait) = state.user_limiter.check_n(&sender, inputs.len()) {
+        return Err((
+            "rate_limited",
+            MatrixError::limit_exceeded(wait).into_response(),
         ));
     }
     for input in &inputs {
@@ -328,19 +363,15 @@ async fn decide(
         };
         return Err((refusal.0, refusal.1.into_response()));
     }
-    // Forward exactly what was decided: the canonical path, the decided token (no second
-    // token in the query or behind a `Connection` header), the query re-encoded from what
-    // was parsed (the homeserver also splits on `;`), and the body as the JSON it was read as.
+    // Forward exactly what was decided: the canonical path and body, the decided token (no
+    // second token in the query or behind a `Connection` header), and the kept query
+    // re-encoded from what was parsed (the homeserver also splits on `;`).
     let mut parts = parts;
-    let mut path_and_query = endpoint.canonical_path();
-    let query: Vec<String> = parts
-        .uri
-        .query()
-        .map(url_pairs)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, _)| k != "access_token")
-        .map(|(k, v)| format!("{}={}", encode(&k), encode(&v)))
+    let mut path_and_query = forwarded.endpoint.canonical_path();
+    let query: Vec<String> = forwarded
+        .query
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
         .collect();
     if !query.is_empty() {
         path_and_query.push('?');
@@ -349,6 +380,8 @@ async fn decide(
     let headers = &mut parts.headers;
     headers.remove(header::CONNECTION);
     headers.remove(header::AUTHORIZATION);
+    // The body is rebuilt: its length is the new one's.
+    headers.remove(header::CONTENT_LENGTH);
     let bearer =
         axum::http::HeaderValue::from_str(&format!("Bearer {}", caller.token)).map_err(|_| {
             rejected(MatrixError::new(
@@ -362,10 +395,11 @@ async fn decide(
         header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("application/json"),
     );
-    Ok((
-        Request::from_parts(parts, Body::from(bytes)),
-        path_and_query,
-    ))
+    let body = match forwarded.body.as_object() {
+        Some(fields) if fields.is_empty() && bytes.is_empty() => Body::empty(),
+        _ => Body::from(forwarded.body.to_string()),
+    };
+    Ok((Request::from_parts(parts, body), path_and_query))
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! What the proxy does with a client request, read from its method and path: an allow-list.
 //!
-//! Reads (`GET`, `HEAD`, `OPTIONS`) and paths outside the client-server API (media, SSO
-//! pages, `/.well-known`) stream through. Every other request under `/_matrix/client/` is
+//! Reads (`GET`, `HEAD`, `OPTIONS`) stream through, and so do writes to media, consent and
+//! the homeserver's own pages (`/_synapse/client`: SSO, account pages), which create no room
+//! event. Other writes outside the client-server API are refused (404), and the federation
+//! and authentication-service APIs are refused whatever the method: the proxy fronts a client
+//! listener only. Every other request under `/_matrix/client/` is
 //! routed as Synapse routes it (`table`: its own patterns, first match wins) and is then
 //! exactly one of:
 //! - **decided** ([`Route::Decide`]): the endpoint it becomes, decided by the policy and
@@ -80,10 +83,40 @@ pub fn classify(method: &Method, raw_path: &str) -> Route {
         [first, ..] if ["transactions", "users", "rooms"].contains(&first.as_str()) => {
             return appservice_api();
         }
-        [first, second, ..] if first == "_matrix" && second == "client" => {}
-        _ => return Route::PassThrough,
+        [first, second, ..] if first == "_matrix" && second == "federation" => {
+            return Route::Refused(Refusal {
+                status: StatusCode::NOT_FOUND,
+                reason: "the federation API is not served through the client proxy (msgnode decides federated events as a policy server)".into(),
+            });
+        }
+        [first, second, ..] if first == "_synapse" && second == "mas" => {
+            return Route::Refused(Refusal::forbidden(
+                "the homeserver's authentication-service API is not served through msgnode",
+            ));
+        }
+        _ => {}
     }
-    if [Method::GET, Method::HEAD, Method::OPTIONS].contains(method) {
+    let read = [Method::GET, Method::HEAD, Method::OPTIONS].contains(method);
+    match segments.as_slice() {
+        [first, second, ..] if first == "_matrix" && second == "client" => {}
+        _ if read => return Route::PassThrough,
+        // Writes that create no room event: uploads, consent, the SSO and account pages.
+        [first, second, ..]
+            if (first == "_matrix" && (second == "media" || second == "consent"))
+                || (first == "_synapse" && second == "client") =>
+        {
+            return Route::PassThrough;
+        }
+        _ => {
+            return Route::Refused(Refusal {
+                status: StatusCode::NOT_FOUND,
+                reason: format!(
+                    "{method} {raw_path}: msgnode forwards writes only to the client-server API, media, consent and the homeserver's own pages"
+                ),
+            });
+        }
+    }
+    if read {
         return Route::PassThrough;
     }
     let normalised: String = segments

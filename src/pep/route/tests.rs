@@ -208,6 +208,40 @@ fn admin_and_appservice_apis_are_refused_in_any_spelling() {
 }
 
 #[test]
+fn writes_outside_the_client_api_are_refused_but_for_event_free_pages() {
+    for (method, path) in [
+        (Method::PUT, "/_matrix/federation/v1/send/1"),
+        (Method::GET, "/_matrix/federation/v1/make_join/!r:l/@a:l"),
+        (Method::POST, "/_matrix/%66ederation/v1/user/keys/claim"),
+        (Method::POST, "/_matrix/key/v2/query"),
+        (Method::POST, "/_synapse/replication/x"),
+        (Method::POST, "/anything"),
+    ] {
+        assert_eq!(
+            refused(method.clone(), path),
+            StatusCode::NOT_FOUND,
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        refused(Method::POST, "/_synapse/mas/set_displayname"),
+        StatusCode::FORBIDDEN
+    );
+    for (method, path) in [
+        (Method::POST, "/_synapse/client/pick_username/submit"),
+        (Method::POST, "/_matrix/consent"),
+        (Method::PUT, "/_matrix/media/v3/upload/l/abc"),
+        (Method::GET, "/_matrix/key/v2/server"),
+    ] {
+        assert_eq!(
+            classify(&method, path),
+            Route::PassThrough,
+            "{method} {path}"
+        );
+    }
+}
+
+#[test]
 fn both_forms_of_transactional_endpoints_are_decided() {
     let membership = |action, txn_id: Option<&str>| Intercepted::Membership {
         room_id: "!r:l".into(),
