@@ -5,7 +5,9 @@
 //! Local validator (default): a Matrix user may assert `user://<node domain>/<localpart>`,
 //! and the identities `[bus.idm] identities` lists for it. With `[bus.idm] url`, an identity
 //! provider decides: `POST url {"user", "identity", "assertion"}` → 200 `{"identity"}`.
-//! Verified identities are remembered per (user, identity, assertion) for a minute.
+//! Verified identities are remembered per (user, identity, assertion) for a minute; the
+//! assertion by its SHA-256 digest and identities longer than a URL may be are never
+//! remembered, so an entry is small whatever a sender pads its assertion with.
 
 use std::time::Duration;
 
@@ -16,13 +18,16 @@ use super::{Connector, Reply, Sender};
 use crate::config::IdmConfig;
 use crate::rethink::{BusError, Message};
 
+/// Longest identity URL whose verification is remembered.
+const MAX_REMEMBERED_IDENTITY: usize = 2048;
+
 /// Identity verification.
 pub struct Idm {
     config: IdmConfig,
     domain: String,
     http: reqwest::Client,
-    /// (user, asserted identity, assertion) → verified identity.
-    verified: moka::sync::Cache<(Option<String>, String, String), String>,
+    /// (user, asserted identity, SHA-256 of the assertion) → verified identity.
+    verified: moka::sync::Cache<(Option<String>, String, [u8; 32]), String>,
 }
 
 impl Idm {
@@ -72,11 +77,15 @@ impl Idm {
         identity: &str,
         assertion: Option<&Value>,
     ) -> Result<String, BusError> {
-        let key = (
-            user.map(str::to_string),
-            identity.to_string(),
-            assertion.map(Value::to_string).unwrap_or_default(),
-        );
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(
+            assertion
+                .map(Value::to_string)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
+        .into();
+        let key = (user.map(str::to_string), identity.to_string(), digest);
         if let Some(verified) = self.verified.get(&key) {
             return Ok(verified);
         }
@@ -84,7 +93,9 @@ impl Idm {
             None => self.verify_locally(user, identity)?,
             Some(url) => self.verify_remotely(url, user, identity, assertion).await?,
         };
-        self.verified.insert(key, verified.clone());
+        if identity.len() <= MAX_REMEMBERED_IDENTITY {
+            self.verified.insert(key, verified.clone());
+        }
         Ok(verified)
     }
 

@@ -12,6 +12,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+/// How long a refused access token is remembered as refused.
+pub const REFUSED_TOKEN_TTL: Duration = Duration::from_secs(10);
+
 /// How long the homeserver's default room version is remembered.
 pub const ROOM_VERSION_TTL: Duration = Duration::from_secs(600);
 
@@ -40,6 +43,9 @@ pub struct Homeserver {
     authority: String,
     client: Client<HttpConnector, Body>,
     whoami: moka::sync::Cache<(String, Option<String>), String>,
+    /// Tokens the homeserver refused (401), by digest, so that random tokens cost one
+    /// `/whoami` each per [`REFUSED_TOKEN_TTL`] at most — the answer replayed meanwhile.
+    refused: moka::sync::Cache<[u8; 32], Value>,
     /// The homeserver's default room version (from `/capabilities`), kept for a while.
     room_version: moka::sync::Cache<(), String>,
 }
@@ -66,6 +72,10 @@ impl Homeserver {
             whoami: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(whoami_ttl)
+                .build(),
+            refused: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(REFUSED_TOKEN_TTL.min(whoami_ttl))
                 .build(),
             room_version: moka::sync::Cache::builder()
                 .max_capacity(1)
@@ -119,8 +129,22 @@ impl Homeserver {
         if let Some(user) = self.whoami.get(&key) {
             return Ok(user);
         }
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            let mut hash = sha2::Sha256::new();
+            hash.update(token.as_bytes());
+            hash.update([0]);
+            hash.update(user_id.unwrap_or_default().as_bytes());
+            hash.finalize().into()
+        };
+        if let Some(body) = self.refused.get(&digest) {
+            return Err(HomeserverError::Refused { status: 401, body });
+        }
         let path = with_user_id("/_matrix/client/v3/account/whoami".to_string(), user_id);
         let (status, body) = self.request_json(Method::GET, &path, token, None).await?;
+        if status == 401 {
+            self.refused.insert(digest, body.clone());
+        }
         if !(200..300).contains(&status) {
             return Err(HomeserverError::Refused { status, body });
         }
@@ -298,5 +322,49 @@ pub fn with_user_id(path: String, user_id: Option<&str>) -> String {
     match user_id {
         Some(user) => format!("{path}?user_id={}", encode(user)),
         None => path,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_refused_token_is_asked_about_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let app = axum::Router::new().route(
+            "/_matrix/client/v3/account/whoami",
+            axum::routing::get(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async {
+                    (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        axum::Json(
+                            serde_json::json!({"errcode": "M_UNKNOWN_TOKEN", "error": "no"}),
+                        ),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let homeserver =
+            Homeserver::new(&format!("http://{addr}"), Duration::from_secs(30)).expect("client");
+        for _ in 0..3 {
+            let refused = homeserver.whoami("random", None).await;
+            assert!(
+                matches!(&refused, Err(HomeserverError::Refused { status: 401, body }) if body["errcode"] == "M_UNKNOWN_TOKEN"),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let _ = homeserver.whoami("another", None).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "each token is asked about");
     }
 }
