@@ -75,6 +75,10 @@ pub struct PdpConfig {
     pub eval_threads: Option<usize>,
     /// Evaluations that may wait for a thread; past it, callers wait (and slow down).
     pub eval_queue: usize,
+    /// How long a caller waits for a place in a full `eval_queue`; past it the decision
+    /// fails (refused, "the evaluation queue is full"), so waiting callers stay bounded.
+    #[serde(with = "humantime_serde")]
+    pub eval_queue_wait: Duration,
     /// API requests per client address (429 with `Retry-After` past it).
     pub rate_limit: RateLimit,
     /// Quiet period after a file change before the bundle is reloaded.
@@ -100,6 +104,7 @@ impl Default for PdpConfig {
             max_body_bytes: 1024 * 1024,
             eval_threads: None,
             eval_queue: 1024,
+            eval_queue_wait: Duration::from_secs(1),
             rate_limit: RateLimit::new(100_000, 100_000),
             reload_debounce: Duration::from_millis(100),
             cache: CacheConfig::default(),

@@ -212,6 +212,7 @@ impl<'a> PdpBuilder<'a> {
                         std::thread::available_parallelism().map_or(2, |n| n.get())
                     }),
                     config.eval_queue,
+                    config.eval_queue_wait,
                 )
                 .map_err(BuildError::Pool)?,
             }),
@@ -359,11 +360,7 @@ impl Pdp {
             .pool
             .run(move || pdp.query_unchecked(&query, &path, input, key.map(|(k, _)| k)))
             .await
-            .unwrap_or_else(|| {
-                Err(PdpError::Eval(EvalError::Failed(
-                    "the evaluation threads are gone".into(),
-                )))
-            })
+            .unwrap_or_else(|e| Err(PdpError::Eval(EvalError::Failed(e.to_string()))))
     }
 
     /// The cache key of `query` with `input` under the active revision, and whether the
@@ -501,9 +498,9 @@ impl Pdp {
             .pool
             .run(move || pdp.decide_keyed(input, key.map(|(k, _)| k)))
             .await
-            .unwrap_or_else(|| Decision {
+            .unwrap_or_else(|e| Decision {
                 allow: false,
-                reasons: vec!["policy error: the evaluation threads are gone".into()],
+                reasons: vec![format!("policy error: {e}")],
                 decision_id: String::new(),
                 failed: true,
             })

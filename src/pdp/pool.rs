@@ -3,24 +3,42 @@
 //! slows the decisions, not the node), and every pool thread keeps its own prepared engine.
 //!
 //! Jobs wait in a bounded queue; a caller finding it full waits asynchronously, which slows
-//! the callers (sockets, requests) down rather than growing memory.
+//! the callers (sockets, requests) down rather than growing memory — for a bounded time: past
+//! it the caller is told the pool is busy (a failed decision, refused), so waiting callers are
+//! bounded by the rate they arrive at times that wait.
+
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Why a job did not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// The queue stayed full for as long as a caller may wait.
+    #[error("the evaluation queue is full")]
+    Busy,
+    /// The threads are gone (the node is stopping).
+    #[error("the evaluation threads are gone")]
+    Gone,
+}
+
 /// A handle to the pool; the threads end when the last handle is dropped.
 #[derive(Clone)]
 pub struct EvalPool {
     jobs: mpsc::Sender<Job>,
+    /// Longest wait for a place in the queue.
+    max_wait: Duration,
 }
 
 impl EvalPool {
-    /// `threads` evaluation threads (at least one) behind a queue of `queue` jobs.
+    /// `threads` evaluation threads (at least one) behind a queue of `queue` jobs, callers
+    /// waiting at most `max_wait` for a place in it.
     ///
     /// # Errors
     /// A thread could not be started.
-    pub fn new(threads: usize, queue: usize) -> std::io::Result<EvalPool> {
+    pub fn new(threads: usize, queue: usize, max_wait: Duration) -> std::io::Result<EvalPool> {
         let (jobs, rx) = mpsc::channel::<Job>(queue.max(1));
         let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
         for i in 0..threads.max(1) {
@@ -36,20 +54,27 @@ impl EvalPool {
                     }
                 })?;
         }
-        Ok(EvalPool { jobs })
+        Ok(EvalPool { jobs, max_wait })
     }
 
-    /// Runs `work` on a pool thread and waits for its result; `None` when the pool is gone.
+    /// Runs `work` on a pool thread and waits for its result.
+    ///
+    /// # Errors
+    /// No place in the queue within the pool's wait, or the pool is gone.
     pub async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<T> {
+    ) -> Result<T, PoolError> {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = done.send(work());
         });
-        self.jobs.send(job).await.ok()?;
-        result.await.ok()
+        match tokio::time::timeout(self.max_wait, self.jobs.send(job)).await {
+            Err(_) => return Err(PoolError::Busy),
+            Ok(Err(_)) => return Err(PoolError::Gone),
+            Ok(Ok(())) => {}
+        }
+        result.await.map_err(|_| PoolError::Gone)
     }
 }
 
@@ -59,14 +84,34 @@ mod tests {
 
     #[tokio::test]
     async fn work_runs_on_the_pool_threads() {
-        let pool = EvalPool::new(2, 4).expect("pool");
+        let pool = EvalPool::new(2, 4, Duration::from_secs(5)).expect("pool");
         let name = pool
             .run(|| std::thread::current().name().map(str::to_string))
             .await
+            .ok()
             .flatten();
         assert!(name.is_some_and(|n| n.starts_with("msgnode-eval-")));
         let sums =
             futures_util::future::join_all((0..20u64).map(|i| pool.run(move || i * 2))).await;
         assert_eq!(sums.into_iter().flatten().sum::<u64>(), 380);
+    }
+
+    #[tokio::test]
+    async fn a_caller_waits_for_a_place_only_so_long() {
+        let pool = EvalPool::new(1, 1, Duration::from_millis(50)).expect("pool");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let busy = pool.clone();
+        // One job runs (and blocks), one waits in the queue: the next caller finds it full.
+        let running = tokio::spawn(async move { busy.run(move || held.recv().ok()).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let queued = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(|| 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(pool.run(|| 2).await, Err(PoolError::Busy));
+        release.send(()).expect("release");
+        assert!(running.await.expect("join").is_ok());
+        assert_eq!(queued.await.expect("join"), Ok(1));
     }
 }
