@@ -1,9 +1,9 @@
 //! msgnode: a policy-enforced reTHINK messaging node in front of Matrix.
 //!
 //! # Layout (lower floors first; no module imports one above it)
-//! - [`config`], [`clock`], [`http_auth`], [`ratelimit`], [`telemetry`] — configuration
-//!   (`msgnode.toml` + `MSGNODE_*` overrides), the wall clock, bearer tokens, keyed rate
-//!   limits, process logging.
+//! - [`config`], [`clock`], [`http_auth`], [`ratelimit`], [`retry`], [`telemetry`] —
+//!   configuration (`msgnode.toml` + `MSGNODE_*` overrides), the wall clock, bearer tokens,
+//!   keyed rate limits, retry delays, process logging.
 //! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
@@ -40,4 +40,5 @@ pub mod policy;
 pub mod policyserver;
 pub mod ratelimit;
 pub mod rethink;
+pub mod retry;
 pub mod telemetry;

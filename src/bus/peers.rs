@@ -7,6 +7,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use backon::Retryable;
 use serde_json::Value;
 
 use super::outbound::Outbound;
@@ -50,21 +51,22 @@ impl SeenEvents {
 /// Joins this node's user to the room a peer node invited it to, retrying for about ten
 /// minutes while the peer's homeserver cannot be reached.
 async fn join_peer_room(actor: Arc<Actor>, domain: String, room: String) {
-    let mut backoff = std::time::Duration::from_secs(1);
-    for attempt in 1..=12 {
-        match actor.join(actor.sender(), &room).await {
-            Ok(()) => {
-                tracing::info!(%domain, %room, "joined the room of a peer node");
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(%domain, %room, %error, attempt, "cannot join the room of a peer node yet");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(120));
-            }
+    let policy = crate::retry::policy(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(120),
+    );
+    let joined = (|| actor.join(actor.sender(), &room))
+        .retry(policy.with_max_times(11))
+        .notify(|error, delay| {
+            tracing::warn!(%domain, %room, %error, retry_in = ?delay, "cannot join the room of a peer node yet");
+        })
+        .await;
+    match joined {
+        Ok(()) => tracing::info!(%domain, %room, "joined the room of a peer node"),
+        Err(_) => {
+            tracing::error!(%domain, %room, "gave up joining the room of a peer node; its messages do not arrive until it invites again")
         }
     }
-    tracing::error!(%domain, %room, "gave up joining the room of a peer node; its messages do not arrive until it invites again");
 }
 
 impl Bus {

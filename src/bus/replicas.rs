@@ -11,12 +11,14 @@
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use backon::Retryable;
 
 use super::runtimes::Runtime;
 use super::Bus;
 use crate::matrix::ActorError;
 use crate::persist::follower::Followed;
 use crate::persist::store::{RuntimeRecord, Stored};
+use crate::retry;
 
 impl Bus {
     /// Takes what the follower saw, in order.
@@ -85,21 +87,17 @@ impl Bus {
     /// Retried for about a minute while the homeserver cannot be read; after that the
     /// runtime's next reconnect (or the next batch) hands it over.
     async fn hand_over(&self, url: &str) {
-        let mut backoff = Duration::from_millis(500);
-        for attempt in 1..=7 {
-            match self.try_hand_over(url).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, runtime = %url, attempt, "cannot read the inbox of a connected runtime; retrying");
-                    tokio::select! {
-                        () = self.inner.shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(16));
-                }
+        let handed = (|| self.try_hand_over(url))
+            .retry(retry::policy(Duration::from_millis(500), Duration::from_secs(16)).with_max_times(6))
+            .notify(|error, delay| {
+                tracing::warn!(%error, runtime = %url, retry_in = ?delay, "cannot read the inbox of a connected runtime; retrying");
+            });
+        tokio::select! {
+            () = self.inner.shutdown.cancelled() => {}
+            handed = handed => if handed.is_err() {
+                tracing::warn!(runtime = %url, "gave up handing over the inbox of a connected runtime; its next reconnect does");
             }
         }
-        tracing::warn!(runtime = %url, "gave up handing over the inbox of a connected runtime; its next reconnect does");
     }
 
     async fn try_hand_over(&self, url: &str) -> Result<(), ActorError> {

@@ -23,6 +23,7 @@ use crate::config::Peer;
 use crate::matrix::{hash16, Actor};
 use crate::rethink::address::domain;
 use crate::rethink::{BusError, Message};
+use crate::retry::Backoff;
 
 /// Event type of a reTHINK message carried over Matrix between nodes.
 pub const PEER_EVENT_TYPE: &str = "org.msgnode.rethink.message";
@@ -323,6 +324,7 @@ impl Foreign {
             let started = tokio::time::Instant::now();
             let (deadline, reinvite_at) = (started + JOIN_WAIT, started + JOIN_WAIT / 2);
             let mut reinvited = false;
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
             loop {
                 let member = actor
                     .state_event(&sender, &room, "m.room.member", peer_user)
@@ -355,7 +357,7 @@ impl Foreign {
                         "the node of '{domain}' ({peer_user}) has not joined its room yet; retry"
                     )));
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         })
         .await

@@ -73,8 +73,8 @@ fn token() -> String {
 
 /// A new registration with fresh random tokens.
 pub fn generate(spec: &RegistrationSpec) -> Registration {
-    let prefix = regex_escape(&spec.prefix);
-    let server = regex_escape(&spec.server_name);
+    let prefix = regex::escape(&spec.prefix);
+    let server = regex::escape(&spec.server_name);
     let mut namespaces = Namespaces::new();
     namespaces.users = vec![Namespace::new(true, format!("@{prefix}.*:{server}"))];
     namespaces.aliases = vec![Namespace::new(true, format!("#{prefix}.*:{server}"))];
@@ -91,18 +91,6 @@ pub fn generate(spec: &RegistrationSpec) -> Registration {
     .into();
     registration.receive_ephemeral = false;
     registration
-}
-
-fn regex_escape(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$#&-~".contains(c);
-            special
-                .then_some('\\')
-                .into_iter()
-                .chain(std::iter::once(c))
-        })
-        .collect()
 }
 
 /// Writes `registration` as YAML to `path`, readable by its owner only.
@@ -199,6 +187,17 @@ mod tests {
 
     #[test]
     fn prefixes_are_regex_escaped() {
-        assert_eq!(regex_escape("_a.b-"), "_a\\.b\\-");
+        let spec = RegistrationSpec {
+            prefix: "_a.b".into(),
+            server_name: "m.example".into(),
+            ..RegistrationSpec::default()
+        };
+        let users = &generate(&spec).namespaces.users[0].regex;
+        assert_eq!(users, "@_a\\.b.*:m\\.example");
+        let registration = generate(&spec);
+        let namespace = user_namespace(&registration).expect("regex");
+        assert!(namespace.is_match("@_a.bob:m.example"));
+        assert!(!namespace.is_match("@_aXbob:m.example"));
+        assert!(!namespace.is_match("@_a.bob:mXexample"));
     }
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::inbox::INBOX_EVENT_TYPE;
 use super::store::{Stored, REGISTRY_EVENT_TYPE, RUNTIME_EVENT_TYPE};
 use crate::matrix::{Actor, ActorError};
+use crate::retry::Backoff;
 
 /// How long one `/sync` waits for something new.
 const POLL: Duration = Duration::from_secs(20);
@@ -98,7 +99,7 @@ impl Follower {
             "presence": {"types": []},
             "account_data": {"types": []},
         });
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         loop {
             let answer = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -106,7 +107,7 @@ impl Follower {
             };
             match answer.and_then(|answer| next_batch(&answer).map(|next| (answer, next))) {
                 Ok((answer, next)) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     seen(self.read(&answer));
                     self.since = next;
                 }
@@ -114,9 +115,8 @@ impl Follower {
                     tracing::warn!(%error, "replicas: cannot follow the homeserver; retrying");
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use super::batch::{decode_batch, encode_batch, raw_or_string, DecodedBatch, OVERSIZE_KEY};
 use super::roomlog::{recover_next_seq, send_batches, Counters};
 use crate::matrix::{hash16, Actor, ActorError};
+use crate::retry::Backoff;
 
 /// Event type of inbox batches.
 pub const INBOX_EVENT_TYPE: &str = "org.msgnode.inbox.batch";
@@ -648,7 +649,7 @@ impl Writer {
 
     /// Opens the room, retrying while the homeserver is unavailable (until shutdown + grace).
     async fn open(&self) -> Option<(String, u64)> {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut give_up_at = None;
         loop {
             match self
@@ -666,8 +667,7 @@ impl Writer {
                             return None;
                         }
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

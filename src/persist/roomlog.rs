@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{decode_batch, redo_compressed, txn_id, DecodedBatch, EncodedEvent};
 use crate::matrix::{Actor, ActorError};
+use crate::retry::Backoff;
 
 /// Where a writer counts its sends (Prometheus counters, so they can be registered).
 #[derive(Clone, Default)]
@@ -67,7 +68,7 @@ pub(crate) async fn send_batches(
     counters: &Counters,
 ) -> bool {
     let mut queue: std::collections::VecDeque<EncodedEvent> = events.into();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut give_up_at: Option<Instant> = None;
     while let Some(event) = queue.pop_front() {
         let content: Value = match serde_json::from_str(&event.content) {
@@ -86,7 +87,7 @@ pub(crate) async fn send_batches(
             Ok(_) => {
                 counters.events_sent.inc();
                 counters.bytes_sent.inc_by(event.content.len() as u64);
-                backoff = Duration::from_millis(50);
+                backoff.reset();
             }
             Err(error) if !event.compressed && error.errcode() == Some("M_BAD_JSON") => {
                 tracing::debug!(
@@ -107,7 +108,8 @@ pub(crate) async fn send_batches(
             }
             Err(error) => {
                 counters.send_failures.inc();
-                tracing::warn!(%error, first_seq = event.first_seq, count = event.count, retry_in = ?backoff, "batch send failed; retrying");
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, first_seq = event.first_seq, count = event.count, retry_in = ?delay, "batch send failed; retrying");
                 if shutdown.is_cancelled() {
                     let at = *give_up_at.get_or_insert_with(|| Instant::now() + shutdown_grace);
                     if Instant::now() >= at {
@@ -121,8 +123,7 @@ pub(crate) async fn send_batches(
                     }
                 }
                 queue.push_front(event);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(delay).await;
             }
         }
     }
