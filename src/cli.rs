@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -25,11 +26,19 @@ pub enum Command {
     /// Run the node: the policy decision service on its HTTP API, with hot reload.
     #[command(alias = "serve")]
     Run(RunArgs),
-    /// Run the policy decision service alone (for enforcement points other than msgnode's).
+    /// Run the policy decision service alone (for enforcement points other than msgnode's):
+    /// no Matrix proxy, no bus, whatever the configuration says.
     Pdp(RunArgs),
-    /// Work with policies: test, evaluate, check.
+    /// Work with policies: test, evaluate, check, build bundles.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print msgnode's version, the versions of its policy engine and Matrix library, and
+    /// the commit it was built from.
+    Version(VersionArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), or write one per command into a directory.
+    Man(ManArgs),
     /// Measure decision latency and throughput and print the figures.
     Bench(BenchArgs),
     /// Matrix application service: generate the registration file for the homeserver.
@@ -47,9 +56,10 @@ pub enum AppserviceCommand {
 /// `msgnode appservice registration`
 #[derive(Debug, clap::Args)]
 pub struct RegistrationArgs {
-    /// Where the homeserver reaches msgnode's appservice endpoints.
-    #[arg(long, default_value = "http://127.0.0.1:8009")]
-    pub url: String,
+    /// Where the homeserver reaches msgnode's appservice endpoints (default:
+    /// http://<[pep] listen>).
+    #[arg(long)]
+    pub url: Option<String>,
     /// File to write (mode 0600); standard output when absent.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
@@ -62,9 +72,34 @@ pub struct RegistrationArgs {
     /// Localpart prefix of the exclusive virtual-user and alias namespace.
     #[arg(long, default_value = "_msgnode_")]
     pub prefix: String,
-    /// The homeserver's server name; the namespace covers its users only.
-    #[arg(long, default_value = "localhost")]
-    pub server_name: String,
+    /// The homeserver's server name; the namespace covers its users only (default:
+    /// [pep] server_name).
+    #[arg(long)]
+    pub server_name: Option<String>,
+}
+
+/// `msgnode version`
+#[derive(Debug, clap::Args)]
+pub struct VersionArgs {
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// `msgnode completions`
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
+}
+
+/// `msgnode man`
+#[derive(Debug, clap::Args)]
+pub struct ManArgs {
+    /// Write `msgnode.1` and one page per subcommand (`msgnode-policy-test.1`, …) here
+    /// instead of printing `msgnode.1`.
+    #[arg(long, short = 'o')]
+    pub out_dir: Option<PathBuf>,
 }
 
 /// Flags of `run` and `pdp`; each overrides the config file.
@@ -73,8 +108,8 @@ pub struct RunArgs {
     /// Policy bundle directory ([pdp] policies).
     #[arg(long)]
     pub policies: Option<PathBuf>,
-    /// PDP API address ([pdp] listen).
-    #[arg(long)]
+    /// PDP API address ([pdp] listen): host:port, or OPA's :8181 for every interface.
+    #[arg(long, value_parser = crate::config::parse_listen)]
     pub listen: Option<SocketAddr>,
 }
 
@@ -83,60 +118,140 @@ pub struct RunArgs {
 pub enum PolicyCommand {
     /// Run `test_*` rules and the fixtures of a bundle; exit 1 if any fails.
     Test(TestArgs),
-    /// Evaluate a query against a bundle and print the result as JSON.
+    /// Evaluate a query (a data reference or any Rego expression) against a bundle.
     Eval(EvalArgs),
-    /// Parse and compile a bundle; print errors as file:line:col: message; exit 1 on error.
+    /// Parse and compile bundles; print every error as file:line:col: message on stderr;
+    /// exit 1 on any error.
     Check(CheckArgs),
+    /// Write an OPA bundle tarball (.manifest, optional .signatures.json) for bundle servers.
+    Build(BuildArgs),
 }
 
 /// `msgnode policy test`
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
-    /// Bundle directory.
-    #[arg(default_value = "policies")]
-    pub dir: PathBuf,
+    /// Bundle directory (default: [pdp] policies).
+    pub dir: Option<PathBuf>,
     /// Fixture directory (default: DIR/fixtures).
     #[arg(long)]
     pub fixtures: Option<PathBuf>,
-    /// Schema directory used to validate fixture inputs.
-    #[arg(long, default_value = "schemas")]
-    pub schemas: PathBuf,
+    /// Schema directory used to validate fixture inputs (default: DIR/schemas, then
+    /// DIR/../schemas, then [pdp] schema_dir).
+    #[arg(long)]
+    pub schemas: Option<PathBuf>,
     /// Schema file (in --schemas) that fixture inputs must match.
     #[arg(long, default_value = "input.schema.json")]
     pub input_schema: String,
-    /// Query of fixtures that name none.
-    #[arg(long, default_value = "data.msgnode.authz.decision")]
-    pub decision: String,
-    /// Only run tests whose name contains this text.
+    /// Query of fixtures that name none (default: [pdp] decision).
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// Only run tests whose name matches this regular expression (as `opa test -r`).
     #[arg(long = "run", short = 'r')]
     pub filter: Option<String>,
-    /// Report covered and uncovered lines per module.
+    /// Report covered and uncovered lines per module, and the total.
     #[arg(long)]
     pub coverage: bool,
+    /// Fail when total coverage is below this percentage (implies --coverage).
+    #[arg(long, value_name = "PERCENT")]
+    pub threshold: Option<f64>,
+    /// Print every test, not only failures and the summary.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+    /// Time limit of one test's evaluation, e.g. 5s or 500ms.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Run again whenever a file of the bundle changes (until interrupted).
+    #[arg(long, short = 'w')]
+    pub watch: bool,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
+    #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
     pub format: Format,
 }
 
 /// `msgnode policy eval`
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Bundle directory.
-    #[arg(long = "data", short = 'd', default_value = "policies")]
-    pub dir: PathBuf,
+    /// Bundle directory (default: [pdp] policies).
+    #[arg(long = "data", short = 'd')]
+    pub dir: Option<PathBuf>,
     /// Input document (JSON file; `-` for stdin).
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', conflicts_with = "fixture")]
     pub input: Option<PathBuf>,
-    /// The document to evaluate, e.g. data.msgnode.authz.decision.
-    pub query: String,
+    /// A fixture file: evaluates its `input` (with its `query`, else QUERY, else [pdp]
+    /// decision) and compares the result with its `expect`; exit 1 on a mismatch.
+    #[arg(long)]
+    pub fixture: Option<PathBuf>,
+    /// Output format: `json` (OPA's result document), `pretty` (the value, indented), `raw`
+    /// (the value; strings unquoted).
+    #[arg(long, short = 'f', value_enum, default_value_t = EvalFormat::Json)]
+    pub format: EvalFormat,
+    /// Exit 1 when the result is undefined (as `opa eval --fail`).
+    #[arg(long)]
+    pub fail: bool,
+    /// Exit 1 when the result is defined (as `opa eval --fail-defined`).
+    #[arg(long, conflicts_with = "fail")]
+    pub fail_defined: bool,
+    /// Time limit of the evaluation.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// What to evaluate: a data reference (data.msgnode.authz.decision) or any Rego
+    /// expression (`count(data.config.blocked_users) > 0`); default: [pdp] decision.
+    pub query: Option<String>,
+}
+
+/// Output formats of `policy eval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalFormat {
+    /// `{"result": [{"expressions": [{"value", "text"}], "bindings"}]}`, as `opa eval`.
+    Json,
+    /// The value, indented; `undefined` when there is none.
+    Pretty,
+    /// The value on one line; strings without quotes.
+    Raw,
 }
 
 /// `msgnode policy check`
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
-    /// Bundle directory.
-    #[arg(default_value = "policies")]
-    pub dir: PathBuf,
+    /// Bundle directories (default: [pdp] policies).
+    pub dirs: Vec<PathBuf>,
+    /// Also fail on what is probably a mistake: imports never used, the decision rule
+    /// outside the bytecode VM.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// `msgnode policy build`
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Bundle directory (default: [pdp] policies).
+    pub dir: Option<PathBuf>,
+    /// The tarball to write.
+    #[arg(long, short = 'o', default_value = "bundle.tar.gz")]
+    pub output: PathBuf,
+    /// Revision in the manifest (default: the content hash).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Data roots the bundle owns (repeatable; default: its packages' and data's top-level
+    /// names).
+    #[arg(long = "root")]
+    pub roots: Vec<String>,
+    /// Leave the bundle's tests and fixtures out (they are kept by default, so that replicas
+    /// can gate reloads on them).
+    #[arg(long)]
+    pub no_tests: bool,
+    /// Private key (PEM; for HS*: the secret's file) that signs the bundle.
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+    /// Signing algorithm: EdDSA (ed25519), RS256, PS256, ES256, HS256, …
+    #[arg(long, default_value = "EdDSA")]
+    pub signing_alg: String,
+    /// Key id put in the signature (replicas may require it).
+    #[arg(long)]
+    pub key_id: Option<String>,
+    /// Scope put in the signature.
+    #[arg(long)]
+    pub scope: Option<String>,
 }
 
 /// `msgnode bench`

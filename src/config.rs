@@ -23,9 +23,83 @@ pub enum ConfigError {
     /// The file named on the command line does not exist.
     #[error("config file {0} does not exist")]
     Missing(PathBuf),
-    /// A key has the wrong type, an unknown value, or the file is not TOML.
-    #[error("invalid configuration: {0}")]
-    Invalid(#[from] Box<figment::Error>),
+    /// A key has the wrong type, an unknown value, or the file is not TOML: one line per
+    /// problem, naming where it came from, the key and what is allowed.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        ConfigError::Invalid(error.into_iter().map(|e| describe(&e)).collect())
+    }
+}
+
+/// One figment error as people read it: `msgnode.toml: pdp.listen_addr: unknown key (allowed:
+/// …)`, without figment's profile prefix (`default.`).
+fn describe(error: &figment::Error) -> String {
+    use figment::error::Kind;
+    let mut path = error.path.clone();
+    let what = match &error.kind {
+        Kind::UnknownField(field, allowed) => {
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
+            format!("unknown key (allowed: {})", allowed.join(", "))
+        }
+        Kind::MissingField(field) => {
+            if path.last().map(String::as_str) != Some(field.as_ref()) {
+                path.push(field.to_string());
+            }
+            "missing".to_string()
+        }
+        other => other.to_string(),
+    };
+    let origin = match &error.metadata {
+        Some(metadata) => match &metadata.source {
+            Some(figment::Source::File(file)) => file.display().to_string(),
+            _ if metadata.name.contains("environment") => {
+                let var = path.iter().map(|k| k.to_uppercase()).collect::<Vec<_>>();
+                format!("environment variable MSGNODE_{}", var.join("__"))
+            }
+            _ => metadata.name.to_string(),
+        },
+        None => "configuration".to_string(),
+    };
+    match path.is_empty() {
+        true => format!("{origin}: {what}"),
+        false => format!("{origin}: {}: {what}", path.join(".")),
+    }
+}
+
+/// A listen address as people write it: `host:port`, `localhost:port`, or OPA's `:port`
+/// (every interface).
+///
+/// # Errors
+/// Anything else, with an example of what is accepted.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let parsed = match text.strip_prefix(':') {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .map(|port| SocketAddr::from(([0, 0, 0, 0], port))),
+        None => match text.strip_prefix("localhost:") {
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
+            None => text.parse().ok(),
+        },
+    };
+    parsed.ok_or_else(|| {
+        format!("{text:?} is not a listen address (expected e.g. 127.0.0.1:8181, [::1]:8181, localhost:8181 or :8181)")
+    })
+}
+
+fn listen_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
 }
 
 /// The whole configuration of one node.
@@ -48,7 +122,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PdpConfig {
-    /// Address of the OPA-compatible HTTP API.
+    /// Address of the OPA-compatible HTTP API (`host:port`; OPA's `:8181` means every
+    /// interface).
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// Bundle directory: `*.rego` modules and `data.json`/`data.yaml` files.
     pub policies: PathBuf,
@@ -84,6 +160,12 @@ pub struct PdpConfig {
     /// Quiet period after a file change before the bundle is reloaded.
     #[serde(with = "humantime_serde")]
     pub reload_debounce: Duration,
+    /// Activate a new revision only when its own tests (`*_test.rego`, `fixtures/`) pass;
+    /// otherwise the previous revision keeps serving. Unset: on when the bundle has tests.
+    pub reload_requires_tests: Option<bool>,
+    /// Pull bundles from an HTTP(S) server (OPA's bundle protocol) instead of reading
+    /// `policies`; unset: the `policies` directory, watched.
+    pub bundle: Option<BundleConfig>,
     /// Decision cache.
     pub cache: CacheConfig,
     /// Decision log.
@@ -107,10 +189,85 @@ impl Default for PdpConfig {
             eval_queue_wait: Duration::from_secs(1),
             rate_limit: RateLimit::new(100_000, 100_000),
             reload_debounce: Duration::from_millis(100),
+            reload_requires_tests: None,
+            bundle: None,
             cache: CacheConfig::default(),
             decision_log: DecisionLogConfig::default(),
         }
     }
+}
+
+/// `[pdp.bundle]`: where replicas get their bundle (OPA's bundle service).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BundleConfig {
+    /// The bundle's URL (`https://bundles.example/msgnode.tar.gz`), from `msgnode policy build`
+    /// or any OPA bundle server.
+    pub url: String,
+    /// The bundle's name (decision logs, `/health?bundles`, `/v1/status`).
+    pub name: String,
+    /// Bearer token sent to the bundle server.
+    pub token: Option<String>,
+    /// Shortest wait between two polls (each wait is random between the two, so that
+    /// replicas spread out).
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+    /// Longest wait between two polls.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Ask the server to hold each poll open until the bundle changes, up to this long
+    /// (OPA's long polling, `Prefer: wait=<seconds>`); servers that do not support it answer
+    /// at once and the node polls as usual.
+    #[serde(default, with = "humantime_serde")]
+    pub long_polling_timeout: Option<Duration>,
+    /// How long one download may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Largest bundle accepted (compressed download and uncompressed content).
+    pub max_bytes: u64,
+    /// Directory where the last activated bundle is kept, so that the node starts with it
+    /// when the server cannot be reached; unset: not kept.
+    pub persist_dir: Option<PathBuf>,
+    /// Verify the bundle's signature before activating it; unset: unsigned bundles accepted.
+    pub verification: Option<VerificationConfig>,
+}
+
+impl Default for BundleConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            name: "msgnode".to_string(),
+            token: None,
+            min_delay: Duration::from_secs(60),
+            max_delay: Duration::from_secs(120),
+            long_polling_timeout: None,
+            timeout: Duration::from_secs(30),
+            max_bytes: 64 * 1024 * 1024,
+            persist_dir: None,
+            verification: None,
+        }
+    }
+}
+
+/// `[pdp.bundle.verification]`: the key bundles must be signed with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationConfig {
+    /// PEM public key file (for `HS*`: the shared secret's file).
+    pub public_key: PathBuf,
+    /// `EdDSA` (ed25519), `RS256`, … (as `policy build --signing-alg`).
+    #[serde(default = "default_signing_alg")]
+    pub algorithm: String,
+    /// Key id the signature must name, if any.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// Scope the signature must carry, if any.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+fn default_signing_alg() -> String {
+    "EdDSA".to_string()
 }
 
 /// `[pdp.cache]`: decisions cached per (revision, query, canonical input).
@@ -145,19 +302,59 @@ impl Default for CacheConfig {
     }
 }
 
-/// `[pdp.decision_log]`: one JSON line per decision.
+/// `[pdp.decision_log]`: one JSON line per decision, in OPA's decision-log shape.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DecisionLogConfig {
     /// Switch decision logging off.
     pub enabled: bool,
-    /// `"stdout"`, `"stderr"`, `"off"`, or a file path with a `/` or an extension (appended
-    /// to; created readable by its owner only). Anything else is refused at start.
+    /// `"stdout"`, `"stderr"`, `"off"` (upload only, or nothing), or a file path with a `/`
+    /// or an extension (appended to; created readable by its owner only; reopened on SIGHUP,
+    /// for log rotation). Anything else is refused at start.
     pub output: String,
     /// Input fields (dotted paths below `input`) replaced by `"**REDACTED**"` in the log. The
     /// default masks message values, Matrix event content, and identity assertions and
     /// tokens (`body.idToken`, `body.assertion`, `body.accessToken`, `body.identity.*`).
     pub mask: Vec<String>,
+    /// Labels of every record (OPA's `labels`); `id` defaults to a random id per start (or
+    /// the `[bus] replica` name) and `version` to msgnode's.
+    pub labels: BTreeMap<String, String>,
+    /// Also upload records to an HTTP endpoint, in gzip batches (OPA's decision-log service).
+    pub upload: Option<DecisionUploadConfig>,
+}
+
+/// `[pdp.decision_log.upload]`: where and how decision records are shipped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecisionUploadConfig {
+    /// Endpoint records are POSTed to, as a gzip-compressed JSON array
+    /// (`https://logs.example/logs`, as OPA's `services` + `decision_logs`).
+    pub url: String,
+    /// Bearer token sent with each batch.
+    pub token: Option<String>,
+    /// Records sent in one batch at most.
+    pub max_batch: usize,
+    /// Longest a record waits before its batch is sent.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Records kept while the endpoint is down; past it the oldest are dropped (and counted).
+    pub max_buffer: usize,
+    /// How long one upload may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DecisionUploadConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token: None,
+            max_batch: 1000,
+            flush_interval: Duration::from_secs(5),
+            max_buffer: 100_000,
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for DecisionLogConfig {
@@ -176,6 +373,8 @@ impl Default for DecisionLogConfig {
             ]
             .map(str::to_string)
             .to_vec(),
+            labels: BTreeMap::new(),
+            upload: None,
         }
     }
 }
@@ -187,6 +386,7 @@ pub struct PepConfig {
     /// Start the proxy (needs a homeserver).
     pub enabled: bool,
     /// Where Matrix clients connect.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// The homeserver's client-server API base URL.
     pub homeserver: String,
@@ -270,6 +470,7 @@ pub struct BusConfig {
     pub enabled: bool,
     /// Where protocol stubs connect (`ws://<listen>/ws`, also `/stub/connect`), and where
     /// peer nodes post messages (`/bus/v1/messages`).
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// The node's reTHINK domain; default: `[pep] server_name`.
     pub domain: Option<String>,
@@ -627,10 +828,7 @@ impl Config {
                 SECTIONS.iter().any(|s| section.eq_ignore_ascii_case(s))
             })
             .split("__");
-        figment
-            .merge(env)
-            .extract()
-            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+        Ok(figment.merge(env).extract()?)
     }
 }
 
@@ -740,6 +938,51 @@ mod tests {
                 Some("http://127.0.0.1:8008")
             );
             assert!(!Config::default().policy_server.enabled);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn config_errors_name_the_file_and_key_once_with_what_is_allowed() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("x.toml", "[pdp]\nlisten_addr = \"x\"\n")?;
+            let err = Config::load(Some(Path::new("x.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("default."), "{err}");
+            assert_eq!(err.matches("listen_addr").count(), 1, "{err}");
+            assert!(
+                err.contains("x.toml: pdp.listen_addr: unknown key (allowed: listen, policies"),
+                "{err}"
+            );
+            jail.set_env("MSGNODE_PDP__LISTEN", "nowhere");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("MSGNODE_PDP__LISTEN"), "{err}");
+            assert!(err.contains("not a listen address"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn listen_addresses_take_opa_forms() {
+        let check = |text: &str, expected: &str| {
+            assert_eq!(
+                parse_listen(text).map(|a| a.to_string()),
+                Ok(expected.to_string()),
+                "{text}"
+            );
+        };
+        check(":8181", "0.0.0.0:8181");
+        check("localhost:8181", "127.0.0.1:8181");
+        check("127.0.0.1:9000", "127.0.0.1:9000");
+        check("[::1]:9000", "[::1]:9000");
+        for bad in ["8181", ":", ":x", "host:1", ""] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MSGNODE_PDP__LISTEN", ":8181");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.pdp.listen.to_string(), "0.0.0.0:8181");
             Ok(())
         });
     }

@@ -14,14 +14,17 @@
 //! - [`rethink`] — the reTHINK message model and addresses.
 //! - [`persist`] — what the bus keeps in Matrix: batch format, room logs, journal, inboxes,
 //!   state, and following other replicas.
+//! - [`plugins`] — the PDP's network plugins, as OPA's: bundles pulled from a bundle server,
+//!   decision logs uploaded to a collector.
 //! - [`connectors`] — registry, identity management and foreign domains.
 //! - [`bus`] — the reTHINK message bus: protocol stubs over WebSocket, allocation, routing,
 //!   pub/sub.
 //! - [`pep`] — the Matrix enforcement point: client-server proxy and application service.
 //! - [`policyserver`] — the Matrix policy server (MSC4284): the homeserver asks it about every
 //!   event of a protected room before accepting it.
-//! - [`cmd`] — one module per CLI verb (`run`, `policy test|eval|check`, `bench`,
-//!   `appservice registration`), wiring the rest; [`cli`] — the clap command line.
+//! - [`cmd`] — one module per CLI verb (`run`, `pdp`, `policy test|eval|check|build`,
+//!   `bench`, `appservice registration`, `version`, `completions`, `man`), wiring the rest;
+//!   [`cli`] — the clap command line; [`version`] — what this binary is.
 //!
 //! `ARCHITECTURE.md` at the repository root maps the modules and the path of one decision.
 
@@ -36,9 +39,11 @@ pub mod matrix;
 pub mod pdp;
 pub mod pep;
 pub mod persist;
+pub mod plugins;
 pub mod policy;
 pub mod policyserver;
 pub mod ratelimit;
 pub mod rethink;
 pub mod retry;
 pub mod telemetry;
+pub mod version;

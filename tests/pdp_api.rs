@@ -209,16 +209,31 @@ async fn data_api_answers_as_opa_does() {
     let text = std::fs::read_to_string(&log).expect("log");
     for line in text.lines() {
         let record: Value = serde_json::from_str(line).expect("json line");
+        // OPA's decision-log shape, plus who asked.
         for key in [
             "decision_id",
             "timestamp",
             "path",
-            "revision",
-            "eval_ns",
-            "cache_hit",
+            "labels",
+            "requested_by",
+            "metrics",
+            "enforcement_point",
         ] {
             assert!(record.get(key).is_some(), "{key} missing: {line}");
         }
+        assert!(
+            !record["path"].as_str().unwrap_or("").starts_with("data"),
+            "{line}"
+        );
+        assert_eq!(record["enforcement_point"], "http_api", "{line}");
+        assert!(record["labels"]["id"].is_string(), "{line}");
+        assert!(
+            record["requested_by"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("127.0.0.1:"),
+            "{line}"
+        );
     }
     node.stop().await;
 }

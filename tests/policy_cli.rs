@@ -31,7 +31,7 @@ fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
 
 #[test]
 fn shipped_policies_pass_their_tests_and_fixtures() {
-    let output = msgnode(&["policy", "test", "policies", "--coverage"]);
+    let output = msgnode(&["policy", "test", "policies", "--coverage", "-v"]);
     let out = text(&output);
     assert!(output.status.success(), "{out}");
     let fixtures = out
@@ -44,6 +44,7 @@ fn shipped_policies_pass_their_tests_and_fixtures() {
         "no rego tests ran:\n{out}"
     );
     assert!(out.contains("coverage:"), "{out}");
+    assert!(out.contains("% total"), "{out}");
     assert!(out.trim_end().ends_with(", 0 failed"), "{out}");
 }
 
@@ -66,9 +67,13 @@ fn policy_test_reports_failures_with_exit_code_1_and_json() {
     let output = msgnode(&args);
     let out = text(&output);
     assert_eq!(output.status.code(), Some(1), "{out}");
-    assert!(out.contains("PASS data.t_test.test_ok"), "{out}");
+    assert!(!out.contains("PASS"), "quiet by default: {out}");
     assert!(out.contains("FAIL data.t_test.test_bad"), "{out}");
     assert!(out.contains("1 passed, 1 failed"), "{out}");
+    let mut verbose = args.to_vec();
+    verbose.push("-v");
+    let out = text(&msgnode(&verbose));
+    assert!(out.contains("PASS data.t_test.test_ok"), "{out}");
 
     let mut json_args = args.to_vec();
     json_args.extend(["--format", "json"]);
@@ -89,6 +94,7 @@ fn policy_check_prints_file_line_col_and_exits_1() {
     let output = msgnode(&["policy", "check", dir.path().to_str().expect("utf8")]);
     let out = text(&output);
     assert_eq!(output.status.code(), Some(1), "{out}");
+    assert!(output.stdout.is_empty(), "errors go to stderr: {out}");
     let line = out
         .lines()
         .find(|l| l.contains("broken.rego:"))
@@ -156,7 +162,7 @@ fn policy_eval_prints_the_result() {
                 dir.path().join(file).display().to_string(),
             ]);
         }
-        args.push("data.t.allow".into());
+        args.extend(["-f".to_string(), "pretty".into(), "data.t.allow".into()]);
         msgnode(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let output = eval(Some("in.json"));
@@ -168,6 +174,430 @@ fn policy_eval_prints_the_result() {
     assert_eq!(output.status.code(), Some(1));
     assert!(
         text(&output).contains("bad.json is not JSON"),
+        "{}",
+        text(&output)
+    );
+}
+
+fn msgnode_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_msgnode"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("MSGNODE_CONFIG")
+        .output()
+        .expect("run msgnode")
+}
+
+fn repo(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn policy_test_behaves_the_same_from_any_directory() {
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let output = msgnode_in(elsewhere.path(), &["policy", "test", &repo("policies")]);
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
+    assert!(out.trim_end().ends_with(", 0 failed"), "{out}");
+
+    // A bundle whose fixtures have no schema anywhere says where it looked.
+    let dir = tree(&[
+        ("p/t.rego", POLICY_T),
+        (
+            "p/fixtures/a.json",
+            r#"{"input": {"user": "alice"}, "expect": {"allow": true}}"#,
+        ),
+    ]);
+    let p = dir.path().join("p");
+    let output = msgnode_in(
+        elsewhere.path(),
+        &["policy", "test", p.to_str().expect("utf8")],
+    );
+    let out = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    assert!(out.contains("no schema directory"), "{out}");
+    assert!(
+        out.contains(&format!("{}/schemas", p.display())),
+        "names what it looked for: {out}"
+    );
+}
+
+const POLICY_T: &str = "package t\ndefault allow := false\nallow if input.user == \"alice\"\nreasons contains \"not alice\" if not allow\ndecision := {\"allow\": allow, \"reasons\": reasons}\n";
+
+#[test]
+fn every_subcommand_reads_the_config_file() {
+    let dir = tree(&[
+        ("bundle/t.rego", POLICY_T),
+        ("bundle/t_test.rego", "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\n"),
+        (
+            "msgnode.toml",
+            "[pdp]\npolicies = \"bundle\"\ndecision = \"data.t.decision\"\n[pep]\nserver_name = \"chat.example\"\nlisten = \"127.0.0.1:8449\"\n",
+        ),
+    ]);
+    let config = dir.path().join("msgnode.toml");
+    let config = config.to_str().expect("utf8");
+    let output = msgnode_in(dir.path(), &["-c", config, "policy", "test"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("1 passed, 0 failed"),
+        "{}",
+        text(&output)
+    );
+    let output = msgnode_in(
+        dir.path(),
+        &[
+            "-c",
+            config,
+            "policy",
+            "eval",
+            "-f",
+            "raw",
+            "-i",
+            "/dev/null",
+        ],
+    );
+    assert!(text(&output).contains("is not JSON"), "{}", text(&output));
+    let output = msgnode_in(dir.path(), &["-c", config, "appservice", "registration"]);
+    let yaml = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        yaml.contains(":chat\\.example"),
+        "[pep] server_name: {yaml}"
+    );
+    assert!(
+        yaml.contains("http://127.0.0.1:8449"),
+        "[pep] listen: {yaml}"
+    );
+    // The config found in the working directory counts too.
+    let output = msgnode_in(dir.path(), &["policy", "check"]);
+    assert!(text(&output).contains("bundle: ok"), "{}", text(&output));
+}
+
+#[test]
+fn policy_eval_takes_fixtures_formats_expressions_and_fail() {
+    let dir = tree(&[
+        ("p/t.rego", POLICY_T),
+        ("p/config/data.json", r#"{"names": ["alice", "bob"]}"#),
+        (
+            "ok.json",
+            r#"{"input": {"user": "alice"}, "expect": {"allow": true}}"#,
+        ),
+        (
+            "wrong.json",
+            r#"{"input": {"user": "bob"}, "expect": {"allow": true}}"#,
+        ),
+        (
+            "reason.json",
+            r#"{"input": {"user": "bob"}, "expect": {"allow": false, "reasons": ["not alice"]}}"#,
+        ),
+    ]);
+    let p = dir.path().join("p");
+    let p = p.to_str().expect("utf8");
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["policy", "eval", "-d", p];
+        args.extend_from_slice(extra);
+        msgnode(&args)
+    };
+    let ok = file("ok.json");
+    let output = eval(&["--fixture", &ok, "data.t.decision"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("PASS"), "{}", text(&output));
+    let reason = file("reason.json");
+    assert!(eval(&["--fixture", &reason, "data.t.decision"])
+        .status
+        .success());
+    let wrong = file("wrong.json");
+    let output = eval(&["--fixture", &wrong, "data.t.decision"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("expected allow=true"),
+        "{}",
+        text(&output)
+    );
+    // -i with a fixture file: a note that --fixture unwraps it.
+    let output = eval(&["-i", &ok, "data.t.allow"]);
+    assert!(
+        text(&output).contains("looks like a fixture"),
+        "{}",
+        text(&output)
+    );
+
+    // Formats: OPA's JSON result document, the raw value.
+    let output = eval(&["data.config.names[0]"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        json["result"][0]["expressions"][0]["value"], "alice",
+        "{json}"
+    );
+    let output = eval(&["-f", "raw", "data.config.names[1]"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "bob");
+    // Any expression, not only data references.
+    let output = eval(&["-f", "raw", "count(data.config.names) > 1"]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "true",
+        "{}",
+        text(&output)
+    );
+    // --fail: undefined is exit 1; --fail-defined: defined is exit 1.
+    assert_eq!(eval(&["--fail", "data.t.nothing"]).status.code(), Some(1));
+    assert!(eval(&["--fail", "data.config.names"]).status.success());
+    assert_eq!(
+        eval(&["--fail-defined", "data.config.names"]).status.code(),
+        Some(1)
+    );
+    let output = eval(&["-f", "raw", "data.t.nope("]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output).starts_with("error:"), "{}", text(&output));
+}
+
+#[test]
+fn policy_test_filters_by_regex_and_enforces_a_coverage_threshold() {
+    let dir = tree(&[
+        ("p/t.rego", "package t\nallow if input.user == \"alice\"\nother if input.user == \"carol\"\n"),
+        ("p/t_test.rego", "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\ntest_bob_denied if not data.t.allow with input as {\"user\": \"bob\"}\n"),
+    ]);
+    let p = dir.path().join("p");
+    let p = p.to_str().expect("utf8");
+    let output = msgnode(&["policy", "test", p, "-v", "-r", "test_(alice|carol)$"]);
+    let out = text(&output);
+    assert!(
+        out.contains("1 passed, 0 failed"),
+        "a regex, not a substring: {out}"
+    );
+    assert!(!out.contains("test_bob_denied"), "{out}");
+    let output = msgnode(&["policy", "test", p, "-r", "("]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output).contains("not a valid regular expression"),
+        "{}",
+        text(&output)
+    );
+    let output = msgnode(&["policy", "test", p, "--threshold", "100"]);
+    let out = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    assert!(out.contains("below the threshold of 100%"), "{out}");
+    assert!(out.contains("% total"), "{out}");
+    assert!(msgnode(&["policy", "test", p, "--threshold", "10"])
+        .status
+        .success());
+    let output = msgnode(&["policy", "test", p, "--timeout", "soon"]);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "a bad duration is a usage error"
+    );
+    let output = msgnode(&["policy", "test", p, "--format", "json", "--coverage"]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert!(report["coverage_percent"].as_f64().is_some(), "{report}");
+}
+
+#[test]
+fn policy_test_watch_runs_again_when_a_file_changes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tree(&[
+        ("p/t.rego", "package t\nallow if input.user == \"alice\"\n"),
+        (
+            "p/t_test.rego",
+            "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\n",
+        ),
+    ]);
+    let p = dir.path().join("p");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_msgnode"))
+        .args(["policy", "test", "--watch", p.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                if line.contains(what) {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    let first = wait_for("1 passed, 0 failed");
+    std::fs::write(
+        p.join("t.rego"),
+        "package t\nallow if input.user == \"bob\"\n",
+    )
+    .expect("write");
+    let second = wait_for("0 passed, 1 failed");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first, "first run");
+    assert!(second, "the run after the change");
+}
+
+#[test]
+fn policy_check_reports_every_error_of_every_file_on_stderr() {
+    let dir = tree(&[
+        ("a/broken.rego", "package a\nallow if {\n  input.a ==\n}\n"),
+        ("a/unsafe.rego", "package a2\nallow if { z := q }\n"),
+        ("b/b.rego", "package b\nallow if { x := 1; x == 2; y }\n"),
+    ]);
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let output = msgnode(&[
+        "policy",
+        "check",
+        a.to_str().expect("utf8"),
+        b.to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    for file in ["broken.rego:", "unsafe.rego:", "b.rego:"] {
+        assert!(
+            err.lines().any(|l| l.contains(file)),
+            "{file} missing:\n{err}"
+        );
+    }
+    assert!(!err.contains("scopes"), "no engine internals: {err}");
+    assert!(err.contains("3 errors"), "{err}");
+
+    let dir = tree(&[(
+        "s/s.rego",
+        "package s\nimport data.config.unused\nimport data.config.used\nallow if used.x\n",
+    )]);
+    let s = dir.path().join("s");
+    let s = s.to_str().expect("utf8");
+    assert!(msgnode(&["policy", "check", s]).status.success());
+    let output = msgnode(&["policy", "check", "--strict", s]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("s.rego:2:1: import data.config.unused is never used"),
+        "{err}"
+    );
+    assert!(!err.contains("config.used is never"), "{err}");
+}
+
+#[test]
+fn version_completions_and_man_page() {
+    let output = msgnode(&["version"]);
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
+    for what in ["msgnode", "commit", "regorus", "ruma"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(what))
+            .unwrap_or_default();
+        let value = line.split_whitespace().nth(1).unwrap_or_default();
+        assert!(!value.is_empty() && value != "unknown", "{what}: {out}");
+    }
+    let output = msgnode(&["version", "-f", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
+    for shell in ["bash", "zsh", "fish"] {
+        let output = msgnode(&["completions", shell]);
+        assert!(output.status.success());
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("policy"),
+            "{shell}"
+        );
+    }
+    let output = msgnode(&["man"]);
+    let page = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH msgnode"),
+        "{page}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = msgnode(&["man", "-o", dir.path().to_str().expect("utf8")]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(dir.path().join("msgnode-policy-test.1").exists());
+}
+
+#[test]
+fn policy_build_writes_an_opa_bundle_and_signs_it() {
+    let dir = tree(&[
+        ("p/t.rego", POLICY_T),
+        (
+            "p/t_test.rego",
+            "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\n",
+        ),
+        ("p/config/data.json", r#"{"names": ["alice"]}"#),
+    ]);
+    let p = dir.path().join("p");
+    let out = dir.path().join("b.tar.gz");
+    let output = msgnode(&[
+        "policy",
+        "build",
+        p.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+        "--revision",
+        "v1",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let listing = Command::new("tar")
+        .args(["-tzf", out.to_str().expect("utf8")])
+        .output()
+        .expect("tar");
+    let names = String::from_utf8_lossy(&listing.stdout);
+    for name in [".manifest", "t.rego", "t_test.rego", "data.json"] {
+        assert!(
+            names.lines().any(|l| l.trim_start_matches('/') == name),
+            "{name}: {names}"
+        );
+    }
+    let key = dir.path().join("key.pem");
+    let generated = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-out",
+            key.to_str().expect("utf8"),
+        ])
+        .output()
+        .expect("openssl");
+    assert!(generated.status.success());
+    let output = msgnode(&[
+        "policy",
+        "build",
+        p.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+        "--signing-key",
+        key.to_str().expect("utf8"),
+        "--key-id",
+        "k1",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let listing = Command::new("tar")
+        .args(["-tzf", out.to_str().expect("utf8")])
+        .output()
+        .expect("tar");
+    assert!(String::from_utf8_lossy(&listing.stdout).contains(".signatures.json"));
+    let output = msgnode(&[
+        "policy",
+        "build",
+        p.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+        "--signing-key",
+        "/nonexistent.pem",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output).contains("/nonexistent.pem"),
         "{}",
         text(&output)
     );

@@ -7,6 +7,7 @@ use super::Bus;
 use crate::connectors::idm::Idm;
 use crate::pdp::Decision;
 use crate::policy::input::{Allocation, Context, Input, MessageInput, Subject, Totals};
+use crate::policy::EnforcementPoint;
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
 
@@ -83,7 +84,12 @@ impl Bus {
 
     /// Asks the PDP; a deny is a 403 carrying the policy's reasons.
     pub(super) async fn allowed(&self, input: &Input<'_>) -> Result<Decision, BusError> {
-        let decision = self.inner.policy.decider.decide(input).await;
+        let decision = self
+            .inner
+            .policy
+            .decider
+            .decide(input, EnforcementPoint::Bus)
+            .await;
         if decision.allow {
             return Ok(decision);
         }

@@ -1,11 +1,19 @@
-//! `msgnode run`: start the node and serve until Ctrl-C or SIGTERM.
+//! `msgnode run` / `msgnode pdp`: start the node and serve until Ctrl-C or SIGTERM; SIGHUP
+//! reloads what can change without a restart.
 //!
 //! [`start`] wires the parts together and is what integration tests call: it builds the PDP
-//! (decision log sink and metrics injected), loads the bundle (a broken or missing bundle is
-//! logged and reported by `/health`, the API still starts), spawns the watcher, and binds the
+//! (decision log sink and metrics injected), loads the bundle — from the policy directory,
+//! then watched, or from a bundle server (`[pdp.bundle]`, `plugins::bundle`) — (a broken or
+//! missing bundle is logged and reported by `/health`, the API still starts), and binds the
 //! API. All long-lived tasks hang off one `CancellationToken` and one `TaskTracker`.
+//!
+//! SIGHUP re-reads the configuration and applies `[log] level` and `[pdp.decision_log]`
+//! (the log file is reopened, for rotation), then reloads the bundle (or polls the bundle
+//! server at once); other changes are reported as needing a restart. A configuration that
+//! does not parse changes nothing. The node never dies of SIGHUP.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +26,20 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::{self, Bus, Persistence};
 use crate::cli::RunArgs;
-use crate::config::{Config, JournalConfig};
+use crate::config::{Config, DecisionLogConfig, JournalConfig, LogFormat};
 use crate::matrix::{self, Actor, Homeserver};
 use crate::pdp::api::{self, ApiState};
-use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink};
+use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink, SwappableSink, Tee};
 use crate::pdp::{watcher, Pdp};
 use crate::pep::appservice::{Appservice, PeerEvents};
 use crate::pep::{self, proxy::PepState};
 use crate::persist::{follower, inbox::Inbox, journal::Journal, store::Store};
+use crate::plugins::bundle::Puller;
+use crate::plugins::decision_logs::{self, UploadMetrics};
 use crate::policy::Decider;
 use crate::policyserver::{self, PolicyServer};
+use crate::telemetry::LogHandle;
+use prometheus_client::metrics::counter::Counter;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -68,11 +80,128 @@ pub struct Running {
     pub policy_server_addr: Option<SocketAddr>,
     /// The policy server, when enabled.
     pub policy_server: Option<PolicyServer>,
+    config: Config,
+    decision_logs: DecisionLogs,
+    puller: Option<Puller>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
+/// Which parts `run` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parts {
+    /// Everything the configuration enables (`msgnode run`).
+    Node,
+    /// The PDP alone, whatever `[pep] enabled` and `[bus] enabled` say (`msgnode pdp`).
+    PdpOnly,
+}
+
+impl Parts {
+    fn apply(self, config: &mut Config) {
+        if self == Parts::PdpOnly {
+            config.pep.enabled = false;
+            config.bus.enabled = false;
+            config.policy_server.enabled = false;
+        }
+    }
+}
+
+/// The decision log's sinks, replaceable on SIGHUP, and the counters they share.
+struct DecisionLogs {
+    sink: Arc<SwappableSink>,
+    dropped: Counter,
+    upload: UploadMetrics,
+}
+
+impl DecisionLogs {
+    fn new(registry: &mut Registry) -> Self {
+        let dropped = Counter::default();
+        registry.register(
+            "pdp_decision_log_dropped",
+            "Decision log records dropped because the writer could not keep up",
+            dropped.clone(),
+        );
+        Self {
+            sink: Arc::new(SwappableSink::new(Box::new(NullSink))),
+            dropped,
+            upload: UploadMetrics::register(registry),
+        }
+    }
+
+    /// Puts sinks for `config` in place (the file or stream, and the uploader).
+    fn apply(
+        &self,
+        config: &DecisionLogConfig,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> anyhow::Result<()> {
+        if !config.enabled {
+            self.sink.replace(Box::new(NullSink));
+            return Ok(());
+        }
+        let mut sinks: Vec<Arc<dyn DecisionSink>> = Vec::new();
+        if !crate::pdp::decision_log::is_off(&config.output) {
+            let lines = JsonLinesSink::open(&config.output, &config.mask, self.dropped.clone())?;
+            sinks.push(Arc::new(lines));
+        }
+        if let Some(upload) = &config.upload {
+            let uploader = decision_logs::start(
+                upload,
+                &config.mask,
+                self.upload.clone(),
+                shutdown.child_token(),
+                tracker,
+            )?;
+            sinks.push(Arc::new(uploader));
+        }
+        self.sink.replace(Box::new(Tee(sinks)));
+        Ok(())
+    }
+}
+
 impl Running {
+    /// SIGHUP: re-reads `file` and applies what can change while running — the log level,
+    /// the decision log — then reloads the bundle. Never fails: problems are logged.
+    pub async fn reload(&mut self, file: Option<&Path>, parts: Parts, log: &LogHandle) {
+        tracing::info!("SIGHUP: reloading the configuration and the policy bundle");
+        match Config::load(file) {
+            Err(error) => {
+                tracing::error!(%error, "the configuration does not load; nothing changed")
+            }
+            Ok(mut config) => {
+                parts.apply(&mut config);
+                if let Err(error) = log.set_level(&config.log.level) {
+                    tracing::error!(%error, "log level unchanged");
+                }
+                if config.pdp.decision_log != self.config.pdp.decision_log
+                    || config.pdp.decision_log.enabled
+                {
+                    match self.decision_logs.apply(
+                        &config.pdp.decision_log,
+                        &self.shutdown,
+                        &self.tracker,
+                    ) {
+                        Ok(()) => tracing::info!("decision log reopened"),
+                        Err(error) => tracing::error!(%error, "decision log unchanged"),
+                    }
+                }
+                for section in restart_needed(&self.config, &config) {
+                    tracing::warn!(section, "changed; takes effect when the node restarts");
+                }
+                self.config.log = config.log;
+                self.config.pdp.decision_log = config.pdp.decision_log;
+            }
+        }
+        match &self.puller {
+            Some(puller) => puller.poll_now(),
+            None => {
+                let pdp = self.pdp.clone();
+                // The outcome is logged and kept in the status by `reload` itself.
+                let _ = tokio::task::spawn_blocking(move || pdp.reload()).await;
+            }
+        }
+    }
+
     /// Stops every task and waits (up to the drain deadline) for them to finish.
     pub async fn stop(self) {
         if let Some(bus) = &self.bus {
@@ -89,51 +218,83 @@ impl Running {
     }
 }
 
-/// `msgnode run` / `msgnode pdp`.
+/// Configuration sections whose change needs a restart, between `old` and `new`.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut old_pdp = old.pdp.clone();
+    old_pdp.decision_log = new.pdp.decision_log.clone();
+    if old_pdp != new.pdp {
+        changed.push("[pdp]");
+    }
+    if old.pep != new.pep {
+        changed.push("[pep]");
+    }
+    if old.bus != new.bus {
+        changed.push("[bus]");
+    }
+    if old.policy_server != new.policy_server {
+        changed.push("[policy_server]");
+    }
+    if old.log.format != new.log.format {
+        changed.push("[log] format");
+    }
+    changed
+}
+
+/// `msgnode run` / `msgnode pdp`: `parts` says which; `file` is re-read on SIGHUP.
 ///
 /// # Errors
 /// The runtime cannot start, or [`start`] fails.
-pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(
+    mut config: Config,
+    args: RunArgs,
+    parts: Parts,
+    file: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     if let Some(policies) = args.policies {
         config.pdp.policies = policies;
     }
     if let Some(listen) = args.listen {
         config.pdp.listen = listen;
     }
-    crate::telemetry::init(&config.log);
+    parts.apply(&mut config);
+    let log = crate::telemetry::init(&config.log);
+    let banners = config.log.format == LogFormat::Text;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let node = start(config).await?;
-        println_url(node.pdp_addr);
-        if let Some(addr) = node.pep_addr {
-            eprintln!(
-                "msgnode: Matrix client-server proxy on http://{addr}  (point Matrix clients here)"
-            );
+        let mut node = start(config).await?;
+        if banners {
+            print_banners(&node);
         }
-        if let Some(addr) = node.bus_addr {
-            eprintln!(
-                "msgnode: reTHINK message bus on ws://{addr}/ws  (protocol stubs connect here)"
-            );
-        }
-        if let (Some(addr), Some(ps)) = (node.policy_server_addr, &node.policy_server) {
-            eprintln!(
-                "msgnode: Matrix policy server {} on https://{addr}  (m.room.policy: {})",
-                ps.server_name(),
-                ps.policy_content()
-            );
-        }
-        shutdown_signal().await;
+        serve(&mut node, file.as_deref(), parts, &log).await;
         tracing::info!("shutting down");
         node.stop().await;
         Ok(ExitCode::SUCCESS)
     })
 }
 
-fn println_url(addr: SocketAddr) {
+/// Where to point clients, for people (text logs only: JSON logs carry the same in events).
+fn print_banners(node: &Running) {
+    let addr = node.pdp_addr;
     eprintln!("msgnode: policy decision API on http://{addr}  (try: curl http://{addr}/health)");
+    if let Some(addr) = node.pep_addr {
+        eprintln!(
+            "msgnode: Matrix client-server proxy on http://{addr}  (point Matrix clients here)"
+        );
+    }
+    if let Some(addr) = node.bus_addr {
+        eprintln!("msgnode: reTHINK message bus on ws://{addr}/ws  (protocol stubs connect here)");
+    }
+    if let (Some(addr), Some(ps)) = (node.policy_server_addr, &node.policy_server) {
+        eprintln!(
+            "msgnode: Matrix policy server {} on https://{addr}  (m.room.policy: {})",
+            ps.server_name(),
+            ps.policy_content()
+        );
+    }
 }
 
 /// Builds and starts everything `config` describes.
@@ -142,43 +303,44 @@ fn println_url(addr: SocketAddr) {
 /// A bad schema or decision rule, an unopenable decision log, or an address in use.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let pdp_config = &config.pdp;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
     let mut registry = Registry::with_prefix("msgnode");
-    let logging = pdp_config.decision_log.enabled
-        && !crate::pdp::decision_log::is_off(&pdp_config.decision_log.output);
-    let sink: Arc<dyn DecisionSink> = if logging {
-        let sink = JsonLinesSink::open(
-            &pdp_config.decision_log.output,
-            &pdp_config.decision_log.mask,
-        )?;
-        registry.register(
-            "pdp_decision_log_dropped",
-            "Decision log records dropped because the writer could not keep up",
-            sink.dropped_counter(),
-        );
-        Arc::new(sink)
-    } else {
-        Arc::new(NullSink)
-    };
+    crate::telemetry::process::register(&mut registry);
+    let decision_logs = DecisionLogs::new(&mut registry);
+    decision_logs.apply(&pdp_config.decision_log, &shutdown, &tracker)?;
+    let sink: Arc<dyn DecisionSink> = decision_logs.sink.clone();
     let pdp = Pdp::builder(pdp_config)
         .sink(sink)
+        .id(config.bus.replica.clone())
         .registry(&mut registry)
         .build()
         .context("cannot set up the policy decision point")?;
-    {
-        let pdp = pdp.clone();
-        // Errors are kept in the PDP's status and logged; the API starts regardless so that
-        // /health can say what is wrong and a fixed bundle is picked up by the watcher.
-        let _ = tokio::task::spawn_blocking(move || pdp.reload()).await;
-    }
-
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    tracker.spawn(watcher::watch(
-        pdp.clone(),
-        pdp_config.policies.clone(),
-        pdp_config.reload_debounce,
-        shutdown.child_token(),
-    ));
+    let puller = match &pdp_config.bundle {
+        Some(bundle) => Some(
+            crate::plugins::bundle::start(
+                pdp.clone(),
+                bundle.clone(),
+                shutdown.child_token(),
+                &tracker,
+            )
+            .await?,
+        ),
+        None => {
+            let reloaded = pdp.clone();
+            // Errors are kept in the PDP's status and logged; the API starts regardless so
+            // that /health can say what is wrong and a fixed bundle is picked up by the
+            // watcher.
+            let _ = tokio::task::spawn_blocking(move || reloaded.reload()).await;
+            tracker.spawn(watcher::watch(
+                pdp.clone(),
+                pdp_config.policies.clone(),
+                pdp_config.reload_debounce,
+                shutdown.child_token(),
+            ));
+            None
+        }
+    };
 
     let decider = Decider::from_config(&pdp, &config.pep, &config.pdp.decision, &mut registry)?;
     if let Decider::Remote(remote) = &decider {
@@ -260,6 +422,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         pdp,
         policy_server_addr,
         policy_server,
+        config,
+        decision_logs,
+        puller,
         shutdown,
         tracker,
     })
@@ -502,24 +667,25 @@ fn spawn_server(
     });
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Serves until Ctrl-C or SIGTERM; SIGHUP reloads (see [`Running::reload`]).
+async fn serve(node: &mut Running, file: Option<&Path>, parts: Parts, log: &LogHandle) {
     #[cfg(unix)]
     {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => node.reload(file, parts, log).await,
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+            },
+            _ => tracing::warn!("cannot listen for SIGTERM/SIGHUP; only Ctrl-C stops the node"),
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    let _ = (file, parts, log, &node);
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,31 +1,129 @@
-//! Decision log: one JSON line per decision, with configurable masking of input fields
-//! (identity assertions and tokens are masked by default), and strings longer than
-//! [`MAX_FIELD_BYTES`] or arrays longer than [`MAX_ITEMS`] cut short, so one huge request
-//! cannot make a huge log line.
+//! Decision log: one JSON line per decision, in OPA's decision-log shape, with configurable
+//! masking of input fields (identity assertions and tokens are masked by default), and
+//! strings longer than [`MAX_FIELD_BYTES`] or arrays longer than [`MAX_ITEMS`] cut short, so
+//! one huge request cannot make a huge log line.
 //!
 //! The PDP gets a [`DecisionSink`] injected and calls it on every exit path (allow, deny,
-//! undefined, error, timeout, cache hit). [`JsonLinesSink`] hands records to a writer thread
-//! through a bounded queue, so the hot path never waits on I/O; when the queue is full the
-//! record is dropped and counted (`msgnode_pdp_decision_log_dropped_total`), as OPA's log
-//! plugin does, rather than slowing decisions down.
+//! undefined, error, timeout, cache hit, schema violation). [`JsonLinesSink`] hands records
+//! to a writer thread through a bounded queue, so the hot path never waits on I/O; when the
+//! queue is full the record is dropped and counted (`msgnode_pdp_decision_log_dropped_total`),
+//! as OPA's log plugin does, rather than slowing decisions down. [`Tee`] gives every record
+//! to several sinks (the file and an uploader); [`SwappableSink`] lets SIGHUP replace the
+//! sinks without restarting.
+//!
+//! A record has OPA's fields — `decision_id`, `path` (`msgnode/authz/decision`), `input`,
+//! `result`, `error`, `bundles.{name}.revision`, `requested_by`, `labels`, `timestamp`,
+//! `metrics`, `erased` — plus `enforcement_point`: which part of the node asked.
 
+use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
+use std::net::SocketAddr;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde_json::Value;
 
+/// Which part of the node asked for a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnforcementPoint {
+    /// An HTTP client of the PDP API (`POST /v1/data/…`): another node, OPA's clients, curl.
+    HttpApi,
+    /// The Matrix client-server proxy.
+    Proxy,
+    /// The application service (events the homeserver pushes).
+    Appservice,
+    /// The reTHINK message bus.
+    Bus,
+    /// The Matrix policy server (events checked for the homeserver).
+    PolicyServer,
+}
+
+/// Who asked: the enforcement point and, over HTTP, the client's address.
+#[derive(Debug, Clone, Copy)]
+pub struct AskedBy {
+    /// The enforcement point.
+    pub point: EnforcementPoint,
+    /// The HTTP client, when the request came over the API.
+    pub peer: Option<SocketAddr>,
+}
+
+impl AskedBy {
+    /// An in-process enforcement point.
+    pub fn point(point: EnforcementPoint) -> Self {
+        Self { point, peer: None }
+    }
+
+    /// An HTTP client of the PDP API at `peer`.
+    pub fn http(peer: Option<SocketAddr>) -> Self {
+        Self {
+            point: EnforcementPoint::HttpApi,
+            peer,
+        }
+    }
+
+    /// OPA's `requested_by`: the client's address, or the enforcement point in-process.
+    pub fn requested_by(&self) -> String {
+        match self.peer {
+            Some(peer) => peer.to_string(),
+            None => match serde_json::to_value(self.point) {
+                Ok(Value::String(name)) => name,
+                _ => String::new(),
+            },
+        }
+    }
+}
+
+/// An error in a record (OPA logs the error object).
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordError {
+    /// OPA's error code (`internal_error`, `invalid_parameter`).
+    pub code: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Timers and counters of one decision, named as OPA names them.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordMetrics {
+    /// Evaluation time in nanoseconds (lookup time on a cache hit).
+    pub timer_rego_query_eval_ns: u64,
+    /// 1 when the result came from the decision cache (msgnode extension).
+    pub counter_decision_cache_hit: u64,
+}
+
+/// One bundle's entry in `bundles`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BundleRevision {
+    /// The revision the decision was made with.
+    pub revision: String,
+}
+
+/// `bundles` of a record made with `revision` of bundle `name`.
+pub fn bundles(name: &str, revision: &str) -> BTreeMap<String, BundleRevision> {
+    BTreeMap::from([(
+        name.to_string(),
+        BundleRevision {
+            revision: revision.to_string(),
+        },
+    )])
+}
+
 /// What is logged about one decision.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionRecord {
+    /// Labels of this node (`id`, `version`, and `[pdp.decision_log] labels`).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Unique id, also returned to the caller.
     pub decision_id: String,
-    /// When the decision was made (RFC 3339).
-    #[serde(serialize_with = "rfc3339")]
-    pub timestamp: SystemTime,
-    /// The query, e.g. `data.msgnode.authz.decision`.
+    /// Bundle revisions the decision was made with, by bundle name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub bundles: BTreeMap<String, BundleRevision>,
+    /// The data path, e.g. `msgnode/authz/decision`.
     pub path: String,
     /// The input document (masked before it is written).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,16 +131,18 @@ pub struct DecisionRecord {
     /// The result; absent when undefined or on error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
-    /// The error, when evaluation failed or timed out.
+    /// The error, when evaluation failed, timed out or the input was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Bundle revision the decision was made with.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub revision: Option<String>,
-    /// Evaluation time in nanoseconds (lookup time on a cache hit).
-    pub eval_ns: u64,
-    /// Whether the result came from the decision cache.
-    pub cache_hit: bool,
+    pub error: Option<RecordError>,
+    /// OPA's `requested_by`: the HTTP client's address, or the enforcement point.
+    pub requested_by: String,
+    /// Which part of the node asked.
+    pub enforcement_point: EnforcementPoint,
+    /// When the decision was made (RFC 3339).
+    #[serde(serialize_with = "rfc3339")]
+    pub timestamp: SystemTime,
+    /// Timers and counters.
+    pub metrics: RecordMetrics,
     /// Input fields replaced by the mask, as JSON pointers.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub erased: Vec<String>,
@@ -72,6 +172,82 @@ impl DecisionSink for NullSink {
     }
 }
 
+/// Gives every record to each of its sinks.
+pub struct Tee(pub Vec<Arc<dyn DecisionSink>>);
+
+impl DecisionSink for Tee {
+    fn log(&self, record: DecisionRecord) {
+        let mut sinks = self.0.iter().filter(|s| s.enabled()).peekable();
+        while let Some(sink) = sinks.next() {
+            match sinks.peek() {
+                Some(_) => sink.log(record.clone()),
+                None => return sink.log(record),
+            }
+        }
+    }
+    fn enabled(&self) -> bool {
+        self.0.iter().any(|s| s.enabled())
+    }
+}
+
+/// A sink that can be replaced while the PDP runs (SIGHUP: new output, mask or uploader).
+pub struct SwappableSink(ArcSwap<Box<dyn DecisionSink>>);
+
+impl SwappableSink {
+    /// Starts with `sink`.
+    pub fn new(sink: Box<dyn DecisionSink>) -> Self {
+        Self(ArcSwap::from_pointee(sink))
+    }
+
+    /// Replaces the sink; records already queued by the old one are still written.
+    pub fn replace(&self, sink: Box<dyn DecisionSink>) {
+        self.0.store(Arc::new(sink));
+    }
+}
+
+impl DecisionSink for SwappableSink {
+    fn log(&self, record: DecisionRecord) {
+        self.0.load().log(record);
+    }
+    fn enabled(&self) -> bool {
+        self.0.load().enabled()
+    }
+}
+
+/// Input fields to mask, compiled once.
+#[derive(Debug, Clone, Default)]
+pub struct Mask(Vec<String>);
+
+impl Mask {
+    /// Dotted paths below `input` (`message.body.value`; a leading `input.` is allowed).
+    pub fn new(paths: &[String]) -> Self {
+        Self(
+            paths
+                .iter()
+                .map(|m| {
+                    m.trim_start_matches("input.")
+                        .split('.')
+                        .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+
+    /// Replaces each masked path that is present in the record's input.
+    pub fn apply(&self, record: &mut DecisionRecord) {
+        let Some(input) = record.input.as_mut() else {
+            return;
+        };
+        for pointer in &self.0 {
+            if let Some(node) = input.pointer_mut(pointer) {
+                *node = Value::String(MASKED.to_string());
+                record.erased.push(format!("/input{pointer}"));
+            }
+        }
+    }
+}
+
 /// Writes JSON lines to a writer on a thread of its own.
 pub struct JsonLinesSink {
     queue: SyncSender<DecisionRecord>,
@@ -89,33 +265,22 @@ pub const MAX_FIELD_BYTES: usize = 4096;
 pub const MAX_ITEMS: usize = 100;
 
 impl JsonLinesSink {
-    /// Starts the writer thread over `out`, masking the dotted `mask` paths of each input.
+    /// Starts the writer thread over `out`, masking the dotted `mask` paths of each input;
+    /// records that do not fit the queue are counted in `dropped`.
     ///
     /// # Errors
     /// The thread could not be spawned.
-    pub fn spawn(out: Box<dyn Write + Send>, mask: &[String]) -> std::io::Result<Self> {
+    pub fn spawn(
+        out: Box<dyn Write + Send>,
+        mask: &[String],
+        dropped: Counter,
+    ) -> std::io::Result<Self> {
         let (queue, rx) = sync_channel(QUEUE_LEN);
-        let mask: Vec<Vec<String>> = mask
-            .iter()
-            .map(|m| {
-                m.trim_start_matches("input.")
-                    .split('.')
-                    .map(str::to_string)
-                    .collect()
-            })
-            .collect();
+        let mask = Mask::new(mask);
         std::thread::Builder::new()
             .name("decision-log".to_string())
             .spawn(move || write_loop(rx, out, &mask))?;
-        Ok(Self {
-            queue,
-            dropped: Counter::default(),
-        })
-    }
-
-    /// The counter of dropped records, for registering as a metric.
-    pub fn dropped_counter(&self) -> Counter {
-        self.dropped.clone()
+        Ok(Self { queue, dropped })
     }
 
     /// Opens `output` (`stdout`, `stderr`, or a file path — with a `/` or an extension —
@@ -124,7 +289,7 @@ impl JsonLinesSink {
     ///
     /// # Errors
     /// An output that is none of these, or a file that cannot be opened.
-    pub fn open(output: &str, mask: &[String]) -> std::io::Result<Self> {
+    pub fn open(output: &str, mask: &[String], dropped: Counter) -> std::io::Result<Self> {
         let out: Box<dyn Write + Send> = match output {
             "stdout" | "-" => Box::new(std::io::stdout()),
             "stderr" => Box::new(std::io::stderr()),
@@ -144,7 +309,7 @@ impl JsonLinesSink {
                 ))
             }
         };
-        Self::spawn(out, mask)
+        Self::spawn(out, mask, dropped)
     }
 }
 
@@ -164,11 +329,11 @@ pub fn is_off(output: &str) -> bool {
     output.eq_ignore_ascii_case("off")
 }
 
-fn write_loop(rx: Receiver<DecisionRecord>, out: Box<dyn Write + Send>, mask: &[Vec<String>]) {
+fn write_loop(rx: Receiver<DecisionRecord>, out: Box<dyn Write + Send>, mask: &Mask) {
     let mut out = BufWriter::new(out);
     while let Ok(mut record) = rx.recv() {
         loop {
-            apply_mask(&mut record, mask);
+            mask.apply(&mut record);
             if let Some(input) = record.input.as_mut() {
                 cut_short(input);
             }
@@ -213,23 +378,6 @@ pub fn cut_short(value: &mut Value) {
     }
 }
 
-/// Replaces each masked path that is present in the input.
-pub fn apply_mask(record: &mut DecisionRecord, mask: &[Vec<String>]) {
-    let Some(input) = record.input.as_mut() else {
-        return;
-    };
-    for path in mask {
-        let pointer: String = path
-            .iter()
-            .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
-            .collect();
-        if let Some(node) = input.pointer_mut(&pointer) {
-            *node = Value::String(MASKED.to_string());
-            record.erased.push(format!("/input{pointer}"));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,15 +401,20 @@ mod tests {
 
     fn record(input: Value) -> DecisionRecord {
         DecisionRecord {
+            labels: Arc::new(BTreeMap::from([("id".to_string(), "n1".to_string())])),
             decision_id: "d1".into(),
+            bundles: bundles("policies", "r1"),
             timestamp: SystemTime::UNIX_EPOCH,
-            path: "data.p.allow".into(),
+            path: "p/allow".into(),
             input: Some(input),
             result: Some(json!(true)),
             error: None,
-            revision: Some("r1".into()),
-            eval_ns: 10,
-            cache_hit: false,
+            requested_by: "127.0.0.1:5000".into(),
+            enforcement_point: EnforcementPoint::HttpApi,
+            metrics: RecordMetrics {
+                timer_rego_query_eval_ns: 10,
+                counter_decision_cache_hit: 0,
+            },
             erased: vec![],
         }
     }
@@ -272,6 +425,7 @@ mod tests {
         let sink = JsonLinesSink::spawn(
             Box::new(buf.clone()),
             &["message.body.value".into(), "input.absent".into()],
+            Counter::default(),
         )
         .expect("spawn");
         sink.log(record(
@@ -293,31 +447,25 @@ mod tests {
         assert_eq!(first["input"]["message"]["body"]["x"], json!(1));
         assert_eq!(first["erased"], json!(["/input/message/body/value"]));
         assert_eq!(first["timestamp"], json!("1970-01-01T00:00:00.000000Z"));
-        for key in [
-            "decision_id",
-            "path",
-            "result",
-            "revision",
-            "eval_ns",
-            "cache_hit",
-        ] {
-            assert!(first.get(key).is_some(), "{key} missing in {first}");
-        }
+        // OPA's decision-log fields, as its tooling reads them.
+        assert_eq!(first["bundles"]["policies"]["revision"], json!("r1"));
+        assert_eq!(first["labels"]["id"], json!("n1"));
+        assert_eq!(first["path"], json!("p/allow"));
+        assert_eq!(first["requested_by"], json!("127.0.0.1:5000"));
+        assert_eq!(first["enforcement_point"], json!("http_api"));
+        assert_eq!(first["metrics"]["timer_rego_query_eval_ns"], json!(10));
+        assert_eq!(first["result"], json!(true));
         let second: Value = serde_json::from_str(&lines[1]).expect("json");
         assert!(second.get("erased").is_none());
     }
 
     #[test]
     fn identity_assertions_and_tokens_are_masked_by_default() {
-        let mask: Vec<Vec<String>> = crate::config::DecisionLogConfig::default()
-            .mask
-            .iter()
-            .map(|m| m.split('.').map(str::to_string).collect())
-            .collect();
+        let mask = Mask::new(&crate::config::DecisionLogConfig::default().mask);
         let mut r = record(json!({"message": {"body": {
             "identity": {"userURL": "user://idp.example/alice", "assertion": "eyJhbGciOi…"},
             "idToken": "token-1", "assertion": "a-1", "accessToken": "t-1", "resource": "kept"}}}));
-        apply_mask(&mut r, &mask);
+        mask.apply(&mut r);
         let body = &r.input.as_ref().expect("input")["message"]["body"];
         for field in ["idToken", "assertion", "accessToken"] {
             assert_eq!(body[field], json!(MASKED), "{field}");
@@ -343,14 +491,16 @@ mod tests {
     #[test]
     fn outputs_are_a_stream_a_file_or_off() {
         assert!(is_off("off") && is_off("OFF") && !is_off("stdout"));
-        let err = JsonLinesSink::open("stdot", &[]).err().expect("refused");
+        let err = JsonLinesSink::open("stdot", &[], Counter::default())
+            .err()
+            .expect("refused");
         assert!(
             err.to_string().contains("must be stdout, stderr, off"),
             "{err}"
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("decisions.jsonl");
-        JsonLinesSink::open(path.to_str().expect("utf8"), &[]).expect("file");
+        JsonLinesSink::open(path.to_str().expect("utf8"), &[], Counter::default()).expect("file");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -360,5 +510,35 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         }
+    }
+
+    #[test]
+    fn requested_by_is_the_client_or_the_enforcement_point() {
+        assert_eq!(
+            AskedBy::point(EnforcementPoint::PolicyServer).requested_by(),
+            "policy_server"
+        );
+        let peer: SocketAddr = "10.1.2.3:4".parse().expect("addr");
+        assert_eq!(AskedBy::http(Some(peer)).requested_by(), "10.1.2.3:4");
+    }
+
+    #[test]
+    fn a_tee_feeds_every_enabled_sink_and_a_swap_takes_over() {
+        #[derive(Default)]
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl DecisionSink for Count {
+            fn log(&self, _: DecisionRecord) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let (a, b) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let tee = Tee(vec![a.clone(), Arc::new(NullSink), b.clone()]);
+        tee.log(record(json!({})));
+        let swappable = SwappableSink::new(Box::new(tee));
+        swappable.log(record(json!({})));
+        swappable.replace(Box::new(NullSink));
+        assert!(!swappable.enabled());
+        let count = |c: &Count| c.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!((count(&a), count(&b)), (2, 2));
     }
 }

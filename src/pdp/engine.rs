@@ -202,6 +202,12 @@ impl CompiledBundle {
     /// # Errors
     /// The first module that fails to parse, or the analysis error, with its location.
     pub fn compile(bundle: Bundle, timeout: Duration) -> Result<Self, BundleError> {
+        let compiled = Self::compile_unchecked(bundle, timeout)?;
+        compiled.check_rules()?;
+        Ok(compiled)
+    }
+
+    fn compile_unchecked(bundle: Bundle, timeout: Duration) -> Result<Self, BundleError> {
         let mut engine = regorus::Engine::new();
         engine.set_rego_v0(false);
         engine.set_execution_timer_config(ExecutionTimerConfig {
@@ -215,7 +221,7 @@ impl CompiledBundle {
         }
         let data = regorus::Value::from(bundle.data.clone());
         engine.add_data(data).map_err(|e| BundleError::Data {
-            file: bundle.root.display().to_string(),
+            file: bundle.source.clone(),
             message: e.to_string(),
         })?;
         let first = bundle
@@ -231,23 +237,30 @@ impl CompiledBundle {
             .get_ast_as_json()
             .map_err(|e| rego_error(first, &e.to_string()))?;
         let rules = rule_paths(&ast);
-        let compiled = Self {
+        Ok(Self {
             id: NEXT_BUNDLE_ID.fetch_add(1, Ordering::Relaxed),
             bundle,
             engine,
             rules,
             timeout,
             fast: None,
-        };
-        compiled.check_rules()?;
-        Ok(compiled)
+        })
     }
 
     /// Evaluates every rule once without input, in a stable order, and turns the errors that
     /// OPA would report at compile time into a load failure.
     fn check_rules(&self) -> Result<(), BundleError> {
+        match self.rule_errors().into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// The compile-time errors of every rule (see [`CompiledBundle::check_rules`]), each once.
+    fn rule_errors(&self) -> Vec<BundleError> {
         let mut rules: Vec<&String> = self.rules.iter().collect();
         rules.sort();
+        let mut errors: Vec<BundleError> = Vec::new();
         for rule in rules {
             let mut engine = self.engine.clone();
             if let Err(e) = engine.eval_rule(rule.clone()) {
@@ -258,15 +271,62 @@ impl CompiledBundle {
                         .as_ref()
                         .map(|l| l.file.clone())
                         .unwrap_or_default();
-                    return Err(BundleError::Rego {
+                    let error = BundleError::Rego {
                         file,
                         location,
                         message,
-                    });
+                    };
+                    if !errors.iter().any(|e| e.to_string() == error.to_string()) {
+                        errors.push(error);
+                    }
                 }
             }
         }
-        Ok(())
+        errors
+    }
+
+    /// Every error of `bundle` that can be found, for `policy check`: each module's parse
+    /// error (every module is parsed on its own), then the compile errors of the modules
+    /// that parse — of every rule when they compile together, else the first of each module
+    /// (regorus stops a module's analysis at its first error). Empty when the bundle compiles.
+    pub fn diagnose(mut bundle: Bundle, timeout: Duration) -> Vec<BundleError> {
+        let mut errors = Vec::new();
+        bundle.modules.retain(|module| {
+            let mut engine = regorus::Engine::new();
+            engine.set_rego_v0(false);
+            match engine.add_policy(module.path.clone(), module.raw.to_string()) {
+                Ok(_) => true,
+                Err(e) => {
+                    errors.push(rego_error(&module.path, &e.to_string()));
+                    false
+                }
+            }
+        });
+        if bundle.modules.is_empty() {
+            return errors;
+        }
+        match Self::compile_unchecked(bundle.clone(), timeout) {
+            Ok(compiled) => errors.extend(compiled.rule_errors()),
+            Err(error) => {
+                errors.push(error);
+                // Each module alone, for the errors the first one hid (a function another
+                // module defines is not one of them).
+                for module in &bundle.modules {
+                    let alone = Bundle {
+                        modules: vec![module.clone()],
+                        ..bundle.clone()
+                    };
+                    if let Err(error) = Self::compile_unchecked(alone, timeout) {
+                        let text = error.to_string();
+                        let known = errors.iter().any(|e| e.to_string() == text);
+                        if !known && !text.contains("could not find function") {
+                            errors.push(error);
+                        }
+                    }
+                }
+            }
+        }
+        errors
     }
 
     /// Compiles `rule` for the bytecode VM, which then evaluates it. When the RVM cannot
@@ -477,7 +537,16 @@ fn split_location(text: &str) -> (Option<Location>, String) {
         .find_map(|line| line.trim().strip_prefix("error: "))
         .map(str::to_string)
         .unwrap_or_else(|| text.trim().to_string());
-    (location, message)
+    (location, without_internals(&message))
+}
+
+/// The message without regorus's internal state (`var x is unsafe (path [..], scopes [..])`
+/// → `var x is unsafe`).
+fn without_internals(message: &str) -> String {
+    match message.find(" (path ") {
+        Some(at) if message[at..].contains("scopes ") => message[..at].to_string(),
+        _ => message.to_string(),
+    }
 }
 
 /// Errors that regorus only finds when a rule is first evaluated but that OPA reports at

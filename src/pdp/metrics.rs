@@ -56,6 +56,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TestLabel {
+    test: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RevisionLabel {
     revision: String,
 }
@@ -70,6 +75,7 @@ pub struct PdpMetrics {
     reloads_failed: Counter,
     last_reload_ok: Gauge,
     bundle: Family<RevisionLabel, Gauge>,
+    failing_tests: Family<TestLabel, Gauge>,
 }
 
 const OUTCOMES: [Outcome; 5] = [
@@ -134,7 +140,14 @@ impl PdpMetrics {
             "The revision being served (value 1)",
             bundle.clone(),
         );
+        let failing_tests = Family::<TestLabel, Gauge>::default();
+        registry.register(
+            "bundle_failing_test",
+            "Tests of the last rejected revision that failed (value 1; the reload gate, [pdp] reload_requires_tests); none once a revision activates",
+            failing_tests.clone(),
+        );
         Self {
+            failing_tests,
             decisions,
             eval_seconds,
             cache_hits,
@@ -166,6 +179,7 @@ impl PdpMetrics {
     pub fn reload_ok(&self, revision: &str) {
         self.reloads_ok.inc();
         self.last_reload_ok.set(1);
+        self.failing_tests.clear();
         self.bundle.clear();
         self.bundle
             .get_or_create(&RevisionLabel {
@@ -174,9 +188,15 @@ impl PdpMetrics {
             .set(1);
     }
 
-    /// Records a failed load.
-    pub fn reload_failed(&self) {
+    /// Records a failed load, naming the tests that failed when the reload gate refused it.
+    pub fn reload_failed(&self, failing_tests: &[String]) {
         self.reloads_failed.inc();
         self.last_reload_ok.set(0);
+        self.failing_tests.clear();
+        for test in failing_tests {
+            self.failing_tests
+                .get_or_create(&TestLabel { test: test.clone() })
+                .set(1);
+        }
     }
 }

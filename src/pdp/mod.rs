@@ -9,11 +9,11 @@
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use msgnode::config::PdpConfig;
-//! use msgnode::pdp::Pdp;
+//! use msgnode::pdp::{EnforcementPoint, Pdp};
 //!
 //! let pdp = Pdp::builder(&PdpConfig::default()).build()?;
 //! pdp.reload()?; // reads ./policies
-//! let decision = pdp.decide(serde_json::json!({"kind": "message"}));
+//! let decision = pdp.decide(serde_json::json!({"kind": "message"}), EnforcementPoint::Bus);
 //! assert!(!decision.allow); // default deny
 //! # Ok(())
 //! # }
@@ -42,10 +42,33 @@ use serde_json::Value;
 use crate::config::PdpConfig;
 use bundle::{Bundle, BundleError};
 use cache::{CacheKey, DecisionCache};
-use decision_log::{DecisionRecord, DecisionSink, NullSink};
+use decision_log::{AskedBy, DecisionRecord, DecisionSink, NullSink, RecordError};
 use engine::{CompiledBundle, DataPath, EvalError};
 use metrics::{Outcome, PdpMetrics};
 use schema::{SchemaError, SchemaViolation, Schemas};
+use testing::{FixtureSchema, TestOptions};
+
+pub use decision_log::EnforcementPoint;
+
+/// Time limit of one test evaluation when the reload gate runs a bundle's tests (the
+/// interpreter runs them, slower than the serving VM; as `policy test --timeout`).
+pub const GATE_TEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a revision was not activated.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// It could not be read or compiled.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// Its own tests fail (`[pdp] reload_requires_tests`).
+    #[error("revision {revision} rejected: {} of its tests fail: {}", .failing.len(), .failing.join(", "))]
+    TestsFailed {
+        /// The rejected revision.
+        revision: String,
+        /// The failing tests' names.
+        failing: Vec<String>,
+    },
+}
 
 /// Why a query produced no decision.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +136,43 @@ pub struct LoadStatus {
     /// Why the decision rule could not be compiled for the bytecode VM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rvm_error: Option<String>,
+    /// The tests that failed on the last rejected revision (reload gate).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failing_tests: Vec<String>,
+    /// Bundles pulled from a bundle server, by name (`[pdp.bundle]`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bundles: std::collections::BTreeMap<String, BundleStatus>,
+}
+
+/// What is known about a pulled bundle, as OPA's status API reports it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BundleStatus {
+    /// The bundle's name.
+    pub name: String,
+    /// Where it is pulled from.
+    pub url: String,
+    /// The revision serving from this bundle, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_revision: Option<String>,
+    /// When a download last succeeded (a new bundle, or `304 Not Modified`).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_time")]
+    pub last_successful_download: Option<SystemTime>,
+    /// When a downloaded bundle was last activated.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_time")]
+    pub last_successful_activation: Option<SystemTime>,
+    /// When the server was last asked.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_time")]
+    pub last_request: Option<SystemTime>,
+    /// Where the active revision came from: `server` or `disk` (the persisted copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'static str>,
+    /// OPA's error code of the last failure (`bundle_error`), absent when the last poll
+    /// succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+    /// What went wrong last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 fn opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -137,9 +197,12 @@ struct Inner {
     generation: AtomicU64,
     cache: DecisionCache,
     sink: Arc<dyn DecisionSink>,
+    labels: Arc<std::collections::BTreeMap<String, String>>,
     metrics: PdpMetrics,
     status: Mutex<LoadStatus>,
     policies: PathBuf,
+    bundle_name: String,
+    requires_tests: Option<bool>,
     eval_timeout: Duration,
     max_instructions: usize,
     decision_path: DataPath,
@@ -159,6 +222,7 @@ pub struct Pdp {
 pub struct PdpBuilder<'a> {
     config: &'a PdpConfig,
     sink: Arc<dyn DecisionSink>,
+    id: Option<String>,
     registry: Option<&'a mut prometheus_client::registry::Registry>,
 }
 
@@ -166,6 +230,13 @@ impl<'a> PdpBuilder<'a> {
     /// Where decisions are logged (default: nowhere).
     pub fn sink(mut self, sink: Arc<dyn DecisionSink>) -> Self {
         self.sink = sink;
+        self
+    }
+
+    /// This node's id in decision-log labels (default: `[pdp.decision_log] labels.id`, else
+    /// a random one).
+    pub fn id(mut self, id: Option<String>) -> Self {
+        self.id = id;
         self
     }
 
@@ -193,15 +264,29 @@ impl<'a> PdpBuilder<'a> {
             config.cache.ttl,
             &config.cache.ignore_fields,
         );
+        let mut labels = config.decision_log.labels.clone();
+        if !labels.contains_key("id") {
+            let id = self.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            labels.insert("id".to_string(), id);
+        }
+        labels
+            .entry("version".to_string())
+            .or_insert_with(|| env!("CARGO_PKG_VERSION").to_string());
         Ok(Pdp {
             inner: Arc::new(Inner {
                 active: ArcSwapOption::empty(),
                 generation: AtomicU64::new(0),
                 cache,
                 sink: self.sink,
+                labels: Arc::new(labels),
                 metrics,
                 status: Mutex::new(LoadStatus::default()),
                 policies: config.policies.clone(),
+                bundle_name: config
+                    .bundle
+                    .as_ref()
+                    .map_or_else(|| "policies".to_string(), |b| b.name.clone()),
+                requires_tests: config.reload_requires_tests,
                 eval_timeout: config.eval_timeout,
                 max_instructions: config.max_instructions,
                 decision_query: Arc::from(decision_path.as_query()),
@@ -240,59 +325,138 @@ impl Pdp {
         PdpBuilder {
             config,
             sink: Arc::new(NullSink),
+            id: None,
             registry: None,
         }
     }
 
-    /// Reads and compiles the policy directory and, if that succeeds, activates it. On failure
-    /// the previous revision keeps serving; the error is kept for `/health` and counted.
-    /// Blocking (file I/O and compilation): call from a blocking context in async code.
+    /// Reads the policy directory and, if it compiles (and its tests pass, with the reload
+    /// gate), activates it; see [`Pdp::load`]. Blocking: call from a blocking context.
     ///
     /// # Errors
-    /// The bundle could not be read or compiled; nothing changed.
-    pub fn reload(&self) -> Result<Arc<str>, BundleError> {
-        let loaded = Bundle::read(&self.inner.policies)
-            .and_then(|b| CompiledBundle::compile(b, self.inner.eval_timeout))
-            .map(|b| b.with_fast_path(&self.inner.decision_path, self.inner.max_instructions));
+    /// As [`Pdp::load`]; nothing changed.
+    pub fn reload(&self) -> Result<Arc<str>, LoadError> {
+        match Bundle::read(&self.inner.policies) {
+            Ok(bundle) => self.load(bundle),
+            Err(error) => Err(self.rejected(LoadError::Bundle(error))),
+        }
+    }
+
+    /// Compiles `bundle` and, if that succeeds and — with `[pdp] reload_requires_tests` (on by
+    /// default when the bundle has tests) — its own tests pass, activates it. On failure the
+    /// previous revision keeps serving; the error (and the failing tests) are kept for
+    /// `/health` and the metrics. Blocking (compilation, tests).
+    ///
+    /// # Errors
+    /// The bundle does not compile, or its tests fail; nothing changed.
+    pub fn load(&self, bundle: Bundle) -> Result<Arc<str>, LoadError> {
+        let gate = self.inner.requires_tests.unwrap_or(bundle.has_tests());
+        let tested = match gate {
+            true => self.run_gate(&bundle),
+            false => Ok(()),
+        };
+        let loaded = tested.and_then(|()| {
+            CompiledBundle::compile(bundle, self.inner.eval_timeout)
+                .map(|b| b.with_fast_path(&self.inner.decision_path, self.inner.max_instructions))
+                .map_err(LoadError::Bundle)
+        });
+        let (bundle, rvm_error) = match loaded {
+            Ok(loaded) => loaded,
+            Err(error) => return Err(self.rejected(error)),
+        };
         let mut status = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
         status.last_attempt_at = Some(SystemTime::now());
-        match loaded {
-            Ok((bundle, rvm_error)) => {
-                if let Some(error) = &rvm_error {
-                    tracing::warn!(%error, rule = %self.inner.decision_path, "decision rule runs on the interpreter: the bytecode VM cannot compile it");
+        if let Some(error) = &rvm_error {
+            tracing::warn!(%error, rule = %self.inner.decision_path, "decision rule runs on the interpreter: the bytecode VM cannot compile it");
+        }
+        status.decision_engine = Some(if rvm_error.is_none() {
+            "rvm"
+        } else {
+            "interpreter"
+        });
+        status.rvm_error = rvm_error;
+        let revision: Arc<str> = Arc::from(bundle.revision());
+        let unchanged = self
+            .inner
+            .active
+            .load()
+            .as_ref()
+            .is_some_and(|a| a.revision == revision);
+        if !unchanged {
+            let source = bundle.bundle().source.clone();
+            self.activate(bundle, Arc::clone(&revision));
+            status.activated_at = status.last_attempt_at;
+            tracing::info!(%revision, %source, tests_gate = gate, "policy bundle activated");
+        }
+        status.revision = Some(revision.to_string());
+        status.last_load_ok = true;
+        status.last_error = None;
+        status.failing_tests.clear();
+        self.inner.metrics.reload_ok(&revision);
+        Ok(revision)
+    }
+
+    /// Runs the bundle's own tests, as `policy test` does (fixtures checked against the
+    /// schema bound to their query path).
+    fn run_gate(&self, bundle: &Bundle) -> Result<(), LoadError> {
+        let options = TestOptions {
+            decision: self.inner.decision_path.clone(),
+            filter: None,
+            coverage: false,
+            timeout: GATE_TEST_TIMEOUT,
+        };
+        let report = testing::run(bundle, &options, FixtureSchema::Bound(&self.inner.schemas))
+            .map_err(|testing::TestError::Bundle(e)| LoadError::Bundle(e))?;
+        let failing = report.failures();
+        match failing.is_empty() {
+            true => Ok(()),
+            false => Err(LoadError::TestsFailed {
+                revision: bundle.revision.clone(),
+                failing,
+            }),
+        }
+    }
+
+    /// Records a rejected load (logged once per distinct error) and hands the error back.
+    fn rejected(&self, error: LoadError) -> LoadError {
+        let mut status = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.last_attempt_at = Some(SystemTime::now());
+        let text = error.to_string();
+        let serving = status.revision.clone();
+        if status.last_error.as_deref() == Some(text.as_str()) {
+            tracing::debug!(error = %text, "policy bundle still rejected");
+        } else {
+            match &serving {
+                Some(revision) => {
+                    tracing::error!(error = %text, %revision, "policy bundle rejected; the previous revision keeps serving")
                 }
-                status.decision_engine = Some(if rvm_error.is_none() {
-                    "rvm"
-                } else {
-                    "interpreter"
-                });
-                status.rvm_error = rvm_error;
-                let revision: Arc<str> = Arc::from(bundle.revision());
-                let unchanged = self
-                    .inner
-                    .active
-                    .load()
-                    .as_ref()
-                    .is_some_and(|a| a.revision == revision);
-                if !unchanged {
-                    self.activate(bundle, Arc::clone(&revision));
-                    status.activated_at = status.last_attempt_at;
-                    tracing::info!(%revision, dir = %self.inner.policies.display(), "policy bundle activated");
+                None => {
+                    tracing::error!(error = %text, "policy bundle rejected; no revision is serving, so every decision is a deny")
                 }
-                status.revision = Some(revision.to_string());
-                status.last_load_ok = true;
-                status.last_error = None;
-                self.inner.metrics.reload_ok(&revision);
-                Ok(revision)
-            }
-            Err(error) => {
-                tracing::error!(%error, "policy bundle rejected; the previous revision keeps serving");
-                status.last_load_ok = false;
-                status.last_error = Some(error.to_string());
-                self.inner.metrics.reload_failed();
-                Err(error)
             }
         }
+        status.last_load_ok = false;
+        status.last_error = Some(text);
+        let failing = match &error {
+            LoadError::TestsFailed { failing, .. } => failing.clone(),
+            LoadError::Bundle(_) => Vec::new(),
+        };
+        self.inner.metrics.reload_failed(&failing);
+        status.failing_tests = failing;
+        error
+    }
+
+    /// Updates what `/health?bundles` and `/v1/status` say about the pulled bundle `name`.
+    pub fn update_bundle_status(&self, name: &str, update: impl FnOnce(&mut BundleStatus)) {
+        let mut status = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = status
+            .bundles
+            .entry(name.to_string())
+            .or_insert_with(|| BundleStatus {
+                name: name.to_string(),
+                ..BundleStatus::default()
+            });
+        update(entry);
     }
 
     fn activate(&self, bundle: CompiledBundle, revision: Arc<str>) {
@@ -311,6 +475,17 @@ impl Pdp {
         self.inner.active.load_full()
     }
 
+    /// The name decision logs and provenance give the bundle (`policies`, or `[pdp.bundle]
+    /// name`).
+    pub fn bundle_name(&self) -> &str {
+        &self.inner.bundle_name
+    }
+
+    /// The labels of this node's decision-log records (`id`, `version`, …).
+    pub fn labels(&self) -> Arc<std::collections::BTreeMap<String, String>> {
+        Arc::clone(&self.inner.labels)
+    }
+
     /// State of the last load.
     pub fn status(&self) -> LoadStatus {
         self.inner
@@ -325,14 +500,31 @@ impl Pdp {
     ///
     /// # Errors
     /// No bundle, a schema violation, or an evaluation error or timeout.
-    pub fn query(&self, path: &DataPath, input: Option<Value>) -> Result<Answer, PdpError> {
+    pub fn query(
+        &self,
+        path: &DataPath,
+        input: Option<Value>,
+        asked_by: &AskedBy,
+    ) -> Result<Answer, PdpError> {
         if let Some(input) = &input {
-            self.inner
-                .schemas
-                .validate_for_path(path.segments(), input)?;
+            if let Err(violation) = self.inner.schemas.validate_for_path(path.segments(), input) {
+                let error = PdpError::Schema(violation);
+                let id = uuid::Uuid::new_v4().to_string();
+                self.record(
+                    &id,
+                    path,
+                    Some(input.clone()),
+                    Err(&error),
+                    None,
+                    0,
+                    false,
+                    asked_by,
+                );
+                return Err(error);
+            }
         }
         let query: Arc<str> = Arc::from(path.as_query());
-        self.query_unchecked(&query, path, input, None)
+        self.query_unchecked(&query, path, input, None, asked_by)
     }
 
     /// [`Pdp::query`] on the evaluation pool, unless the cache holds the answer (answered
@@ -344,21 +536,34 @@ impl Pdp {
         &self,
         path: &DataPath,
         input: Option<Value>,
+        asked_by: AskedBy,
     ) -> Result<Answer, PdpError> {
         if let Some(input) = &input {
-            self.inner
-                .schemas
-                .validate_for_path(path.segments(), input)?;
+            if let Err(violation) = self.inner.schemas.validate_for_path(path.segments(), input) {
+                let error = PdpError::Schema(violation);
+                let id = uuid::Uuid::new_v4().to_string();
+                self.record(
+                    &id,
+                    path,
+                    Some(input.clone()),
+                    Err(&error),
+                    None,
+                    0,
+                    false,
+                    &asked_by,
+                );
+                return Err(error);
+            }
         }
         let query: Arc<str> = Arc::from(path.as_query());
         let key = self.cached_key(&query, input.as_ref());
         if key.as_ref().is_some_and(|(_, hit)| *hit) {
-            return self.query_unchecked(&query, path, input, key.map(|(k, _)| k));
+            return self.query_unchecked(&query, path, input, key.map(|(k, _)| k), &asked_by);
         }
         let (pdp, path) = (self.clone(), path.clone());
         self.inner
             .pool
-            .run(move || pdp.query_unchecked(&query, &path, input, key.map(|(k, _)| k)))
+            .run(move || pdp.query_unchecked(&query, &path, input, key.map(|(k, _)| k), &asked_by))
             .await
             .unwrap_or_else(|e| Err(PdpError::Eval(EvalError::Failed(e.to_string()))))
     }
@@ -382,6 +587,7 @@ impl Pdp {
         path: &DataPath,
         input: Option<Value>,
         key: Option<CacheKey>,
+        asked_by: &AskedBy,
     ) -> Result<Answer, PdpError> {
         let start = Instant::now();
         let decision_id = uuid::Uuid::new_v4().to_string();
@@ -391,7 +597,16 @@ impl Pdp {
                 .last_error
                 .unwrap_or_else(|| "not loaded yet".to_string());
             let error = PdpError::NoBundle(why);
-            self.record(&decision_id, query, input, Err(&error), None, 0, false);
+            self.record(
+                &decision_id,
+                path,
+                input,
+                Err(&error),
+                None,
+                0,
+                false,
+                asked_by,
+            );
             return Err(error);
         };
         let key = key.or_else(|| {
@@ -429,12 +644,13 @@ impl Pdp {
         let eval_ns = elapsed_ns(start);
         self.record(
             &decision_id,
-            query,
+            path,
             input,
             result.as_ref(),
             Some(&active.revision),
             eval_ns,
             cache_hit,
+            asked_by,
         );
         result.map(|result| Answer {
             decision_id,
@@ -449,12 +665,13 @@ impl Pdp {
     fn record(
         &self,
         decision_id: &str,
-        query: &Arc<str>,
+        path: &DataPath,
         input: Option<Value>,
         result: Result<&Arc<Option<Value>>, &PdpError>,
         revision: Option<&Arc<str>>,
         eval_ns: u64,
         cache_hit: bool,
+        asked_by: &AskedBy,
     ) {
         let outcome = match result {
             Ok(r) => Outcome::of(r.as_ref().as_ref()),
@@ -465,15 +682,28 @@ impl Pdp {
             return;
         }
         self.inner.sink.log(DecisionRecord {
+            labels: Arc::clone(&self.inner.labels),
             decision_id: decision_id.to_string(),
             timestamp: SystemTime::now(),
-            path: query.to_string(),
+            path: path.segments().join("/"),
             input,
             result: result.ok().and_then(|r| r.as_ref().clone()),
-            error: result.err().map(|e| e.to_string()),
-            revision: revision.map(|r| r.to_string()),
-            eval_ns,
-            cache_hit,
+            error: result.err().map(|e| RecordError {
+                code: match e {
+                    PdpError::NoBundle(_) | PdpError::Eval(_) => "internal_error",
+                    PdpError::Schema(_) => "invalid_parameter",
+                },
+                message: e.to_string(),
+            }),
+            bundles: revision
+                .map(|r| decision_log::bundles(&self.inner.bundle_name, r))
+                .unwrap_or_default(),
+            requested_by: asked_by.requested_by(),
+            enforcement_point: asked_by.point,
+            metrics: decision_log::RecordMetrics {
+                timer_rego_query_eval_ns: eval_ns,
+                counter_decision_cache_hit: u64::from(cache_hit),
+            },
             erased: Vec::new(),
         });
     }
@@ -482,21 +712,21 @@ impl Pdp {
     /// every failure is a deny whose reason says what went wrong. The input is not validated
     /// against a schema: the node's enforcement points build it from already-validated types
     /// (HTTP callers go through [`Pdp::query`], which validates).
-    pub fn decide(&self, input: Value) -> Decision {
-        self.decide_keyed(input, None)
+    pub fn decide(&self, input: Value, asked_by: EnforcementPoint) -> Decision {
+        self.decide_keyed(input, None, asked_by)
     }
 
     /// [`Pdp::decide`] on the evaluation pool, unless the cache holds the decision (answered
     /// here, at once): what the node's enforcement points call from async code.
-    pub async fn decide_async(&self, input: Value) -> Decision {
+    pub async fn decide_async(&self, input: Value, asked_by: EnforcementPoint) -> Decision {
         let key = self.cached_key(&self.inner.decision_query, Some(&input));
         if key.as_ref().is_some_and(|(_, hit)| *hit) {
-            return self.decide_keyed(input, key.map(|(k, _)| k));
+            return self.decide_keyed(input, key.map(|(k, _)| k), asked_by);
         }
         let pdp = self.clone();
         self.inner
             .pool
-            .run(move || pdp.decide_keyed(input, key.map(|(k, _)| k)))
+            .run(move || pdp.decide_keyed(input, key.map(|(k, _)| k), asked_by))
             .await
             .unwrap_or_else(|e| Decision {
                 allow: false,
@@ -506,7 +736,12 @@ impl Pdp {
             })
     }
 
-    fn decide_keyed(&self, input: Value, key: Option<CacheKey>) -> Decision {
+    fn decide_keyed(
+        &self,
+        input: Value,
+        key: Option<CacheKey>,
+        asked_by: EnforcementPoint,
+    ) -> Decision {
         let deny = |decision_id: String, reason: String| Decision {
             allow: false,
             reasons: vec![reason],
@@ -522,6 +757,7 @@ impl Pdp {
             &self.inner.decision_path,
             Some(input),
             key,
+            &AskedBy::point(asked_by),
         ) {
             Ok(answer) => answer,
             Err(PdpError::Eval(EvalError::Timeout(limit))) => {
@@ -590,6 +826,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const HTTP: AskedBy = AskedBy {
+        point: EnforcementPoint::HttpApi,
+        peer: None,
+    };
+
     pub(crate) fn pdp_with(files: &[(&str, &str)]) -> (tempfile::TempDir, Pdp) {
         let dir = test_tree(files);
         let config = PdpConfig {
@@ -611,7 +852,7 @@ decision := {"allow": allow, "reasons": reasons}
 "#;
 
     fn check(pdp: &Pdp, input: Value, allow: bool, reason: &str) {
-        let decision = pdp.decide(input.clone());
+        let decision = pdp.decide(input.clone(), EnforcementPoint::Bus);
         assert_eq!(decision.allow, allow, "{input} → {decision:?}");
         assert!(
             reason.is_empty() && decision.reasons.is_empty()
@@ -712,10 +953,14 @@ decision := {"allow": allow, "reasons": reasons}
         pdp.reload().expect("load");
         let path = DataPath::from_ref("data.t.allow").expect("ref");
         let input = json!({"user": "alice", "message": {"id": 1}});
-        assert!(!pdp.query(&path, Some(input.clone())).expect("q").cache_hit);
+        assert!(
+            !pdp.query(&path, Some(input.clone()), &HTTP)
+                .expect("q")
+                .cache_hit
+        );
         let mut other_id = input.clone();
         other_id["message"]["id"] = json!(2);
-        let hit = pdp.query(&path, Some(other_id)).expect("q");
+        let hit = pdp.query(&path, Some(other_id), &HTTP).expect("q");
         assert!(hit.cache_hit, "message.id is ignored by default");
         assert_eq!(*hit.result, Some(json!(true)));
         std::fs::write(
@@ -724,7 +969,7 @@ decision := {"allow": allow, "reasons": reasons}
         )
         .expect("write");
         pdp.reload().expect("reload");
-        let after = pdp.query(&path, Some(input)).expect("q");
+        let after = pdp.query(&path, Some(input), &HTTP).expect("q");
         assert!(!after.cache_hit);
         assert_eq!(*after.result, Some(json!(false)));
     }

@@ -1,19 +1,19 @@
 //! Policy tests, as `opa test` runs them, plus fixture files.
 //!
-//! Two kinds of test: every rule named `test_*` in the bundle's modules (the bundle is read
-//! with its `*_test.rego` files) must evaluate to `true`; and every fixture in the fixtures
-//! directory — `{"description", "query"?, "input", "expect": {"allow", "reasons"?}}` — is
-//! validated against the input schema, evaluated, and must give the expected `allow` and
-//! contain each expected reason (as a substring of some actual reason). Coverage, when asked
-//! for, is gathered by one engine over all tests and reported per non-test module.
+//! Two kinds of test: every rule named `test_*` in the bundle's `*_test.rego` modules must
+//! evaluate to `true`; and every fixture of the bundle — `{"description", "query"?, "input",
+//! "expect": {"allow", "reasons"?}}` — is validated against the input schema, evaluated, and
+//! must give the expected `allow` and contain each expected reason (as a substring of some
+//! actual reason). Coverage, when asked for, is gathered by one engine over all tests and
+//! reported per non-test module. `msgnode policy test` and the reload gate
+//! (`[pdp] reload_requires_tests`) both run [`run`].
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::bundle::{Bundle, BundleError};
+use super::bundle::{Bundle, BundleError, FixtureFile};
 use super::elapsed_ns;
 use super::engine::{one_line, CompiledBundle, DataPath};
 use super::schema::Schemas;
@@ -21,37 +21,31 @@ use super::schema::Schemas;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct TestOptions {
-    /// Bundle directory.
-    pub dir: PathBuf,
-    /// Fixture directory (default `<dir>/fixtures`).
-    pub fixtures: Option<PathBuf>,
-    /// Schemas used to validate fixture inputs.
-    pub schemas: PathBuf,
-    /// Schema file fixtures' inputs must match.
-    pub input_schema: String,
-    /// Default query of fixtures that name none.
-    pub decision: String,
-    /// Only tests whose name contains this.
-    pub filter: Option<String>,
+    /// Query of fixtures that name none (and the rule checked on the bytecode VM).
+    pub decision: DataPath,
+    /// Only tests whose name matches (`-r`, a regular expression as in `opa test -r`).
+    pub filter: Option<regex::Regex>,
     /// Gather line coverage.
     pub coverage: bool,
+    /// Time limit of one test's evaluation.
+    pub timeout: Duration,
+}
+
+/// Which schema fixture inputs must match.
+#[derive(Clone, Copy)]
+pub enum FixtureSchema<'a> {
+    /// The named schema file (`policy test --input-schema`).
+    Named(&'a Schemas, &'a str),
+    /// The schema bound to the fixture's query path (`[pdp] schemas`, as the API checks).
+    Bound(&'a Schemas),
 }
 
 /// Why the tests could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum TestError {
-    /// The bundle does not load.
+    /// The bundle does not compile.
     #[error(transparent)]
     Bundle(#[from] BundleError),
-    /// The schemas do not load.
-    #[error(transparent)]
-    Schema(#[from] super::schema::SchemaError),
-    /// The fixture directory cannot be listed.
-    #[error("{0}: {1}")]
-    Fixtures(String, std::io::Error),
-    /// The default decision query is not a reference.
-    #[error("decision query: {0}")]
-    Decision(#[from] super::engine::DataPathError),
 }
 
 /// The outcome of one test.
@@ -105,56 +99,117 @@ pub struct TestReport {
     pub passed: usize,
     /// Tests that failed.
     pub failed: usize,
-    /// With `coverage`.
+    /// With `coverage`: per module.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coverage: Option<Vec<FileCoverage>>,
+    /// With `coverage`: covered share of all lines with code, in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coverage_percent: Option<f64>,
 }
 
-/// A fixture file.
+impl TestReport {
+    /// Names of the tests that failed.
+    pub fn failures(&self) -> Vec<String> {
+        self.results
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| r.name.clone())
+            .collect()
+    }
+}
+
+/// A fixture: an input and the decision expected for it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Fixture {
+pub struct Fixture {
+    /// What it shows, for people.
     #[serde(default)]
-    description: Option<String>,
+    pub description: Option<String>,
+    /// The rule to evaluate; default: the decision rule.
     #[serde(default)]
-    query: Option<String>,
-    input: Value,
-    expect: Expectation,
+    pub query: Option<String>,
+    /// The input document.
+    pub input: Value,
+    /// The decision expected.
+    pub expect: Expectation,
 }
 
+/// What a fixture expects.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Expectation {
-    allow: bool,
+pub struct Expectation {
+    /// The expected `allow`.
+    pub allow: bool,
+    /// Texts each of which some actual reason must contain.
     #[serde(default)]
-    reasons: Vec<String>,
+    pub reasons: Vec<String>,
 }
 
-/// Runs every test.
+impl Fixture {
+    /// Parses a fixture file's text.
+    ///
+    /// # Errors
+    /// Not JSON, or not a fixture (unknown keys, no `input` or `expect`).
+    pub fn parse(text: &str) -> Result<Fixture, String> {
+        serde_json::from_str(text).map_err(|e| format!("not a fixture: {e}"))
+    }
+
+    /// Whether `value` (a decision `{"allow", "reasons"}`) is what the fixture expects.
+    ///
+    /// # Errors
+    /// Another `allow`, no boolean `allow`, or an expected reason missing — saying which.
+    pub fn compare(&self, value: &Value) -> Result<(), String> {
+        let allow = value.get("allow").and_then(Value::as_bool);
+        let reasons: Vec<&str> = value
+            .get("reasons")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if allow != Some(self.expect.allow) {
+            return Err(format!(
+                "expected allow={}, got {} (reasons: {reasons:?})",
+                self.expect.allow,
+                allow.map_or("no boolean allow".to_string(), |a| format!("allow={a}"))
+            ));
+        }
+        let missing: Vec<&String> = self
+            .expect
+            .reasons
+            .iter()
+            .filter(|want| !reasons.iter().any(|r| r.contains(want.as_str())))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!("missing reasons {missing:?}; got {reasons:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// Runs every test of `bundle` (its `*_test.rego` modules and fixtures).
 ///
 /// # Errors
-/// The bundle, the schemas or the fixture directory cannot be read. Failing tests are not
-/// errors: they are in the report.
-pub fn run(options: &TestOptions) -> Result<TestReport, TestError> {
-    let bundle = CompiledBundle::compile(
-        Bundle::read_with_tests(&options.dir)?,
-        std::time::Duration::from_secs(5),
-    )?;
-    let schemas = Schemas::load(&options.schemas, std::iter::empty())?;
-    let default_query = DataPath::from_ref(&options.decision)?;
-    let mut engine = bundle.engine();
+/// The bundle does not compile with its tests. Failing tests are not errors: they are in the
+/// report.
+pub fn run(
+    bundle: &Bundle,
+    options: &TestOptions,
+    schema: FixtureSchema<'_>,
+) -> Result<TestReport, TestError> {
+    let compiled = CompiledBundle::compile(bundle.with_tests(), options.timeout)?;
+    let default_query = &options.decision;
+    let mut engine = compiled.engine();
     engine.set_enable_coverage(options.coverage);
     // The server runs the decision rule on the bytecode VM: check it agrees with the
     // interpreter on every fixture.
-    let (fast, rvm_error) = bundle.clone().with_fast_path(&default_query, usize::MAX);
+    let (fast, rvm_error) = compiled.clone().with_fast_path(default_query, usize::MAX);
     let vm = Crosscheck {
         bundle: rvm_error.is_none().then_some(&fast),
-        query: &default_query,
+        query: default_query,
     };
-    let wanted = |name: &str| options.filter.as_deref().is_none_or(|f| name.contains(f));
+    let wanted = |name: &str| options.filter.as_ref().is_none_or(|f| f.is_match(name));
 
     let mut results = Vec::new();
-    let mut tests: Vec<&str> = bundle
+    let mut tests: Vec<&str> = compiled
         .rules()
         .filter(|r| r.rsplit('.').next().is_some_and(|n| n.starts_with("test_")))
         .filter(|r| wanted(r))
@@ -183,19 +238,14 @@ pub fn run(options: &TestOptions) -> Result<TestReport, TestError> {
         });
     }
 
-    let fixtures_dir = options
-        .fixtures
-        .clone()
-        .unwrap_or_else(|| options.dir.join("fixtures"));
-    for path in fixture_files(&fixtures_dir)? {
-        let name = path.display().to_string();
-        if !wanted(&name) {
+    for fixture in &bundle.fixtures {
+        if !wanted(&fixture.path) {
             continue;
         }
         let start = Instant::now();
-        let (description, outcome) = run_fixture(&path, &mut engine, &schemas, options, &vm);
+        let (description, outcome) = run_fixture(fixture, &mut engine, schema, &vm);
         results.push(TestResult {
-            name,
+            name: fixture.path.clone(),
             kind: "fixture",
             passed: outcome.is_ok(),
             message: outcome.err(),
@@ -205,27 +255,29 @@ pub fn run(options: &TestOptions) -> Result<TestReport, TestError> {
     }
 
     let coverage = options.coverage.then(|| coverage(&engine));
+    let coverage_percent = coverage.as_deref().map(total_percent);
     let passed = results.iter().filter(|r| r.passed).count();
     Ok(TestReport {
         failed: results.len() - passed,
         passed,
         results,
         coverage,
+        coverage_percent,
     })
 }
 
-fn fixture_files(dir: &Path) -> Result<Vec<PathBuf>, TestError> {
-    if !dir.exists() {
-        return Ok(Vec::new());
+/// Covered share of all lines with code of `files`, in percent (100 with none).
+fn total_percent(files: &[FileCoverage]) -> f64 {
+    let covered: usize = files.iter().map(|f| f.covered.len()).sum();
+    let total: usize = files
+        .iter()
+        .map(|f| f.covered.len() + f.not_covered.len())
+        .sum();
+    if total == 0 {
+        100.0
+    } else {
+        covered as f64 * 100.0 / total as f64
     }
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| TestError::Fixtures(dir.display().to_string(), e))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    Ok(files)
 }
 
 /// The bytecode-VM build of the decision rule, to compare with the interpreter.
@@ -235,29 +287,29 @@ struct Crosscheck<'a> {
 }
 
 fn run_fixture(
-    path: &Path,
+    file: &FixtureFile,
     engine: &mut regorus::Engine,
-    schemas: &Schemas,
-    options: &TestOptions,
+    schema: FixtureSchema<'_>,
     vm: &Crosscheck<'_>,
 ) -> (Option<String>, Result<(), String>) {
     let default_query = vm.query;
-    let fixture: Fixture = match std::fs::read_to_string(path)
-        .map_err(|e| e.to_string())
-        .and_then(|text| serde_json::from_str(&text).map_err(|e| format!("not a fixture: {e}")))
-    {
+    let fixture = match Fixture::parse(&file.text) {
         Ok(f) => f,
         Err(e) => return (None, Err(e)),
     };
     let description = fixture.description.clone();
     let outcome = (|| {
-        schemas
-            .validate(&options.input_schema, &fixture.input)
-            .map_err(|v| v.to_string())?;
         let query = match &fixture.query {
             Some(q) => DataPath::from_ref(q).map_err(|e| e.to_string())?,
             None => default_query.clone(),
         };
+        match schema {
+            FixtureSchema::Named(schemas, name) => schemas.validate(name, &fixture.input),
+            FixtureSchema::Bound(schemas) => {
+                schemas.validate_for_path(query.segments(), &fixture.input)
+            }
+        }
+        .map_err(|v| v.to_string())?;
         engine.set_input(regorus::Value::from(fixture.input.clone()));
         let value = engine
             .eval_rule(query.as_query().to_string())
@@ -277,29 +329,7 @@ fn run_fixture(
                 ));
             }
         }
-        let allow = value.get("allow").and_then(Value::as_bool);
-        let reasons: Vec<&str> = value
-            .get("reasons")
-            .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        if allow != Some(fixture.expect.allow) {
-            return Err(format!(
-                "expected allow={}, got {} (reasons: {reasons:?})",
-                fixture.expect.allow,
-                allow.map_or("no boolean allow".to_string(), |a| format!("allow={a}"))
-            ));
-        }
-        let missing: Vec<&String> = fixture
-            .expect
-            .reasons
-            .iter()
-            .filter(|want| !reasons.iter().any(|r| r.contains(want.as_str())))
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!("missing reasons {missing:?}; got {reasons:?}"));
-        }
-        Ok(())
+        fixture.compare(&value)
     })();
     (description, outcome)
 }
@@ -352,15 +382,19 @@ mod tests {
             r#"{"type": "object", "required": ["user"]}"#,
         ));
         let dir = crate::pdp::test_tree(&files);
-        run(&TestOptions {
-            dir: dir.path().join("p"),
-            fixtures: None,
-            schemas: dir.path().join("schemas"),
-            input_schema: "in.json".into(),
-            decision: "data.t.decision".into(),
-            filter: None,
-            coverage: true,
-        })
+        let schemas =
+            Schemas::load(&dir.path().join("schemas"), std::iter::empty()).expect("schemas");
+        let bundle = Bundle::read(&dir.path().join("p")).expect("bundle");
+        run(
+            &bundle,
+            &TestOptions {
+                decision: DataPath::from_ref("data.t.decision").expect("ref"),
+                filter: None,
+                coverage: true,
+                timeout: Duration::from_secs(5),
+            },
+            FixtureSchema::Named(&schemas, "in.json"),
+        )
         .expect("run")
     }
 
@@ -410,6 +444,8 @@ mod tests {
         let coverage = report.coverage.expect("coverage");
         assert_eq!(coverage.len(), 1, "test modules are not reported");
         assert!(!coverage[0].covered.is_empty());
+        let total = report.coverage_percent.expect("total");
+        assert!((total - coverage[0].percent()).abs() < 1e-9, "{total}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! File events are debounced (`[pdp] reload_debounce`, default 100 ms) so an editor's
 //! write-rename-chmod burst causes one reload. A reload that fails leaves the previous
 //! revision serving (see `Pdp::reload`). If the directory does not exist yet, or disappears,
-//! the watcher checks for it once a second and loads it when it appears.
+//! the watcher says so once and looks for it again with backoff (up to every 30 s), loading
+//! it when it appears.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,12 +14,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Pdp;
+use crate::retry::Backoff;
 
-/// How often a missing policy directory is looked for.
-const MISSING_DIR_RETRY: Duration = Duration::from_secs(1);
+/// How often a missing policy directory is looked for: first after a second, then less
+/// often, up to this.
+const MISSING_DIR_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown` is cancelled. Spawn it on a tracked task.
 pub async fn watch(pdp: Pdp, dir: PathBuf, debounce: Duration, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), MISSING_DIR_RETRY_MAX);
+    let mut missing = false;
     loop {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let debouncer = new_debouncer(debounce, move |result: DebounceEventResult| {
@@ -38,14 +43,31 @@ pub async fn watch(pdp: Pdp, dir: PathBuf, debounce: Duration, shutdown: Cancell
             .watcher()
             .watch(&dir, notify::RecursiveMode::Recursive)
         {
-            tracing::warn!(dir = %dir.display(), %error, "cannot watch the policy directory yet; retrying");
+            let delay = backoff.next_delay();
+            match missing {
+                false => {
+                    tracing::warn!(dir = %dir.display(), %error, "cannot watch the policy directory; looking for it again with backoff")
+                }
+                true => {
+                    tracing::debug!(dir = %dir.display(), %error, retry_in = ?delay, "policy directory still missing")
+                }
+            }
+            missing = true;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(MISSING_DIR_RETRY) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            reload(&pdp).await;
+            if dir.is_dir() {
+                reload(&pdp).await;
+            }
             continue;
         }
+        if missing {
+            tracing::info!(dir = %dir.display(), "policy directory found; watching it");
+            reload(&pdp).await;
+        }
+        missing = false;
+        backoff.reset();
         tracing::debug!(dir = %dir.display(), "watching policy directory");
         loop {
             tokio::select! {

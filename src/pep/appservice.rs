@@ -38,7 +38,7 @@ use tokio::sync::Mutex;
 use super::error::{ErrorCode, MatrixError};
 use crate::matrix::{encode, with_user_id, Actor, Homeserver};
 use crate::policy::input::{Context, Input, MatrixEvent, MatrixEventInput};
-use crate::policy::Decider;
+use crate::policy::{Decider, EnforcementPoint};
 
 /// Account-data type holding processed transaction ids.
 const TXN_ACCOUNT_DATA: &str = "org.msgnode.appservice.transactions";
@@ -294,7 +294,10 @@ impl Appservice {
                 },
                 context: context.clone(),
             });
-            let decision = self.decider.decide(&input).await;
+            let decision = self
+                .decider
+                .decide(&input, EnforcementPoint::Appservice)
+                .await;
             if decision.failed {
                 // Not a decision: redacting now could not be undone. The homeserver retries
                 // the transaction until the policy can answer.

@@ -33,7 +33,7 @@ use super::inputs::inputs_for;
 use super::route::{classify, Intercepted, Route};
 use crate::config::{PdpFailure, PepConfig};
 use crate::matrix::{encode, Homeserver};
-use crate::policy::Decider;
+use crate::policy::{Decider, EnforcementPoint};
 use crate::ratelimit::Limiter;
 
 /// What the proxy's handler shares.
@@ -340,7 +340,7 @@ async fn decide(
         ));
     }
     for input in &inputs {
-        let decision = state.decider.decide(input).await;
+        let decision = state.decider.decide(input, EnforcementPoint::Proxy).await;
         if decision.allow {
             continue;
         }

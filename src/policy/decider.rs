@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use super::input::Input;
 use crate::config::PepConfig;
 use crate::pdp::engine::DataPath;
-use crate::pdp::{Decision, Pdp};
+use crate::pdp::{Decision, EnforcementPoint, Pdp};
 
 /// The reason of every decision a remote PDP could not give.
 pub const POLICY_UNAVAILABLE: &str = "policy unavailable";
@@ -90,11 +90,12 @@ impl Decider {
         }
     }
 
-    /// Decides `input`; never fails: every failure is a deny with `failed: true`.
-    pub async fn decide(&self, input: &Input<'_>) -> Decision {
+    /// Decides `input` for the enforcement point `asker` (named in the decision log); never
+    /// fails: every failure is a deny with `failed: true`.
+    pub async fn decide(&self, input: &Input<'_>, asker: EnforcementPoint) -> Decision {
         let input = input.to_value();
         match self {
-            Self::Local(pdp) => pdp.decide_async(input).await,
+            Self::Local(pdp) => pdp.decide_async(input, asker).await,
             Self::Remote(remote) => remote.decide(input).await,
         }
     }

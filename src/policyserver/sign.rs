@@ -31,7 +31,7 @@ use super::PolicyServer;
 use crate::policy::input::{
     Context, Door, Input, MatrixEvent, MatrixEventInput, Membership, MembershipInput, Via,
 };
-use crate::policy::refusal;
+use crate::policy::{refusal, EnforcementPoint};
 
 /// The memberships the input contract names (others are decided as the event only).
 const MEMBERSHIPS: [&str; 5] = ["invite", "join", "leave", "ban", "knock"];
@@ -96,7 +96,11 @@ impl PolicyServer {
         let mut refused = Vec::new();
         let mut failed = false;
         for input in &inputs {
-            let decision = self.inner.decider.decide(input).await;
+            let decision = self
+                .inner
+                .decider
+                .decide(input, EnforcementPoint::PolicyServer)
+                .await;
             if !decision.allow {
                 failed |= decision.failed;
                 refused.push(refusal(&decision));

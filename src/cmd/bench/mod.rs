@@ -29,7 +29,7 @@ use stats::Stats;
 
 use crate::cli::{BenchArgs, BenchMode};
 use crate::config::{Config, PdpConfig};
-use crate::pdp::Pdp;
+use crate::pdp::{EnforcementPoint, Pdp};
 
 /// Runs the benchmarks `args` selects.
 ///
@@ -149,7 +149,7 @@ fn eval_case(
 ) -> Stats {
     if cached {
         for input in inputs {
-            pdp.decide(input.clone());
+            pdp.decide(input.clone(), EnforcementPoint::Bus);
         }
     }
     let start = Instant::now();
@@ -164,7 +164,7 @@ fn eval_case(
                         // Prepared outside the timed region: a caller builds its input anyway.
                         let input = with_fresh_id(&inputs[i % inputs.len()], i as u64);
                         let t0 = Instant::now();
-                        std::hint::black_box(pdp.decide(input));
+                        std::hint::black_box(pdp.decide(input, EnforcementPoint::Bus));
                         latencies.push(t0.elapsed().as_nanos() as u64);
                         i += threads;
                     }

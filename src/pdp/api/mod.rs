@@ -89,6 +89,8 @@ pub enum RouteLabel {
     Health,
     /// `/metrics`
     Metrics,
+    /// `/v1/status`
+    Status,
     /// Anything else (404s).
     Other,
 }
@@ -99,6 +101,7 @@ impl RouteLabel {
             Some(p) if p.starts_with("/v1/data") => RouteLabel::V1Data,
             Some(p) if p.starts_with("/v1/policies") => RouteLabel::V1Policies,
             Some(p) if p.starts_with("/health") => RouteLabel::Health,
+            Some("/v1/status") => RouteLabel::Status,
             Some("/metrics") => RouteLabel::Metrics,
             _ => RouteLabel::Other,
         }
@@ -110,6 +113,7 @@ impl RouteLabel {
             RouteLabel::V1Policies => "v1/policies",
             RouteLabel::Health => "health",
             RouteLabel::Metrics => "metrics",
+            RouteLabel::Status => "v1/status",
             RouteLabel::Other => "other",
         }
     }
@@ -172,6 +176,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/policies", get(v1_policies::v1_policies_list))
         .route("/v1/policies/{*id}", get(v1_policies::v1_policies_get))
         .route("/metrics", get(metrics::metrics_get))
+        .route("/v1/status", get(health::v1_status_get))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health::health_get))
@@ -182,6 +187,20 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), limit_rate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        // The access log: one INFO event per request (method, URI, status, latency), target
+        // `tower_http` (`[log] level = "info,tower_http=warn"` silences it).
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                )
+                .on_request(())
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new()
+                        .level(tracing::Level::INFO)
+                        .latency_unit(tower_http::LatencyUnit::Micros),
+                ),
+        )
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }

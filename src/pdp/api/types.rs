@@ -80,8 +80,10 @@ pub struct MetricsV1 {
 pub struct ProvenanceV1 {
     /// msgnode version.
     pub version: &'static str,
-    /// Bundles by name (one: `policies`).
-    pub bundles: std::collections::BTreeMap<&'static str, BundleProvenanceV1>,
+    /// The commit msgnode was built from (OPA: `revision`).
+    pub revision: &'static str,
+    /// Bundles by name (one: `policies`, or `[pdp.bundle] name`).
+    pub bundles: std::collections::BTreeMap<String, BundleProvenanceV1>,
 }
 
 /// One bundle's provenance.

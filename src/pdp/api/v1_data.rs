@@ -9,52 +9,65 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use axum::Extension;
 use serde_json::Value;
 
 use super::types::{codes, BundleProvenanceV1, DataResponseV1, MetricsV1, ProvenanceV1, WarningV1};
 use super::{flag, json_response, ApiError, ApiState};
+use crate::pdp::decision_log::AskedBy;
 use crate::pdp::elapsed_ns;
 use crate::pdp::engine::DataPath;
 
 type Params = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
+/// The client's address, when the server records it (it does in `msgnode run`).
+type Peer = Option<Extension<ConnectInfo<std::net::SocketAddr>>>;
+
+fn asked_by(peer: Peer) -> AskedBy {
+    AskedBy::http(peer.map(|Extension(ConnectInfo(addr))| addr))
+}
+
 /// `POST /v1/data`: the whole data document.
 pub async fn v1_data_post(
     State(state): State<ApiState>,
+    peer: Peer,
     params: Params,
     body: Body,
 ) -> Result<Response, ApiError> {
-    data(state, "", params, Some(body)).await
+    data(state, "", params, Some(body), asked_by(peer)).await
 }
 
 /// `POST /v1/data/{path}`.
 pub async fn v1_data_post_path(
     State(state): State<ApiState>,
+    peer: Peer,
     Path(path): Path<String>,
     params: Params,
     body: Body,
 ) -> Result<Response, ApiError> {
-    data(state, &path, params, Some(body)).await
+    data(state, &path, params, Some(body), asked_by(peer)).await
 }
 
 /// `GET /v1/data`.
 pub async fn v1_data_get(
     State(state): State<ApiState>,
+    peer: Peer,
     params: Params,
 ) -> Result<Response, ApiError> {
-    data(state, "", params, None).await
+    data(state, "", params, None, asked_by(peer)).await
 }
 
 /// `GET /v1/data/{path}`.
 pub async fn v1_data_get_path(
     State(state): State<ApiState>,
+    peer: Peer,
     Path(path): Path<String>,
     params: Params,
 ) -> Result<Response, ApiError> {
-    data(state, &path, params, None).await
+    data(state, &path, params, None, asked_by(peer)).await
 }
 
 async fn data(
@@ -62,6 +75,7 @@ async fn data(
     path: &str,
     params: Params,
     body: Option<Body>,
+    asked_by: AskedBy,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
     let Query(params) =
@@ -85,7 +99,7 @@ async fn data(
         message: "'input' key missing from the request",
     });
     let pdp = state.pdp.clone();
-    let answer = pdp.query_async(&path, input).await?;
+    let answer = pdp.query_async(&path, input, asked_by).await?;
     let response = DataResponseV1 {
         decision_id: answer.decision_id,
         result: answer.result.as_ref().clone(),
@@ -96,9 +110,10 @@ async fn data(
             counter_decision_cache_hit: u64::from(answer.cache_hit),
         }),
         provenance: flag(&params, "provenance").then(|| ProvenanceV1 {
-            version: env!("CARGO_PKG_VERSION"),
+            version: crate::version::VERSION,
+            revision: crate::version::GIT_COMMIT,
             bundles: BTreeMap::from([(
-                "policies",
+                pdp.bundle_name().to_string(),
                 BundleProvenanceV1 {
                     revision: answer.revision.to_string(),
                 },

@@ -1,10 +1,17 @@
-//! A policy bundle as read from disk: Rego modules, the data document, and its revision.
+//! A policy bundle: Rego modules, the data document, its tests and fixtures, and its revision.
 //!
 //! Layout follows OPA bundles: every `*.rego` file below the root is a module, and every
 //! `data.json` / `data.yaml` / `data.yml` is merged into `data` under the path of its directory
-//! (`policies/config/data.json` → `data.config`). Hidden files and directories are skipped.
-//! The revision is a hash over every file's path and bytes, so equal trees have equal revisions.
-//! Reading does not compile; see `engine::CompiledBundle`.
+//! (`policies/config/data.json` → `data.config`). `*_test.rego` modules and the JSON files of
+//! `fixtures/` are the bundle's own tests: kept beside it, never served. Hidden files and
+//! directories are skipped, except an OPA `.manifest` (its `revision` wins). Without one, the
+//! revision is a hash over every file's path and bytes, so equal trees have equal revisions.
+//! A bundle comes from a directory ([`Bundle::read`]) or an OPA tarball ([`tarball`]);
+//! reading does not compile (see `engine::CompiledBundle`). [`signing`] signs and verifies
+//! tarballs as OPA does.
+
+pub mod signing;
+pub mod tarball;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -68,6 +75,22 @@ pub enum BundleError {
         /// What is wrong.
         message: String,
     },
+    /// A bundle tarball is malformed or too big.
+    #[error("{file}: {message}")]
+    Tarball {
+        /// The tarball.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A signed bundle's signature does not verify, or a signature is required and missing.
+    #[error("{file}: bundle signature refused: {message}")]
+    Signature {
+        /// The tarball.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
     /// Two data files set the same key.
     #[error("{file}: data key {key} is also set by another data file")]
     DataConflict {
@@ -99,49 +122,71 @@ pub struct PolicyModule {
     pub raw: Arc<str>,
 }
 
-/// A bundle read from disk, not yet compiled.
+/// A fixture file of the bundle (`fixtures/*.json`): an input and the decision expected.
 #[derive(Debug, Clone)]
-pub struct Bundle {
-    /// The directory it was read from.
-    pub root: PathBuf,
-    /// Modules, sorted by id.
-    pub modules: Vec<PolicyModule>,
-    /// The merged data document.
-    pub data: Value,
-    /// Hex digest over all files' paths and contents (first 16 hex digits of SHA-256).
-    pub revision: String,
+pub struct FixtureFile {
+    /// Path as shown in test reports.
+    pub path: String,
+    /// The JSON text.
+    pub text: Arc<str>,
 }
 
+/// OPA's `.manifest`: the revision and the data roots the bundle owns.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// The bundle's revision (any string; the content hash when built by msgnode).
+    #[serde(default)]
+    pub revision: String,
+    /// Path prefixes of `data` the bundle owns (`msgnode`, `config`); empty: everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<String>,
+    /// Free-form metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// A bundle read from disk or a tarball, not yet compiled.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Where it was read from (a directory or a tarball), as shown to people.
+    pub source: String,
+    /// Modules that serve, sorted by id (no `*_test.rego`).
+    pub modules: Vec<PolicyModule>,
+    /// The bundle's `*_test.rego` modules, sorted by id.
+    pub tests: Vec<PolicyModule>,
+    /// The bundle's fixtures, sorted by path.
+    pub fixtures: Vec<FixtureFile>,
+    /// The merged data document.
+    pub data: Value,
+    /// The manifest's revision, else a hex digest over all files' paths and contents (first
+    /// 16 hex digits of SHA-256).
+    pub revision: String,
+    /// The `.manifest`, when the bundle has one.
+    pub manifest: Option<Manifest>,
+}
+
+/// Name of OPA's manifest file.
+pub const MANIFEST: &str = ".manifest";
+
 impl Bundle {
-    /// Reads every module and data file below `root`, leaving out `*_test.rego` files: tests
-    /// are not served (see [`Bundle::read_with_tests`]).
+    /// Reads every module, data file, test and fixture below `root`.
     ///
     /// # Errors
     /// A missing directory, an unreadable or non-UTF-8 file, a data file that is not a JSON or
     /// YAML object, two data files setting one key, or no module at all.
     pub fn read(root: &Path) -> Result<Bundle, BundleError> {
-        Self::read_filtered(root, false)
-    }
-
-    /// Reads the bundle including its `*_test.rego` modules, for the policy test runner.
-    ///
-    /// # Errors
-    /// As [`Bundle::read`].
-    pub fn read_with_tests(root: &Path) -> Result<Bundle, BundleError> {
-        Self::read_filtered(root, true)
-    }
-
-    fn read_filtered(root: &Path, with_tests: bool) -> Result<Bundle, BundleError> {
         if !root.is_dir() {
             return Err(BundleError::MissingDir(root.to_path_buf()));
         }
-        let mut hasher = Sha256::new();
-        let mut modules = Vec::new();
-        let mut data = Value::Object(Map::new());
+        let mut files = Vec::new();
         let walker = walkdir::WalkDir::new(root)
             .sort_by_file_name()
             .into_iter()
-            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+            .filter_entry(|e| {
+                e.depth() == 0
+                    || !e.file_name().to_string_lossy().starts_with('.')
+                    || (e.depth() == 1 && e.file_name() == MANIFEST)
+            });
         for entry in walker {
             let entry = entry.map_err(|e| BundleError::Io {
                 file: e
@@ -156,77 +201,164 @@ impl Bundle {
                 continue;
             }
             let path = entry.path();
-            let name = entry.file_name().to_string_lossy();
-            let kind = if name.ends_with("_test.rego") && !with_tests {
-                continue;
-            } else if name.ends_with(".rego") {
-                FileKind::Rego
-            } else if matches!(name.as_ref(), "data.json") {
-                FileKind::Json
-            } else if matches!(name.as_ref(), "data.yaml" | "data.yml") {
-                FileKind::Yaml
-            } else {
-                continue;
-            };
-            let shown = path.display().to_string();
-            let bytes = std::fs::read(path).map_err(|source| BundleError::Io {
-                file: shown.clone(),
-                source,
-            })?;
             let rel = path.strip_prefix(root).unwrap_or(path);
             let id = rel
                 .components()
                 .map(|c| c.as_os_str().to_string_lossy())
                 .collect::<Vec<_>>()
                 .join("/");
-            hasher.update((id.len() as u64).to_le_bytes());
-            hasher.update(id.as_bytes());
-            hasher.update((bytes.len() as u64).to_le_bytes());
-            hasher.update(&bytes);
-            let text = String::from_utf8(bytes).map_err(|_| BundleError::NotUtf8(shown.clone()))?;
+            if FileKind::of(&id).is_none() {
+                continue;
+            }
+            let bytes = std::fs::read(path).map_err(|source| BundleError::Io {
+                file: path.display().to_string(),
+                source,
+            })?;
+            files.push(BundleFile {
+                id,
+                shown: path.display().to_string(),
+                bytes,
+            });
+        }
+        Self::from_files(&root.display().to_string(), files)
+    }
+
+    /// Builds a bundle from its files (`id` relative to the root, `/`-separated), as read from
+    /// a directory or a tarball. Files of no bundle kind are ignored.
+    ///
+    /// # Errors
+    /// As [`Bundle::read`], and a `.manifest` that is not OPA's JSON manifest.
+    pub fn from_files(source: &str, mut files: Vec<BundleFile>) -> Result<Bundle, BundleError> {
+        files.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut hasher = Sha256::new();
+        let mut modules = Vec::new();
+        let mut tests = Vec::new();
+        let mut fixtures = Vec::new();
+        let mut manifest = None;
+        let mut data = Value::Object(Map::new());
+        for file in files {
+            let Some(kind) = FileKind::of(&file.id) else {
+                continue;
+            };
+            hasher.update((file.id.len() as u64).to_le_bytes());
+            hasher.update(file.id.as_bytes());
+            hasher.update((file.bytes.len() as u64).to_le_bytes());
+            hasher.update(&file.bytes);
+            let shown = file.shown;
+            let text =
+                String::from_utf8(file.bytes).map_err(|_| BundleError::NotUtf8(shown.clone()))?;
             match kind {
-                FileKind::Rego => modules.push(PolicyModule {
-                    id,
+                FileKind::Rego | FileKind::Test => {
+                    let module = PolicyModule {
+                        id: file.id,
+                        path: shown,
+                        raw: text.into(),
+                    };
+                    match kind {
+                        FileKind::Test => tests.push(module),
+                        _ => modules.push(module),
+                    }
+                }
+                FileKind::Fixture => fixtures.push(FixtureFile {
                     path: shown,
-                    raw: text.into(),
+                    text: text.into(),
                 }),
+                FileKind::Manifest => {
+                    manifest = Some(serde_json::from_str::<Manifest>(&text).map_err(|e| {
+                        BundleError::Data {
+                            file: shown.clone(),
+                            message: format!("not an OPA manifest: {e}"),
+                        }
+                    })?);
+                }
                 FileKind::Json | FileKind::Yaml => {
                     let doc = parse_data(&text, kind).map_err(|message| BundleError::Data {
                         file: shown.clone(),
                         message,
                     })?;
-                    let prefix: Vec<String> = rel
-                        .parent()
-                        .map(|p| {
-                            p.components()
-                                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let mut prefix: Vec<String> = file.id.split('/').map(str::to_string).collect();
+                    prefix.pop();
                     merge_at(&mut data, &prefix, doc, &shown)?;
                 }
             }
         }
         if modules.is_empty() {
-            return Err(BundleError::Empty(root.to_path_buf()));
+            return Err(BundleError::Empty(PathBuf::from(source)));
         }
-        modules.sort_by(|a, b| a.id.cmp(&b.id));
         let digest = hasher.finalize();
-        let revision = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let revision = match manifest.as_ref().filter(|m| !m.revision.is_empty()) {
+            Some(manifest) => manifest.revision.clone(),
+            None => digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
+        };
         Ok(Bundle {
-            root: root.to_path_buf(),
+            source: source.to_string(),
             modules,
+            tests,
+            fixtures,
             data,
             revision,
+            manifest,
         })
+    }
+
+    /// Whether the bundle carries tests of its own (`*_test.rego` rules or fixtures).
+    pub fn has_tests(&self) -> bool {
+        !self.tests.is_empty() || !self.fixtures.is_empty()
+    }
+
+    /// The same bundle with its test modules compiled in, for the test runner and `check`.
+    pub fn with_tests(&self) -> Bundle {
+        let mut bundle = self.clone();
+        bundle.modules.extend(bundle.tests.iter().cloned());
+        bundle.modules.sort_by(|a, b| a.id.cmp(&b.id));
+        bundle
     }
 }
 
-#[derive(Clone, Copy)]
+/// One file of a bundle, before it is interpreted.
+#[derive(Debug, Clone)]
+pub struct BundleFile {
+    /// Path relative to the bundle root, `/`-separated.
+    pub id: String,
+    /// How it is shown in errors.
+    pub shown: String,
+    /// Its contents.
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum FileKind {
     Rego,
+    Test,
+    Fixture,
+    Manifest,
     Json,
     Yaml,
+}
+
+impl FileKind {
+    /// What a file of the bundle is, by its id; `None` for files a bundle does not use.
+    fn of(id: &str) -> Option<FileKind> {
+        let name = id.rsplit('/').next().unwrap_or(id);
+        if id.split('/').any(|s| s.starts_with('.')) && id != MANIFEST {
+            return None;
+        }
+        Some(if id == MANIFEST {
+            FileKind::Manifest
+        } else if name.ends_with("_test.rego") {
+            FileKind::Test
+        } else if name.ends_with(".rego") {
+            FileKind::Rego
+        } else if id.starts_with("fixtures/") && name.ends_with(".json") {
+            FileKind::Fixture
+        } else if name == "data.json" {
+            FileKind::Json
+        } else if matches!(name, "data.yaml" | "data.yml") {
+            FileKind::Yaml
+        } else {
+            return None;
+        })
+    }
 }
 
 fn parse_data(text: &str, kind: FileKind) -> Result<Value, String> {
@@ -322,18 +454,36 @@ mod tests {
         );
         assert_eq!(bundle.modules.len(), 1);
         assert_eq!(bundle.modules[0].id, "a.rego");
+        assert!(bundle.manifest.is_none());
         std::fs::write(
             dir.path().join("a_test.rego"),
             "package a_test\ntest_x if true\n",
         )
         .expect("write");
-        assert_eq!(Bundle::read(dir.path()).expect("read").modules.len(), 1);
-        assert_eq!(
-            Bundle::read_with_tests(dir.path())
-                .expect("read")
-                .modules
-                .len(),
-            2
+        let bundle = Bundle::read(dir.path()).expect("read");
+        assert_eq!(bundle.modules.len(), 1, "tests are not served");
+        assert_eq!(bundle.tests.len(), 1);
+        assert_eq!(bundle.fixtures.len(), 1, "fixtures/case.json");
+        assert!(bundle.has_tests());
+        assert_eq!(bundle.with_tests().modules.len(), 2);
+    }
+
+    #[test]
+    fn a_manifest_names_the_revision() {
+        let dir = tree(&[
+            ("a.rego", "package a\nx := 1\n"),
+            (".manifest", r#"{"revision": "v42", "roots": ["a"]}"#),
+        ]);
+        let bundle = Bundle::read(dir.path()).expect("read");
+        assert_eq!(bundle.revision, "v42");
+        assert_eq!(bundle.manifest.expect("manifest").roots, vec!["a"]);
+        fs::write(dir.path().join(".manifest"), "[1]").expect("write");
+        let err = Bundle::read(dir.path())
+            .expect_err("bad manifest")
+            .to_string();
+        assert!(
+            err.contains(".manifest: invalid data file: not an OPA manifest"),
+            "{err}"
         );
     }
 
