@@ -556,3 +556,57 @@ async fn clients_over_their_rate_limit_are_told_when_to_retry() {
     assert_eq!(body["code"], "too_many_requests", "{body}");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_revision_whose_tests_fail_never_serves_and_health_names_the_tests() {
+    const TEST: &str =
+        "package t_test\ntest_alice_allowed if data.t.allow with input as {\"user\": \"alice\"}\n";
+    let node = Node::start(
+        &[("policies/t.rego", POLICY), ("policies/t_test.rego", TEST)],
+        |_| {},
+    )
+    .await;
+    let (_, health) = node.get("/health").await;
+    let first = health["revision"].clone();
+    assert!(first.is_string(), "{health}");
+
+    // A data-only edit that breaks the bundle's test, as in the issue: refused.
+    node.policy("t.rego", &POLICY.replace("\"alice\"", "\"mallory\""));
+    eventually(|| async { node.get("/health").await.1["last_load_ok"] == json!(false) }).await;
+    let (status, health) = node.get("/health").await;
+    assert_eq!(status, 200, "the previous revision still serves: {health}");
+    assert_eq!(health["revision"], first, "{health}");
+    assert_eq!(
+        health["failing_tests"],
+        json!(["data.t_test.test_alice_allowed"]),
+        "{health}"
+    );
+    let (_, body) = node
+        .post("/v1/data/t/allow", r#"{"input": {"user": "alice"}}"#)
+        .await;
+    assert_eq!(body["result"], json!(true), "decided by the old revision");
+    let metrics = node.text("/metrics").await;
+    assert!(
+        metrics
+            .contains("msgnode_pdp_bundle_failing_test{test=\"data.t_test.test_alice_allowed\"} 1"),
+        "{metrics}"
+    );
+
+    // The fix passes the gate: the new revision serves and the failures are gone.
+    node.policy("t_test.rego", &TEST.replace("\"alice\"", "\"mallory\""));
+    eventually(|| async { node.get("/health").await.1["last_load_ok"] == json!(true) }).await;
+    let (_, health) = node.get("/health").await;
+    assert_ne!(health["revision"], first);
+    assert!(health.get("failing_tests").is_none(), "{health}");
+    let (_, body) = node
+        .post("/v1/data/t/allow", r#"{"input": {"user": "mallory"}}"#)
+        .await;
+    assert_eq!(body["result"], json!(true));
+    let (status, status_body) = node.get("/v1/status").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        status_body["result"]["bundles"]["policies"]["active_revision"], health["revision"],
+        "{status_body}"
+    );
+    node.stop().await;
+}

@@ -947,6 +947,62 @@ decision := {"allow": allow, "reasons": reasons}
         check(&pdp, json!({"user": "alice"}), true, "");
     }
 
+    const TESTS: &str =
+        "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\n";
+
+    #[test]
+    fn a_revision_whose_tests_fail_is_refused_and_the_previous_keeps_serving() {
+        let (dir, pdp) = pdp_with(&[("t.rego", POLICY), ("t_test.rego", TESTS)]);
+        let first = pdp.reload().expect("tests pass");
+        // An edit that breaks the bundle's own test: refused, named, the old one serves.
+        std::fs::write(
+            dir.path().join("t.rego"),
+            POLICY.replace("\"alice\"", "\"carol\""),
+        )
+        .expect("write");
+        let err = pdp.reload().expect_err("gated");
+        assert!(
+            matches!(&err, LoadError::TestsFailed { failing, .. } if failing == &["data.t_test.test_alice"]),
+            "{err}"
+        );
+        let status = pdp.status();
+        assert_eq!(status.revision.as_deref(), Some(&*first));
+        assert_eq!(status.failing_tests, vec!["data.t_test.test_alice"]);
+        assert!(!status.last_load_ok);
+        check(&pdp, json!({"user": "alice"}), true, "");
+        // Fixing the test lets the revision in, and the failures are forgotten.
+        std::fs::write(
+            dir.path().join("t_test.rego"),
+            TESTS.replace("\"alice\"", "\"carol\""),
+        )
+        .expect("write");
+        let second = pdp.reload().expect("tests pass again");
+        assert_ne!(second, first);
+        assert!(pdp.status().failing_tests.is_empty());
+        check(&pdp, json!({"user": "carol"}), true, "");
+    }
+
+    #[test]
+    fn the_gate_can_be_switched_off_and_a_failing_fixture_counts_too() {
+        let failing_fixture = r#"{"input": {"user": "bob"}, "expect": {"allow": true}}"#;
+        let (dir, pdp) = pdp_with(&[("t.rego", POLICY), ("fixtures/bob.json", failing_fixture)]);
+        let err = pdp.reload().expect_err("a fixture fails");
+        assert!(err.to_string().contains("bob.json"), "{err}");
+        assert!(
+            pdp.active().is_none(),
+            "nothing was serving, nothing serves"
+        );
+        let config = PdpConfig {
+            policies: dir.path().to_path_buf(),
+            schemas: Default::default(),
+            decision: "data.t.decision".into(),
+            reload_requires_tests: Some(false),
+            ..PdpConfig::default()
+        };
+        let ungated = Pdp::builder(&config).build().expect("build");
+        ungated.reload().expect("not gated");
+    }
+
     #[test]
     fn cache_hits_until_the_revision_changes() {
         let (dir, pdp) = pdp_with(&[("t.rego", POLICY)]);
