@@ -21,6 +21,7 @@ pub struct Backoff {
     builder: ExponentialBuilder,
     delays: ExponentialBackoff,
     max: Duration,
+    failing: bool,
 }
 
 impl Backoff {
@@ -31,7 +32,24 @@ impl Backoff {
             delays: builder.build(),
             builder,
             max,
+            failing: false,
         }
+    }
+
+    /// After a failure: how long to wait, and whether it is the first failure since the
+    /// last success (log that one loudly, the repeats quietly).
+    pub fn failure(&mut self) -> (Duration, bool) {
+        let first = !self.failing;
+        self.failing = true;
+        (self.next_delay(), first)
+    }
+
+    /// After a success: starts over; whether it ended a run of failures (worth saying).
+    pub fn success(&mut self) -> bool {
+        let recovered = self.failing;
+        self.failing = false;
+        self.reset();
+        recovered
     }
 
     /// How long to wait before the next attempt.
@@ -60,5 +78,15 @@ mod tests {
         assert!(delays[7] >= max, "{delays:?}");
         backoff.reset();
         assert!(backoff.next_delay() <= min * 2);
+    }
+
+    #[test]
+    fn the_first_failure_and_the_recovery_are_told_apart() {
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(4));
+        assert!(!backoff.success(), "nothing to recover from");
+        assert!(backoff.failure().1, "first failure");
+        assert!(!backoff.failure().1, "a repeat");
+        assert!(backoff.success(), "recovered");
+        assert!(backoff.failure().1, "first again");
     }
 }

@@ -40,9 +40,14 @@ async fn serve(app: Router) -> String {
 struct Served {
     bundle: Mutex<(Vec<u8>, String)>,
     not_modified: AtomicUsize,
+    /// `Prefer` headers seen (long polling).
+    prefer: Mutex<Vec<String>>,
 }
 
 async fn bundle_get(State(served): State<Arc<Served>>, headers: HeaderMap) -> Response {
+    if let Some(prefer) = headers.get("prefer").and_then(|v| v.to_str().ok()) {
+        served.prefer.lock().expect("lock").push(prefer.to_string());
+    }
     let (bytes, etag) = served.bundle.lock().expect("lock").clone();
     if headers
         .get("if-none-match")
@@ -109,8 +114,9 @@ fn keypair(dir: &Path, name: &str, alg: &str) -> (PathBuf, PathBuf) {
     let ok = Command::new("openssl")
         .args(genpkey)
         .args(["-out", path(&private)])
-        .status()
+        .output()
         .expect("openssl")
+        .status
         .success()
         && Command::new("openssl")
             .args([
@@ -121,8 +127,9 @@ fn keypair(dir: &Path, name: &str, alg: &str) -> (PathBuf, PathBuf) {
                 "-out",
                 path(&public),
             ])
-            .status()
+            .output()
             .expect("openssl")
+            .status
             .success();
     assert!(ok, "openssl could not make a {alg} key");
     (private, public)
@@ -272,19 +279,25 @@ async fn rs256_signed_bundles_verify_and_a_missing_bundle_is_not_ready() {
     )
     .await;
     let http = reqwest::Client::new();
-    let node = start(node_config(
-        dir.path(),
-        &format!("{url}/b.tar.gz"),
-        &public,
-        "RS256",
-    ))
-    .await
-    .expect("start");
+    let mut config = node_config(dir.path(), &format!("{url}/b.tar.gz"), &public, "RS256");
+    if let Some(bundle) = config.pdp.bundle.as_mut() {
+        bundle.long_polling_timeout = Some(Duration::from_secs(2));
+    }
+    let node = start(config).await.expect("start");
     eventually("RS256 bundle active", || async {
         fetch(&http, &node, "/health?bundles").await.0 == 200
     })
     .await;
     assert!(allowed(&http, &node, "dave").await);
+    assert!(
+        served
+            .prefer
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|p| p == "wait=2"),
+        "long polling asks the server to wait"
+    );
     node.stop().await;
 
     // Nothing on disk, nothing at the URL: not ready, with the reason.

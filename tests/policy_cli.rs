@@ -536,21 +536,22 @@ fn policy_build_writes_an_opa_bundle_and_signs_it() {
     ]);
     let p = dir.path().join("p");
     let out = dir.path().join("b.tar.gz");
-    let output = msgnode(&[
-        "policy",
-        "build",
-        p.to_str().expect("utf8"),
-        "-o",
-        out.to_str().expect("utf8"),
-        "--revision",
-        "v1",
-    ]);
+    let build = |extra: &[&str]| {
+        let mut args = vec!["policy", "build", p.to_str().expect("utf8"), "-o"];
+        args.push(out.to_str().expect("utf8"));
+        args.extend_from_slice(extra);
+        msgnode(&args)
+    };
+    let listing = || {
+        let listed = Command::new("tar")
+            .args(["-tzf", out.to_str().expect("utf8")])
+            .output()
+            .expect("tar");
+        String::from_utf8_lossy(&listed.stdout).into_owned()
+    };
+    let output = build(&["--revision", "v1"]);
     assert!(output.status.success(), "{}", text(&output));
-    let listing = Command::new("tar")
-        .args(["-tzf", out.to_str().expect("utf8")])
-        .output()
-        .expect("tar");
-    let names = String::from_utf8_lossy(&listing.stdout);
+    let names = listing();
     for name in [".manifest", "t.rego", "t_test.rego", "data.json"] {
         assert!(
             names.lines().any(|l| l.trim_start_matches('/') == name),
@@ -558,43 +559,16 @@ fn policy_build_writes_an_opa_bundle_and_signs_it() {
         );
     }
     let key = dir.path().join("key.pem");
+    let key = key.to_str().expect("utf8");
     let generated = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "ed25519",
-            "-out",
-            key.to_str().expect("utf8"),
-        ])
+        .args(["genpkey", "-algorithm", "ed25519", "-out", key])
         .output()
         .expect("openssl");
     assert!(generated.status.success());
-    let output = msgnode(&[
-        "policy",
-        "build",
-        p.to_str().expect("utf8"),
-        "-o",
-        out.to_str().expect("utf8"),
-        "--signing-key",
-        key.to_str().expect("utf8"),
-        "--key-id",
-        "k1",
-    ]);
+    let output = build(&["--signing-key", key, "--key-id", "k1"]);
     assert!(output.status.success(), "{}", text(&output));
-    let listing = Command::new("tar")
-        .args(["-tzf", out.to_str().expect("utf8")])
-        .output()
-        .expect("tar");
-    assert!(String::from_utf8_lossy(&listing.stdout).contains(".signatures.json"));
-    let output = msgnode(&[
-        "policy",
-        "build",
-        p.to_str().expect("utf8"),
-        "-o",
-        out.to_str().expect("utf8"),
-        "--signing-key",
-        "/nonexistent.pem",
-    ]);
+    assert!(listing().contains(".signatures.json"));
+    let output = build(&["--signing-key", "/nonexistent.pem"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(
         text(&output).contains("/nonexistent.pem"),

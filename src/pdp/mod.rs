@@ -1004,6 +1004,53 @@ decision := {"allow": allow, "reasons": reasons}
     }
 
     #[test]
+    fn each_record_names_the_enforcement_point_that_asked() {
+        #[derive(Default)]
+        struct Capture(Mutex<Vec<DecisionRecord>>);
+        impl DecisionSink for Capture {
+            fn log(&self, record: DecisionRecord) {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(record);
+            }
+        }
+        let dir = test_tree(&[("t.rego", POLICY)]);
+        let config = PdpConfig {
+            policies: dir.path().to_path_buf(),
+            schemas: Default::default(),
+            decision: "data.t.decision".into(),
+            ..PdpConfig::default()
+        };
+        let capture = Arc::new(Capture::default());
+        let pdp = Pdp::builder(&config)
+            .sink(capture.clone())
+            .id(Some("replica-a".into()))
+            .build()
+            .expect("build");
+        pdp.reload().expect("load");
+        for point in [
+            EnforcementPoint::Proxy,
+            EnforcementPoint::Appservice,
+            EnforcementPoint::Bus,
+            EnforcementPoint::PolicyServer,
+        ] {
+            pdp.decide(json!({"user": "alice"}), point);
+        }
+        let records = capture.0.lock().expect("lock");
+        let asked: Vec<String> = records.iter().map(|r| r.requested_by.clone()).collect();
+        assert_eq!(asked, ["proxy", "appservice", "bus", "policy_server"]);
+        let first = serde_json::to_value(&records[0]).expect("json");
+        assert_eq!(first["enforcement_point"], "proxy");
+        assert_eq!(first["path"], "t/decision");
+        assert_eq!(first["labels"]["id"], "replica-a");
+        assert_eq!(
+            first["bundles"]["policies"]["revision"].as_str(),
+            pdp.status().revision.as_deref()
+        );
+    }
+
+    #[test]
     fn cache_hits_until_the_revision_changes() {
         let (dir, pdp) = pdp_with(&[("t.rego", POLICY)]);
         pdp.reload().expect("load");

@@ -23,7 +23,6 @@ const MISSING_DIR_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Runs until `shutdown` is cancelled. Spawn it on a tracked task.
 pub async fn watch(pdp: Pdp, dir: PathBuf, debounce: Duration, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_secs(1), MISSING_DIR_RETRY_MAX);
-    let mut missing = false;
     loop {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let debouncer = new_debouncer(debounce, move |result: DebounceEventResult| {
@@ -43,16 +42,15 @@ pub async fn watch(pdp: Pdp, dir: PathBuf, debounce: Duration, shutdown: Cancell
             .watcher()
             .watch(&dir, notify::RecursiveMode::Recursive)
         {
-            let delay = backoff.next_delay();
-            match missing {
-                false => {
+            let (delay, first) = backoff.failure();
+            match first {
+                true => {
                     tracing::warn!(dir = %dir.display(), %error, "cannot watch the policy directory; looking for it again with backoff")
                 }
-                true => {
+                false => {
                     tracing::debug!(dir = %dir.display(), %error, retry_in = ?delay, "policy directory still missing")
                 }
             }
-            missing = true;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -62,12 +60,10 @@ pub async fn watch(pdp: Pdp, dir: PathBuf, debounce: Duration, shutdown: Cancell
             }
             continue;
         }
-        if missing {
+        if backoff.success() {
             tracing::info!(dir = %dir.display(), "policy directory found; watching it");
             reload(&pdp).await;
         }
-        missing = false;
-        backoff.reset();
         tracing::debug!(dir = %dir.display(), "watching policy directory");
         loop {
             tokio::select! {

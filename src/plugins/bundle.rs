@@ -85,12 +85,7 @@ pub async fn start(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Puller, PluginError> {
-    if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
-        return Err(PluginError::Config(format!(
-            "[pdp.bundle] url {:?} must be an http:// or https:// URL",
-            config.url
-        )));
-    }
+    super::require_http_url("[pdp.bundle] url", &config.url)?;
     let key = match &config.verification {
         None => None,
         Some(verification) => {
@@ -183,7 +178,6 @@ impl Plugin {
             config.min_delay.min(Duration::from_secs(1)),
             config.max_delay.max(config.min_delay),
         );
-        let mut failing = false;
         loop {
             self.status(|s| s.last_request = Some(SystemTime::now()));
             let polled = tokio::select! {
@@ -192,7 +186,9 @@ impl Plugin {
             };
             let wait = match polled {
                 Ok((answer, held)) => {
-                    backoff.reset();
+                    if backoff.success() {
+                        tracing::info!(bundle = %config.name, "bundle server answering again");
+                    }
                     let outcome = match answer {
                         Polled::NotModified => Ok(None),
                         Polled::Bundle { bytes, etag: new } => {
@@ -212,10 +208,6 @@ impl Plugin {
                                 etag = new;
                                 tracing::info!(bundle = %config.name, %revision, "bundle downloaded and activated");
                             }
-                            if failing {
-                                tracing::info!(bundle = %config.name, "bundle server answering again");
-                            }
-                            failing = false;
                             self.status(|s| {
                                 s.code = None;
                                 s.message = None;
@@ -233,16 +225,15 @@ impl Plugin {
                     }
                 }
                 Err(error) => {
-                    let delay = backoff.next_delay();
-                    match failing {
-                        false => {
+                    let (delay, first) = backoff.failure();
+                    match first {
+                        true => {
                             tracing::warn!(bundle = %config.name, %error, retry_in = ?delay, "bundle download failed; retrying with backoff")
                         }
-                        true => {
+                        false => {
                             tracing::debug!(bundle = %config.name, %error, retry_in = ?delay, "bundle download failed again")
                         }
                     }
-                    failing = true;
                     self.failed(&error);
                     delay
                 }

@@ -105,12 +105,7 @@ pub fn start(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<UploadSink, PluginError> {
-    if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
-        return Err(PluginError::Config(format!(
-            "[pdp.decision_log.upload] url {:?} must be an http:// or https:// URL",
-            config.url
-        )));
-    }
+    super::require_http_url("[pdp.decision_log.upload] url", &config.url)?;
     let client = reqwest::Client::builder()
         .connect_timeout(config.timeout)
         .timeout(config.timeout)
@@ -148,7 +143,6 @@ impl Uploader {
     async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut batch: Vec<DecisionRecord> = Vec::new();
-        let mut failing = false;
         loop {
             let stopping = shutdown.is_cancelled() || self.shared.closed.is_cancelled();
             if batch.is_empty() {
@@ -170,10 +164,8 @@ impl Uploader {
                 Ok(()) => {
                     self.shared.metrics.uploaded.inc_by(batch.len() as u64);
                     batch.clear();
-                    backoff.reset();
-                    if failing {
+                    if backoff.success() {
                         tracing::info!(url = %self.url, "decision-log upload works again");
-                        failing = false;
                     }
                 }
                 Err(error) => {
@@ -184,16 +176,15 @@ impl Uploader {
                         tracing::error!(url = %self.url, %error, lost, "decision-log upload failed at shutdown; records given up");
                         return;
                     }
-                    let delay = backoff.next_delay();
-                    match failing {
-                        false => {
+                    let (delay, first) = backoff.failure();
+                    match first {
+                        true => {
                             tracing::warn!(url = %self.url, %error, retry_in = ?delay, "decision-log upload failed; retrying")
                         }
-                        true => {
+                        false => {
                             tracing::debug!(url = %self.url, %error, retry_in = ?delay, "decision-log upload failed again")
                         }
                     }
-                    failing = true;
                     tokio::select! {
                         () = shutdown.cancelled() => {}
                         () = self.shared.closed.cancelled() => {}

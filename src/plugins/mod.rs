@@ -20,3 +20,13 @@ pub enum PluginError {
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
 }
+
+/// `url` (the setting `key`) must be an `http://` or `https://` URL.
+fn require_http_url(key: &str, url: &str) -> Result<(), PluginError> {
+    match url.starts_with("http://") || url.starts_with("https://") {
+        true => Ok(()),
+        false => Err(PluginError::Config(format!(
+            "{key} {url:?} must be an http:// or https:// URL"
+        ))),
+    }
+}

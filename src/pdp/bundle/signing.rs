@@ -74,6 +74,24 @@ fn key_error(
     }
 }
 
+/// The kinds of key the algorithms take.
+enum Family {
+    Ed,
+    Rsa,
+    Ec,
+    Secret,
+}
+
+fn family(alg: Algorithm) -> Family {
+    use Algorithm::*;
+    match alg {
+        EdDSA => Family::Ed,
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Family::Rsa,
+        ES256 | ES384 => Family::Ec,
+        HS256 | HS384 | HS512 => Family::Secret,
+    }
+}
+
 impl SigningKey {
     /// A signing key from a PEM private key (or the secret, for `HS*`); `file` names it in errors.
     ///
@@ -85,12 +103,11 @@ impl SigningKey {
         file: &str,
         key_id: Option<String>,
     ) -> Result<Self, SignatureError> {
-        use Algorithm::*;
-        let key = match alg {
-            EdDSA => EncodingKey::from_ed_pem(pem),
-            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => EncodingKey::from_rsa_pem(pem),
-            ES256 | ES384 => EncodingKey::from_ec_pem(pem),
-            HS256 | HS384 | HS512 => Ok(EncodingKey::from_secret(pem)),
+        let key = match family(alg) {
+            Family::Ed => EncodingKey::from_ed_pem(pem),
+            Family::Rsa => EncodingKey::from_rsa_pem(pem),
+            Family::Ec => EncodingKey::from_ec_pem(pem),
+            Family::Secret => Ok(EncodingKey::from_secret(pem)),
         }
         .map_err(key_error(file, alg))?;
         Ok(Self { alg, key, key_id })
@@ -133,12 +150,11 @@ impl VerificationKey {
         key_id: Option<String>,
         scope: Option<String>,
     ) -> Result<Self, SignatureError> {
-        use Algorithm::*;
-        let key = match alg {
-            EdDSA => DecodingKey::from_ed_pem(pem),
-            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => DecodingKey::from_rsa_pem(pem),
-            ES256 | ES384 => DecodingKey::from_ec_pem(pem),
-            HS256 | HS384 | HS512 => Ok(DecodingKey::from_secret(pem)),
+        let key = match family(alg) {
+            Family::Ed => DecodingKey::from_ed_pem(pem),
+            Family::Rsa => DecodingKey::from_rsa_pem(pem),
+            Family::Ec => DecodingKey::from_ec_pem(pem),
+            Family::Secret => Ok(DecodingKey::from_secret(pem)),
         }
         .map_err(key_error(file, alg))?;
         Ok(Self {
