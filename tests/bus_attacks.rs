@@ -414,7 +414,9 @@ async fn a_children_subscription_diverts_nothing() {
     data["subscription"]["consent"][&object] = json!(["runtime://localhost/mallory-rt"]);
     std::fs::write(&path, data.to_string()).expect("write");
     let pdp = running.pdp.clone();
-    common::eventually("the consent is active", Duration::from_secs(10), || {
+    // A reload runs the bundle's ~170 tests first (the reload gate): slow in a debug build
+    // while the other tests of this binary load both cores.
+    common::eventually("the consent is active", Duration::from_secs(30), || {
         let (pdp, revision) = (pdp.clone(), revision.clone());
         async move { pdp.active().is_some_and(|a| *a.revision != *revision) }
     })

@@ -351,10 +351,12 @@ impl Pdp {
     /// The bundle does not compile, or its tests fail; nothing changed.
     pub fn load(&self, bundle: Bundle) -> Result<Arc<str>, LoadError> {
         let gate = self.inner.requires_tests.unwrap_or(bundle.has_tests());
+        let started = Instant::now();
         let tested = match gate {
             true => self.run_gate(&bundle),
             false => Ok(()),
         };
+        let tests_ms = started.elapsed().as_millis();
         let loaded = tested.and_then(|()| {
             CompiledBundle::compile(bundle, self.inner.eval_timeout)
                 .map(|b| b.with_fast_path(&self.inner.decision_path, self.inner.max_instructions))
@@ -386,7 +388,7 @@ impl Pdp {
             let source = bundle.bundle().source.clone();
             self.activate(bundle, Arc::clone(&revision));
             status.activated_at = status.last_attempt_at;
-            tracing::info!(%revision, %source, tests_gate = gate, "policy bundle activated");
+            tracing::info!(%revision, %source, tests_gate = gate, tests_ms, "policy bundle activated");
         }
         status.revision = Some(revision.to_string());
         status.last_load_ok = true;
