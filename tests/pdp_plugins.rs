@@ -384,7 +384,7 @@ fn upload_config(dir: &Path, url: &str, max_buffer: usize) -> Config {
     config.pdp.policies = dir.join("policies");
     config.pdp.schemas.clear();
     config.pdp.decision = "data.t.decision".into();
-    config.pdp.decision_log.output = "none".into();
+    config.pdp.decision_log.output = "off".into();
     config
         .pdp
         .decision_log

@@ -3,7 +3,8 @@
 //! [`UploadSink`] is a `DecisionSink`: the PDP hands it every record and it only appends to
 //! a bounded buffer (`max_buffer`; past it the oldest records are dropped and counted), so
 //! decisions never wait on the network. One task takes up to `max_batch` records at a time —
-//! when the batch is full or `flush_interval` has passed — masks them, and POSTs them as a
+//! when the batch is full or `flush_interval` has passed — masks them (and cuts huge fields
+//! short, as the log file does), and POSTs them as a
 //! gzip-compressed JSON array (`Content-Encoding: gzip`). A failed upload is retried with
 //! backoff and the batch is kept; at shutdown (or when SIGHUP replaces the sink) what is
 //! buffered is sent once more, then given up and counted.
@@ -22,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use super::PluginError;
 use crate::config::DecisionUploadConfig;
-use crate::pdp::decision_log::{DecisionRecord, DecisionSink, Mask};
+use crate::pdp::decision_log::{cut_short, DecisionRecord, DecisionSink, Mask};
 use crate::retry::Backoff;
 
 /// Counters of the uploader, registered once and shared by every sink SIGHUP makes.
@@ -211,6 +212,9 @@ impl Uploader {
         drop(buffer);
         for record in &mut batch {
             self.mask.apply(record);
+            if let Some(input) = record.input.as_mut() {
+                cut_short(input);
+            }
         }
         batch
     }
