@@ -508,25 +508,30 @@ impl Pdp {
         input: Option<Value>,
         asked_by: &AskedBy,
     ) -> Result<Answer, PdpError> {
-        if let Some(input) = &input {
-            if let Err(violation) = self.inner.schemas.validate_for_path(path.segments(), input) {
-                let error = PdpError::Schema(violation);
-                let id = uuid::Uuid::new_v4().to_string();
-                self.record(
-                    &id,
-                    path,
-                    Some(input.clone()),
-                    Err(&error),
-                    None,
-                    0,
-                    false,
-                    asked_by,
-                );
-                return Err(error);
-            }
-        }
+        self.check_schema(path, input.as_ref(), asked_by)?;
         let query: Arc<str> = Arc::from(path.as_query());
         self.query_unchecked(&query, path, input, None, asked_by)
+    }
+
+    /// Validates `input` against the schema bound to `path`; a violation is logged as a
+    /// decision (with its error) and returned.
+    fn check_schema(
+        &self,
+        path: &DataPath,
+        input: Option<&Value>,
+        asked_by: &AskedBy,
+    ) -> Result<(), PdpError> {
+        let Some(input) = input else {
+            return Ok(());
+        };
+        let Err(violation) = self.inner.schemas.validate_for_path(path.segments(), input) else {
+            return Ok(());
+        };
+        let error = PdpError::Schema(violation);
+        let id = uuid::Uuid::new_v4().to_string();
+        let input = Some(input.clone());
+        self.record(&id, path, input, Err(&error), None, 0, false, asked_by);
+        Err(error)
     }
 
     /// [`Pdp::query`] on the evaluation pool, unless the cache holds the answer (answered
@@ -540,23 +545,7 @@ impl Pdp {
         input: Option<Value>,
         asked_by: AskedBy,
     ) -> Result<Answer, PdpError> {
-        if let Some(input) = &input {
-            if let Err(violation) = self.inner.schemas.validate_for_path(path.segments(), input) {
-                let error = PdpError::Schema(violation);
-                let id = uuid::Uuid::new_v4().to_string();
-                self.record(
-                    &id,
-                    path,
-                    Some(input.clone()),
-                    Err(&error),
-                    None,
-                    0,
-                    false,
-                    &asked_by,
-                );
-                return Err(error);
-            }
-        }
+        self.check_schema(path, input.as_ref(), &asked_by)?;
         let query: Arc<str> = Arc::from(path.as_query());
         let key = self.cached_key(&query, input.as_ref());
         if key.as_ref().is_some_and(|(_, hit)| *hit) {
