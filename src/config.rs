@@ -316,6 +316,11 @@ pub struct DecisionLogConfig {
     /// default masks message values, Matrix event content, and identity assertions and
     /// tokens (`body.idToken`, `body.assertion`, `body.accessToken`, `body.identity.*`).
     pub mask: Vec<String>,
+    /// Key names masked wherever they are in the input, case-insensitively; `*` matches any
+    /// run of characters. The default masks tokens, assertions, passwords, secrets and
+    /// credentials of any spelling, `auth` and `interworking` (reTHINK's access tokens of
+    /// other domains).
+    pub mask_keys: Vec<String>,
     /// Labels of every record (OPA's `labels`); `id` defaults to a random id per start (or
     /// the `[bus] replica` name) and `version` to msgnode's.
     pub labels: BTreeMap<String, String>,
@@ -370,6 +375,17 @@ impl Default for DecisionLogConfig {
                 "message.body.identity.assertion",
                 "message.body.identity.idToken",
                 "matrix.content",
+            ]
+            .map(str::to_string)
+            .to_vec(),
+            mask_keys: [
+                "*token*",
+                "*assertion*",
+                "*password*",
+                "*secret*",
+                "*credential*",
+                "auth",
+                "interworking",
             ]
             .map(str::to_string)
             .to_vec(),

@@ -29,7 +29,9 @@ use crate::cli::RunArgs;
 use crate::config::{Config, DecisionLogConfig, JournalConfig, LogFormat};
 use crate::matrix::{self, Actor, Homeserver};
 use crate::pdp::api::{self, ApiState};
-use crate::pdp::decision_log::{DecisionSink, JsonLinesSink, NullSink, SwappableSink, Tee};
+use crate::pdp::decision_log::{
+    DecisionSink, JsonLinesSink, Mask, NullSink, Redacted, SwappableSink, Tee,
+};
 use crate::pdp::{watcher, Pdp};
 use crate::pep::appservice::{Appservice, PeerEvents};
 use crate::pep::{self, proxy::PepState};
@@ -141,20 +143,16 @@ impl DecisionLogs {
         }
         let mut sinks: Vec<Arc<dyn DecisionSink>> = Vec::new();
         if !crate::pdp::decision_log::is_off(&config.output) {
-            let lines = JsonLinesSink::open(&config.output, &config.mask, self.dropped.clone())?;
+            let lines = JsonLinesSink::open(&config.output, self.dropped.clone())?;
             sinks.push(Arc::new(lines));
         }
         if let Some(upload) = &config.upload {
-            let uploader = decision_logs::start(
-                upload,
-                &config.mask,
-                self.upload.clone(),
-                shutdown.child_token(),
-                tracker,
-            )?;
+            let uploader =
+                decision_logs::start(upload, self.upload.clone(), shutdown.child_token(), tracker)?;
             sinks.push(Arc::new(uploader));
         }
-        self.sink.replace(Box::new(Tee(sinks)));
+        let mask = Mask::new(&config.mask, &config.mask_keys);
+        self.sink.replace(Box::new(Redacted::new(mask, Tee(sinks))));
         Ok(())
     }
 }

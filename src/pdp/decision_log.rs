@@ -18,7 +18,8 @@
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -214,15 +215,21 @@ impl DecisionSink for SwappableSink {
     }
 }
 
-/// Input fields to mask, compiled once.
+/// Input fields to mask, compiled once: exact paths, and key names anywhere in the input.
 #[derive(Debug, Clone, Default)]
-pub struct Mask(Vec<String>);
+pub struct Mask {
+    /// JSON pointers below the input.
+    pointers: Vec<String>,
+    /// Lower-case key-name patterns, `*` matching any run of characters.
+    keys: Vec<String>,
+}
 
 impl Mask {
-    /// Dotted paths below `input` (`message.body.value`; a leading `input.` is allowed).
-    pub fn new(paths: &[String]) -> Self {
-        Self(
-            paths
+    /// Dotted `paths` below `input` (`message.body.value`; a leading `input.` is allowed) and
+    /// key-name patterns `keys` matched anywhere, case-insensitively (`*token*`).
+    pub fn new(paths: &[String], keys: &[String]) -> Self {
+        Self {
+            pointers: paths
                 .iter()
                 .map(|m| {
                     m.trim_start_matches("input.")
@@ -231,31 +238,121 @@ impl Mask {
                         .collect()
                 })
                 .collect(),
-        )
+            keys: keys.iter().map(|k| k.to_lowercase()).collect(),
+        }
     }
 
-    /// Replaces each masked path that is present in the record's input.
+    /// Replaces each masked path that is present in the record's input, then every value
+    /// under a key whose name matches, wherever it is.
     pub fn apply(&self, record: &mut DecisionRecord) {
         let Some(input) = record.input.as_mut() else {
             return;
         };
-        for pointer in &self.0 {
+        for pointer in &self.pointers {
             if let Some(node) = input.pointer_mut(pointer) {
-                *node = Value::String(MASKED.to_string());
-                record.erased.push(format!("/input{pointer}"));
+                if node.as_str() != Some(MASKED) {
+                    *node = Value::String(MASKED.to_string());
+                    record.erased.push(format!("/input{pointer}"));
+                }
             }
+        }
+        if !self.keys.is_empty() {
+            let mut at = String::from("/input");
+            self.mask_keys(input, &mut at, &mut record.erased);
+        }
+    }
+
+    fn mask_keys(&self, value: &mut Value, at: &mut String, erased: &mut Vec<String>) {
+        let len = at.len();
+        match value {
+            Value::Object(members) => {
+                for (key, member) in members.iter_mut() {
+                    at.push('/');
+                    at.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                    let lower = key.to_lowercase();
+                    if self.keys.iter().any(|k| glob(k, &lower)) {
+                        if member.as_str() != Some(MASKED) {
+                            *member = Value::String(MASKED.to_string());
+                            erased.push(at.clone());
+                        }
+                    } else {
+                        self.mask_keys(member, at, erased);
+                    }
+                    at.truncate(len);
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    at.push('/');
+                    at.push_str(&i.to_string());
+                    self.mask_keys(item, at, erased);
+                    at.truncate(len);
+                }
+            }
+            _ => {}
         }
     }
 }
 
-/// Writes JSON lines to a writer on a thread of its own.
+/// Whether `text` matches `pattern`, where `*` matches any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// Masks and cuts every record short once, before any sink (file, upload, console) sees it,
+/// on the thread that made the decision: no sink queues more than the cut record.
+pub struct Redacted<S> {
+    mask: Mask,
+    inner: S,
+}
+
+impl<S: DecisionSink> Redacted<S> {
+    /// `inner`, given records masked with `mask` and cut short.
+    pub fn new(mask: Mask, inner: S) -> Self {
+        Self { mask, inner }
+    }
+}
+
+impl<S: DecisionSink> DecisionSink for Redacted<S> {
+    fn log(&self, mut record: DecisionRecord) {
+        self.mask.apply(&mut record);
+        if let Some(input) = record.input.as_mut() {
+            cut_short(input);
+        }
+        self.inner.log(record);
+    }
+    fn enabled(&self) -> bool {
+        self.inner.enabled()
+    }
+}
+
+/// Writes JSON lines to a writer on a thread of its own. Records are serialised by the
+/// caller and queued as lines, bounded in count and in bytes.
 pub struct JsonLinesSink {
-    queue: SyncSender<DecisionRecord>,
+    queue: SyncSender<Vec<u8>>,
+    queued_bytes: Arc<AtomicUsize>,
     dropped: Counter,
 }
 
 /// Records that may wait for the writer before new ones are dropped.
 const QUEUE_LEN: usize = 64 * 1024;
+/// Bytes that may wait for the writer before new records are dropped.
+pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The value masked fields are replaced with.
 pub const MASKED: &str = "**REDACTED**";
@@ -265,31 +362,32 @@ pub const MAX_FIELD_BYTES: usize = 4096;
 pub const MAX_ITEMS: usize = 100;
 
 impl JsonLinesSink {
-    /// Starts the writer thread over `out`, masking the dotted `mask` paths of each input;
-    /// records that do not fit the queue are counted in `dropped`.
+    /// Starts the writer thread over `out`; records that do not fit the queue are counted in
+    /// `dropped`.
     ///
     /// # Errors
     /// The thread could not be spawned.
-    pub fn spawn(
-        out: Box<dyn Write + Send>,
-        mask: &[String],
-        dropped: Counter,
-    ) -> std::io::Result<Self> {
+    pub fn spawn(out: Box<dyn Write + Send>, dropped: Counter) -> std::io::Result<Self> {
         let (queue, rx) = sync_channel(QUEUE_LEN);
-        let mask = Mask::new(mask);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let written = Arc::clone(&queued_bytes);
         std::thread::Builder::new()
             .name("decision-log".to_string())
-            .spawn(move || write_loop(rx, out, &mask))?;
-        Ok(Self { queue, dropped })
+            .spawn(move || write_loop(rx, out, &written))?;
+        Ok(Self {
+            queue,
+            queued_bytes,
+            dropped,
+        })
     }
 
     /// Opens `output` (`stdout`, `stderr`, or a file path — with a `/` or an extension —
-    /// appended to, created readable by its owner only) and starts the writer. (`off` is no
-    /// sink at all: see [`is_off`].)
+    /// appended to, created readable by its owner only, and made so if it was not) and starts
+    /// the writer. (`off` is no sink at all: see [`is_off`].)
     ///
     /// # Errors
     /// An output that is none of these, or a file that cannot be opened.
-    pub fn open(output: &str, mask: &[String], dropped: Counter) -> std::io::Result<Self> {
+    pub fn open(output: &str, dropped: Counter) -> std::io::Result<Self> {
         let out: Box<dyn Write + Send> = match output {
             "stdout" | "-" => Box::new(std::io::stdout()),
             "stderr" => Box::new(std::io::stderr()),
@@ -298,9 +396,18 @@ impl JsonLinesSink {
                 options.create(true).append(true);
                 #[cfg(unix)]
                 std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                Box::new(options.open(path).map_err(|e| {
+                let file = options.open(path).map_err(|e| {
                     std::io::Error::new(e.kind(), format!("decision log {path}: {e}"))
-                })?)
+                })?;
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| {
+                            std::io::Error::new(e.kind(), format!("decision log {path}: {e}"))
+                        })?;
+                }
+                Box::new(file)
             }
             other => {
                 return Err(std::io::Error::new(
@@ -309,17 +416,26 @@ impl JsonLinesSink {
                 ))
             }
         };
-        Self::spawn(out, mask, dropped)
+        Self::spawn(out, dropped)
     }
 }
 
 impl DecisionSink for JsonLinesSink {
     fn log(&self, record: DecisionRecord) {
-        match self.queue.try_send(record) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
-            }
+        let Ok(mut line) = serde_json::to_vec(&record) else {
+            self.dropped.inc();
+            return;
+        };
+        line.push(b'\n');
+        let len = line.len();
+        if self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.dropped.inc();
+            return;
+        }
+        if self.queue.try_send(line).is_err() {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.dropped.inc();
         }
     }
 }
@@ -329,19 +445,16 @@ pub fn is_off(output: &str) -> bool {
     output.eq_ignore_ascii_case("off")
 }
 
-fn write_loop(rx: Receiver<DecisionRecord>, out: Box<dyn Write + Send>, mask: &Mask) {
+fn write_loop(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, queued: &AtomicUsize) {
     let mut out = BufWriter::new(out);
-    while let Ok(mut record) = rx.recv() {
+    while let Ok(mut line) = rx.recv() {
         loop {
-            mask.apply(&mut record);
-            if let Some(input) = record.input.as_mut() {
-                cut_short(input);
-            }
-            if serde_json::to_writer(&mut out, &record).is_err() || out.write_all(b"\n").is_err() {
+            if out.write_all(&line).is_err() {
                 tracing::warn!("decision log: write failed");
             }
+            queued.fetch_sub(line.len(), Ordering::AcqRel);
             match rx.try_recv() {
-                Ok(next) => record = next,
+                Ok(next) => line = next,
                 Err(_) => break,
             }
         }
@@ -422,12 +535,10 @@ mod tests {
     #[test]
     fn lines_are_json_with_masked_fields() {
         let buf = Shared::default();
-        let sink = JsonLinesSink::spawn(
-            Box::new(buf.clone()),
-            &["message.body.value".into(), "input.absent".into()],
-            Counter::default(),
-        )
-        .expect("spawn");
+        let sink = Redacted::new(
+            Mask::new(&["message.body.value".into(), "input.absent".into()], &[]),
+            JsonLinesSink::spawn(Box::new(buf.clone()), Counter::default()).expect("spawn"),
+        );
         sink.log(record(
             json!({"message": {"body": {"value": "secret", "x": 1}}}),
         ));
@@ -461,18 +572,90 @@ mod tests {
 
     #[test]
     fn identity_assertions_and_tokens_are_masked_by_default() {
-        let mask = Mask::new(&crate::config::DecisionLogConfig::default().mask);
+        let defaults = crate::config::DecisionLogConfig::default();
+        let mask = Mask::new(&defaults.mask, &defaults.mask_keys);
         let mut r = record(json!({"message": {"body": {
-            "identity": {"userURL": "user://idp.example/alice", "assertion": "eyJhbGciOi…"},
-            "idToken": "token-1", "assertion": "a-1", "accessToken": "t-1", "resource": "kept"}}}));
+            "identity": {"userURL": "user://idp.example/alice", "assertion": "eyJhbGciOi…",
+                         "infoToken": "i-1", "interworking": {"access_token": "w-1"}},
+            "idToken": "token-1", "assertion": "a-1", "accessToken": "t-1", "token": "t-2",
+            "auth": "t-3", "access_token": "t-4", "resource": "kept",
+            "list": [{"Password": "p-1"}, {"secretKey": "s-1"}]}}}));
         mask.apply(&mut r);
         let body = &r.input.as_ref().expect("input")["message"]["body"];
-        for field in ["idToken", "assertion", "accessToken"] {
+        for field in [
+            "idToken",
+            "assertion",
+            "accessToken",
+            "token",
+            "auth",
+            "access_token",
+        ] {
             assert_eq!(body[field], json!(MASKED), "{field}");
         }
-        assert_eq!(body["identity"]["assertion"], json!(MASKED));
+        for pointer in [
+            "/identity/assertion",
+            "/identity/infoToken",
+            "/identity/interworking",
+            "/list/0/Password",
+            "/list/1/secretKey",
+        ] {
+            assert_eq!(body.pointer(pointer), Some(&json!(MASKED)), "{pointer}");
+        }
         assert_eq!(body["identity"]["userURL"], "user://idp.example/alice");
         assert_eq!(body["resource"], "kept");
+        assert!(
+            r.erased
+                .contains(&"/input/message/body/list/0/Password".to_string()),
+            "{:?}",
+            r.erased
+        );
+        let once: std::collections::BTreeSet<_> = r.erased.iter().collect();
+        assert_eq!(
+            once.len(),
+            r.erased.len(),
+            "each field said once: {:?}",
+            r.erased
+        );
+    }
+
+    #[test]
+    fn key_patterns_match_with_stars() {
+        for (pattern, text, matches) in [
+            ("*token*", "idtoken", true),
+            ("*token*", "token", true),
+            ("*token*", "tokens_left", true),
+            ("*token*", "tok", false),
+            ("auth", "auth", true),
+            ("auth", "author", false),
+            ("*secret", "clientsecret", true),
+            ("*secret", "secretkey", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "acb", false),
+        ] {
+            assert_eq!(glob(pattern, text), matches, "{pattern} {text}");
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        struct Stuck;
+        impl Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(0)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dropped = Counter::default();
+        let sink = JsonLinesSink::spawn(Box::new(Stuck), dropped.clone()).expect("spawn");
+        let big = "x".repeat(1024 * 1024);
+        for _ in 0..100 {
+            sink.log(record(json!({ "big": big })));
+        }
+        assert!(sink.queued_bytes.load(Ordering::Acquire) <= QUEUE_BYTES);
+        assert!(dropped.get() >= 100 - 64, "{}", dropped.get());
     }
 
     #[test]
@@ -491,7 +674,7 @@ mod tests {
     #[test]
     fn outputs_are_a_stream_a_file_or_off() {
         assert!(is_off("off") && is_off("OFF") && !is_off("stdout"));
-        let err = JsonLinesSink::open("stdot", &[], Counter::default())
+        let err = JsonLinesSink::open("stdot", Counter::default())
             .err()
             .expect("refused");
         assert!(
@@ -500,7 +683,13 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("decisions.jsonl");
-        JsonLinesSink::open(path.to_str().expect("utf8"), &[], Counter::default()).expect("file");
+        std::fs::write(&path, "").expect("create");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        JsonLinesSink::open(path.to_str().expect("utf8"), Counter::default()).expect("file");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -1,11 +1,11 @@
 //! Shipping decision records to an HTTP collector, as OPA's decision-log plugin does.
 //!
-//! [`UploadSink`] is a `DecisionSink`: the PDP hands it every record and it only appends to
-//! a bounded buffer (`max_buffer`; past it the oldest records are dropped and counted), so
-//! decisions never wait on the network. One task takes up to `max_batch` records at a time —
-//! when the batch is full or `flush_interval` has passed — masks them (and cuts huge fields
-//! short, as the log file does), and POSTs them as a
-//! gzip-compressed JSON array (`Content-Encoding: gzip`). A failed upload is retried with
+//! [`UploadSink`] is a `DecisionSink`: the PDP hands it every record (masked and cut short
+//! already) and it only appends it, serialised, to a buffer bounded in records
+//! (`max_buffer`) and in bytes ([`BUFFER_BYTES`]) — past either the oldest records are dropped
+//! and counted — so decisions never wait on the network. One task takes up to `max_batch`
+//! records at a time — when the batch is full or `flush_interval` has passed — and POSTs them
+//! as a gzip-compressed JSON array (`Content-Encoding: gzip`). A failed upload is retried with
 //! backoff and the batch is kept; at shutdown (or when SIGHUP replaces the sink) what is
 //! buffered is sent once more, then given up and counted.
 
@@ -23,7 +23,17 @@ use tokio_util::task::TaskTracker;
 
 use super::PluginError;
 use crate::config::DecisionUploadConfig;
-use crate::pdp::decision_log::{cut_short, DecisionRecord, DecisionSink, Mask};
+use crate::pdp::decision_log::{DecisionRecord, DecisionSink};
+
+/// Bytes of serialised records the buffer holds at most.
+pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
+
+/// Serialised records waiting to be sent, and their size.
+#[derive(Default)]
+struct Buffer {
+    records: VecDeque<Vec<u8>>,
+    bytes: usize,
+}
 use crate::retry::Backoff;
 
 /// Counters of the uploader, registered once and shared by every sink SIGHUP makes.
@@ -58,7 +68,7 @@ impl UploadMetrics {
 }
 
 struct Shared {
-    buffer: Mutex<VecDeque<DecisionRecord>>,
+    buffer: Mutex<Buffer>,
     wake: Notify,
     closed: CancellationToken,
     max_buffer: usize,
@@ -80,14 +90,24 @@ impl Drop for UploadSink {
 
 impl DecisionSink for UploadSink {
     fn log(&self, record: DecisionRecord) {
+        let Ok(json) = serde_json::to_vec(&record) else {
+            self.shared.metrics.dropped.inc();
+            return;
+        };
         let full = {
             let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            if buffer.len() >= self.shared.max_buffer {
-                buffer.pop_front();
+            while !buffer.records.is_empty()
+                && (buffer.records.len() >= self.shared.max_buffer
+                    || buffer.bytes + json.len() > BUFFER_BYTES)
+            {
+                if let Some(oldest) = buffer.records.pop_front() {
+                    buffer.bytes -= oldest.len();
+                }
                 self.shared.metrics.dropped.inc();
             }
-            buffer.push_back(record);
-            buffer.len() >= self.shared.max_batch
+            buffer.bytes += json.len();
+            buffer.records.push_back(json);
+            buffer.records.len() >= self.shared.max_batch
         };
         if full {
             self.shared.wake.notify_one();
@@ -95,13 +115,12 @@ impl DecisionSink for UploadSink {
     }
 }
 
-/// Starts uploading to `config.url`; records are masked with `mask` before they leave.
+/// Starts uploading to `config.url` (records come masked and cut short: `Redacted`).
 ///
 /// # Errors
 /// An unusable URL or HTTP client.
 pub fn start(
     config: &DecisionUploadConfig,
-    mask: &[String],
     metrics: UploadMetrics,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
@@ -112,7 +131,7 @@ pub fn start(
         .timeout(config.timeout)
         .build()?;
     let shared = Arc::new(Shared {
-        buffer: Mutex::new(VecDeque::new()),
+        buffer: Mutex::new(Buffer::default()),
         wake: Notify::new(),
         closed: CancellationToken::new(),
         max_buffer: config.max_buffer.max(1),
@@ -124,7 +143,6 @@ pub fn start(
         client,
         url: config.url.clone(),
         token: config.token.clone(),
-        mask: Mask::new(mask),
         flush_interval: config.flush_interval,
     };
     tracker.spawn(uploader.run(shutdown));
@@ -136,14 +154,13 @@ struct Uploader {
     client: reqwest::Client,
     url: String,
     token: Option<String>,
-    mask: Mask,
     flush_interval: Duration,
 }
 
 impl Uploader {
     async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        let mut batch: Vec<DecisionRecord> = Vec::new();
+        let mut batch: Vec<Vec<u8>> = Vec::new();
         loop {
             let stopping = shutdown.is_cancelled() || self.shared.closed.is_cancelled();
             if batch.is_empty() {
@@ -201,26 +218,29 @@ impl Uploader {
             .buffer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .records
             .len()
     }
 
-    /// Up to a batch of records, masked.
-    fn take(&self) -> Vec<DecisionRecord> {
+    /// Up to a batch of records.
+    fn take(&self) -> Vec<Vec<u8>> {
         let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
-        let n = buffer.len().min(self.shared.max_batch);
-        let mut batch: Vec<DecisionRecord> = buffer.drain(..n).collect();
-        drop(buffer);
-        for record in &mut batch {
-            self.mask.apply(record);
-            if let Some(input) = record.input.as_mut() {
-                cut_short(input);
-            }
-        }
+        let n = buffer.records.len().min(self.shared.max_batch);
+        let batch: Vec<Vec<u8>> = buffer.records.drain(..n).collect();
+        buffer.bytes -= batch.iter().map(Vec::len).sum::<usize>();
         batch
     }
 
-    async fn upload(&self, batch: &[DecisionRecord]) -> Result<(), String> {
-        let json = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
+    async fn upload(&self, batch: &[Vec<u8>]) -> Result<(), String> {
+        let mut json = Vec::with_capacity(batch.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
+        json.push(b'[');
+        for (i, record) in batch.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            json.extend_from_slice(record);
+        }
+        json.push(b']');
         let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
         gzip.write_all(&json).map_err(|e| e.to_string())?;
         let body = gzip.finish().map_err(|e| e.to_string())?;
