@@ -262,12 +262,9 @@ fn assert_refused(answer: &(u16, Value), reason: &str, what: &str) {
 
 /// The rooms `token`'s user is joined to, straight from Synapse.
 async fn joined_rooms(synapse: &Synapse, token: &str) -> Vec<Value> {
-    let direct = Client {
-        http: reqwest::Client::new(),
-        base: synapse.url(),
-        token: token.to_string(),
-    };
-    let (_, joined) = direct.get("/_matrix/client/v3/joined_rooms").await;
+    let (_, joined) = direct(synapse, token)
+        .get("/_matrix/client/v3/joined_rooms")
+        .await;
     joined["joined_rooms"]
         .as_array()
         .cloned()
