@@ -219,7 +219,7 @@ async fn rego_decides_every_event_inside_synapse() {
         .post(
             "/_matrix/client/v3/createRoom",
             json!({"preset": "public_chat", "invite": [node_user],
-                   "power_level_content_override": {"users": {node_user.clone(): 100}}}),
+                   "power_level_content_override": {"users": {node_user.clone(): 100}, "invite": 0}}),
         )
         .await;
     assert_eq!(status, 200, "{created}");
@@ -305,6 +305,31 @@ async fn rego_decides_every_event_inside_synapse() {
         let room = &room;
         async move { has_body(&messages(alice, room).await, "hello from b") }
     })
+    .await;
+
+    // His invite arrives over federation, so Synapse A asks the policy server, which
+    // decides it with the room's members (bob is one): allowed, not soft-failed.
+    let dave = format!("@dave:{b_name}");
+    synapse_b.register("dave");
+    let (status, invited) = bob
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            json!({"user_id": dave}),
+        )
+        .await;
+    assert_eq!(status, 200, "{invited}");
+    common::eventually(
+        "bob's invite is part of the room at synapse a",
+        WITHIN,
+        || {
+            let alice = &alice;
+            let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{dave}");
+            async move {
+                let (status, member) = alice.get(&path).await;
+                status == 200 && member["membership"] == "invite"
+            }
+        },
+    )
     .await;
 
     // Bob is blocked: his next member event (a display name, which his homeserver sends

@@ -294,6 +294,23 @@ impl Actor {
             .collect())
     }
 
+    /// The users joined to `room_id`, as the appservice's own user sees them.
+    ///
+    /// # Errors
+    /// The homeserver refused (e.g. the user is not in the room) or is unavailable.
+    pub async fn joined_members(&self, room_id: &str) -> Result<Vec<String>, ActorError> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/joined_members",
+            encode(room_id)
+        );
+        let answer = self.call(Method::GET, &path, &[], None).await?;
+        let joined = answer
+            .get("joined")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ActorError::Malformed("joined_members gave no \"joined\"".into()))?;
+        Ok(joined.keys().cloned().collect())
+    }
+
     /// `by` withdraws the invitation of `user_id` to `room_id` (a kick of an invited user).
     ///
     /// # Errors

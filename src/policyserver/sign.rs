@@ -8,7 +8,8 @@
 //! already under the same policy revision, the signature of its sender's server (and of the
 //! `join_authorised_via_users_server`'s, as the room version requires) — so only an intact
 //! event is judged — and the decision: `kind: matrix_event` (plus `kind: membership` for a
-//! member event, as the proxy decides a member state event), with `matrix.via =
+//! member event, as the proxy decides a member state event, with the room's joined members
+//! for an invite, ban or kick, read as the node's appservice user), with `matrix.via =
 //! "policy_server"`, `matrix.origin` and `matrix.event_id`. Every input allowed → 200
 //! `{"<server name>": {"ed25519:policy_server": <signature over the redacted event>}}`;
 //! otherwise 400 `M_FORBIDDEN` with the reasons.
@@ -92,9 +93,30 @@ impl PolicyServer {
             return Ok((answer, true));
         }
         self.verify_origin_signatures(&pdu, &rules).await?;
-        let inputs = inputs(&event, &event_id, request.origin.as_str(), &self.inner.node);
         let mut refused = Vec::new();
         let mut failed = false;
+        let members = match needs_members(&event) {
+            false => Vec::new(),
+            true => match self.room_members(event.room_id).await {
+                Ok(members) => members,
+                Err(e) => {
+                    // Undecidable: refused, and not remembered (asked again next time).
+                    failed = true;
+                    refused.push(format!("cannot read the room's members: {e}"));
+                    Vec::new()
+                }
+            },
+        };
+        let inputs = match refused.is_empty() {
+            true => inputs(
+                &event,
+                &event_id,
+                request.origin.as_str(),
+                &self.inner.node,
+                members,
+            ),
+            false => Vec::new(),
+        };
         for input in &inputs {
             let decision = self
                 .inner
@@ -116,6 +138,17 @@ impl PolicyServer {
             self.inner.answers.insert(key, answer.clone());
         }
         Ok((answer, false))
+    }
+
+    /// The users joined to `room_id` now — the state the event is judged against, as the
+    /// node's appservice user (a member of every room it protects) sees it.
+    async fn room_members(&self, room_id: &str) -> Result<Vec<String>, crate::matrix::ActorError> {
+        match &self.inner.actor {
+            Some(actor) => actor.joined_members(room_id).await,
+            None => Err(crate::matrix::ActorError::Malformed(
+                "no appservice user to read them with".into(),
+            )),
+        }
     }
 
     fn answer_response(&self, answer: Answer) -> Response {
@@ -291,12 +324,29 @@ pub fn check_content_hash(pdu: &CanonicalJsonObject) -> Result<(), PolicyServerE
     }
 }
 
-/// The policy inputs of `event` (id `event_id`), asked about by `origin`, at node `node`.
+/// Whether deciding `event` needs the room's members: an invite, a ban or a kick (the
+/// shipped policy asks whether the sender is a member), as the proxy looks them up.
+fn needs_members(event: &EventFields<'_>) -> bool {
+    let membership = event
+        .content
+        .get("membership")
+        .and_then(CanonicalJsonValue::as_str);
+    event.event_type == "m.room.member"
+        && match membership {
+            Some("invite" | "ban") => true,
+            Some("leave") => event.state_key != Some(event.sender),
+            _ => false,
+        }
+}
+
+/// The policy inputs of `event` (id `event_id`), asked about by `origin`, at node `node`;
+/// `members`, the room's joined members, for a membership change that needs them.
 pub fn inputs(
     event: &EventFields<'_>,
     event_id: &str,
     origin: &str,
     node: &str,
+    members: Vec<String>,
 ) -> Vec<Input<'static>> {
     let door = Door {
         via: Some(Via::PolicyServer),
@@ -327,7 +377,7 @@ pub fn inputs(
         inputs.push(Input::Membership(MembershipInput {
             matrix: Membership {
                 door,
-                ..Membership::new(event.room_id, event.sender, membership, target, Vec::new())
+                ..Membership::new(event.room_id, event.sender, membership, target, members)
             },
             context,
         }));
