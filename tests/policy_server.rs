@@ -380,6 +380,33 @@ async fn rego_decides_every_event_inside_synapse() {
         .await;
     assert_eq!(status, 200, "{member}");
     assert_ne!(member["displayname"], "Bob the Blocked", "{member}");
+    // Decided by the policy server already: the appservice does not redact it again.
+    common::eventually(
+        "the appservice leaves it to the policy server",
+        WITHIN,
+        || {
+            let (http, node) = (&http, &node);
+            async move {
+                common::metric(
+                    http,
+                    node,
+                    "msgnode_pep_appservice_redactions_total{outcome=\"policy_server\"}",
+                )
+                .await
+                    > 0
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        common::metric(
+            &http,
+            &node,
+            "msgnode_pep_appservice_redactions_total{outcome=\"redacted\"}"
+        )
+        .await,
+        0
+    );
     let (status, refused) = send(&bob, &room, "m.room.message", "b2", "blocked bob").await;
     assert_eq!(
         (status, refused["errcode"].as_str()),

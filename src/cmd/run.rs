@@ -366,6 +366,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 &tracker,
             )
             .await?;
+            // Events it decided are not redacted again after the fact.
+            if let Some(appservice) = matrix.as_ref().and_then(|m| m.appservice.as_ref()) {
+                appservice.policy_server_runs(started.server.policy_content());
+            }
             (Some(started.addr), Some(started.server))
         }
         false => (None, None),

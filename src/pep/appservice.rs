@@ -11,7 +11,10 @@
 //! the transaction is answered 500 and the homeserver retries it. Each event is decided by
 //! the PDP (`kind: "matrix_event"`). A denied event is redacted with the policy's reasons
 //! in rooms matching `[pep] redact_denied_rooms` (acting as a namespace user seen joining
-//! the room, else the appservice's own user) and logged everywhere. Events sent by the
+//! the room, else the appservice's own user) and logged everywhere — except where the node's
+//! own policy server already decided it before the homeserver accepted it (the room's
+//! `m.room.policy` names it, and the event is not a local membership change, which the
+//! homeserver does not ask about): counted `policy_server`, not redacted again. Events sent by the
 //! node's own namespace users are not decided again: they are the node's own actions (and
 //! a policy that forbade redactions must not make the node redact its redactions forever).
 //! Events of the bus's Matrix peer transport (invitations and messages from configured peer
@@ -82,7 +85,15 @@ pub struct Appservice {
     transactions: Family<OutcomeLabel, Counter>,
     events: Family<OutcomeLabel, Counter>,
     redactions: Family<OutcomeLabel, Counter>,
+    /// The `m.room.policy` content naming the node's own policy server, once it runs.
+    policy_server: std::sync::OnceLock<Value>,
+    /// Whether a room names that policy server (its current `m.room.policy`), by room;
+    /// forgotten when a pushed event changes it.
+    protected: moka::sync::Cache<String, bool>,
 }
+
+/// How long a room's `m.room.policy` is trusted without a pushed change.
+const PROTECTED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Appservice {
     /// Builds the appservice and loads its transaction record from the homeserver (an
@@ -135,6 +146,11 @@ impl Appservice {
             transactions,
             events,
             redactions,
+            policy_server: std::sync::OnceLock::new(),
+            protected: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(PROTECTED_TTL)
+                .build(),
         };
         match appservice.load_processed().await {
             Ok(ids) => *appservice.processed.lock().await = Some(ids),
@@ -228,6 +244,62 @@ impl Appservice {
         }
     }
 
+    /// The node's policy server runs and rooms name it with `content` (their
+    /// `m.room.policy`): events it decided before the homeserver accepted them are not
+    /// redacted again (a refused one was never stored, or was soft-failed).
+    pub fn policy_server_runs(&self, content: Value) {
+        if self.policy_server.set(content).is_err() {
+            tracing::warn!("appservice: the policy server was already set");
+        }
+    }
+
+    /// Whether the policy server already decided `event` before the homeserver accepted
+    /// it: the room names it, and the event is one the homeserver asks about (not the
+    /// exempt `m.room.policy`, not a membership change of its own users).
+    async fn decided_by_policy_server(&self, event: &Value, room: &str) -> bool {
+        let Some(expected) = self.policy_server.get() else {
+            return false;
+        };
+        let event_type = event["type"].as_str().unwrap_or("");
+        let sender_server = event["sender"]
+            .as_str()
+            .and_then(|s| s.split_once(':'))
+            .map_or("", |(_, server)| server);
+        if (event_type == "m.room.policy" && event["state_key"] == "")
+            || (event_type == "m.room.member" && sender_server == self.server_name)
+        {
+            return false;
+        }
+        if let Some(protected) = self.protected.get(room) {
+            return protected;
+        }
+        match self
+            .actor
+            .state_event(&self.sender, room, "m.room.policy", "")
+            .await
+        {
+            Ok(content) => {
+                let protected = content.is_some_and(|c| {
+                    c["via"] == expected["via"]
+                        && c["public_keys"]["ed25519"] == expected["public_keys"]["ed25519"]
+                });
+                self.protected.insert(room.to_string(), protected);
+                protected
+            }
+            // Unknown: redacting is the safe side.
+            Err(_) => false,
+        }
+    }
+
+    /// Forgets whether `event`'s room is protected when it changes the room's policy server.
+    fn learn_policy(&self, event: &Value) {
+        if event["type"] == "m.room.policy" && event["state_key"] == "" {
+            if let Some(room) = event["room_id"].as_str() {
+                self.protected.invalidate(room);
+            }
+        }
+    }
+
     /// Whether `user_id` is in the appservice's user namespace.
     pub fn owns_user(&self, user_id: &str) -> bool {
         self.actor.owns_user(user_id)
@@ -271,6 +343,7 @@ impl Appservice {
         let context = Context::now(&self.server_name);
         for event in body["events"].as_array().into_iter().flatten() {
             self.learn_agent(event);
+            self.learn_policy(event);
             let sender = event["sender"].as_str().unwrap_or("");
             if sender == self.sender || self.owns_user(sender) {
                 continue;
@@ -371,6 +444,14 @@ impl Appservice {
             return;
         };
         if !self.redact_rooms.is_match(room) {
+            return;
+        }
+        if self.decided_by_policy_server(event, room).await {
+            self.redactions
+                .get_or_create(&OutcomeLabel {
+                    outcome: "policy_server",
+                })
+                .inc();
             return;
         }
         let agent = self
