@@ -253,7 +253,7 @@ proptest! {
         let subject = Subject {
             user: with_user.then(|| "@alice:localhost".to_string()),
             runtime: "runtime://localhost/1".into(),
-            addresses: vec!["hyperty://localhost/a".into()],
+            holds_from: Some(held),
             authenticated: true,
             network_server: (!with_user).then(|| "gateway".to_string()),
             principal: Some(Totals { runtimes: counts.0, addresses: counts.1, foreign_routes: counts.2, registry_entries: None }),
@@ -269,7 +269,7 @@ proptest! {
                 subject: subject.clone(),
                 context: context.clone(),
             }),
-            Input::Claim(ClaimInput { claim: Claim { address: "runtime://localhost/1".into(), kind: "runtime", domain: Some("localhost".into()) }, subject, context }),
+            Input::Claim(ClaimInput { claim: Claim { address: "runtime://localhost/1".into(), kind: if held { "runtime" } else { "runtime_address" }, domain: Some("localhost".into()) }, subject, context }),
         ];
         // The message's own URLs are the schema's to judge: only the node's parts are checked.
         for input in inputs {

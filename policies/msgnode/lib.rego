@@ -51,15 +51,23 @@ trusted_domain(d) if substring(d, indexof(d, ".") + 1, -1) in trusted_domains
 # trusted_url(url) holds when url has a domain and that domain is trusted.
 trusted_url(url) if trusted_domain(domain(url))
 
-# Addresses the requesting connection holds: everything the node bound to it
-# (subject.addresses) plus the runtime URL itself.
+# Whether the requesting connection holds `url`. The node says so for the
+# message's `from` in one flag, subject.holds_from (O(1) however many addresses
+# the runtime holds); inputs of older clients may list subject.addresses
+# instead, still read here. The runtime URL is always the connection's own.
 owned_addresses contains a if some a in object.get(input, ["subject", "addresses"], [])
 
 owned_addresses contains input.subject.runtime
 
-# owns(url) holds when url is an owned address or a sub-resource of one
-# ("<runtime>/registry/allocation", "<object>/changes"), or belongs to a
+# owns(url) holds when url is the message's `from` and the node says the
+# connection holds it, when url is an owned address or a sub-resource of one
+# ("<runtime>/registry/allocation", "<object>/changes"), or when it belongs to a
 # domain listed in data.config.anti_spoofing.bindable_foreign_domains.
+owns(url) if {
+	url == message_from
+	input.subject.holds_from == true
+}
+
 owns(url) if url in owned_addresses
 
 owns(url) if {

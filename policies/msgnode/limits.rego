@@ -2,7 +2,8 @@
 # (a Matrix user, a network server, a peer node) may hold over all its
 # runtimes. The node adds `subject.principal` = {runtimes, addresses,
 # foreign_routes, registry_entries?} to the decisions that can add to it:
-# claims (a new runtime), allocations, registry writes, and messages whose
+# claims (a new runtime, or an address taken on first use: claimed addresses
+# count as addresses), allocations, registry writes, and messages whose
 # `from` is not bound yet (a foreign return route to be). Keys absent from the
 # data: no limit. The node has higher hard limits of its own ([bus.limits]).
 package msgnode.limits
@@ -25,9 +26,12 @@ allocation := a if {
 
 limited(what) := object.get(limits, what, -1)
 
-# A claim adds a runtime.
+claim_kind := object.get(object.get(input, "claim", {}), "kind", "")
+
+# A claim of a runtime URL adds a runtime.
 deny contains sprintf("this user already owns %d runtimes (the limit is %d)", [count_of("runtimes"), limited("runtimes")]) if {
 	input.kind == "claim"
+	claim_kind == "runtime"
 	limited("runtimes") >= 0
 	count_of("runtimes") >= limited("runtimes")
 }
@@ -39,6 +43,14 @@ deny contains sprintf("allocating %d addresses would give this user %d (the limi
 	is_number(n)
 	limited("addresses") >= 0
 	count_of("addresses") + n > limited("addresses")
+}
+
+# A claim of an address (on first use as a `from`) adds an address.
+deny contains sprintf("claiming one more address would give this user %d (the limit is %d)", [count_of("addresses") + 1, limited("addresses")]) if {
+	input.kind == "claim"
+	claim_kind in {"runtime_address", "hyperty"}
+	limited("addresses") >= 0
+	count_of("addresses") + 1 > limited("addresses")
 }
 
 # A registry create adds an entry.

@@ -43,6 +43,18 @@ consented if input.subject.user in consent_list
 
 consented if input.subject.identity in consent_list
 
+# The holder's own principal (another runtime of the same user or network
+# server) consents by holding the object.
+consented if {
+	holder := object.get(sub, "holder", "")
+	holder != ""
+	holder in subject_principals
+}
+
+subject_principals contains input.subject.user if input.subject.user
+
+subject_principals contains concat("", ["network-server:", input.subject.network_server]) if input.subject.network_server
+
 allow if consented
 
 # Objects without a consent entry: the node's own domain ...

@@ -3,8 +3,9 @@
 //!
 //! `create` allocates `body.value.number` (default 1) addresses `<scheme>://<D>/<uuid>` under
 //! an allocation key (`body.value.allocationKey`, else a new one), binds them to the
-//! requesting runtime, registers the virtual Matrix user behind each, and stores the
-//! runtime's record before answering `200 {value: {allocated, allocationKey}}`. `delete`
+//! requesting runtime and stores the runtime's record before answering `200 {value:
+//! {allocated, allocationKey}}`. Nothing is created in Matrix for an address: no address
+//! acts there (the node's own users write the journal, inboxes and state). `delete`
 //! releases `body.childrenResources`, or the block under the key `body.resource`. The
 //! request is a policy decision too: the message's input carries `allocation`
 //! (`{action, scheme, number, held}`) so quotas and schemes are the policy's call.
@@ -19,8 +20,6 @@ use crate::policy::input::{Allocation, AllocationAction};
 use crate::rethink::address::Component;
 use crate::rethink::{BusError, Message};
 
-/// At most this many virtual users are registered at once for one request.
-const REGISTRATION_CONCURRENCY: usize = 8;
 /// Most addresses one request may allocate, whatever the policy allows (a backstop).
 pub const MAX_PER_REQUEST: u64 = 1000;
 
@@ -101,7 +100,13 @@ impl AllocationRequest {
                 }
                 return Ok(AllocationRequest::Release(children));
             }
-            if let Some(key) = body.get("resource").and_then(Value::as_str) {
+            // The key as a string, or (as the reference suite sends it) a one-element array.
+            let key = match body.get("resource") {
+                Some(Value::Array(keys)) if keys.len() == 1 => keys[0].as_str(),
+                Some(key) => key.as_str(),
+                None => None,
+            };
+            if let Some(key) = key {
                 return Ok(AllocationRequest::ReleaseKey(key.to_string()));
             }
             return Err(BusError::BadRequest(
@@ -178,7 +183,6 @@ impl Bus {
                 let addresses: Vec<String> = (0..number)
                     .map(|_| format!("{scheme}://{domain}/{}", uuid::Uuid::new_v4()))
                     .collect();
-                self.register_users(&addresses).await?;
                 let key = key.unwrap_or_else(|| format!("{}", uuid::Uuid::new_v4()));
                 let record = runtime.update(|r| {
                     r.allocations
@@ -259,28 +263,6 @@ impl Bus {
             self.inner.table.unbind(address, runtime);
         }
         self.inner.metrics.count("component");
-        Ok(())
-    }
-
-    /// Registers the virtual Matrix user behind each address (when the node has a homeserver).
-    pub(super) async fn register_users(&self, addresses: &[String]) -> Result<(), BusError> {
-        let Some(actor) = &self.inner.persistence.actor else {
-            return Ok(());
-        };
-        for chunk in addresses.chunks(REGISTRATION_CONCURRENCY) {
-            let registrations = chunk.iter().map(|address| {
-                let actor = Arc::clone(actor);
-                let user = actor.virtual_user("addr", address);
-                async move { actor.ensure_user(&user).await }
-            });
-            for result in futures_util::future::join_all(registrations).await {
-                result.map_err(|e| {
-                    BusError::Unavailable(format!(
-                        "cannot register the addresses' Matrix users now: {e}"
-                    ))
-                })?;
-            }
-        }
         Ok(())
     }
 }

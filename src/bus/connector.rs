@@ -28,10 +28,25 @@ impl Bus {
                 .holder_of(url)
                 .is_some_and(|holder| Arc::ptr_eq(&holder, runtime))
         };
+        // A registration naming an identity the connection did not verify is filed under it
+        // only when the policy accepts such claims (`kind: "claim"`, `identity`).
+        let named = message
+            .body()
+            .get("value")
+            .and_then(|v| v.get("user"))
+            .and_then(serde_json::Value::as_str)
+            .filter(|u| u.starts_with("user://") && Some(*u) != identity.as_deref());
+        let accepted = match named {
+            Some(user) if message.kind_is("create") && self.accepts_identity(conn, user).await => {
+                Some(user)
+            }
+            _ => None,
+        };
         let sender = Sender {
             runtime: &conn.runtime.url,
             user: conn.user(),
             identity: identity.as_deref(),
+            accepted_identity: accepted,
             holds: &holds,
         };
         let reply = connector.handle(message, sender).await;

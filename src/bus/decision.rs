@@ -23,12 +23,7 @@ impl Bus {
     ) -> Input<'a> {
         let mut subject = self.subject(conn);
         subject.principal = principal;
-        // A peer node authenticated for its domain vouches for its own addresses.
-        if let Principal::Peer(domain) = &conn.principal {
-            if address::domain(&message.from).as_deref() == Some(domain.as_str()) {
-                subject.addresses.push(message.from.clone());
-            }
-        }
+        subject.holds_from = Some(self.holds_from(conn, message));
         Input::Message(MessageInput {
             message: &message.value,
             subject,
@@ -36,6 +31,17 @@ impl Bus {
             targets: self.targets(conn, message),
             allocation,
         })
+    }
+
+    /// Whether `conn` holds `message.from` (or the address it is a sub-resource of); a peer
+    /// node authenticated for its domain vouches for its own addresses.
+    pub(super) fn holds_from(&self, conn: &Connection, message: &Message) -> bool {
+        if let Principal::Peer(domain) = &conn.principal {
+            if address::domain(&message.from).as_deref() == Some(domain.as_str()) {
+                return true;
+            }
+        }
+        self.holds(conn, &message.from)
     }
 
     /// Who `conn` is, as the policy sees it: its runtime's subject, the identity it asserted,

@@ -58,15 +58,20 @@ impl Bus {
         }
     }
 
-    /// Releases every runtime that no socket has held for `[bus] away_release_after`.
+    /// Releases every runtime that no socket has held for `[bus] away_release_after` (also
+    /// one released by its own goodbye that still has registry entries: they go now).
     async fn release_long_away(&self) {
         let limit = self.inner.config.away_release_after;
+        let registry = self.inner.connectors.builtin_registry.as_ref();
         for runtime in self.inner.table.runtimes() {
+            let pending = !runtime.with_record(|r| r.released)
+                || registry
+                    .is_some_and(|r| r.registered_by(std::slice::from_ref(&runtime.url)) > 0);
             if runtime.away_for().is_some_and(|away| away >= limit)
-                && !runtime.with_record(|r| r.released)
+                && pending
                 && !self.held_elsewhere(&runtime)
             {
-                match self.release_runtime(&runtime).await {
+                match self.release_runtime(&runtime, false).await {
                     Ok(()) => {
                         tracing::info!(runtime = %runtime.url, ?limit, "runtime away too long: released")
                     }

@@ -15,24 +15,8 @@ use super::runtimes::Runtime;
 use super::Bus;
 use crate::matrix::HomeserverError;
 use crate::persist::store::RuntimeRecord;
-use crate::policy::input::{Claim, ClaimInput, Input, Subject};
 use crate::rethink::address;
 use crate::rethink::BusError;
-
-/// The subject of a principal for a runtime it does not hold yet.
-fn principal_subject(principal: &Principal, runtime: &str) -> Subject {
-    let mut subject = Subject {
-        runtime: runtime.to_string(),
-        authenticated: true,
-        ..Subject::default()
-    };
-    match principal {
-        Principal::User(user) => subject.user = Some(user.clone()),
-        Principal::NetworkServer(name) => subject.network_server = Some(name.clone()),
-        Principal::Peer(domain) => subject.peer = Some(domain.clone()),
-    }
-    subject
-}
 
 impl Bus {
     /// Checks a token: a Network Server's, else a Matrix access token.
@@ -89,17 +73,22 @@ impl Bus {
                 )));
             }
         }
-        if self
-            .inner
-            .table
-            .holder_of(runtime_url)
+        let owner = principal.owner();
+        // Nobody else's address, nor under one (a return route of another principal's
+        // runtime), nor over one (a runtime URL or claimed address lies under it).
+        let table = &self.inner.table;
+        let taken = table
+            .holder(runtime_url)
             .is_some_and(|holder| holder.url != runtime_url)
-        {
+            || table.holder_of(runtime_url).is_some_and(|holder| {
+                holder.url != runtime_url && holder.user().as_deref() != Some(owner.as_str())
+            })
+            || table.claims.conflict(runtime_url, &owner).is_some();
+        if taken {
             return Err(BusError::Forbidden(format!(
-                "'{runtime_url}' is an address of another runtime"
+                "'{runtime_url}' is, or lies under or over, an address of another principal's"
             )));
         }
-        let owner = principal.owner();
         let runtime = self
             .inner
             .table
@@ -117,51 +106,33 @@ impl Bus {
                     }
                     return Err(refused);
                 }
+                // First come, for good: of principals racing for it (or for an address over or
+                // under it), one takes it.
+                if let Err(other) = self.inner.table.claims.take(runtime_url, &owner) {
+                    if runtime.user().is_none() && !runtime.is_attached() {
+                        self.inner.table.remove_runtime(runtime_url);
+                    }
+                    return Err(BusError::Forbidden(format!(
+                        "'{runtime_url}' overlaps '{other}', another principal's"
+                    )));
+                }
                 let record = runtime.update(|r| {
                     r.user.get_or_insert_with(|| owner.clone());
                 });
                 if record.user.as_deref() != Some(owner.as_str()) {
-                    // Another principal claimed it in the meantime: first come, for good.
                     return Err(BusError::Forbidden(format!(
                         "runtime '{runtime_url}' belongs to another user"
                     )));
                 }
                 self.inner.table.own(&runtime);
+                if self.inner.config.replica.is_none() {
+                    // Nobody else can have written to its inbox: no room until one is needed.
+                    self.inner.persistence.inbox.is_new(runtime_url);
+                }
                 self.persist(&runtime.url, &record).await?;
                 Ok(runtime)
             }
         }
-    }
-
-    /// Decides whether `principal` may take the runtime URL `url`, which nobody owns yet
-    /// (`kind: "claim"`): within the per-principal limit of runtimes and as the policy says
-    /// (the shipped one allows runtime URLs of this node's domain).
-    async fn claim_runtime(
-        &self,
-        url: &str,
-        principal: &Principal,
-        owner: &str,
-    ) -> Result<(), BusError> {
-        let totals = self.totals(owner, false);
-        let limit = self.inner.config.limits.runtimes_per_principal;
-        if totals.runtimes >= limit {
-            return Err(BusError::Forbidden(format!(
-                "this user already owns {} runtimes (the limit is {limit})",
-                totals.runtimes
-            )));
-        }
-        let mut subject = principal_subject(principal, url);
-        subject.principal = Some(totals);
-        let input = Input::Claim(ClaimInput {
-            claim: Claim {
-                address: url.to_string(),
-                kind: "runtime",
-                domain: address::domain(url),
-            },
-            subject,
-            context: self.context(),
-        });
-        self.allowed(&input).await.map(drop)
     }
 
     /// Attaches a socket (its outbound queue `tx`) to `runtime`, taking over an earlier socket
@@ -181,13 +152,14 @@ impl Bus {
             principal,
             tx,
         ));
+        // After a release under way (a `close` just before this reconnect) has finished.
+        let turn = runtime.handover().await;
         if runtime.with_record(|r| r.released) {
             // In use again: the reaper may release it once more when it is away too long.
             runtime.update(|r| r.released = false);
         }
         runtime.begin_attach(conn.id, conn.close.clone());
         let inbox = &self.inner.persistence.inbox;
-        let turn = runtime.handover().await;
         let resumed = async {
             let current = self.inner.table.get_runtime(&runtime.url);
             if !current.is_some_and(|current| Arc::ptr_eq(&current, &runtime)) {
@@ -256,16 +228,28 @@ impl Bus {
     /// # Errors
     /// 408 when the store cannot record the release.
     pub async fn release(&self, conn: &Connection) -> Result<(), BusError> {
-        self.release_runtime(&conn.runtime).await?;
+        self.release_runtime(&conn.runtime, true).await?;
         tracing::info!(runtime = %conn.runtime.url, "runtime released its addresses");
         Ok(())
     }
 
-    /// Releases `runtime`: everything bound to it (addresses, subscriptions, return routes),
-    /// its registry entries and what its inbox still holds are gone; its URL stays its
+    /// Releases `runtime`: everything bound to it (addresses, subscriptions, return routes)
+    /// and what its inbox still holds are gone; its URL and claimed addresses stay its
     /// owner's for good (the record becomes a tombstone, stored first), so nobody else can
-    /// take it over with what was addressed to it.
-    pub(super) async fn release_runtime(&self, runtime: &Arc<Runtime>) -> Result<(), BusError> {
+    /// take them over with what was addressed to them. Its registry entries go too, unless
+    /// `keep_registry` (the runtime said goodbye itself: the reference clients register on
+    /// one socket and look the entry up from the next; the entries stay the runtime's, and
+    /// the reaper deletes them once it has been away for `[bus] away_release_after`).
+    ///
+    /// A release holds the runtime's hand-over turn from start to end: a socket attaching
+    /// meanwhile (a reconnect right after `close`) waits, then finds the runtime released
+    /// and takes it up again, empty — never half released, never released under it.
+    pub(super) async fn release_runtime(
+        &self,
+        runtime: &Arc<Runtime>,
+        keep_registry: bool,
+    ) -> Result<(), BusError> {
+        let _turn = runtime.handover().await;
         let Some(owner) = runtime.user() else {
             self.persist(&runtime.url, &RuntimeRecord::default())
                 .await?;
@@ -276,16 +260,20 @@ impl Bus {
         let tombstone = RuntimeRecord {
             user: Some(owner),
             released: true,
+            claimed: runtime.with_record(|r| r.claimed.clone()),
             ..RuntimeRecord::default()
         };
         self.persist(&runtime.url, &tombstone).await?;
         self.inner.subscriptions.remove_runtime(&runtime.url);
-        self.inner.table.unbind_record(runtime);
+        self.inner.table.unbind_record(runtime, true);
         runtime.update(|r| *r = tombstone);
-        if let Some(registry) = &self.inner.connectors.builtin_registry {
-            if let Err(e) = registry.remove_runtime(&runtime.url).await {
-                tracing::warn!(%e, runtime = %runtime.url, "released runtime: its registry entries are not all removed yet");
+        match &self.inner.connectors.builtin_registry {
+            Some(registry) if !keep_registry => {
+                if let Err(e) = registry.remove_runtime(&runtime.url).await {
+                    tracing::warn!(%e, runtime = %runtime.url, "released runtime: its registry entries are not all removed yet");
+                }
             }
+            _ => {}
         }
         match self.inner.persistence.inbox.discard(&runtime.url).await {
             Ok(0) => {}
@@ -312,7 +300,7 @@ impl Bus {
     /// Replaces `runtime`'s record (written by another replica), its bindings and
     /// subscriptions with it; the runtime itself stays (a socket may be attaching to it).
     pub(super) fn rebind(&self, runtime: &Arc<Runtime>, record: RuntimeRecord) {
-        self.inner.table.unbind_record(runtime);
+        self.inner.table.unbind_record(runtime, false);
         self.inner.subscriptions.remove_runtime(&runtime.url);
         runtime.update(|r| *r = record);
         self.inner.table.bind_record(runtime);

@@ -21,6 +21,13 @@ pub(super) struct BusMetrics {
     pub queued: Counter,
     pub connections: Gauge,
     pub handle_seconds: Histogram,
+    /// Addresses claimed on first use as a `from`.
+    pub claims: Counter,
+    /// Deliveries that waited for a full receiver queue (the sender's socket not read
+    /// meanwhile).
+    pub senders_slowed: Counter,
+    /// Receivers closed for staying behind past `[bus] slow_receiver_close_after`.
+    pub receivers_closed: Counter,
 }
 
 impl BusMetrics {
@@ -41,7 +48,25 @@ impl BusMetrics {
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
                 0.25,
             ]),
+            claims: Counter::default(),
+            senders_slowed: Counter::default(),
+            receivers_closed: Counter::default(),
         };
+        registry.register(
+            "bus_claims",
+            "Addresses claimed on first use as a sender",
+            metrics.claims.clone(),
+        );
+        registry.register(
+            "bus_senders_slowed",
+            "Deliveries that waited for a receiver's full queue (the sender not read meanwhile)",
+            metrics.senders_slowed.clone(),
+        );
+        registry.register(
+            "bus_receivers_closed",
+            "Receivers closed for staying behind too long (they resume from their inbox)",
+            metrics.receivers_closed.clone(),
+        );
         registry.register(
             "bus_messages",
             "reTHINK messages received, by outcome",

@@ -12,7 +12,8 @@
 //! - anything else is routed (`routing`): to the runtimes holding the address (direct or
 //!   their inbox), to subscribers of a topic, or to a peer node; then journaled.
 //!
-//! The rest of the bus: `lifecycle` (authenticate, bind, attach, detach, release, restore),
+//! The rest of the bus: `claim` (addresses taken for good on first use), `lifecycle`
+//! (authenticate, bind, attach, detach, release, restore),
 //! `runtimes` (who holds which address, per-runtime delivery state), `pubsub` (who
 //! subscribed to what), `housekeeping` (policy revisions, history backlog, reaping),
 //! `replicas` (what other replicas write), `peers` (what other domains' nodes send),
@@ -20,6 +21,7 @@
 //! Matrix is `persist`'s; the message model is `rethink`'s.
 
 pub mod allocation;
+mod claim;
 mod connection;
 mod connector;
 mod decision;
@@ -294,9 +296,10 @@ impl Bus {
     ) -> Result<Option<String>, BusError> {
         let request = Request::parse(&self.inner.nodes, message)?;
         if let Request::Session(op) = request {
-            return self.session(conn, message, op).await.map(Some);
+            return self.session(conn, message, op).await;
         }
         self.verify_identity(conn, message).await?;
+        self.claim_from(conn, message).await?;
         if let Request::Subscribe = request {
             return self.subscribe(conn, message).await.map(Some);
         }

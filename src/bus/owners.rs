@@ -1,10 +1,14 @@
 //! What each principal holds across all its runtimes: runtime URLs (released ones too: a
-//! runtime URL belongs to its first principal for good), allocated addresses and foreign
-//! return routes — counted as records change, so that a decision reads them in O(1) and
-//! per-principal limits hold however many runtimes a principal opens.
+//! runtime URL belongs to its first principal for good), claimed and allocated addresses
+//! and foreign return routes — counted as records change, so that a decision reads them in
+//! O(1) and per-principal limits hold however many runtimes a principal opens. [`Claims`]
+//! is the ordered index of what is held for good (runtime URLs and claimed addresses), which
+//! answers "does another principal hold this URL, a prefix of it, or something under it" in
+//! O(log n).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::RwLock;
 use std::sync::{Arc, Mutex};
 
 use crate::persist::store::RuntimeRecord;
@@ -61,12 +65,69 @@ fn apply(counter: &AtomicUsize, before: usize, after: usize) {
     }
 }
 
-/// What a record counts: (allocated addresses, foreign return routes).
+/// What a record counts: (allocated and claimed addresses, foreign return routes).
 pub fn counts(record: &RuntimeRecord) -> (usize, usize) {
     (
-        record.allocations.values().map(Vec::len).sum(),
+        record.allocations.values().map(Vec::len).sum::<usize>() + record.claimed.len(),
         record.foreign.len(),
     )
+}
+
+/// Runtime URLs and claimed addresses → the principal holding them, for good.
+#[derive(Default)]
+pub struct Claims {
+    by_url: RwLock<BTreeMap<String, String>>,
+}
+
+impl Claims {
+    /// Takes `url` for `owner` unless [`Claims::conflict`] names another principal's; `Err`
+    /// with that address. Taking what `owner` holds already is a no-op.
+    pub fn take(&self, url: &str, owner: &str) -> Result<(), String> {
+        let mut by_url = self.write();
+        if let Some(other) = conflict_in(&by_url, url, owner) {
+            return Err(other);
+        }
+        by_url
+            .entry(url.to_string())
+            .or_insert_with(|| owner.to_string());
+        Ok(())
+    }
+
+    /// Another principal's address that is `url`, a prefix of it (`url` lies under it) or
+    /// lies under `url` — any of which makes `url` not `owner`'s to take.
+    pub fn conflict(&self, url: &str, owner: &str) -> Option<String> {
+        conflict_in(&self.read(), url, owner)
+    }
+
+    /// Forgets `url` (a runtime that never had an owner, or a claim not stored).
+    pub fn forget(&self, url: &str) {
+        self.write().remove(url);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, String>> {
+        self.by_url.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, String>> {
+        self.by_url.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn conflict_in(by_url: &BTreeMap<String, String>, url: &str, owner: &str) -> Option<String> {
+    let mut at = Some(url);
+    while let Some(u) = at {
+        if by_url.get(u).is_some_and(|o| o != owner) {
+            return Some(u.to_string());
+        }
+        at = crate::rethink::address::parent(u);
+    }
+    // Under `url`: the keys between `url/` and `url0` (`0` follows `/`).
+    let below = format!("{url}/");
+    let end = format!("{url}0");
+    by_url
+        .range(below..end)
+        .find(|(_, o)| o.as_str() != owner)
+        .map(|(u, _)| u.clone())
 }
 
 /// Principal (a record's `user`) → its holdings.
@@ -130,6 +191,33 @@ mod tests {
             foreign: (0..foreign).map(|i| format!("hyperty://x/{i}")).collect(),
             ..RuntimeRecord::default()
         }
+    }
+
+    #[test]
+    fn claims_hold_urls_their_prefixes_and_what_lies_under_them() {
+        let claims = Claims::default();
+        assert_eq!(claims.take("runtime://l/sub", "@a:l"), Ok(()));
+        assert_eq!(
+            claims.take("runtime://l/sub/7", "@a:l"),
+            Ok(()),
+            "nested, same owner"
+        );
+        for (url, conflict) in [
+            ("runtime://l/sub", "runtime://l/sub"),
+            ("runtime://l/sub/8", "runtime://l/sub"),
+            ("runtime://l/sub/7/sm", "runtime://l/sub/7"),
+            ("runtime://l", "runtime://l/sub"),
+        ] {
+            assert_eq!(claims.take(url, "@b:l"), Err(conflict.to_string()), "{url}");
+        }
+        assert_eq!(
+            claims.take("runtime://l/subway", "@b:l"),
+            Ok(()),
+            "not a prefix"
+        );
+        assert_eq!(claims.conflict("runtime://l/sub/9", "@a:l"), None);
+        claims.forget("runtime://l/subway");
+        assert_eq!(claims.conflict("runtime://l/subway", "@a:l"), None);
     }
 
     #[test]

@@ -75,14 +75,12 @@ impl Bus {
                 )));
             }
         }
-        // A transient local address for the foreign hyperty: bound to this connection and
-        // backed by a virtual user, like an allocated one.
+        // A return route for the foreign hyperty: bound to this connection.
         if conn.runtime.with_record(|r| r.foreign.len()) >= MAX_FOREIGN_PER_RUNTIME {
             return Err(BusError::Forbidden(format!(
                 "this runtime already uses {MAX_FOREIGN_PER_RUNTIME} foreign addresses"
             )));
         }
-        self.register_users(&[from.to_string()]).await?;
         if !self.inner.table.bind_if_free(from, &conn.runtime) {
             return Err(spoofed());
         }

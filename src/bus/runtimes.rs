@@ -16,7 +16,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::outbound::Outbound;
-use super::owners::{counts, Owner, Owners};
+use super::owners::{counts, Claims, Owner, Owners};
 use crate::persist::inbox::Inbox;
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::Subject;
@@ -132,23 +132,15 @@ impl Runtime {
         self.lock().record.allocations.values().map(Vec::len).sum()
     }
 
-    /// The policy input's `subject` for this runtime (cached until the record changes).
+    /// The policy input's `subject` for this runtime (cached until the record changes): the
+    /// same few fields however many addresses it holds.
     pub fn subject(&self) -> Arc<Subject> {
         let mut state = self.lock();
         if let Some(subject) = &state.subject {
             return Arc::clone(subject);
         }
-        let addresses: Vec<String> = state
-            .record
-            .allocations
-            .values()
-            .flatten()
-            .chain(state.record.foreign.iter())
-            .cloned()
-            .collect();
         let subject = Arc::new(Subject {
             runtime: self.url.clone(),
-            addresses,
             authenticated: true,
             // Only a Matrix user is a `subject.user`; network servers and peers own runtimes
             // too.
@@ -313,6 +305,8 @@ pub struct Table {
     runtimes: RwLock<HashMap<String, Arc<Runtime>>>,
     addresses: RwLock<HashMap<String, Arc<Runtime>>>,
     owners: Owners,
+    /// Runtime URLs and claimed addresses, whose principal holds them for good.
+    pub claims: Claims,
 }
 
 impl Table {
@@ -325,6 +319,11 @@ impl Table {
         let Some(user) = state.record.user.clone() else {
             return;
         };
+        for url in std::iter::once(&runtime.url).chain(&state.record.claimed) {
+            if let Err(other) = self.claims.take(url, &user) {
+                tracing::warn!(%url, %other, "stored claim overlaps another principal's; kept as stored");
+            }
+        }
         state.owner = Some(self.owners.add(&user, &runtime.url, &state.record));
     }
 
@@ -354,17 +353,34 @@ impl Table {
     /// state restored from the homeserver.
     pub fn bind_record(&self, runtime: &Arc<Runtime>) {
         let record = runtime.record();
-        for address in record.allocations.values().flatten().chain(&record.foreign) {
+        for address in record
+            .allocations
+            .values()
+            .flatten()
+            .chain(&record.foreign)
+            .chain(&record.claimed)
+        {
             if !self.bind_if_free(address, runtime) {
                 tracing::warn!(%address, runtime = %runtime.url, "address held by another runtime; not bound");
             }
         }
     }
 
-    /// Releases the addresses in `runtime`'s record (not its URL).
-    pub fn unbind_record(&self, runtime: &Arc<Runtime>) {
+    /// Releases the addresses in `runtime`'s record (not its URL); with `keep_claimed`, not
+    /// its claimed addresses either (a release: they stay its, like the URL).
+    pub fn unbind_record(&self, runtime: &Arc<Runtime>, keep_claimed: bool) {
         let record = runtime.record();
-        for address in record.allocations.values().flatten().chain(&record.foreign) {
+        let claimed = (!keep_claimed)
+            .then_some(&record.claimed)
+            .into_iter()
+            .flatten();
+        for address in record
+            .allocations
+            .values()
+            .flatten()
+            .chain(&record.foreign)
+            .chain(claimed)
+        {
             self.unbind(address, runtime);
         }
     }
@@ -393,6 +409,9 @@ impl Table {
             let mut state = runtime.lock();
             if let (Some(_), Some(user)) = (state.owner.take(), &state.record.user) {
                 self.owners.remove(user, &runtime.url, &state.record);
+                for url in std::iter::once(&runtime.url).chain(&state.record.claimed) {
+                    self.claims.forget(url);
+                }
             }
         }
     }

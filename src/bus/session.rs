@@ -1,7 +1,8 @@
 //! The session component, `mn:/session` (Session Management): `open`/`re-open`/`ping`/`read`
 //! after the handshake are acknowledged with the runtime URL; `close`/`disconnect` releases
-//! everything bound to the runtime and closes the socket. Decided by no one: these messages
-//! reach nobody else.
+//! everything bound to the runtime and closes the socket, without an answer (as the
+//! reference nodes: the Node.js stub reads any 200 from `mn:/session` as "connected" again).
+//! Decided by no one: these messages reach nobody else.
 
 use serde_json::json;
 
@@ -34,22 +35,24 @@ impl SessionOp {
 }
 
 impl Bus {
-    /// Carries out a session operation; the response.
+    /// Carries out a session operation; the response (none to a close: the socket closes).
     pub(super) async fn session(
         &self,
         conn: &Connection,
         message: &Message,
         op: SessionOp,
-    ) -> Result<String, BusError> {
+    ) -> Result<Option<String>, BusError> {
         match op {
             SessionOp::Close => {
                 self.release(conn).await?;
                 conn.close.cancel();
-                Ok(message.response(200, "closed", None))
+                Ok(None)
             }
-            SessionOp::Open => {
-                Ok(message.response(200, "", Some(json!({"runtimeURL": conn.runtime.url}))))
-            }
+            SessionOp::Open => Ok(Some(message.response(
+                200,
+                "",
+                Some(json!({"runtimeURL": conn.runtime.url})),
+            ))),
         }
     }
 }

@@ -96,9 +96,19 @@ impl Hello {
                 json!({"cmd": "connect", "response": code, "data": {"msg": text}}).to_string()
             }
             Hello::Open(m) => {
-                let value = (code == 200)
-                    .then(|| json!({"runtimeToken": uuid::Uuid::new_v4().to_string()}));
-                m.response(code, text, value)
+                if code != 200 {
+                    return m.response(code, text, None);
+                }
+                // The Vert.x stub reads `body.runtimeToken`; newer clients `body.value`.
+                let token = uuid::Uuid::new_v4().to_string();
+                let answer = m.response(code, text, Some(json!({"runtimeToken": token})));
+                match serde_json::from_str::<Value>(&answer) {
+                    Ok(mut answer) => {
+                        answer["body"]["runtimeToken"] = json!(token);
+                        answer.to_string()
+                    }
+                    Err(_) => answer,
+                }
             }
             Hello::Query(url) => response(&Value::Null, "mn:/session", url, code, text, None),
         }

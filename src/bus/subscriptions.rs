@@ -69,10 +69,14 @@ impl Bus {
                 "subscribe needs body.resources (or the legacy body.subscribe)".into(),
             ));
         }
+        // `body.source` when it names an address someone holds; one nobody holds (the
+        // reference suite names its stub's URL) falls back to the runtime, as the reference
+        // nodes do — what is published reaches this connection either way.
         let subscriber = message
             .body()
             .get("source")
             .and_then(Value::as_str)
+            .filter(|source| self.inner.table.holder_of(source).is_some())
             .unwrap_or(conn.runtime.url.as_str())
             .to_string();
         let runtime = self
@@ -105,7 +109,9 @@ impl Bus {
             )));
         }
         let mut reasons = Vec::new();
-        let (subject, context) = (self.subject(conn), self.context());
+        let mut subject = self.subject(conn);
+        subject.holds_from = Some(self.holds_from(conn, message));
+        let context = self.context();
         for resource in &resources {
             let input = Input::Subscription(SubscriptionInput {
                 message: Some(&message.value),

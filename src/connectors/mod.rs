@@ -32,19 +32,25 @@ pub struct Sender<'a> {
     /// Its verified identity (`user://idp/name`), else the one its Matrix user implies
     /// (`user://<D>/<localpart>`), if any.
     pub identity: Option<&'a str>,
+    /// An identity the sender names but did not verify, which the policy accepts as its
+    /// own for this message (`kind: "claim"`, `identity`; off unless the policy's data says).
+    pub accepted_identity: Option<&'a str>,
     /// Whether the sender's runtime holds an address (or the address it belongs to).
     pub holds: &'a (dyn Fn(&str) -> bool + Send + Sync),
 }
 
 impl Sender<'_> {
     /// Who a registration by this sender is filed under: `(user, claimed)` — `user` is its
-    /// verified identity (what look-ups by user match), `claimed` the `value.user` it gave
-    /// when that is something else (kept, never trusted: runtimes send e-mail addresses).
+    /// verified identity (what look-ups by user match) or the unverified one the policy
+    /// accepted, `claimed` the `value.user` it gave when that is something else (kept, never
+    /// trusted: runtimes send e-mail addresses).
     pub fn registrant(&self, claimed: Option<&str>) -> (Option<String>, Option<String>) {
-        let user = self.identity.map(str::to_string);
-        let claimed = claimed
-            .filter(|c| Some(*c) != self.identity)
-            .map(str::to_string);
+        let user = match (self.accepted_identity, claimed) {
+            (Some(accepted), Some(claimed)) if accepted == claimed => Some(accepted.to_string()),
+            _ => self.identity.map(str::to_string),
+        };
+        let identity = user.as_deref();
+        let claimed = claimed.filter(|c| Some(*c) != identity).map(str::to_string);
         (user, claimed)
     }
 

@@ -208,7 +208,11 @@ impl BuiltinRegistry {
                 let mut publish = None;
                 if let Some(status) = status_change(body) {
                     entry["status"] = status.clone();
-                    publish = Some(status_notification(&resource, status));
+                    publish = Some(status_notification(
+                        registry_address(message),
+                        &resource,
+                        status,
+                    ));
                 }
                 self.put(&resource, Some(entry)).await?;
                 Ok(Reply {
@@ -311,12 +315,19 @@ fn matches(entry: &Value, criteria: Option<&Value>) -> bool {
     })
 }
 
-/// The notification of a status change, for subscribers of `<url>/registration`.
-fn status_notification(url: &str, status: Value) -> Value {
+/// The notification of a status change, for subscribers of `<url>/registration`: from the
+/// registry (`registry`, the address the update was sent to), as the reTHINK registration
+/// spec has it.
+fn status_notification(registry: &str, url: &str, status: Value) -> Value {
     json!({
-        "type": "update", "from": url, "to": format!("{url}/registration"),
+        "type": "update", "from": registry, "to": format!("{url}/registration"),
         "body": {"attribute": "status", "value": status},
     })
+}
+
+/// The registry's own address: where `message` was sent.
+fn registry_address(message: &Message) -> &str {
+    message.to.first().map_or("", String::as_str)
 }
 
 /// A reTHINK domain registry over HTTP.
@@ -391,7 +402,11 @@ impl HttpRegistry {
                 entry["lastModified"] = json!(now_ms());
                 if let Some(status) = status_change(body) {
                     entry["status"] = status.clone();
-                    publish = Some(status_notification(resource, status));
+                    publish = Some(status_notification(
+                        registry_address(message),
+                        resource,
+                        status,
+                    ));
                 }
                 self.call(self.http.put(&url).json(&entry)).await?
             }

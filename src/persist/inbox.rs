@@ -143,6 +143,9 @@ struct RuntimeBox {
     room: OnceCell<(String, u64)>,
     /// The cursor as last read or written; the lock also serialises take and ack.
     cursor: tokio::sync::Mutex<Option<BTreeMap<String, u64>>>,
+    /// No room exists for it unless this node creates one (a new runtime, or a look-up
+    /// found none): a take before the first push reads nothing from the homeserver.
+    roomless: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -301,6 +304,18 @@ impl Inbox {
         }
     }
 
+    /// Tells the inboxes that `runtime` is new (this node just gave it out and shares it with
+    /// no replica): no room exists for it until a message has to wait, so taking from it
+    /// before then reads nothing from the homeserver.
+    pub fn is_new(&self, runtime: &str) {
+        if let Inner::Matrix(matrix) = &*self.inner {
+            matrix
+                .runtime_box(runtime)
+                .roomless
+                .store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Discards every message for `runtime` (it was released): what is stored is marked
     /// delivered, so no later take returns any of it. How many messages that was.
     ///
@@ -320,7 +335,10 @@ impl Inbox {
         if let Inner::Matrix(matrix) = &*self.inner {
             let inbox = matrix.runtime_box(runtime);
             let never_written = inbox.room.get().is_none() && lock(&inbox.queue).pushed == 0;
-            if never_written && matrix.actor.find_room(&inbox.alias()).await?.is_none() {
+            if never_written
+                && ((matrix.follower.is_none() && inbox.roomless.load(Ordering::Relaxed))
+                    || matrix.actor.find_room(&inbox.alias()).await?.is_none())
+            {
                 return Ok(0); // no room: nothing ever waited for it
             }
         }
@@ -349,6 +367,7 @@ impl MatrixInbox {
                     stored,
                     room: OnceCell::new(),
                     cursor: tokio::sync::Mutex::new(None),
+                    roomless: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone()
@@ -357,6 +376,20 @@ impl MatrixInbox {
     async fn take(&self, runtime: &str) -> Result<Taken, ActorError> {
         let inbox = self.runtime_box(runtime);
         let pushed = lock(&inbox.queue).pushed;
+        if pushed == 0 && inbox.room.get().is_none() {
+            // Nothing pushed here and no room opened: look before creating one — a runtime
+            // that never had to wait costs no room. (With replicas another one may create
+            // it any time: never remembered as roomless then.)
+            let alone = self.follower.is_none();
+            if (alone && inbox.roomless.load(Ordering::Relaxed))
+                || self.actor.find_room(&inbox.alias()).await?.is_none()
+            {
+                if alone {
+                    inbox.roomless.store(true, Ordering::Relaxed);
+                }
+                return Ok(Taken::default());
+            }
+        }
         let mut stored = inbox.stored.subscribe();
         match tokio::time::timeout(STORE_WAIT, stored.wait_for(|s| *s >= pushed)).await {
             Ok(Ok(_)) => {}

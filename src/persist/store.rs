@@ -3,8 +3,8 @@
 //! Owns the state room (`#_msgnode_state:<server>`, created by the appservice's own user)
 //! and two state event types in it:
 //! - `org.msgnode.bus.runtime`, state key = runtime URL: a [`RuntimeRecord`] (its user,
-//!   allocated addresses, subscriptions, foreign return routes; a released runtime keeps
-//!   only its user, marked `released`);
+//!   allocated and claimed addresses, subscriptions, foreign return routes; a released
+//!   runtime keeps only its user and claimed addresses, marked `released`);
 //! - `org.msgnode.registry`, state key = registered URL: `{"entry": <value>}`, or
 //!   `{"entry_json": "<text>"}` when the homeserver refuses the value as non-canonical JSON
 //!   (floats).
@@ -41,6 +41,11 @@ pub struct RuntimeRecord {
     pub subscriptions: BTreeMap<String, String>,
     /// Foreign addresses bound as return routes to this runtime.
     pub foreign: Vec<String>,
+    /// Addresses of the node's domain claimed on first use as a `from` (under a runtime
+    /// scheme, or hyperty addresses where the policy allows): its owner's for good, kept
+    /// (and bound to the runtime) after a release, like the runtime URL itself.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub claimed: Vec<String>,
     /// The replica holding (or last holding) the runtime's socket. Only with `[bus]
     /// replica`. (The replica that wrote an event is its `writer`, outside the record.)
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,6 +72,7 @@ impl RuntimeRecord {
             && self.allocations.is_empty()
             && self.subscriptions.is_empty()
             && self.foreign.is_empty()
+            && self.claimed.is_empty()
     }
 }
 

@@ -72,7 +72,7 @@ pub struct Target {
 pub struct ClaimInput {
     /// What is claimed.
     pub claim: Claim,
-    /// Who claims it (without addresses: it holds nothing there yet).
+    /// Who claims it (with what its principal holds, for the limits).
     pub subject: Subject,
     /// When and where.
     pub context: Context,
@@ -83,7 +83,11 @@ pub struct ClaimInput {
 pub struct Claim {
     /// The address.
     pub address: String,
-    /// `runtime`: a runtime URL, at a socket's handshake.
+    /// What is claimed: `runtime` (a runtime URL, at a socket's handshake),
+    /// `runtime_address` (a `from` under a runtime scheme of the node's domain that nobody
+    /// holds, on first use), `hyperty` (a hyperty address of the node's domain used as a
+    /// `from` before anybody held it) or `identity` (a `user://` identity a registration
+    /// names but the connection did not verify).
     pub kind: &'static str,
     /// The address's domain (absent when it has none).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,9 +239,12 @@ pub struct Subject {
     pub user: Option<String>,
     /// The runtime URL of the connection.
     pub runtime: String,
-    /// The addresses bound to the runtime (allocated, return routes, and for a peer node
-    /// the address it sends from).
-    pub addresses: Vec<String>,
+    /// Whether the connection holds the message's `from` (or the address it is a
+    /// sub-resource of): a peer node holds its own domain's addresses. Kinds message and
+    /// subscription; one flag, however many addresses the runtime holds (the policy's
+    /// anti-spoofing rule reads it; the node enforces the same rule itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holds_from: Option<bool>,
     /// Whether the connection authenticated (always, once connected).
     pub authenticated: bool,
     /// The identity the connection asserted and the IdM verified (`user://idp/name`).
@@ -338,7 +345,7 @@ mod tests {
         Subject {
             user: Some("@alice:localhost".into()),
             runtime: "runtime://localhost/1".into(),
-            addresses: vec!["hyperty://localhost/a".into()],
+            holds_from: Some(true),
             authenticated: true,
             ..Subject::default()
         }
@@ -378,7 +385,7 @@ mod tests {
     }
 
     fn subject_json() -> Value {
-        json!({"runtime": "runtime://localhost/1", "addresses": ["hyperty://localhost/a"],
+        json!({"runtime": "runtime://localhost/1", "holds_from": true,
                "authenticated": true, "user": "@alice:localhost"})
     }
 
@@ -418,7 +425,7 @@ mod tests {
         };
         let peer = Subject {
             runtime: "domain://msg-node.peer.example".into(),
-            addresses: vec!["hyperty://peer.example/p".into()],
+            holds_from: Some(true),
             authenticated: true,
             peer: Some("peer.example".into()),
             ..Subject::default()
@@ -444,14 +451,14 @@ mod tests {
                 "message from a network server with an identity",
                 message_input(&message, network_server, vec![], None),
                 json!({"kind": "message", "message": message, "context": context_json(), "targets": [],
-                       "subject": {"runtime": "runtime://localhost/ns", "addresses": [], "authenticated": true,
+                       "subject": {"runtime": "runtime://localhost/ns", "authenticated": true,
                                    "identity": "user://localhost/alice", "network_server": "gateway"}}),
             ),
             (
                 "message from a peer node",
                 message_input(&message, peer, vec![], None),
                 json!({"kind": "message", "message": message, "context": context_json(), "targets": [],
-                       "subject": {"runtime": "domain://msg-node.peer.example", "addresses": ["hyperty://peer.example/p"],
+                       "subject": {"runtime": "domain://msg-node.peer.example", "holds_from": true,
                                    "authenticated": true, "peer": "peer.example"}}),
             ),
             (
@@ -533,6 +540,46 @@ mod tests {
                 json!({"kind": "claim", "context": context_json(),
                        "claim": {"address": "runtime://partner.example/7", "kind": "runtime", "domain": "partner.example"},
                        "subject": with_totals}),
+            ),
+            (
+                "claim of a runtime-scheme address on first use",
+                Input::Claim(ClaimInput {
+                    claim: Claim {
+                        address: "hyperty-runtime://localhost/protostub/1/sm".into(),
+                        kind: "runtime_address",
+                        domain: Some("localhost".into()),
+                    },
+                    subject: Subject {
+                        user: None,
+                        network_server: Some("gateway".into()),
+                        holds_from: None,
+                        principal: Some(totals()),
+                        ..subject()
+                    },
+                    context: context(),
+                }),
+                json!({"kind": "claim", "context": context_json(),
+                       "claim": {"address": "hyperty-runtime://localhost/protostub/1/sm", "kind": "runtime_address", "domain": "localhost"},
+                       "subject": {"runtime": "runtime://localhost/1", "authenticated": true, "network_server": "gateway",
+                                   "principal": {"runtimes": 2, "addresses": 7, "foreign_routes": 0, "registry_entries": 1}}}),
+            ),
+            (
+                "claim of an unverified identity for a registration",
+                Input::Claim(ClaimInput {
+                    claim: Claim {
+                        address: "user://google.com/openIdTest10".into(),
+                        kind: "identity",
+                        domain: Some("google.com".into()),
+                    },
+                    subject: Subject {
+                        holds_from: None,
+                        ..subject()
+                    },
+                    context: context(),
+                }),
+                json!({"kind": "claim", "context": context_json(),
+                       "claim": {"address": "user://google.com/openIdTest10", "kind": "identity", "domain": "google.com"},
+                       "subject": {"runtime": "runtime://localhost/1", "authenticated": true, "user": "@alice:localhost"}}),
             ),
             (
                 "matrix event",

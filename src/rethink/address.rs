@@ -127,53 +127,23 @@ impl NodeAddresses {
         None
     }
 
-    /// Why `url` cannot be a runtime URL: it must be `runtime://<domain>/<id>` or
-    /// `hyperty-runtime://<domain>/<id>`, written canonically (lowercase host, no port, one
-    /// path segment), so it can never name a node component, an allocated address or a
-    /// sub-resource of someone's address. The domain is usually this node's; a runtime of
-    /// another domain may use this node too (it owns only that URL and what lies under it).
-    /// The caller refuses the domains of configured peers.
+    /// Why `url` cannot be a runtime URL: it must be `runtime://<domain>/<path>` or
+    /// `hyperty-runtime://<domain>/<path>`, written canonically (lowercase host, no port,
+    /// 1 to [`MAX_RUNTIME_SEGMENTS`] path segments of letters, digits and `. _ ~ -`, none of
+    /// them `.` or `..`), so it can never name a node component or an allocated address.
+    /// Whether it nests in (or over) someone else's runtime is the table's call: a runtime
+    /// URL or claimed address is its first principal's, and so is everything under it. The
+    /// domain is usually this node's; a runtime of another domain may use this node too (it
+    /// owns only that URL and what lies under it). The caller refuses the domains of
+    /// configured peers.
     pub fn runtime_url_problem(&self, url: &str) -> Option<String> {
-        let form = || {
-            Some(format!(
-                "runtime URL {url:?} must be runtime://{0}/<id> or hyperty-runtime://{0}/<id>, \
-                 <id> of letters, digits and . _ ~ -",
-                self.domain
-            ))
-        };
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return form();
-        };
-        if scheme != "runtime" && scheme != "hyperty-runtime" {
-            return form();
-        }
-        let Some((authority, id)) = rest.split_once('/') else {
-            return form();
-        };
-        let host_ok = !authority.is_empty()
-            && authority
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-            && !authority.starts_with(['.', '-'])
-            && !authority.ends_with(['.', '-'])
-            && !authority.starts_with("msg-node.")
-            && !authority.starts_with("registry.")
-            && !authority.starts_with("idm.");
-        if !host_ok {
-            return Some(format!(
-                "runtime URL {url:?}: the host must be a domain name in lowercase, without a port"
-            ));
-        }
-        let id_ok = !id.is_empty()
-            && id != "."
-            && id != ".."
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'));
-        if !id_ok {
-            return form();
-        }
-        None
+        canonical_problem(url, &["runtime", "hyperty-runtime"], &self.domain)
+    }
+
+    /// Why `url` cannot be claimed as a hyperty address: as [`Self::runtime_url_problem`],
+    /// with the scheme `hyperty`.
+    pub fn hyperty_url_problem(&self, url: &str) -> Option<String> {
+        canonical_problem(url, &["hyperty"], &self.domain)
     }
 
     /// Whether `url` belongs to this node's domain (or one of its direct subdomains, such as
@@ -188,6 +158,57 @@ impl NodeAddresses {
             }
         }
     }
+}
+
+/// Most path segments of a runtime URL (or a claimed address).
+pub const MAX_RUNTIME_SEGMENTS: usize = 8;
+
+/// Why `url` is not `<scheme>://<host>/<segment>[/<segment>…]` written canonically with one of
+/// `schemes` (see [`NodeAddresses::runtime_url_problem`]); `domain` only names the form.
+fn canonical_problem(url: &str, schemes: &[&str], domain: &str) -> Option<String> {
+    let form = || {
+        Some(format!(
+            "{url:?} must be {}://{domain}/<id>[/<id>…], each <id> of letters, digits and . _ ~ - \
+             (at most {MAX_RUNTIME_SEGMENTS})",
+            schemes.join("|")
+        ))
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return form();
+    };
+    if !schemes.contains(&scheme) {
+        return form();
+    }
+    let Some((authority, path)) = rest.split_once('/') else {
+        return form();
+    };
+    let host_ok = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && !authority.starts_with(['.', '-'])
+        && !authority.ends_with(['.', '-'])
+        && !authority.starts_with("msg-node.")
+        && !authority.starts_with("registry.")
+        && !authority.starts_with("idm.");
+    if !host_ok {
+        return Some(format!(
+            "{url:?}: the host must be a domain name in lowercase, without a port"
+        ));
+    }
+    let segment_ok = |id: &str| {
+        !id.is_empty()
+            && id != "."
+            && id != ".."
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+    };
+    let segments = path.split('/').count();
+    if segments > MAX_RUNTIME_SEGMENTS || !path.split('/').all(segment_ok) {
+        return form();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -245,6 +266,16 @@ mod tests {
         assert_eq!(n.runtime_url_problem("runtime://localhost/abc"), None);
         assert_eq!(n.runtime_url_problem("runtime://other.example/abc"), None);
         assert_eq!(
+            n.runtime_url_problem("runtime://localhost/Subscriber/7"),
+            None
+        );
+        assert_eq!(
+            n.runtime_url_problem("hyperty-runtime://localhost/protostub/1/registry/allocation"),
+            None
+        );
+        assert_eq!(n.hyperty_url_problem("hyperty://localhost/0f9d-2a61"), None);
+        assert!(n.hyperty_url_problem("runtime://localhost/x").is_some());
+        assert_eq!(
             n.runtime_url_problem("hyperty-runtime://localhost/abc"),
             None
         );
@@ -254,7 +285,10 @@ mod tests {
             "domain://msg-node.peer.example",
             "runtime://localhost",
             "runtime://localhost/",
-            "runtime://localhost/a/b",
+            "runtime://localhost/a//b",
+            "runtime://localhost/a/",
+            "runtime://localhost/a/../b",
+            "runtime://localhost/1/2/3/4/5/6/7/8/9",
             "runtime://x@localhost/a",
             "runtime://localhost/..",
             "RUNTIME://localhost/abc",
