@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (each test binary uses some of them).
 #![allow(dead_code)]
 
+pub mod conformance;
 pub mod matrix;
 pub mod stub;
 pub mod synapse;
