@@ -495,12 +495,16 @@ pub struct BusConfig {
     pub durability: Durability,
     /// Largest WebSocket message accepted (larger → close code 1009).
     pub max_frame_bytes: usize,
-    /// Messages queued for one socket before it counts as too slow (it is closed and resumes
-    /// from its inbox on reconnect).
+    /// Messages queued for one socket before it counts as full: senders to it wait (their
+    /// sockets are not read meanwhile) until `slow_receiver_close_after`.
     pub outbound_queue: usize,
-    /// Bytes queued for one socket before it counts as too slow (as `outbound_queue`): what
-    /// a receiver that does not read can hold in the node's memory.
+    /// Bytes queued for one socket before it counts as full (as `outbound_queue`): what a
+    /// receiver that does not read can hold in the node's memory.
     pub outbound_queue_bytes: usize,
+    /// How long a socket's queue may stay full before the socket is closed (1013; it resumes
+    /// from its inbox on reconnect). Until then its senders are slowed down.
+    #[serde(with = "humantime_serde")]
+    pub slow_receiver_close_after: Duration,
     /// Most `to` addresses one message may have (more → 400).
     pub max_destinations: usize,
     /// Hard per-principal limits, whatever the policy allows (the policy's own, lower ones
@@ -609,6 +613,7 @@ impl Default for BusConfig {
             rate_limit: RateLimit::new(20_000, 40_000),
             handshake_timeout: Duration::from_secs(10),
             away_release_after: Duration::from_secs(24 * 3600),
+            slow_receiver_close_after: Duration::from_secs(10),
             max_history_backlog: 1_000_000,
             max_history_bytes: 256 * 1024 * 1024,
             inbox_max_bytes: 64 * 1024 * 1024,

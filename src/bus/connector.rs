@@ -52,7 +52,7 @@ impl Bus {
         let reply = connector.handle(message, sender).await;
         self.inner.metrics.count("component");
         if let Some(publish) = reply.publish {
-            self.publish(publish);
+            self.publish(publish).await;
         }
         reply.response
     }

@@ -1,5 +1,7 @@
 //! The bus's listener: its one route table — `GET /ws` and `GET /stub/connect` (protocol
-//! stubs, `bus::socket`) and `POST /bus/v1/messages` (other domains' nodes, `bus::peers`).
+//! stubs, `bus::socket`), `/socket.io/` (socket.io stubs, `bus::socketio`, with CORS for
+//! browsers' polling requests) and `POST /bus/v1/messages` (other domains' nodes,
+//! `bus::peers`).
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
@@ -18,7 +20,14 @@ pub fn router(bus: Bus) -> Router {
         .route("/ws", get(ws_current))
         .route("/stub/connect", get(ws_legacy))
         .route("/bus/v1/messages", post(peer_message))
-        .with_state(bus)
+        .with_state(bus.clone())
+        .layer(super::socketio::layer(bus))
+        // Engine.IO's polling transport from a page of another origin sends credentials.
+        .layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(tower_http::cors::AllowOrigin::mirror_request())
+                .allow_credentials(true),
+        )
 }
 
 type Params = Query<Vec<(String, String)>>;

@@ -10,7 +10,8 @@
 //! - a component acts: `allocation`, `subscriptions` (the subscription manager: subscribe,
 //!   unsubscribe, and re-deciding on every policy revision), `connector` (registry, IdM);
 //! - anything else is routed (`routing`): to the runtimes holding the address (direct or
-//!   their inbox), to subscribers of a topic, or to a peer node; then journaled.
+//!   their inbox; `flow` slows the sender while a receiver's queue is full), to subscribers
+//!   of a topic, or to a peer node; then journaled.
 //!
 //! The rest of the bus: `claim` (addresses taken for good on first use), `lifecycle`
 //! (authenticate, bind, attach, detach, release, restore),
@@ -25,6 +26,7 @@ mod claim;
 mod connection;
 mod connector;
 mod decision;
+mod flow;
 mod housekeeping;
 mod lifecycle;
 pub mod listener;
@@ -39,6 +41,7 @@ mod routing;
 pub mod runtimes;
 mod session;
 mod socket;
+pub mod socketio;
 mod subscriptions;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

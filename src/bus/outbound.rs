@@ -1,12 +1,12 @@
 //! One socket's outbound queue, bounded in messages and in bytes: what a receiver that does
-//! not read can hold in the node's memory. Full means too slow: the runtime's deliveries go
-//! to its inbox and the socket is closed, to resume from there on reconnect.
+//! not read can hold in the node's memory. Full means slow: a sender waits for room (see
+//! `bus::flow`), and a receiver that stays full too long is closed, to resume from its inbox.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// The sending side (cheap to clone).
 #[derive(Clone, Debug)]
@@ -14,25 +14,30 @@ pub struct Outbound {
     tx: mpsc::Sender<Utf8Bytes>,
     queued: Arc<AtomicUsize>,
     max_bytes: usize,
+    /// Told whenever the writer takes a message out (room again).
+    room: Arc<Notify>,
 }
 
 /// The receiving side, read by the socket's writer.
 pub struct OutboundRx {
     rx: mpsc::Receiver<Utf8Bytes>,
     queued: Arc<AtomicUsize>,
+    room: Arc<Notify>,
 }
 
 /// A queue of at most `messages` messages and `max_bytes` bytes.
 pub fn channel(messages: usize, max_bytes: usize) -> (Outbound, OutboundRx) {
     let (tx, rx) = mpsc::channel(messages.max(1));
     let queued = Arc::new(AtomicUsize::new(0));
+    let room = Arc::new(Notify::new());
     (
         Outbound {
             tx,
             queued: Arc::clone(&queued),
             max_bytes: max_bytes.max(1),
+            room: Arc::clone(&room),
         },
-        OutboundRx { rx, queued },
+        OutboundRx { rx, queued, room },
     )
 }
 
@@ -81,6 +86,31 @@ impl Outbound {
         })
     }
 
+    /// Queues `text` as soon as there is room in messages and bytes, waiting until
+    /// `deadline` at most.
+    ///
+    /// # Errors
+    /// [`Refused::Full`] at the deadline, [`Refused::Closed`] once the socket is gone; with
+    /// the text.
+    pub async fn send_until(
+        &self,
+        mut text: Utf8Bytes,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Refused> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.try_send(text) {
+                Err(Refused::Full(back)) => text = back,
+                done => return done,
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(Refused::Full(text));
+            }
+        }
+    }
+
     /// A queue that nobody reads (a peer node's stand-in connection).
     pub fn detached() -> Outbound {
         channel(1, 1).0
@@ -92,6 +122,7 @@ impl OutboundRx {
     pub async fn recv(&mut self) -> Option<Utf8Bytes> {
         let text = self.rx.recv().await?;
         self.queued.fetch_sub(text.len(), Ordering::Relaxed);
+        self.room.notify_waiters();
         Some(text)
     }
 
@@ -99,6 +130,7 @@ impl OutboundRx {
     pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
         let text = self.rx.try_recv().ok()?;
         self.queued.fetch_sub(text.len(), Ordering::Relaxed);
+        self.room.notify_waiters();
         Some(text)
     }
 }
@@ -130,6 +162,25 @@ mod tests {
         drop(rx);
         assert!(matches!(gone.try_send(text(1)), Err(Refused::Closed(_))));
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_sender_waits_for_room_until_its_deadline() {
+        let (tx, mut rx) = channel(1, 1000);
+        assert!(tx.try_send(text(1)).is_ok());
+        let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+        assert!(matches!(
+            tx.send_until(text(2), soon).await,
+            Err(Refused::Full(_))
+        ));
+        let waiting = {
+            let tx = tx.clone();
+            let later = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            tokio::spawn(async move { tx.send_until(text(3), later).await })
+        };
+        assert_eq!(rx.recv().await.map(|t| t.len()), Some(1));
+        assert_eq!(waiting.await.ok(), Some(Ok(())), "room made: queued");
+        assert_eq!(rx.recv().await.map(|t| t.len()), Some(3));
     }
 
     #[tokio::test]

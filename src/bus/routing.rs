@@ -218,7 +218,7 @@ impl Bus {
             };
             let metrics = &self.inner.metrics;
             for runtime in &targets {
-                match runtime.deliver(&message.text, &self.inner.persistence.inbox) {
+                match self.deliver(runtime, &message.text).await {
                     Delivered::Direct => metrics.direct.inc(),
                     Delivered::Queued => metrics.queued.inc(),
                 };
@@ -255,7 +255,7 @@ impl Bus {
     }
 
     /// Sends a node-originated message (a notification) to whoever `to` reaches.
-    pub(super) fn publish(&self, mut notification: Value) {
+    pub(super) async fn publish(&self, mut notification: Value) {
         notification["id"] = json!(self.next_message_id());
         let Ok(message) = Message::from_value(notification, None) else {
             return;
@@ -268,7 +268,7 @@ impl Bus {
         }
         let targets = Table::distinct(targets);
         for runtime in &targets {
-            runtime.deliver(&message.text, &self.inner.persistence.inbox);
+            self.deliver(runtime, &message.text).await;
         }
         self.inner.persistence.journal.record(
             message.text.as_str(),

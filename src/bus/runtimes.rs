@@ -5,8 +5,9 @@
 //! online — a connected socket with a bounded outbound queue, delivered to directly — or
 //! away, when messages go to its inbox in Matrix and are handed over, in order, when it
 //! reconnects. A reconnect drains the inbox while new messages are buffered, so nothing is
-//! lost, reordered or delivered twice. A socket that cannot keep up (queue full) is treated
-//! as away: the message goes to the inbox and the socket is closed, to resume on reconnect.
+//! lost, reordered or delivered twice. A socket whose queue is full makes its senders wait
+//! (`bus::flow`); one that stays full too long is treated as away: the message goes to the
+//! inbox and the socket is closed, to resume on reconnect.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::outbound::Outbound;
+use super::outbound::{Outbound, Refused};
 use super::owners::{counts, Claims, Owner, Owners};
 use crate::persist::inbox::Inbox;
 use crate::persist::store::RuntimeRecord;
@@ -41,6 +42,8 @@ struct RuntimeState {
     away_since: Option<Instant>,
     /// Its principal's holdings, which every change of the record updates.
     owner: Option<Arc<Owner>>,
+    /// Since when its socket's queue has been full (`None`: it keeps up).
+    behind_since: Option<Instant>,
 }
 
 enum Delivery {
@@ -55,6 +58,21 @@ enum Delivery {
         close: CancellationToken,
     },
     Away,
+}
+
+/// What [`Runtime::offer`] found.
+pub enum Offer {
+    /// Handed over (or into the inbox).
+    Done(Delivered),
+    /// The queue of socket `conn` is full; room may come on `tx`. Behind since `since`.
+    Full {
+        /// The connection holding the runtime.
+        conn: u64,
+        /// Its queue.
+        tx: Outbound,
+        /// When its queue was first found full (without room since).
+        since: Instant,
+    },
 }
 
 /// Where one delivery went.
@@ -76,6 +94,7 @@ impl Runtime {
                 subject: None,
                 away_since: Some(Instant::now()),
                 owner: None,
+                behind_since: None,
             }),
             handover: tokio::sync::Mutex::new(()),
         }
@@ -151,30 +170,78 @@ impl Runtime {
         subject
     }
 
-    /// Hands `text` to the runtime: straight into its socket queue when online, else into
-    /// its inbox.
+    /// Hands `text` to the runtime now: into its socket queue when online, else into its
+    /// inbox; a full queue closes the socket (it resumes from the inbox). The bus's routing
+    /// waits for room first (`bus::flow`); this is for what cannot wait.
     pub fn deliver(&self, text: &Utf8Bytes, inbox: &Inbox) -> Delivered {
-        let mut state = self.lock();
+        match self.offer(text, inbox) {
+            Offer::Done(delivered) => delivered,
+            Offer::Full { conn, .. } => self.too_slow(conn, text, inbox),
+        }
+    }
+
+    /// Tries to hand `text` over without waiting: done (direct, buffered during a reconnect,
+    /// or into the inbox), or the socket's queue is full.
+    pub fn offer(&self, text: &Utf8Bytes, inbox: &Inbox) -> Offer {
+        let mut guard = self.lock();
+        let state = &mut *guard;
         match &mut state.delivery {
-            Delivery::Online { tx, close, .. } => match tx.try_send(text.clone()) {
-                Ok(()) => Delivered::Direct,
-                Err(_) => {
+            Delivery::Online { tx, close, conn } => match tx.try_send(text.clone()) {
+                Ok(()) => {
+                    state.behind_since = None;
+                    Offer::Done(Delivered::Direct)
+                }
+                Err(Refused::Full(_)) => Offer::Full {
+                    conn: *conn,
+                    tx: tx.clone(),
+                    since: *state.behind_since.get_or_insert_with(Instant::now),
+                },
+                Err(Refused::Closed(_)) => {
+                    // Gone: the socket resumes from the inbox.
                     close.cancel();
-                    // Full (too slow) or closed: the socket resumes from the inbox.
-                    tracing::warn!(runtime = %self.url, "runtime cannot keep up or is gone; queueing in its inbox until it reconnects");
                     state.delivery = Delivery::Away;
                     state.away_since = Some(Instant::now());
                     inbox.push(&self.url, text.as_str());
-                    Delivered::Queued
+                    Offer::Done(Delivered::Queued)
                 }
             },
             Delivery::Draining { buffer, .. } => {
                 buffer.push(text.clone());
-                Delivered::Queued
+                Offer::Done(Delivered::Queued)
             }
             Delivery::Away => {
                 inbox.push(&self.url, text.as_str());
+                Offer::Done(Delivered::Queued)
+            }
+        }
+    }
+
+    /// A delivery that waited found room in the queue of `conn`: no longer behind.
+    pub fn caught_up(&self, conn: u64) {
+        let mut state = self.lock();
+        if matches!(&state.delivery, Delivery::Online { conn: c, .. } if *c == conn) {
+            state.behind_since = None;
+        }
+    }
+
+    /// The socket of `conn` stayed behind too long (or went away): it is told to close, and
+    /// `text` — like everything after it — goes to the inbox. If another socket holds the
+    /// runtime by now, `text` is handed to that one as any delivery.
+    pub fn too_slow(&self, conn: u64, text: &Utf8Bytes, inbox: &Inbox) -> Delivered {
+        let mut state = self.lock();
+        match &state.delivery {
+            Delivery::Online { conn: c, close, .. } if *c == conn => {
+                close.cancel();
+                tracing::warn!(runtime = %self.url, "runtime cannot keep up or is gone; queueing in its inbox until it reconnects");
+                state.delivery = Delivery::Away;
+                state.away_since = Some(Instant::now());
+                state.behind_since = None;
+                inbox.push(&self.url, text.as_str());
                 Delivered::Queued
+            }
+            _ => {
+                drop(state);
+                self.deliver(text, inbox)
             }
         }
     }

@@ -27,7 +27,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::connection::Principal;
 use super::outbound::{self, OutboundRx};
+use super::runtimes::Runtime;
 use super::{Bus, Connection};
 use crate::rethink::message::response;
 use crate::rethink::Message;
@@ -74,7 +76,7 @@ pub(super) fn upgrade(
 }
 
 /// How the socket introduced itself.
-enum Hello {
+pub(super) enum Hello {
     Query(String),
     /// The runtime URL, and a token in `data.accessToken`.
     Connect(String, Option<String>),
@@ -90,7 +92,7 @@ impl Hello {
     }
 
     /// The answer to the handshake.
-    fn answer(&self, code: u16, text: &str) -> String {
+    pub(super) fn answer(&self, code: u16, text: &str) -> String {
         match self {
             Hello::Connect(..) => {
                 json!({"cmd": "connect", "response": code, "data": {"msg": text}}).to_string()
@@ -159,22 +161,10 @@ async fn session(
             }
         }
     };
-    let token = token.or_else(|| hello_token(&hello));
-    let bound = match bus.authenticate(token.as_deref()).await {
-        Ok(principal) => bus
-            .bind(hello.runtime(), &principal)
-            .await
-            .map(|r| (r, principal)),
-        Err(e) => Err(e),
-    };
-    let (runtime, principal) = match bound {
+    let (runtime, principal) = match bind_hello(&bus, &hello, token).await {
         Ok(bound) => bound,
-        Err(e) => {
-            let _ = sink
-                .send(WsMessage::Text(Utf8Bytes::from(
-                    hello.answer(e.code(), &e.to_string()),
-                )))
-                .await;
+        Err(answer) => {
+            let _ = sink.send(WsMessage::Text(Utf8Bytes::from(answer))).await;
             close_with(&mut sink, close_code::POLICY, "not allowed").await;
             return;
         }
@@ -224,6 +214,24 @@ async fn session(
     let _ = writer.await;
 }
 
+/// Authenticates the socket (`token`, else one its handshake carries) and binds the
+/// runtime it names; `Err` with the answer for a refused handshake (then closed).
+pub(super) async fn bind_hello(
+    bus: &Bus,
+    hello: &Hello,
+    token: Option<String>,
+) -> Result<(Arc<Runtime>, Principal), String> {
+    let token = token.or_else(|| hello_token(hello));
+    let bound = match bus.authenticate(token.as_deref()).await {
+        Ok(principal) => bus
+            .bind(hello.runtime(), &principal)
+            .await
+            .map(|r| (r, principal)),
+        Err(e) => Err(e),
+    };
+    bound.map_err(|e| hello.answer(e.code(), &e.to_string()))
+}
+
 /// Reads the first frame: a connect command or an `open` message.
 async fn first_frame(stream: &mut SplitStream<WebSocket>) -> Result<Hello, String> {
     loop {
@@ -234,28 +242,33 @@ async fn first_frame(stream: &mut SplitStream<WebSocket>) -> Result<Hello, Strin
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
             _ => return Err("socket closed before the handshake".into()),
         };
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| format!("first frame is not JSON: {e}"))?;
-        if value["cmd"] == "connect" {
-            let url = value["data"]["runtimeURL"]
-                .as_str()
-                .ok_or("connect needs data.runtimeURL")?;
-            let token = ["accessToken", "token"]
-                .iter()
-                .find_map(|k| value["data"][*k].as_str())
-                .map(str::to_string);
-            return Ok(Hello::Connect(url.to_string(), token));
-        }
-        let is_open = value["type"]
-            .as_str()
-            .is_some_and(|t| t.eq_ignore_ascii_case("open") || t.eq_ignore_ascii_case("re-open"));
-        if is_open && value["to"] == "mn:/session" {
-            let message = Message::from_value(value, Some(Utf8Bytes::from(text)))
-                .map_err(|(e, _)| e.to_string())?;
-            return Ok(Hello::Open(message));
-        }
-        return Err("the first frame must be {\"cmd\":\"connect\",\"data\":{\"runtimeURL\":…}} or an 'open' message to mn:/session (or give ?runtimeURL=)".into());
+        return hello_of(text);
     }
+}
+
+/// What a first frame says: a connect command or an `open` message.
+pub(super) fn hello_of(text: String) -> Result<Hello, String> {
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| format!("first frame is not JSON: {e}"))?;
+    if value["cmd"] == "connect" {
+        let url = value["data"]["runtimeURL"]
+            .as_str()
+            .ok_or("connect needs data.runtimeURL")?;
+        let token = ["accessToken", "token"]
+            .iter()
+            .find_map(|k| value["data"][*k].as_str())
+            .map(str::to_string);
+        return Ok(Hello::Connect(url.to_string(), token));
+    }
+    let is_open = value["type"]
+        .as_str()
+        .is_some_and(|t| t.eq_ignore_ascii_case("open") || t.eq_ignore_ascii_case("re-open"));
+    if is_open && value["to"] == "mn:/session" {
+        let message = Message::from_value(value, Some(Utf8Bytes::from(text)))
+            .map_err(|(e, _)| e.to_string())?;
+        return Ok(Hello::Open(message));
+    }
+    Err("the first frame must be {\"cmd\":\"connect\",\"data\":{\"runtimeURL\":…}} or an 'open' message to mn:/session (or give ?runtimeURL=)".into())
 }
 
 /// A token carried in the handshake itself.
@@ -326,7 +339,7 @@ async fn read_loop(
 }
 
 /// One frame after the handshake; the answer for the sender, if any.
-async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> Option<String> {
+pub(super) async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> Option<String> {
     // The stubs' disconnect command (not a reTHINK message).
     if text.contains("\"cmd\"") {
         if let Ok(value) = serde_json::from_str::<Value>(text) {

@@ -244,7 +244,8 @@ impl Bus {
                 "from": self.inner.nodes.subscription_manager,
                 "to": subscriber.address,
                 "body": {"resources": [resource], "code": 403, "description": reason.to_string()},
-            }));
+            }))
+            .await;
         }
     }
 }

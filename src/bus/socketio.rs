@@ -1,0 +1,336 @@
+//! The socket.io protocol stubs (the reference Node.js stub: socket.io-client 1.x, Engine.IO
+//! protocol 3) on the bus's listener, at `/socket.io/`: Engine.IO (polling and WebSocket
+//! transports, both protocol revisions) is engineioxide's; the few Socket.IO packets above it
+//! are read here, in the order they arrive.
+//!
+//! A socket sends reTHINK messages as `message` events (`42["message", <JSON text or
+//! object>]`) and receives them the same way (as objects). Its first message must be an
+//! `open` to `mn:/session`, answered like the Vert.x stub's; the token is `?access_token=`
+//! or `Authorization: Bearer` on the Engine.IO request, or `accessToken` in the open body.
+//! After a `close` (or a refused open) the node sends a Socket.IO DISCONNECT (`41`), which
+//! the client does not reconnect after. Messages wait in a bounded queue while the bus
+//! handles earlier ones; a client that fills it is disconnected (it cannot be slowed down:
+//! Engine.IO delivers what it reads). Socket.IO protocol 5 clients (socket.io ≥ 3) connect
+//! too: their `0` is answered with the session id.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use engineioxide::config::EngineIoConfig;
+use engineioxide::handler::EngineIoHandler;
+use engineioxide::layer::EngineIoLayer;
+use engineioxide::{DisconnectReason, ProtocolVersion, Socket, Str};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::outbound;
+use super::socket::{bind_hello, hello_of, on_frame, Hello};
+use super::Bus;
+
+/// Where the stubs find it (socket.io's default path).
+pub const PATH: &str = "/socket.io";
+/// Messages read but not yet handled, per socket; past it the socket is disconnected.
+const INBOUND_QUEUE: usize = 1024;
+
+/// The Engine.IO layer serving socket.io stubs in front of the bus's other routes.
+pub fn layer(bus: Bus) -> EngineIoLayer<Handler> {
+    let max = bus.config().max_frame_bytes;
+    let config = EngineIoConfig::builder()
+        .req_path(PATH)
+        .max_payload(max as u64)
+        .ws_max_message_size(max)
+        .ws_max_frame_size(max)
+        .max_buffer_size(bus.config().outbound_queue.max(16))
+        .build();
+    EngineIoLayer::from_config(Arc::new(Handler { bus }), config)
+}
+
+/// Hands each socket's packets to its own task.
+#[derive(Clone)]
+pub struct Handler {
+    bus: Bus,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("socket.io handler")
+    }
+}
+
+/// A socket's state: the queue to its task (dropped when it disconnects).
+#[derive(Default)]
+pub struct Session {
+    inbound: Mutex<Option<mpsc::Sender<String>>>,
+}
+
+/// One Socket.IO packet, as far as the bus cares.
+#[derive(Debug, PartialEq)]
+enum Packet {
+    /// CONNECT to the default namespace.
+    Connect,
+    /// DISCONNECT.
+    Disconnect,
+    /// A `message` event's payload (a JSON text).
+    Message(String),
+    /// Another event, or a packet the bus has no use for.
+    Ignored,
+}
+
+/// Reads a Socket.IO (protocol 4 or 5) packet: `<type>[/<nsp>,][<ack id>][<JSON>]`.
+fn parse(packet: &str) -> Result<Packet, String> {
+    let mut chars = packet.chars();
+    let kind = chars.next().ok_or("empty packet")?;
+    let mut rest = chars.as_str();
+    if let Some(namespaced) = rest.strip_prefix('/') {
+        let (nsp, after) = namespaced.split_once(',').unwrap_or((namespaced, ""));
+        if !nsp.is_empty() {
+            return Err(format!("only the default namespace is served, not /{nsp}"));
+        }
+        rest = after;
+    }
+    let rest = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    match kind {
+        '0' => Ok(Packet::Connect),
+        '1' => Ok(Packet::Disconnect),
+        '2' => {
+            let event: Vec<Value> = serde_json::from_str(rest)
+                .map_err(|e| format!("event is not a JSON array: {e}"))?;
+            match event.as_slice() {
+                [Value::String(name), payload, ..] if name == "message" => match payload {
+                    Value::String(text) => Ok(Packet::Message(text.clone())),
+                    Value::Object(_) => Ok(Packet::Message(payload.to_string())),
+                    _ => Err("a message event carries a JSON text or object".into()),
+                },
+                [Value::String(_), ..] => Ok(Packet::Ignored),
+                _ => Err("an event is [name, payload]".into()),
+            }
+        }
+        '5' | '6' => Err("binary events are not supported".into()),
+        _ => Ok(Packet::Ignored),
+    }
+}
+
+/// A `message` event carrying `text` (a JSON object).
+fn event(text: &str) -> String {
+    format!("2[\"message\",{text}]")
+}
+
+impl EngineIoHandler for Handler {
+    type Data = Session;
+
+    fn on_connect(self: Arc<Self>, socket: Arc<Socket<Session>>) {
+        let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+        *lock(&socket.data.inbound) = Some(tx);
+        if socket.protocol == ProtocolVersion::V3 {
+            // Socket.IO 1.x/2.x: the server connects the default namespace itself.
+            let _ = socket.emit("0");
+        }
+        tokio::spawn(run(self.bus.clone(), socket, rx));
+    }
+
+    fn on_disconnect(&self, socket: Arc<Socket<Session>>, _reason: DisconnectReason) {
+        lock(&socket.data.inbound).take();
+    }
+
+    fn on_message(self: &Arc<Self>, msg: Str, socket: Arc<Socket<Session>>) {
+        match parse(msg.as_str()) {
+            Ok(Packet::Message(text)) => {
+                let queued = lock(&socket.data.inbound)
+                    .as_ref()
+                    .map(|tx| tx.try_send(text));
+                if let Some(Err(_)) = queued {
+                    tracing::warn!(sid = %socket.id, "socket.io stub sends faster than the bus handles its messages: disconnected");
+                    disconnect(&socket);
+                }
+            }
+            Ok(Packet::Connect) if socket.protocol != ProtocolVersion::V3 => {
+                // Socket.IO 3+: the client connects the namespace, answered with its id.
+                let _ = socket.emit(format!("0{}", json!({"sid": socket.id.to_string()})));
+            }
+            Ok(Packet::Connect) => {}
+            Ok(Packet::Disconnect) => {
+                lock(&socket.data.inbound).take();
+                socket.close(DisconnectReason::TransportClose);
+            }
+            Ok(Packet::Ignored) => {}
+            Err(problem) => {
+                tracing::debug!(sid = %socket.id, %problem, "socket.io packet refused");
+                let _ = socket.emit(format!("4{}", json!(problem)));
+            }
+        }
+    }
+
+    fn on_binary(self: &Arc<Self>, _data: bytes::Bytes, socket: Arc<Socket<Session>>) {
+        let _ = socket.emit(format!("4{}", json!("binary data is not supported")));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends a Socket.IO DISCONNECT and closes the transport.
+fn disconnect(socket: &Socket<Session>) {
+    lock(&socket.data.inbound).take();
+    let _ = socket.emit("1");
+    socket.close(DisconnectReason::ClosingServer);
+}
+
+/// Emits `packet`, waiting while the socket's Engine.IO buffer is full; false once closed.
+async fn emit(socket: &Socket<Session>, packet: String) -> bool {
+    let mut packet = Str::from(packet);
+    let mut wait = Duration::from_millis(1);
+    loop {
+        match socket.emit(packet) {
+            Ok(()) => return true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(back)) => {
+                packet = back;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(50));
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// One socket: the `open` handshake, then every message in order, until either side ends.
+async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<String>) {
+    let first = tokio::select! {
+        first = rx.recv() => first,
+        () = tokio::time::sleep(bus.config().handshake_timeout) => None,
+    };
+    let Some(first) = first else {
+        disconnect(&socket);
+        return;
+    };
+    let hello = match hello_of(first) {
+        Ok(hello @ Hello::Open(_)) => hello,
+        Ok(_) | Err(_) => {
+            let refused = json!({"id": null, "type": "response", "from": "mn:/session",
+                "body": {"code": 400, "description": "the first message must be an 'open' to mn:/session"}});
+            emit(&socket, event(&refused.to_string())).await;
+            disconnect(&socket);
+            return;
+        }
+    };
+    let token =
+        crate::http_auth::presented(&socket.req_parts.headers, &query(&socket)).map(str::to_string);
+    let (runtime, principal) = match bind_hello(&bus, &hello, token).await {
+        Ok(bound) => bound,
+        Err(answer) => {
+            emit(&socket, event(&answer)).await;
+            disconnect(&socket);
+            return;
+        }
+    };
+    if !emit(&socket, event(&hello.answer(200, "connected"))).await {
+        return;
+    }
+    let (tx, mut out) = outbound::channel(
+        bus.config().outbound_queue,
+        bus.config().outbound_queue_bytes,
+    );
+    let writer = {
+        let socket = Arc::clone(&socket);
+        tokio::spawn(async move {
+            while let Some(text) = out.recv().await {
+                if !emit(&socket, event(text.as_str())).await {
+                    return;
+                }
+            }
+        })
+    };
+    let conn = match bus.attach(runtime, principal, tx).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::info!(%e, "socket.io stub not attached");
+            writer.abort();
+            disconnect(&socket);
+            return;
+        }
+    };
+    loop {
+        let text = tokio::select! {
+            text = rx.recv() => text,
+            () = conn.close.cancelled() => None,
+            () = bus.inner.shutdown.cancelled() => None,
+        };
+        let Some(text) = text else { break };
+        if let Some(answer) = on_frame(&bus, &conn, &text).await {
+            if conn.tx.send(Utf8Bytes::from(answer)).await.is_err() {
+                break;
+            }
+        }
+        if conn.close.is_cancelled() {
+            break;
+        }
+    }
+    bus.detach(&conn);
+    drop(conn);
+    // What was queued before the close goes out first, then the DISCONNECT.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    disconnect(&socket);
+}
+
+/// The Engine.IO request's query, as pairs.
+fn query(socket: &Socket<Session>) -> Vec<(String, String)> {
+    let query = socket.req_parts.uri.query().unwrap_or("");
+    url_pairs(query)
+}
+
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_are_read_as_socket_io_writes_them() {
+        let open = r#"{"id":1,"type":"open","from":"runtime://localhost/1","to":"mn:/session"}"#;
+        for (packet, expected) in [
+            (
+                format!("2{}", json!(["message", open])),
+                Packet::Message(open.into()),
+            ),
+            (
+                format!("212{}", json!(["message", open])),
+                Packet::Message(open.into()),
+            ),
+            (
+                format!("2/,{}", json!(["message", {"a": 1}])),
+                Packet::Message(r#"{"a":1}"#.into()),
+            ),
+            (format!("2{}", json!(["other", 1])), Packet::Ignored),
+            ("0".into(), Packet::Connect),
+            ("1".into(), Packet::Disconnect),
+            ("3".into(), Packet::Ignored),
+        ] {
+            assert_eq!(parse(&packet), Ok(expected), "{packet}");
+        }
+        for bad in [
+            "",
+            "2/chat,[\"message\",\"x\"]",
+            "2[\"message\",1]",
+            "2not json",
+            "51-[]",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(event(r#"{"a":1}"#), r#"2["message",{"a":1}]"#);
+    }
+}
