@@ -272,6 +272,23 @@ pub struct BenchArgs {
     /// `journal`: messages recorded per second.
     #[arg(long, default_value_t = 20_000)]
     pub rate: u64,
+    /// `suite`: what the node keeps its state in.
+    #[arg(long, value_enum, default_value_t = BenchBackend::Memory)]
+    pub backend: BenchBackend,
+    /// `suite`: the sizes of each shape (allocations, messages, subscribers).
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10_000])]
+    pub sizes: Vec<usize>,
+}
+
+/// Where `msgnode bench --mode suite` keeps the node's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    /// Memory only: no homeserver.
+    Memory,
+    /// Its own Synapse on SQLite (data on tmpfs).
+    Sqlite,
+    /// Its own Synapse on PostgreSQL (data on tmpfs).
+    Postgres,
 }
 
 /// Which benchmark to run.
@@ -297,6 +314,10 @@ pub enum BenchMode {
     /// The journal's group commit under a sustained offered rate (`--rate`, `--seconds`)
     /// against its own Synapse, then every record read back. Not part of `all`.
     Journal,
+    /// The shapes of the reTHINK Messaging Node performance specs (allocations, messages
+    /// one by one, publish to many subscribers) for `--sizes`, on `--backend` (run from the
+    /// repository root). Not part of `all`.
+    Suite,
 }
 
 /// Output format of reports.

@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -22,102 +21,10 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
+use super::node::{Node, TOKEN};
 use super::stats::Stats;
 use super::synapse::BenchSynapse;
 use crate::cli::BenchArgs;
-
-const TOKEN: &str = "bench-network-server-token";
-
-/// The node under test, as a child process; killed when dropped.
-struct Node {
-    child: Child,
-    bus: SocketAddr,
-    pdp: SocketAddr,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Node {
-    fn start(synapse: &BenchSynapse, dir: &Path) -> anyhow::Result<Node> {
-        let free = || -> anyhow::Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port())
-        };
-        let (bus, pdp) = (free()?, free()?);
-        let config = format!(
-            r#"[pdp]
-listen = "127.0.0.1:{pdp}"
-policies = "policies"
-[pdp.decision_log]
-enabled = false
-[pep]
-enabled = true
-listen = "127.0.0.1:{as_port}"
-homeserver = "http://127.0.0.1:{hs}"
-registration = "{registration}"
-[bus]
-enabled = true
-listen = "127.0.0.1:{bus}"
-[bus.rate_limit]
-per_second = 0
-[[bus.network_servers]]
-name = "bench"
-token = "{TOKEN}"
-[log]
-level = "warn"
-"#,
-            as_port = synapse.as_port,
-            hs = synapse.port,
-            registration = synapse.registration().display(),
-        );
-        let path = dir.join("msgnode-bench.toml");
-        std::fs::write(&path, config)?;
-        let child = Command::new(std::env::current_exe()?)
-            .args(["--config"])
-            .arg(&path)
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the node")?;
-        Ok(Node {
-            child,
-            bus: SocketAddr::from(([127, 0, 0, 1], bus)),
-            pdp: SocketAddr::from(([127, 0, 0, 1], pdp)),
-        })
-    }
-
-    /// The node's CPU time so far (user + system), from `/proc/<pid>/stat`.
-    fn cpu(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        // USER_HZ is 100 on Linux.
-        Some(Duration::from_millis(ticks * 10))
-    }
-
-    async fn metric(&self, http: &reqwest::Client, series: &str) -> f64 {
-        let Ok(response) = http
-            .get(format!("http://{}/metrics", self.pdp))
-            .send()
-            .await
-        else {
-            return 0.0;
-        };
-        let text = response.text().await.unwrap_or_default();
-        text.lines()
-            .filter_map(|l| l.strip_prefix(series))
-            .filter_map(|v| v.trim().parse::<f64>().ok())
-            .sum()
-    }
-}
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -243,7 +150,7 @@ pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
     let synapse = BenchSynapse::start()?;
     let dir = std::env::temp_dir().join(format!("msgnode-bench-bus-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let node = Node::start(&synapse, &dir)?;
+    let node = Node::start(Some(&synapse), &dir, Path::new("policies"), "")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

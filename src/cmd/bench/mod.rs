@@ -20,9 +20,11 @@ use serde_json::Value;
 
 mod bus;
 mod journal;
+mod node;
 mod policy_server;
 mod proxy;
 mod stats;
+mod suite;
 mod synapse;
 
 use stats::Stats;
@@ -47,6 +49,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.mode == BenchMode::PolicyServer {
         policy_server::run(&args, seconds)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.mode == BenchMode::Suite {
+        suite::run(&args)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.mode == BenchMode::Journal {
