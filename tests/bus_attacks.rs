@@ -6,7 +6,6 @@ use std::time::Duration;
 mod common;
 
 use common::stub::{urlencode, Stub};
-use common::synapse::copy_dir;
 use msgnode::cmd::run::{start, Running};
 use msgnode::config::{Config, NetworkServer, Peer};
 use serde_json::{json, Value};
@@ -281,18 +280,6 @@ async fn nobody_stands_in_for_a_peer_domain() {
     running.stop().await;
 }
 
-/// The shipped bundle in a directory of the test's own, with `edit` applied to its data.
-fn policies_with(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    copy_dir(&common::shipped_policies(), dir.path());
-    let path = dir.path().join("config/data.json");
-    let mut data: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("data")).expect("json");
-    edit(&mut data);
-    std::fs::write(&path, data.to_string()).expect("write data");
-    dir
-}
-
 fn description(v: &Value) -> String {
     v["body"]["description"].as_str().unwrap_or("").to_string()
 }
@@ -376,7 +363,7 @@ async fn a_released_runtime_url_stays_its_owners_with_nothing_left_in_it() {
 /// with the holder's consent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_children_subscription_diverts_nothing() {
-    let policies = policies_with(|_| {});
+    let policies = common::policies_with(|_| {});
     let running = node_with(|c| {
         c.pdp.policies = policies.path().to_path_buf();
         c.pdp.reload_debounce = Duration::from_millis(50);
@@ -532,7 +519,7 @@ async fn bound(addr: std::net::SocketAddr, runtime: &str, token: &str) -> Stub {
 /// node's own higher backstops).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_hold_per_principal_across_runtimes() {
-    let policies = policies_with(|data| {
+    let policies = common::policies_with(|data| {
         data["limits"]["per_principal"] = json!({"runtimes": 2, "addresses": 3});
     });
     // These limits contradict the shipped bundle's own fixtures, which the reload gate

@@ -6,7 +6,7 @@
 mod common;
 
 use common::conformance::{self, close, Node};
-use common::synapse::{copy_dir, Synapse};
+use common::synapse::Synapse;
 use msgnode::cmd::run::{start, Running};
 use msgnode::config::{Config, NetworkServer};
 use serde_json::{json, Value};
@@ -25,21 +25,14 @@ fn principals(config: &mut Config) {
         .collect();
 }
 
-/// The shipped policies with `edit` applied to their data.
-fn policies_with(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    copy_dir(&common::shipped_policies(), dir.path());
-    let path = dir.path().join("config/data.json");
-    let mut data: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("data")).expect("json");
-    edit(&mut data);
-    std::fs::write(&path, data.to_string()).expect("write data");
-    dir
-}
-
 async fn memory_node(policies: &std::path::Path) -> (Running, Node) {
     let mut config = common::bus_config(policies);
     principals(&mut config);
+    started(config).await
+}
+
+/// Starts the node of `config`, and how the scenarios reach it.
+async fn started(config: Config) -> (Running, Node) {
     let running = start(config).await.expect("start");
     let node = Node {
         addr: running.bus_addr.expect("bus"),
@@ -79,7 +72,7 @@ async fn registry_entries_are_found_by_claimed_identity_only_when_switched_on() 
     let (running, node) = memory_node(&common::shipped_policies()).await;
     conformance::registry_across_sockets(&node, false).await;
     running.stop().await;
-    let on = policies_with(|data| data["claims"]["identities"] = json!(true));
+    let on = common::policies_with(|data| data["claims"]["identities"] = json!(true));
     let (running, node) = memory_node(on.path()).await;
     conformance::registry_across_sockets(&node, true).await;
     running.stop().await;
@@ -90,7 +83,7 @@ async fn registry_entries_are_found_by_claimed_identity_only_when_switched_on() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_count_against_limits_and_hyperty_claims_follow_their_switch() {
     let code = |v: &Value| v["body"]["code"].as_u64().unwrap_or(0);
-    let limited = policies_with(|data| {
+    let limited = common::policies_with(|data| {
         data["limits"]["per_principal"]["addresses"] = json!(2);
     });
     let (running, node) = memory_node(limited.path()).await;
@@ -116,7 +109,7 @@ async fn claims_count_against_limits_and_hyperty_claims_follow_their_switch() {
     close(stub, &runtime).await;
     running.stop().await;
 
-    let on = policies_with(|data| data["claims"]["hyperty_addresses"] = json!(true));
+    let on = common::policies_with(|data| data["claims"]["hyperty_addresses"] = json!(true));
     let (running, node) = memory_node(on.path()).await;
     let mut stub = node.vertx(&node.runtime("1")).await;
     let mut listener = node.vertx(&node.runtime("2")).await;
@@ -155,13 +148,7 @@ async fn reference_clients_with_synapse_behind() {
     let mut config = common::bus_config(&common::shipped_policies());
     synapse.serve(&mut config);
     principals(&mut config);
-    let running = start(config).await.expect("start");
-    let node = Node {
-        addr: running.bus_addr.expect("bus"),
-        domain: "localhost".into(),
-        token: SUITE.into(),
-        other: OTHER.into(),
-    };
+    let (running, node) = started(config).await;
     conformance::connect_and_disconnect(&node).await;
     conformance::allocation_across_sockets(&node).await;
     conformance::publish_and_subscribe(&node).await;

@@ -19,6 +19,18 @@ pub fn shipped_policies() -> PathBuf {
     Path::new(REPO).join("policies")
 }
 
+/// The shipped bundle in a directory of the test's own, with `edit` applied to its data.
+pub fn policies_with(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    synapse::copy_dir(&shipped_policies(), dir.path());
+    let path = dir.path().join("config/data.json");
+    let mut data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("data")).expect("json");
+    edit(&mut data);
+    std::fs::write(&path, data.to_string()).expect("write data");
+    dir
+}
+
 /// A node with its bus on, both listening on free loopback ports, deciding with the bundle in
 /// `policies` (decision log off).
 pub fn bus_config(policies: &Path) -> Config {
