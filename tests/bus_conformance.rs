@@ -148,7 +148,7 @@ async fn reference_clients_with_synapse_behind() {
     let mut config = common::bus_config(&common::shipped_policies());
     synapse.serve(&mut config);
     principals(&mut config);
-    let (running, node) = started(config).await;
+    let (running, node) = started(config.clone()).await;
     conformance::connect_and_disconnect(&node).await;
     conformance::allocation_across_sockets(&node).await;
     conformance::publish_and_subscribe(&node).await;
@@ -168,5 +168,33 @@ async fn reference_clients_with_synapse_behind() {
         assert_eq!(allocated["body"]["code"], 200, "{allocated}");
         close(again, &runtime).await;
     }
+    // Allocations sent back to back share the homeserver's writes; every one is stored
+    // before it is answered, so a restart knows them all.
+    let runtime = node.runtime("pipelined");
+    let mut stub = node.vertx(&runtime).await;
+    let sender = format!("{}/registry/allocation", node.protostub("pipelined"));
+    for i in 0..50 {
+        stub.send(json!({"id": 100 + i, "type": "create", "from": sender,
+            "to": "domain://msg-node.localhost/address-allocation", "body": {"scheme": "hyperty"}}))
+            .await;
+    }
+    let mut allocated = Vec::new();
+    for i in 0..50 {
+        let answer = stub.response_to(&json!(100 + i)).await;
+        assert_eq!(answer["body"]["code"], 200, "{answer}");
+        allocated.push(answer["body"]["value"]["allocated"][0].clone());
+    }
+    running.stop().await;
+    let (running, node) = started(config).await;
+    let probe = node.runtime("probe");
+    let mut stub = node.vertx(&probe).await;
+    for hyperty in &allocated {
+        stub.send(json!({"type": "ping", "from": probe, "to": hyperty}))
+            .await;
+    }
+    assert!(
+        stub.quiet_for(conformance::QUIET).await.is_none(),
+        "every allocation restored: none is unknown (404)"
+    );
     running.stop().await;
 }

@@ -14,8 +14,11 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::runtimes::Runtime;
+use axum::extract::ws::Utf8Bytes;
+
+use super::runtimes::{Runtime, Table};
 use super::{Bus, Connection};
+use crate::persist::store::RuntimeRecord;
 use crate::policy::input::{Allocation, AllocationAction};
 use crate::rethink::address::Component;
 use crate::rethink::{BusError, Message};
@@ -164,14 +167,32 @@ fn children_resources(
     Ok(Some(addresses))
 }
 
+/// Takes back an allocation whose write failed: `addresses` leave `runtime`'s block `key`,
+/// and are unbound where `runtime` still holds them (an address bound to another runtime
+/// meanwhile stays that runtime's).
+fn undo_allocation(table: &Table, runtime: &Arc<Runtime>, key: &str, addresses: &[String]) {
+    runtime.update(|r| {
+        if let Some(block) = r.allocations.get_mut(key) {
+            block.retain(|a| !addresses.contains(a));
+            if block.is_empty() {
+                r.allocations.remove(key);
+            }
+        }
+    });
+    for address in addresses {
+        table.unbind(address, runtime);
+    }
+}
+
 impl Bus {
-    /// Carries out an allowed allocation request.
+    /// Carries out an allowed allocation request; the answer, unless it follows once the
+    /// change is stored (see [`Bus::answer_when_stored`]).
     pub(super) async fn allocate(
         &self,
         conn: &Connection,
         message: &Message,
         request: AllocationRequest,
-    ) -> Result<String, BusError> {
+    ) -> Result<Option<String>, BusError> {
         let runtime = &conn.runtime;
         match request {
             AllocationRequest::Create {
@@ -190,27 +211,21 @@ impl Bus {
                         .or_default()
                         .extend(addresses.iter().cloned());
                 });
-                if let Err(e) = self.persist(&runtime.url, &record).await {
-                    runtime.update(|r| {
-                        if let Some(block) = r.allocations.get_mut(&key) {
-                            block.retain(|a| !addresses.contains(a));
-                            if block.is_empty() {
-                                r.allocations.remove(&key);
-                            }
-                        }
-                    });
-                    return Err(e);
-                }
+                // Bound at once: only the answer tells anyone the addresses.
                 for address in &addresses {
                     self.inner.table.bind(address, runtime);
                 }
                 self.inner.metrics.count("component");
                 tracing::debug!(runtime = %runtime.url, number, %scheme, "addresses allocated");
-                Ok(message.response(
+                let ok = message.response(
                     200,
                     "allocated",
                     Some(json!({"allocated": addresses, "allocationKey": key})),
-                ))
+                );
+                let (bus, runtime) = (self.clone(), Arc::clone(runtime));
+                let undo = move || undo_allocation(&bus.inner.table, &runtime, &key, &addresses);
+                self.answer_when_stored(conn, message, &record, ok, undo)
+                    .await
             }
             // Releasing is idempotent, as in the reference nodes: what this runtime no longer
             // holds (released before, or before a disconnect) is simply 200; only an address
@@ -226,8 +241,10 @@ impl Bus {
                         "'{theirs}' is allocated to another runtime"
                     )));
                 }
-                self.release_addresses(runtime, &addresses, None).await?;
-                Ok(message.response(200, "released", Some(json!({"released": addresses}))))
+                let ok = message.response(200, "released", Some(json!({"released": addresses})));
+                let record = self.release_addresses(runtime, &addresses, None);
+                self.answer_when_stored(conn, message, &record, ok, || {})
+                    .await
             }
             AllocationRequest::ReleaseKey(key) => {
                 let addresses = runtime
@@ -236,19 +253,22 @@ impl Bus {
                     .get(&key)
                     .cloned()
                     .unwrap_or_default();
-                self.release_addresses(runtime, &addresses, Some(&key))
-                    .await?;
-                Ok(message.response(200, "released", Some(json!({"released": addresses}))))
+                let ok = message.response(200, "released", Some(json!({"released": addresses})));
+                let record = self.release_addresses(runtime, &addresses, Some(&key));
+                self.answer_when_stored(conn, message, &record, ok, || {})
+                    .await
             }
         }
     }
 
-    async fn release_addresses(
+    /// Releases `addresses` (and the block under `key`) of `runtime`: unbound now; the new
+    /// record, to store.
+    fn release_addresses(
         &self,
         runtime: &Arc<Runtime>,
         addresses: &[String],
         key: Option<&str>,
-    ) -> Result<(), BusError> {
+    ) -> RuntimeRecord {
         let record = runtime.update(|r| {
             if let Some(key) = key {
                 r.allocations.remove(key);
@@ -258,11 +278,92 @@ impl Bus {
             }
             r.allocations.retain(|_, block| !block.is_empty());
         });
-        self.persist(&runtime.url, &record).await?;
         for address in addresses {
             self.inner.table.unbind(address, runtime);
         }
         self.inner.metrics.count("component");
-        Ok(())
+        record
+    }
+
+    /// Stores `record` (the runtime's, changed by `message`) and answers `message` with `ok`
+    /// once it is stored — or with the error, after `undo`. The write is placed in line now
+    /// (a later change of the runtime supersedes it) and awaited in the background, at most
+    /// [`MAX_PENDING_ANSWERS`](super::connection::MAX_PENDING_ANSWERS) per socket (the socket is not read while that many wait): a
+    /// runtime's pipelined requests share the homeserver's writes instead of waiting for one
+    /// each. The answers may so overtake each other; each carries its request's id. In
+    /// memory, stored and answered at once.
+    pub(super) async fn answer_when_stored(
+        &self,
+        conn: &Connection,
+        message: &Message,
+        record: &RuntimeRecord,
+        ok: String,
+        undo: impl FnOnce() + Send + 'static,
+    ) -> Result<Option<String>, BusError> {
+        let store = &self.inner.persistence.store;
+        let stored = store.put_runtime_queued(&conn.runtime.url, record);
+        if store.room().is_none() {
+            return match stored.await {
+                Ok(()) => Ok(Some(ok)),
+                Err(e) => {
+                    undo();
+                    Err(BusError::Unavailable(format!(
+                        "cannot store the change now: {e}"
+                    )))
+                }
+            };
+        }
+        let permit = Arc::clone(&conn.pending)
+            .acquire_owned()
+            .await
+            .map_err(|_| BusError::Unavailable("the connection is closing".into()))?;
+        let (tx, message) = (conn.tx.clone(), message.clone());
+        self.inner.tracker.spawn(async move {
+            let answer = match stored.await {
+                Ok(()) => ok,
+                Err(e) => {
+                    undo();
+                    message.error_response(&BusError::Unavailable(format!(
+                        "cannot store the change now: {e}"
+                    )))
+                }
+            };
+            let _ = tx.send(Utf8Bytes::from(answer)).await;
+            drop(permit);
+        });
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undoing_a_failed_allocation_leaves_an_address_that_went_elsewhere() {
+        let table = Table::default();
+        let a = table.runtime("runtime://d/a", RuntimeRecord::default);
+        let b = table.runtime("runtime://d/b", RuntimeRecord::default);
+        let (kept, moved) = ("hyperty://d/1".to_string(), "hyperty://d/2".to_string());
+        a.update(|r| {
+            r.allocations
+                .insert("k".into(), vec![kept.clone(), moved.clone()]);
+            r.allocations
+                .insert("other".into(), vec!["hyperty://d/3".into()]);
+        });
+        table.bind(&kept, &a);
+        table.bind(&moved, &b); // meanwhile another runtime's
+        undo_allocation(&table, &a, "k", &[kept.clone(), moved.clone()]);
+        assert!(table.holder(&kept).is_none(), "a's own address unbound");
+        assert!(
+            table.holder(&moved).is_some_and(|h| Arc::ptr_eq(&h, &b)),
+            "the address b holds now stays b's"
+        );
+        let record = a.record();
+        assert!(
+            !record.allocations.contains_key("k"),
+            "the emptied block is gone"
+        );
+        assert_eq!(record.allocations["other"], ["hyperty://d/3"]);
     }
 }

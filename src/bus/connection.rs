@@ -8,6 +8,10 @@ use tokio_util::sync::CancellationToken;
 use super::outbound::Outbound;
 use super::runtimes::Runtime;
 
+/// Most answers of one socket that may wait for the homeserver at once; the socket is not
+/// read while that many wait.
+pub const MAX_PENDING_ANSWERS: usize = 256;
+
 /// Who a connection is, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
@@ -43,6 +47,9 @@ pub struct Connection {
     pub tx: Outbound,
     /// Cancelled when the socket must close (taken over, too slow, shutting down).
     pub close: CancellationToken,
+    /// Answers waiting for the homeserver to store what they acknowledge (see
+    /// `Bus::answer_when_stored`): at most [`MAX_PENDING_ANSWERS`] at a time.
+    pub(super) pending: Arc<tokio::sync::Semaphore>,
     /// The identity its messages asserted and the IdM verified.
     identity: Mutex<Option<String>>,
 }
@@ -56,6 +63,7 @@ impl Connection {
             principal,
             tx,
             close: CancellationToken::new(),
+            pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_ANSWERS)),
             identity: Mutex::new(None),
         }
     }

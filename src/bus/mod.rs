@@ -333,9 +333,7 @@ impl Bus {
             .await?;
         self.check_from(conn, message).await?;
         match request {
-            Request::Allocation(allocation) => {
-                self.allocate(conn, message, allocation).await.map(Some)
-            }
+            Request::Allocation(allocation) => self.allocate(conn, message, allocation).await,
             Request::Unsubscribe => self.unsubscribe(conn, message).await.map(Some),
             Request::Registry => Ok(self
                 .to_connector(conn, message, &*self.inner.connectors.registry)

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -247,6 +248,17 @@ impl Store {
         runtime: &str,
         record: &RuntimeRecord,
     ) -> Result<(), ActorError> {
+        self.put_runtime_queued(runtime, record).await
+    }
+
+    /// As [`Store::put_runtime`], but placed in line now: whenever the returned future runs,
+    /// it stores this record or a newer one (a put of the same runtime made later wins,
+    /// however the futures are scheduled), and completes once one of them is stored.
+    pub fn put_runtime_queued(
+        &self,
+        runtime: &str,
+        record: &RuntimeRecord,
+    ) -> BoxFuture<'static, Result<(), ActorError>> {
         let matrix = match &*self.inner {
             Inner::Memory(snapshot) => {
                 let mut snapshot = lock(snapshot);
@@ -257,16 +269,32 @@ impl Store {
                         .runtimes
                         .insert(runtime.to_string(), record.clone());
                 }
-                return Ok(());
+                return Box::pin(std::future::ready(Ok(())));
             }
             Inner::Matrix(matrix) => matrix,
         };
         let content = if record.is_empty() {
             json!({})
         } else {
-            serde_json::to_value(record).map_err(|e| ActorError::Malformed(e.to_string()))?
+            match serde_json::to_value(record) {
+                Ok(content) => content,
+                Err(e) => {
+                    return Box::pin(std::future::ready(Err(ActorError::Malformed(
+                        e.to_string(),
+                    ))))
+                }
+            }
         };
-        matrix.put(RUNTIME_EVENT_TYPE, runtime, content).await
+        let (slot, version) = matrix.queue(RUNTIME_EVENT_TYPE, runtime, content);
+        let (store, key) = (self.clone(), runtime.to_string());
+        Box::pin(async move {
+            match &*store.inner {
+                Inner::Matrix(matrix) => {
+                    matrix.flush(RUNTIME_EVENT_TYPE, &key, &slot, version).await
+                }
+                Inner::Memory(_) => Ok(()),
+            }
+        })
     }
 
     /// Stores the registry entry for `url`; `None` deletes it.
@@ -303,12 +331,13 @@ impl Store {
 
 impl MatrixStore {
     /// Writes `content` as the state of (`kind`, `key`), coalescing concurrent writes.
-    async fn put(
-        &self,
-        kind: &'static str,
-        key: &str,
-        mut content: Value,
-    ) -> Result<(), ActorError> {
+    async fn put(&self, kind: &'static str, key: &str, content: Value) -> Result<(), ActorError> {
+        let (slot, version) = self.queue(kind, key, content);
+        self.flush(kind, key, &slot, version).await
+    }
+
+    /// Makes `content` the latest wanted state of (`kind`, `key`); its slot and version.
+    fn queue(&self, kind: &'static str, key: &str, mut content: Value) -> (Arc<Slot>, u64) {
         // The writer, so replicas can tell their own changes (and deletions) from others'.
         if let (Some(node), Some(object)) = (&self.node, content.as_object_mut()) {
             object.insert("writer".to_string(), json!(node));
@@ -323,6 +352,17 @@ impl MatrixStore {
             latest.1 = content;
             latest.0
         };
+        (slot, version)
+    }
+
+    /// Returns once `version` of the slot (or a newer one) is stored, writing the latest.
+    async fn flush(
+        &self,
+        kind: &'static str,
+        key: &str,
+        slot: &Slot,
+        version: u64,
+    ) -> Result<(), ActorError> {
         let mut stored = slot.stored.lock().await;
         if *stored >= version {
             return Ok(()); // a newer put stored its value meanwhile
