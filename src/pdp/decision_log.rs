@@ -334,6 +334,9 @@ impl<S: DecisionSink> DecisionSink for Redacted<S> {
         if let Some(input) = record.input.as_mut() {
             cut_short(input);
         }
+        if let Some(error) = record.error.as_mut() {
+            cut_text(&mut error.message);
+        }
         self.inner.log(record);
     }
     fn enabled(&self) -> bool {
@@ -469,15 +472,7 @@ fn write_loop(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, queued: &Atomic
 /// saying what was left out.
 pub fn cut_short(value: &mut Value) {
     match value {
-        Value::String(text) if text.len() > MAX_FIELD_BYTES => {
-            let mut end = MAX_FIELD_BYTES;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            let total = text.len();
-            text.truncate(end);
-            text.push_str(&format!("…(cut: {total} bytes)"));
-        }
+        Value::String(text) => cut_text(text),
         Value::Array(items) => {
             if items.len() > MAX_ITEMS {
                 let total = items.len();
@@ -489,6 +484,20 @@ pub fn cut_short(value: &mut Value) {
         Value::Object(members) => members.values_mut().for_each(cut_short),
         _ => {}
     }
+}
+
+/// Cuts `text` to [`MAX_FIELD_BYTES`] (on a character boundary), saying how long it was.
+fn cut_text(text: &mut String) {
+    if text.len() <= MAX_FIELD_BYTES {
+        return;
+    }
+    let mut end = MAX_FIELD_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let total = text.len();
+    text.truncate(end);
+    text.push_str(&format!("…(cut: {total} bytes)"));
 }
 
 #[cfg(test)]
@@ -669,6 +678,31 @@ mod tests {
             body.len() < MAX_FIELD_BYTES + 40 && body.ends_with("(cut: 10000 bytes)"),
             "{body}"
         );
+    }
+
+    #[test]
+    fn error_messages_are_cut_short_before_any_sink() {
+        struct Capture(Arc<Mutex<Vec<DecisionRecord>>>);
+        impl DecisionSink for Capture {
+            fn log(&self, record: DecisionRecord) {
+                self.0.lock().expect("lock").push(record);
+            }
+            fn enabled(&self) -> bool {
+                true
+            }
+        }
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let sink = Redacted::new(Mask::new(&[], &[]), Capture(Arc::clone(&captured)));
+        let mut r = record(json!({}));
+        r.error = Some(RecordError {
+            code: "invalid_parameter",
+            message: "x".repeat(3 * MAX_FIELD_BYTES),
+        });
+        sink.log(r);
+        let records = captured.lock().expect("lock");
+        let message = &records[0].error.as_ref().expect("error").message;
+        assert!(message.len() < MAX_FIELD_BYTES + 40, "{}", message.len());
+        assert!(message.ends_with(&format!("(cut: {} bytes)", 3 * MAX_FIELD_BYTES)));
     }
 
     #[test]

@@ -187,7 +187,9 @@ impl Schemas {
         validator.validate(input).map_err(|e| SchemaViolation {
             schema: name.to_string(),
             pointer: e.instance_path().as_str().to_string(),
-            message: e.to_string(),
+            // Without the offending value: the message reaches answers, decision logs and
+            // the console, and the value may be a token or an assertion.
+            message: e.masked().to_string(),
         })
     }
 
@@ -243,6 +245,17 @@ mod tests {
             .expect_err("violation");
         assert_eq!(err.pointer, "/other");
         assert!(err.message.contains("name"), "{err}");
+    }
+
+    #[test]
+    fn violations_never_carry_the_offending_value() {
+        let (_dir, schemas) = schemas();
+        let secret = "eyJhbGciOi-secret-assertion";
+        let err = schemas
+            .validate("input.schema.json", &json!({"thing": {"name": [secret]}}))
+            .expect_err("violation");
+        assert_eq!(err.pointer, "/thing/name");
+        assert!(!err.to_string().contains(secret), "{err}");
     }
 
     #[test]
