@@ -125,6 +125,27 @@ pub enum PolicyCommand {
     Check(CheckArgs),
     /// Write an OPA bundle tarball (.manifest, optional .signatures.json) for bundle servers.
     Build(BuildArgs),
+    /// Re-decide a recorded decision log with a candidate bundle and print what would change:
+    /// allows that become denies and back, grouped by kind and reason, with examples.
+    Replay(ReplayArgs),
+}
+
+/// `msgnode policy replay`
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Decision log: JSON lines in OPA's decision-log shape (`-` for stdin). Inputs are
+    /// re-decided as logged: masked fields stay masked, and the report says which.
+    #[arg(long)]
+    pub log: PathBuf,
+    /// The candidate: a bundle directory or a bundle tarball (.tar.gz).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// Exit 1 when any decision changes (for CI).
+    #[arg(long)]
+    pub fail_on_difference: bool,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 /// `msgnode policy test`

@@ -116,6 +116,38 @@ pub struct Config {
     pub log: LogConfig,
     /// Matrix policy server (MSC4284): the homeserver asks it before accepting an event.
     pub policy_server: PolicyServerConfig,
+    /// The security team's console on the PDP listener (`/console`).
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: a page on the PDP listener for the security team: live decisions, counts,
+/// reloads, coverage, shadow differences and a playground.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve `/console` (behind `[pdp] token`, like the API).
+    pub enabled: bool,
+    /// Allow the console to change something: loading and unloading the shadow candidate.
+    /// Off: read-only (the playground still evaluates, changing nothing).
+    pub write: bool,
+    /// Decisions kept for the tail and the playground (already masked), newest first.
+    pub recent_decisions: usize,
+    /// Bytes those decisions may take, serialised; the oldest go first.
+    pub recent_bytes: usize,
+    /// Live tails (server-sent event streams) open at once; more are refused with 503.
+    pub max_subscribers: usize,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            write: false,
+            recent_decisions: 1000,
+            recent_bytes: 8 * 1024 * 1024,
+            max_subscribers: 8,
+        }
+    }
 }
 
 /// `[pdp]`: the policy decision service.
@@ -170,6 +202,10 @@ pub struct PdpConfig {
     pub cache: CacheConfig,
     /// Decision log.
     pub decision_log: DecisionLogConfig,
+    /// A candidate bundle directory: every live decision is also decided by it, off the
+    /// critical path and never enforced; differences are logged and counted
+    /// (`msgnode_pdp_shadow_differences_total`). Re-read on SIGHUP.
+    pub shadow: Option<PathBuf>,
 }
 
 impl Default for PdpConfig {
@@ -193,6 +229,7 @@ impl Default for PdpConfig {
             bundle: None,
             cache: CacheConfig::default(),
             decision_log: DecisionLogConfig::default(),
+            shadow: None,
         }
     }
 }

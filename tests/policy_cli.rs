@@ -576,3 +576,119 @@ fn policy_build_writes_an_opa_bundle_and_signs_it() {
         text(&output)
     );
 }
+
+/// A copy of the shipped bundle with `edit` applied to its data.
+fn candidate_of_shipped(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for entry in walk(&root) {
+        let to = dir.path().join(entry.strip_prefix(&root).expect("below"));
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&entry, &to).expect("copy");
+    }
+    let data_path = dir.path().join("config/data.json");
+    let mut data: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&data_path).expect("data")).expect("json");
+    edit(&mut data);
+    std::fs::write(&data_path, data.to_string()).expect("write");
+    dir
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        match path.is_dir() {
+            true => files.extend(walk(&path)),
+            false => files.push(path),
+        }
+    }
+    files
+}
+
+/// The shipped fixtures as a decision log in OPA's shape: the expected decision as the
+/// logged result, the `ping` one with a masked token.
+fn fixture_log(dir: &std::path::Path) -> std::path::PathBuf {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/fixtures");
+    let mut lines = String::new();
+    let mut names: Vec<_> = walk(&fixtures);
+    names.sort();
+    for path in names {
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json");
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let mut record = serde_json::json!({
+            "decision_id": name,
+            "path": "msgnode/authz/decision",
+            "input": fixture["input"],
+            "result": fixture["expect"],
+            "requested_by": "bus",
+        });
+        if name == "message_allow_ping_uppercase" {
+            record["input"]["message"]["body"]["idToken"] = "**REDACTED**".into();
+            record["erased"] = serde_json::json!(["/input/message/body/idToken"]);
+        }
+        lines.push_str(&record.to_string());
+        lines.push('\n');
+    }
+    let log = dir.join("decisions.jsonl");
+    std::fs::write(&log, lines).expect("write log");
+    log
+}
+
+#[test]
+fn policy_replay_re_decides_a_log_and_groups_what_changes() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let log = fixture_log(scratch.path());
+    let log = log.to_str().expect("utf8");
+    // The bundle the log was made with: nothing changes.
+    let same = msgnode(&[
+        "policy",
+        "replay",
+        "--log",
+        log,
+        "--bundle",
+        "policies",
+        "--fail-on-difference",
+    ]);
+    let out = text(&same);
+    assert!(same.status.success(), "{out}");
+    assert!(out.contains("allow → deny: 0   deny → allow: 0"), "{out}");
+    assert!(
+        out.contains("/input/message/body/idToken (1)"),
+        "masked fields are said: {out}"
+    );
+    // A candidate that no longer allows `ping`: that allow becomes a deny, with its reason.
+    let candidate = candidate_of_shipped(|data| {
+        let types = data["message"]["allowed_types"]
+            .as_array_mut()
+            .expect("types");
+        types.retain(|t| t != "ping");
+    });
+    let bundle = candidate.path().to_str().expect("utf8");
+    let changed = msgnode(&["policy", "replay", "--log", log, "--bundle", bundle]);
+    let out = text(&changed);
+    assert!(changed.status.success(), "{out}");
+    assert!(out.contains("allow → deny: 1   deny → allow: 0"), "{out}");
+    assert!(out.contains("allow → deny  kind message  reason"), "{out}");
+    assert!(out.contains("e.g. message_allow_ping_uppercase"), "{out}");
+    assert!(out.contains("1 of them had masked fields"), "{out}");
+    let failing = msgnode(&[
+        "policy",
+        "replay",
+        "--log",
+        log,
+        "--bundle",
+        bundle,
+        "--fail-on-difference",
+        "-f",
+        "json",
+    ]);
+    assert_eq!(failing.status.code(), Some(1), "{}", text(&failing));
+    let report: serde_json::Value = serde_json::from_slice(&failing.stdout).expect("json");
+    assert_eq!(report["allow_to_deny"], 1);
+    assert_eq!(
+        report["changed"][0]["examples"][0]["decision_id"],
+        "message_allow_ping_uppercase"
+    );
+}

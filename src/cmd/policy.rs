@@ -1,4 +1,4 @@
-//! `msgnode policy test|eval|check|build`: what a security team runs while writing policies.
+//! `msgnode policy test|eval|check|build|replay`: what a security team runs while writing policies.
 //!
 //! Every verb reads the same configuration as `run` (`-c FILE`, `./msgnode.toml`,
 //! `MSGNODE_*`): the bundle defaults to `[pdp] policies`, the decision rule to `[pdp]
@@ -14,11 +14,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::cli::{BuildArgs, CheckArgs, EvalArgs, EvalFormat, Format, PolicyCommand, TestArgs};
+use crate::cli::{
+    BuildArgs, CheckArgs, EvalArgs, EvalFormat, Format, PolicyCommand, ReplayArgs, TestArgs,
+};
 use crate::config::Config;
 use crate::pdp::bundle::signing::{self, SigningKey};
 use crate::pdp::bundle::{tarball, Bundle, BundleFile, FixtureFile, Manifest};
 use crate::pdp::engine::{CompiledBundle, DataPath};
+use crate::pdp::replay;
 use crate::pdp::schema::Schemas;
 use crate::pdp::testing::{self, line_ranges, Fixture, FixtureSchema, TestOptions, TestReport};
 
@@ -47,7 +50,44 @@ pub fn run(
             let dir = bundle_dir(args.dir.clone());
             build(&args, &dir)
         }
+        PolicyCommand::Replay(args) => replay(&args, config),
     }
+}
+
+/// Largest candidate tarball `policy replay` reads.
+const MAX_TARBALL_BYTES: u64 = 256 * 1024 * 1024;
+
+fn replay(args: &ReplayArgs, config: &Config) -> anyhow::Result<ExitCode> {
+    let source = args.bundle.display().to_string();
+    let bundle = match args.bundle.is_dir() {
+        true => Bundle::read(&args.bundle)?,
+        false => {
+            let bytes = std::fs::read(&args.bundle)
+                .with_context(|| format!("cannot read the candidate {source}"))?;
+            tarball::read(&bytes, &source, MAX_TARBALL_BYTES)?.into_bundle(&source)?
+        }
+    };
+    let rule = DataPath::from_ref(&config.pdp.decision)
+        .map_err(|e| anyhow::anyhow!("[pdp] decision: {e}"))?;
+    let candidate = CompiledBundle::compile(bundle, config.pdp.eval_timeout)?
+        .with_fast_path(&rule, config.pdp.max_instructions)
+        .0;
+    let log_name = args.log.display().to_string();
+    let report = match log_name.as_str() {
+        "-" => replay::replay(std::io::stdin().lock(), &candidate),
+        _ => std::fs::File::open(&args.log)
+            .and_then(|f| replay::replay(std::io::BufReader::new(f), &candidate)),
+    }
+    .with_context(|| format!("cannot read the decision log {log_name}"))?;
+    match args.format {
+        Format::Text => print!("{}", report.to_text(&log_name)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    let changed = report.allow_to_deny + report.deny_to_allow > 0;
+    Ok(match args.fail_on_difference && changed {
+        true => ExitCode::FAILURE,
+        false => ExitCode::SUCCESS,
+    })
 }
 
 fn test(

@@ -186,8 +186,10 @@ impl Running {
                 for section in restart_needed(&self.config, &config) {
                     tracing::warn!(section, "changed; takes effect when the node restarts");
                 }
+                load_shadow(&self.pdp, config.pdp.shadow.as_deref()).await;
                 self.config.log = config.log;
                 self.config.pdp.decision_log = config.pdp.decision_log;
+                self.config.pdp.shadow = config.pdp.shadow;
             }
         }
         match &self.puller {
@@ -221,6 +223,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     let mut old_pdp = old.pdp.clone();
     old_pdp.decision_log = new.pdp.decision_log.clone();
+    old_pdp.shadow = new.pdp.shadow.clone();
     if old_pdp != new.pdp {
         changed.push("[pdp]");
     }
@@ -295,6 +298,18 @@ fn print_banners(node: &Running) {
     }
 }
 
+/// Loads the `[pdp] shadow` candidate (unloads it when unset). A candidate that does not load
+/// is logged and kept in the shadow's status: it never stops the node.
+async fn load_shadow(pdp: &Pdp, dir: Option<&Path>) {
+    let Some(dir) = dir.map(Path::to_path_buf) else {
+        pdp.shadow().unload();
+        return;
+    };
+    let shadow = pdp.shadow().clone();
+    // A failure is logged and kept in the shadow's status by `load_dir` itself.
+    let _ = tokio::task::spawn_blocking(move || shadow.load_dir(&dir)).await;
+}
+
 /// Builds and starts everything `config` describes.
 ///
 /// # Errors
@@ -339,6 +354,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             None
         }
     };
+
+    load_shadow(&pdp, pdp_config.shadow.as_deref()).await;
 
     let decider = Decider::from_config(&pdp, &config.pep, &config.pdp.decision, &mut registry)?;
     if let Decider::Remote(remote) = &decider {

@@ -149,7 +149,8 @@ pub struct DecisionRecord {
     pub erased: Vec<String>,
 }
 
-fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+/// Serialises a time as RFC 3339 with microseconds.
+pub(crate) fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_micros(*time))
 }
 

@@ -27,7 +27,9 @@ pub mod decision_log;
 pub mod engine;
 pub mod metrics;
 pub mod pool;
+pub mod replay;
 pub mod schema;
+pub mod shadow;
 pub mod testing;
 pub mod watcher;
 
@@ -46,6 +48,7 @@ use decision_log::{AskedBy, DecisionRecord, DecisionSink, NullSink, RecordError}
 use engine::{CompiledBundle, DataPath, EvalError};
 use metrics::{Outcome, PdpMetrics};
 use schema::{SchemaError, SchemaViolation, Schemas};
+use shadow::{Shadow, Verdict};
 use testing::{FixtureSchema, TestOptions};
 
 pub use decision_log::EnforcementPoint;
@@ -210,6 +213,8 @@ struct Inner {
     schemas: Schemas,
     /// Where evaluations that miss the cache run.
     pool: pool::EvalPool,
+    /// The candidate bundle live decisions are also decided by, if any.
+    shadow: Shadow,
 }
 
 /// Handle to the policy decision point. Clones share everything.
@@ -257,7 +262,14 @@ impl<'a> PdpBuilder<'a> {
             .map_err(|e| BuildError::Decision(e.to_string()))?;
         let schemas = Schemas::load(&config.schema_dir, &config.schemas)?;
         let mut private = prometheus_client::registry::Registry::default();
-        let metrics = PdpMetrics::register(self.registry.unwrap_or(&mut private));
+        let registry = self.registry.unwrap_or(&mut private);
+        let metrics = PdpMetrics::register(registry);
+        let shadow = Shadow::new(
+            decision_path.clone(),
+            config.eval_timeout,
+            config.max_instructions,
+            registry,
+        );
         let cache = DecisionCache::new(
             config.cache.enabled,
             config.cache.max_entries,
@@ -300,6 +312,7 @@ impl<'a> PdpBuilder<'a> {
                     config.eval_queue_wait,
                 )
                 .map_err(BuildError::Pool)?,
+                shadow,
             }),
         })
     }
@@ -470,6 +483,21 @@ impl Pdp {
         })));
         // Entries of older generations can never hit again; drop them now to free memory.
         self.inner.cache.clear();
+    }
+
+    /// The shadow evaluator (the candidate bundle, its differences).
+    pub fn shadow(&self) -> &Shadow {
+        &self.inner.shadow
+    }
+
+    /// The verdict of the decision rule on `input` under the active revision, neither cached
+    /// nor logged nor shadowed (the console's playground asks "what if"). Blocking.
+    pub fn try_decision(&self, input: &Value) -> Option<(Arc<str>, Verdict)> {
+        let active = self.active()?;
+        Some((
+            Arc::clone(&active.revision),
+            shadow::evaluate(&active.bundle, &self.inner.decision_path, input),
+        ))
     }
 
     /// The active revision, if any.
@@ -669,6 +697,12 @@ impl Pdp {
             Err(_) => Outcome::Error,
         };
         self.inner.metrics.decision(outcome, eval_ns, cache_hit);
+        if let (Ok(result), Some(input)) = (result, &input) {
+            if self.inner.shadow.is_active() && path.as_query() == &*self.inner.decision_query {
+                let live = Verdict::of(result.as_ref().as_ref(), &self.inner.decision_query);
+                self.inner.shadow.offer(decision_id, input.clone(), live);
+            }
+        }
         if !self.inner.sink.enabled() {
             return;
         }
@@ -733,15 +767,11 @@ impl Pdp {
         key: Option<CacheKey>,
         asked_by: EnforcementPoint,
     ) -> Decision {
-        let deny = |decision_id: String, reason: String| Decision {
+        let fail = |reason: String| Decision {
             allow: false,
             reasons: vec![reason],
-            decision_id,
-            failed: false,
-        };
-        let fail = |reason: String| Decision {
+            decision_id: String::new(),
             failed: true,
-            ..deny(String::new(), reason)
         };
         let answer = match self.query_unchecked(
             &self.inner.decision_query,
@@ -759,38 +789,12 @@ impl Pdp {
             }
             Err(error) => return fail(format!("policy error: {error}")),
         };
-        match answer.result.as_ref() {
-            None => deny(
-                answer.decision_id,
-                format!(
-                    "policy returned no decision ({} is undefined)",
-                    self.inner.decision_query
-                ),
-            ),
-            Some(value) => match value.get("allow").and_then(Value::as_bool) {
-                Some(allow) => Decision {
-                    allow,
-                    reasons: value
-                        .get("reasons")
-                        .and_then(Value::as_array)
-                        .map(|r| {
-                            r.iter()
-                                .map(|v| {
-                                    v.as_str()
-                                        .map(str::to_string)
-                                        .unwrap_or_else(|| v.to_string())
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    decision_id: answer.decision_id,
-                    failed: false,
-                },
-                None => deny(
-                    answer.decision_id,
-                    format!("policy decision has no boolean \"allow\": {value}"),
-                ),
-            },
+        let verdict = Verdict::of(answer.result.as_ref().as_ref(), &self.inner.decision_query);
+        Decision {
+            allow: verdict.allow,
+            reasons: verdict.reasons,
+            decision_id: answer.decision_id,
+            failed: false,
         }
     }
 }
@@ -1039,6 +1043,40 @@ decision := {"allow": allow, "reasons": reasons}
             first["bundles"]["policies"]["revision"].as_str(),
             pdp.status().revision.as_deref()
         );
+    }
+
+    #[test]
+    fn a_shadow_candidate_decides_beside_and_never_changes_the_live_decision() {
+        let (_dir, pdp) = pdp_with(&[("t.rego", POLICY)]);
+        pdp.reload().expect("load");
+        let candidate = test_tree(&[("t.rego", &POLICY.replace("\"alice\"", "\"bob\""))]);
+        pdp.shadow()
+            .load(Bundle::read(candidate.path()).expect("read"))
+            .expect("candidate");
+        check(&pdp, json!({"user": "alice"}), true, "");
+        check(&pdp, json!({"user": "bob"}), false, "not alice");
+        let mut status = pdp.shadow().status();
+        for _ in 0..1000 {
+            if status.evaluated == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            status = pdp.shadow().status();
+        }
+        let flips: Vec<(&str, &str)> = status
+            .recent
+            .iter()
+            .map(|d| (d.live.label(), d.candidate.label()))
+            .collect();
+        assert_eq!(flips, [("deny", "allow"), ("allow", "deny")]);
+        // The playground's what-if: both sides, nothing logged or counted.
+        let (_, live) = pdp.try_decision(&json!({"user": "bob"})).expect("active");
+        let (_, shadowed) = pdp
+            .shadow()
+            .decide(&json!({"user": "bob"}))
+            .expect("candidate");
+        assert!(!live.allow && shadowed.allow);
+        assert_eq!(pdp.shadow().status().evaluated, 2);
     }
 
     #[test]
