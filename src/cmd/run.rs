@@ -28,7 +28,9 @@ use crate::bus::{self, Bus, Persistence};
 use crate::cli::RunArgs;
 use crate::config::{Config, DecisionLogConfig, JournalConfig, LogFormat};
 use crate::matrix::{self, Actor, Homeserver};
+use crate::pdp::api::console::Console;
 use crate::pdp::api::{self, ApiState};
+use crate::pdp::console::ConsoleFeed;
 use crate::pdp::decision_log::{
     DecisionSink, JsonLinesSink, Mask, NullSink, Redacted, SwappableSink, Tee,
 };
@@ -113,10 +115,12 @@ struct DecisionLogs {
     sink: Arc<SwappableSink>,
     dropped: Counter,
     upload: UploadMetrics,
+    /// The console's tail (`[console] enabled`): fed inside the mask, like the outputs.
+    console: Option<Arc<ConsoleFeed>>,
 }
 
 impl DecisionLogs {
-    fn new(registry: &mut Registry) -> Self {
+    fn new(registry: &mut Registry, console: Option<Arc<ConsoleFeed>>) -> Self {
         let dropped = Counter::default();
         registry.register(
             "pdp_decision_log_dropped",
@@ -127,21 +131,33 @@ impl DecisionLogs {
             sink: Arc::new(SwappableSink::new(Box::new(NullSink))),
             dropped,
             upload: UploadMetrics::register(registry),
+            console,
         }
     }
 
-    /// Puts sinks for `config` in place (the file or stream, and the uploader).
+    /// Puts sinks for `config` in place (the file or stream, the uploader, and the
+    /// console's tail — which gets masked records even when the log itself is off).
     fn apply(
         &self,
         config: &DecisionLogConfig,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> anyhow::Result<()> {
+        let mut sinks: Vec<Arc<dyn DecisionSink>> = Vec::new();
+        if let Some(console) = &self.console {
+            sinks.push(Arc::clone(console) as Arc<dyn DecisionSink>);
+        }
         if !config.enabled {
-            self.sink.replace(Box::new(NullSink));
+            let sink: Box<dyn DecisionSink> = match sinks.is_empty() {
+                true => Box::new(NullSink),
+                false => Box::new(Redacted::new(
+                    Mask::new(&config.mask, &config.mask_keys),
+                    Tee(sinks),
+                )),
+            };
+            self.sink.replace(sink);
             return Ok(());
         }
-        let mut sinks: Vec<Arc<dyn DecisionSink>> = Vec::new();
         if !crate::pdp::decision_log::is_off(&config.output) {
             let lines = JsonLinesSink::open(&config.output, self.dropped.clone())?;
             sinks.push(Arc::new(lines));
@@ -236,6 +252,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.policy_server != new.policy_server {
         changed.push("[policy_server]");
     }
+    if old.console != new.console {
+        changed.push("[console]");
+    }
     if old.log.format != new.log.format {
         changed.push("[log] format");
     }
@@ -320,7 +339,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let tracker = TaskTracker::new();
     let mut registry = Registry::with_prefix("msgnode");
     crate::telemetry::process::register(&mut registry);
-    let decision_logs = DecisionLogs::new(&mut registry);
+    let console_feed = config
+        .console
+        .enabled
+        .then(|| Arc::new(ConsoleFeed::new(&config.console)));
+    let decision_logs = DecisionLogs::new(&mut registry, console_feed.clone());
     decision_logs.apply(&pdp_config.decision_log, &shutdown, &tracker)?;
     let sink: Arc<dyn DecisionSink> = decision_logs.sink.clone();
     let pdp = Pdp::builder(pdp_config)
@@ -418,6 +441,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         pdp_config.max_body_bytes,
     )
     .with_rate_limit(&pdp_config.rate_limit);
+    let state = match console_feed {
+        Some(feed) => {
+            tracing::info!(%pdp_addr, write = config.console.write, "console at http://{pdp_addr}/console");
+            state.with_console(Console::new(
+                feed,
+                config.console.write,
+                shutdown.child_token(),
+            ))
+        }
+        None => state,
+    };
     {
         let state = state.clone();
         every(&tracker, &shutdown, FORGET_IDLE_CLIENTS, move || {

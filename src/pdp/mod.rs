@@ -23,6 +23,7 @@
 pub mod api;
 pub mod bundle;
 pub mod cache;
+pub mod console;
 pub mod decision_log;
 pub mod engine;
 pub mod metrics;
@@ -130,6 +131,10 @@ pub struct LoadStatus {
     /// The last load error (kept until a load succeeds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Where in the bundle the last load error is (`file`, `row`, `col`), when it is in a
+    /// file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_location: Option<bundle::Location>,
     /// When the last load was attempted.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_time")]
     pub last_attempt_at: Option<SystemTime>,
@@ -406,9 +411,33 @@ impl Pdp {
         status.revision = Some(revision.to_string());
         status.last_load_ok = true;
         status.last_error = None;
+        status.last_error_location = None;
         status.failing_tests.clear();
         self.inner.metrics.reload_ok(&revision);
         Ok(revision)
+    }
+
+    /// Runs the tests of `bundle` (a compiled revision, e.g. the active one) as `policy test`
+    /// does, with line coverage when `coverage`. Blocking.
+    ///
+    /// # Errors
+    /// The bundle does not compile with its tests.
+    pub fn test(
+        &self,
+        bundle: &CompiledBundle,
+        coverage: bool,
+    ) -> Result<testing::TestReport, testing::TestError> {
+        let options = TestOptions {
+            decision: self.inner.decision_path.clone(),
+            filter: None,
+            coverage,
+            timeout: GATE_TEST_TIMEOUT,
+        };
+        testing::run(
+            bundle.bundle(),
+            &options,
+            FixtureSchema::Bound(&self.inner.schemas),
+        )
     }
 
     /// Runs the bundle's own tests, as `policy test` does (fixtures checked against the
@@ -452,6 +481,10 @@ impl Pdp {
         }
         status.last_load_ok = false;
         status.last_error = Some(text);
+        status.last_error_location = match &error {
+            LoadError::Bundle(e) => e.location().cloned(),
+            LoadError::TestsFailed { .. } => None,
+        };
         let failing = match &error {
             LoadError::TestsFailed { failing, .. } => failing.clone(),
             LoadError::Bundle(_) => Vec::new(),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod console;
 pub mod matrix;
 pub mod stub;
 pub mod synapse;

@@ -4,6 +4,7 @@
 //! `health`, `metrics`); wire types in `types`; errors become HTTP responses only in
 //! [`ApiError`]'s `IntoResponse`. Every route has a fixed metric label ([`RouteLabel`]).
 
+pub mod console;
 pub mod health;
 pub mod metrics;
 pub mod types;
@@ -40,6 +41,8 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// The console (`[console] enabled`).
+    pub console: Option<console::Console>,
     /// Requests per client address.
     limiter: Arc<crate::ratelimit::Limiter>,
     http: HttpMetrics,
@@ -59,6 +62,7 @@ impl ApiState {
             registry: Arc::new(std::mem::take(registry)),
             token: token.filter(|t| !t.is_empty()).map(Arc::from),
             max_body_bytes,
+            console: None,
             limiter: Arc::new(crate::ratelimit::Limiter::new(
                 &crate::config::RateLimit::default(),
             )),
@@ -69,6 +73,12 @@ impl ApiState {
     /// Limits the requests of each client address to `limit`.
     pub fn with_rate_limit(mut self, limit: &crate::config::RateLimit) -> Self {
         self.limiter = Arc::new(crate::ratelimit::Limiter::new(limit));
+        self
+    }
+
+    /// Serves the console at `/console`.
+    pub fn with_console(mut self, console: console::Console) -> Self {
+        self.console = Some(console);
         self
     }
 
@@ -91,6 +101,8 @@ pub enum RouteLabel {
     Metrics,
     /// `/v1/status`
     Status,
+    /// `/console[/…]`
+    Console,
     /// Anything else (404s).
     Other,
 }
@@ -103,6 +115,7 @@ impl RouteLabel {
             Some(p) if p.starts_with("/health") => RouteLabel::Health,
             Some("/v1/status") => RouteLabel::Status,
             Some("/metrics") => RouteLabel::Metrics,
+            Some(p) if p.starts_with("/console") => RouteLabel::Console,
             _ => RouteLabel::Other,
         }
     }
@@ -114,6 +127,7 @@ impl RouteLabel {
             RouteLabel::Health => "health",
             RouteLabel::Metrics => "metrics",
             RouteLabel::Status => "v1/status",
+            RouteLabel::Console => "console",
             RouteLabel::Other => "other",
         }
     }
@@ -178,7 +192,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics::metrics_get))
         .route("/v1/status", get(health::v1_status_get))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let mut routes = Router::new();
+    if state.console.is_some() {
+        routes = routes.merge(console::router(&state));
+    }
+    routes
         .route("/health", get(health::health_get))
         .route("/health/live", get(health::health_live_get))
         .route("/health/ready", get(health::health_get))
@@ -274,6 +292,12 @@ pub enum ApiError {
     /// No or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// Not allowed, whoever asks (a cross-origin request, a write to a read-only console).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Not now (a bound is reached).
+    #[error("{0}")]
+    Unavailable(String),
     /// A malformed body or parameter.
     #[error("{0}")]
     BadRequest(String),
@@ -311,6 +335,10 @@ impl IntoResponse for ApiError {
                 vec![],
             ),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, vec![]),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, codes::FORBIDDEN, vec![]),
+            ApiError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, vec![])
+            }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_PARAMETER, vec![]),
             ApiError::TooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,

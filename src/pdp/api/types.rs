@@ -15,6 +15,10 @@ pub mod codes {
     pub const INTERNAL_ERROR: &str = "internal_error";
     /// 429: the client is over its rate limit (msgnode's own; OPA has no rate limits).
     pub const TOO_MANY_REQUESTS: &str = "too_many_requests";
+    /// 403: refused whoever asks (msgnode's console: cross-origin, read-only).
+    pub const FORBIDDEN: &str = "forbidden";
+    /// 503: a bound is reached (msgnode's console: too many tails).
+    pub const UNAVAILABLE: &str = "unavailable";
     /// Warning code when a data request has no `input`.
     pub const API_USAGE_WARNING: &str = "api_usage_warning";
 }

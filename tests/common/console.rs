@@ -1,0 +1,116 @@
+//! A PDP-only node with the console on (shipped policies, copied so a test may break them),
+//! and authenticated requests to it.
+
+use std::path::{Path, PathBuf};
+
+use msgnode::cmd::run::{start, Running};
+use serde_json::Value;
+
+/// The `[pdp] token` of console nodes.
+pub const TOKEN: &str = "console-test-token";
+
+/// A running node with `[console] enabled`.
+pub struct ConsoleNode {
+    /// The node.
+    pub running: Running,
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+    /// The node's copy of the shipped policies.
+    pub policies: PathBuf,
+    /// Keeps the policies (and the candidate) on disk.
+    pub dir: tempfile::TempDir,
+    /// A client.
+    pub http: reqwest::Client,
+}
+
+impl ConsoleNode {
+    /// `write`: `[console] write`; `candidate`: edits a copy of the shipped data into the
+    /// `[pdp] shadow` candidate.
+    pub async fn start(write: bool, candidate: Option<fn(&mut Value)>) -> ConsoleNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policies = dir.path().join("policies");
+        super::synapse::copy_dir(&super::shipped_policies(), &policies);
+        let mut config = super::bus_config(&policies);
+        config.bus.enabled = false;
+        config.pdp.token = Some(TOKEN.to_string());
+        config.pdp.decision_log.enabled = true;
+        config.pdp.decision_log.output = dir.path().join("decisions.jsonl").display().to_string();
+        config.pdp.reload_debounce = std::time::Duration::from_millis(50);
+        config.console.enabled = true;
+        config.console.write = write;
+        if let Some(edit) = candidate {
+            let shadow = dir.path().join("candidate");
+            super::synapse::copy_dir(&super::shipped_policies(), &shadow);
+            edit_data(&shadow, edit);
+            config.pdp.shadow = Some(shadow);
+        }
+        let running = start(config).await.expect("start");
+        let base = format!("http://{}", running.pdp_addr);
+        ConsoleNode {
+            running,
+            base,
+            policies,
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A request to `path` with the token.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+    }
+
+    /// `GET path` with the token: status and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("send");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Decides the shipped fixture `name` over the API (as another node would), with
+    /// `edit` applied to its input; returns the decision id.
+    pub async fn decide_fixture(&self, name: &str, edit: impl FnOnce(&mut Value)) -> String {
+        let mut input = fixture_input(name);
+        edit(&mut input);
+        let response = self
+            .request(reqwest::Method::POST, "/v1/data/msgnode/authz/decision")
+            .json(&serde_json::json!({ "input": input }))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200, "{name}");
+        let body: Value = response.json().await.expect("json");
+        body["decision_id"]
+            .as_str()
+            .expect("decision_id")
+            .to_string()
+    }
+
+    /// Stops the node.
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
+}
+
+/// The input of the shipped fixture `name` (`policies/fixtures/{name}.json`).
+pub fn fixture_input(name: &str) -> Value {
+    let path = super::shipped_policies().join(format!("fixtures/{name}.json"));
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json");
+    fixture["input"].clone()
+}
+
+/// Applies `edit` to the `config/data.json` of the bundle in `dir`.
+pub fn edit_data(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = dir.join("config/data.json");
+    let mut data: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("data")).expect("json");
+    edit(&mut data);
+    std::fs::write(&path, data.to_string()).expect("write");
+}

@@ -1,0 +1,354 @@
+//! The console over loopback HTTP: the token, cross-origin refusal, masking in the tail (the
+//! list and the live stream), read-only mode, the playground and the shadow's differences.
+
+mod common;
+
+use std::time::Duration;
+
+use common::console::{ConsoleNode, TOKEN};
+use common::eventually;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const SECRET: &str = "secret-lunch-4711";
+
+/// A message the shipped policies allow, carrying a secret in a masked field.
+fn with_secret(input: &mut Value) {
+    input["message"]["body"]["value"]["name"] = json!(SECRET);
+}
+
+#[tokio::test]
+async fn the_console_needs_the_token_as_bearer_or_basic_password() {
+    let node = ConsoleNode::start(false, None).await;
+    let url = format!("{}/console", node.base);
+    let anonymous = node.http.get(&url).send().await.expect("send");
+    assert_eq!(anonymous.status(), 401);
+    let challenge = anonymous.headers()["www-authenticate"]
+        .to_str()
+        .expect("ascii");
+    assert!(challenge.starts_with("Basic realm="), "{challenge}");
+    let wrong = node
+        .http
+        .get(&url)
+        .bearer_auth("nope")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(wrong.status(), 401);
+    for path in [
+        "/console/api/recent",
+        "/console/api/events",
+        "/console/api/status",
+        "/console/app.js",
+    ] {
+        let response = node
+            .http
+            .get(format!("{}{path}", node.base))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 401, "{path}");
+    }
+    let page = node
+        .request(Method::GET, "/console")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert!(page.text().await.expect("html").contains("msgnode console"));
+    let basic = node
+        .http
+        .get(&url)
+        .basic_auth("security", Some(TOKEN))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        basic.status(),
+        200,
+        "a browser logs in with the token as password"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_console_is_off_unless_enabled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = common::bus_config(&common::shipped_policies());
+    config.bus.enabled = false;
+    config.pdp.decision_log.output = dir.path().join("d.jsonl").display().to_string();
+    let running = msgnode::cmd::run::start(config).await.expect("start");
+    let response = reqwest::get(format!("http://{}/console", running.pdp_addr))
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 404);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn cross_origin_requests_are_refused_and_no_cors_is_granted() {
+    let node = ConsoleNode::start(true, None).await;
+    let attacks = [
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+    ];
+    for (header, value) in attacks {
+        for (method, path) in [
+            (Method::GET, "/console/api/recent"),
+            (Method::GET, "/console/api/events"),
+            (Method::POST, "/console/api/playground"),
+            (Method::DELETE, "/console/api/shadow"),
+        ] {
+            let response = node
+                .request(method.clone(), path)
+                .header(header, value)
+                .header("content-type", "application/json")
+                .body(r#"{"input": {}}"#)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(
+                response.status(),
+                403,
+                "{method} {path} with {header}: {value}"
+            );
+            assert!(response
+                .headers()
+                .get("access-control-allow-origin")
+                .is_none());
+        }
+    }
+    // A preflight gets no CORS grant either.
+    let preflight = node
+        .http
+        .request(
+            Method::OPTIONS,
+            format!("{}/console/api/playground", node.base),
+        )
+        .header("origin", "http://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("send");
+    assert!(preflight
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+    let same = node
+        .request(Method::GET, "/console/api/status")
+        .header("origin", node.base.as_str())
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(same.status(), 200);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_masked_field_never_reaches_the_tail() {
+    let node = ConsoleNode::start(false, None).await;
+    // A live stream open before the decision, read as the page reads it.
+    let mut stream = node
+        .request(Method::GET, "/console/api/events?kind=message")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(stream.status(), 200);
+    assert!(stream.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/event-stream"));
+    let id = node
+        .decide_fixture("message_allow_hyperty_create", with_secret)
+        .await;
+    let mut seen = String::new();
+    while !seen.contains(&id) {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
+            .await
+            .expect("an event within 10 s")
+            .expect("read")
+            .expect("open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("event: decision"), "{seen}");
+    assert!(
+        !seen.contains(SECRET),
+        "the stream carried the masked value: {seen}"
+    );
+    assert!(
+        seen.contains("/input/message/body/value"),
+        "the mask is said: {seen}"
+    );
+    let (status, recent) = node.get("/console/api/recent").await;
+    assert_eq!(status, 200);
+    let text = recent.to_string();
+    assert!(text.contains(&id) && !text.contains(SECRET), "{text}");
+    // The playground replays the decision as logged: masked there too.
+    let response = node
+        .request(Method::POST, "/console/api/playground")
+        .json(&json!({"decision_id": id}))
+        .send()
+        .await
+        .expect("send");
+    let body: Value = response.json().await.expect("json");
+    assert!(!body.to_string().contains(SECRET), "{body}");
+    assert_eq!(body["masked"], json!(["/input/message/body/value"]));
+    // The decision log itself is masked the same way (one mask for every output).
+    let log = node.dir.path().join("decisions.jsonl");
+    eventually(
+        "the decision is in the log",
+        Duration::from_secs(10),
+        || {
+            let log = log.clone();
+            let id = id.clone();
+            async move { std::fs::read_to_string(&log).is_ok_and(|t| t.contains(&id)) }
+        },
+    )
+    .await;
+    assert!(!std::fs::read_to_string(&log).expect("log").contains(SECRET));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_consoles_refuse_writes() {
+    let node = ConsoleNode::start(false, Some(|data| drop_type(data, "create"))).await;
+    let (_, status) = node.get("/console/api/status").await;
+    assert_eq!(status["write"], false);
+    let revision = status["shadow"]["revision"].clone();
+    assert!(revision.is_string(), "{status}");
+    for method in [Method::PUT, Method::DELETE] {
+        let response = node
+            .request(method.clone(), "/console/api/shadow")
+            .body(vec![0u8; 16])
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 403, "{method}");
+        let body: Value = response.json().await.expect("json");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("read-only")),
+            "{body}"
+        );
+    }
+    let (_, after) = node.get("/console/api/status").await;
+    assert_eq!(after["shadow"]["revision"], revision, "nothing changed");
+    node.stop().await;
+}
+
+fn drop_type(data: &mut Value, kind: &str) {
+    if let Some(types) = data["message"]["allowed_types"].as_array_mut() {
+        types.retain(|t| t != kind);
+    }
+}
+
+#[tokio::test]
+async fn the_playground_and_the_shadow_show_both_sides() {
+    let node = ConsoleNode::start(true, Some(|data| drop_type(data, "create"))).await;
+    // A fixture the active bundle denies, with its reason; the candidate denies it too.
+    let (_, fixtures) = node.get("/console/api/fixtures").await;
+    let fixture = fixtures
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .find(|p| p.ends_with("message_deny_blocked_user.json"))
+        .expect("the fixture is listed")
+        .to_string();
+    let response = node
+        .request(Method::POST, "/console/api/playground")
+        .json(&json!({ "fixture": fixture }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["active"]["allow"], false, "{body}");
+    assert!(
+        body["active"]["reasons"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("blocked")),
+        "{body}"
+    );
+    assert_eq!(body["candidate"]["allow"], false, "{body}");
+    // A live `create` the active bundle allows and the candidate would deny: a difference.
+    let id = node
+        .decide_fixture("message_allow_hyperty_create", |_| {})
+        .await;
+    eventually(
+        "the shadow sees the difference",
+        Duration::from_secs(10),
+        || async {
+            let (_, status) = node.get("/console/api/status").await;
+            status["shadow"]["recent"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|d| d["decision_id"] == id.as_str()))
+        },
+    )
+    .await;
+    let (_, status) = node.get("/console/api/status").await;
+    let group = &status["shadow"]["groups"][0][0];
+    assert_eq!(
+        (
+            group["from"].as_str(),
+            group["to"].as_str(),
+            group["kind"].as_str()
+        ),
+        (Some("allow"), Some("deny"), Some("message"))
+    );
+    let metrics = node
+        .request(Method::GET, "/metrics")
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"msgnode_pdp_shadow_differences_total{from="allow",to="deny"} 1"#),
+        "{metrics}"
+    );
+    // Write mode: unloading the candidate works, and the playground then has one side.
+    let unloaded = node
+        .request(Method::DELETE, "/console/api/shadow")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(unloaded.status(), 200);
+    let response = node
+        .request(Method::POST, "/console/api/playground")
+        .json(&json!({ "input": common::console::fixture_input("message_allow_hyperty_create") }))
+        .send()
+        .await
+        .expect("send");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["active"]["allow"], true, "{body}");
+    assert!(body["candidate"].is_null(), "{body}");
+    // Playground questions are not decisions: the tail holds only the live one.
+    let (_, recent) = node.get("/console/api/recent").await;
+    assert_eq!(recent.as_array().map(Vec::len), Some(1), "{recent}");
+    // Counts and coverage of the active revision.
+    let (_, counts) = node.get("/console/api/counts").await;
+    assert!(counts.to_string().contains("message/allow"), "{counts}");
+    let (status, coverage) = node.get("/console/api/coverage").await;
+    assert_eq!(status, 200, "{coverage}");
+    let file = &coverage["files"][0];
+    assert!(
+        file["covered"].as_array().is_some_and(|c| !c.is_empty()),
+        "{file}"
+    );
+    assert!(file["source"].is_string(), "{file}");
+    node.stop().await;
+}
