@@ -19,6 +19,19 @@ function el(tag, props, ...children) {
   return node;
 }
 
+// The nodes among `items` (leaving out the absent ones).
+function present(...items) {
+  return items.filter((item) => item !== null && item !== undefined);
+}
+
+// `path` without the directory all of `paths` share.
+function trimmer(paths) {
+  if (!paths.length) return (p) => p;
+  let prefix = paths[0].slice(0, paths[0].lastIndexOf('/') + 1);
+  for (const p of paths) while (!p.startsWith(prefix)) prefix = prefix.slice(0, prefix.slice(0, -1).lastIndexOf('/') + 1);
+  return (p) => p.slice(prefix.length);
+}
+
 async function api(path, options) {
   const response = await fetch(API + path, Object.assign({ credentials: 'same-origin' }, options || {}));
   const body = await response.json().catch(() => null);
@@ -105,7 +118,6 @@ function openTail() {
 }
 
 // ---- counts chart (hand-drawn SVG) ----
-const COLORS = ['#1f8a4c', '#c0392b', '#2456a6', '#b9770e', '#7d3c98', '#16a085', '#d35400', '#566573'];
 const SVG = 'http://www.w3.org/2000/svg';
 
 function svg(tag, attrs) {
@@ -123,11 +135,12 @@ async function refreshCounts() {
   const starts = Array.from({ length: n }, (_, i) => now - (n - 1 - i) * step);
   const byStart = new Map(data.buckets.map((b) => [b.start, b.counts]));
   const keys = [...new Set(data.buckets.flatMap((b) => Object.keys(b.counts)))].sort();
-  const max = Math.max(1, ...starts.map((s) => Math.max(0, ...keys.map((k) => (byStart.get(s) || {})[k] || 0))));
+  const total = (s) => keys.reduce((sum, k) => sum + ((byStart.get(s) || {})[k] || 0), 0);
+  const max = Math.max(1, ...starts.map(total));
   const chart = $('#chart');
   chart.replaceChildren();
   const [w, h, left, bottom] = [900, 180, 40, 20];
-  const x = (i) => left + (i * (w - left - 10)) / (n - 1);
+  const slot = (w - left - 10) / n;
   const y = (v) => h - bottom - (v * (h - bottom - 10)) / max;
   chart.append(svg('line', { x1: left, y1: y(0), x2: w - 10, y2: y(0), stroke: '#999' }));
   chart.append(svg('line', { x1: left, y1: y(0), x2: left, y2: 10, stroke: '#999' }));
@@ -137,19 +150,36 @@ async function refreshCounts() {
     chart.append(t);
   }
   const label = svg('text', { x: w - 10, y: h - 4, 'text-anchor': 'end', 'font-size': 10 });
-  label.textContent = 'last ' + (n * step / 60) + ' min';
+  label.textContent = 'last ' + (n * step / 60) + ' min, stacked';
   chart.append(label);
+  const color = (key) => {
+    const [kind, result] = key.split('/');
+    const shades = result === 'allow' ? ['#1f8a4c', '#52b788', '#95d5b2', '#2d6a4f', '#74c69d']
+      : result === 'deny' ? ['#c0392b', '#e76f51', '#9d0208', '#f4a261', '#dc2f02'] : ['#566573', '#b9770e', '#7d3c98', '#2456a6', '#16a085'];
+    const kinds = [...new Set(keys.map((k) => k.split('/')[0]))];
+    return shades[kinds.indexOf(kind) % shades.length];
+  };
+  starts.forEach((s, i) => {
+    let base = 0;
+    for (const key of keys) {
+      const v = (byStart.get(s) || {})[key] || 0;
+      if (!v) continue;
+      const bar = svg('rect', { x: left + i * slot + 1, y: y(base + v), width: Math.max(1, slot - 2), height: y(base) - y(base + v), fill: color(key), 'data-key': key });
+      const tip = svg('title', {});
+      tip.textContent = key + ': ' + v;
+      bar.append(tip);
+      chart.append(bar);
+      base += v;
+    }
+  });
   const legend = $('#legend');
   legend.replaceChildren();
-  keys.forEach((key, k) => {
-    const color = COLORS[k % COLORS.length];
-    const points = starts.map((s, i) => x(i) + ',' + y((byStart.get(s) || {})[key] || 0)).join(' ');
-    chart.append(svg('polyline', { points, fill: 'none', stroke: color, 'stroke-width': 2, 'data-key': key }));
-    const total = data.buckets.reduce((sum, b) => sum + (b.counts[key] || 0), 0);
-    const item = el('span', {}, key + ' ' + total);
-    item.style.setProperty('--swatch', color);
+  for (const key of keys) {
+    const sum = data.buckets.reduce((acc, b) => acc + (b.counts[key] || 0), 0);
+    const item = el('span', {}, key + ' ' + sum);
+    item.style.setProperty('--swatch', color(key));
     legend.append(item);
-  });
+  }
 }
 
 // ---- shadow ----
@@ -159,10 +189,10 @@ function verdictText(v) {
 
 function renderShadow(shadow) {
   const status = $('#shadow-status');
-  status.replaceChildren(shadow.revision
+  status.replaceChildren(...present(shadow.revision
     ? el('div', {}, 'candidate ', el('b', {}, shadow.revision), ' from ' + shadow.source + ' — ' + shadow.evaluated + ' decisions shadowed, ' + shadow.dropped + ' dropped (queue full)')
     : el('div', { class: 'muted' }, 'no candidate loaded ([pdp] shadow' + (writable ? ', or load one below' : '') + ')'),
-  shadow.last_error ? el('div', { class: 'failed' }, 'last candidate refused: ' + shadow.last_error) : null);
+  shadow.last_error ? el('div', { class: 'failed' }, 'last candidate refused: ' + shadow.last_error) : null));
   $('#shadow-groups').replaceChildren(...shadow.groups.map(([g, count]) => el('tr', {},
     el('td', {}, el('span', { class: g.from }, g.from), ' → ', el('span', { class: g.to }, g.to)),
     el('td', {}, g.kind), el('td', {}, g.reason), el('td', {}, count))));
@@ -190,11 +220,11 @@ async function unloadCandidate() {
 function showSide(id, side, masked) {
   const box = $(id + ' .verdict');
   if (!side) { box.replaceChildren(el('span', { class: 'muted' }, 'no revision')); return; }
-  box.replaceChildren(
+  box.replaceChildren(...present(
     el('div', { class: 'big ' + (side.allow ? 'allow' : 'deny') }, side.allow ? 'allow' : 'deny'),
     el('ul', {}, side.reasons.map((r) => el('li', { class: 'reason' }, r))),
     el('div', { class: 'muted' }, 'revision ' + side.revision),
-    masked.length ? el('div', { class: 'muted' }, 'decided with masked fields: ' + masked.join(', ')) : null);
+    masked.length ? el('div', { class: 'muted' }, 'decided with masked fields: ' + masked.join(', ')) : null));
 }
 
 async function decide(body) {
@@ -230,7 +260,7 @@ async function refreshFixtures() {
   let list;
   try { list = await api('fixtures'); } catch (_) { return; }
   $('#pg-fixture').replaceChildren(el('option', { value: '' }, '—'),
-    ...list.map((f) => el('option', { value: f.path, title: f.description || '' }, f.path.replace(/^.*fixtures\//, ''))));
+    ...list.map((f) => el('option', { value: f.path, title: f.description || '' }, f.path.replace(/^.*fixtures\//, '') + (f.description ? ' — ' + f.description : ''))));
 }
 
 // ---- coverage ----
@@ -238,13 +268,14 @@ async function refreshCoverage() {
   let report;
   try { report = await api('coverage'); } catch (e) { $('#coverage-files').textContent = e.message; return; }
   $('#coverage-total').textContent = report.percent === null ? '' : '(' + report.percent.toFixed(1) + '% total, ' + report.passed + ' passed, ' + report.failed + ' failed)';
+  const short = trimmer(report.files.map((f) => f.file));
   $('#coverage-files').replaceChildren(...report.files.map((file) => {
     const covered = new Set(file.covered);
     const uncovered = new Set(file.not_covered);
     const lines = (file.source || '').split('\n').map((text, i) => el('span', {
       class: covered.has(i + 1) ? 'cov' : uncovered.has(i + 1) ? 'uncov' : '',
     }, String(i + 1).padStart(4) + '  ' + text));
-    return el('details', {}, el('summary', {}, file.file + ' — ' + file.percent.toFixed(1) + '% (' + file.not_covered.length + ' lines not covered)'),
+    return el('details', {}, el('summary', {}, short(file.file) + ' — ' + file.percent.toFixed(1) + '% (' + file.not_covered.length + ' lines not covered)'),
       el('pre', { class: 'source' }, lines));
   }));
 }
