@@ -1,6 +1,8 @@
 //! `msgnode policy test|check|eval` as a security team runs them: the real binary, its
 //! output and exit codes — on the shipped bundle and on broken ones.
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn msgnode(args: &[&str]) -> Output {
@@ -580,38 +582,21 @@ fn policy_build_writes_an_opa_bundle_and_signs_it() {
 /// A copy of the shipped bundle with `edit` applied to its data.
 fn candidate_of_shipped(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    for entry in walk(&root) {
-        let to = dir.path().join(entry.strip_prefix(&root).expect("below"));
-        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(&entry, &to).expect("copy");
-    }
-    let data_path = dir.path().join("config/data.json");
-    let mut data: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&data_path).expect("data")).expect("json");
-    edit(&mut data);
-    std::fs::write(&data_path, data.to_string()).expect("write");
+    common::synapse::copy_dir(&common::shipped_policies(), dir.path());
+    common::console::edit_data(dir.path(), edit);
     dir
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read_dir") {
-        let path = entry.expect("entry").path();
-        match path.is_dir() {
-            true => files.extend(walk(&path)),
-            false => files.push(path),
-        }
-    }
-    files
 }
 
 /// The shipped fixtures as a decision log in OPA's shape: the expected decision as the
 /// logged result, the `ping` one with a masked token.
 fn fixture_log(dir: &std::path::Path) -> std::path::PathBuf {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/fixtures");
+    let fixtures = common::shipped_policies().join("fixtures");
     let mut lines = String::new();
-    let mut names: Vec<_> = walk(&fixtures);
+    let mut names: Vec<_> = std::fs::read_dir(&fixtures)
+        .expect("fixtures")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     names.sort();
     for path in names {
         let fixture: serde_json::Value =

@@ -95,13 +95,7 @@ impl Shown {
             None => record
                 .result
                 .as_ref()
-                .and_then(|r| r.get("reasons"))
-                .and_then(Value::as_array)
-                .map(|r| {
-                    r.iter()
-                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-                        .collect()
-                })
+                .map(super::shadow::reasons_of)
                 .unwrap_or_default(),
         };
         Self {

@@ -61,15 +61,7 @@ impl Verdict {
         match value.get("allow").and_then(Value::as_bool) {
             Some(allow) => Self {
                 allow,
-                reasons: value
-                    .get("reasons")
-                    .and_then(Value::as_array)
-                    .map(|r| {
-                        r.iter()
-                            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                reasons: reasons_of(value),
             },
             None => deny(format!("policy decision has no boolean \"allow\": {value}")),
         }
@@ -90,6 +82,19 @@ impl Verdict {
             false => "deny",
         }
     }
+}
+
+/// The `reasons` of a decision-rule result, as text (none when absent).
+pub fn reasons_of(result: &Value) -> Vec<String> {
+    result
+        .get("reasons")
+        .and_then(Value::as_array)
+        .map(|r| {
+            r.iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The candidate revision.
