@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -197,7 +197,9 @@ struct Seen {
 
 struct Inner {
     candidate: ArcSwapOption<Candidate>,
-    queue: Mutex<Option<SyncSender<Job>>>,
+    /// Set once, when the thread starts: offering reads it without a lock.
+    queue: OnceLock<SyncSender<Job>>,
+    starting: Mutex<()>,
     rule: DataPath,
     eval_timeout: Duration,
     max_instructions: usize,
@@ -237,7 +239,8 @@ impl Shadow {
         Self {
             inner: Arc::new(Inner {
                 candidate: ArcSwapOption::empty(),
-                queue: Mutex::new(None),
+                queue: OnceLock::new(),
+                starting: Mutex::new(()),
                 rule,
                 eval_timeout,
                 max_instructions,
@@ -319,8 +322,7 @@ impl Shadow {
 
     /// Hands a live decision to the candidate; never blocks (a full queue drops it, counted).
     pub fn offer(&self, decision_id: &str, input: Value, live: Verdict) {
-        let queue = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(queue) = queue.as_ref() else {
+        let Some(queue) = self.inner.queue.get() else {
             return;
         };
         let job = Job {
@@ -366,8 +368,12 @@ impl Shadow {
     }
 
     fn start_thread(&self) -> Result<(), BundleError> {
-        let mut queue = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.is_some() {
+        let _starting = self
+            .inner
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.inner.queue.get().is_some() {
             return Ok(());
         }
         let (tx, rx) = sync_channel(QUEUE_LEN);
@@ -380,7 +386,8 @@ impl Shadow {
                 file: "pdp-shadow thread".into(),
                 source,
             })?;
-        *queue = Some(tx);
+        // Only this (locked) path sets it, once.
+        let _ = self.inner.queue.set(tx);
         Ok(())
     }
 }
