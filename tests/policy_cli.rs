@@ -579,14 +579,6 @@ fn policy_build_writes_an_opa_bundle_and_signs_it() {
     );
 }
 
-/// A copy of the shipped bundle with `edit` applied to its data.
-fn candidate_of_shipped(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    common::synapse::copy_dir(&common::shipped_policies(), dir.path());
-    common::console::edit_data(dir.path(), edit);
-    dir
-}
-
 /// The shipped fixtures as a decision log in OPA's shape: the expected decision as the
 /// logged result, the `ping` one with a masked token.
 fn fixture_log(dir: &std::path::Path) -> std::path::PathBuf {
@@ -644,7 +636,7 @@ fn policy_replay_re_decides_a_log_and_groups_what_changes() {
         "masked fields are said: {out}"
     );
     // A candidate that no longer allows `ping`: that allow becomes a deny, with its reason.
-    let candidate = candidate_of_shipped(|data| {
+    let candidate = common::policies_with(|data| {
         let types = data["message"]["allowed_types"]
             .as_array_mut()
             .expect("types");

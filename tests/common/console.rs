@@ -1,7 +1,7 @@
 //! A PDP-only node with the console on (shipped policies, copied so a test may break them),
 //! and authenticated requests to it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use msgnode::cmd::run::{start, Running};
 use serde_json::Value;
@@ -17,8 +17,10 @@ pub struct ConsoleNode {
     pub base: String,
     /// The node's copy of the shipped policies.
     pub policies: PathBuf,
-    /// Keeps the policies (and the candidate) on disk.
+    /// Keeps the policies on disk.
     pub dir: tempfile::TempDir,
+    /// Keeps the `[pdp] shadow` candidate on disk.
+    candidate: Option<tempfile::TempDir>,
     /// A client.
     pub http: reqwest::Client,
 }
@@ -38,12 +40,8 @@ impl ConsoleNode {
         config.pdp.reload_debounce = std::time::Duration::from_millis(50);
         config.console.enabled = true;
         config.console.write = write;
-        if let Some(edit) = candidate {
-            let shadow = dir.path().join("candidate");
-            super::synapse::copy_dir(&super::shipped_policies(), &shadow);
-            edit_data(&shadow, edit);
-            config.pdp.shadow = Some(shadow);
-        }
+        let candidate = candidate.map(super::policies_with);
+        config.pdp.shadow = candidate.as_ref().map(|c| c.path().to_path_buf());
         let running = start(config).await.expect("start");
         let base = format!("http://{}", running.pdp_addr);
         ConsoleNode {
@@ -51,6 +49,7 @@ impl ConsoleNode {
             base,
             policies,
             dir,
+            candidate,
             http: reqwest::Client::new(),
         }
     }
@@ -104,13 +103,4 @@ pub fn fixture_input(name: &str) -> Value {
     let fixture: Value =
         serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json");
     fixture["input"].clone()
-}
-
-/// Applies `edit` to the `config/data.json` of the bundle in `dir`.
-pub fn edit_data(dir: &Path, edit: impl FnOnce(&mut Value)) {
-    let path = dir.join("config/data.json");
-    let mut data: Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("data")).expect("json");
-    edit(&mut data);
-    std::fs::write(&path, data.to_string()).expect("write");
 }
