@@ -143,6 +143,10 @@ pub struct ReplayArgs {
     /// Exit 1 when any decision changes (for CI).
     #[arg(long)]
     pub fail_on_difference: bool,
+    /// Time limit of one re-decision, e.g. 5s (offline: not the serving [pdp] eval_timeout,
+    /// so a busy machine does not turn allows into timeouts).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
     /// Output format.
     #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
     pub format: Format,

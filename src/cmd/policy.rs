@@ -69,7 +69,7 @@ fn replay(args: &ReplayArgs, config: &Config) -> anyhow::Result<ExitCode> {
     };
     let rule = DataPath::from_ref(&config.pdp.decision)
         .map_err(|e| anyhow::anyhow!("[pdp] decision: {e}"))?;
-    let candidate = CompiledBundle::compile(bundle, config.pdp.eval_timeout)?
+    let candidate = CompiledBundle::compile(bundle, args.timeout)?
         .with_fast_path(&rule, config.pdp.max_instructions)
         .0;
     let log_name = args.log.display().to_string();
