@@ -539,9 +539,14 @@ pub struct BusConfig {
     /// receiver that does not read can hold in the node's memory.
     pub outbound_queue_bytes: usize,
     /// How long a socket's queue may stay full before the socket is closed (1013; it resumes
-    /// from its inbox on reconnect). Until then its senders are slowed down.
+    /// from its inbox on reconnect). Until then its senders are slowed down. Also how long
+    /// a response or a resumed message may wait for room in that queue, and how long the
+    /// socket may take to take one write: past it, it is closed too.
     #[serde(with = "humantime_serde")]
     pub slow_receiver_close_after: Duration,
+    /// Largest answer the built-in registry gives to one `read` of a `user://` URL: past it
+    /// the entries come in pages (`body.next`, asked for again with `body.after`).
+    pub max_response_bytes: usize,
     /// Most `to` addresses one message may have (more → 400).
     pub max_destinations: usize,
     /// Hard per-principal limits, whatever the policy allows (the policy's own, lower ones
@@ -567,6 +572,20 @@ pub struct BusConfig {
     /// has no homeserver; else what is not stored yet) before messages for away runtimes
     /// are refused (408, "retry").
     pub inbox_max_bytes: usize,
+    /// Bytes one runtime's inbox may hold undelivered (in memory, or stored in Matrix)
+    /// before messages to it are refused (408, "retry"). Counted from the node's start.
+    pub inbox_max_bytes_per_runtime: usize,
+    /// Messages waiting for one peer node (`[[bus.peers]]`) before more are refused (408).
+    pub peer_queue: usize,
+    /// Bytes waiting for one peer node before more are refused (408).
+    pub peer_queue_bytes: usize,
+    /// Sockets from one IP address that have not finished their handshake (more: 429).
+    pub handshakes_per_ip: usize,
+    /// Sockets not yet authenticated, over all addresses (more: 503): what they may hold
+    /// is `max_frame_bytes` each.
+    pub max_handshakes: usize,
+    /// New sockets one IP address may open per second (past it: 429).
+    pub handshake_rate: RateLimit,
     /// Network Server connectors: services that connect with a static token instead of a
     /// Matrix access token.
     pub network_servers: Vec<NetworkServer>,
@@ -654,6 +673,13 @@ impl Default for BusConfig {
             max_history_backlog: 1_000_000,
             max_history_bytes: 256 * 1024 * 1024,
             inbox_max_bytes: 64 * 1024 * 1024,
+            inbox_max_bytes_per_runtime: 16 * 1024 * 1024,
+            max_response_bytes: 1024 * 1024,
+            peer_queue: 1024,
+            peer_queue_bytes: 16 * 1024 * 1024,
+            handshakes_per_ip: 64,
+            max_handshakes: 256,
+            handshake_rate: RateLimit::new(50, 100),
             network_servers: Vec::new(),
             peers: Vec::new(),
             registry: RegistryConfig::default(),

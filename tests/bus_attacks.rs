@@ -630,3 +630,423 @@ async fn a_principal_over_its_rate_limit_is_told_to_retry() {
     assert_eq!(code(&pong), 200);
     running.stop().await;
 }
+
+/// `[[bus.network_servers]]` tables for a child node: alice and bob.
+fn alice_and_bob() -> String {
+    format!(
+        "[[bus.network_servers]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n[[bus.network_servers]]\nname = \"bob\"\ntoken = \"{BOB}\""
+    )
+}
+
+/// Review B5: 8,192 pipelined registry reads of a 60 KB entry, on a socket that never reads,
+/// queued about 500 MiB against a documented 8 MiB, and the read loop stuck in that queue
+/// outlived take-overs. Responses count against the socket's byte budget now: the socket is
+/// not read further while its queue is full, and is closed once it has made no room for
+/// `slow_receiver_close_after`. The entry itself is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_answers_to_a_socket_that_does_not_read_are_bounded() {
+    let node = common::ChildNode::start(
+        "outbound_queue_bytes = 2097152\nslow_receiver_close_after = \"1s\"",
+        &alice_and_bob(),
+    )
+    .await;
+    let addr = node.bus;
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let h = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let pad = "x".repeat(60_000);
+    let registered = alice
+        .request(
+            json!({"type": "create", "from": h, "to": "domain://registry.localhost",
+            "body": {"value": {"url": h, "pad": pad}}}),
+        )
+        .await;
+    assert_eq!(code(&registered), 200, "{registered}");
+    let before = node.rss();
+    let eve_rt = "runtime://localhost/eve-rt";
+    let mut eve = Stub::connect(addr, eve_rt, BOB).await;
+    let reads = 3000;
+    for _ in 0..reads {
+        eve.send(
+            json!({"type": "read", "from": eve_rt, "to": "domain://registry.localhost",
+            "body": {"resource": h}}),
+        )
+        .await;
+    }
+    let closed = "msgnode_bus_refused_total{reason=\"slow_socket\"}";
+    common::eventually(
+        "the socket that does not read is closed",
+        Duration::from_secs(60),
+        || async { node.metric(closed).await >= 1 },
+    )
+    .await;
+    let grown = node.rss().saturating_sub(before);
+    assert!(
+        grown < 64 * 1024 * 1024,
+        "{reads} answers of 60 KB to a socket that does not read grew the node by {} MiB",
+        grown / (1024 * 1024)
+    );
+    let mut answered = 0;
+    while eve.quiet_for(common::stub::WAIT).await.is_some() {
+        answered += 1;
+    }
+    assert!(
+        answered < reads / 2,
+        "the node stopped answering a socket that did not read ({answered} answers)"
+    );
+    // Nothing of what was accepted is lost.
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let read = bob
+        .request(json!({"type": "read", "from": "runtime://localhost/bob-rt",
+            "to": "domain://registry.localhost", "body": {"resource": h}}))
+        .await;
+    assert_eq!(code(&read), 200);
+    assert_eq!(
+        read["body"]["value"]["pad"].as_str().map(str::len),
+        Some(60_000)
+    );
+}
+
+/// Review B5: a frame that is not a message was answered with its `id`, whatever it was.
+/// An invalid or oversized id is not echoed, nor is more than a little of what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_is_no_message_is_answered_small() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let mut mallory = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let big = "x".repeat(100_000);
+    for frame in [
+        json!({"id": big, "type": "ping"}),
+        json!({"id": {"pad": big}, "type": "ping"}),
+        json!({"id": 7, "type": "create", "from": format!("not a url {big}"), "to": "a:b"}),
+    ] {
+        mallory.send_text(&frame.to_string()).await;
+        let answer = mallory.recv().await;
+        assert_eq!(code(&answer), 400, "{answer}");
+        assert!(
+            answer.to_string().len() < 1000,
+            "{} bytes",
+            answer.to_string().len()
+        );
+        assert!(answer["id"].is_null() || answer["id"] == 7, "{answer}");
+    }
+    running.stop().await;
+}
+
+/// Sends `messages` in order, then a ping: once it is answered every one was handled. The
+/// error answers among them (routed messages get none).
+async fn send_all(stub: &mut Stub, messages: impl IntoIterator<Item = Value>) -> Vec<Value> {
+    for message in messages {
+        stub.send(message).await;
+    }
+    let runtime = stub.runtime.clone();
+    let pong = stub
+        .request(json!({"type": "ping", "from": runtime, "to": "mn:/session"}))
+        .await;
+    assert_eq!(code(&pong), 200, "{pong}");
+    stub.inbox
+        .drain(..)
+        .filter(|m| m["type"] == "response")
+        .collect()
+}
+
+/// Every `body.value.n` a stub receives until it is quiet or closed.
+async fn received_ns(stub: &mut Stub) -> Vec<u64> {
+    let mut ns = Vec::new();
+    while let Some(m) = stub.quiet_for(Duration::from_secs(2)).await {
+        if let Some(n) = m["body"]["value"]["n"].as_u64() {
+            ns.push(n);
+        }
+    }
+    ns
+}
+
+/// Review B6: a runtime whose reconnecting socket did not read stayed `Draining` for ever,
+/// buffering without bound what was sent to it meanwhile, and its later reconnects waited on
+/// the hand-over for ever. Now that buffer is bounded by the socket's budget (past it the
+/// socket is closed and the rest waits in the inbox), a take-over ends a stuck resume, and
+/// nothing is lost: what a stalled socket did not get comes to the next one, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_resume_is_bounded_and_loses_nothing() {
+    let running = node_with(|c| {
+        c.bus.outbound_queue_bytes = 256 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(300);
+        c.bus.inbox_max_bytes = 256 * 1024 * 1024;
+        c.bus.inbox_max_bytes_per_runtime = 128 * 1024 * 1024;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    alice.drop_socket().await;
+    let pad = "x".repeat(1024 * 1024 - 200);
+    let message = |n: u64| json!({"type": "create", "from": b, "to": a, "body": {"value": {"n": n, "pad": pad}}});
+    // More than TCP buffers hold: the hand-over to a socket that does not read stalls.
+    let errors = send_all(&mut bob, (0..24).map(message)).await;
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // 1. A stalled resume, ended by a take-over: the new socket gets the turn.
+    let mut stalled = Stub::connect(addr, alice_rt, ALICE).await;
+    let mut taker = bound(addr, alice_rt, ALICE).await;
+    // What the stalled socket was handed before the take-over is still on its way to it.
+    let mut got = received_ns(&mut stalled).await;
+    got.extend(received_ns(&mut taker).await);
+
+    // 2. A stalled resume flooded meanwhile: past the socket's budget it is closed, and the
+    //    flood waits in the inbox.
+    taker.drop_socket().await;
+    let errors = send_all(&mut bob, (24..30).map(message)).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut stalled = Stub::connect(addr, alice_rt, ALICE).await;
+    let errors = send_all(&mut bob, (30..40).map(message)).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let overflowed = "msgnode_bus_refused_total{reason=\"resume_overflow\"}";
+    assert!(common::metric(&http, &running, overflowed).await >= 1);
+    got.extend(received_ns(&mut stalled).await);
+    let mut last = bound(addr, alice_rt, ALICE).await;
+    got.extend(received_ns(&mut last).await);
+
+    // Every message came, in order (a page handed to a socket that closed before it was
+    // acknowledged may come again).
+    let mut firsts: Vec<u64> = Vec::new();
+    for n in got {
+        if !firsts.contains(&n) {
+            firsts.push(n);
+        }
+    }
+    assert_eq!(firsts, (0..40).collect::<Vec<_>>());
+    running.stop().await;
+}
+
+/// Review B7: a runtime's inbox had no cap of its own (in Matrix, none at all), and a resume
+/// loaded all of it at once. One runtime's inbox holds `inbox_max_bytes_per_runtime` now;
+/// past it senders are told to retry (408), and a resume hands it over page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_runtimes_inbox_is_capped_and_resumed_in_pages() {
+    let running = node_with(|c| {
+        c.bus.inbox_max_bytes_per_runtime = 1024 * 1024;
+        c.bus.outbound_queue_bytes = 256 * 1024;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    alice.drop_socket().await;
+    let pad = "x".repeat(200 * 1024);
+    let errors = send_all(
+        &mut bob,
+        (0..10).map(|n| {
+            json!({"type": "create", "from": b, "to": a, "body": {"value": {"n": n, "pad": pad}}})
+        }),
+    )
+    .await;
+    assert!(!errors.is_empty(), "past the cap: refused");
+    for error in &errors {
+        assert_eq!(code(error), 408, "{error}");
+        assert!(
+            description(error).contains("inbox_max_bytes_per_runtime"),
+            "{error}"
+        );
+    }
+    let full = "msgnode_bus_refused_total{reason=\"runtime_inbox_full\"}";
+    assert_eq!(
+        common::metric(&http, &running, full).await,
+        errors.len() as u64
+    );
+    let accepted = 10 - errors.len() as u64;
+    let mut alice = bound(addr, alice_rt, ALICE).await;
+    assert_eq!(
+        received_ns(&mut alice).await,
+        (0..accepted).collect::<Vec<_>>()
+    );
+    running.stop().await;
+}
+
+/// A peer node that takes every message but answers only once let go; what it got, in order.
+struct SlowPeer {
+    addr: std::net::SocketAddr,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl SlowPeer {
+    async fn start() -> SlowPeer {
+        use axum::routing::post;
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let app = axum::Router::new().route(
+            "/bus/v1/messages",
+            post({
+                let (received, gate) = (received.clone(), gate.clone());
+                move |body: String| async move {
+                    if let Ok(permit) = gate.acquire().await {
+                        permit.forget();
+                    }
+                    let value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    received
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(value);
+                    axum::http::StatusCode::ACCEPTED
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        SlowPeer {
+            addr,
+            received,
+            gate,
+        }
+    }
+
+    fn received(&self) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Review B8: every message to a slow peer was a task holding a copy of it, without bound.
+/// Messages for one peer wait in one bounded queue (`peer_queue`, `peer_queue_bytes`);
+/// past it the sender is told to retry (408), and what was accepted reaches the peer, in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_queues_a_bounded_number_of_messages() {
+    let peer = SlowPeer::start().await;
+    let url = format!("http://{}", peer.addr);
+    let running = node_with(|c| {
+        c.bus.peer_queue = 4;
+        c.bus.peers[0].url = url;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let errors = send_all(
+        &mut bob,
+        (0..20).map(|n| {
+            json!({"type": "create", "from": b, "to": "hyperty://msgnode.test/x",
+                "body": {"value": {"n": n}}})
+        }),
+    )
+    .await;
+    assert!(!errors.is_empty(), "past the peer's queue: refused");
+    for error in &errors {
+        assert_eq!(code(error), 408, "{error}");
+    }
+    let full = "msgnode_bus_refused_total{reason=\"peer_queue_full\"}";
+    assert_eq!(
+        common::metric(&http, &running, full).await,
+        errors.len() as u64
+    );
+    let accepted = 20 - errors.len();
+    assert!(
+        accepted <= 5,
+        "at most 4 waiting and 1 being sent: {accepted}"
+    );
+    peer.gate.add_permits(100);
+    common::eventually(
+        "the peer got what was accepted",
+        Duration::from_secs(30),
+        || async { peer.received().len() >= accepted },
+    )
+    .await;
+    let ns: Vec<u64> = peer
+        .received()
+        .iter()
+        .filter_map(|m| m["body"]["value"]["n"].as_u64())
+        .collect();
+    assert_eq!(ns.len(), accepted);
+    assert!(ns.windows(2).all(|w| w[0] < w[1]), "in order: {ns:?}");
+    running.stop().await;
+}
+
+/// Review B9: one subscribe could name 10,000 resources, each decided with the whole message
+/// in its input. A subscribe names at most `max_destinations` resources, like any message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_names_no_more_resources_than_a_message_has_destinations() {
+    let running = node_with(|c| c.bus.max_destinations = 4).await;
+    let addr = running.bus_addr.expect("bus");
+    let mut mallory = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let subscribe = |n: usize| {
+        json!({"type": "subscribe", "from": "runtime://localhost/mallory-rt/sm",
+            "to": format!("{MN}/sm"),
+            "body": {"resources": (0..n).map(|i| format!("comm://localhost/o{i}/changes")).collect::<Vec<_>>()}})
+    };
+    let over = mallory.request(subscribe(5)).await;
+    assert_eq!(code(&over), 400, "{over}");
+    assert!(description(&over).contains("max_destinations"), "{over}");
+    let within = mallory.request(subscribe(4)).await;
+    assert_eq!(code(&within), 200, "{within}");
+    running.stop().await;
+}
+
+/// Opens a WebSocket that has not said who it is; the upgrade's HTTP status when refused.
+async fn unauthenticated(addr: std::net::SocketAddr) -> Result<common::stub::Socket, u16> {
+    use tokio_tungstenite::tungstenite::Error;
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(Error::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
+/// Review B12: any number of sockets could sit in their handshake, each holding up to a
+/// frame's worth of memory. They are limited per address and over all (429 / 503, counted),
+/// and a place is free again once its socket is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_in_their_handshake_are_limited() {
+    let running = node_with(|c| {
+        c.bus.handshakes_per_ip = 2;
+        c.bus.max_handshakes = 3;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let first = unauthenticated(addr).await.expect("first");
+    let second = unauthenticated(addr).await.expect("second");
+    assert_eq!(unauthenticated(addr).await.err(), Some(429));
+    let per_ip = "msgnode_bus_refused_total{reason=\"handshakes_per_ip\"}";
+    assert_eq!(common::metric(&http, &running, per_ip).await, 1);
+    drop(first);
+    let free = || async { unauthenticated(addr).await.is_ok() };
+    common::eventually("a place is free again", Duration::from_secs(10), free).await;
+    drop(second);
+    common::eventually("both places are free", Duration::from_secs(10), || async {
+        let (one, two) = (unauthenticated(addr).await, unauthenticated(addr).await);
+        one.is_ok() && two.is_ok()
+    })
+    .await;
+    // Authenticated sockets hold no place.
+    let _alice = bound(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let _bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    common::eventually(
+        "the handshakes' places are free",
+        Duration::from_secs(10),
+        || async {
+            let (one, two) = (unauthenticated(addr).await, unauthenticated(addr).await);
+            one.is_ok() && two.is_ok()
+        },
+    )
+    .await;
+    running.stop().await;
+
+    let running = node_with(|c| c.bus.max_handshakes = 1).await;
+    let addr = running.bus_addr.expect("bus");
+    let _only = unauthenticated(addr).await.expect("the only place");
+    assert_eq!(unauthenticated(addr).await.err(), Some(503));
+    running.stop().await;
+}

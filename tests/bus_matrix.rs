@@ -234,7 +234,7 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     }
     inbox.push(b, r#"{"for":"b","value":0.5}"#);
     inbox.push(b, "not json");
-    let taken = inbox.take(a).await.expect("take");
+    let taken = inbox.take(a, usize::MAX).await.expect("take");
     eprintln!(
         "inbox: 300 messages pushed, stored and read back in {:?}",
         start.elapsed()
@@ -244,17 +244,17 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
         values(&taken.messages),
         values(&(0..300).map(message).collect::<Vec<_>>())
     );
-    let again = inbox.take(a).await.expect("take again");
+    let again = inbox.take(a, usize::MAX).await.expect("take again");
     assert_eq!(again, taken, "not acked: taken again");
     inbox.ack(a, &taken).await.expect("ack");
-    let empty = inbox.take(a).await.expect("take after ack");
+    let empty = inbox.take(a, usize::MAX).await.expect("take after ack");
     assert!(empty.messages.is_empty());
     assert_eq!(empty.upto_of("n1"), 300);
 
     for i in 300..305 {
         inbox.push(a, &message(i));
     }
-    let pending = inbox.take(a).await.expect("take");
+    let pending = inbox.take(a, usize::MAX).await.expect("take");
     assert_eq!(pending.upto_of("n1"), 305);
     assert_eq!(pending.messages.len(), 5);
     shutdown.cancel();
@@ -271,11 +271,11 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
         shutdown.clone(),
         &tracker,
     );
-    let after = inbox.take(a).await.expect("take after restart");
+    let after = inbox.take(a, usize::MAX).await.expect("take after restart");
     assert_eq!(after, pending);
     inbox.ack(a, &after).await.expect("ack");
     inbox.push(a, &message(305));
-    let next = inbox.take(a).await.expect("take");
+    let next = inbox.take(a, usize::MAX).await.expect("take");
     assert_eq!(next.upto_of("n1"), 306, "the sequence continues");
     assert_eq!(values(&next.messages), values(&[message(305)]));
     inbox.ack(a, &next).await.expect("ack");
@@ -291,9 +291,9 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     );
     other.push(a, &message(1000));
     other.push(a, &message(1001));
-    let _ = other.take(a).await.expect("stored by n2");
+    let _ = other.take(a, usize::MAX).await.expect("stored by n2");
     inbox.push(a, &message(306));
-    let mixed = inbox.take(a).await.expect("take both writers");
+    let mixed = inbox.take(a, usize::MAX).await.expect("take both writers");
     assert_eq!(
         values(&mixed.messages),
         values(&[message(1000), message(1001), message(306)])
@@ -301,10 +301,13 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     assert_eq!((mixed.upto_of("n1"), mixed.upto_of("n2")), (307, 2));
     inbox.ack(a, &mixed).await.expect("ack");
     other.push(a, &message(1002));
-    let _ = other.take(a).await.expect("stored by n2");
-    let last = inbox.take(a).await.expect("take after n2 wrote again");
+    let _ = other.take(a, usize::MAX).await.expect("stored by n2");
+    let last = inbox
+        .take(a, usize::MAX)
+        .await
+        .expect("take after n2 wrote again");
     assert_eq!(values(&last.messages), values(&[message(1002)]));
-    let for_b = inbox.take(b).await.expect("take b");
+    let for_b = inbox.take(b, usize::MAX).await.expect("take b");
     assert_eq!(for_b.upto_of("n1"), 2);
     assert_eq!(for_b.messages[1], "not json");
     let float: Value = serde_json::from_str(&for_b.messages[0]).expect("json");

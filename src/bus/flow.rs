@@ -9,9 +9,16 @@
 //! message waits in its inbox (it resumes from there). Both are counted
 //! (`bus_senders_slowed`, `bus_receivers_closed`). What a receiver holds in memory stays
 //! within its queue's bytes meanwhile.
+//!
+//! Responses go through the same queue and budget ([`Bus::respond`]): a socket that sends
+//! requests but does not read its answers is not read further until there is room, and is
+//! closed once it has made none for `slow_receiver_close_after` (`bus_refused{reason=
+//! "slow_socket"}`) — as is a socket that takes longer than that to take one write.
 
 use axum::extract::ws::Utf8Bytes;
 
+use super::connection::Connection;
+use super::metrics::refused;
 use super::outbound::Refused;
 use super::runtimes::{Delivered, Offer, Runtime};
 use super::Bus;
@@ -22,6 +29,10 @@ impl Bus {
         let inbox = &self.inner.persistence.inbox;
         let (conn, tx, since) = match runtime.offer(text, inbox) {
             Offer::Done(delivered) => return delivered,
+            Offer::Overflowed => {
+                self.inner.metrics.refuse(refused::RESUME_OVERFLOW);
+                return Delivered::Queued;
+            }
             Offer::Full { conn, tx, since } => (conn, tx, since),
         };
         let metrics = &self.inner.metrics;
@@ -38,6 +49,30 @@ impl Bus {
                 runtime.too_slow(conn, text, inbox)
             }
             Err(Refused::Closed(_)) => runtime.too_slow(conn, text, inbox),
+        }
+    }
+}
+
+impl Bus {
+    /// Queues a response (or a resumed message) for `conn` within its socket's budget,
+    /// waiting for room no longer than `[bus] slow_receiver_close_after`, nor past the
+    /// socket's close or the node's shutdown. False when the socket is done: gone, closing,
+    /// or too slow (then told to close; it resumes from its inbox on reconnect).
+    pub(super) async fn respond(&self, conn: &Connection, text: Utf8Bytes) -> bool {
+        let deadline = tokio::time::Instant::now() + self.config().slow_receiver_close_after;
+        tokio::select! {
+            sent = conn.tx.send_until(text, deadline) => match sent {
+                Ok(()) => true,
+                Err(Refused::Full(_)) => {
+                    self.inner.metrics.refuse(refused::SLOW_SOCKET);
+                    tracing::info!(runtime = %conn.runtime.url, "socket does not read its answers: closed");
+                    conn.close.cancel();
+                    false
+                }
+                Err(Refused::Closed(_)) => false,
+            },
+            () = conn.close.cancelled() => false,
+            () = self.inner.shutdown.cancelled() => false,
         }
     }
 }

@@ -54,6 +54,7 @@ impl Bus {
             }
             if ticks.is_multiple_of(REAP_EVERY_TICKS) {
                 self.inner.rate.forget_idle();
+                self.inner.handshakes.forget_idle();
             }
         }
     }

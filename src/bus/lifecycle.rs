@@ -152,67 +152,105 @@ impl Bus {
             principal,
             tx,
         ));
+        // A socket still holding the runtime (or stuck handing its inbox over) is told to
+        // close first: its hand-over ends, and this one gets the turn.
+        runtime.close_socket();
         // After a release under way (a `close` just before this reconnect) has finished.
-        let turn = runtime.handover().await;
+        let turn = tokio::select! {
+            turn = runtime.handover() => turn,
+            () = conn.close.cancelled() => {
+                return Err(BusError::Unavailable("taken over meanwhile; reconnect".into()));
+            }
+        };
         if runtime.with_record(|r| r.released) {
             // In use again: the reaper may release it once more when it is away too long.
             runtime.update(|r| r.released = false);
         }
-        runtime.begin_attach(conn.id, conn.close.clone());
-        let inbox = &self.inner.persistence.inbox;
-        let resumed = async {
-            let current = self.inner.table.get_runtime(&runtime.url);
-            if !current.is_some_and(|current| Arc::ptr_eq(&current, &runtime)) {
-                return Err(BusError::Unavailable(
-                    "the runtime was released meanwhile; reconnect".into(),
-                ));
+        let budget = self.config().outbound_queue_bytes;
+        runtime.begin_attach(conn.id, conn.close.clone(), budget);
+        // Every wait below ends with the socket's close (a take-over, a too slow resume) or
+        // the node's shutdown; whatever was not acknowledged is handed over again next time.
+        let resumed = tokio::select! {
+            resumed = self.resume(&runtime, &conn) => resumed,
+            () = conn.close.cancelled() => Err(BusError::Unavailable(
+                "another socket took the runtime over, or this one was too slow; reconnect".into(),
+            )),
+            () = self.inner.shutdown.cancelled() => {
+                Err(BusError::Unavailable("the node is shutting down".into()))
             }
-            if let Some(me) = &self.inner.config.replica {
-                // Tell the other replicas the runtime is here now (one closes its socket).
-                let record = runtime.update(|r| {
-                    r.node = Some(me.clone());
-                    r.attached_ms = crate::clock::now_ms();
-                });
-                self.persist(&runtime.url, &record).await?;
-            }
-            let taken = inbox.take(&runtime.url).await.map_err(|e| {
-                BusError::Unavailable(format!("cannot read the runtime's inbox: {e}"))
-            })?;
-            for text in &taken.messages {
-                if conn.tx.send(Utf8Bytes::from(text.clone())).await.is_err() {
-                    return Err(BusError::Unavailable("socket closed while resuming".into()));
-                }
-            }
-            if !runtime.go_online(conn.id, &conn.tx).await {
-                return Err(BusError::Unavailable(
-                    "another socket took the runtime over, or this one closed".into(),
-                ));
-            }
-            Ok(taken)
-        }
-        .await;
-        let taken = match resumed {
-            Ok(taken) => taken,
+        };
+        let resumed = match resumed {
+            Ok(resumed) => resumed,
             Err(e) => {
-                // Whatever was buffered for this socket goes (back) to the inbox, in order;
-                // the inbox itself was not acknowledged, so it is handed over again next time.
-                runtime.detach(conn.id, inbox);
+                // Whatever was buffered for this socket goes (back) to the inbox, in order.
+                runtime.detach(conn.id, &self.inner.persistence.inbox);
                 return Err(e);
             }
         };
-        if !taken.messages.is_empty() {
-            self.inner
-                .metrics
-                .delivered("resumed", taken.messages.len() as u64);
-            if let Err(e) = inbox.ack(&runtime.url, &taken).await {
-                // Delivered but not recorded as such: a later resume may repeat them.
-                tracing::warn!(%e, runtime = %runtime.url, "cannot record the inbox cursor");
-            }
-        }
         drop(turn);
         self.inner.metrics.connections.inc();
-        tracing::info!(runtime = %runtime.url, conn = conn.id, resumed = taken.messages.len(), "runtime connected");
+        tracing::info!(runtime = %runtime.url, conn = conn.id, resumed, "runtime connected");
         Ok(conn)
+    }
+
+    /// Hands `runtime`'s inbox to `conn` in pages of at most its socket's budget (each
+    /// acknowledged once queued), then what was buffered meanwhile, and goes online; how
+    /// many messages came from the inbox.
+    async fn resume(&self, runtime: &Arc<Runtime>, conn: &Connection) -> Result<u64, BusError> {
+        let current = self.inner.table.get_runtime(&runtime.url);
+        if !current.is_some_and(|current| Arc::ptr_eq(&current, runtime)) {
+            return Err(BusError::Unavailable(
+                "the runtime was released meanwhile; reconnect".into(),
+            ));
+        }
+        if let Some(me) = &self.inner.config.replica {
+            // Tell the other replicas the runtime is here now (one closes its socket).
+            let record = runtime.update(|r| {
+                r.node = Some(me.clone());
+                r.attached_ms = crate::clock::now_ms();
+            });
+            self.persist(&runtime.url, &record).await?;
+        }
+        let inbox = &self.inner.persistence.inbox;
+        let page_bytes = self.config().outbound_queue_bytes;
+        let mut resumed = 0u64;
+        loop {
+            let page = inbox.take(&runtime.url, page_bytes).await.map_err(|e| {
+                BusError::Unavailable(format!("cannot read the runtime's inbox: {e}"))
+            })?;
+            for text in &page.messages {
+                if !self.respond(conn, Utf8Bytes::from(text.clone())).await {
+                    return Err(BusError::Unavailable(
+                        "socket closed, or too slow, while resuming".into(),
+                    ));
+                }
+            }
+            if !page.messages.is_empty() {
+                resumed += page.messages.len() as u64;
+                self.inner
+                    .metrics
+                    .delivered("resumed", page.messages.len() as u64);
+                if let Err(e) = inbox.ack(&runtime.url, &page).await {
+                    // Delivered but not recorded as such: a later resume may repeat them.
+                    tracing::warn!(%e, runtime = %runtime.url, "cannot record the inbox cursor");
+                }
+            }
+            if !page.more {
+                break;
+            }
+        }
+        let patience = self.config().slow_receiver_close_after;
+        if !runtime.go_online(conn.id, &conn.tx, patience).await {
+            if !conn.close.is_cancelled() {
+                self.inner
+                    .metrics
+                    .refuse(super::metrics::refused::SLOW_SOCKET);
+            }
+            return Err(BusError::Unavailable(
+                "another socket took the runtime over, or this one closed or was too slow".into(),
+            ));
+        }
+        Ok(resumed)
     }
 
     /// The socket of `conn` is gone: its runtime is away (bindings kept; messages go to the

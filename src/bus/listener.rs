@@ -4,7 +4,9 @@
 //! `bus::peers`).
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -35,19 +37,40 @@ type Params = Query<Vec<(String, String)>>;
 async fn ws_current(
     ws: WebSocketUpgrade,
     State(bus): State<Bus>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Query(query): Params,
     headers: HeaderMap,
 ) -> Response {
-    upgrade(ws, bus, &query, &headers, false)
+    ws_session(ws, bus, client, &query, &headers, false)
 }
 
 async fn ws_legacy(
     ws: WebSocketUpgrade,
     State(bus): State<Bus>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Query(query): Params,
     headers: HeaderMap,
 ) -> Response {
-    upgrade(ws, bus, &query, &headers, true)
+    ws_session(ws, bus, client, &query, &headers, true)
+}
+
+/// A socket takes a place among the handshakes under way (`bus::handshakes`), or is
+/// refused before the upgrade.
+fn ws_session(
+    ws: WebSocketUpgrade,
+    bus: Bus,
+    client: SocketAddr,
+    query: &[(String, String)],
+    headers: &HeaderMap,
+    legacy: bool,
+) -> Response {
+    match bus.inner.handshakes.begin(client.ip()) {
+        Ok(pending) => upgrade(ws, bus, query, headers, legacy, pending),
+        Err((status, reason, text)) => {
+            bus.inner.metrics.refuse(reason);
+            (status, text).into_response()
+        }
+    }
 }
 
 /// `POST /bus/v1/messages`: a message from another domain's node (`[[bus.peers]]` token).

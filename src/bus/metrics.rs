@@ -12,7 +12,36 @@ pub(super) struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+/// Why the node refused something (or closed a socket) to keep its memory bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// The reasons `bus_refused` counts (a closed set).
+pub(super) mod refused {
+    /// A socket took longer than `slow_receiver_close_after` to make room for a response
+    /// or a resumed message, or to take a write: closed.
+    pub const SLOW_SOCKET: &str = "slow_socket";
+    /// Deliveries during a resume outgrew the socket's budget: closed, to resume later.
+    pub const RESUME_OVERFLOW: &str = "resume_overflow";
+    /// A runtime's inbox holds `inbox_max_bytes_per_runtime`: 408 to the sender.
+    pub const RUNTIME_INBOX_FULL: &str = "runtime_inbox_full";
+    /// A peer's queue holds `peer_queue` messages or `peer_queue_bytes`: 408.
+    pub const PEER_QUEUE_FULL: &str = "peer_queue_full";
+    /// A peer's answer found the sender's queue full: dropped.
+    pub const PEER_ANSWER_DROPPED: &str = "peer_answer_dropped";
+    /// An address with `handshakes_per_ip` sockets not yet authenticated: 429.
+    pub const HANDSHAKES_PER_IP: &str = "handshakes_per_ip";
+    /// An address past `handshake_rate`: 429.
+    pub const HANDSHAKE_RATE: &str = "handshake_rate";
+    /// `max_handshakes` sockets not yet authenticated: 503.
+    pub const HANDSHAKES_BUSY: &str = "handshakes_busy";
+}
+
 pub(super) struct BusMetrics {
+    /// Refusals and closes that keep memory bounded, by reason (`refused::*`).
+    pub refused: Family<ReasonLabel, Counter>,
     pub messages: Family<OutcomeLabel, Counter>,
     pub deliveries: Family<OutcomeLabel, Counter>,
     /// The per-message series, looked up once.
@@ -38,6 +67,7 @@ impl BusMetrics {
             family.get_or_create(&OutcomeLabel { outcome }).clone()
         };
         let metrics = Self {
+            refused: Family::default(),
             routed: series(&messages, "routed"),
             direct: series(&deliveries, "direct"),
             queued: series(&deliveries, "queued"),
@@ -52,6 +82,11 @@ impl BusMetrics {
             senders_slowed: Counter::default(),
             receivers_closed: Counter::default(),
         };
+        registry.register(
+            "bus_refused",
+            "Messages refused and sockets closed to keep memory bounded, by reason",
+            metrics.refused.clone(),
+        );
         registry.register(
             "bus_claims",
             "Addresses claimed on first use as a sender",
@@ -88,6 +123,11 @@ impl BusMetrics {
             metrics.handle_seconds.clone(),
         );
         metrics
+    }
+
+    /// Counts one refusal (`reason`: one of `refused::*`).
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Counts a message by outcome.

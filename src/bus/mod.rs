@@ -27,11 +27,12 @@ mod connection;
 mod connector;
 mod decision;
 mod flow;
+mod handshakes;
 mod housekeeping;
 mod lifecycle;
 pub mod listener;
 mod metrics;
-mod outbound;
+pub(crate) mod outbound;
 mod owners;
 mod peers;
 pub mod pubsub;
@@ -142,6 +143,8 @@ struct Inner {
     peer_events: peers::SeenEvents,
     /// Messages per principal.
     rate: crate::ratelimit::Limiter,
+    /// Sockets not authenticated yet.
+    handshakes: handshakes::Handshakes,
 }
 
 /// Handle to the bus; clones share everything.
@@ -190,17 +193,24 @@ impl Bus {
             })?;
         let (registry_connector, builtin_registry): (Arc<dyn Connector>, _) =
             match &config.registry.url {
-                Some(url) => (Arc::new(HttpRegistry::new(url)), None),
+                Some(url) => (
+                    Arc::new(HttpRegistry::new(url, config.max_response_bytes)),
+                    None,
+                ),
                 None => {
                     let builtin = Arc::new(BuiltinRegistry::new(
                         snapshot.registry,
                         persistence.store.clone(),
+                        config.max_response_bytes,
                     ));
                     (builtin.clone(), Some(builtin))
                 }
             };
-        persistence.inbox.limit_bytes(config.inbox_max_bytes);
+        persistence
+            .inbox
+            .limit_bytes(config.inbox_max_bytes, config.inbox_max_bytes_per_runtime);
         let rate = crate::ratelimit::Limiter::new(&config.rate_limit);
+        let handshakes = handshakes::Handshakes::new(&config);
         let bus = Bus {
             inner: Arc::new(Inner {
                 nodes: NodeAddresses::new(domain),
@@ -208,8 +218,16 @@ impl Bus {
                     registry: registry_connector,
                     builtin_registry,
                     idm: Idm::new(config.idm.clone(), domain),
-                    foreign: Foreign::new(config.peers.clone(), persistence.actor.clone())
-                        .map_err(|e| anyhow::anyhow!(e))?,
+                    foreign: Foreign::new(
+                        config.peers.clone(),
+                        persistence.actor.clone(),
+                        crate::connectors::foreign::Limits {
+                            messages: config.peer_queue,
+                            bytes: config.peer_queue_bytes,
+                            answer_bytes: config.max_frame_bytes,
+                        },
+                    )
+                    .map_err(|e| anyhow::anyhow!(e))?,
                 },
                 config,
                 policy: Policy { pdp, decider },
@@ -224,6 +242,7 @@ impl Bus {
                 tracker: tracker.clone(),
                 peer_events: peers::SeenEvents::default(),
                 rate,
+                handshakes,
             }),
         };
         let restored = snapshot.runtimes.len();

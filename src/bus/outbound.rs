@@ -1,5 +1,7 @@
 //! One socket's outbound queue, bounded in messages and in bytes: what a receiver that does
-//! not read can hold in the node's memory. Full means slow: a sender waits for room (see
+//! not read can hold in the node's memory. Everything queued for a socket — deliveries,
+//! responses, the inbox handed over on resume — counts against the same budget, and nothing
+//! waits for room without a deadline. Full means slow: a sender waits for room (see
 //! `bus::flow`), and a receiver that stays full too long is closed, to resume from its inbox.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,20 +74,6 @@ impl Outbound {
         })
     }
 
-    /// Queues `text`, waiting for room in messages (responses, and hand-overs from the
-    /// inbox, which the node writes at the socket's own pace).
-    ///
-    /// # Errors
-    /// The socket is gone; the text comes back.
-    pub async fn send(&self, text: Utf8Bytes) -> Result<(), Utf8Bytes> {
-        let len = text.len();
-        self.queued.fetch_add(len, Ordering::Relaxed);
-        self.tx.send(text).await.map_err(|e| {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-            e.0
-        })
-    }
-
     /// Queues `text` as soon as there is room in messages and bytes, waiting until
     /// `deadline` at most.
     ///
@@ -98,7 +86,7 @@ impl Outbound {
         deadline: tokio::time::Instant,
     ) -> Result<(), Refused> {
         loop {
-            let room = self.room.notified();
+            let room = self.room();
             tokio::pin!(room);
             room.as_mut().enable();
             match self.try_send(text) {
@@ -109,6 +97,18 @@ impl Outbound {
                 return Err(Refused::Full(text));
             }
         }
+    }
+
+    /// Told when the writer next takes a message out (room again); `enable` it before
+    /// trying, so that room made in between is not missed.
+    pub fn room(&self) -> tokio::sync::futures::Notified<'_> {
+        self.room.notified()
+    }
+
+    /// Resolves once the socket's writer is gone (it failed, or took longer than its
+    /// deadline to write): nothing queued now reaches the runtime.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
     }
 
     /// A queue that nobody reads (a peer node's stand-in connection).

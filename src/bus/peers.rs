@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::outbound::Outbound;
 use super::runtimes::Runtime;
 use super::{Bus, Connection, Principal};
+use crate::connectors::foreign::AnswerTo;
 use crate::connectors::foreign::PEER_EVENT_TYPE;
 use crate::matrix::Actor;
 use crate::persist::store::RuntimeRecord;
@@ -161,13 +162,20 @@ impl Bus {
             tracing::warn!(%domain, to = ?answer.to, "an answer addressed outside the peer's domain: dropped");
             return true;
         }
-        let tickets = self.inner.connectors.foreign.tickets(&answer.to);
-        let bus = self.clone();
-        self.inner.tracker.spawn(async move {
-            if let Some(failed) = bus.inner.connectors.foreign.deliver(&answer, tickets).await {
-                tracing::warn!(%domain, %failed, "cannot send an answer back to a peer node");
-            }
-        });
+        // Failures are logged; nobody waits for an answer to an answer.
+        if !self
+            .inner
+            .connectors
+            .foreign
+            .has_room(&answer.to, answer.text.len())
+        {
+            self.inner
+                .metrics
+                .refuse(super::metrics::refused::PEER_QUEUE_FULL);
+            tracing::warn!(%domain, "the peer node's queue is full: an answer to it is dropped");
+            return true;
+        }
+        self.to_peers(&answer, &answer.to, &AnswerTo::new(&answer, None));
         true
     }
 

@@ -109,19 +109,25 @@ impl Bus {
             return Ok(()); // away: its reconnect takes the inbox
         }
         let inbox = &self.inner.persistence.inbox;
-        let taken = inbox.take(url).await?;
-        if taken.messages.is_empty() {
-            return Ok(());
-        }
-        for text in &taken.messages {
-            // A socket too slow for it sends the rest back to the inbox, under a new number.
-            runtime.deliver(&Utf8Bytes::from(text.clone()), inbox);
-        }
-        self.inner
-            .metrics
-            .delivered("relayed", taken.messages.len() as u64);
-        if let Err(error) = inbox.ack(url, &taken).await {
-            tracing::warn!(%error, runtime = %url, "cannot record the inbox cursor; a reconnect may repeat messages");
+        let page_bytes = self.config().outbound_queue_bytes;
+        loop {
+            let taken = inbox.take(url, page_bytes).await?;
+            if taken.messages.is_empty() {
+                return Ok(());
+            }
+            for text in &taken.messages {
+                // A socket too slow for it sends the rest back to the inbox, under a new number.
+                runtime.deliver(&Utf8Bytes::from(text.clone()), inbox);
+            }
+            self.inner
+                .metrics
+                .delivered("relayed", taken.messages.len() as u64);
+            if let Err(error) = inbox.ack(url, &taken).await {
+                tracing::warn!(%error, runtime = %url, "cannot record the inbox cursor; a reconnect may repeat messages");
+            }
+            if !taken.more || !runtime.is_online() {
+                break;
+            }
         }
         Ok(())
     }

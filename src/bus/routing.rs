@@ -12,14 +12,15 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Value};
 
 use super::connection::{Connection, Principal};
+use super::metrics::refused;
 use super::pubsub::{self, Topic};
 use super::runtimes::{Delivered, Runtime, Table};
 use super::Bus;
 use crate::config::Durability;
+use crate::connectors::foreign::AnswerTo;
 use crate::policy::input::Target;
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
@@ -197,10 +198,28 @@ impl Bus {
                 "the node's history is behind the homeserver; retry shortly".into(),
             ));
         }
-        let away = targets.iter().filter(|r| !r.is_online()).count();
-        if away > 0 && !persistence.inbox.has_room(message.text.len() * away) {
+        let len = message.text.len();
+        let away: Vec<&Arc<Runtime>> = targets.iter().filter(|r| !r.is_online()).collect();
+        if !away.is_empty() && !persistence.inbox.has_room(len * away.len()) {
             return Err(BusError::Unavailable(
                 "the receiver is away and the inboxes are full; retry shortly".into(),
+            ));
+        }
+        if let Some(full) = away
+            .iter()
+            .find(|r| !persistence.inbox.runtime_has_room(&r.url, len))
+        {
+            self.inner.metrics.refuse(refused::RUNTIME_INBOX_FULL);
+            return Err(BusError::Unavailable(format!(
+                "the inbox of '{}' is full ([bus] inbox_max_bytes_per_runtime); retry later",
+                full.url
+            )));
+        }
+        if !foreign.is_empty() && !self.inner.connectors.foreign.has_room(&foreign, len) {
+            self.inner.metrics.refuse(refused::PEER_QUEUE_FULL);
+            return Err(BusError::Unavailable(
+                "the peer node is behind ([bus] peer_queue, peer_queue_bytes); retry shortly"
+                    .into(),
             ));
         }
         let journal = &self.inner.persistence.journal;
@@ -229,22 +248,9 @@ impl Bus {
         }
         self.inner.metrics.routed.inc();
         if !foreign.is_empty() {
-            // The peer may take a while; the socket keeps reading meanwhile.
-            let bus = self.clone();
-            let message = message.clone();
-            let tx = conn.tx.clone();
-            let tickets = self.inner.connectors.foreign.tickets(&foreign);
-            tokio::spawn(async move {
-                if let Some(response) = bus
-                    .inner
-                    .connectors
-                    .foreign
-                    .deliver(&message, tickets)
-                    .await
-                {
-                    let _ = tx.send(Utf8Bytes::from(response)).await;
-                }
-            });
+            // Queued for the peer (bounded, checked above); the socket keeps reading meanwhile.
+            let answer = AnswerTo::new(message, Some(conn.tx.clone()));
+            self.to_peers(message, &foreign, &answer);
         }
         if let Some(first) = unknown.first() {
             return Err(BusError::NotFound(format!(
@@ -252,6 +258,22 @@ impl Bus {
             )));
         }
         Ok(None)
+    }
+
+    /// Queues `message` for the peer nodes of `targets`; their first answer goes to `answer`.
+    pub(super) fn to_peers(&self, message: &Message, targets: &[String], answer: &Arc<AnswerTo>) {
+        let foreign = &self.inner.connectors.foreign;
+        for line in foreign.enqueue(message, targets, answer) {
+            let bus = self.clone();
+            self.inner.tracker.spawn(async move {
+                let metrics = &bus.inner.metrics;
+                bus.inner
+                    .connectors
+                    .foreign
+                    .run_line(line, || metrics.refuse(refused::PEER_ANSWER_DROPPED))
+                    .await;
+            });
+        }
     }
 
     /// Sends a node-originated message (a notification) to whoever `to` reaches.

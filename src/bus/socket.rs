@@ -18,6 +18,7 @@
 //! a socket that just closes keeps them, and messages wait in the inbox.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
@@ -28,6 +29,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::Principal;
+use super::handshakes::Pending;
 use super::outbound::{self, OutboundRx};
 use super::runtimes::Runtime;
 use super::{Bus, Connection};
@@ -51,6 +53,7 @@ pub(super) fn upgrade(
     query: &[(String, String)],
     headers: &HeaderMap,
     legacy: bool,
+    pending: Pending,
 ) -> Response {
     // The later Matrix stub appends `?runtimeURL=…` to the configured URL even when that
     // already has a query (`…?access_token=T`): read such a value as two parameters.
@@ -72,7 +75,7 @@ pub(super) fn upgrade(
     let max = bus.config().max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session(bus, socket, token, runtime, legacy))
+        .on_upgrade(move |socket| session(bus, socket, token, runtime, legacy, pending))
 }
 
 /// How the socket introduced itself.
@@ -128,12 +131,26 @@ async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
         .await;
 }
 
+/// Answers a refused handshake (`answer`, if any) and closes with 1008 — within
+/// `[bus] slow_receiver_close_after`: a client that does not read is just dropped.
+async fn refuse(bus: &Bus, sink: &mut Sink, answer: Option<String>, reason: &str) {
+    let deadline = bus.config().slow_receiver_close_after;
+    let _ = tokio::time::timeout(deadline, async {
+        if let Some(answer) = answer {
+            let _ = sink.send(WsMessage::Text(Utf8Bytes::from(answer))).await;
+        }
+        close_with(sink, close_code::POLICY, reason).await;
+    })
+    .await;
+}
+
 async fn session(
     bus: Bus,
     socket: WebSocket,
     token: Option<String>,
     runtime: Option<String>,
     legacy: bool,
+    pending: Pending,
 ) {
     let (mut sink, mut stream) = socket.split();
     let hello = match runtime {
@@ -150,32 +167,32 @@ async fn session(
                     } else {
                         response(&Value::Null, "mn:/session", "", 400, &answer, None)
                     };
-                    let _ = sink.send(WsMessage::Text(Utf8Bytes::from(answer))).await;
-                    close_with(&mut sink, close_code::POLICY, "handshake expected").await;
+                    refuse(&bus, &mut sink, Some(answer), "handshake expected").await;
                     return;
                 }
                 Err(_) => {
-                    close_with(&mut sink, close_code::POLICY, "no handshake in time").await;
+                    refuse(&bus, &mut sink, None, "no handshake in time").await;
                     return;
                 }
             }
         }
     };
-    let (runtime, principal) = match bind_hello(&bus, &hello, token).await {
+    let bound = bind_hello(&bus, &hello, token).await;
+    drop(pending); // authenticated, or about to be closed: no longer a handshake
+    let (runtime, principal) = match bound {
         Ok(bound) => bound,
         Err(answer) => {
-            let _ = sink.send(WsMessage::Text(Utf8Bytes::from(answer))).await;
-            close_with(&mut sink, close_code::POLICY, "not allowed").await;
+            refuse(&bus, &mut sink, Some(answer), "not allowed").await;
             return;
         }
     };
     if !matches!(hello, Hello::Query(_)) {
-        let answer = hello.answer(200, "connected");
-        if sink
-            .send(WsMessage::Text(Utf8Bytes::from(answer)))
-            .await
-            .is_err()
-        {
+        let answer = WsMessage::Text(Utf8Bytes::from(hello.answer(200, "connected")));
+        let deadline = bus.config().slow_receiver_close_after;
+        if !matches!(
+            tokio::time::timeout(deadline, sink.send(answer)).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
     }
@@ -190,6 +207,7 @@ async fn session(
         rx,
         Arc::clone(&closing),
         writer_close.clone(),
+        bus.config().slow_receiver_close_after,
     ));
     let conn = match bus.attach(runtime, principal, tx).await {
         Ok(conn) => conn,
@@ -298,6 +316,8 @@ async fn read_loop(
     loop {
         let frame = tokio::select! {
             () = conn.close.cancelled() => return,
+            // The writer gave up (write failed, or slower than its deadline).
+            () = conn.tx.closed() => return,
             () = bus.inner.shutdown.cancelled() => {
                 set_close(close_code::GOING_AWAY, "node shutting down");
                 return;
@@ -327,7 +347,7 @@ async fn read_loop(
             }
         };
         if let Some(answer) = on_frame(bus, conn, text.as_str()).await {
-            if conn.tx.send(Utf8Bytes::from(answer)).await.is_err() {
+            if !bus.respond(conn, Utf8Bytes::from(answer)).await {
                 return;
             }
         }
@@ -356,15 +376,38 @@ pub(super) async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> O
     }
     match Message::parse(text) {
         Ok(message) => bus.handle(conn, message).await,
-        Err((error, id)) => Some(response(
-            &id,
-            &bus.nodes().node,
-            &conn.runtime.url,
-            error.code(),
-            &error.to_string(),
-            None,
-        )),
+        Err((error, id)) => {
+            // Frames that are no message count against the principal's rate as messages do.
+            let error = match bus.inner.rate.check(&conn.principal.owner()) {
+                Ok(()) => error,
+                Err(wait) => crate::rethink::BusError::RateLimited(format!(
+                    "too many messages: retry in {} ms",
+                    crate::ratelimit::millis(wait)
+                )),
+            };
+            Some(response(
+                &id,
+                &bus.nodes().node,
+                &conn.runtime.url,
+                error.code(),
+                &error.to_string(),
+                None,
+            ))
+        }
     }
+}
+
+/// Writes `first` and whatever else is queued, then flushes: one syscall for a burst.
+async fn write_burst(
+    sink: &mut Sink,
+    first: Utf8Bytes,
+    rx: &mut OutboundRx,
+) -> Result<(), axum::Error> {
+    sink.feed(WsMessage::Text(first)).await?;
+    while let Some(text) = rx.try_recv() {
+        sink.feed(WsMessage::Text(text)).await?;
+    }
+    sink.flush().await
 }
 
 async fn write_loop(
@@ -372,6 +415,7 @@ async fn write_loop(
     mut rx: OutboundRx,
     closing: Arc<Mutex<Option<(u16, String)>>>,
     stop: CancellationToken,
+    deadline: Duration,
 ) {
     loop {
         let first = tokio::select! {
@@ -382,29 +426,28 @@ async fn write_loop(
         let Some(first) = first else {
             break;
         };
-        if sink.feed(WsMessage::Text(first)).await.is_err() {
-            return;
-        }
-        // Write whatever else is queued before flushing: one syscall for a burst.
-        while let Some(text) = rx.try_recv() {
-            if sink.feed(WsMessage::Text(text)).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
+        // A socket that takes longer than `deadline` to take one burst (a peer that stopped
+        // reading: its TCP window is closed) is dropped with what is queued for it: the
+        // runtime resumes from its inbox.
+        let burst = write_burst(&mut sink, first, &mut rx);
+        if !matches!(tokio::time::timeout(deadline, burst).await, Ok(Ok(()))) {
+            tracing::debug!("socket write failed or took too long: dropped");
             return;
         }
     }
-    // Hand over what is still queued (responses written before the close).
-    while let Some(text) = rx.try_recv() {
-        if sink.feed(WsMessage::Text(text)).await.is_err() {
-            return;
-        }
-    }
+    // Hand over what is still queued (responses written before the close), then close.
     let (code, reason) = closing
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .unwrap_or((close_code::NORMAL, String::new()));
-    close_with(&mut sink, code, &reason).await;
+    let _ = tokio::time::timeout(deadline, async {
+        while let Some(text) = rx.try_recv() {
+            if sink.feed(WsMessage::Text(text)).await.is_err() {
+                return;
+            }
+        }
+        close_with(&mut sink, code, &reason).await;
+    })
+    .await;
 }

@@ -177,11 +177,16 @@ fn disconnect(socket: &Socket<Session>) {
     socket.close(DisconnectReason::ClosingServer);
 }
 
-/// Emits `packet`, waiting while the socket's Engine.IO buffer is full; false once closed.
-async fn emit(socket: &Socket<Session>, packet: String) -> bool {
+/// Emits `packet`, waiting while the socket's Engine.IO buffer is full, for `patience` at
+/// most; false once closed or out of patience (a client that does not read).
+async fn emit(socket: &Socket<Session>, packet: String, patience: Duration) -> bool {
     let mut packet = Str::from(packet);
     let mut wait = Duration::from_millis(1);
+    let give_up = tokio::time::Instant::now() + patience;
     loop {
+        if tokio::time::Instant::now() >= give_up {
+            return false;
+        }
         match socket.emit(packet) {
             Ok(()) => return true,
             Err(tokio::sync::mpsc::error::TrySendError::Full(back)) => {
@@ -196,6 +201,22 @@ async fn emit(socket: &Socket<Session>, packet: String) -> bool {
 
 /// One socket: the `open` handshake, then every message in order, until either side ends.
 async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<String>) {
+    let patience = bus.config().slow_receiver_close_after;
+    // The same limits on sockets not authenticated yet as for WebSocket stubs.
+    let ip = socket
+        .req_parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let pending = match bus.inner.handshakes.begin(ip) {
+        Ok(pending) => pending,
+        Err((_, reason, text)) => {
+            bus.inner.metrics.refuse(reason);
+            tracing::debug!(%ip, text, "socket.io stub refused before its handshake");
+            disconnect(&socket);
+            return;
+        }
+    };
     let first = tokio::select! {
         first = rx.recv() => first,
         () = tokio::time::sleep(bus.config().handshake_timeout) => None,
@@ -209,22 +230,24 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<Stri
         Ok(_) | Err(_) => {
             let refused = json!({"id": null, "type": "response", "from": "mn:/session",
                 "body": {"code": 400, "description": "the first message must be an 'open' to mn:/session"}});
-            emit(&socket, event(&refused.to_string())).await;
+            emit(&socket, event(&refused.to_string()), patience).await;
             disconnect(&socket);
             return;
         }
     };
     let token =
         crate::http_auth::presented(&socket.req_parts.headers, &query(&socket)).map(str::to_string);
-    let (runtime, principal) = match bind_hello(&bus, &hello, token).await {
+    let bound = bind_hello(&bus, &hello, token).await;
+    drop(pending);
+    let (runtime, principal) = match bound {
         Ok(bound) => bound,
         Err(answer) => {
-            emit(&socket, event(&answer)).await;
+            emit(&socket, event(&answer), patience).await;
             disconnect(&socket);
             return;
         }
     };
-    if !emit(&socket, event(&hello.answer(200, "connected"))).await {
+    if !emit(&socket, event(&hello.answer(200, "connected")), patience).await {
         return;
     }
     let (tx, mut out) = outbound::channel(
@@ -235,7 +258,7 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<Stri
         let socket = Arc::clone(&socket);
         tokio::spawn(async move {
             while let Some(text) = out.recv().await {
-                if !emit(&socket, event(text.as_str())).await {
+                if !emit(&socket, event(text.as_str()), patience).await {
                     return;
                 }
             }
@@ -254,11 +277,12 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<Stri
         let text = tokio::select! {
             text = rx.recv() => text,
             () = conn.close.cancelled() => None,
+            () = conn.tx.closed() => None,
             () = bus.inner.shutdown.cancelled() => None,
         };
         let Some(text) = text else { break };
         if let Some(answer) = on_frame(&bus, &conn, &text).await {
-            if conn.tx.send(Utf8Bytes::from(answer)).await.is_err() {
+            if !bus.respond(&conn, Utf8Bytes::from(answer)).await {
                 break;
             }
         }

@@ -1,5 +1,7 @@
 //! The subscription manager (`MN/sm`): `subscribe` decides each resource (`kind:
-//! "subscription"`) and binds all of them to the subscriber, or none; `unsubscribe` removes
+//! "subscription"`, at most `[bus] max_destinations` of them, each input carrying the
+//! message's `id`/`type`/`from`/`to` but not its body) and binds all of them to the
+//! subscriber, or none; `unsubscribe` removes
 //! them; every held subscription is decided again when a new policy revision is active
 //! ([`Bus::revalidate`]) and a revoked one is unsubscribed and told why. Only topics may be
 //! subscribed to by others (see `pubsub::topic`); the durable copy is each runtime's record.
@@ -69,6 +71,14 @@ impl Bus {
                 "subscribe needs body.resources (or the legacy body.subscribe)".into(),
             ));
         }
+        // Each resource is one decision: as many as one message may have destinations.
+        let most = self.inner.config.max_destinations;
+        if resources.len() > most {
+            return Err(BusError::BadRequest(format!(
+                "a subscribe may name at most {most} resources ([bus] max_destinations), not {}",
+                resources.len()
+            )));
+        }
         // `body.source` when it names an address someone holds; one nobody holds (the
         // reference suite names its stub's URL) falls back to the runtime, as the reference
         // nodes do — what is published reaches this connection either way.
@@ -112,9 +122,13 @@ impl Bus {
         let mut subject = self.subject(conn);
         subject.holds_from = Some(self.holds_from(conn, message));
         let context = self.context();
+        // Each decision sees the message without its body (the resources are in
+        // `subscription`): what is serialised and digested per resource stays small.
+        let compact = json!({"id": message.id, "type": message.kind, "from": message.from,
+            "to": message.value.get("to")});
         for resource in &resources {
             let input = Input::Subscription(SubscriptionInput {
-                message: Some(&message.value),
+                message: Some(&compact),
                 subscription: self.subscription(resource, &subscriber, &runtime),
                 subject: subject.clone(),
                 context: context.clone(),

@@ -10,18 +10,28 @@
 //!   user is invited to and has joined before the first message goes. The peer's homeserver
 //!   pushes them to its appservice; answers come back the same way, in the peer's own room
 //!   for this node (see `bus::Bus::matrix_peer_event`) — the IRC-bridge pattern.
+//!
+//! Messages for one peer wait in its line, in routing order, bounded by `[bus] peer_queue`
+//! messages and `peer_queue_bytes` bytes (a sender past it gets a 408 and nothing of its
+//! message goes anywhere); each waiting message is the shared frame the node received, not
+//! a copy. One task per peer sends them, one at a time (5 s per HTTP attempt); an HTTP
+//! peer's answer is read up to `[bus] max_frame_bytes`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
+use axum::extract::ws::Utf8Bytes;
+use serde_json::{json, Value};
 use tokio::sync::OnceCell;
+
+use crate::bus::outbound::{Outbound, Refused};
 
 use crate::config::Peer;
 use crate::matrix::{hash16, Actor};
 use crate::rethink::address::domain;
+use crate::rethink::message::response;
 use crate::rethink::{BusError, Message};
 use crate::retry::Backoff;
 
@@ -43,64 +53,94 @@ pub struct Foreign {
     next_txn: AtomicU64,
     /// Per peer domain: the line messages to it wait in, to keep their order.
     lines: Mutex<HashMap<String, Arc<Line>>>,
+    limits: Limits,
 }
 
-/// Messages to one peer domain, in routing order.
-struct Line {
-    next: AtomicU64,
-    serving: tokio::sync::watch::Sender<u64>,
-    /// Tickets given up before their turn (their task ended early): skipped when reached.
-    abandoned: Mutex<std::collections::BTreeSet<u64>>,
+/// What may wait for one peer node (`[bus] peer_queue`, `peer_queue_bytes`), and the
+/// largest answer read back from one (longer: refused as the peer's failure).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages waiting per peer.
+    pub messages: usize,
+    /// Bytes waiting per peer.
+    pub bytes: usize,
+    /// Largest answer of an HTTP peer.
+    pub answer_bytes: usize,
 }
 
-impl Default for Line {
-    fn default() -> Self {
-        Self {
-            next: AtomicU64::new(0),
-            serving: tokio::sync::watch::Sender::new(0),
-            abandoned: Mutex::new(std::collections::BTreeSet::new()),
-        }
-    }
+/// Messages waiting for one peer domain, in routing order; one task at a time sends them.
+#[derive(Default)]
+pub struct Line {
+    state: Mutex<LineState>,
 }
 
-/// A place in a peer's line (see [`Foreign::tickets`]); leaving it (drop) — served or not —
-/// lets the next go. A target that is no peer's stands in no line.
-pub struct Ticket {
-    line: Option<Arc<Line>>,
-    number: u64,
+#[derive(Default)]
+struct LineState {
+    jobs: VecDeque<Job>,
+    /// What `jobs` hold (the shared frames, counted once per job).
+    bytes: usize,
+    /// A task is sending this line's jobs.
+    running: bool,
+}
+
+/// One message for one target of a peer's domain: the frame as received (shared, never
+/// copied) and where its answer goes.
+struct Job {
+    text: Utf8Bytes,
     to: String,
+    answer: Arc<AnswerTo>,
 }
 
-impl Ticket {
-    async fn turn(&self) {
-        if let Some(line) = &self.line {
-            let mut serving = line.serving.subscribe();
-            // The sender lives in `line`, which this ticket holds: the wait cannot fail.
-            let _ = serving.wait_for(|s| *s >= self.number).await;
-        }
+/// Where the first answer to one message goes (the sender's socket queue, or nowhere: an
+/// answer to a peer's answer), and what its error response needs.
+pub struct AnswerTo {
+    tx: Option<Outbound>,
+    answered: AtomicBool,
+    id: Value,
+    from: String,
+    first_to: String,
+}
+
+impl AnswerTo {
+    /// Answers of `message` go to `tx` (`None`: only logged).
+    pub fn new(message: &Message, tx: Option<Outbound>) -> Arc<AnswerTo> {
+        Arc::new(AnswerTo {
+            tx,
+            answered: AtomicBool::new(false),
+            id: message.id.clone(),
+            from: message.from.clone(),
+            first_to: message.to.first().cloned().unwrap_or_default(),
+        })
     }
-}
 
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let Some(line) = &self.line else {
-            return;
-        };
-        let number = self.number;
-        let mut abandoned = line
-            .abandoned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        line.serving.send_modify(|s| {
-            if *s == number {
-                *s += 1;
-                while abandoned.remove(s) {
-                    *s += 1;
+    /// The first answer (or error) of a message's targets goes back; later ones are logged.
+    /// False when the sender's queue had no room for it (dropped).
+    fn settle(&self, to: &str, sent: Result<Option<String>, BusError>) -> bool {
+        let answer = match sent {
+            Ok(None) => return true,
+            Ok(Some(answer)) => answer,
+            Err(e) => {
+                if self.tx.is_none() || self.answered.load(Ordering::Relaxed) {
+                    tracing::warn!(%e, to, "foreign delivery failed");
                 }
-            } else if *s < number {
-                abandoned.insert(number);
+                response(
+                    &self.id,
+                    &self.first_to,
+                    &self.from,
+                    e.code(),
+                    &e.to_string(),
+                    None,
+                )
             }
-        });
+        };
+        let Some(tx) = &self.tx else {
+            return true;
+        };
+        if self.answered.swap(true, Ordering::Relaxed) {
+            return true;
+        }
+        // Never waits: a sender that does not read its answers loses them, not the line.
+        !matches!(tx.try_send(Utf8Bytes::from(answer)), Err(Refused::Full(_)))
     }
 }
 
@@ -110,7 +150,11 @@ impl Foreign {
     /// # Errors
     /// A peer has neither `url` and `token` nor `matrix_user`, or wants the Matrix transport
     /// on a node without a homeserver.
-    pub fn new(peers: Vec<Peer>, actor: Option<Arc<Actor>>) -> Result<Self, String> {
+    pub fn new(
+        peers: Vec<Peer>,
+        actor: Option<Arc<Actor>>,
+        limits: Limits,
+    ) -> Result<Self, String> {
         for peer in &peers {
             match &peer.matrix_user {
                 Some(user) if ruma::UserId::parse(user.as_str()).is_err() => {
@@ -146,6 +190,7 @@ impl Foreign {
             run: uuid::Uuid::new_v4().simple().to_string(),
             next_txn: AtomicU64::new(1),
             lines: Mutex::new(HashMap::new()),
+            limits,
         })
     }
 
@@ -171,60 +216,91 @@ impl Foreign {
             .find(|p| crate::http_auth::token_matches(token, &p.token))
     }
 
-    /// Places in line for `targets` (call in routing order): messages to one peer domain go
-    /// out in the order their tickets were taken, whatever order their tasks run in.
-    pub fn tickets(&self, targets: &[String]) -> Vec<Ticket> {
-        targets
-            .iter()
-            .map(|to| {
-                let key = domain(to).unwrap_or_default().to_ascii_lowercase();
-                let line = self.peer(&key).map(|_| {
-                    Arc::clone(
-                        self.lines
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .entry(key)
-                            .or_default(),
-                    )
-                });
-                let number = line
-                    .as_ref()
-                    .map_or(0, |line| line.next.fetch_add(1, Ordering::Relaxed));
-                Ticket {
-                    line,
-                    number,
-                    to: to.clone(),
-                }
-            })
-            .collect()
+    /// The line of `to`'s domain, when it is a peer's.
+    fn line(&self, to: &str) -> Option<Arc<Line>> {
+        let key = domain(to).unwrap_or_default().to_ascii_lowercase();
+        self.peer(&key)?;
+        Some(Arc::clone(
+            self.lines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(key)
+                .or_default(),
+        ))
     }
 
-    /// Sends `message` to the peer of each ticket's target, in its turn; the first response
-    /// (or error response) for the sender.
-    pub async fn deliver(&self, message: &Message, tickets: Vec<Ticket>) -> Option<String> {
-        let mut response = None;
-        for ticket in tickets {
-            ticket.turn().await;
-            let to = ticket.to.clone();
-            let sent = self.send(message, &to).await;
-            drop(ticket); // the next in line may go
-            match sent {
-                Ok(Some(answer)) if response.is_none() => response = Some(answer),
-                Ok(_) => {}
-                Err(e) if response.is_none() => response = Some(message.error_response(&e)),
-                Err(e) => tracing::warn!(%e, to, "foreign delivery failed"),
+    /// Whether one more message of `bytes` fits the line of every target (a 408 to the
+    /// sender when not: nothing of the message goes anywhere then). Targets of no peer's
+    /// domain need no room.
+    pub fn has_room(&self, targets: &[String], bytes: usize) -> bool {
+        targets.iter().filter_map(|to| self.line(to)).all(|line| {
+            let state = lock(&line.state);
+            state.jobs.is_empty()
+                || (state.jobs.len() < self.limits.messages
+                    && state.bytes + bytes <= self.limits.bytes)
+        })
+    }
+
+    /// Queues `message` for each target's peer (call in routing order: each peer gets its
+    /// messages in that order); the first answer goes to `answer`. The lines that need a
+    /// task to send them now ([`Foreign::run_line`]). A target of no peer's domain is
+    /// answered 404 at once.
+    pub fn enqueue(
+        &self,
+        message: &Message,
+        targets: &[String],
+        answer: &Arc<AnswerTo>,
+    ) -> Vec<Arc<Line>> {
+        let mut start = Vec::new();
+        for to in targets {
+            let Some(line) = self.line(to) else {
+                let target = domain(to).unwrap_or_default();
+                let missing = BusError::NotFound(format!("no route to domain '{target}'"));
+                answer.settle(to, Err(missing));
+                continue;
+            };
+            let mut state = lock(&line.state);
+            state.bytes += message.text.len();
+            state.jobs.push_back(Job {
+                text: message.text.clone(),
+                to: to.clone(),
+                answer: Arc::clone(answer),
+            });
+            if !std::mem::replace(&mut state.running, true) {
+                drop(state);
+                start.push(line);
             }
         }
-        response
+        start
     }
 
-    async fn send(&self, message: &Message, to: &str) -> Result<Option<String>, BusError> {
+    /// Sends what waits in `line`, in order, until it is empty; `dropped` is told of each
+    /// answer the sender had no room for.
+    pub async fn run_line(&self, line: Arc<Line>, dropped: impl Fn()) {
+        loop {
+            let job = {
+                let mut state = lock(&line.state);
+                let Some(job) = state.jobs.pop_front() else {
+                    state.running = false;
+                    return;
+                };
+                state.bytes -= job.text.len();
+                job
+            };
+            let sent = self.send(job.text.as_str(), &job.to).await;
+            if !job.answer.settle(&job.to, sent) {
+                dropped();
+            }
+        }
+    }
+
+    async fn send(&self, text: &str, to: &str) -> Result<Option<String>, BusError> {
         let target = domain(to).unwrap_or_default();
         let peer = self
             .peer(&target)
             .ok_or_else(|| BusError::NotFound(format!("no route to domain '{target}'")))?;
         if let Some(user) = &peer.matrix_user {
-            self.send_matrix(&peer.domain, user, message).await?;
+            self.send_matrix(&peer.domain, user, text).await?;
             return Ok(None);
         }
         let answer = self
@@ -235,12 +311,14 @@ impl Foreign {
             ))
             .bearer_auth(&peer.token)
             .header("content-type", "application/json")
-            .body(message.text.as_str().to_owned())
+            .body(text.to_owned())
             .send()
             .await
             .map_err(|e| BusError::Unavailable(format!("node of '{target}' unavailable: {e}")))?;
         let status = answer.status();
-        let text = answer.text().await.unwrap_or_default();
+        let text = super::read_capped(answer, self.limits.answer_bytes)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("node of '{target}': {e}")))?;
         if status.is_success() {
             Ok((!text.trim().is_empty()).then_some(text))
         } else {
@@ -251,12 +329,7 @@ impl Foreign {
     }
 
     /// Sends `message` as an event into this node's room for the peer of `domain`.
-    async fn send_matrix(
-        &self,
-        domain: &str,
-        peer_user: &str,
-        message: &Message,
-    ) -> Result<(), BusError> {
+    async fn send_matrix(&self, domain: &str, peer_user: &str, text: &str) -> Result<(), BusError> {
         let actor = self.actor.as_ref().ok_or_else(|| {
             BusError::Unavailable("the Matrix transport needs a homeserver".into())
         })?;
@@ -273,7 +346,7 @@ impl Foreign {
                 &room,
                 PEER_EVENT_TYPE,
                 &txn,
-                &json!({ "message": message.text.as_str() }),
+                &json!({ "message": text }),
             )
             .await
             .map(drop)
@@ -365,9 +438,21 @@ impl Foreign {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMITS: Limits = Limits {
+        messages: 2,
+        bytes: 1000,
+        answer_bytes: 1000,
+    };
 
     fn foreign() -> Foreign {
         let peer = Peer {
@@ -376,29 +461,74 @@ mod tests {
             token: "t".into(),
             matrix_user: None,
         };
-        Foreign::new(vec![peer], None).expect("valid peers")
+        Foreign::new(vec![peer], None, LIMITS).expect("valid peers")
     }
 
-    #[tokio::test]
-    async fn a_peer_line_keeps_routing_order_and_skips_abandoned_tickets() {
+    #[test]
+    fn a_peer_line_is_bounded_in_messages_and_bytes_and_holds_the_shared_frame() {
         let foreign = foreign();
         let to = vec!["hyperty://p.example/x".to_string()];
-        let first = foreign.tickets(&to).remove(0);
-        let abandoned = foreign.tickets(&to).remove(0);
-        let third = foreign.tickets(&to).remove(0);
-        drop(abandoned); // its task ended before its turn
-        let waiting = tokio::spawn(async move { third.turn().await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!waiting.is_finished(), "waits for the first");
-        first.turn().await;
-        drop(first);
-        tokio::time::timeout(Duration::from_secs(1), waiting)
-            .await
-            .expect("served after the first, past the abandoned one")
-            .expect("task");
-        // A domain that is no peer's stands in no line.
-        let stranger = foreign.tickets(&["hyperty://q.example/y".to_string()]);
-        assert!(stranger[0].line.is_none());
+        let message = Message::parse(
+            r#"{"id":1,"type":"create","from":"hyperty://localhost/a","to":"hyperty://p.example/x"}"#,
+        )
+        .expect("message");
+        let (tx, mut rx) = crate::bus::outbound::channel(4, 1 << 20);
+        let answer = AnswerTo::new(&message, Some(tx));
+        assert!(foreign.has_room(&to, message.text.len()));
+        assert_eq!(
+            foreign.enqueue(&message, &to, &answer).len(),
+            1,
+            "a task to start"
+        );
+        assert!(
+            foreign.enqueue(&message, &to, &answer).is_empty(),
+            "already running"
+        );
+        assert!(!foreign.has_room(&to, 1), "2 messages wait: full");
+        let line = foreign.line(&to[0]).expect("a peer's line");
+        let state = lock(&line.state);
+        assert!(
+            state
+                .jobs
+                .iter()
+                .all(|j| j.text.as_str().as_ptr() == message.text.as_str().as_ptr()),
+            "shared, not copied"
+        );
+        drop(state);
+        assert!(
+            !foreign.has_room(&["hyperty://p.example/y".into()], 10),
+            "per domain"
+        );
+        assert!(
+            foreign.has_room(&["hyperty://q.example/y".into()], 10),
+            "no peer: no line"
+        );
+        // A target of no peer's domain is answered at once.
+        assert!(foreign
+            .enqueue(&message, &["hyperty://q.example/y".into()], &answer)
+            .is_empty());
+        let missing: Value =
+            serde_json::from_str(rx.try_recv().expect("404").as_str()).expect("json");
+        assert_eq!(missing["body"]["code"], 404);
+        let big = Foreign::new(
+            foreign.peers.clone(),
+            None,
+            Limits {
+                messages: 10,
+                ..LIMITS
+            },
+        )
+        .expect("valid");
+        let message_big = Message::parse(format!(
+            r#"{{"id":1,"type":"create","from":"hyperty://localhost/a","to":"hyperty://p.example/x","body":{{"pad":"{}"}}}}"#,
+            "x".repeat(600)
+        ))
+        .expect("message");
+        big.enqueue(&message_big, &to, &answer);
+        assert!(
+            !big.has_room(&to, message_big.text.len()),
+            "over 1000 bytes: full"
+        );
     }
 
     #[test]
@@ -409,14 +539,18 @@ mod tests {
             token: token.into(),
             matrix_user: matrix_user.map(str::to_string),
         };
-        assert!(Foreign::new(vec![peer("", "", None)], None).is_err());
-        assert!(Foreign::new(vec![peer("http://x", "", None)], None).is_err());
-        assert!(Foreign::new(vec![peer("", "", Some("not a user"))], None).is_err());
-        let err = Foreign::new(vec![peer("", "", Some("@_msgnode:b.example"))], None)
-            .err()
-            .expect("no homeserver");
+        assert!(Foreign::new(vec![peer("", "", None)], None, LIMITS).is_err());
+        assert!(Foreign::new(vec![peer("http://x", "", None)], None, LIMITS).is_err());
+        assert!(Foreign::new(vec![peer("", "", Some("not a user"))], None, LIMITS).is_err());
+        let err = Foreign::new(
+            vec![peer("", "", Some("@_msgnode:b.example"))],
+            None,
+            LIMITS,
+        )
+        .err()
+        .expect("no homeserver");
         assert!(err.contains("[pep] registration"), "{err}");
-        let foreign = Foreign::new(vec![peer("http://x", "t", None)], None).expect("valid");
+        let foreign = Foreign::new(vec![peer("http://x", "t", None)], None, LIMITS).expect("valid");
         assert!(foreign.peer_by_token("t").is_some());
         assert!(foreign.peer_by_token("").is_none());
     }

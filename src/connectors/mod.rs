@@ -105,3 +105,18 @@ pub trait Connector: Send + Sync {
     /// Handles one message addressed to it (already allowed by the policy).
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply>;
 }
+
+/// The body of `answer`, read up to `max` bytes: a longer one is an error, not read further.
+pub(crate) async fn read_capped(
+    mut answer: reqwest::Response,
+    max: usize,
+) -> Result<String, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = answer.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("answer longer than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| "answer is not UTF-8".into())
+}

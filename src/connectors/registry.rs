@@ -2,8 +2,10 @@
 //!
 //! Built in (no `[bus.registry] url`): entries are kept in memory and, durably, as room state
 //! of the bus's state room (`Store::put_registry`). `create` registers `body.value` under
-//! `value.url`; `read` looks up one address, or every entry of a user URL (a map keyed by
-//! URL), filtered by `criteria` (`dataSchemes`, `resources`); `update` is a keep-alive, or a
+//! `value.url`; `read` looks up one address, or the entries of a user URL (a map keyed by
+//! URL), filtered by `criteria` (`dataSchemes`, `resources`) — in URL order, at most
+//! `[bus] max_response_bytes` per answer: a longer list ends with `body.next` (the last URL
+//! given), and `body.after: <that URL>` asks for the rest; `update` is a keep-alive, or a
 //! status change (`attribute: "status"`) published to `<url>/registration`; `delete` removes.
 //! Only the runtime that registered an entry may change or delete it.
 //!
@@ -28,6 +30,8 @@ const MAX_ENTRIES_PER_RUNTIME: usize = 1000;
 pub struct BuiltinRegistry {
     entries: RwLock<Entries>,
     store: Store,
+    /// Largest answer to one `read` of a user URL (entries past it come in later pages).
+    max_read_bytes: usize,
 }
 
 /// The entries by URL, and how many each runtime registered.
@@ -61,8 +65,9 @@ impl Entries {
 }
 
 impl BuiltinRegistry {
-    /// A registry holding `entries` (loaded from the store), writing changes to `store`.
-    pub fn new(entries: BTreeMap<String, Value>, store: Store) -> Self {
+    /// A registry holding `entries` (loaded from the store), writing changes to `store`,
+    /// answering a `read` of a user URL with at most `max_read_bytes` of entries at a time.
+    pub fn new(entries: BTreeMap<String, Value>, store: Store, max_read_bytes: usize) -> Self {
         let mut indexed = Entries::default();
         for (url, entry) in entries {
             indexed.set(&url, Some(entry));
@@ -70,6 +75,7 @@ impl BuiltinRegistry {
         Self {
             entries: RwLock::new(indexed),
             store,
+            max_read_bytes,
         }
     }
 
@@ -175,20 +181,16 @@ impl BuiltinRegistry {
                         BusError::BadRequest("registry read needs body.resource".into())
                     })?;
                 let criteria = body.get("criteria");
-                let found = if resource.starts_with("user://") {
-                    let entries = self.read();
-                    let map: serde_json::Map<String, Value> = entries
-                        .by_url
-                        .iter()
-                        .filter(|(_, e)| e["user"] == resource)
-                        .filter(|(_, e)| matches(e, criteria))
-                        .map(|(k, e)| (k.clone(), e.clone()))
-                        .collect();
-                    (!map.is_empty()).then_some(Value::Object(map))
-                } else {
-                    self.get(resource).filter(|e| matches(e, criteria))
-                };
-                match found {
+                if resource.starts_with("user://") {
+                    let after = body.get("after").and_then(Value::as_str);
+                    return match self.user_page(resource, criteria, after) {
+                        Some(body) => Ok(Reply::response(message.answer(body))),
+                        None => Err(BusError::NotFound(format!(
+                            "nothing registered for '{resource}'"
+                        ))),
+                    };
+                }
+                match self.get(resource).filter(|e| matches(e, criteria)) {
                     Some(value) => Ok(Reply::response(message.response(200, "", Some(value)))),
                     None => Err(BusError::NotFound(format!(
                         "nothing registered for '{resource}'"
@@ -235,6 +237,44 @@ impl BuiltinRegistry {
                 message.kind
             ))),
         }
+    }
+
+    /// The answer body to a read of `user`'s entries after the URL `after`: up to
+    /// `max_read_bytes` of them (at least one), and `next` when more follow.
+    fn user_page(
+        &self,
+        user: &str,
+        criteria: Option<&Value>,
+        after: Option<&str>,
+    ) -> Option<Value> {
+        use std::ops::Bound;
+        let entries = self.read();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = serde_json::Map::new();
+        let (mut bytes, mut next) = (0, None);
+        let mut last: Option<&String> = None;
+        for (url, entry) in entries
+            .by_url
+            .range::<str, _>((from, Bound::Unbounded))
+            .filter(|(_, e)| e["user"] == user && matches(e, criteria))
+        {
+            let size = url.len() + entry.to_string().len();
+            if bytes + size > self.max_read_bytes && !page.is_empty() {
+                next = last.cloned();
+                break;
+            }
+            bytes += size;
+            page.insert(url.clone(), entry.clone());
+            last = Some(url);
+        }
+        if page.is_empty() {
+            return None;
+        }
+        let mut body = json!({"code": 200, "value": page});
+        if let Some(next) = next {
+            body["next"] = json!(next);
+        }
+        Some(body)
     }
 
     fn count_of(&self, runtime: &str) -> usize {
@@ -334,17 +374,20 @@ fn registry_address(message: &Message) -> &str {
 pub struct HttpRegistry {
     base: String,
     http: reqwest::Client,
+    /// Longest answer read from the registry (longer: refused as its failure).
+    max_answer_bytes: usize,
 }
 
 impl HttpRegistry {
-    /// A client of the registry at `base`.
-    pub fn new(base: &str) -> Self {
+    /// A client of the registry at `base`, reading answers of at most `max_answer_bytes`.
+    pub fn new(base: &str, max_answer_bytes: usize) -> Self {
         Self {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
+            max_answer_bytes,
         }
     }
 
@@ -443,12 +486,62 @@ impl HttpRegistry {
                 answer.status()
             )));
         }
-        Ok((code, answer.json().await.ok()))
+        let text = super::read_capped(answer, self.max_answer_bytes)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("domain registry: {e}")))?;
+        Ok((code, serde_json::from_str(&text).ok()))
     }
 }
 
 impl Connector for HttpRegistry {
     fn handle<'a>(&'a self, message: &'a Message, sender: Sender<'a>) -> BoxFuture<'a, Reply> {
         answer(message, self.on_message(message, sender))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_entries_come_in_pages_of_bounded_size() {
+        let user = "user://localhost/eve";
+        let entries: BTreeMap<String, Value> = (0..5)
+            .map(|i| {
+                let url = format!("hyperty://localhost/h{i}");
+                let entry = json!({"url": url, "user": user, "pad": "x".repeat(400)});
+                (url, entry)
+            })
+            .chain([(
+                "hyperty://localhost/other".to_string(),
+                json!({"user": "user://localhost/bob"}),
+            )])
+            .collect();
+        let registry = BuiltinRegistry::new(entries, Store::memory(), 1000);
+        let mut after: Option<String> = None;
+        let mut seen = Vec::new();
+        loop {
+            let page = registry
+                .user_page(user, None, after.as_deref())
+                .expect("a page");
+            assert!(
+                page.to_string().len() < 1200,
+                "{} bytes",
+                page.to_string().len()
+            );
+            let value = page["value"].as_object().expect("a map");
+            seen.extend(value.keys().cloned());
+            match page["next"].as_str() {
+                Some(next) => after = Some(next.to_string()),
+                None => break,
+            }
+        }
+        let all: Vec<String> = (0..5)
+            .map(|i| format!("hyperty://localhost/h{i}"))
+            .collect();
+        assert_eq!(seen, all, "each of the user's entries once, in URL order");
+        assert!(registry
+            .user_page("user://localhost/nobody", None, None)
+            .is_none());
     }
 }

@@ -43,16 +43,23 @@ pub const INBOX_EVENT_TYPE: &str = "org.msgnode.inbox.batch";
 pub const CURSOR_EVENT_TYPE: &str = "org.msgnode.bus.cursor";
 /// How long [`Inbox::take`] waits for earlier pushes to be stored.
 const STORE_WAIT: Duration = Duration::from_secs(30);
+/// How much one page of a discarded inbox may hold.
+const DISCARD_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// How long a writer keeps retrying after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Messages taken from an inbox: hand them to the runtime, then [`Inbox::ack`].
+/// Messages taken from an inbox, one page: hand them to the runtime, then [`Inbox::ack`],
+/// then take the next page while `more`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Taken {
     /// The messages' JSON texts, in order.
     pub messages: Vec<String>,
     /// Per writer, the sequence number of the last of them (the cursor when there are none).
     pub upto: BTreeMap<String, u64>,
+    /// What `messages` hold, in bytes.
+    pub bytes: usize,
+    /// More messages wait after these (the page was full).
+    pub more: bool,
 }
 
 impl Taken {
@@ -74,11 +81,13 @@ pub struct Inbox {
     budget: Arc<Budget>,
 }
 
-/// Bytes held in memory, and how many may be.
+/// Bytes held in memory, and how many may be; and how many one runtime's inbox may hold
+/// undelivered (in memory or in Matrix).
 #[derive(Debug)]
 struct Budget {
     held: AtomicUsize,
     max: AtomicUsize,
+    per_runtime: AtomicUsize,
 }
 
 impl Default for Budget {
@@ -86,6 +95,7 @@ impl Default for Budget {
         Self {
             held: AtomicUsize::new(0),
             max: AtomicUsize::new(DEFAULT_MAX_BYTES),
+            per_runtime: AtomicUsize::new(DEFAULT_MAX_BYTES_PER_RUNTIME),
         }
     }
 }
@@ -106,6 +116,9 @@ impl Budget {
 
 /// What inboxes may hold in memory unless [`Inbox::limit_bytes`] says otherwise.
 pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// What one runtime's inbox may hold undelivered unless [`Inbox::limit_bytes`] says
+/// otherwise.
+pub const DEFAULT_MAX_BYTES_PER_RUNTIME: usize = 16 * 1024 * 1024;
 
 enum Inner {
     Memory(Mutex<HashMap<String, MemoryBox>>),
@@ -117,6 +130,8 @@ struct MemoryBox {
     next_seq: u64,
     cursor: u64,
     messages: VecDeque<(u64, String)>,
+    /// What `messages` hold.
+    bytes: usize,
 }
 
 struct MatrixInbox {
@@ -146,6 +161,9 @@ struct RuntimeBox {
     /// No room exists for it unless this node creates one (a new runtime, or a look-up
     /// found none): a take before the first push reads nothing from the homeserver.
     roomless: std::sync::atomic::AtomicBool,
+    /// Bytes pushed here and not acknowledged yet (counted from the node's start: what an
+    /// earlier run left is not known until it is taken).
+    undelivered: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -190,9 +208,25 @@ impl Inbox {
         }
     }
 
-    /// Lets the inboxes hold at most `bytes` in memory (see [`Inbox::has_room`]).
-    pub fn limit_bytes(&self, bytes: usize) {
+    /// Lets the inboxes hold at most `bytes` in memory (see [`Inbox::has_room`]), and one
+    /// runtime's inbox `per_runtime` undelivered (see [`Inbox::runtime_has_room`]).
+    pub fn limit_bytes(&self, bytes: usize, per_runtime: usize) {
         self.budget.max.store(bytes, Ordering::Relaxed);
+        self.budget
+            .per_runtime
+            .store(per_runtime, Ordering::Relaxed);
+    }
+
+    /// Whether `bytes` more fit in `runtime`'s inbox: when not, the message is refused (the
+    /// sender retries) rather than stored — in memory or in Matrix.
+    pub fn runtime_has_room(&self, runtime: &str, bytes: usize) -> bool {
+        let held = match &*self.inner {
+            Inner::Memory(boxes) => lock(boxes).get(runtime).map_or(0, |b| b.bytes),
+            Inner::Matrix(matrix) => lock(&matrix.boxes)
+                .get(runtime)
+                .map_or(0, |b| b.undelivered.load(Ordering::Relaxed)),
+        };
+        held + bytes <= self.budget.per_runtime.load(Ordering::Relaxed)
     }
 
     /// Whether `bytes` more fit in memory now: when not, a message for an away runtime is
@@ -225,10 +259,14 @@ impl Inbox {
                 let inbox = boxes.entry(runtime.to_string()).or_default();
                 inbox.next_seq += 1;
                 let seq = inbox.next_seq;
+                inbox.bytes += message_json.len();
                 inbox.messages.push_back((seq, message_json.to_string()));
             }
             Inner::Matrix(matrix) => {
                 let inbox = matrix.runtime_box(runtime);
+                inbox
+                    .undelivered
+                    .fetch_add(message_json.len(), Ordering::Relaxed);
                 let start_writer = {
                     let mut queue = lock(&inbox.queue);
                     queue.pending.push(message_json.to_string());
@@ -253,32 +291,36 @@ impl Inbox {
         }
     }
 
-    /// Every message for `runtime` after its cursor, in order — after waiting until every
-    /// push for it so far is stored.
+    /// The first messages for `runtime` after its cursor, in order, up to `max_bytes` (at
+    /// least one) — after waiting until every push for it so far is stored. What one take
+    /// holds in memory stays near `max_bytes` however much the inbox holds: hand a page
+    /// over, ack it, take the next.
     ///
     /// # Errors
     /// The homeserver is unavailable (also: earlier pushes not stored within 30 s) or
     /// refused, or the room holds an unreadable batch.
-    pub async fn take(&self, runtime: &str) -> Result<Taken, ActorError> {
+    pub async fn take(&self, runtime: &str, max_bytes: usize) -> Result<Taken, ActorError> {
         match &*self.inner {
             Inner::Memory(boxes) => {
                 let boxes = lock(boxes);
                 let Some(inbox) = boxes.get(runtime) else {
                     return Ok(Taken::default());
                 };
-                let messages: Vec<String> = inbox
-                    .messages
-                    .iter()
-                    .filter(|(seq, _)| *seq > inbox.cursor)
-                    .map(|(_, m)| m.clone())
-                    .collect();
-                let upto = inbox.messages.back().map_or(inbox.cursor, |(seq, _)| *seq);
-                Ok(Taken {
-                    messages,
-                    upto: BTreeMap::from([(MEMORY_WRITER.to_string(), upto.max(inbox.cursor))]),
-                })
+                let mut taken = Taken::default();
+                let mut upto = inbox.cursor;
+                for (seq, m) in inbox.messages.iter().filter(|(seq, _)| *seq > inbox.cursor) {
+                    if taken.bytes + m.len() > max_bytes && !taken.messages.is_empty() {
+                        taken.more = true;
+                        break;
+                    }
+                    taken.bytes += m.len();
+                    taken.messages.push(m.clone());
+                    upto = *seq;
+                }
+                taken.upto = BTreeMap::from([(MEMORY_WRITER.to_string(), upto)]);
+                Ok(taken)
             }
-            Inner::Matrix(matrix) => matrix.take(runtime).await,
+            Inner::Matrix(matrix) => matrix.take(runtime, max_bytes).await,
         }
     }
 
@@ -293,10 +335,10 @@ impl Inbox {
                 if let Some(inbox) = boxes.get_mut(runtime) {
                     inbox.cursor = inbox.cursor.max(taken.upto_of(MEMORY_WRITER));
                     let cursor = inbox.cursor;
-                    let before: usize = inbox.messages.iter().map(|(_, m)| m.len()).sum();
+                    let before = inbox.bytes;
                     inbox.messages.retain(|(seq, _)| *seq > cursor);
-                    let after: usize = inbox.messages.iter().map(|(_, m)| m.len()).sum();
-                    self.budget.free(before - after);
+                    inbox.bytes = inbox.messages.iter().map(|(_, m)| m.len()).sum();
+                    self.budget.free(before - inbox.bytes);
                 }
                 Ok(())
             }
@@ -342,9 +384,15 @@ impl Inbox {
                 return Ok(0); // no room: nothing ever waited for it
             }
         }
-        let taken = self.take(runtime).await?;
-        self.ack(runtime, &taken).await?;
-        Ok(taken.messages.len())
+        let mut discarded = 0;
+        loop {
+            let taken = self.take(runtime, DISCARD_PAGE_BYTES).await?;
+            self.ack(runtime, &taken).await?;
+            discarded += taken.messages.len();
+            if !taken.more {
+                return Ok(discarded);
+            }
+        }
     }
 }
 
@@ -368,12 +416,13 @@ impl MatrixInbox {
                     room: OnceCell::new(),
                     cursor: tokio::sync::Mutex::new(None),
                     roomless: std::sync::atomic::AtomicBool::new(false),
+                    undelivered: AtomicUsize::new(0),
                 })
             })
             .clone()
     }
 
-    async fn take(&self, runtime: &str) -> Result<Taken, ActorError> {
+    async fn take(&self, runtime: &str, max_bytes: usize) -> Result<Taken, ActorError> {
         let inbox = self.runtime_box(runtime);
         let pushed = lock(&inbox.queue).pushed;
         if pushed == 0 && inbox.room.get().is_none() {
@@ -404,7 +453,11 @@ impl MatrixInbox {
         // (and one page more: batches created at the same moment may be ordered either way).
         let filter = json!({"types": [INBOX_EVENT_TYPE]});
         let sender = self.actor.sender().to_string();
-        let mut batches = Vec::new();
+        // Newest first; only the oldest undelivered batches are kept, about `max_bytes` of
+        // them: the newer ones are a later page's (read again then).
+        let mut batches: VecDeque<(String, DecodedBatch, usize)> = VecDeque::new();
+        let mut kept = 0usize;
+        let mut newer_left = false;
         let mut seen = BTreeSet::new();
         let mut reached = BTreeSet::new();
         let mut done_before = false;
@@ -428,7 +481,18 @@ impl MatrixInbox {
                 if end <= cursor.get(&writer).copied().unwrap_or(0) + 1 {
                     reached.insert(writer); // delivered
                 } else {
-                    batches.push((writer, batch));
+                    let bytes = batch.entries.iter().map(|e| e.get().len()).sum();
+                    kept += bytes;
+                    batches.push_back((writer, batch, bytes));
+                    while batches
+                        .front()
+                        .is_some_and(|(_, _, newest)| kept - newest >= max_bytes)
+                    {
+                        if let Some((_, _, newest)) = batches.pop_front() {
+                            kept -= newest;
+                            newer_left = true;
+                        }
+                    }
                 }
             }
             let done = !reached.is_empty() && seen.is_subset(&reached);
@@ -440,11 +504,11 @@ impl MatrixInbox {
             token = Some(next);
         }
         // Oldest first: the room's order across writers, each writer's own in sequence.
-        batches.reverse();
         let mut by_writer: BTreeMap<String, Vec<DecodedBatch>> = BTreeMap::new();
         let order: Vec<String> = batches
             .into_iter()
-            .map(|(writer, batch)| {
+            .rev()
+            .map(|(writer, batch, _)| {
                 by_writer.entry(writer.clone()).or_default().push(batch);
                 writer
             })
@@ -453,10 +517,10 @@ impl MatrixInbox {
             own.sort_by_key(|b| std::cmp::Reverse(b.first_seq)); // popped lowest first
         }
         let mut taken = Taken {
-            messages: Vec::new(),
             upto: cursor,
+            ..Taken::default()
         };
-        for writer in order {
+        'page: for writer in order {
             let Some(batch) = by_writer.get_mut(&writer).and_then(Vec::pop) else {
                 continue;
             };
@@ -466,6 +530,11 @@ impl MatrixInbox {
                 if seq <= *upto {
                     continue; // before the cursor, or a duplicate
                 }
+                if taken.bytes + entry.get().len() > max_bytes && !taken.messages.is_empty() {
+                    taken.more = true;
+                    break 'page;
+                }
+                taken.bytes += entry.get().len();
                 *upto = seq;
                 // A message that was not JSON was stored as a JSON string.
                 let text = match serde_json::from_str::<Value>(entry.get()) {
@@ -475,11 +544,17 @@ impl MatrixInbox {
                 taken.messages.push(text);
             }
         }
+        taken.more |= newer_left;
         Ok(taken)
     }
 
     async fn ack(&self, runtime: &str, taken: &Taken) -> Result<(), ActorError> {
         let inbox = self.runtime_box(runtime);
+        let _ = inbox
+            .undelivered
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                Some(held.saturating_sub(taken.bytes))
+            });
         let (room, _) = inbox
             .open(&self.actor, &self.writer, self.follower.as_deref())
             .await?;
@@ -740,31 +815,77 @@ mod tests {
     #[tokio::test]
     async fn memory_inbox_keeps_order_and_forgets_what_was_acked() {
         let inbox = Inbox::memory();
-        assert_eq!(inbox.take("rt://a").await.expect("take"), Taken::default());
+        assert_eq!(
+            inbox.take("rt://a", usize::MAX).await.expect("take"),
+            Taken::default()
+        );
         inbox.push("rt://a", r#"{"n":1}"#);
         inbox.push("rt://b", r#"{"n":"b"}"#);
         inbox.push("rt://a", r#"{"n":2}"#);
-        let taken = inbox.take("rt://a").await.expect("take");
+        let taken = inbox.take("rt://a", usize::MAX).await.expect("take");
         assert_eq!(taken.messages, vec![r#"{"n":1}"#, r#"{"n":2}"#]);
         assert_eq!(taken.upto_of(MEMORY_WRITER), 2);
         // Not acked: taken again, with what came since.
         inbox.push("rt://a", r#"{"n":3}"#);
-        let again = inbox.take("rt://a").await.expect("take");
+        let again = inbox.take("rt://a", usize::MAX).await.expect("take");
         assert_eq!(again.messages.len(), 3);
         inbox.ack("rt://a", &taken).await.expect("ack");
-        let rest = inbox.take("rt://a").await.expect("take");
+        let rest = inbox.take("rt://a", usize::MAX).await.expect("take");
         assert_eq!(rest.messages, vec![r#"{"n":3}"#]);
         assert_eq!(rest.upto_of(MEMORY_WRITER), 3);
         inbox.ack("rt://a", &rest).await.expect("ack");
         // An old ack never moves the cursor back.
         inbox.ack("rt://a", &taken).await.expect("ack");
         assert_eq!(
-            inbox.take("rt://a").await.expect("take"),
+            inbox.take("rt://a", usize::MAX).await.expect("take"),
             Taken {
-                messages: vec![],
-                upto: BTreeMap::from([(MEMORY_WRITER.to_string(), 3)])
+                upto: BTreeMap::from([(MEMORY_WRITER.to_string(), 3)]),
+                ..Taken::default()
             }
         );
-        assert_eq!(inbox.take("rt://b").await.expect("take").messages.len(), 1);
+        assert_eq!(
+            inbox
+                .take("rt://b", usize::MAX)
+                .await
+                .expect("take")
+                .messages
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_take_is_one_page_and_the_per_runtime_cap_counts_what_waits() {
+        let inbox = Inbox::memory();
+        inbox.limit_bytes(1 << 20, 10);
+        for n in 0..4 {
+            assert!(inbox.runtime_has_room("rt://a", 3), "{n}");
+            inbox.push("rt://a", &format!("m{n}"));
+        }
+        assert!(inbox.runtime_has_room("rt://a", 2));
+        assert!(!inbox.runtime_has_room("rt://a", 3), "8 + 3 > 10 bytes");
+        assert!(inbox.runtime_has_room("rt://b", 10), "per runtime");
+        let mut got = Vec::new();
+        loop {
+            let page = inbox.take("rt://a", 5).await.expect("take");
+            assert!(page.bytes <= 5 && !page.messages.is_empty(), "{page:?}");
+            got.extend(page.messages.clone());
+            inbox.ack("rt://a", &page).await.expect("ack");
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(got, ["m0", "m1", "m2", "m3"]);
+        assert!(
+            inbox.runtime_has_room("rt://a", 10),
+            "delivered: room again"
+        );
+        inbox.push("rt://a", &"x".repeat(9));
+        let big = inbox.take("rt://a", 5).await.expect("take");
+        assert_eq!(
+            big.messages.len(),
+            1,
+            "a message bigger than a page is one page"
+        );
     }
 }

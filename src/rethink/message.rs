@@ -84,13 +84,19 @@ impl Message {
             ));
         };
         let id = object.get("id").cloned().unwrap_or(Value::Null);
-        let bad = |what: String| Err((BusError::BadRequest(what), id.clone()));
+        // Only a valid id is echoed in the error: an answer is never bigger than its cause
+        // by more than a few hundred bytes.
+        let refused = |what: String| Err((BusError::BadRequest(what), Value::Null));
         match &id {
             Value::Number(_) => {}
-            Value::String(s) if !s.is_empty() => {}
-            Value::Null => return bad("message has no 'id'".into()),
-            _ => return bad("'id' must be a number or a non-empty string".into()),
+            Value::String(s) if !s.is_empty() && s.len() <= MAX_ID_BYTES => {}
+            Value::String(s) if !s.is_empty() => {
+                return refused(format!("'id' is longer than {MAX_ID_BYTES} bytes"))
+            }
+            Value::Null => return refused("message has no 'id'".into()),
+            _ => return refused("'id' must be a number or a non-empty string".into()),
         }
+        let bad = |what: String| Err((BusError::BadRequest(what), id.clone()));
         let kind = match object.get("type") {
             Some(Value::String(t)) if !t.is_empty() => t.clone(),
             Some(_) => return bad("'type' must be a non-empty string".into()),
@@ -98,19 +104,25 @@ impl Message {
         };
         let from = match object.get("from") {
             Some(Value::String(f)) if is_url(f) && is_clean(f) => f.clone(),
-            Some(Value::String(f)) => return bad(format!("'from' is not a URL: {f:?}")),
+            Some(Value::String(f)) => return bad(format!("'from' is not a URL: {:?}", shown(f))),
             Some(_) => return bad("'from' must be a URL string".into()),
             None => return bad("message has no 'from'".into()),
         };
         let to = match object.get("to") {
             Some(Value::String(t)) if is_url(t) && is_clean(t) => vec![t.clone()],
-            Some(Value::String(t)) => return bad(format!("'to' is not a URL: {t:?}")),
+            Some(Value::String(t)) => return bad(format!("'to' is not a URL: {:?}", shown(t))),
             Some(Value::Array(items)) if !items.is_empty() => {
                 let mut to = Vec::with_capacity(items.len());
                 for item in items {
                     match item.as_str() {
                         Some(t) if is_url(t) && is_clean(t) => to.push(t.to_string()),
-                        _ => return bad(format!("every 'to' entry must be a URL, not {item}")),
+                        _ => {
+                            let item = item.to_string();
+                            return bad(format!(
+                                "every 'to' entry must be a URL, not {}",
+                                shown(&item)
+                            ));
+                        }
                     }
                 }
                 to
@@ -185,10 +197,25 @@ impl Message {
         )
     }
 
+    /// The response to this message with `body` as it is (`from`/`to` swapped).
+    pub fn answer(&self, body: Value) -> String {
+        let from = self.to.first().map(String::as_str).unwrap_or("");
+        json!({"id": self.id, "type": "response", "from": from, "to": self.from, "body": body})
+            .to_string()
+    }
+
     /// The error response for `error`.
     pub fn error_response(&self, error: &BusError) -> String {
         self.response(error.code(), &error.to_string(), None)
     }
+}
+
+/// Longest string `id` a message may have (longer: 400, not echoed).
+pub const MAX_ID_BYTES: usize = 256;
+
+/// At most the first 64 characters of `s`, as error texts quote what was sent.
+pub fn shown(s: &str) -> &str {
+    s.char_indices().nth(64).map_or(s, |(end, _)| &s[..end])
 }
 
 /// A response message. `description` is also sent as `desc` (older stubs read that).
@@ -284,6 +311,23 @@ mod tests {
         }
         let (_, id) = Message::parse(r#"{"id":9,"type":"x","from":"a:b"}"#).unwrap_err();
         assert_eq!(id, json!(9), "the id comes back with the error");
+        for invalid in [
+            json!({"a": "x".repeat(1000)}),
+            json!(["x"]),
+            json!("x".repeat(257)),
+        ] {
+            let frame = json!({"id": invalid, "type": "x", "from": "a:b", "to": "a:c"});
+            let (_, id) = Message::parse(frame.to_string()).unwrap_err();
+            assert_eq!(id, Value::Null, "an invalid or oversized id is not echoed");
+        }
+        let long = format!("not a url {}", "y".repeat(10_000));
+        let (error, _) =
+            Message::parse(json!({"id": 1, "type": "x", "from": long, "to": "a:c"}).to_string())
+                .unwrap_err();
+        assert!(
+            error.to_string().len() < 200,
+            "what was sent is quoted cut: {error}"
+        );
     }
 
     #[test]

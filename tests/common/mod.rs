@@ -83,6 +83,8 @@ pub async fn metric(http: &reqwest::Client, running: &Running, series: &str) -> 
 pub struct ChildNode {
     child: std::process::Child,
     pub bus: std::net::SocketAddr,
+    /// Its PDP API (also `/metrics`).
+    pub pdp: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -119,8 +121,22 @@ impl ChildNode {
         ChildNode {
             child,
             bus,
+            pdp: std::net::SocketAddr::from(([127, 0, 0, 1], pdp)),
             _dir: dir,
         }
+    }
+
+    /// The value of one of its Prometheus series (0 when absent).
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.pdp))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
     }
 
     /// Its resident memory, in bytes.

@@ -1,0 +1,141 @@
+//! Limits on sockets that have not authenticated yet: per IP address (`[bus]
+//! handshakes_per_ip` at once, `handshake_rate` new ones per second) and over all addresses
+//! (`max_handshakes`). A socket holds its place from the upgrade until its handshake is
+//! answered; what it may hold meanwhile is one first frame (`max_frame_bytes`). Refused
+//! upgrades are answered 429 (per address) or 503 (the node is busy) and counted
+//! (`bus_refused`). Behind a reverse proxy every client has the proxy's address: set the
+//! per-address limits for that.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::metrics::refused;
+use crate::config::BusConfig;
+use crate::ratelimit::Limiter;
+
+/// The handshakes under way.
+pub(super) struct Handshakes {
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_ip: usize,
+    all: Arc<Semaphore>,
+    rate: Limiter,
+}
+
+/// One socket's place among the handshakes under way; dropped once it is answered.
+pub(super) struct Pending {
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut per_ip = lock(&self.per_ip);
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Why an upgrade was refused: the status, the `bus_refused` reason, and the text.
+pub(super) type Refusal = (StatusCode, &'static str, &'static str);
+
+impl Handshakes {
+    pub(super) fn new(config: &BusConfig) -> Self {
+        Self {
+            per_ip: Arc::default(),
+            max_per_ip: config.handshakes_per_ip.max(1),
+            all: Arc::new(Semaphore::new(config.max_handshakes.max(1))),
+            rate: Limiter::new(&config.handshake_rate),
+        }
+    }
+
+    /// A place for a new socket from `ip`, or why not.
+    pub(super) fn begin(&self, ip: IpAddr) -> Result<Pending, Refusal> {
+        if self.rate.check(&ip.to_string()).is_err() {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                refused::HANDSHAKE_RATE,
+                "too many new sockets from this address; retry shortly",
+            ));
+        }
+        let mut per_ip = lock(&self.per_ip);
+        let held = per_ip.entry(ip).or_default();
+        if *held >= self.max_per_ip {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                refused::HANDSHAKES_PER_IP,
+                "too many sockets from this address are still in their handshake",
+            ));
+        }
+        let Ok(permit) = Arc::clone(&self.all).try_acquire_owned() else {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                refused::HANDSHAKES_BUSY,
+                "too many sockets are in their handshake; retry shortly",
+            ));
+        };
+        *held += 1;
+        Ok(Pending {
+            per_ip: Arc::clone(&self.per_ip),
+            ip,
+            _permit: permit,
+        })
+    }
+
+    /// Forgets the rate buckets of quiet addresses.
+    pub(super) fn forget_idle(&self) {
+        self.rate.forget_idle();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimit;
+
+    #[test]
+    fn handshakes_are_limited_per_address_and_over_all() {
+        let config = BusConfig {
+            handshakes_per_ip: 2,
+            max_handshakes: 3,
+            handshake_rate: RateLimit::new(0, 0),
+            ..BusConfig::default()
+        };
+        let handshakes = Handshakes::new(&config);
+        let (a, b, c) = (
+            IpAddr::from([10, 0, 0, 1]),
+            IpAddr::from([10, 0, 0, 2]),
+            IpAddr::from([10, 0, 0, 3]),
+        );
+        let first = handshakes.begin(a).expect("a 1");
+        let _second = handshakes.begin(a).expect("a 2");
+        let refused = handshakes.begin(a).err().map(|r| r.1);
+        assert_eq!(refused, Some(refused::HANDSHAKES_PER_IP));
+        let _third = handshakes.begin(b).expect("b 1");
+        let busy = handshakes.begin(c).err().map(|r| r.1);
+        assert_eq!(busy, Some(refused::HANDSHAKES_BUSY), "3 under way in all");
+        drop(first);
+        assert!(handshakes.begin(a).is_ok(), "one answered: room again");
+        let limited = Handshakes::new(&BusConfig {
+            handshake_rate: RateLimit::new(1, 1),
+            ..BusConfig::default()
+        });
+        drop(limited.begin(a).expect("first"));
+        let rate = limited.begin(a).err().map(|r| r.1);
+        assert_eq!(rate, Some(refused::HANDSHAKE_RATE));
+    }
+}
