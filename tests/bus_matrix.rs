@@ -31,6 +31,7 @@ async fn bus_persistence_in_synapse() {
     actor_registers_users_creates_rooms_and_sends(&synapse).await;
     journal_stores_every_record_in_order_and_continues_after_restart(&synapse).await;
     inbox_keeps_messages_until_acked_also_across_restarts(&synapse).await;
+    inbox_is_handed_over_in_pages_and_capped_per_runtime(&synapse).await;
     store_round_trips_runtimes_and_registry(&synapse).await;
 }
 
@@ -312,6 +313,56 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     assert_eq!(for_b.messages[1], "not json");
     let float: Value = serde_json::from_str(&for_b.messages[0]).expect("json");
     assert_eq!(float["value"], 0.5);
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Review B7: a take read a runtime's whole inbox into memory, and an inbox in Matrix had no
+/// cap. Takes are pages of bounded bytes (each acked before the next), and one runtime's
+/// undelivered bytes are capped.
+async fn inbox_is_handed_over_in_pages_and_capped_per_runtime(synapse: &Synapse) {
+    let c = "hyperty-runtime://example.com/paged";
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let inbox = Inbox::new(actor(synapse).await, "n1", None, shutdown.clone(), &tracker);
+    inbox.limit_bytes(64 * 1024 * 1024, 50_000);
+    let mut pushed = 0;
+    for i in 0..200 {
+        if inbox.runtime_has_room(c, message(i).len()) {
+            inbox.push(c, &message(i));
+            pushed += 1;
+        }
+        if i % 40 == 39 {
+            // Stored before the next ones: several batches in the room.
+            let _ = inbox.take(c, 1).await.expect("take");
+        }
+    }
+    assert!(
+        pushed < 200,
+        "past 50,000 bytes the runtime's inbox has no room"
+    );
+    let page_bytes = 8_000;
+    let mut taken = Vec::new();
+    loop {
+        let page = inbox.take(c, page_bytes).await.expect("take a page");
+        assert!(page.bytes <= page_bytes, "{} bytes in one page", page.bytes);
+        assert_eq!(
+            page.bytes,
+            page.messages.iter().map(String::len).sum::<usize>()
+        );
+        taken.extend(page.messages.clone());
+        inbox.ack(c, &page).await.expect("ack the page");
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(
+        values(&taken),
+        values(&(0..pushed).map(message).collect::<Vec<_>>()),
+        "every message once, in order"
+    );
+    assert!(inbox.runtime_has_room(c, 50_000), "delivered: room again");
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;

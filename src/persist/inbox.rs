@@ -530,17 +530,17 @@ impl MatrixInbox {
                 if seq <= *upto {
                     continue; // before the cursor, or a duplicate
                 }
-                if taken.bytes + entry.get().len() > max_bytes && !taken.messages.is_empty() {
-                    taken.more = true;
-                    break 'page;
-                }
-                taken.bytes += entry.get().len();
-                *upto = seq;
                 // A message that was not JSON was stored as a JSON string.
                 let text = match serde_json::from_str::<Value>(entry.get()) {
                     Ok(Value::String(text)) => text,
                     _ => entry.get().to_string(),
                 };
+                if taken.bytes + text.len() > max_bytes && !taken.messages.is_empty() {
+                    taken.more = true;
+                    break 'page;
+                }
+                taken.bytes += text.len();
+                *upto = seq;
                 taken.messages.push(text);
             }
         }
