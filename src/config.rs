@@ -540,10 +540,14 @@ pub struct BusConfig {
     pub outbound_queue_bytes: usize,
     /// How long a socket's queue may stay full before the socket is closed (1013; it resumes
     /// from its inbox on reconnect). Until then its senders are slowed down. Also how long
-    /// a response or a resumed message may wait for room in that queue, and how long the
-    /// socket may take to take one write: past it, it is closed too.
+    /// a response or a resumed message may wait for room in that queue (past it, the socket
+    /// is closed too).
     #[serde(with = "humantime_serde")]
     pub slow_receiver_close_after: Duration,
+    /// How long a closing socket (taken over, too slow, refused, the node shutting down) may
+    /// take to take one write before it is dropped with what is still queued for it.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Largest answer the built-in registry gives to one `read` of a `user://` URL: past it
     /// the entries come in pages (`body.next`, asked for again with `body.after`).
     pub max_response_bytes: usize,
@@ -670,6 +674,7 @@ impl Default for BusConfig {
             handshake_timeout: Duration::from_secs(10),
             away_release_after: Duration::from_secs(24 * 3600),
             slow_receiver_close_after: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             max_history_backlog: 1_000_000,
             max_history_bytes: 256 * 1024 * 1024,
             inbox_max_bytes: 64 * 1024 * 1024,

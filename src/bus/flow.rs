@@ -13,7 +13,8 @@
 //! Responses go through the same queue and budget ([`Bus::respond`]): a socket that sends
 //! requests but does not read its answers is not read further until there is room, and is
 //! closed once it has made none for `slow_receiver_close_after` (`bus_refused{reason=
-//! "slow_socket"}`) — as is a socket that takes longer than that to take one write.
+//! "slow_socket"}`). A closing socket that takes no write for `[bus] write_timeout` is
+//! dropped with what is still queued for it (`bus::socket`).
 
 use axum::extract::ws::Utf8Bytes;
 
@@ -29,10 +30,6 @@ impl Bus {
         let inbox = &self.inner.persistence.inbox;
         let (conn, tx, since) = match runtime.offer(text, inbox) {
             Offer::Done(delivered) => return delivered,
-            Offer::Overflowed => {
-                self.inner.metrics.refuse(refused::RESUME_OVERFLOW);
-                return Delivered::Queued;
-            }
             Offer::Full { conn, tx, since } => (conn, tx, since),
         };
         let metrics = &self.inner.metrics;

@@ -166,8 +166,7 @@ impl Bus {
             // In use again: the reaper may release it once more when it is away too long.
             runtime.update(|r| r.released = false);
         }
-        let budget = self.config().outbound_queue_bytes;
-        runtime.begin_attach(conn.id, conn.close.clone(), budget);
+        runtime.begin_attach(conn.id, conn.close.clone());
         // Every wait below ends with the socket's close (a take-over, a too slow resume) or
         // the node's shutdown; whatever was not acknowledged is handed over again next time.
         let resumed = tokio::select! {
@@ -182,8 +181,8 @@ impl Bus {
         let resumed = match resumed {
             Ok(resumed) => resumed,
             Err(e) => {
-                // Whatever was buffered for this socket goes (back) to the inbox, in order.
-                runtime.detach(conn.id, &self.inner.persistence.inbox);
+                // What was not acknowledged is handed over again next time.
+                runtime.detach(conn.id);
                 return Err(e);
             }
         };
@@ -194,8 +193,8 @@ impl Bus {
     }
 
     /// Hands `runtime`'s inbox to `conn` in pages of at most its socket's budget (each
-    /// acknowledged once queued), then what was buffered meanwhile, and goes online; how
-    /// many messages came from the inbox.
+    /// acknowledged once queued) — also what arrives meanwhile, which goes to the inbox too —
+    /// and goes online once a take found nothing new; how many messages came from the inbox.
     async fn resume(&self, runtime: &Arc<Runtime>, conn: &Connection) -> Result<u64, BusError> {
         let current = self.inner.table.get_runtime(&runtime.url);
         if !current.is_some_and(|current| Arc::ptr_eq(&current, runtime)) {
@@ -215,6 +214,7 @@ impl Bus {
         let page_bytes = self.config().outbound_queue_bytes;
         let mut resumed = 0u64;
         loop {
+            let pushed = inbox.pushed(&runtime.url);
             let page = inbox.take(&runtime.url, page_bytes).await.map_err(|e| {
                 BusError::Unavailable(format!("cannot read the runtime's inbox: {e}"))
             })?;
@@ -235,20 +235,19 @@ impl Bus {
                     tracing::warn!(%e, runtime = %runtime.url, "cannot record the inbox cursor");
                 }
             }
-            if !page.more {
-                break;
+            if page.more {
+                continue;
             }
-        }
-        let patience = self.config().slow_receiver_close_after;
-        if !runtime.go_online(conn.id, &conn.tx, patience).await {
-            if !conn.close.is_cancelled() {
-                self.inner
-                    .metrics
-                    .refuse(super::metrics::refused::SLOW_SOCKET);
+            // Nothing new since this take began: online. Else take what came meanwhile.
+            match runtime.go_online(conn.id, &conn.tx, pushed, inbox) {
+                Some(true) => break,
+                Some(false) => continue,
+                None => {
+                    return Err(BusError::Unavailable(
+                        "another socket took the runtime over; reconnect".into(),
+                    ))
+                }
             }
-            return Err(BusError::Unavailable(
-                "another socket took the runtime over, or this one closed or was too slow".into(),
-            ));
         }
         Ok(resumed)
     }
@@ -256,7 +255,7 @@ impl Bus {
     /// The socket of `conn` is gone: its runtime is away (bindings kept; messages go to the
     /// inbox) until it reconnects or disconnects.
     pub fn detach(&self, conn: &Connection) {
-        conn.runtime.detach(conn.id, &self.inner.persistence.inbox);
+        conn.runtime.detach(conn.id);
         self.inner.metrics.connections.dec();
         tracing::info!(runtime = %conn.runtime.url, conn = conn.id, "runtime socket closed");
     }

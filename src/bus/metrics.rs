@@ -23,8 +23,6 @@ pub(super) mod refused {
     /// A socket took longer than `slow_receiver_close_after` to make room for a response
     /// or a resumed message, or to take a write: closed.
     pub const SLOW_SOCKET: &str = "slow_socket";
-    /// Deliveries during a resume outgrew the socket's budget: closed, to resume later.
-    pub const RESUME_OVERFLOW: &str = "resume_overflow";
     /// A runtime's inbox holds `inbox_max_bytes_per_runtime`: 408 to the sender.
     pub const RUNTIME_INBOX_FULL: &str = "runtime_inbox_full";
     /// A peer's queue holds `peer_queue` messages or `peer_queue_bytes`: 408.

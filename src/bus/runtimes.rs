@@ -4,14 +4,13 @@
 //! foreign addresses it uses as return routes) to its [`Runtime`]. Each runtime is either
 //! online — a connected socket with a bounded outbound queue, delivered to directly — or
 //! away, when messages go to its inbox in Matrix and are handed over, in order, when it
-//! reconnects. A reconnect drains the inbox while new messages are buffered, so nothing is
-//! lost, reordered or delivered twice. That buffer counts against the socket's own budget
-//! (`[bus] outbound_queue_bytes`): a resume that falls that far behind closes the socket,
-//! the buffer goes to the inbox, and the runtime resumes from there next time. A socket whose queue is full makes its senders wait
+//! reconnects. A reconnect drains the inbox while new messages keep going to the inbox
+//! (within its budgets: nothing is buffered beside it), and goes online only once a take
+//! found nothing new, so nothing is lost, reordered or delivered twice. A socket whose queue is full makes its senders wait
 //! (`bus::flow`); one that stays full too long is treated as away: the message goes to the
 //! inbox and the socket is closed, to resume on reconnect.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -54,12 +53,9 @@ enum Delivery {
         tx: Outbound,
         close: CancellationToken,
     },
+    /// A socket is taking the inbox over; what arrives meanwhile goes to the inbox too.
     Draining {
         conn: u64,
-        buffer: VecDeque<Utf8Bytes>,
-        /// What `buffer` holds, at most `max_bytes` (the socket's budget).
-        bytes: usize,
-        max_bytes: usize,
         close: CancellationToken,
     },
     Away,
@@ -69,9 +65,6 @@ enum Delivery {
 pub enum Offer {
     /// Handed over (or into the inbox).
     Done(Delivered),
-    /// The socket resuming the runtime fell its budget behind: it is told to close, and
-    /// what was buffered for it went to the inbox with this message.
-    Overflowed,
     /// The queue of socket `conn` is full; room may come on `tx`. Behind since `since`.
     Full {
         /// The connection holding the runtime.
@@ -184,7 +177,6 @@ impl Runtime {
     pub fn deliver(&self, text: &Utf8Bytes, inbox: &Inbox) -> Delivered {
         match self.offer(text, inbox) {
             Offer::Done(delivered) => delivered,
-            Offer::Overflowed => Delivered::Queued,
             Offer::Full { conn, .. } => self.too_slow(conn, text, inbox),
         }
     }
@@ -214,29 +206,7 @@ impl Runtime {
                     Offer::Done(Delivered::Queued)
                 }
             },
-            Delivery::Draining {
-                buffer,
-                bytes,
-                max_bytes,
-                close,
-                ..
-            } => {
-                if *bytes + text.len() > *max_bytes && !buffer.is_empty() {
-                    close.cancel();
-                    for earlier in std::mem::take(buffer) {
-                        inbox.push(&self.url, earlier.as_str());
-                    }
-                    inbox.push(&self.url, text.as_str());
-                    tracing::info!(runtime = %self.url, "resuming socket fell its budget behind: closed, to resume later");
-                    state.delivery = Delivery::Away;
-                    state.away_since = Some(Instant::now());
-                    return Offer::Overflowed;
-                }
-                *bytes += text.len();
-                buffer.push_back(text.clone());
-                Offer::Done(Delivered::Queued)
-            }
-            Delivery::Away => {
+            Delivery::Draining { .. } | Delivery::Away => {
                 inbox.push(&self.url, text.as_str());
                 Offer::Done(Delivered::Queued)
             }
@@ -273,105 +243,45 @@ impl Runtime {
         }
     }
 
-    /// A new connection takes the runtime over; deliveries are buffered (up to `max_bytes`,
-    /// the socket's budget) until [`Runtime::go_online`]. The previous connection (if any)
-    /// is told to close (`close` of its own attach is cancelled).
-    pub fn begin_attach(&self, conn: u64, close: CancellationToken, max_bytes: usize) {
+    /// A new connection takes the runtime over; deliveries go to the inbox until
+    /// [`Runtime::go_online`]. The previous connection (if any) is told to close (`close` of
+    /// its own attach is cancelled).
+    pub fn begin_attach(&self, conn: u64, close: CancellationToken) {
         let mut state = self.lock();
         state.away_since = None;
-        let previous = std::mem::replace(
-            &mut state.delivery,
-            Delivery::Draining {
-                conn,
-                buffer: VecDeque::new(),
-                bytes: 0,
-                max_bytes,
-                close,
-            },
-        );
+        let previous = std::mem::replace(&mut state.delivery, Delivery::Draining { conn, close });
         match previous {
-            Delivery::Online { close, .. } => close.cancel(),
-            Delivery::Draining {
-                close,
-                buffer,
-                bytes,
-                ..
-            } => {
-                close.cancel();
-                // Not yet handed to the old socket: keep the order for the new one.
-                if let Delivery::Draining {
-                    buffer: new,
-                    bytes: new_bytes,
-                    ..
-                } = &mut state.delivery
-                {
-                    *new = buffer;
-                    *new_bytes = bytes;
-                }
-            }
+            Delivery::Online { close, .. } | Delivery::Draining { close, .. } => close.cancel(),
             Delivery::Away => {}
         }
     }
 
-    /// After the inbox was handed to `tx`: moves what was buffered meanwhile into it, as room
-    /// comes, and goes online. False when another connection took over meanwhile, the socket
-    /// is gone, or it made no room for `patience`. Nothing leaves the buffer before it is in
-    /// `tx`: dropping this future loses nothing (`detach` moves the rest to the inbox).
-    pub async fn go_online(&self, conn: u64, tx: &Outbound, patience: Duration) -> bool {
-        let mut deadline = tokio::time::Instant::now() + patience;
-        loop {
-            let room = tx.room();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            {
-                let mut state = self.lock();
-                let Delivery::Draining {
-                    conn: c,
-                    buffer,
-                    bytes,
-                    close,
-                    ..
-                } = &mut state.delivery
-                else {
-                    return false;
-                };
-                if *c != conn {
-                    return false;
-                }
-                let mut moved = false;
-                while let Some(front) = buffer.front() {
-                    match tx.try_send(front.clone()) {
-                        Ok(()) => {
-                            *bytes -= front.len();
-                            buffer.pop_front();
-                            moved = true;
-                        }
-                        Err(Refused::Full(_)) => break,
-                        Err(Refused::Closed(_)) => return false,
-                    }
-                }
-                if buffer.is_empty() {
-                    let close = close.clone();
-                    state.delivery = Delivery::Online {
-                        conn,
-                        tx: tx.clone(),
-                        close,
-                    };
-                    return true;
-                }
-                if moved {
-                    deadline = tokio::time::Instant::now() + patience;
-                }
-            }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return false;
-            }
+    /// After the inbox was handed to `tx` up to its `pushed`-th push ([`Inbox::pushed`]
+    /// before the last take, which found no more): online, unless more was pushed since
+    /// (`Some(false)`: take again). `None` when another connection took over meanwhile.
+    /// Deliveries push under the same lock, so none falls between the check and the switch.
+    pub fn go_online(&self, conn: u64, tx: &Outbound, pushed: u64, inbox: &Inbox) -> Option<bool> {
+        let mut state = self.lock();
+        let Delivery::Draining { conn: c, close } = &state.delivery else {
+            return None;
+        };
+        if *c != conn {
+            return None;
         }
+        if inbox.pushed(&self.url) != pushed {
+            return Some(false);
+        }
+        let close = close.clone();
+        state.delivery = Delivery::Online {
+            conn,
+            tx: tx.clone(),
+            close,
+        };
+        Some(true)
     }
 
-    /// The connection `conn` is gone; messages go to the inbox from now on. Messages buffered
-    /// during an unfinished attach are moved to the inbox, in order.
-    pub fn detach(&self, conn: u64, inbox: &Inbox) {
+    /// The connection `conn` is gone; messages go to the inbox from now on.
+    pub fn detach(&self, conn: u64) {
         let mut state = self.lock();
         let ours = match &state.delivery {
             Delivery::Online { conn: c, .. } | Delivery::Draining { conn: c, .. } => *c == conn,
@@ -379,13 +289,7 @@ impl Runtime {
         };
         if ours {
             state.away_since = Some(Instant::now());
-            if let Delivery::Draining { buffer, .. } =
-                std::mem::replace(&mut state.delivery, Delivery::Away)
-            {
-                for text in buffer {
-                    inbox.push(&self.url, text.as_str());
-                }
-            }
+            state.delivery = Delivery::Away;
         }
     }
 
@@ -605,61 +509,24 @@ impl Table {
 mod tests {
     use super::*;
 
-    const PATIENCE: Duration = Duration::from_secs(30);
-
     fn text(s: &str) -> Utf8Bytes {
         Utf8Bytes::from(s.to_string())
     }
 
-    #[tokio::test]
-    async fn a_resume_that_falls_its_budget_behind_closes_and_loses_nothing() {
-        let table = Table::default();
-        let inbox = Inbox::memory();
-        let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
-        let close = CancellationToken::new();
-        rt.begin_attach(1, close.clone(), 10);
-        assert_eq!(rt.deliver(&text("12345"), &inbox), Delivered::Queued);
-        assert_eq!(rt.deliver(&text("6789"), &inbox), Delivered::Queued);
-        assert!(!close.is_cancelled(), "9 bytes buffered, within 10");
-        assert!(matches!(rt.offer(&text("abc"), &inbox), Offer::Overflowed));
-        assert!(close.is_cancelled(), "past its budget: told to close");
-        assert!(!rt.is_attached());
-        let (tx, _rx) = super::super::outbound::channel(16, 1 << 20);
-        assert!(!rt.go_online(1, &tx, PATIENCE).await, "its resume is over");
-        assert_eq!(
-            inbox
-                .take("runtime://d/1", usize::MAX)
-                .await
-                .unwrap()
-                .messages,
-            ["12345", "6789", "abc"]
-        );
-    }
-
-    #[tokio::test]
-    async fn going_online_waits_for_room_and_gives_up_at_its_deadline() {
-        let table = Table::default();
-        let inbox = Inbox::memory();
-        let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
-        rt.begin_attach(1, CancellationToken::new(), 1 << 20);
-        rt.deliver(&text("a"), &inbox);
-        rt.deliver(&text("b"), &inbox);
-        let (tx, mut rx) = super::super::outbound::channel(1, 1 << 20);
-        let short = Duration::from_millis(20);
-        assert!(!rt.go_online(1, &tx, short).await, "no room made: gave up");
-        assert_eq!(rx.try_recv().map(|t| t.to_string()).as_deref(), Some("a"));
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            while let Some(t) = rx.recv().await {
-                got.push(t.to_string());
+    /// What a resume does: takes, hands over, acks, then goes online once nothing new came.
+    async fn resume(rt: &Runtime, conn: u64, tx: &Outbound, inbox: &Inbox) -> Option<bool> {
+        loop {
+            let pushed = inbox.pushed(&rt.url);
+            let taken = inbox.take(&rt.url, usize::MAX).await.unwrap();
+            for m in &taken.messages {
+                tx.try_send(Utf8Bytes::from(m.clone())).unwrap();
             }
-            got
-        });
-        assert!(rt.go_online(1, &tx, PATIENCE).await, "room made: online");
-        assert!(rt.is_online());
-        drop(tx);
-        rt.detach(1, &inbox);
-        assert_eq!(reader.await.unwrap(), ["b"]);
+            inbox.ack(&rt.url, &taken).await.unwrap();
+            match rt.go_online(conn, tx, pushed, inbox) {
+                Some(false) => continue,
+                done => return done,
+            }
+        }
     }
 
     #[tokio::test]
@@ -668,20 +535,31 @@ mod tests {
         let inbox = Inbox::memory();
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
         assert_eq!(rt.deliver(&text("a"), &inbox), Delivered::Queued);
-        // Reconnect: buffered during the drain, then online.
-        rt.begin_attach(7, CancellationToken::new(), 1 << 20);
+        // Reconnect: into the inbox during the drain, then online.
+        rt.begin_attach(7, CancellationToken::new());
         assert_eq!(rt.deliver(&text("b"), &inbox), Delivered::Queued);
         let (tx, mut rx) = super::super::outbound::channel(16, 1 << 20);
-        let taken = inbox.take("runtime://d/1", usize::MAX).await.unwrap();
+        let pushed = inbox.pushed(&rt.url);
+        let taken = inbox.take(&rt.url, usize::MAX).await.unwrap();
         for m in &taken.messages {
             tx.try_send(Utf8Bytes::from(m.clone())).unwrap();
         }
-        inbox.ack("runtime://d/1", &taken).await.unwrap();
-        assert!(rt.go_online(7, &tx, PATIENCE).await);
-        assert_eq!(rt.deliver(&text("c"), &inbox), Delivered::Direct);
+        inbox.ack(&rt.url, &taken).await.unwrap();
+        assert_eq!(
+            rt.deliver(&text("c"), &inbox),
+            Delivered::Queued,
+            "after the take"
+        );
+        assert_eq!(
+            rt.go_online(7, &tx, pushed, &inbox),
+            Some(false),
+            "take again"
+        );
+        assert_eq!(resume(&rt, 7, &tx, &inbox).await, Some(true));
+        assert_eq!(rt.deliver(&text("d"), &inbox), Delivered::Direct);
         let got: Vec<String> =
             std::iter::from_fn(|| rx.try_recv().map(|t| t.to_string())).collect();
-        assert_eq!(got, ["a", "b", "c"]);
+        assert_eq!(got, ["a", "b", "c", "d"]);
     }
 
     #[tokio::test]
@@ -691,8 +569,8 @@ mod tests {
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
         let (tx, _rx) = super::super::outbound::channel(1, 1 << 20);
         let close = CancellationToken::new();
-        rt.begin_attach(1, close.clone(), 1 << 20);
-        assert!(rt.go_online(1, &tx, PATIENCE).await);
+        rt.begin_attach(1, close.clone());
+        assert_eq!(resume(&rt, 1, &tx, &inbox).await, Some(true));
         assert_eq!(rt.deliver(&text("a"), &inbox), Delivered::Direct);
         assert_eq!(rt.deliver(&text("b"), &inbox), Delivered::Queued);
         assert!(!rt.is_online());
@@ -712,14 +590,16 @@ mod tests {
         let table = Table::default();
         let inbox = Inbox::memory();
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
-        rt.begin_attach(1, CancellationToken::new(), 1 << 20);
+        rt.begin_attach(1, CancellationToken::new());
         rt.deliver(&text("m1"), &inbox);
         rt.deliver(&text("m2"), &inbox);
-        let (tx, rx) = super::super::outbound::channel(4, 1 << 20);
-        drop(rx);
-        assert!(!rt.go_online(1, &tx, PATIENCE).await, "the socket is gone");
+        // Taken over before it went online: the new socket gets everything.
+        rt.begin_attach(2, CancellationToken::new());
+        let (old, _old_rx) = super::super::outbound::channel(4, 1 << 20);
+        assert_eq!(rt.go_online(1, &old, inbox.pushed(&rt.url), &inbox), None);
+        rt.detach(1);
         rt.deliver(&text("m3"), &inbox);
-        rt.detach(1, &inbox);
+        rt.detach(2);
         rt.deliver(&text("m4"), &inbox);
         assert_eq!(
             inbox

@@ -132,9 +132,9 @@ async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
 }
 
 /// Answers a refused handshake (`answer`, if any) and closes with 1008 — within
-/// `[bus] slow_receiver_close_after`: a client that does not read is just dropped.
+/// `[bus] write_timeout`: a client that does not read is just dropped.
 async fn refuse(bus: &Bus, sink: &mut Sink, answer: Option<String>, reason: &str) {
-    let deadline = bus.config().slow_receiver_close_after;
+    let deadline = bus.config().write_timeout;
     let _ = tokio::time::timeout(deadline, async {
         if let Some(answer) = answer {
             let _ = sink.send(WsMessage::Text(Utf8Bytes::from(answer))).await;
@@ -188,7 +188,7 @@ async fn session(
     };
     if !matches!(hello, Hello::Query(_)) {
         let answer = WsMessage::Text(Utf8Bytes::from(hello.answer(200, "connected")));
-        let deadline = bus.config().slow_receiver_close_after;
+        let deadline = bus.config().write_timeout;
         if !matches!(
             tokio::time::timeout(deadline, sink.send(answer)).await,
             Ok(Ok(()))
@@ -207,7 +207,7 @@ async fn session(
         rx,
         Arc::clone(&closing),
         writer_close.clone(),
-        bus.config().slow_receiver_close_after,
+        bus.config().write_timeout,
     ));
     let conn = match bus.attach(runtime, principal, tx).await {
         Ok(conn) => conn,
@@ -397,17 +397,44 @@ pub(super) async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> O
     }
 }
 
-/// Writes `first` and whatever else is queued, then flushes: one syscall for a burst.
+/// Writes `first` and whatever else is queued, then flushes: one syscall for a burst. Each
+/// write may wait for the peer as long as it takes while the socket is open (what waits
+/// meanwhile is within the queue's budget, and a queue that stays full closes the socket:
+/// `bus::flow`); once it is closing (`stop`), a peer that takes no write for `deadline` (its
+/// TCP window closed) is given up on: false.
 async fn write_burst(
     sink: &mut Sink,
     first: Utf8Bytes,
     rx: &mut OutboundRx,
-) -> Result<(), axum::Error> {
-    sink.feed(WsMessage::Text(first)).await?;
-    while let Some(text) = rx.try_recv() {
-        sink.feed(WsMessage::Text(text)).await?;
+    stop: &CancellationToken,
+    deadline: Duration,
+) -> bool {
+    if !within_grace(sink.feed(WsMessage::Text(first)), stop, deadline).await {
+        return false;
     }
-    sink.flush().await
+    while let Some(text) = rx.try_recv() {
+        if !within_grace(sink.feed(WsMessage::Text(text)), stop, deadline).await {
+            return false;
+        }
+    }
+    within_grace(sink.flush(), stop, deadline).await
+}
+
+/// Whether `write` succeeds before `deadline` has passed since `stop` was cancelled (or
+/// since `write` began, when that was later).
+async fn within_grace(
+    write: impl std::future::Future<Output = Result<(), axum::Error>>,
+    stop: &CancellationToken,
+    deadline: Duration,
+) -> bool {
+    let grace_over = async {
+        stop.cancelled().await;
+        tokio::time::sleep(deadline).await;
+    };
+    tokio::select! {
+        written = write => written.is_ok(),
+        () = grace_over => false,
+    }
 }
 
 async fn write_loop(
@@ -426,12 +453,8 @@ async fn write_loop(
         let Some(first) = first else {
             break;
         };
-        // A socket that takes longer than `deadline` to take one burst (a peer that stopped
-        // reading: its TCP window is closed) is dropped with what is queued for it: the
-        // runtime resumes from its inbox.
-        let burst = write_burst(&mut sink, first, &mut rx);
-        if !matches!(tokio::time::timeout(deadline, burst).await, Ok(Ok(()))) {
-            tracing::debug!("socket write failed or took too long: dropped");
+        if !write_burst(&mut sink, first, &mut rx, &stop, deadline).await {
+            tracing::debug!("socket write failed, or took too long once closing: dropped");
             return;
         }
     }
@@ -441,13 +464,10 @@ async fn write_loop(
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .unwrap_or((close_code::NORMAL, String::new()));
-    let _ = tokio::time::timeout(deadline, async {
-        while let Some(text) = rx.try_recv() {
-            if sink.feed(WsMessage::Text(text)).await.is_err() {
-                return;
-            }
+    while let Some(text) = rx.try_recv() {
+        if !within_grace(sink.feed(WsMessage::Text(text)), &stop, deadline).await {
+            return;
         }
-        close_with(&mut sink, code, &reason).await;
-    })
-    .await;
+    }
+    let _ = tokio::time::timeout(deadline, close_with(&mut sink, code, &reason)).await;
 }

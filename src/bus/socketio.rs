@@ -177,14 +177,14 @@ fn disconnect(socket: &Socket<Session>) {
     socket.close(DisconnectReason::ClosingServer);
 }
 
-/// Emits `packet`, waiting while the socket's Engine.IO buffer is full, for `patience` at
-/// most; false once closed or out of patience (a client that does not read).
-async fn emit(socket: &Socket<Session>, packet: String, patience: Duration) -> bool {
+/// Emits `packet`, waiting while the socket's Engine.IO buffer is full (for `patience` at
+/// most, when given); false once closed or out of patience (a client that does not read).
+async fn emit(socket: &Socket<Session>, packet: String, patience: Option<Duration>) -> bool {
     let mut packet = Str::from(packet);
     let mut wait = Duration::from_millis(1);
-    let give_up = tokio::time::Instant::now() + patience;
+    let give_up = patience.map(|p| tokio::time::Instant::now() + p);
     loop {
-        if tokio::time::Instant::now() >= give_up {
+        if give_up.is_some_and(|at| tokio::time::Instant::now() >= at) {
             return false;
         }
         match socket.emit(packet) {
@@ -201,7 +201,9 @@ async fn emit(socket: &Socket<Session>, packet: String, patience: Duration) -> b
 
 /// One socket: the `open` handshake, then every message in order, until either side ends.
 async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<String>) {
-    let patience = bus.config().slow_receiver_close_after;
+    // Answers during the handshake wait for a client that does not read this long at most;
+    // once attached, the writer is ended at most 5 s after the socket closes.
+    let patience = Some(bus.config().write_timeout);
     // The same limits on sockets not authenticated yet as for WebSocket stubs.
     let ip = socket
         .req_parts
@@ -258,7 +260,7 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<Stri
         let socket = Arc::clone(&socket);
         tokio::spawn(async move {
             while let Some(text) = out.recv().await {
-                if !emit(&socket, event(text.as_str()), patience).await {
+                if !emit(&socket, event(text.as_str()), None).await {
                     return;
                 }
             }

@@ -235,6 +235,17 @@ impl Inbox {
         self.budget.held.load(Ordering::Relaxed) + bytes <= self.budget.max.load(Ordering::Relaxed)
     }
 
+    /// How many messages were pushed for `runtime` by this node so far: a take after which
+    /// this has not changed saw everything (see `Runtime::go_online`).
+    pub fn pushed(&self, runtime: &str) -> u64 {
+        match &*self.inner {
+            Inner::Memory(boxes) => lock(boxes).get(runtime).map_or(0, |b| b.next_seq),
+            Inner::Matrix(matrix) => lock(&matrix.boxes)
+                .get(runtime)
+                .map_or(0, |b| lock(&b.queue).pushed),
+        }
+    }
+
     /// Bytes the inboxes hold in memory now.
     pub fn held_bytes(&self) -> usize {
         self.budget.held.load(Ordering::Relaxed)
