@@ -16,11 +16,14 @@ use serde_json::{json, Value};
 
 use axum::extract::ws::Utf8Bytes;
 
+use super::metrics::refused;
+use super::outbound::Refused;
 use super::runtimes::{Runtime, Table};
 use super::{Bus, Connection};
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::{Allocation, AllocationAction};
 use crate::rethink::address::Component;
+use crate::rethink::message::response;
 use crate::rethink::{BusError, Message};
 
 /// Most addresses one request may allocate, whatever the policy allows (a backstop).
@@ -317,18 +320,33 @@ impl Bus {
             .acquire_owned()
             .await
             .map_err(|_| BusError::Unavailable("the connection is closing".into()))?;
-        let (tx, message) = (conn.tx.clone(), message.clone());
+        // What the answer needs, not the request (up to a frame each, 256 per socket).
+        let (tx, close, bus) = (conn.tx.clone(), conn.close.clone(), self.clone());
+        let id = message.id.clone();
+        let (from, to) = (
+            message.to.first().cloned().unwrap_or_default(),
+            message.from.clone(),
+        );
         self.inner.tracker.spawn(async move {
             let answer = match stored.await {
                 Ok(()) => ok,
                 Err(e) => {
                     undo();
-                    message.error_response(&BusError::Unavailable(format!(
-                        "cannot store the change now: {e}"
-                    )))
+                    let e = BusError::Unavailable(format!("cannot store the change now: {e}"));
+                    response(&id, &from, &to, e.code(), &e.to_string(), None)
                 }
             };
-            let _ = tx.send(Utf8Bytes::from(answer)).await;
+            // Within the socket's budget, as every answer (`Bus::respond`).
+            let deadline = tokio::time::Instant::now() + bus.config().slow_receiver_close_after;
+            tokio::select! {
+                sent = tx.send_until(Utf8Bytes::from(answer), deadline) => {
+                    if matches!(sent, Err(Refused::Full(_))) {
+                        bus.inner.metrics.refuse(refused::SLOW_SOCKET);
+                        close.cancel();
+                    }
+                }
+                () = close.cancelled() => {}
+            }
             drop(permit);
         });
         Ok(None)
