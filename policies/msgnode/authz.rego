@@ -19,7 +19,10 @@ allow if {
 	count(deny) == 0
 }
 
-kind := object.get(input, "kind", "")
+kind := k if {
+	k := object.get(input, "kind", "")
+	is_string(k)
+} else := ""
 
 # What the policy of each kind allows.
 kind_allow if {

@@ -27,20 +27,24 @@ package msgnode.claim
 
 import data.msgnode.lib
 
-claim := object.get(input, "claim", {})
+claim := lib.obj(object.get(input, "claim", {}))
 
-claim_kind := object.get(claim, "kind", "")
+claim_kind := lib.str(object.get(claim, "kind", ""))
 
-address := object.get(claim, "address", "")
+address := lib.str(object.get(claim, "address", ""))
 
 # The domain the node reports (absent: the address has none, never claimable).
-claim_domain := object.get(claim, "domain", "")
+claim_domain := lower(lib.str(object.get(claim, "domain", "")))
 
 cfg := object.get(data.config, "claims", {})
 
 runtime_domains := {lower(d) | some d in object.get(cfg, "runtime_domains", [])}
 
-local if lower(claim_domain) == lower(input.context.node)
+# The claimed domain is this node's (an empty one never is).
+local if {
+	claim_domain != ""
+	claim_domain == lib.node
+}
 
 switched_on(name) if object.get(cfg, name, false) == true
 
@@ -52,7 +56,7 @@ allow if {
 allow if {
 	claim_kind == "runtime"
 	claim_domain != ""
-	lower(claim_domain) in runtime_domains
+	claim_domain in runtime_domains
 }
 
 allow if {

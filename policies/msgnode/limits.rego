@@ -8,21 +8,24 @@
 # data: no limit. The node has higher hard limits of its own ([bus.limits]).
 package msgnode.limits
 
+import data.msgnode.lib
+
 limits := object.get(object.get(data.config, "limits", {}), "per_principal", {})
 
-subject := object.get(input, "subject", {})
-
-held := object.get(subject, "principal", {}) if is_object(subject)
+held := lib.obj(object.get(data.msgnode.lib.subject, "principal", {}))
 
 count_of(what) := n if {
 	n := object.get(held, what, 0)
 	is_number(n)
 }
 
-allocation := a if {
-	a := object.get(input, "allocation", {})
-	is_object(a)
+# A count that is not a number cannot be checked against its limit.
+deny contains sprintf("subject 'principal.%s' is not a number", [what]) if {
+	some what in ["runtimes", "addresses", "foreign_routes", "registry_entries"]
+	not is_number(object.get(held, what, 0))
 }
+
+allocation := lib.obj(object.get(input, "allocation", {}))
 
 limited(what) := object.get(limits, what, -1)
 
@@ -57,7 +60,7 @@ deny contains sprintf("claiming one more address would give this user %d (the li
 deny contains sprintf("this user already has %d registry entries (the limit is %d)", [count_of("registry_entries"), limited("registry_entries")]) if {
 	lower(data.msgnode.lib.message_type) == "create"
 	some to in data.msgnode.lib.message_to
-	lower(to) == concat("", ["domain://registry.", lower(input.context.node)])
+	lower(to) == concat("", ["domain://registry.", data.msgnode.lib.node])
 	limited("registry_entries") >= 0
 	count_of("registry_entries") >= limited("registry_entries")
 }

@@ -8,17 +8,17 @@ package msgnode.matrix
 
 import data.msgnode.lib
 
-mx := object.get(input, "matrix", {})
+mx := lib.obj(object.get(input, "matrix", {}))
 
-sender := object.get(mx, "sender", "")
+sender := lib.str(object.get(mx, "sender", ""))
 
-room_id := object.get(mx, "room_id", "")
+room_id := lib.str(object.get(mx, "room_id", ""))
 
-event_type := object.get(mx, "event_type", "")
+event_type := lib.str(object.get(mx, "event_type", ""))
 
-membership := object.get(mx, "membership", "")
+membership := lib.str(object.get(mx, "membership", ""))
 
-target := object.get(mx, "target", "")
+target := lib.str(object.get(mx, "target", ""))
 
 cfg := object.get(data.config, "matrix", {})
 
@@ -38,15 +38,19 @@ event_deny contains r if some r in blocked_deny
 
 # --- kind membership ---------------------------------------------------------
 
-members := object.get(mx, "room_members", [])
+members := lib.arr(object.get(mx, "room_members", []))
+
+# trusted_id(id): the server of Matrix id `id` is trusted (an id without a
+# server is not).
+trusted_id(id) if lib.trusted_domain(lib.matrix_server(id))
 
 # invite: the inviter is a member of the room and of a trusted server, and
 # the invitee is of a trusted server.
 membership_allow if {
 	membership == "invite"
 	sender in members
-	lib.trusted_domain(lib.matrix_server(sender))
-	lib.trusted_domain(lib.matrix_server(target))
+	trusted_id(sender)
+	trusted_id(target)
 }
 
 membership_deny contains sprintf("inviter '%s' is not a member of room '%s'", [sender, room_id]) if {
@@ -56,7 +60,7 @@ membership_deny contains sprintf("inviter '%s' is not a member of room '%s'", [s
 
 membership_deny contains sprintf("inviter domain of '%s' is not trusted", [sender]) if {
 	membership == "invite"
-	not lib.trusted_domain(lib.matrix_server(sender))
+	not trusted_id(sender)
 }
 
 membership_deny contains "invite has no target" if {
@@ -67,25 +71,24 @@ membership_deny contains "invite has no target" if {
 membership_deny contains sprintf("invitee domain of '%s' is not trusted", [target]) if {
 	membership == "invite"
 	target != ""
-	not lib.trusted_domain(lib.matrix_server(target))
+	not trusted_id(target)
 }
 
 # join (and knock, a request to join): users of trusted servers.
 membership_allow if {
 	membership in {"join", "knock"}
-	lib.trusted_domain(lib.matrix_server(sender))
+	trusted_id(sender)
 }
 
 membership_deny contains sprintf("user domain of '%s' is not trusted", [sender]) if {
 	membership in {"join", "knock"}
-	not lib.trusted_domain(lib.matrix_server(sender))
+	not trusted_id(sender)
 }
 
 # ban: a room member of a trusted server (Synapse still checks power levels).
 membership_allow if {
 	membership == "ban"
-	sender in members
-	lib.trusted_domain(lib.matrix_server(sender))
+	ban_sender_ok
 }
 
 membership_deny contains sprintf("banning user '%s' is not a member of room '%s' of a trusted domain", [sender, room_id]) if {
@@ -95,7 +98,7 @@ membership_deny contains sprintf("banning user '%s' is not a member of room '%s'
 
 ban_sender_ok if {
 	sender in members
-	lib.trusted_domain(lib.matrix_server(sender))
+	trusted_id(sender)
 }
 
 # leave of one's own: always allowed, also for blocked users (nobody is kept in a room).
@@ -131,7 +134,7 @@ membership_deny contains r if {
 # memberships, blocked target.
 blocked_deny contains sprintf("user '%s' is blocked", [sender]) if lib.blocked_user(sender)
 
-blocked_deny contains sprintf("user '%s' is blocked", [input.subject.user]) if lib.blocked_user(input.subject.user)
+blocked_deny contains sprintf("user '%s' is blocked", [data.msgnode.lib.subject.user]) if lib.blocked_user(data.msgnode.lib.subject.user)
 
 blocked_deny contains sprintf("user '%s' is blocked", [target]) if {
 	target != ""

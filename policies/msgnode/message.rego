@@ -21,6 +21,9 @@ destinations := data.msgnode.lib.message_to
 
 subject := data.msgnode.common.subject
 
+# What is wrong with the message's shape (fields of the wrong type).
+deny contains r if some r in data.msgnode.lib.malformed_message
+
 # The message type (compared lowercased) is one of the allowed types.
 allow if msg_type in data.config.message.allowed_types
 
@@ -45,10 +48,24 @@ deny contains sprintf("sender '%s' is not an address of this connection (spoofed
 
 # Only an object's holder publishes to its changes and registration topics
 # (targets: what the node knows of each `to`).
-deny contains sprintf("only the holder of '%s' publishes to '%s'", [lib.base_address(t.address), t.address]) if {
-	some t in object.get(input, "targets", [])
-	object.get(t, "topic", "") in {"changes", "registration"}
-	object.get(t, "held_by_sender", false) == false
+deny contains sprintf("only the holder of '%s' publishes to '%s'", [lib.base_address(address), address]) if {
+	some t in lib.arr(object.get(input, "targets", []))
+	target := lib.obj(t)
+	object.get(target, "topic", "") in {"changes", "registration"}
+	object.get(target, "held_by_sender", false) != true
+	address := lib.str(object.get(target, "address", ""))
+}
+
+deny contains "input 'targets' is not an array of objects" if {
+	targets := object.get(input, "targets", [])
+	not all_objects(targets)
+}
+
+all_objects(xs) if {
+	is_array(xs)
+	every x in xs {
+		is_object(x)
+	}
 }
 
 deny contains r if some r in data.msgnode.limits.deny
@@ -56,20 +73,33 @@ deny contains r if some r in data.msgnode.limits.deny
 # Sender and every destination must be in trusted domains.
 deny contains sprintf("sender '%s' is not in a trusted domain", [sender]) if {
 	sender != ""
-	not lib.trusted_domain(domain_of[sender])
+	not sender in trusted_addresses
 }
 
 deny contains sprintf("destination '%s' is not in a trusted domain", [to]) if {
 	some to in destinations
-	not lib.trusted_domain(domain_of[to])
+	not to in trusted_addresses
+}
+
+# The addresses with a domain, and a trusted one (an address without a domain
+# is never trusted).
+trusted_addresses contains url if {
+	some url, d in domain_of
+	lib.trusted_domain(d)
 }
 
 # Sender and destination schemes must be allowed, when
-# data.config.message.allowed_schemes is set.
+# data.config.message.allowed_schemes is set (an address without a scheme has
+# none of them).
 deny contains sprintf("scheme of '%s' is not allowed", [url]) if {
-	schemes := data.config.message.allowed_schemes
+	data.config.message.allowed_schemes
 	some url in addresses
-	not lib.scheme(url) in schemes
+	not url in allowed_scheme_addresses
+}
+
+allowed_scheme_addresses contains url if {
+	some url in addresses
+	lib.scheme(url) in data.config.message.allowed_schemes
 }
 
 addresses contains sender if sender != ""
@@ -112,7 +142,7 @@ sender_in_any(groups) if {
 
 sender_in_any(groups) if {
 	some g in groups
-	subject.identity in object.get(data.config.groups, g, [])
+	data.msgnode.common.identity in object.get(data.config.groups, g, [])
 }
 
 # Time windows (data.config.time_windows): windows are indexed by what they
@@ -125,6 +155,21 @@ deny contains sprintf("message type '%s' is outside time window '%s'", [raw_type
 	not inside_window(w)
 }
 
+# A time window cannot be checked without the decision's time.
+deny contains sprintf("context 'time' %s is not an RFC 3339 time", [lib.shown(t)]) if {
+	count(applicable_windows) > 0
+	t := object.get(data.msgnode.lib.context, "time", null)
+	not decision_ns
+}
+
+# The decision's time in ns; undefined when context.time is not RFC 3339
+# (checked first: parsing a malformed time is an error on some engines and
+# undefined on others).
+decision_ns := time.parse_rfc3339_ns(t) if {
+	t := lib.str(object.get(data.msgnode.lib.context, "time", ""))
+	regex.match(`^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`, t)
+}
+
 applicable_windows contains w if some w in data.config.time_windows.by_type[msg_type]
 
 applicable_windows contains w if {
@@ -133,7 +178,7 @@ applicable_windows contains w if {
 }
 
 inside_window(w) if {
-	ns := time.parse_rfc3339_ns(input.context.time)
+	ns := decision_ns
 	weekday_ok(w, ns)
 	hours_ok(w, ns)
 	dates_ok(w, ns)
@@ -187,7 +232,7 @@ int2(s) := to_number(t) if {
 # scheme would keep addresses bound that the runtime wants to give back.
 
 # The allocation components: the current one and the legacy pair.
-allocation_addresses := {concat("", ["domain://msg-node.", lower(input.context.node), "/", c]) |
+allocation_addresses := {concat("", ["domain://msg-node.", data.msgnode.lib.node, "/", c]) |
 	some c in ["address-allocation", "hyperty-address-allocation", "object-address-allocation"]
 }
 
@@ -208,7 +253,7 @@ deny contains sprintf("allocation request to '%s' has no 'allocation' input", [t
 	not alloc
 }
 
-deny contains sprintf("allocation action '%v' is not 'create' or 'delete'", [action]) if {
+deny contains sprintf("allocation action %s is not 'create' or 'delete'", [quoted(action)]) if {
 	action := object.get(alloc, "action", null)
 	not action in {"create", "delete"}
 }
@@ -218,7 +263,7 @@ deny contains sprintf("allocation action '%s' does not match message type '%s'",
 	alloc.action != msg_type
 }
 
-deny contains sprintf("allocation number must be an integer of at least 1, got %v", [n]) if {
+deny contains sprintf("allocation number must be an integer of at least 1, got %s", [lib.shown(n)]) if {
 	n := object.get(alloc, "number", null)
 	not positive_integer(n)
 }
@@ -230,7 +275,7 @@ deny contains sprintf("allocation of %v addresses in one request is over the lim
 	alloc.number > max
 }
 
-deny contains sprintf("allocation 'held' must be an integer of at least 0, got %v", [held]) if {
+deny contains sprintf("allocation 'held' must be an integer of at least 0, got %s", [lib.shown(held)]) if {
 	alloc.action == "create"
 	held := object.get(alloc, "held", null)
 	not count_value(held)
@@ -247,7 +292,7 @@ deny contains sprintf("allocation of %v addresses would make the runtime hold %v
 
 deny contains "allocation has no 'scheme'" if {
 	alloc.action == "create"
-	not is_string(alloc.scheme)
+	not is_string(object.get(alloc, "scheme", null))
 }
 
 deny contains sprintf("allocation scheme '%s' is not allowed (allowed: %s)", [alloc.scheme, concat(", ", schemes)]) if {
@@ -256,6 +301,11 @@ deny contains sprintf("allocation scheme '%s' is not allowed (allowed: %s)", [al
 	is_string(alloc.scheme)
 	not lower(alloc.scheme) in schemes
 }
+
+# quoted("grab") == "'grab'"; anything but a string as JSON.
+quoted(x) := concat("", ["'", x, "'"]) if {
+	is_string(x)
+} else := json.marshal(x)
 
 positive_integer(n) if {
 	is_number(n)

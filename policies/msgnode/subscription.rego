@@ -11,7 +11,7 @@ package msgnode.subscription
 
 import data.msgnode.lib
 
-sub := object.get(input, "subscription", {})
+sub := lib.obj(object.get(input, "subscription", {}))
 
 # The subscribe message's sender and destinations (msgnode.lib normalises
 # them). Rules of other packages are always referenced by full path: see
@@ -20,9 +20,9 @@ sender := data.msgnode.lib.message_from
 
 destinations := data.msgnode.lib.message_to
 
-resource := object.get(sub, "resource", "")
+resource := lib.str(object.get(sub, "resource", ""))
 
-subscriber := object.get(sub, "subscriber", "")
+subscriber := lib.str(object.get(sub, "subscriber", ""))
 
 # The object the resource belongs to: "comm://localhost/abc/changes" -> "comm://localhost/abc".
 object_url := lib.base_address(resource)
@@ -39,9 +39,9 @@ has_consent_entry := consent_list != null
 # Consent: the owner listed the subscriber address, or the subject's user or identity.
 consented if subscriber in consent_list
 
-consented if input.subject.user in consent_list
+consented if data.msgnode.lib.subject.user in consent_list
 
-consented if input.subject.identity in consent_list
+consented if data.msgnode.common.identity in consent_list
 
 # The holder's own principal (another runtime of the same user or network
 # server) consents by holding the object.
@@ -60,7 +60,7 @@ allow if consented
 # Objects without a consent entry: the node's own domain ...
 allow if {
 	not has_consent_entry
-	lib.domain(resource) == lower(input.context.node)
+	lib.domain(resource) == data.msgnode.lib.node
 }
 
 # ... or a domain trusted for subscriptions ...
@@ -95,13 +95,15 @@ deny contains sprintf("subscription to '%s' is not allowed for '%s'", [object_ur
 deny contains sprintf("the children of '%s' belong to its holder: listening in needs its consent for '%s'", [object_url, subscriber]) if {
 	object.get(sub, "topic", "") == "children"
 	object.get(sub, "holder", "") != ""
-	object.get(sub, "held_by_subscriber", false) == false
+	object.get(sub, "held_by_subscriber", false) != true
 	not consented
 }
 
 deny contains "subscription has no 'resource'" if resource == ""
 
 deny contains "subscription has no 'subscriber'" if subscriber == ""
+
+deny contains r if some r in data.msgnode.lib.malformed_message
 
 deny contains r if some r in data.msgnode.common.deny
 
