@@ -188,6 +188,10 @@ pub struct TestArgs {
     /// Run again whenever a file of the bundle changes (until interrupted).
     #[arg(long, short = 'w')]
     pub watch: bool,
+    /// The real OPA engine's C library (`scripts/opa path` installs it and prints where):
+    /// every test rule, fixture and fixture variant must come out the same on it.
+    #[arg(long, value_name = "LIB")]
+    pub opa: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -303,6 +307,12 @@ pub struct BenchArgs {
     /// `suite`: the sizes of each shape (allocations, messages, subscribers).
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10_000])]
     pub sizes: Vec<usize>,
+    /// `eval`: time another engine on the same bundle and inputs, alternating with msgnode.
+    #[arg(long, value_enum)]
+    pub against: Option<Against>,
+    /// `--against opa`: the OPA engine's C library (default: what `scripts/opa path` prints).
+    #[arg(long, value_name = "LIB")]
+    pub opa: Option<PathBuf>,
 }
 
 /// Where `msgnode bench --mode suite` keeps the node's state.
@@ -314,6 +324,13 @@ pub enum BenchBackend {
     Sqlite,
     /// Its own Synapse on PostgreSQL (data on tmpfs).
     Postgres,
+}
+
+/// The engines `bench --against` compares with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Against {
+    /// The real OPA engine (Go, from the C library `scripts/opa` installs).
+    Opa,
 }
 
 /// Which benchmark to run.

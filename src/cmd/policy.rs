@@ -108,6 +108,8 @@ fn test(
         filter,
         coverage: args.coverage || args.threshold.is_some(),
         timeout: args.timeout,
+        variants: true,
+        opa: args.opa.clone(),
     };
     if !args.watch {
         return test_once(args, dir, &options, config, config_file);

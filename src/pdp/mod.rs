@@ -20,6 +20,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod agreement;
 pub mod api;
 pub mod bundle;
 pub mod cache;
@@ -27,11 +28,14 @@ pub mod console;
 pub mod decision_log;
 pub mod engine;
 pub mod metrics;
+#[cfg(feature = "opa")]
+pub mod opa;
 pub mod pool;
 pub mod replay;
 pub mod schema;
 pub mod shadow;
 pub mod testing;
+pub mod variants;
 pub mod watcher;
 
 use std::path::PathBuf;
@@ -448,9 +452,18 @@ impl Pdp {
             filter: None,
             coverage: false,
             timeout: GATE_TEST_TIMEOUT,
+            // The variants are a development check (thousands of evaluations), not a gate.
+            variants: false,
+            opa: None,
         };
         let report = testing::run(bundle, &options, FixtureSchema::Bound(&self.inner.schemas))
-            .map_err(|testing::TestError::Bundle(e)| LoadError::Bundle(e))?;
+            .map_err(|e| match e {
+                testing::TestError::Bundle(e) => LoadError::Bundle(e),
+                testing::TestError::Opa(message) => LoadError::TestsFailed {
+                    revision: bundle.revision.clone(),
+                    failing: vec![message],
+                },
+            })?;
         let failing = report.failures();
         match failing.is_empty() {
             true => Ok(()),

@@ -7,16 +7,25 @@
 //! actual reason). Coverage, when asked for, is gathered by one engine over all tests and
 //! reported per non-test module. `msgnode policy test` and the reload gate
 //! (`[pdp] reload_requires_tests`) both run [`run`].
+//!
+//! Every fixture also runs on the bytecode VM, which serves the decision rule; with
+//! `variants` (`policy test`, not the reload gate), so does every generated variant of each
+//! fixture (`variants`): a variant the VM decides otherwise than the interpreter fails its
+//! fixture's `variants` test. With `opa` (the real OPA engine's library), every test rule,
+//! fixture and variant runs on OPA too and must come out the same (`agreement`).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::agreement::{self, Outcome, SecondEngine};
 use super::bundle::{Bundle, BundleError, FixtureFile};
 use super::elapsed_ns;
-use super::engine::{one_line, CompiledBundle, DataPath};
+use super::engine::{CompiledBundle, DataPath};
 use super::schema::Schemas;
+use super::variants::variants;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -29,6 +38,10 @@ pub struct TestOptions {
     pub coverage: bool,
     /// Time limit of one test's evaluation.
     pub timeout: Duration,
+    /// Also decide every generated variant of each fixture on every engine.
+    pub variants: bool,
+    /// The real OPA engine's library: decide every test, fixture and variant on it too.
+    pub opa: Option<PathBuf>,
 }
 
 /// Which schema fixture inputs must match.
@@ -46,6 +59,9 @@ pub enum TestError {
     /// The bundle does not compile.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// The OPA engine could not be loaded, or rejects the bundle.
+    #[error("OPA: {0}")]
+    Opa(String),
 }
 
 /// The outcome of one test.
@@ -53,7 +69,7 @@ pub enum TestError {
 pub struct TestResult {
     /// `data.pkg.test_x` or the fixture's path.
     pub name: String,
-    /// `rego` or `fixture`.
+    /// `rego`, `fixture` or `variants` (the generated variants of a fixture).
     pub kind: &'static str,
     /// Whether it passed.
     pub passed: bool,
@@ -200,10 +216,19 @@ pub fn run(
     let mut engine = compiled.engine();
     engine.set_enable_coverage(options.coverage);
     // The server runs the decision rule on the bytecode VM: check it agrees with the
-    // interpreter on every fixture.
+    // interpreter on every fixture (and variant); and so must OPA, when given.
     let (fast, rvm_error) = compiled.clone().with_fast_path(default_query, usize::MAX);
-    let vm = Crosscheck {
-        bundle: rvm_error.is_none().then_some(&fast),
+    let vm = agreement::Vm(&fast);
+    let opa = load_opa(options, &compiled, default_query)?;
+    let mut others: Vec<&dyn SecondEngine> = Vec::new();
+    if rvm_error.is_none() {
+        others.push(&vm);
+    }
+    if let Some(opa) = &opa {
+        others.push(opa.as_ref());
+    }
+    let engines = Engines {
+        others: &others,
         query: default_query,
     };
     let wanted = |name: &str| options.filter.as_ref().is_none_or(|f| f.is_match(name));
@@ -217,17 +242,7 @@ pub fn run(
     tests.sort_unstable();
     for test in tests {
         let start = Instant::now();
-        engine.set_input(regorus::Value::Undefined);
-        let outcome = engine.eval_rule(test.to_string());
-        let (passed, message) = match outcome {
-            Ok(regorus::Value::Bool(true)) => (true, None),
-            Ok(regorus::Value::Undefined) => (
-                false,
-                Some("undefined (a condition in the test body was false)".to_string()),
-            ),
-            Ok(other) => (false, Some(format!("evaluated to {other}, expected true"))),
-            Err(e) => (false, Some(one_line(&e.to_string()))),
-        };
+        let (passed, message) = run_rego_test(test, &mut engine, &engines);
         results.push(TestResult {
             name: test.to_string(),
             kind: "rego",
@@ -243,15 +258,28 @@ pub fn run(
             continue;
         }
         let start = Instant::now();
-        let (description, outcome) = run_fixture(fixture, &mut engine, schema, &vm);
+        let (parsed, outcome) = run_fixture(fixture, &mut engine, schema, &engines);
+        let description = parsed.as_ref().and_then(|f| f.description.clone());
         results.push(TestResult {
             name: fixture.path.clone(),
             kind: "fixture",
             passed: outcome.is_ok(),
             message: outcome.err(),
-            description,
+            description: description.clone(),
             duration_ns: elapsed_ns(start),
         });
+        if let Some(parsed) = parsed.filter(|_| options.variants) {
+            let start = Instant::now();
+            let outcome = run_variants(&parsed, &mut engine, &engines);
+            results.push(TestResult {
+                name: format!("{} variants", fixture.path),
+                kind: "variants",
+                passed: outcome.is_ok(),
+                message: outcome.err(),
+                description,
+                duration_ns: elapsed_ns(start),
+            });
+        }
     }
 
     let coverage = options.coverage.then(|| coverage(&engine));
@@ -280,29 +308,127 @@ fn total_percent(files: &[FileCoverage]) -> f64 {
     }
 }
 
-/// The bytecode-VM build of the decision rule, to compare with the interpreter.
-struct Crosscheck<'a> {
-    bundle: Option<&'a CompiledBundle>,
+/// The engines every test, fixture and variant runs on besides the interpreter.
+struct Engines<'a> {
+    others: &'a [&'a dyn SecondEngine],
+    /// The default query (of fixtures that name none).
     query: &'a DataPath,
+}
+
+/// The OPA build of the bundle, when `options.opa` names the library.
+#[cfg(feature = "opa")]
+fn load_opa(
+    options: &TestOptions,
+    bundle: &CompiledBundle,
+    query: &DataPath,
+) -> Result<Option<Box<super::opa::OpaBundle>>, TestError> {
+    let Some(path) = &options.opa else {
+        return Ok(None);
+    };
+    let opa = super::opa::Opa::load(path).map_err(|e| TestError::Opa(e.to_string()))?;
+    super::opa::OpaBundle::load(opa, bundle.bundle(), query)
+        .map(|b| Some(Box::new(b)))
+        .map_err(|e| TestError::Opa(e.to_string()))
+}
+
+#[cfg(not(feature = "opa"))]
+fn load_opa(
+    options: &TestOptions,
+    _: &CompiledBundle,
+    _: &DataPath,
+) -> Result<Option<Box<dyn SecondEngine>>, TestError> {
+    match options.opa {
+        None => Ok(None),
+        Some(_) => Err(TestError::Opa(
+            "this msgnode was built without the `opa` feature".into(),
+        )),
+    }
+}
+
+/// A `test_*` rule: true on the interpreter, and on OPA when given.
+fn run_rego_test(
+    test: &str,
+    engine: &mut regorus::Engine,
+    engines: &Engines<'_>,
+) -> (bool, Option<String>) {
+    let Ok(rule) = DataPath::from_ref(test) else {
+        return (false, Some(format!("{test} is not a rule reference")));
+    };
+    let expect = |outcome: Outcome| match outcome {
+        Outcome::Document(Value::Bool(true)) => None,
+        Outcome::Undefined => Some("undefined (a condition in the test body was false)".into()),
+        Outcome::Document(other) => Some(format!("evaluated to {other}, expected true")),
+        Outcome::Error(e) => Some(e),
+    };
+    if let Some(why) = expect(agreement::interpret(engine, &rule, None)) {
+        return (false, Some(why));
+    }
+    for other in engines.others.iter().filter(|e| e.evaluates(&rule)) {
+        if let Some(why) = expect(other.outcome(&rule, None)) {
+            return (
+                false,
+                Some(format!("passes here, fails on {}: {why}", other.name())),
+            );
+        }
+    }
+    (true, None)
+}
+
+/// Every variant of a fixture's input decided alike by every engine.
+fn run_variants(
+    fixture: &Fixture,
+    engine: &mut regorus::Engine,
+    engines: &Engines<'_>,
+) -> Result<(), String> {
+    let query = fixture_query(fixture, engines)?;
+    let all = variants(&fixture.input);
+    let mut differ = Vec::new();
+    for variant in &all {
+        let reference = agreement::interpret(engine, &query, Some(&variant.input));
+        let found =
+            agreement::disagreements(&reference, engines.others, &query, Some(&variant.input));
+        if !found.is_empty() {
+            differ.push(format!("{}: {}", variant.change, found.join("; ")));
+        }
+    }
+    if differ.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 3;
+    let more = differ.len().saturating_sub(SHOWN);
+    differ.truncate(SHOWN);
+    Err(format!(
+        "{} of {} variants decided differently: {}{}",
+        differ.len() + more,
+        all.len(),
+        differ.join(" | "),
+        if more > 0 {
+            format!(" | … {more} more")
+        } else {
+            String::new()
+        }
+    ))
+}
+
+fn fixture_query(fixture: &Fixture, engines: &Engines<'_>) -> Result<DataPath, String> {
+    match &fixture.query {
+        Some(q) => DataPath::from_ref(q).map_err(|e| e.to_string()),
+        None => Ok(engines.query.clone()),
+    }
 }
 
 fn run_fixture(
     file: &FixtureFile,
     engine: &mut regorus::Engine,
     schema: FixtureSchema<'_>,
-    vm: &Crosscheck<'_>,
-) -> (Option<String>, Result<(), String>) {
-    let default_query = vm.query;
+    engines: &Engines<'_>,
+) -> (Option<Fixture>, Result<(), String>) {
     let fixture = match Fixture::parse(&file.text) {
         Ok(f) => f,
         Err(e) => return (None, Err(e)),
     };
-    let description = fixture.description.clone();
     let outcome = (|| {
-        let query = match &fixture.query {
-            Some(q) => DataPath::from_ref(q).map_err(|e| e.to_string())?,
-            None => default_query.clone(),
-        };
+        let query = fixture_query(&fixture, engines)?;
         match schema {
             FixtureSchema::Named(schemas, name) => schemas.validate(name, &fixture.input),
             FixtureSchema::Bound(schemas) => {
@@ -310,28 +436,20 @@ fn run_fixture(
             }
         }
         .map_err(|v| v.to_string())?;
-        engine.set_input(regorus::Value::from(fixture.input.clone()));
-        let value = engine
-            .eval_rule(query.as_query().to_string())
-            .map_err(|e| format!("evaluation failed: {}", one_line(&e.to_string())))?;
-        if value == regorus::Value::Undefined {
-            return Err(format!("{query} is undefined"));
+        let reference = agreement::interpret(engine, &query, Some(&fixture.input));
+        let value = match &reference {
+            Outcome::Document(value) => value,
+            Outcome::Undefined => return Err(format!("{query} is undefined")),
+            Outcome::Error(e) => return Err(format!("evaluation failed: {e}")),
+        };
+        let differ =
+            agreement::disagreements(&reference, engines.others, &query, Some(&fixture.input));
+        if !differ.is_empty() {
+            return Err(format!("the engines disagree: {}", differ.join("; ")));
         }
-        let value = serde_json::to_value(&value).map_err(|e| e.to_string())?;
-        if let Some(fast) = vm.bundle.filter(|b| b.is_fast_path(&query)) {
-            let on_vm = fast
-                .evaluate(&query, Some(regorus::Value::from(fixture.input.clone())))
-                .map_err(|e| format!("bytecode VM failed where the interpreter did not: {e}"))?;
-            if on_vm.as_ref() != Some(&value) {
-                return Err(format!(
-                    "bytecode VM and interpreter disagree: vm={}, interpreter={value}",
-                    on_vm.map_or("undefined".to_string(), |v| v.to_string())
-                ));
-            }
-        }
-        fixture.compare(&value)
+        fixture.compare(value)
     })();
-    (description, outcome)
+    (Some(fixture), outcome)
 }
 
 fn coverage(engine: &regorus::Engine) -> Vec<FileCoverage> {
@@ -392,6 +510,8 @@ mod tests {
                 filter: None,
                 coverage: true,
                 timeout: Duration::from_secs(5),
+                variants: true,
+                opa: None,
             },
             FixtureSchema::Named(&schemas, "in.json"),
         )
@@ -440,7 +560,9 @@ mod tests {
             .as_deref()
             .unwrap_or("")
             .contains("missing reasons"));
-        assert_eq!((report.passed, report.failed), (3, 4));
+        assert!(by_name("a_ok.json variants").passed);
+        // Each fixture's variants agree on both engines, failing fixtures' too.
+        assert_eq!((report.passed, report.failed), (8, 4));
         let coverage = report.coverage.expect("coverage");
         assert_eq!(coverage.len(), 1, "test modules are not reported");
         assert!(!coverage[0].covered.is_empty());

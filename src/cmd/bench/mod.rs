@@ -21,6 +21,8 @@ use serde_json::Value;
 mod bus;
 mod journal;
 mod node;
+#[cfg(feature = "opa")]
+mod opa;
 mod policy_server;
 mod proxy;
 mod stats;
@@ -29,7 +31,7 @@ mod synapse;
 
 use stats::Stats;
 
-use crate::cli::{BenchArgs, BenchMode};
+use crate::cli::{Against, BenchArgs, BenchMode};
 use crate::config::{Config, PdpConfig};
 use crate::pdp::{EnforcementPoint, Pdp};
 
@@ -57,6 +59,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.mode == BenchMode::Journal {
         journal::run(&args, seconds)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(Against::Opa) = args.against {
+        against_opa(&args, seconds)?;
         return Ok(ExitCode::SUCCESS);
     }
     let inputs = message_inputs(&args.policies.join("fixtures"))?;
@@ -99,6 +105,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "opa")]
+fn against_opa(args: &BenchArgs, seconds: Duration) -> anyhow::Result<()> {
+    opa::run(args, seconds)
+}
+
+#[cfg(not(feature = "opa"))]
+fn against_opa(_: &BenchArgs, _: Duration) -> anyhow::Result<()> {
+    bail!("--against opa: this msgnode was built without the `opa` feature")
 }
 
 fn pdp_config(args: &BenchArgs, cached: bool) -> PdpConfig {
