@@ -584,7 +584,7 @@ impl Pdp {
     ) -> Result<Answer, PdpError> {
         self.check_schema(path, input.as_ref(), asked_by)?;
         let query: Arc<str> = Arc::from(path.as_query());
-        self.query_unchecked(&query, path, input, None, asked_by)
+        self.query_unchecked(&query, path, input.map(Asked::Json), None, asked_by)
     }
 
     /// Validates `input` against the schema bound to `path`; a violation is logged as a
@@ -603,7 +603,7 @@ impl Pdp {
         };
         let error = PdpError::Schema(violation);
         let id = uuid::Uuid::new_v4().to_string();
-        let input = Some(input.clone());
+        let input = Some(Asked::Json(input.clone()));
         self.record(&id, path, input, Err(&error), None, 0, false, asked_by);
         Err(error)
     }
@@ -621,42 +621,54 @@ impl Pdp {
     ) -> Result<Answer, PdpError> {
         self.check_schema(path, input.as_ref(), &asked_by)?;
         let query: Arc<str> = Arc::from(path.as_query());
-        let key = self.cached_key(&query, input.as_ref());
-        if key.as_ref().is_some_and(|(_, hit)| *hit) {
-            return self.query_unchecked(&query, path, input, key.map(|(k, _)| k), &asked_by);
+        let input = input.map(Asked::Json);
+        let lookup = self.look_up(&query, input.as_ref());
+        if lookup.as_ref().is_some_and(|l| l.hit.is_some()) {
+            return self.query_unchecked(&query, path, input, lookup, &asked_by);
         }
         let (pdp, path) = (self.clone(), path.clone());
         self.inner
             .pool
-            .run(move || pdp.query_unchecked(&query, &path, input, key.map(|(k, _)| k), &asked_by))
+            .run(move || pdp.query_unchecked(&query, &path, input, lookup, &asked_by))
             .await
             .unwrap_or_else(|e| Err(PdpError::Eval(EvalError::Failed(e.to_string()))))
     }
 
-    /// The cache key of `query` with `input` under the active revision, and whether the
-    /// cache holds it (`None`: cache off, or no revision).
-    fn cached_key(&self, query: &Arc<str>, input: Option<&Value>) -> Option<(CacheKey, bool)> {
+    /// The cache key of `query` with `input` under the active revision, and what the cache
+    /// holds for it (`None`: cache off, or no revision).
+    fn look_up(&self, query: &Arc<str>, input: Option<&Asked>) -> Option<Lookup> {
         if !self.inner.cache.is_enabled() {
             return None;
         }
         let active = self.inner.active.load();
         let active = active.as_ref()?;
-        let key = self.inner.cache.key(active.generation, query, input);
-        let hit = self.inner.cache.contains(&key);
-        Some((key, hit))
+        let key = self.key(active.generation, query, input);
+        let hit = self.inner.cache.get(&key);
+        Some(Lookup { key, hit })
+    }
+
+    fn key(&self, generation: u64, query: &Arc<str>, input: Option<&Asked>) -> CacheKey {
+        let cache = &self.inner.cache;
+        match input {
+            Some(Asked::Json(json)) => cache.key(generation, query, Some(json)),
+            Some(Asked::Rego(rego)) => cache.key(generation, query, Some(rego)),
+            None => cache.key::<Value>(generation, query, None),
+        }
     }
 
     fn query_unchecked(
         &self,
         query: &Arc<str>,
         path: &DataPath,
-        input: Option<Value>,
-        key: Option<CacheKey>,
+        input: Option<Asked>,
+        lookup: Option<Lookup>,
         asked_by: &AskedBy,
     ) -> Result<Answer, PdpError> {
         let start = Instant::now();
         let decision_id = uuid::Uuid::new_v4().to_string();
-        let Some(active) = self.inner.active.load_full() else {
+        // A guard, not a clone of the Arc: no reference count shared by every thread.
+        let active = self.inner.active.load();
+        let Some(active) = active.as_ref() else {
             let why = self
                 .status()
                 .last_error
@@ -674,14 +686,17 @@ impl Pdp {
             );
             return Err(error);
         };
-        let key = key.or_else(|| {
-            self.inner.cache.is_enabled().then(|| {
-                self.inner
-                    .cache
-                    .key(active.generation, query, input.as_ref())
-            })
-        });
-        let cached = key.as_ref().and_then(|k| self.inner.cache.get(k));
+        // A lookup made before (on another thread) stands: the cache is cleared on every
+        // swap, and a key names its generation.
+        let (key, cached) = match lookup {
+            Some(Lookup { key, hit }) => (Some(key), hit),
+            None if self.inner.cache.is_enabled() => {
+                let key = self.key(active.generation, query, input.as_ref());
+                let hit = self.inner.cache.get(&key);
+                (Some(key), hit)
+            }
+            None => (None, None),
+        };
         let cache_hit = cached.is_some();
         let result = match cached {
             Some(result) => Ok(result),
@@ -689,14 +704,9 @@ impl Pdp {
                 if key.is_some() {
                     self.inner.metrics.cache_miss();
                 }
-                // Deserialising from a reference saves cloning the input (~2 µs on a message).
                 let evaluated = input
                     .as_ref()
-                    .map(|v| {
-                        <regorus::Value as serde::Deserialize>::deserialize(v).map_err(|e| {
-                            EvalError::Failed(format!("input cannot be evaluated: {e}"))
-                        })
-                    })
+                    .map(Asked::to_rego)
                     .transpose()
                     .and_then(|rego_input| active.bundle.evaluate(path, rego_input))
                     .map(Arc::new);
@@ -731,7 +741,7 @@ impl Pdp {
         &self,
         decision_id: &str,
         path: &DataPath,
-        input: Option<Value>,
+        input: Option<Asked>,
         result: Result<&Arc<Option<Value>>, &PdpError>,
         revision: Option<&Arc<str>>,
         eval_ns: u64,
@@ -757,7 +767,7 @@ impl Pdp {
             decision_id: decision_id.to_string(),
             timestamp: SystemTime::now(),
             path: path.segments().join("/"),
-            input,
+            input: input.map(Asked::into_json),
             result: result.ok().and_then(|r| r.as_ref().clone()),
             error: result.err().map(|e| RecordError {
                 code: match e {
@@ -784,20 +794,31 @@ impl Pdp {
     /// against a schema: the node's enforcement points build it from already-validated types
     /// (HTTP callers go through [`Pdp::query`], which validates).
     pub fn decide(&self, input: Value, asked_by: EnforcementPoint) -> Decision {
-        self.decide_keyed(input, None, asked_by)
+        self.decide_keyed(Asked::Json(input), None, asked_by)
     }
 
-    /// [`Pdp::decide`] on the evaluation pool, unless the cache holds the decision (answered
-    /// here, at once): what the node's enforcement points call from async code.
-    pub async fn decide_async(&self, input: Value, asked_by: EnforcementPoint) -> Decision {
-        let key = self.cached_key(&self.inner.decision_query, Some(&input));
-        if key.as_ref().is_some_and(|(_, hit)| *hit) {
-            return self.decide_keyed(input, key.map(|(k, _)| k), asked_by);
+    /// [`Pdp::decide`] of a document the node built as regorus's value (`Input::to_rego`),
+    /// which is evaluated as it is: no JSON in between.
+    pub fn decide_value(&self, input: regorus::Value, asked_by: EnforcementPoint) -> Decision {
+        self.decide_keyed(Asked::Rego(input), None, asked_by)
+    }
+
+    /// [`Pdp::decide_value`] on the evaluation pool, unless the cache holds the decision
+    /// (answered here, at once): what the node's enforcement points call from async code.
+    pub async fn decide_async(
+        &self,
+        input: regorus::Value,
+        asked_by: EnforcementPoint,
+    ) -> Decision {
+        let input = Asked::Rego(input);
+        let lookup = self.look_up(&self.inner.decision_query, Some(&input));
+        if lookup.as_ref().is_some_and(|l| l.hit.is_some()) {
+            return self.decide_keyed(input, lookup, asked_by);
         }
         let pdp = self.clone();
         self.inner
             .pool
-            .run(move || pdp.decide_keyed(input, key.map(|(k, _)| k), asked_by))
+            .run(move || pdp.decide_keyed(input, lookup, asked_by))
             .await
             .unwrap_or_else(|e| Decision {
                 allow: false,
@@ -809,8 +830,8 @@ impl Pdp {
 
     fn decide_keyed(
         &self,
-        input: Value,
-        key: Option<CacheKey>,
+        input: Asked,
+        lookup: Option<Lookup>,
         asked_by: EnforcementPoint,
     ) -> Decision {
         let fail = |reason: String| Decision {
@@ -823,7 +844,7 @@ impl Pdp {
             &self.inner.decision_query,
             &self.inner.decision_path,
             Some(input),
-            key,
+            lookup,
             &AskedBy::point(asked_by),
         ) {
             Ok(answer) => answer,
@@ -841,6 +862,41 @@ impl Pdp {
             reasons: verdict.reasons,
             decision_id: answer.decision_id,
             failed: false,
+        }
+    }
+}
+
+/// A cache look-up: the key, and what the cache held for it.
+struct Lookup {
+    key: CacheKey,
+    hit: Option<Arc<Option<Value>>>,
+}
+
+/// An input as its caller handed it over.
+enum Asked {
+    /// JSON, as an HTTP client (or a test) sent it; logged as it came.
+    Json(Value),
+    /// The value the node built from its typed inputs, evaluated as it is.
+    Rego(regorus::Value),
+}
+
+impl Asked {
+    /// What regorus evaluates.
+    fn to_rego(&self) -> Result<regorus::Value, EvalError> {
+        match self {
+            // Deserialising from a reference saves cloning the input (~2 µs on a message).
+            Asked::Json(json) => <regorus::Value as serde::Deserialize>::deserialize(json)
+                .map_err(|e| EvalError::Failed(format!("input cannot be evaluated: {e}"))),
+            // Values share their parts: a clone is a reference count.
+            Asked::Rego(rego) => Ok(rego.clone()),
+        }
+    }
+
+    /// What the decision log writes (only built when the log is on).
+    fn into_json(self) -> Value {
+        match self {
+            Asked::Json(json) => json,
+            Asked::Rego(rego) => serde_json::to_value(&rego).unwrap_or(Value::Null),
         }
     }
 }

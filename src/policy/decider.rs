@@ -93,10 +93,9 @@ impl Decider {
     /// Decides `input` for the enforcement point `asker` (named in the decision log); never
     /// fails: every failure is a deny with `failed: true`.
     pub async fn decide(&self, input: &Input<'_>, asker: EnforcementPoint) -> Decision {
-        let input = input.to_value();
         match self {
-            Self::Local(pdp) => pdp.decide_async(input, asker).await,
-            Self::Remote(remote) => remote.decide(input).await,
+            Self::Local(pdp) => pdp.decide_async(input.to_rego(), asker).await,
+            Self::Remote(remote) => remote.decide(input.to_value()).await,
         }
     }
 }

@@ -12,6 +12,8 @@
 //! and `membership` (a membership change). Absent optional fields are left out, never
 //! `null`.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,10 +34,188 @@ pub enum Input<'a> {
 }
 
 impl Input<'_> {
-    /// The document as JSON (what the PDP evaluates and a remote PDP receives).
+    /// The document as JSON (what a remote PDP receives).
     pub fn to_value(&self) -> Value {
         // These types serialise to JSON infallibly (string keys, no custom serialisers).
         serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// The document as regorus evaluates it, built from the typed fields: the same document
+    /// as [`Input::to_value`] without writing JSON in between (what the in-process PDP
+    /// evaluates). The received message is the one part that is converted from JSON.
+    pub fn to_rego(&self) -> regorus::Value {
+        let mut doc = Doc::default();
+        match self {
+            Input::Message(m) => {
+                doc.put("kind", "message");
+                doc.put("message", json(m.message));
+                doc.put("subject", m.subject.to_rego());
+                doc.put("context", m.context.to_rego());
+                doc.put("targets", list(&m.targets, Target::to_rego));
+                if let Some(allocation) = &m.allocation {
+                    doc.put("allocation", allocation.to_rego());
+                }
+            }
+            Input::Claim(c) => {
+                doc.put("kind", "claim");
+                let mut claim = Doc::default();
+                claim.put("address", c.claim.address.as_str());
+                claim.put("kind", c.claim.kind);
+                claim.opt("domain", c.claim.domain.as_deref());
+                doc.put("claim", claim);
+                doc.put("subject", c.subject.to_rego());
+                doc.put("context", c.context.to_rego());
+            }
+            Input::Subscription(s) => {
+                doc.put("kind", "subscription");
+                if let Some(message) = s.message {
+                    doc.put("message", json(message));
+                }
+                let sub = &s.subscription;
+                let mut subscription = Doc::default();
+                subscription.put("resource", sub.resource);
+                subscription.put("subscriber", sub.subscriber);
+                subscription.opt("topic", sub.topic);
+                subscription.opt("holder", sub.holder.as_deref());
+                subscription.put("held_by_subscriber", sub.held_by_subscriber);
+                doc.put("subscription", subscription);
+                doc.put("subject", s.subject.to_rego());
+                doc.put("context", s.context.to_rego());
+            }
+            Input::MatrixEvent(e) => {
+                doc.put("kind", "matrix_event");
+                let mut matrix = Doc::default();
+                matrix.put("room_id", e.matrix.room_id.as_str());
+                matrix.put("event_type", e.matrix.event_type.as_str());
+                matrix.put("sender", e.matrix.sender.as_str());
+                matrix.put("content", json(&e.matrix.content));
+                matrix.opt("state_key", e.matrix.state_key.as_deref());
+                e.matrix.door.put_into(&mut matrix);
+                doc.put("matrix", matrix);
+                doc.put("context", e.context.to_rego());
+            }
+            Input::Membership(m) => {
+                doc.put("kind", "membership");
+                let mut matrix = Doc::default();
+                matrix.put("room_id", m.matrix.room_id.as_str());
+                matrix.put("event_type", m.matrix.event_type);
+                matrix.put("sender", m.matrix.sender.as_str());
+                matrix.put("membership", m.matrix.membership.as_str());
+                matrix.put("target", m.matrix.target.as_str());
+                matrix.put(
+                    "room_members",
+                    list(&m.matrix.room_members, |s| s.as_str().into()),
+                );
+                m.matrix.door.put_into(&mut matrix);
+                doc.put("matrix", matrix);
+                doc.put("context", m.context.to_rego());
+            }
+        }
+        doc.into()
+    }
+}
+
+/// An object being built for regorus.
+#[derive(Default)]
+struct Doc(BTreeMap<regorus::Value, regorus::Value>);
+
+impl Doc {
+    fn put(&mut self, key: &str, value: impl Into<regorus::Value>) {
+        self.0.insert(key.into(), value.into());
+    }
+
+    /// Absent fields are left out, as in the JSON form.
+    fn opt(&mut self, key: &str, value: Option<impl Into<regorus::Value>>) {
+        if let Some(value) = value {
+            self.put(key, value);
+        }
+    }
+}
+
+impl From<Doc> for regorus::Value {
+    fn from(doc: Doc) -> Self {
+        regorus::Value::from(doc.0)
+    }
+}
+
+fn json(value: &Value) -> regorus::Value {
+    // Deserialising from a reference: no copy of the JSON first.
+    <regorus::Value as serde::Deserialize>::deserialize(value).unwrap_or(regorus::Value::Null)
+}
+
+fn list<T>(items: &[T], each: impl Fn(&T) -> regorus::Value) -> regorus::Value {
+    regorus::Value::from(items.iter().map(each).collect::<Vec<_>>())
+}
+
+impl Subject {
+    fn to_rego(&self) -> regorus::Value {
+        let mut doc = Doc::default();
+        doc.opt("user", self.user.as_deref());
+        doc.put("runtime", self.runtime.as_str());
+        doc.put("addresses", list(&self.addresses, |a| a.as_str().into()));
+        doc.put("authenticated", self.authenticated);
+        doc.opt("identity", self.identity.as_deref());
+        doc.opt("network_server", self.network_server.as_deref());
+        doc.opt("peer", self.peer.as_deref());
+        if let Some(totals) = &self.principal {
+            let mut principal = Doc::default();
+            principal.put("runtimes", totals.runtimes);
+            principal.put("addresses", totals.addresses);
+            principal.put("foreign_routes", totals.foreign_routes);
+            principal.opt("registry_entries", totals.registry_entries);
+            doc.put("principal", principal);
+        }
+        doc.into()
+    }
+}
+
+impl Door {
+    /// Its fields, flattened into the event's object as in the JSON form.
+    fn put_into(&self, doc: &mut Doc) {
+        doc.opt(
+            "via",
+            self.via.map(|via| match via {
+                Via::PolicyServer => "policy_server",
+            }),
+        );
+        doc.opt("origin", self.origin.as_deref());
+        doc.opt("event_id", self.event_id.as_deref());
+    }
+}
+
+impl Target {
+    fn to_rego(&self) -> regorus::Value {
+        let mut doc = Doc::default();
+        doc.put("address", self.address.as_str());
+        doc.opt("topic", self.topic);
+        doc.put("held_by_sender", self.held_by_sender);
+        doc.into()
+    }
+}
+
+impl Context {
+    fn to_rego(&self) -> regorus::Value {
+        let mut doc = Doc::default();
+        doc.put("node", self.node.as_str());
+        doc.put("time", self.time.as_str());
+        doc.into()
+    }
+}
+
+impl Allocation {
+    fn to_rego(&self) -> regorus::Value {
+        let mut doc = Doc::default();
+        doc.put(
+            "action",
+            match self.action {
+                AllocationAction::Create => "create",
+                AllocationAction::Delete => "delete",
+            },
+        );
+        doc.opt("scheme", self.scheme.as_deref());
+        doc.put("number", self.number);
+        doc.put("held", self.held);
+        doc.into()
     }
 }
 
@@ -669,6 +849,11 @@ mod tests {
         ];
         for (what, input, expected) in cases {
             let value = input.to_value();
+            assert_eq!(
+                input.to_rego(),
+                regorus::Value::from(value.clone()),
+                "{what}: the document regorus evaluates is the JSON one"
+            );
             assert_eq!(
                 value.to_string(),
                 expected.to_string(),
