@@ -2,8 +2,9 @@
 //!
 //! Inputs are the `kind: "message"` fixtures of the bundle (`<policies>/fixtures/*.json`):
 //! realistic reTHINK messages, allowed and denied. Cases:
-//! - `eval uncached`: `Pdp::decide` with the cache off — engine clone, input conversion,
-//!   evaluation of the decision rule, result conversion, metrics.
+//! - `eval uncached`: `Pdp::decide_value` with the cache off, on the value an enforcement
+//!   point builds (`Input::to_rego`; built outside the timed region) — evaluation of the
+//!   decision rule on this thread's VM, result conversion, metrics.
 //! - `eval cached`: the same inputs with a fresh `message.id` each time (ignored by the cache
 //!   key, as in real traffic), after one warm-up pass.
 //! - `http`: `POST /v1/data/<decision>` over loopback with keep-alive connections, the server
@@ -67,27 +68,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let inputs = message_inputs(&args.policies.join("fixtures"))?;
     println!(
-        "msgnode bench: {} message inputs from {}/fixtures, {:?} per case, {} cores",
+        "msgnode bench: {} message inputs from {}/fixtures, {:?} per case, {} cores, load {}",
         inputs.len(),
         args.policies.display(),
         seconds,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        stats::load_average()
     );
     println!(
-        "{:<26} {:>8} {:>10} {:>10} {:>14}",
-        "case", "threads", "p50", "p99", "decisions/s"
+        "{:<26} {:>8} {:>10} {:>10} {:>14} {:>10}",
+        "case", "threads", "p50", "p99", "decisions/s", "cpu/dec"
     );
     if matches!(args.mode, BenchMode::All | BenchMode::Eval) {
         for cached in [false, true] {
             let pdp = bench_pdp(&args, cached)?;
             for threads in [1, 2] {
-                let stats = eval_case(&pdp, &inputs, threads, seconds, cached);
+                let (stats, cpu_ns) = eval_case(&pdp, &inputs, threads, seconds, cached);
                 let name = if cached {
                     "eval cached"
                 } else {
                     "eval uncached"
                 };
-                stats.print(name, threads);
+                stats.print_with_cpu(name, threads, cpu_ns);
             }
         }
     }
@@ -168,41 +170,43 @@ fn eval_case(
     threads: usize,
     duration: Duration,
     cached: bool,
-) -> Stats {
+) -> (Stats, u64) {
     if cached {
         for input in inputs {
             pdp.decide(input.clone(), EnforcementPoint::Bus);
         }
     }
     let start = Instant::now();
-    let latencies: Vec<u64> = std::thread::scope(|scope| {
+    let per_thread: Vec<(Vec<u64>, u64)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 scope.spawn(move || {
+                    let cpu_start = stats::thread_cpu_ns();
                     let mut latencies = Vec::with_capacity(1 << 20);
                     let mut i = t;
                     let deadline = Instant::now() + duration;
                     while Instant::now() < deadline {
-                        // Prepared outside the timed region: a caller builds its input anyway.
-                        let input = with_fresh_id(&inputs[i % inputs.len()], i as u64);
+                        // Prepared outside the timed region: a caller builds its input anyway
+                        // (the node builds regorus's value from its typed inputs, as here).
+                        let json = with_fresh_id(&inputs[i % inputs.len()], i as u64);
+                        let input = regorus::Value::from(json);
                         let t0 = Instant::now();
-                        std::hint::black_box(pdp.decide(input, EnforcementPoint::Bus));
+                        std::hint::black_box(pdp.decide_value(input, EnforcementPoint::Bus));
                         latencies.push(t0.elapsed().as_nanos() as u64);
                         i += threads;
                     }
-                    latencies
+                    (latencies, stats::thread_cpu_ns().saturating_sub(cpu_start))
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
-            .collect()
+        workers.into_iter().filter_map(|w| w.join().ok()).collect()
     });
-    Stats {
-        latencies_ns: latencies,
+    let cpu_ns = per_thread.iter().map(|(_, cpu)| cpu).sum();
+    let stats = Stats {
+        latencies_ns: per_thread.into_iter().flat_map(|(l, _)| l).collect(),
         elapsed: start.elapsed(),
-    }
+    };
+    (stats, cpu_ns)
 }
 
 fn http_case(

@@ -3,7 +3,8 @@
 //!
 //! Both engines load the bundle (without tests) and prepare the decision rule once, as their
 //! servers do; each decision hands an engine the input as JSON text, which it parses and
-//! decides (msgnode: `serde_json` into `Pdp::decide`, cache off; OPA: `OpaEvalDocument`).
+//! decides (msgnode: parsed into regorus's value and `Pdp::decide_value`, cache off; OPA:
+//! `OpaEvalDocument`, whose answer comes back as JSON text).
 //! Inputs: every fixture of the bundle, round robin. Rounds alternate the engines (OPA,
 //! msgnode, OPA, msgnode, … on 1 thread, then on 2) so that both see the same machine load;
 //! the table shows the median of each figure over the rounds, and the ratios of those
@@ -16,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::stats::{micros, Stats};
+use super::stats::{load_average, micros, thread_cpu_ns, Stats};
 use crate::cli::BenchArgs;
 use crate::pdp::bundle::Bundle;
+use crate::pdp::decision_log::EnforcementPoint;
 use crate::pdp::engine::DataPath;
 use crate::pdp::opa::{Opa, OpaBundle};
-use crate::pdp::decision_log::EnforcementPoint;
 use crate::pdp::Pdp;
 
 /// Alternated rounds per case.
@@ -72,7 +73,8 @@ pub fn run(args: &BenchArgs, seconds: Duration) -> anyhow::Result<()> {
                 opa.evaluate(&decision, Some(input)).is_ok()
             }));
             ours.push(round(&inputs, threads, per_round, |input| {
-                serde_json::from_str(input).is_ok_and(|v| !pdp.decide(v, EnforcementPoint::Bus).failed)
+                regorus::Value::from_json_str(input)
+                    .is_ok_and(|v| !pdp.decide_value(v, EnforcementPoint::Bus).failed)
             }));
         }
         let (o, m) = (median(&opa_rounds), median(&ours));
@@ -223,19 +225,4 @@ fn ratio(numerator: f64, denominator: f64) -> String {
     } else {
         "-".into()
     }
-}
-
-/// This thread's CPU time so far, in nanoseconds (0 where the kernel does not say).
-pub(super) fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
-
-/// The 1-, 5- and 15-minute load averages, as `uptime` shows them.
-pub(super) fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
