@@ -29,7 +29,7 @@ allocation := lib.obj(object.get(input, "allocation", {}))
 
 limited(what) := object.get(limits, what, -1)
 
-claim_kind := object.get(object.get(input, "claim", {}), "kind", "")
+claim_kind := lib.str(object.get(lib.obj(object.get(input, "claim", {})), "kind", ""))
 
 # A claim of a runtime URL adds a runtime.
 deny contains sprintf("this user already owns %d runtimes (the limit is %d)", [count_of("runtimes"), limited("runtimes")]) if {

@@ -51,9 +51,15 @@ consented if {
 	holder in subject_principals
 }
 
-subject_principals contains input.subject.user if input.subject.user
+subject_principals contains user if {
+	user := lib.str(object.get(lib.subject, "user", ""))
+	user != ""
+}
 
-subject_principals contains concat("", ["network-server:", input.subject.network_server]) if input.subject.network_server
+subject_principals contains concat("", ["network-server:", server]) if {
+	server := lib.str(object.get(lib.subject, "network_server", ""))
+	server != ""
+}
 
 allow if consented
 

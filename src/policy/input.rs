@@ -152,7 +152,7 @@ impl Subject {
         let mut doc = Doc::default();
         doc.opt("user", self.user.as_deref());
         doc.put("runtime", self.runtime.as_str());
-        doc.put("addresses", list(&self.addresses, |a| a.as_str().into()));
+        doc.opt("holds_from", self.holds_from);
         doc.put("authenticated", self.authenticated);
         doc.opt("identity", self.identity.as_deref());
         doc.opt("network_server", self.network_server.as_deref());
