@@ -51,15 +51,9 @@ consented if {
 	holder in subject_principals
 }
 
-subject_principals contains user if {
-	user := lib.str(object.get(lib.subject, "user", ""))
-	user != ""
-}
+subject_principals contains input.subject.user if input.subject.user
 
-subject_principals contains concat("", ["network-server:", server]) if {
-	server := lib.str(object.get(lib.subject, "network_server", ""))
-	server != ""
-}
+subject_principals contains concat("", ["network-server:", input.subject.network_server]) if is_string(input.subject.network_server)
 
 allow if consented
 
