@@ -436,6 +436,8 @@ impl Pdp {
             filter: None,
             coverage,
             timeout: GATE_TEST_TIMEOUT,
+            variants: false,
+            opa: None,
         };
         testing::run(
             bundle.bundle(),
@@ -756,7 +758,8 @@ impl Pdp {
         if let (Ok(result), Some(input)) = (result, &input) {
             if self.inner.shadow.is_active() && path.as_query() == &*self.inner.decision_query {
                 let live = Verdict::of(result.as_ref().as_ref(), &self.inner.decision_query);
-                self.inner.shadow.offer(decision_id, input.clone(), live);
+                // JSON only when a candidate listens (the candidate decides what is logged).
+                self.inner.shadow.offer(decision_id, input.to_json(), live);
             }
         }
         if !self.inner.sink.enabled() {
@@ -889,6 +892,14 @@ impl Asked {
                 .map_err(|e| EvalError::Failed(format!("input cannot be evaluated: {e}"))),
             // Values share their parts: a clone is a reference count.
             Asked::Rego(rego) => Ok(rego.clone()),
+        }
+    }
+
+    /// A JSON copy (for the shadow's candidate, only when one listens).
+    fn to_json(&self) -> Value {
+        match self {
+            Asked::Json(json) => json.clone(),
+            Asked::Rego(rego) => serde_json::to_value(rego).unwrap_or(Value::Null),
         }
     }
 
