@@ -1063,5 +1063,60 @@ async fn sockets_in_their_handshake_are_limited() {
     let addr = running.bus_addr.expect("bus");
     let _only = unauthenticated(addr).await.expect("the only place");
     assert_eq!(unauthenticated(addr).await.err(), Some(503));
+/// Review B2: every per-principal limit was check-then-act across an `await`, so requests
+/// racing on many runtimes all saw "0 held" and each passed. Runtimes claimed and addresses
+/// allocated at the same instant stay within the principal's limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_for_requests_at_the_same_instant() {
+    const RUNTIMES: usize = 4;
+    let policies = common::policies_with(|data| {
+        data["limits"]["per_principal"] = json!({"runtimes": RUNTIMES, "addresses": 25});
+    });
+    let running = node_with(|c| {
+        c.pdp.policies = policies.path().to_path_buf();
+        c.pdp.reload_requires_tests = Some(false);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    // Twice the runtimes the limit allows, claimed at once.
+    let claims = (0..2 * RUNTIMES).map(|i| async move {
+        let runtime = format!("runtime://localhost/race-{i}");
+        let mut stub = Stub::connect(addr, &runtime, MALLORY).await;
+        stub.send(json!({"type": "ping", "from": runtime, "to": "mn:/session"}))
+            .await;
+        let answer = stub.recv().await;
+        (code(&answer) == 200).then_some(stub)
+    });
+    let mut stubs: Vec<Stub> = futures_util::future::join_all(claims)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(stubs.len(), RUNTIMES, "runtimes bound");
+    // Each asks for 10 addresses at once: 25 allowed, so two get theirs and the rest 403.
+    let mut ids = Vec::new();
+    for stub in &mut stubs {
+        let from = format!("{}/registry/allocation", stub.runtime);
+        ids.push(
+            stub.send(json!({"type": "create", "from": from,
+                "to": format!("{MN}/address-allocation"),
+                "body": {"scheme": "hyperty", "value": {"number": 10}}}))
+                .await,
+        );
+    }
+    let mut allocated = 0;
+    for (stub, id) in stubs.iter_mut().zip(&ids) {
+        let answer = stub.response_to(id).await;
+        match code(&answer) {
+            200 => {
+                allocated += answer["body"]["value"]["allocated"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+            }
+            403 => {}
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert_eq!(allocated, 20, "within the limit of 25");
     running.stop().await;
 }

@@ -99,6 +99,8 @@ impl Bus {
             ))),
             Some(_) => Ok(runtime),
             None => {
+                // Counted and claimed in the principal's turn (see `Turns`).
+                let _turn = self.inner.table.turns.take(&owner).await;
                 if let Err(refused) = self.claim_runtime(runtime_url, principal, &owner).await {
                     // Nothing of it is kept for a claim not made.
                     if runtime.user().is_none() && !runtime.is_attached() {

@@ -321,6 +321,16 @@ impl Bus {
             return self.session(conn, message, op).await;
         }
         self.verify_identity(conn, message).await?;
+        // A request that may add to what the principal holds is decided and carried out in
+        // the principal's turn: the counts it is decided on are the counts it changes.
+        let adds = matches!(
+            request,
+            Request::Allocation(_) | Request::Registry | Request::Subscribe
+        ) || !self.holds(conn, &message.from);
+        let _turn = match adds {
+            true => Some(self.inner.table.turns.take(&conn.principal.owner()).await),
+            false => None,
+        };
         self.claim_from(conn, message).await?;
         if let Request::Subscribe = request {
             return self.subscribe(conn, message).await.map(Some);

@@ -130,6 +130,38 @@ fn conflict_in(by_url: &BTreeMap<String, String>, url: &str, owner: &str) -> Opt
         .map(|(u, _)| u.clone())
 }
 
+/// How many [`Turns`] stripes: principals share one only when their names hash alike.
+const TURN_STRIPES: usize = 256;
+
+/// One principal's changes to what it holds, one at a time: a request that may add to its
+/// holdings (a runtime, an allocation, a claim, a registration, a return route) takes its
+/// principal's turn before reading the counts and keeps it until the change is counted, so
+/// that requests racing on many runtimes cannot all pass the same "below the limit" check.
+/// Striped (a fixed set of locks, a principal's picked by hash): bounded memory, no cleanup.
+pub struct Turns {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    hasher: ahash::RandomState,
+}
+
+impl Default for Turns {
+    fn default() -> Self {
+        Self {
+            stripes: (0..TURN_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+}
+
+impl Turns {
+    /// Waits for `owner`'s turn.
+    pub async fn take(&self, owner: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = self.hasher.hash_one(owner) as usize % self.stripes.len();
+        self.stripes[stripe].lock().await
+    }
+}
+
 /// Principal (a record's `user`) → its holdings.
 #[derive(Default)]
 pub struct Owners {

@@ -18,7 +18,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::outbound::{Outbound, Refused};
-use super::owners::{counts, Claims, Owner, Owners};
+use super::owners::{counts, Claims, Owner, Owners, Turns};
 use crate::persist::inbox::Inbox;
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::Subject;
@@ -325,6 +325,8 @@ pub struct Table {
     owners: Owners,
     /// Runtime URLs and claimed addresses, whose principal holds them for good.
     pub claims: Claims,
+    /// Each principal's changes to its holdings, one at a time.
+    pub turns: Turns,
 }
 
 impl Table {
