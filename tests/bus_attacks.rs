@@ -1120,3 +1120,56 @@ async fn limits_hold_for_requests_at_the_same_instant() {
     assert_eq!(allocated, 20, "within the limit of 25");
     running.stop().await;
 }
+
+/// Review B3: a subscribe's foreign `from` became a return route outside every
+/// per-principal limit (1,000 per runtime × 1,000 runtimes). Return routes are counted
+/// where they are made, whatever the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribes_make_no_return_routes_past_the_limit() {
+    let running = node_with(|c| c.bus.limits.foreign_routes_per_principal = 3).await;
+    let addr = running.bus_addr.expect("bus");
+    let mut made = 0;
+    for r in 0..2 {
+        let mut stub = bound(addr, &format!("runtime://localhost/sub-{r}"), MALLORY).await;
+        for i in 0..3 {
+            let sub = stub
+                .request(json!({"type": "subscribe",
+                    "from": format!("hyperty://hybroker.example/x{r}-{i}"),
+                    "to": format!("{MN}/sm"),
+                    "body": {"resources": ["comm://localhost/any/changes"]}}))
+                .await;
+            match code(&sub) {
+                200 => made += 1,
+                403 => assert!(description(&sub).contains("foreign return routes"), "{sub}"),
+                other => panic!("{other}: {sub}"),
+            }
+        }
+    }
+    assert_eq!(made, 3, "return routes within the principal's limit");
+    running.stop().await;
+}
+
+/// Review B4: one 60 KB `from` filled the runtime's stored record to just under the
+/// homeserver's event limit, after which every change failed to store. Addresses are at most
+/// 255 bytes (the homeserver's state-key limit), refused with a short 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_longer_than_255_bytes_are_refused() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let mut stub = bound(addr, "runtime://localhost/long", MALLORY).await;
+    let long = format!("hyperty://hybroker.example/{}", "x".repeat(60_000));
+    let ok = format!("hyperty://hybroker.example/{}", "x".repeat(200));
+    let answer = stub
+        .request(json!({"type": "create", "from": long, "to": ok}))
+        .await;
+    assert_eq!(code(&answer), 400, "{}", description(&answer).len());
+    assert!(description(&answer).len() < 200, "a short answer");
+    let sub = stub
+        .request(json!({"type": "subscribe", "from": "runtime://localhost/long/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": [format!("comm://localhost/{}/changes", "y".repeat(300))]}}))
+        .await;
+    assert_eq!(code(&sub), 400, "{sub}");
+    let runtime = format!("runtime://localhost/{}", "z".repeat(300));
+    assert_eq!(refused_runtime(addr, &runtime).await, 400);
+    running.stop().await;
+}

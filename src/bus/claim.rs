@@ -81,6 +81,7 @@ impl Bus {
         let runtimes = self.totals(owner, false).runtimes;
         let limit = self.inner.config.limits.runtimes_per_principal;
         if runtimes >= limit {
+            self.inner.metrics.limited("runtimes");
             return Err(BusError::Forbidden(format!(
                 "this user already owns {runtimes} runtimes (the limit is {limit})"
             )));
@@ -134,6 +135,7 @@ impl Bus {
         let held = self.totals(&owner, false).addresses;
         let limit = self.inner.config.limits.addresses_per_principal;
         if held >= limit {
+            self.inner.metrics.limited("addresses");
             return Err(BusError::Forbidden(format!(
                 "this user holds {held} addresses (the limit is {limit})"
             )));

@@ -37,9 +37,17 @@ pub(super) mod refused {
     pub const HANDSHAKES_BUSY: &str = "handshakes_busy";
 }
 
+/// Which per-principal limit refused a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct LimitLabel {
+    pub limit: &'static str,
+}
+
 pub(super) struct BusMetrics {
     /// Refusals and closes that keep memory bounded, by reason (`refused::*`).
     pub refused: Family<ReasonLabel, Counter>,
+    /// Requests refused at a per-principal limit, by limit.
+    pub limited: Family<LimitLabel, Counter>,
     pub messages: Family<OutcomeLabel, Counter>,
     pub deliveries: Family<OutcomeLabel, Counter>,
     /// The per-message series, looked up once.
@@ -66,6 +74,7 @@ impl BusMetrics {
         };
         let metrics = Self {
             refused: Family::default(),
+            limited: Family::default(),
             routed: series(&messages, "routed"),
             direct: series(&deliveries, "direct"),
             queued: series(&deliveries, "queued"),
@@ -84,6 +93,11 @@ impl BusMetrics {
             "bus_refused",
             "Messages refused and sockets closed to keep memory bounded, by reason",
             metrics.refused.clone(),
+        );
+        registry.register(
+            "bus_limited",
+            "Requests refused at a per-principal limit (runtimes, addresses, registry_entries, foreign_routes)",
+            metrics.limited.clone(),
         );
         registry.register(
             "bus_claims",
@@ -131,6 +145,11 @@ impl BusMetrics {
     /// Counts a message by outcome.
     pub fn count(&self, outcome: &'static str) {
         self.messages.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Counts a request refused at the per-principal limit `limit`.
+    pub fn limited(&self, limit: &'static str) {
+        self.limited.get_or_create(&LimitLabel { limit }).inc();
     }
 
     /// Counts `n` deliveries of a kind other than the per-message ones.

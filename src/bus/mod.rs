@@ -386,7 +386,12 @@ impl Bus {
         let (Some(totals), limits) = (totals, &self.inner.config.limits) else {
             return Ok(());
         };
-        let over = |what: &str, have: usize, limit: usize| {
+        let over = |what: &'static str, have: usize, limit: usize| {
+            self.inner.metrics.limited(match what {
+                "addresses" => "addresses",
+                "registry entries" => "registry_entries",
+                _ => "foreign_routes",
+            });
             Err(BusError::Forbidden(format!(
                 "this user holds {have} {what} (the limit is {limit})"
             )))

@@ -82,6 +82,16 @@ impl Bus {
                 "this runtime already uses {MAX_FOREIGN_PER_RUNTIME} foreign addresses"
             )));
         }
+        // And within its principal's limit, whatever the request (a subscribe's `from` too);
+        // counted in the principal's turn (see `owners::Turns`).
+        let routes = self.totals(&conn.principal.owner(), false).foreign_routes;
+        let limit = self.inner.config.limits.foreign_routes_per_principal;
+        if routes >= limit {
+            self.inner.metrics.limited("foreign_routes");
+            return Err(BusError::Forbidden(format!(
+                "this user holds {routes} foreign return routes (the limit is {limit})"
+            )));
+        }
         if !self.inner.table.bind_if_free(from, &conn.runtime) {
             return Err(spoofed());
         }

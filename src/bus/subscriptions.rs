@@ -15,8 +15,7 @@ use super::pubsub::{self, Subscriber};
 use super::runtimes::Runtime;
 use super::Bus;
 use crate::policy::input::{Input, Subscription, SubscriptionInput};
-use crate::rethink::address;
-use crate::rethink::message::is_url;
+use crate::rethink::message::url_problem;
 use crate::rethink::{BusError, Message};
 
 /// Most subscriptions one runtime may hold.
@@ -100,10 +99,8 @@ impl Bus {
                 ))
             })?;
         for resource in &resources {
-            if !is_url(resource) || !address::is_clean(resource) {
-                return Err(BusError::BadRequest(format!(
-                    "subscribe: {resource:?} is not a URL"
-                )));
+            if let Some(problem) = url_problem("a subscribed resource", resource) {
+                return Err(BusError::BadRequest(format!("subscribe: {problem}")));
             }
             if !self.may_subscribe(resource, &runtime) {
                 return Err(BusError::Forbidden(format!(
@@ -121,6 +118,10 @@ impl Bus {
         let mut reasons = Vec::new();
         let mut subject = self.subject(conn);
         subject.holds_from = Some(self.holds_from(conn, message));
+        if subject.holds_from == Some(false) {
+            // The `from` may become a return route: the policy sees what the principal holds.
+            subject.principal = Some(self.totals(&conn.principal.owner(), false));
+        }
         let context = self.context();
         // Each decision sees the message without its body (the resources are in
         // `subscription`): what is serialised and digested per resource stays small.

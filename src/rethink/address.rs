@@ -137,6 +137,9 @@ impl NodeAddresses {
     /// owns only that URL and what lies under it). The caller refuses the domains of
     /// configured peers.
     pub fn runtime_url_problem(&self, url: &str) -> Option<String> {
+        if url.len() > super::message::MAX_URL_BYTES {
+            return super::message::url_problem("the runtime URL", url);
+        }
         canonical_problem(url, &["runtime", "hyperty-runtime"], &self.domain)
     }
 

@@ -103,20 +103,25 @@ impl Message {
             None => return bad("message has no 'type'".into()),
         };
         let from = match object.get("from") {
-            Some(Value::String(f)) if is_url(f) && is_clean(f) => f.clone(),
-            Some(Value::String(f)) => return bad(format!("'from' is not a URL: {:?}", shown(f))),
+            Some(Value::String(f)) => match url_problem("'from'", f) {
+                None => f.clone(),
+                Some(problem) => return bad(problem),
+            },
             Some(_) => return bad("'from' must be a URL string".into()),
             None => return bad("message has no 'from'".into()),
         };
         let to = match object.get("to") {
-            Some(Value::String(t)) if is_url(t) && is_clean(t) => vec![t.clone()],
-            Some(Value::String(t)) => return bad(format!("'to' is not a URL: {:?}", shown(t))),
+            Some(Value::String(t)) => match url_problem("'to'", t) {
+                None => vec![t.clone()],
+                Some(problem) => return bad(problem),
+            },
             Some(Value::Array(items)) if !items.is_empty() => {
                 let mut to = Vec::with_capacity(items.len());
                 for item in items {
-                    match item.as_str() {
-                        Some(t) if is_url(t) && is_clean(t) => to.push(t.to_string()),
-                        _ => {
+                    match item.as_str().map(|t| (t, url_problem("a 'to' entry", t))) {
+                        Some((t, None)) => to.push(t.to_string()),
+                        Some((_, Some(problem))) => return bad(problem),
+                        None => {
                             let item = item.to_string();
                             return bad(format!(
                                 "every 'to' entry must be a URL, not {}",
@@ -236,6 +241,22 @@ pub fn response(
         body["value"] = value;
     }
     json!({"id": id, "type": "response", "from": from, "to": to, "body": body}).to_string()
+}
+
+/// Longest URL the bus takes (bytes): Synapse's limit for a state key, which addresses and
+/// runtime URLs become; also what keeps one address from filling a stored record.
+pub const MAX_URL_BYTES: usize = 255;
+
+/// Why `s` (named `what` in the answer) is not an address the bus takes: too long, not a
+/// URL, or not in its clean spelling.
+pub fn url_problem(what: &str, s: &str) -> Option<String> {
+    if s.len() > MAX_URL_BYTES {
+        return Some(format!(
+            "{what} is {} bytes long; an address may have at most {MAX_URL_BYTES}",
+            s.len()
+        ));
+    }
+    (!is_url(s) || !is_clean(s)).then(|| format!("{what} is not a URL: {:?}", shown(s)))
 }
 
 /// Whether `s` looks like an absolute URL: a scheme, `:`, and something after it
