@@ -1173,3 +1173,105 @@ async fn addresses_longer_than_255_bytes_are_refused() {
     assert_eq!(refused_runtime(addr, &runtime).await, 400);
     running.stop().await;
 }
+
+/// Two nodes, `msgnode.test` and `hybroker.example`, peers of each other, whose policy
+/// trusts both for subscriptions.
+async fn peer_nodes() -> (Running, Running, tempfile::TempDir) {
+    let policies = common::policies_with(|data| {
+        data["subscription"]["trusted_domains"] = json!(["msgnode.test", "hybroker.example"]);
+    });
+    let (port_a, port_b) = (common::synapse::free_port(), common::synapse::free_port());
+    let config = |domain: &str, port: u16, peer: (&str, u16)| {
+        let mut config = common::bus_config(&common::shipped_policies());
+        config.pdp.policies = policies.path().to_path_buf();
+        config.pdp.reload_requires_tests = Some(false);
+        config.bus.listen = format!("127.0.0.1:{port}").parse().expect("addr");
+        config.bus.domain = Some(domain.into());
+        config.bus.network_servers = [("alice", ALICE), ("mallory", MALLORY)]
+            .into_iter()
+            .map(|(name, token)| NetworkServer {
+                name: name.into(),
+                token: token.into(),
+            })
+            .collect();
+        config.bus.peers = vec![Peer {
+            domain: peer.0.into(),
+            url: format!("http://127.0.0.1:{}", peer.1),
+            token: PEER_TOKEN.into(),
+            matrix_user: None,
+        }];
+        config
+    };
+    let a = start(config("msgnode.test", port_a, ("hybroker.example", port_b)))
+        .await
+        .expect("start a");
+    let b = start(config("hybroker.example", port_b, ("msgnode.test", port_a)))
+        .await
+        .expect("start b");
+    (a, b, policies)
+}
+
+/// Review B1: a `children` subscription to a foreign object made the topic's destinations
+/// non-empty, so the object's own node never got what local users sent to its children.
+/// B14: a peer's own updates of its objects were denied to local subscribers (its stand-in
+/// runtime held nothing), and "only the holder publishes" was the node's rule for local
+/// topics only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_objects_keep_their_route_and_their_publisher() {
+    let (a, b, _policies) = peer_nodes().await;
+    let (addr_a, addr_b) = (a.bus_addr.expect("a"), b.bus_addr.expect("b"));
+    let mut holder = bound(addr_b, "runtime://hybroker.example/holder", ALICE).await;
+    let object = holder
+        .allocate("hybroker.example", "comm", 1)
+        .await
+        .remove(0);
+    let mut eve = bound(addr_a, "runtime://msgnode.test/eve", MALLORY).await;
+    let mut alice = bound(addr_a, "runtime://msgnode.test/alice", ALICE).await;
+    let sender = alice.allocate("msgnode.test", "hyperty", 1).await.remove(0);
+    let children = format!("{object}/children/chat");
+    let changes = format!("{object}/changes");
+    let sub = eve
+        .request(
+            json!({"type": "subscribe", "from": "runtime://msgnode.test/eve/sm",
+            "to": "domain://msg-node.msgnode.test/sm", "body": {"resources": [children, changes]}}),
+        )
+        .await;
+    assert_eq!(code(&sub), 200, "{sub}");
+
+    alice
+        .send(json!({"type": "create", "from": sender, "to": children, "body": {"value": "hi"}}))
+        .await;
+    let got = holder
+        .quiet_for(Duration::from_secs(5))
+        .await
+        .expect("the object's node got its children's message");
+    assert_eq!(got["to"], children, "{got}");
+    assert_eq!(eve.recv().await["to"], children, "the subscriber too");
+
+    // Only the holder publishes the object's changes, also where the object is foreign.
+    let forged = alice
+        .request(json!({"type": "update", "from": sender, "to": changes, "body": {"value": "x"}}))
+        .await;
+    assert_eq!(code(&forged), 403, "{forged}");
+    // The object's node relays its holder's update (as a peer does for a subscription it
+    // serves): a peer holds its own domain's objects.
+    let relayed = reqwest::Client::new()
+        .post(format!("http://{addr_a}/bus/v1/messages"))
+        .bearer_auth(PEER_TOKEN)
+        .body(
+            json!({"id": 77, "type": "update", "from": object, "to": changes,
+            "body": {"value": "v2"}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .expect("peer post");
+    assert!(relayed.status().is_success(), "{:?}", relayed.text().await);
+    let update = eve
+        .quiet_for(Duration::from_secs(5))
+        .await
+        .expect("the peer's own update reached the local subscriber");
+    assert_eq!(update["body"]["value"], "v2", "{update}");
+    b.stop().await;
+    a.stop().await;
+}

@@ -34,6 +34,9 @@ enum Destination {
     Runtimes(Vec<Arc<Runtime>>),
     /// A peer node.
     Foreign,
+    /// These runtimes and a peer node (a foreign object's children topic with local
+    /// subscribers: the object's node gets it whatever is subscribed here).
+    RuntimesAndForeign(Vec<Arc<Runtime>>),
     /// Nothing holds it.
     Unknown,
 }
@@ -105,8 +108,8 @@ impl Bus {
     }
 
     /// Who `to` reaches. A topic (see `pubsub::topic`) reaches its subscribers — and a
-    /// children topic always its object's holder too; with none, a foreign topic goes to the
-    /// peer node, a changes or registration topic to nobody. Any other address reaches the
+    /// children topic always its object's route too (its local holder, else its peer node);
+    /// with no subscribers, a foreign topic goes to the peer node, a changes or registration topic to nobody. Any other address reaches the
     /// runtime holding it (or the nearest address it is a sub-resource of) — never
     /// subscribers — else a peer node (another domain), else nobody (unknown).
     fn destination(&self, to: &str) -> Destination {
@@ -119,8 +122,16 @@ impl Bus {
                 .into_iter()
                 .map(|s| s.runtime)
                 .collect();
+            // A children topic always reaches its object's route — the local holder, else
+            // the object's node — subscribers in addition, never instead.
             if topic == Topic::Children {
-                runtimes.extend(self.inner.table.holder_of(to));
+                match self.inner.table.holder_of(to) {
+                    Some(holder) => runtimes.push(holder),
+                    None if !local && !runtimes.is_empty() => {
+                        return Destination::RuntimesAndForeign(runtimes)
+                    }
+                    None => {}
+                }
             }
             if runtimes.is_empty() && !local {
                 return Destination::Foreign;
@@ -150,10 +161,19 @@ impl Bus {
                 Target {
                     address: to.clone(),
                     topic,
-                    held_by_sender: self.holds(conn, held),
+                    held_by_sender: self.publishes_for(conn, held),
                 }
             })
             .collect()
+    }
+
+    /// Whether `conn` speaks for `object`: its runtime holds it, or it is the peer node of
+    /// the object's domain (a peer holds its own domain's objects).
+    fn publishes_for(&self, conn: &Connection, object: &str) -> bool {
+        match &conn.principal {
+            Principal::Peer(domain) if address::domain(object).as_deref() == Some(domain) => true,
+            _ => self.holds(conn, object),
+        }
     }
 
     /// Whether `conn`'s runtime holds `address` (or the address it is a sub-resource of).
@@ -180,13 +200,10 @@ impl Bus {
                     "node component '{to}' takes a message of its own (a single 'to')"
                 )));
             }
-            // Only an object's holder publishes its changes (and status): nobody else may
-            // reach its subscribers as if it were the object.
+            // Only an object's holder publishes its changes (and status), local or foreign:
+            // nobody else may reach its subscribers as if it were the object.
             if let Some((topic, object)) = pubsub::topic_of(to) {
-                if topic.holder_publishes()
-                    && self.inner.nodes.is_local(to)
-                    && !self.holds(conn, object)
-                {
+                if topic.holder_publishes() && !self.publishes_for(conn, object) {
                     return Err(BusError::Forbidden(format!(
                         "only the holder of '{object}' publishes to '{to}'"
                     )));
@@ -195,6 +212,10 @@ impl Bus {
             match self.destination(to) {
                 Destination::Runtimes(runtimes) => targets.extend(runtimes),
                 Destination::Foreign => foreign.push(to.clone()),
+                Destination::RuntimesAndForeign(runtimes) => {
+                    targets.extend(runtimes);
+                    foreign.push(to.clone());
+                }
                 Destination::Unknown => unknown.push(to),
             }
         }
