@@ -1063,6 +1063,9 @@ async fn sockets_in_their_handshake_are_limited() {
     let addr = running.bus_addr.expect("bus");
     let _only = unauthenticated(addr).await.expect("the only place");
     assert_eq!(unauthenticated(addr).await.err(), Some(503));
+    running.stop().await;
+}
+
 /// Review B2: every per-principal limit was check-then-act across an `await`, so requests
 /// racing on many runtimes all saw "0 held" and each passed. Runtimes claimed and addresses
 /// allocated at the same instant stay within the principal's limits.
