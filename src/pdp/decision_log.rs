@@ -243,24 +243,42 @@ impl Mask {
         }
     }
 
+    /// The mask `[pdp.decision_log]` configures (`mask`, `mask_keys`): the one every output
+    /// of decisions uses — the log, the uploader, the console and the shadow candidate.
+    pub fn of(config: &crate::config::DecisionLogConfig) -> Self {
+        Self::new(&config.mask, &config.mask_keys)
+    }
+
     /// Replaces each masked path that is present in the record's input, then every value
     /// under a key whose name matches, wherever it is.
     pub fn apply(&self, record: &mut DecisionRecord) {
-        let Some(input) = record.input.as_mut() else {
-            return;
-        };
+        if let Some(input) = record.input.as_mut() {
+            self.apply_to(input, &mut record.erased);
+        }
+    }
+
+    /// [`Mask::apply`] on a bare input; the masked fields are added to `erased` as JSON
+    /// pointers (`/input/…`).
+    pub fn apply_to(&self, input: &mut Value, erased: &mut Vec<String>) {
         for pointer in &self.pointers {
             if let Some(node) = input.pointer_mut(pointer) {
                 if node.as_str() != Some(MASKED) {
                     *node = Value::String(MASKED.to_string());
-                    record.erased.push(format!("/input{pointer}"));
+                    erased.push(format!("/input{pointer}"));
                 }
             }
         }
         if !self.keys.is_empty() {
             let mut at = String::from("/input");
-            self.mask_keys(input, &mut at, &mut record.erased);
+            self.mask_keys(input, &mut at, erased);
         }
+    }
+
+    /// Masks `input` and cuts it short: what every output of decisions holds of an input
+    /// (the decision log's records, and what a shadow candidate is given to decide).
+    pub fn redact(&self, input: &mut Value, erased: &mut Vec<String>) {
+        self.apply_to(input, erased);
+        cut_short(input);
     }
 
     fn mask_keys(&self, value: &mut Value, at: &mut String, erased: &mut Vec<String>) {
@@ -331,9 +349,8 @@ impl<S: DecisionSink> Redacted<S> {
 
 impl<S: DecisionSink> DecisionSink for Redacted<S> {
     fn log(&self, mut record: DecisionRecord) {
-        self.mask.apply(&mut record);
         if let Some(input) = record.input.as_mut() {
-            cut_short(input);
+            self.mask.redact(input, &mut record.erased);
         }
         if let Some(error) = record.error.as_mut() {
             cut_text(&mut error.message);
@@ -469,6 +486,21 @@ fn write_loop(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, queued: &Atomic
     }
 }
 
+/// About the bytes `value` takes in memory (its text, plus a word per value): what byte
+/// budgets of queues holding inputs count.
+pub fn approx_bytes(value: &Value) -> usize {
+    const NODE: usize = 32;
+    NODE + match value {
+        Value::String(text) => text.len(),
+        Value::Array(items) => items.iter().map(approx_bytes).sum(),
+        Value::Object(members) => members
+            .iter()
+            .map(|(key, member)| key.len() + NODE + approx_bytes(member))
+            .sum(),
+        _ => 0,
+    }
+}
+
 /// Cuts strings longer than [`MAX_FIELD_BYTES`] and arrays longer than [`MAX_ITEMS`],
 /// saying what was left out.
 pub fn cut_short(value: &mut Value) {
@@ -488,11 +520,16 @@ pub fn cut_short(value: &mut Value) {
 }
 
 /// Cuts `text` to [`MAX_FIELD_BYTES`] (on a character boundary), saying how long it was.
-fn cut_text(text: &mut String) {
-    if text.len() <= MAX_FIELD_BYTES {
+pub fn cut_text(text: &mut String) {
+    cut_text_to(text, MAX_FIELD_BYTES);
+}
+
+/// Cuts `text` to `max` bytes (on a character boundary), saying how long it was.
+pub fn cut_text_to(text: &mut String, max: usize) {
+    if text.len() <= max {
         return;
     }
-    let mut end = MAX_FIELD_BYTES;
+    let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }

@@ -274,6 +274,7 @@ impl<'a> PdpBuilder<'a> {
         let registry = self.registry.unwrap_or(&mut private);
         let metrics = PdpMetrics::register(registry);
         let shadow = Shadow::new(
+            decision_log::Mask::of(&config.decision_log),
             decision_path.clone(),
             config.eval_timeout,
             config.max_instructions,

@@ -10,14 +10,22 @@
 //! logged (decision id, kind, both verdicts — never the input), counted in
 //! `msgnode_pdp_shadow_differences_total{from,to}`, grouped by kind and reason, and kept in a
 //! short ring for the console.
+//!
+//! A candidate may come from whoever holds the console's write credential, so it is not
+//! trusted with more than the console shows: it decides the input *as the decision log has
+//! it* — masked and cut by the same [`Mask::redact`] — never the live, unmasked one (a rule
+//! that reads a masked field sees `"**REDACTED**"`, as in `policy replay`), and what it writes
+//! (its reasons, or a malformed result quoted in one) is cut ([`Verdict::cut`]) before it is
+//! kept, logged or shown. Kinds are counted as a closed set ([`kind_label`]). The queue is
+//! bounded in jobs and in bytes.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,10 +34,41 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::bundle::{Bundle, BundleError};
+use super::decision_log::{approx_bytes, cut_text_to, Mask};
 use super::engine::{CompiledBundle, DataPath, EvalError};
 
 /// Live decisions that may wait for the shadow evaluator before new ones are dropped.
 pub const QUEUE_LEN: usize = 1024;
+/// Bytes (about: [`approx_bytes`]) those inputs may take before new ones are dropped.
+pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// Reasons of a verdict kept; the rest are said in one note.
+pub const MAX_REASONS: usize = 8;
+/// Longest reason kept whole; longer ones are cut, saying how long they were.
+pub const MAX_REASON_BYTES: usize = 512;
+/// Where a candidate loaded through the console comes from.
+pub const CONSOLE_SOURCE: &str = "console upload";
+/// The kinds of input the node decides (`schemas/input.schema.json`); any other is counted
+/// as `other`, none as `none`.
+pub const KINDS: [&str; 5] = [
+    "message",
+    "subscription",
+    "matrix_event",
+    "membership",
+    "claim",
+];
+
+/// `kind` as counters and groups say it: one of [`KINDS`], `none` or `other` — a closed set,
+/// whatever an HTTP client puts in `input.kind`.
+pub fn kind_label(kind: &str) -> &'static str {
+    match kind {
+        "" => "none",
+        known => KINDS
+            .iter()
+            .find(|k| **k == known)
+            .copied()
+            .unwrap_or("other"),
+    }
+}
 /// Differences kept for the console (the oldest go first).
 pub const RECENT: usize = 200;
 /// Distinct (from, to, kind, reason) groups counted; past it they count as reason `(other)`.
@@ -75,6 +114,20 @@ impl Verdict {
         }
     }
 
+    /// The verdict with at most [`MAX_REASONS`] reasons of at most [`MAX_REASON_BYTES`] each:
+    /// what is kept, logged or shown of a verdict a candidate (or a logged result) wrote.
+    pub fn cut(mut self) -> Self {
+        if self.reasons.len() > MAX_REASONS {
+            let total = self.reasons.len();
+            self.reasons.truncate(MAX_REASONS);
+            self.reasons.push(format!("…(cut: {total} reasons)"));
+        }
+        for reason in &mut self.reasons {
+            cut_text_to(reason, MAX_REASON_BYTES);
+        }
+        self
+    }
+
     /// `allow` or `deny`, as the metric labels say it.
     pub fn label(&self) -> &'static str {
         match self.allow {
@@ -103,10 +156,17 @@ pub struct Candidate {
     pub bundle: CompiledBundle,
     /// Its revision.
     pub revision: Arc<str>,
-    /// Where it came from (a directory, or `console upload`).
+    /// Where it came from (a directory, or [`CONSOLE_SOURCE`]).
     pub source: String,
     /// When it was loaded.
     pub loaded_at: SystemTime,
+}
+
+impl Candidate {
+    /// Whether it was loaded through the console (not `[pdp] shadow`).
+    pub fn from_console(&self) -> bool {
+        self.source == CONSOLE_SOURCE
+    }
 }
 
 /// One live decision whose candidate verdict differs.
@@ -114,8 +174,8 @@ pub struct Candidate {
 pub struct Difference {
     /// The live decision's id (its record in the decision log and the console's tail).
     pub decision_id: String,
-    /// `input.kind`.
-    pub kind: String,
+    /// `input.kind` ([`kind_label`]).
+    pub kind: &'static str,
     /// The live verdict.
     pub live: Verdict,
     /// The candidate's verdict.
@@ -184,6 +244,8 @@ struct FromTo {
 struct Job {
     decision_id: String,
     input: Value,
+    /// What `input` counts against [`QUEUE_BYTES`].
+    bytes: usize,
     live: Verdict,
     timestamp: SystemTime,
 }
@@ -200,6 +262,10 @@ struct Inner {
     /// Set once, when the thread starts: offering reads it without a lock.
     queue: OnceLock<SyncSender<Job>>,
     starting: Mutex<()>,
+    /// Bytes of the inputs queued.
+    queued_bytes: AtomicUsize,
+    /// The decision log's mask: candidates decide inputs as the log has them.
+    mask: ArcSwap<Mask>,
     rule: DataPath,
     eval_timeout: Duration,
     max_instructions: usize,
@@ -216,9 +282,11 @@ pub struct Shadow {
 }
 
 impl Shadow {
-    /// A shadow for the decision rule `rule`, its metrics registered in `registry`. Its thread
-    /// starts with the first candidate.
+    /// A shadow for the decision rule `rule`, whose candidates decide inputs masked with
+    /// `mask` and cut, its metrics registered in `registry`. Its thread starts with the first
+    /// candidate.
     pub fn new(
+        mask: Mask,
         rule: DataPath,
         eval_timeout: Duration,
         max_instructions: usize,
@@ -241,6 +309,8 @@ impl Shadow {
                 candidate: ArcSwapOption::empty(),
                 queue: OnceLock::new(),
                 starting: Mutex::new(()),
+                queued_bytes: AtomicUsize::new(0),
+                mask: ArcSwap::from_pointee(mask),
                 rule,
                 eval_timeout,
                 max_instructions,
@@ -303,6 +373,11 @@ impl Shadow {
         Ok(revision)
     }
 
+    /// Masks inputs with `mask` from now on (SIGHUP changed `[pdp.decision_log]`).
+    pub fn set_mask(&self, mask: Mask) {
+        self.inner.mask.store(Arc::new(mask));
+    }
+
     /// Drops the candidate: live decisions are no longer shadowed.
     pub fn unload(&self) {
         if self.inner.candidate.swap(None).is_some() {
@@ -320,18 +395,28 @@ impl Shadow {
         self.inner.candidate.load().is_some()
     }
 
-    /// Hands a live decision to the candidate; never blocks (a full queue drops it, counted).
+    /// Hands a live decision to the candidate; never blocks (a queue full in jobs or bytes
+    /// drops it, counted). The input is masked and cut on the shadow's thread.
     pub fn offer(&self, decision_id: &str, input: Value, live: Verdict) {
         let Some(queue) = self.inner.queue.get() else {
             return;
         };
+        let bytes = approx_bytes(&input);
+        let queued = &self.inner.queued_bytes;
+        if queued.fetch_add(bytes, Ordering::AcqRel) + bytes > QUEUE_BYTES {
+            queued.fetch_sub(bytes, Ordering::AcqRel);
+            self.inner.dropped.inc();
+            return;
+        }
         let job = Job {
             decision_id: decision_id.to_string(),
             input,
+            bytes,
             live,
             timestamp: SystemTime::now(),
         };
         if queue.try_send(job).is_err() {
+            queued.fetch_sub(bytes, Ordering::AcqRel);
             self.inner.dropped.inc();
         }
     }
@@ -341,7 +426,7 @@ impl Shadow {
         let candidate = self.candidate()?;
         Some((
             Arc::clone(&candidate.revision),
-            evaluate(&candidate.bundle, &self.inner.rule, input),
+            evaluate(&candidate.bundle, &self.inner.rule, input).cut(),
         ))
     }
 
@@ -393,33 +478,36 @@ impl Shadow {
 }
 
 fn shadow_loop(rx: &Receiver<Job>, weak: &std::sync::Weak<Inner>) {
-    while let Ok(job) = rx.recv() {
+    while let Ok(mut job) = rx.recv() {
         let Some(inner) = weak.upgrade() else {
             return;
         };
+        inner.queued_bytes.fetch_sub(job.bytes, Ordering::AcqRel);
         let shadow = Shadow { inner };
         let Some(candidate) = shadow.candidate() else {
             continue;
         };
-        let verdict = evaluate(&candidate.bundle, &shadow.inner.rule, &job.input);
+        // The candidate decides what the log would show, never more.
+        shadow
+            .inner
+            .mask
+            .load()
+            .redact(&mut job.input, &mut Vec::new());
+        let verdict = evaluate(&candidate.bundle, &shadow.inner.rule, &job.input).cut();
         shadow.inner.evaluated.fetch_add(1, Ordering::Relaxed);
         if verdict.allow == job.live.allow {
             continue;
         }
-        let kind = job
-            .input
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let (from, to) = (job.live.label(), verdict.label());
+        let live = job.live.cut();
+        let kind = kind_label(job.input.get("kind").and_then(Value::as_str).unwrap_or(""));
+        let (from, to) = (live.label(), verdict.label());
         shadow
             .inner
             .differences
             .get_or_create(&FromTo { from, to })
             .inc();
-        tracing::info!(decision_id = %job.decision_id, %kind, from, to, live_reasons = ?job.live.reasons, candidate_reasons = ?verdict.reasons, candidate = %candidate.revision, "shadow difference");
-        let mut group = Group::of(&kind, &job.live, &verdict);
+        tracing::info!(decision_id = %job.decision_id, kind, from, to, live_reasons = ?live.reasons, candidate_reasons = ?verdict.reasons, candidate = %candidate.revision, "shadow difference");
+        let mut group = Group::of(kind, &live, &verdict);
         let mut seen = shadow.seen();
         if !seen.groups.contains_key(&group) && seen.groups.len() >= MAX_GROUPS {
             group.reason = "(other)".to_string();
@@ -431,7 +519,7 @@ fn shadow_loop(rx: &Receiver<Job>, weak: &std::sync::Weak<Inner>) {
         seen.recent.push_back(Difference {
             decision_id: job.decision_id,
             kind,
-            live: job.live,
+            live,
             candidate: verdict,
             revision: Arc::clone(&candidate.revision),
             timestamp: job.timestamp,
@@ -466,6 +554,7 @@ decision := {"allow": allow, "reasons": reasons}
 
     fn shadow() -> Shadow {
         Shadow::new(
+            Mask::new(&[], &["*token*".into()]),
             DataPath::from_ref("data.t.decision").expect("ref"),
             Duration::from_secs(1),
             1_000_000,
@@ -532,6 +621,84 @@ decision := {"allow": allow, "reasons": reasons}
         );
         shadow.unload();
         assert!(shadow.decide(&json!({})).is_none());
+    }
+
+    /// Finding 1 of the console review: a candidate that quotes its whole input in a malformed
+    /// result (`decision := {"x": input}`) must see only the masked, cut input, and what it
+    /// writes is cut before it is kept.
+    #[test]
+    fn a_candidate_sees_the_input_as_logged_and_its_words_are_cut() {
+        let dir = test_tree(&[("t.rego", "package t\ndecision := {\"x\": input}\n")]);
+        let shadow = shadow();
+        shadow
+            .load(Bundle::read(dir.path()).expect("read"))
+            .expect("load");
+        let allow = Verdict {
+            allow: true,
+            reasons: vec![],
+        };
+        let input = json!({
+            "kind": "odd-kind",
+            "message": {"body": {"idToken": "secret-token-1", "value": "v".repeat(100_000)}},
+        });
+        shadow.offer("d1", input, allow);
+        let status = wait_for(&shadow, 1);
+        let shown = serde_json::to_string(&status).expect("json");
+        assert!(!shown.contains("secret-token-1"), "{shown}");
+        assert!(
+            shown.contains("**REDACTED**"),
+            "the candidate saw the mask: {shown}"
+        );
+        let difference = &status.recent[0];
+        assert_eq!(difference.kind, "other", "kinds are a closed set");
+        assert!(
+            difference.candidate.reasons[0].len() < MAX_REASON_BYTES + 40,
+            "{}",
+            difference.candidate.reasons[0].len()
+        );
+        assert!(shown.len() < 8 * MAX_REASON_BYTES, "{}", shown.len());
+        assert_eq!(status.groups[0].0.kind, "other");
+    }
+
+    #[test]
+    fn verdicts_are_cut_in_count_and_length() {
+        let verdict = Verdict {
+            allow: false,
+            reasons: (0..100)
+                .map(|i| format!("{i}{}", "r".repeat(10_000)))
+                .collect(),
+        }
+        .cut();
+        assert_eq!(verdict.reasons.len(), MAX_REASONS + 1);
+        assert_eq!(verdict.reasons[MAX_REASONS], "…(cut: 100 reasons)");
+        assert!(
+            verdict.reasons[0].ends_with("(cut: 10001 bytes)"),
+            "{}",
+            verdict.reasons[0]
+        );
+        assert_eq!(kind_label("membership"), "membership");
+        assert_eq!((kind_label(""), kind_label("Message")), ("none", "other"));
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        let slow = "package t\ndecision := {\"allow\": n > 0} if n := count([x | some a in numbers.range(1, 300); some b in numbers.range(1, 300); x := a + b])\n";
+        let dir = test_tree(&[("t.rego", slow)]);
+        let shadow = shadow();
+        shadow
+            .load(Bundle::read(dir.path()).expect("read"))
+            .expect("load");
+        let live = Verdict {
+            allow: true,
+            reasons: vec![],
+        };
+        let big = json!({"kind": "message", "body": "b".repeat(4 * 1024 * 1024)});
+        for i in 0..64 {
+            shadow.offer(&format!("d{i}"), big.clone(), live.clone());
+        }
+        assert!(shadow.inner.queued_bytes.load(Ordering::Acquire) <= QUEUE_BYTES);
+        // 256 MiB offered to a slow candidate: most of it cannot have fitted.
+        assert!(shadow.status().dropped > 0);
     }
 
     #[test]
