@@ -15,7 +15,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The top-level sections; environment variables name one of them first.
-const SECTIONS: [&str; 5] = ["pdp", "pep", "bus", "log", "policy_server"];
+const SECTIONS: [&str; 6] = ["pdp", "pep", "bus", "log", "policy_server", "console"];
 
 /// Why the configuration could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -125,11 +125,25 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsoleConfig {
-    /// Serve `/console` (behind `[pdp] token`, like the API).
+    /// Serve `/console` (behind `[pdp] token`, like the API). Without a token the node
+    /// refuses to start when `write` is on or `[pdp] listen` is not a loopback address.
     pub enabled: bool,
     /// Allow the console to change something: loading and unloading the shadow candidate.
-    /// Off: read-only (the playground still evaluates, changing nothing).
+    /// Off: read-only (the playground still evaluates, changing nothing). Needs `write_token`.
     pub write: bool,
+    /// The credential of the console's writes (bearer, or Basic password), other than
+    /// `[pdp] token` — which every PEP holds — so that the API token alone cannot load a
+    /// candidate. It also opens the console's reads.
+    pub write_token: Option<String>,
+    /// Host names (`name` or `name:port`) the console answers to besides the listener's own
+    /// address and `localhost`/`127.0.0.1`/`[::1]` with its port; any other `Host` is 403
+    /// (DNS rebinding).
+    pub hosts: Vec<String>,
+    /// Live tails one client address may hold open at once.
+    pub max_subscribers_per_client: usize,
+    /// Longest life of one live tail; the page's `EventSource` reconnects on its own.
+    #[serde(with = "humantime_serde")]
+    pub tail_lifetime: Duration,
     /// Decisions kept for the tail and the playground (already masked), newest first.
     pub recent_decisions: usize,
     /// Bytes those decisions may take, serialised; the oldest go first.
@@ -143,10 +157,41 @@ impl Default for ConsoleConfig {
         Self {
             enabled: false,
             write: false,
+            write_token: None,
+            hosts: Vec::new(),
             recent_decisions: 1000,
             recent_bytes: 8 * 1024 * 1024,
             max_subscribers: 8,
+            max_subscribers_per_client: 2,
+            tail_lifetime: Duration::from_secs(600),
         }
+    }
+}
+
+impl ConsoleConfig {
+    /// What makes this console unsafe to serve with `pdp`, one line each (none: it may start).
+    pub fn problems(&self, pdp: &PdpConfig) -> Vec<String> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        let set = |t: &Option<String>| t.as_deref().is_some_and(|t| !t.is_empty());
+        let mut problems = Vec::new();
+        if !set(&pdp.token) && !pdp.listen.ip().is_loopback() {
+            problems.push(format!(
+                "[console] enabled on {} (not loopback) needs [pdp] token: anyone who reaches the listener would read the decisions",
+                pdp.listen
+            ));
+        }
+        if self.write && !set(&pdp.token) {
+            problems.push("[console] write needs [pdp] token: without it any page the browser opens could reach the console (DNS rebinding) and load a candidate".to_string());
+        }
+        if self.write && !set(&self.write_token) {
+            problems.push("[console] write needs [console] write_token: [pdp] token is every PEP's credential and alone may not load a candidate".to_string());
+        }
+        if set(&self.write_token) && self.write_token == pdp.token {
+            problems.push("[console] write_token must differ from [pdp] token".to_string());
+        }
+        problems
     }
 }
 

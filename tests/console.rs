@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::console::{ConsoleNode, TOKEN};
+use common::console::{ConsoleNode, TOKEN, WRITE_TOKEN};
 use common::eventually;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -320,9 +320,16 @@ async fn the_playground_and_the_shadow_show_both_sides() {
         metrics.contains(r#"msgnode_pdp_shadow_differences_total{from="allow",to="deny"} 1"#),
         "{metrics}"
     );
-    // Write mode: unloading the candidate works, and the playground then has one side.
-    let unloaded = node
+    // Write mode: [pdp] token alone may not write; the write token unloads the candidate,
+    // and the playground then has one side.
+    let refused = node
         .request(Method::DELETE, "/console/api/shadow")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(refused.status(), 403);
+    let unloaded = node
+        .write(Method::DELETE, "/console/api/shadow")
         .send()
         .await
         .expect("send");
@@ -350,5 +357,184 @@ async fn the_playground_and_the_shadow_show_both_sides() {
         "{file}"
     );
     assert!(file["source"].is_string(), "{file}");
+    node.stop().await;
+}
+
+/// A tarball of one module, `candidate.rego`.
+fn tarball(rego: &str) -> Vec<u8> {
+    let file = msgnode::pdp::bundle::BundleFile {
+        id: "candidate.rego".into(),
+        shown: "candidate.rego".into(),
+        bytes: rego.as_bytes().to_vec(),
+    };
+    msgnode::pdp::bundle::tarball::write(&[file]).expect("tarball")
+}
+
+/// Finding 1 of the console review: a candidate uploaded in write mode that quotes its whole
+/// input (`decision := {"x": input}`) to read live secrets. The API token alone cannot load
+/// it; loaded with the write token, it decides the input as the log has it (masked, cut), so
+/// the differences it makes carry no secret, and its words are cut.
+#[tokio::test]
+async fn an_uploaded_candidate_cannot_read_what_the_log_masks() {
+    let node = ConsoleNode::start(true, None).await;
+    let exfiltrate = tarball("package msgnode.authz\n\ndecision := {\"x\": input}\n");
+    let with_api_token = node
+        .request(Method::PUT, "/console/api/shadow")
+        .body(exfiltrate.clone())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        with_api_token.status(),
+        403,
+        "a PEP's token cannot load candidates"
+    );
+    let loaded = node
+        .write(Method::PUT, "/console/api/shadow")
+        .body(exfiltrate)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        loaded.status(),
+        200,
+        "{}",
+        loaded.text().await.unwrap_or_default()
+    );
+    let id = node
+        .decide_fixture("message_allow_hyperty_create", |input| {
+            with_secret(input);
+            input["message"]["body"]["idToken"] = json!(SECRET);
+            input["message"]["body"]["padding"] = json!("p".repeat(200_000));
+        })
+        .await;
+    eventually(
+        "the candidate's difference is kept",
+        Duration::from_secs(10),
+        || async {
+            let (_, status) = node.get("/console/api/status").await;
+            status["shadow"]["recent"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|d| d["decision_id"] == id.as_str()))
+        },
+    )
+    .await;
+    let (_, status) = node.get("/console/api/status").await;
+    let text = status.to_string();
+    assert!(
+        !text.contains(SECRET),
+        "the candidate read a masked field: {text}"
+    );
+    assert!(text.contains("**REDACTED**"), "it saw the mask: {text}");
+    assert!(
+        text.len() < 16 * 1024,
+        "its words are cut: {} bytes",
+        text.len()
+    );
+    node.stop().await;
+}
+
+/// Finding 3 of the console review: DNS rebinding. The attacker's page is same-origin with
+/// itself (`Origin` and `Host` both name its host): refused, even with the token.
+#[tokio::test]
+async fn a_rebound_host_name_is_refused() {
+    let node = ConsoleNode::start(false, None).await;
+    let port = node.running.pdp_addr.port();
+    let evil = format!("evil.example:{port}");
+    for path in ["/console", "/console/api/recent", "/console/api/events"] {
+        let response = node
+            .request(Method::GET, path)
+            .header("host", evil.as_str())
+            .header("origin", format!("http://{evil}"))
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 403, "{path}");
+    }
+    let own = node
+        .request(Method::GET, "/console/api/status")
+        .header("host", format!("localhost:{port}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(own.status(), 200);
+    node.stop().await;
+}
+
+/// Finding 3, the other half: a console that DNS rebinding or a PEP's token could write
+/// through, or that anyone on the network could read, does not start.
+#[tokio::test]
+async fn an_unguarded_console_does_not_start() {
+    let base = || {
+        let mut config = common::bus_config(&common::shipped_policies());
+        config.bus.enabled = false;
+        config.pdp.decision_log.enabled = false;
+        config.console.enabled = true;
+        config
+    };
+    let mut write_without_token = base();
+    write_without_token.console.write = true;
+    write_without_token.console.write_token = Some(WRITE_TOKEN.into());
+    let mut write_with_api_token_only = base();
+    write_with_api_token_only.pdp.token = Some(TOKEN.into());
+    write_with_api_token_only.console.write = true;
+    let mut open_to_the_network = base();
+    open_to_the_network.pdp.listen = "0.0.0.0:0".parse().expect("addr");
+    for (config, expected) in [
+        (write_without_token, "[console] write needs [pdp] token"),
+        (write_with_api_token_only, "needs [console] write_token"),
+        (open_to_the_network, "needs [pdp] token"),
+    ] {
+        let error = match msgnode::cmd::run::start(config).await {
+            Ok(running) => {
+                running.stop().await;
+                panic!("started: {expected}");
+            }
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(expected), "{error}");
+    }
+}
+
+/// Finding 9 of the console review: tails are capped per client and end after
+/// `tail_lifetime` (the page's EventSource reconnects), so held connections cannot lock the
+/// security team out.
+#[tokio::test]
+async fn tails_are_capped_per_client_and_end() {
+    let node = ConsoleNode::start_with(false, None, |config| {
+        config.console.max_subscribers_per_client = 1;
+        config.console.tail_lifetime = Duration::from_secs(1);
+    })
+    .await;
+    let mut first = node
+        .request(Method::GET, "/console/api/events")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(first.status(), 200);
+    let second = node
+        .request(Method::GET, "/console/api/events")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(second.status(), 503, "one tail per client here");
+    // The first ends by itself, and its place is free again.
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(_)) = first.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the tail did not end");
+    eventually(
+        "the place is free again",
+        Duration::from_secs(10),
+        || async {
+            node.request(Method::GET, "/console/api/events")
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
     node.stop().await;
 }

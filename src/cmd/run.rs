@@ -150,10 +150,7 @@ impl DecisionLogs {
         if !config.enabled {
             let sink: Box<dyn DecisionSink> = match sinks.is_empty() {
                 true => Box::new(NullSink),
-                false => Box::new(Redacted::new(
-                    Mask::new(&config.mask, &config.mask_keys),
-                    Tee(sinks),
-                )),
+                false => Box::new(Redacted::new(Mask::of(config), Tee(sinks))),
             };
             self.sink.replace(sink);
             return Ok(());
@@ -167,7 +164,7 @@ impl DecisionLogs {
                 decision_logs::start(upload, self.upload.clone(), shutdown.child_token(), tracker)?;
             sinks.push(Arc::new(uploader));
         }
-        let mask = Mask::new(&config.mask, &config.mask_keys);
+        let mask = Mask::of(config);
         self.sink.replace(Box::new(Redacted::new(mask, Tee(sinks))));
         Ok(())
     }
@@ -195,14 +192,28 @@ impl Running {
                         &self.shutdown,
                         &self.tracker,
                     ) {
-                        Ok(()) => tracing::info!("decision log reopened"),
+                        Ok(()) => {
+                            self.pdp
+                                .shadow()
+                                .set_mask(Mask::of(&config.pdp.decision_log));
+                            tracing::info!("decision log reopened");
+                        }
                         Err(error) => tracing::error!(%error, "decision log unchanged"),
                     }
                 }
                 for section in restart_needed(&self.config, &config) {
                     tracing::warn!(section, "changed; takes effect when the node restarts");
                 }
-                load_shadow(&self.pdp, config.pdp.shadow.as_deref()).await;
+                // `[pdp] shadow` is re-read; a candidate the console loaded stays unless
+                // `[pdp] shadow` itself changed.
+                let from_console = self
+                    .pdp
+                    .shadow()
+                    .candidate()
+                    .is_some_and(|c| c.from_console());
+                if !from_console || config.pdp.shadow != self.config.pdp.shadow {
+                    load_shadow(&self.pdp, config.pdp.shadow.as_deref()).await;
+                }
                 self.config.log = config.log;
                 self.config.pdp.decision_log = config.pdp.decision_log;
                 self.config.pdp.shadow = config.pdp.shadow;
@@ -335,6 +346,10 @@ async fn load_shadow(pdp: &Pdp, dir: Option<&Path>) {
 /// A bad schema or decision rule, an unopenable decision log, or an address in use.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let pdp_config = &config.pdp;
+    let problems = config.console.problems(pdp_config);
+    if !problems.is_empty() {
+        anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "));
+    }
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut registry = Registry::with_prefix("msgnode");
@@ -446,7 +461,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             tracing::info!(%pdp_addr, write = config.console.write, "console at http://{pdp_addr}/console");
             state.with_console(Console::new(
                 feed,
-                config.console.write,
+                &config.console,
+                pdp_addr,
                 shutdown.child_token(),
             ))
         }

@@ -1,12 +1,15 @@
 //! What the console shows of live decisions: [`ConsoleFeed`], a [`DecisionSink`] placed
 //! *inside* the decision log's `Redacted` (so it only ever sees masked, cut records), keeps
 //! the recent ones in a ring bounded in count and bytes, counts them per time bucket, kind
-//! and result, and broadcasts each to the open tails. Nothing here blocks the deciding
+//! and result (both closed sets: [`kind_label`], so an HTTP client's odd `input.kind` is
+//! `other`), and broadcasts each to the open tails (bounded in number, overall and per
+//! client address). Nothing here blocks the deciding
 //! thread: the ring and the counts are short critical sections, and the broadcast never
 //! waits — a tail that falls behind loses the oldest entries it has not read (it is told how
 //! many). The HTTP side is `pdp::api::console`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +20,7 @@ use tokio::sync::broadcast;
 
 use super::decision_log::{DecisionRecord, DecisionSink};
 use super::metrics::Outcome;
+use super::shadow::kind_label;
 use crate::config::ConsoleConfig;
 
 /// Entries a tail may fall behind by before it loses the oldest.
@@ -182,7 +186,7 @@ struct Ring {
 pub struct Bucket {
     /// Start of the bucket, seconds since the Unix epoch.
     pub start: u64,
-    /// Counts by `kind/result`.
+    /// Counts by `kind/result` (closed sets: at most 7 × 5 keys).
     pub counts: BTreeMap<String, u64>,
 }
 
@@ -192,22 +196,49 @@ pub struct ConsoleFeed {
     counts: Mutex<VecDeque<Bucket>>,
     tail: broadcast::Sender<Arc<Entry>>,
     subscribers: Arc<AtomicUsize>,
+    /// Open tails per client address.
+    per_client: Arc<PerClient>,
     max_entries: usize,
     max_bytes: usize,
     max_subscribers: usize,
+    max_per_client: usize,
 }
+
+/// Open tails by client address.
+type PerClient = Mutex<HashMap<IpAddr, usize>>;
 
 /// An open tail; dropping it frees its place.
 pub struct Subscription {
     /// Entries as they come; `Lagged(n)` when the tail lost `n`.
     pub receiver: broadcast::Receiver<Arc<Entry>>,
     count: Arc<AtomicUsize>,
+    client: Option<(IpAddr, Arc<PerClient>)>,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
+        if let Some((ip, per_client)) = &self.client {
+            let mut per_client = per_client.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = per_client.get_mut(ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_client.remove(ip);
+                }
+            }
+        }
     }
+}
+
+/// Why a tail was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TailRefused {
+    /// `[console] max_subscribers` tails are open.
+    #[error("too many open tails ([console] max_subscribers)")]
+    Full,
+    /// This client holds `[console] max_subscribers_per_client` already.
+    #[error("too many open tails from this address ([console] max_subscribers_per_client)")]
+    ClientFull,
 }
 
 impl ConsoleFeed {
@@ -218,23 +249,43 @@ impl ConsoleFeed {
             counts: Mutex::new(VecDeque::new()),
             tail: broadcast::channel(TAIL_LAG).0,
             subscribers: Arc::new(AtomicUsize::new(0)),
+            per_client: Arc::default(),
             max_entries: config.recent_decisions,
             max_bytes: config.recent_bytes,
             max_subscribers: config.max_subscribers,
+            max_per_client: config.max_subscribers_per_client,
         }
     }
 
-    /// Opens a tail, unless `max_subscribers` are open.
-    pub fn subscribe(&self) -> Option<Subscription> {
-        let taken = self
-            .subscribers
+    /// Opens a tail for `client`, unless `max_subscribers` are open, or that many from it.
+    ///
+    /// # Errors
+    /// Which bound is reached.
+    pub fn subscribe(&self, client: Option<IpAddr>) -> Result<Subscription, TailRefused> {
+        self.subscribers
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_subscribers).then_some(n + 1)
-            });
-        taken.ok().map(|_| Subscription {
+            })
+            .map_err(|_| TailRefused::Full)?;
+        // From here on, dropping it gives the places back.
+        let mut subscription = Subscription {
             receiver: self.tail.subscribe(),
             count: Arc::clone(&self.subscribers),
-        })
+            client: None,
+        };
+        if let Some(ip) = client {
+            let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let n = per_client.entry(ip).or_default();
+            if *n >= self.max_per_client {
+                if *n == 0 {
+                    per_client.remove(&ip);
+                }
+                return Err(TailRefused::ClientFull);
+            }
+            *n += 1;
+            subscription.client = Some((ip, Arc::clone(&self.per_client)));
+        }
+        Ok(subscription)
     }
 
     /// The most recent entries that pass `filter`, newest first, at most `limit`.
@@ -268,15 +319,7 @@ impl ConsoleFeed {
     fn count(&self, shown: &Shown, at: SystemTime) {
         let seconds = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let start = seconds - seconds % BUCKET_SECONDS;
-        let key = format!(
-            "{}/{}",
-            if shown.kind.is_empty() {
-                "none"
-            } else {
-                &shown.kind
-            },
-            shown.result
-        );
+        let key = format!("{}/{}", kind_label(&shown.kind), shown.result);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         match counts.back_mut() {
             Some(last) if last.start == start => {}
@@ -296,8 +339,6 @@ impl ConsoleFeed {
             }
         }
         if let Some(last) = counts.back_mut() {
-            // Kinds are a closed set in the node's inputs; an HTTP client's odd kind is
-            // bounded by the buckets' own bound.
             *last.counts.entry(key).or_default() += 1;
         }
     }
@@ -367,7 +408,7 @@ mod tests {
             Mask::new(&[], &["*token*".into()]),
             Tee(vec![Arc::clone(&feed) as Arc<dyn DecisionSink>]),
         );
-        let mut tail = feed.subscribe().expect("a tail");
+        let mut tail = feed.subscribe(None).expect("a tail");
         let input = |user: &str| json!({"kind": "message", "subject": {"user": user}, "message": {"from": "hyperty://a/1", "to": ["hyperty://b/2"], "body": {"idToken": "secret-1"}}});
         sink.log(record("d1", input("@alice:x"), true));
         sink.log(record("d2", input("@bob:x"), false));
@@ -400,6 +441,55 @@ mod tests {
         assert_eq!(total, 9);
     }
 
+    /// Finding 9 of the console review: one client may not take every tail.
+    #[test]
+    fn one_client_holds_at_most_its_share_of_tails() {
+        let config = ConsoleConfig {
+            max_subscribers: 3,
+            max_subscribers_per_client: 2,
+            ..ConsoleConfig::default()
+        };
+        let feed = ConsoleFeed::new(&config);
+        let (mallory, alice): (IpAddr, IpAddr) = (
+            "10.0.0.66".parse().expect("ip"),
+            "10.0.0.1".parse().expect("ip"),
+        );
+        let held: Vec<_> = (0..2)
+            .map(|_| feed.subscribe(Some(mallory)).expect("two"))
+            .collect();
+        assert_eq!(
+            feed.subscribe(Some(mallory)).err(),
+            Some(TailRefused::ClientFull)
+        );
+        let alices = feed
+            .subscribe(Some(alice))
+            .expect("another client still gets one");
+        assert_eq!(feed.subscribe(Some(alice)).err(), Some(TailRefused::Full));
+        drop(alices);
+        drop(held);
+        assert!(feed.per_client.lock().expect("lock").is_empty());
+        assert_eq!(feed.subscribers.load(Ordering::Acquire), 0);
+    }
+
+    /// Finding 5 of the console review: fresh kinds do not grow the counts.
+    #[test]
+    fn counts_are_keyed_by_a_closed_set() {
+        let feed = ConsoleFeed::new(&ConsoleConfig::default());
+        for i in 0..500 {
+            let kind = format!("kind-{i}-{}", "k".repeat(1000));
+            feed.log(record(&format!("d{i}"), json!({ "kind": kind }), true));
+        }
+        feed.log(record("m", json!({"kind": "message"}), false));
+        let keys: Vec<String> = feed
+            .counts()
+            .iter()
+            .flat_map(|b| b.counts.keys().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(keys, ["message/deny", "other/allow"]);
+    }
+
     #[test]
     fn tails_are_bounded_and_a_slow_one_loses_the_oldest() {
         let config = ConsoleConfig {
@@ -407,8 +497,12 @@ mod tests {
             ..ConsoleConfig::default()
         };
         let feed = ConsoleFeed::new(&config);
-        let mut tail = feed.subscribe().expect("one");
-        assert!(feed.subscribe().is_none(), "the second is refused");
+        let mut tail = feed.subscribe(None).expect("one");
+        assert_eq!(
+            feed.subscribe(None).err(),
+            Some(TailRefused::Full),
+            "the second is refused"
+        );
         for i in 0..TAIL_LAG + 10 {
             feed.log(record(&format!("d{i}"), json!({"kind": "claim"}), true));
         }
@@ -417,6 +511,9 @@ mod tests {
             Err(broadcast::error::TryRecvError::Lagged(10))
         ));
         drop(tail);
-        assert!(feed.subscribe().is_some(), "a closed tail frees its place");
+        assert!(
+            feed.subscribe(None).is_ok(),
+            "a closed tail frees its place"
+        );
     }
 }

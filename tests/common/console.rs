@@ -8,6 +8,8 @@ use serde_json::Value;
 
 /// The `[pdp] token` of console nodes.
 pub const TOKEN: &str = "console-test-token";
+/// The `[console] write_token` of console nodes in write mode.
+pub const WRITE_TOKEN: &str = "console-test-write-token";
 
 /// A running node with `[console] enabled`.
 pub struct ConsoleNode {
@@ -29,6 +31,15 @@ impl ConsoleNode {
     /// `write`: `[console] write`; `candidate`: edits a copy of the shipped data into the
     /// `[pdp] shadow` candidate.
     pub async fn start(write: bool, candidate: Option<fn(&mut Value)>) -> ConsoleNode {
+        Self::start_with(write, candidate, |_| {}).await
+    }
+
+    /// [`ConsoleNode::start`], with `edit` applied to the configuration last.
+    pub async fn start_with(
+        write: bool,
+        candidate: Option<fn(&mut Value)>,
+        edit: impl FnOnce(&mut msgnode::config::Config),
+    ) -> ConsoleNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let policies = dir.path().join("policies");
         super::synapse::copy_dir(&super::shipped_policies(), &policies);
@@ -40,8 +51,10 @@ impl ConsoleNode {
         config.pdp.reload_debounce = std::time::Duration::from_millis(50);
         config.console.enabled = true;
         config.console.write = write;
+        config.console.write_token = write.then(|| WRITE_TOKEN.to_string());
         let candidate = candidate.map(super::policies_with);
         config.pdp.shadow = candidate.as_ref().map(|c| c.path().to_path_buf());
+        edit(&mut config);
         let running = start(config).await.expect("start");
         let base = format!("http://{}", running.pdp_addr);
         ConsoleNode {
@@ -59,6 +72,13 @@ impl ConsoleNode {
         self.http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(TOKEN)
+    }
+
+    /// A request to `path` with the write token.
+    pub fn write(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(WRITE_TOKEN)
     }
 
     /// `GET path` with the token: status and JSON body.

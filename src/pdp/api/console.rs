@@ -1,37 +1,45 @@
 //! `/console`: the security team's page on the PDP listener (`[console] enabled`).
 //!
-//! Every route is behind `[pdp] token` — as a bearer token, or as the password of HTTP Basic
-//! (any user name) so that a browser can log in and its `EventSource` carries it — and
-//! refuses cross-origin requests: a `Sec-Fetch-Site` other than `same-origin`/`none`, or an
-//! `Origin` that is not this host, is 403, and no CORS header is ever sent. Pages are
-//! served with a strict CSP (no inline script, nothing from elsewhere) and may not be framed.
-//! Reads never change anything; the playground evaluates without logging, caching or
-//! shadowing. The only writes — loading and unloading the shadow candidate — need
-//! `[console] write = true`. The live tail is [`ConsoleFeed`]: it sits inside the decision
-//! log's masking, so a masked field never reaches this module.
+//! Every route is behind `[pdp] token` (or `[console] write_token`) — as a bearer token, or
+//! as the password of HTTP Basic (any user name) so that a browser can log in and its
+//! `EventSource` carries it — answers only to its own host names (a `Host` that is not the
+//! listener's address, a loopback name with its port or one of `[console] hosts` is 403: DNS
+//! rebinding) and refuses cross-origin requests: a `Sec-Fetch-Site` other than
+//! `same-origin`/`none`, or an `Origin` that is not this host, is 403, and no CORS header is
+//! ever sent. Pages are served with a strict CSP (no inline script, nothing from elsewhere)
+//! and may not be framed. Reads never change anything; the playground evaluates without
+//! logging, caching or shadowing, at most [`PLAYGROUND_AT_ONCE`] at a time (429 past it), and
+//! coverage is computed once per revision, by one request. The only writes — loading and
+//! unloading the shadow candidate — need `[console] write = true` and `[console]
+//! write_token`. The live tail is [`ConsoleFeed`]: it sits inside the decision log's
+//! masking, so a masked field never reaches this module; each tail lives at most
+//! `[console] tail_lifetime`.
 
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::Router;
+use axum::{Extension, Router};
 use base64::Engine as _;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{json_response, v1_data::read_body, ApiError, ApiState};
+use crate::config::ConsoleConfig;
 use crate::pdp::bundle::tarball;
 use crate::pdp::console::{ConsoleFeed, Filter};
-use crate::pdp::shadow::Verdict;
+use crate::pdp::shadow::{Verdict, CONSOLE_SOURCE};
 use crate::pdp::testing::Fixture;
 
 /// Decisions a new tail is sent first (the most recent that pass its filter).
@@ -40,6 +48,8 @@ pub const BACKFILL: usize = 100;
 pub const RECENT_LIMIT: usize = 500;
 /// Largest candidate tarball the console accepts.
 pub const MAX_CANDIDATE_BYTES: usize = 64 * 1024 * 1024;
+/// Playground questions evaluated at once; more are answered 429 with `Retry-After`.
+pub const PLAYGROUND_AT_ONCE: usize = 2;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const APP_JS: &str = include_str!("console/app.js");
@@ -50,24 +60,65 @@ const APP_CSS: &str = include_str!("console/app.css");
 pub struct Console {
     feed: Arc<ConsoleFeed>,
     write: bool,
+    /// `[console] write_token`: what writes need.
+    write_token: Option<Arc<str>>,
+    /// The `Host` values answered (lower case; an entry without a port allows any).
+    hosts: Arc<[String]>,
+    tail_lifetime: Duration,
     shutdown: CancellationToken,
-    /// Coverage of the active revision's tests, computed once per revision.
-    coverage: Arc<Mutex<Option<CoverageOf>>>,
+    /// Places for playground evaluations.
+    playground: Arc<Semaphore>,
+    /// Coverage of the active revision's tests, computed once per revision: the lock makes
+    /// concurrent misses wait for the one computing it.
+    coverage: Arc<tokio::sync::Mutex<Option<CoverageOf>>>,
 }
 
 /// A revision and the coverage report of its tests.
 type CoverageOf = (Arc<str>, Arc<Value>);
 
 impl Console {
-    /// The console over `feed`; `write` allows loading a shadow candidate; open tails end
-    /// when `shutdown` is cancelled.
-    pub fn new(feed: Arc<ConsoleFeed>, write: bool, shutdown: CancellationToken) -> Self {
+    /// The console over `feed` as `config` says, served on `listener`; open tails end when
+    /// `shutdown` is cancelled.
+    pub fn new(
+        feed: Arc<ConsoleFeed>,
+        config: &ConsoleConfig,
+        listener: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let port = listener.port();
+        let mut hosts = vec![
+            listener.to_string(),
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+        ];
+        hosts.extend(config.hosts.iter().map(|h| h.trim().to_ascii_lowercase()));
         Self {
             feed,
-            write,
+            write: config.write,
+            write_token: config
+                .write_token
+                .as_deref()
+                .filter(|t| !t.is_empty())
+                .map(Arc::from),
+            hosts: hosts.into(),
+            tail_lifetime: config.tail_lifetime,
             shutdown,
+            playground: Arc::new(Semaphore::new(PLAYGROUND_AT_ONCE)),
             coverage: Arc::default(),
         }
+    }
+
+    /// Whether `host` (a `Host` header or URI authority) names this console.
+    fn answers_to(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if !port.contains(']') => name,
+            _ => host.as_str(),
+        };
+        self.hosts
+            .iter()
+            .any(|allowed| *allowed == host || (!allowed.contains(':') && *allowed == name))
     }
 }
 
@@ -91,6 +142,7 @@ pub fn router(state: &ApiState) -> Router<ApiState> {
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn(same_origin))
+        .route_layer(middleware::from_fn_with_state(state.clone(), own_host))
         .route_layer(middleware::from_fn(headers))
 }
 
@@ -115,6 +167,28 @@ fn cross_origin(headers: &HeaderMap) -> Option<String> {
         .iter()
         .any(|scheme| origin.strip_prefix(scheme) == Some(host));
     (!same).then(|| format!("Origin: {origin}"))
+}
+
+/// Refuses a `Host` the console does not answer to: after DNS rebinding, an attacker's page
+/// is same-origin with itself, but its requests name the attacker's host.
+async fn own_host(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let Some(console) = state.console.as_ref() else {
+        return next.run(request).await;
+    };
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(ToString::to_string));
+    match host {
+        Some(host) if console.answers_to(&host) => next.run(request).await,
+        other => {
+            tracing::warn!(host = ?other.as_deref().map(|h| h.chars().take(100).collect::<String>()), "console: request for another host refused ([console] hosts)");
+            ApiError::Forbidden("this host is not the console's ([console] hosts)".into())
+                .into_response()
+        }
+    }
 }
 
 async fn same_origin(request: Request, next: Next) -> Response {
@@ -147,7 +221,12 @@ fn presented(headers: &HeaderMap) -> Option<String> {
 async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     if let Some(expected) = state.token.as_deref() {
         let presented = presented(request.headers()).unwrap_or_default();
-        if !crate::http_auth::token_matches(&presented, expected) {
+        let writer = state
+            .console
+            .as_ref()
+            .and_then(|c| c.write_token.as_deref())
+            .is_some_and(|w| crate::http_auth::token_matches(&presented, w));
+        if !writer && !crate::http_auth::token_matches(&presented, expected) {
             let mut response = ApiError::Unauthorized.into_response();
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -204,12 +283,15 @@ async fn style(State(state): State<ApiState>) -> Response {
 /// JSON) and `lagged` (how many this tail lost); the most recent matching decisions first.
 async fn events(
     State(state): State<ApiState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     Query(filter): Query<Filter>,
 ) -> Result<Response, ApiError> {
     let console = console(&state)?;
-    let subscription = console.feed.subscribe().ok_or_else(|| {
-        ApiError::Unavailable("too many open tails ([console] max_subscribers)".into())
-    })?;
+    let client = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let subscription = console
+        .feed
+        .subscribe(client)
+        .map_err(|refused| ApiError::Unavailable(refused.to_string()))?;
     let mut backfill = console.feed.recent(&filter, BACKFILL);
     backfill.reverse();
     let first = futures_util::stream::iter(
@@ -236,9 +318,11 @@ async fn events(
             }
         },
     );
+    // The page's EventSource reconnects when a tail ends: a held tail frees its place.
     let stream = first
         .chain(live)
-        .take_until(console.shutdown.clone().cancelled_owned());
+        .take_until(console.shutdown.clone().cancelled_owned())
+        .take_until(tokio::time::sleep(console.tail_lifetime));
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -299,23 +383,19 @@ async fn coverage(State(state): State<ApiState>) -> Result<Response, ApiError> {
         .pdp
         .active()
         .ok_or_else(|| ApiError::NotFound("no revision is active".into()))?;
-    {
-        let cached = console.coverage.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((revision, body)) = cached.as_ref() {
-            if *revision == active.revision {
-                return Ok(json_response(StatusCode::OK, body.as_ref(), false));
-            }
+    // One computation per revision: concurrent misses wait here, then find it cached.
+    let mut cached = console.coverage.lock().await;
+    if let Some((revision, body)) = cached.as_ref() {
+        if *revision == active.revision {
+            return Ok(json_response(StatusCode::OK, body.as_ref(), false));
         }
     }
     let pdp = state.pdp.clone();
-    let report = tokio::task::spawn_blocking(move || pdp.test(&active.bundle, true))
+    let tested = Arc::clone(&active);
+    let report = tokio::task::spawn_blocking(move || pdp.test(&tested.bundle, true))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let active = state
-        .pdp
-        .active()
-        .ok_or_else(|| ApiError::NotFound("no revision is active".into()))?;
     let modules = &active.bundle.bundle().modules;
     let files: Vec<Value> = report
         .coverage
@@ -342,8 +422,7 @@ async fn coverage(State(state): State<ApiState>) -> Result<Response, ApiError> {
         "percent": report.coverage_percent,
         "files": files,
     }));
-    *console.coverage.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some((Arc::clone(&active.revision), Arc::clone(&body)));
+    *cached = Some((Arc::clone(&active.revision), Arc::clone(&body)));
     Ok(json_response(StatusCode::OK, body.as_ref(), false))
 }
 
@@ -438,10 +517,15 @@ async fn playground(State(state): State<ApiState>, body: Body) -> Result<Respons
             ))
         }
     };
+    // Bounded: the permit lives as long as the evaluation, also when the client has gone.
+    let permit = Arc::clone(&console.playground)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyRequests(Duration::from_secs(1)))?;
     let pdp = state.pdp.clone();
     let decided = tokio::task::spawn_blocking(move || {
-        let active = pdp.try_decision(&input);
+        let active = pdp.try_decision(&input).map(|(r, v)| (r, v.cut()));
         let candidate = pdp.shadow().decide(&input);
+        drop(permit);
         (active, candidate)
     })
     .await
@@ -457,23 +541,39 @@ async fn playground(State(state): State<ApiState>, body: Body) -> Result<Respons
     Ok(json_response(StatusCode::OK, &body, false))
 }
 
-fn writable(console: &Console) -> Result<(), ApiError> {
-    match console.write {
-        true => Ok(()),
-        false => Err(ApiError::Forbidden(
+/// Whether this request may write: write mode, and the write token (not `[pdp] token`).
+fn writable(console: &Console, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !console.write {
+        return Err(ApiError::Forbidden(
             "the console is read-only ([console] write = false)".into(),
-        )),
+        ));
+    }
+    match console.write_token.as_deref() {
+        Some(expected) => {
+            let presented = presented(headers).unwrap_or_default();
+            match crate::http_auth::token_matches(&presented, expected) {
+                true => Ok(()),
+                false => Err(ApiError::Forbidden(
+                    "writing needs [console] write_token, not [pdp] token".into(),
+                )),
+            }
+        }
+        None => Ok(()),
     }
 }
 
 /// `PUT /console/api/shadow` (write mode): the body, a bundle tarball, becomes the shadow
 /// candidate.
-async fn shadow_load(State(state): State<ApiState>, body: Body) -> Result<Response, ApiError> {
-    writable(console(&state)?)?;
+async fn shadow_load(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    writable(console(&state)?, &headers)?;
     let bytes = read_body(body, MAX_CANDIDATE_BYTES).await?;
     let pdp = state.pdp.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        let source = "console upload";
+        let source = CONSOLE_SOURCE;
         let bundle = tarball::read(&bytes, source, MAX_CANDIDATE_BYTES as u64)
             .and_then(|files| files.into_bundle(source))?;
         pdp.shadow().load(bundle)
@@ -490,8 +590,11 @@ async fn shadow_load(State(state): State<ApiState>, body: Body) -> Result<Respon
 }
 
 /// `DELETE /console/api/shadow` (write mode): no candidate any more.
-async fn shadow_unload(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    writable(console(&state)?)?;
+async fn shadow_unload(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    writable(console(&state)?, &headers)?;
     state.pdp.shadow().unload();
     Ok(json_response(StatusCode::OK, &json!({}), false))
 }
@@ -524,6 +627,77 @@ mod tests {
         ] {
             assert!(cross_origin(&headers(&refused)).is_some(), "{refused:?}");
         }
+    }
+
+    /// Finding 3 of the console review: after DNS rebinding the attacker's page sends its own
+    /// host name; only the listener's names (and `[console] hosts`) are answered.
+    #[test]
+    fn only_its_own_host_names_are_answered() {
+        let config = ConsoleConfig {
+            hosts: vec!["console.example.org".into(), "Ops.Example.org:9443".into()],
+            ..ConsoleConfig::default()
+        };
+        let console = Console::new(
+            Arc::new(ConsoleFeed::new(&config)),
+            &config,
+            "127.0.0.1:8181".parse().expect("addr"),
+            CancellationToken::new(),
+        );
+        for host in [
+            "127.0.0.1:8181",
+            "localhost:8181",
+            "LOCALHOST:8181",
+            "[::1]:8181",
+            "console.example.org",
+            "console.example.org:8181",
+            "ops.example.org:9443",
+        ] {
+            assert!(console.answers_to(host), "{host}");
+        }
+        for host in [
+            "evil.example:8181",
+            "localhost:9999",
+            "127.0.0.1",
+            "ops.example.org:8181",
+            "console.example.org.evil.example",
+            "",
+        ] {
+            assert!(!console.answers_to(host), "{host}");
+        }
+    }
+
+    /// Finding 4 of the console review: a flood of playground questions is answered 429
+    /// (with `Retry-After`) past [`PLAYGROUND_AT_ONCE`], never queued without bound.
+    #[tokio::test]
+    async fn the_playground_is_bounded() {
+        let config = ConsoleConfig::default();
+        let pdp = crate::pdp::Pdp::builder(&crate::config::PdpConfig::default())
+            .build()
+            .expect("pdp");
+        let console = Console::new(
+            Arc::new(ConsoleFeed::new(&config)),
+            &config,
+            "127.0.0.1:8181".parse().expect("addr"),
+            CancellationToken::new(),
+        );
+        let held = Arc::clone(&console.playground)
+            .try_acquire_many_owned(PLAYGROUND_AT_ONCE as u32)
+            .expect("permits");
+        let state = ApiState::new(
+            pdp,
+            &mut prometheus_client::registry::Registry::default(),
+            None,
+            1 << 20,
+        )
+        .with_console(console);
+        let ask = || playground(State(state.clone()), Body::from(r#"{"input": {}}"#));
+        let refused = ask().await.expect_err("refused");
+        assert!(matches!(refused, ApiError::TooManyRequests(_)), "{refused}");
+        let response = refused.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+        drop(held);
+        assert!(ask().await.is_ok(), "a place is free again");
     }
 
     #[test]
