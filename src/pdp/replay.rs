@@ -6,18 +6,36 @@
 //! (`erased`) and the report counts them. Records without input, and records whose live
 //! decision failed (`error`), are skipped and counted. Differences are grouped as the shadow
 //! groups them ([`Group`]: from, to, kind, the denying side's first reason), with examples.
+//!
+//! A log may be large or hostile: lines are read at most [`MAX_LINE_BYTES`] at a time (a
+//! longer one is skipped and counted unreadable), bytes that are not UTF-8 are read as U+FFFD
+//! (counted), groups and masked fields are capped ([`MAX_GROUPS`], [`MAX_FIELDS`]; the rest
+//! count as `(other)`), verdicts are cut ([`Verdict::cut`]), and the text report escapes
+//! control characters, so a logged string cannot drive the terminal.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::decision_log::cut_text_to;
 use super::engine::{CompiledBundle, DataPath};
-use super::shadow::{Group, Verdict};
+use super::shadow::{Group, Verdict, MAX_GROUPS};
 
 /// Examples kept per group.
 pub const EXAMPLES: usize = 3;
+/// Longest line read; a longer one is skipped (counted unreadable).
+pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
+/// Distinct masked fields counted; past it they count as `(other)`.
+pub const MAX_FIELDS: usize = 256;
+/// Longest kind kept in a group.
+const MAX_KIND_BYTES: usize = 64;
+/// Masked fields an example names.
+const EXAMPLE_FIELDS: usize = 16;
+/// What groups and fields past their cap count as.
+const OTHER: &str = "(other)";
 
 /// One record, as far as replay reads it.
 #[derive(Debug, Deserialize)]
@@ -86,6 +104,8 @@ pub struct Report {
     pub unreadable: Vec<(usize, String)>,
     /// How many lines were unreadable.
     pub unreadable_count: usize,
+    /// Lines with bytes that are not UTF-8 (read with U+FFFD in their place).
+    pub not_utf8: usize,
     /// Records whose input had masked fields.
     pub masked_records: usize,
     /// Masked fields, by JSON pointer, and in how many records.
@@ -116,13 +136,33 @@ pub fn replay(log: impl BufRead, candidate: &CompiledBundle) -> std::io::Result<
         ..Report::default()
     };
     let mut groups: BTreeMap<Group, Changed> = BTreeMap::new();
-    for (index, line) in log.lines().enumerate() {
-        let line = line?;
+    let mut log = log;
+    let mut bytes = Vec::new();
+    for index in 0.. {
+        bytes.clear();
+        let limit = MAX_LINE_BYTES as u64 + 1;
+        if (&mut log).take(limit).read_until(b'\n', &mut bytes)? == 0 {
+            break;
+        }
+        let number = index + 1;
+        if bytes.len() > MAX_LINE_BYTES && bytes.last() != Some(&b'\n') {
+            log.skip_until(b'\n')?;
+            report.lines += 1;
+            report.unreadable_count += 1;
+            if report.unreadable.len() < EXAMPLES {
+                let why = format!("longer than {MAX_LINE_BYTES} bytes: skipped");
+                report.unreadable.push((number, why));
+            }
+            continue;
+        }
+        let line = String::from_utf8_lossy(&bytes);
+        if matches!(line, Cow::Owned(_)) {
+            report.not_utf8 += 1;
+        }
         if line.trim().is_empty() {
             continue;
         }
         report.lines += 1;
-        let number = index + 1;
         let parsed = serde_json::from_str::<Logged>(&line)
             .map_err(|e| e.to_string())
             .and_then(|r| {
@@ -151,10 +191,15 @@ pub fn replay(log: impl BufRead, candidate: &CompiledBundle) -> std::io::Result<
         if !record.erased.is_empty() {
             report.masked_records += 1;
             for field in &record.erased {
-                *report.masked_fields.entry(field.clone()).or_default() += 1;
+                let known = report.masked_fields.contains_key(field);
+                let field = match known || report.masked_fields.len() < MAX_FIELDS {
+                    true => field.clone(),
+                    false => OTHER.to_string(),
+                };
+                *report.masked_fields.entry(field).or_default() += 1;
             }
         }
-        let live = verdict(record.result.as_ref(), path.as_query());
+        let live = verdict(record.result.as_ref(), path.as_query()).cut();
         let rego = <regorus::Value as Deserialize>::deserialize(&input);
         let candidate_verdict = match rego {
             Ok(rego) => match candidate.evaluate(&path, Some(rego)) {
@@ -166,6 +211,7 @@ pub fn replay(log: impl BufRead, candidate: &CompiledBundle) -> std::io::Result<
                 reasons: vec![format!("policy error: input cannot be evaluated: {e}")],
             },
         };
+        let candidate_verdict = candidate_verdict.cut();
         report.replayed += 1;
         match (live.allow, candidate_verdict.allow) {
             (true, false) => report.allow_to_deny += 1,
@@ -175,8 +221,17 @@ pub fn replay(log: impl BufRead, candidate: &CompiledBundle) -> std::io::Result<
                 continue;
             }
         }
-        let kind = input.get("kind").and_then(Value::as_str).unwrap_or("");
-        let group = Group::of(kind, &live, &candidate_verdict);
+        let mut kind = input
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        cut_text_to(&mut kind, MAX_KIND_BYTES);
+        let mut group = Group::of(&kind, &live, &candidate_verdict);
+        if !groups.contains_key(&group) && groups.len() >= MAX_GROUPS {
+            group.kind = OTHER.to_string();
+            group.reason = OTHER.to_string();
+        }
         let entry = groups.entry(group.clone()).or_insert_with(|| Changed {
             group,
             count: 0,
@@ -186,12 +241,15 @@ pub fn replay(log: impl BufRead, candidate: &CompiledBundle) -> std::io::Result<
         entry.count += 1;
         entry.masked += usize::from(!record.erased.is_empty());
         if entry.examples.len() < EXAMPLES {
+            let (mut decision_id, mut masked) = (record.decision_id, record.erased);
+            cut_text_to(&mut decision_id, MAX_KIND_BYTES);
+            masked.truncate(EXAMPLE_FIELDS);
             entry.examples.push(Example {
-                decision_id: record.decision_id,
+                decision_id,
                 line: number,
                 live,
                 candidate: candidate_verdict,
-                masked: record.erased,
+                masked,
             });
         }
     }
@@ -202,6 +260,22 @@ pub fn replay(log: impl BufRead, candidate: &CompiledBundle) -> std::io::Result<
     Ok(report)
 }
 
+/// `text` with its control characters escaped (`\u{1b}`), as it may be printed to a
+/// terminal.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| match c.is_control() {
+                true => c.escape_default().to_string(),
+                false => c.to_string(),
+            })
+            .collect(),
+    )
+}
+
 impl Report {
     /// The report for people: totals, masked fields, then each group with its examples.
     pub fn to_text(&self, log: &str) -> String {
@@ -209,8 +283,11 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "replayed {} of {} records of {log} against revision {}",
-            self.replayed, self.lines, self.revision
+            "replayed {} of {} records of {} against revision {}",
+            self.replayed,
+            self.lines,
+            printable(log),
+            printable(&self.revision)
         );
         let _ = writeln!(
             out,
@@ -224,8 +301,15 @@ impl Report {
                 self.skipped_no_input, self.skipped_error, self.unreadable_count
             );
             for (line, why) in &self.unreadable {
-                let _ = writeln!(out, "    line {line}: {why}");
+                let _ = writeln!(out, "    line {line}: {}", printable(why));
             }
+        }
+        if self.not_utf8 > 0 {
+            let _ = writeln!(
+                out,
+                "  {} lines had bytes that are not UTF-8 (read as U+FFFD)",
+                self.not_utf8
+            );
         }
         if self.masked_records > 0 {
             let _ = writeln!(
@@ -235,7 +319,7 @@ impl Report {
                 super::decision_log::MASKED
             );
             for (field, n) in &self.masked_fields {
-                let _ = writeln!(out, "    {field} ({n})");
+                let _ = writeln!(out, "    {} ({n})", printable(field));
             }
         }
         for changed in &self.changed {
@@ -249,7 +333,11 @@ impl Report {
                 "\n{} → {}  kind {}  reason {reason}: {}",
                 g.from,
                 g.to,
-                if g.kind.is_empty() { "(none)" } else { &g.kind },
+                if g.kind.is_empty() {
+                    Cow::Borrowed("(none)")
+                } else {
+                    printable(&g.kind)
+                },
                 changed.count
             );
             if changed.masked > 0 {
@@ -262,18 +350,18 @@ impl Report {
             for e in &changed.examples {
                 let why = |v: &Verdict| match v.reasons.is_empty() {
                     true => v.label().to_string(),
-                    false => format!("{}: {}", v.label(), v.reasons.join("; ")),
+                    false => format!("{}: {}", v.label(), printable(&v.reasons.join("; "))),
                 };
                 let _ = writeln!(
                     out,
                     "  e.g. {} (line {}): logged {}; candidate {}",
-                    e.decision_id,
+                    printable(&e.decision_id),
                     e.line,
                     why(&e.live),
                     why(&e.candidate)
                 );
                 if !e.masked.is_empty() {
-                    let _ = writeln!(out, "       masked: {}", e.masked.join(", "));
+                    let _ = writeln!(out, "       masked: {}", printable(&e.masked.join(", ")));
                 }
             }
         }
@@ -299,6 +387,65 @@ decision := {"allow": allow, "reasons": reasons}
         format!(
             r#"{{"decision_id":"{id}","path":"t/decision","input":{input},"result":{result}{extra}}}"#
         )
+    }
+
+    fn candidate() -> CompiledBundle {
+        let dir = test_tree(&[("t.rego", CANDIDATE)]);
+        CompiledBundle::compile(
+            Bundle::read(dir.path()).expect("read"),
+            Duration::from_secs(1),
+        )
+        .expect("compile")
+    }
+
+    /// Findings 7 and 8 of the console review: a hostile log — a line with no end, bytes
+    /// that are not UTF-8, a kind per line, escape sequences — is read within bounds, to the
+    /// end, and printed harmless.
+    #[test]
+    fn a_hostile_log_is_read_within_bounds_and_printed_harmless() {
+        let allowed = r#"{"allow":true,"reasons":[]}"#;
+        let mut log = Vec::new();
+        log.extend_from_slice(b"{\"decision_id\":\"");
+        log.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+        log.push(b'\n');
+        log.extend_from_slice(b"{\"decision_id\":\"bad-\xff\xfe\",\"path\":\"t/decision\",\"input\":{\"user\":\"alice\"},\"result\":{\"allow\":true}}\n");
+        for i in 0..(MAX_GROUPS + 50) {
+            let input = format!(r#"{{"kind":"k{i}","user":"alice"}}"#);
+            log.extend_from_slice(line(&format!("g{i}"), &input, allowed, "").as_bytes());
+            log.push(b'\n');
+        }
+        let evil = line(
+            r"\u001b]0;owned\u0007",
+            r#"{"kind":"\u001b[2J","user":"alice"}"#,
+            allowed,
+            r#","erased":["/input/\u001b[31m"]"#,
+        );
+        log.extend_from_slice(evil.as_bytes());
+        let report = replay(log.as_slice(), &candidate()).expect("replay");
+        assert_eq!(report.unreadable_count, 1, "{:?}", report.unreadable);
+        assert!(
+            report.unreadable[0].1.contains("longer than"),
+            "{:?}",
+            report.unreadable
+        );
+        assert_eq!(report.not_utf8, 1);
+        assert_eq!(
+            report.replayed,
+            MAX_GROUPS + 52,
+            "every other line was replayed"
+        );
+        assert!(
+            report.changed.len() <= MAX_GROUPS + 2,
+            "{}",
+            report.changed.len()
+        );
+        assert!(report.changed.iter().any(|c| c.group.reason == "(other)"));
+        let text = report.to_text("log\u{1b}[2J");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        assert!(text.contains("\\u{1b}"), "escaped, not dropped");
     }
 
     #[test]
