@@ -2,15 +2,20 @@
 //! relative to the bundle root (OPA writes them with a leading `/`), a `.manifest` and, when
 //! signed, a `.signatures.json`.
 //!
-//! Reading is bounded: at most `max_bytes` of uncompressed content, regular files only, and
-//! no path that climbs out of the root. What `policy build` writes, this reads back.
+//! Reading is bounded: at most `max_bytes` of uncompressed content, at most [`MAX_ENTRIES`]
+//! entries (so headers of empty files cannot be millions), regular files only, and no path
+//! that climbs out of the root; a duplicate is found in O(1) per entry. What `policy build` writes, this reads back.
 
+use std::collections::HashSet;
 use std::io::Read;
 
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 
 use super::{Bundle, BundleError, BundleFile, Manifest, MANIFEST};
+
+/// Most entries (of any type) a tarball may have.
+pub const MAX_ENTRIES: usize = 10_000;
 
 /// Name of OPA's signature file inside a bundle.
 pub const SIGNATURES: &str = ".signatures.json";
@@ -48,7 +53,8 @@ impl TarballFiles {
 /// Reads the files of a gzip-compressed tarball (`source` names it in errors).
 ///
 /// # Errors
-/// Not gzip or not tar, more than `max_bytes` of content, a path with `..`, or a file twice.
+/// Not gzip or not tar, more than `max_bytes` of content or [`MAX_ENTRIES`] entries, a path
+/// with `..`, or a file twice.
 pub fn read(bytes: &[u8], source: &str, max_bytes: u64) -> Result<TarballFiles, BundleError> {
     let bad = |message: String| BundleError::Tarball {
         file: source.to_string(),
@@ -59,8 +65,12 @@ pub fn read(bytes: &[u8], source: &str, max_bytes: u64) -> Result<TarballFiles, 
         .entries()
         .map_err(|e| bad(format!("not a gzip-compressed tar archive: {e}")))?;
     let mut files: Vec<BundleFile> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut total: u64 = 0;
-    for entry in entries {
+    for (count, entry) in entries.enumerate() {
+        if count >= MAX_ENTRIES {
+            return Err(bad(format!("more than {MAX_ENTRIES} entries")));
+        }
         let mut entry = entry.map_err(|e| bad(format!("unreadable archive entry: {e}")))?;
         if !entry.header().entry_type().is_file() {
             continue;
@@ -82,7 +92,7 @@ pub fn read(bytes: &[u8], source: &str, max_bytes: u64) -> Result<TarballFiles, 
             .take(max_bytes)
             .read_to_end(&mut content)
             .map_err(|e| bad(format!("{id}: cannot read: {e}")))?;
-        if files.iter().any(|f| f.id == id) {
+        if !seen.insert(id.clone()) {
             return Err(bad(format!("{id} appears twice")));
         }
         files.push(BundleFile {
@@ -234,6 +244,20 @@ mod tests {
         let twice =
             write(&[file("a.rego", "package a"), file("a.rego", "package a")]).expect("tar");
         check(&twice, 1 << 20, "appears twice");
+        // Finding 10 of the console review: many empty, distinctly named entries.
+        let many: Vec<BundleFile> = (0..=MAX_ENTRIES)
+            .map(|i| file(&format!("e{i}.json"), ""))
+            .collect();
+        check(
+            &write(&many).expect("tar"),
+            1 << 20,
+            "more than 10000 entries",
+        );
+        let under: Vec<BundleFile> = (0..MAX_ENTRIES)
+            .map(|i| file(&format!("e{i}.txt"), ""))
+            .collect();
+        let read_back = read(&write(&under).expect("tar"), "b.tar.gz", 1 << 20).expect("read");
+        assert_eq!(read_back.files.len(), MAX_ENTRIES);
         assert_eq!(normalise("/../etc/passwd"), None);
         assert_eq!(normalise("/a/./b.rego").as_deref(), Some("a/b.rego"));
     }
