@@ -1,8 +1,9 @@
 //! The console in a real browser: headless Chromium (the distribution's package, installed
 //! by `scripts/chromium`) driven over the DevTools protocol. The tail shows a decision made
 //! a moment before, a filter narrows it, the playground shows a deny with its reason, and a
-//! failed reload appears with its file:line:col. It writes `docs/console.png`, the README's
-//! screenshot.
+//! failed reload appears with its file:line:col. It writes a screenshot to
+//! `target/tmp/console.png`; with `MSGNODE_UPDATE_SCREENSHOT=1` it updates `docs/console.png`,
+//! the README's, instead (so a plain test run leaves the tree as it was).
 
 mod common;
 
@@ -239,9 +240,15 @@ async fn the_console_in_headless_chromium() {
         )
         .await
         .expect("screenshot");
-    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
-    std::fs::create_dir_all(&docs).expect("docs/");
-    std::fs::write(docs.join("console.png"), png).expect("docs/console.png");
+    let update = std::env::var("MSGNODE_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1");
+    let dir = match update {
+        true => Path::new(env!("CARGO_MANIFEST_DIR")).join("docs"),
+        false => PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+    };
+    std::fs::create_dir_all(&dir).expect("screenshot directory");
+    let shot = dir.join("console.png");
+    std::fs::write(&shot, png).expect("screenshot");
+    eprintln!("console screenshot: {}", shot.display());
 
     browser.close().await.expect("close");
     let _ = browser.wait().await;
