@@ -287,18 +287,7 @@ async fn the_playground_and_the_shadow_show_both_sides() {
     let id = node
         .decide_fixture("message_allow_hyperty_create", |_| {})
         .await;
-    eventually(
-        "the shadow sees the difference",
-        Duration::from_secs(10),
-        || async {
-            let (_, status) = node.get("/console/api/status").await;
-            status["shadow"]["recent"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|d| d["decision_id"] == id.as_str()))
-        },
-    )
-    .await;
-    let (_, status) = node.get("/console/api/status").await;
+    let status = node.shadow_difference(&id).await;
     let group = &status["shadow"]["groups"][0][0];
     assert_eq!(
         (
@@ -408,18 +397,7 @@ async fn an_uploaded_candidate_cannot_read_what_the_log_masks() {
             input["message"]["body"]["padding"] = json!("p".repeat(200_000));
         })
         .await;
-    eventually(
-        "the candidate's difference is kept",
-        Duration::from_secs(10),
-        || async {
-            let (_, status) = node.get("/console/api/status").await;
-            status["shadow"]["recent"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|d| d["decision_id"] == id.as_str()))
-        },
-    )
-    .await;
-    let (_, status) = node.get("/console/api/status").await;
+    let status = node.shadow_difference(&id).await;
     let text = status.to_string();
     assert!(
         !text.contains(SECRET),

@@ -111,6 +111,23 @@ impl ConsoleNode {
             .to_string()
     }
 
+    /// Waits until the shadow kept a difference for decision `id`; the console's status
+    /// then.
+    pub async fn shadow_difference(&self, id: &str) -> Value {
+        super::eventually(
+            "the shadow keeps the difference",
+            std::time::Duration::from_secs(10),
+            || async {
+                let (_, status) = self.get("/console/api/status").await;
+                status["shadow"]["recent"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|d| d["decision_id"] == id))
+            },
+        )
+        .await;
+        self.get("/console/api/status").await.1
+    }
+
     /// Stops the node.
     pub async fn stop(self) {
         self.running.stop().await;
