@@ -491,6 +491,49 @@ fn policy_check_reports_every_error_of_every_file_on_stderr() {
 }
 
 #[test]
+fn policy_check_goes_on_after_a_parse_error_to_every_independent_error() {
+    let source = [
+        "package three",           // 1
+        "",                        // 2
+        "allow if {",              // 3
+        "  input.a ==",            // 4: the expression never ends ...
+        "}",                       // 5: ... which the parser sees here
+        "",                        // 6
+        "ok if input.b == 1",      // 7: fine
+        "",                        // 8
+        "f(x) := y if {",          // 9
+        "  y := concat(\",\", [x", // 10: the array is never closed
+        "}",                       // 11
+        "",                        // 12
+        "uses_f if f(1)",          // 13: f was blanked: not an error of its own
+        "",                        // 14
+        "g if { z := q }",         // 15: a compile error
+    ]
+    .join("\n");
+    let dir = tree(&[
+        ("three.rego", &source),
+        ("other.rego", "package other\nx if {\n"),
+    ]);
+    let output = msgnode(&["policy", "check", dir.path().to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    let three: Vec<&str> = err.lines().filter(|l| l.contains("three.rego:")).collect();
+    assert_eq!(three.len(), 3, "one line per independent error:\n{err}");
+    assert!(three[0].contains("three.rego:5:"), "{err}");
+    assert!(three[1].contains("three.rego:10:"), "{err}");
+    assert!(
+        three[2].contains("three.rego:15:13: var q is unsafe"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("function f"),
+        "no cascade from the blanked f: {err}"
+    );
+    assert!(err.lines().any(|l| l.contains("other.rego:")), "{err}");
+    assert!(err.contains("4 errors"), "{err}");
+}
+
+#[test]
 fn version_completions_and_man_page() {
     let output = msgnode(&["version"]);
     let out = text(&output);

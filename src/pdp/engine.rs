@@ -290,29 +290,39 @@ impl CompiledBundle {
     }
 
     /// Every error of `bundle` that can be found, for `policy check`: each module's parse
-    /// error (every module is parsed on its own), then the compile errors of the modules
-    /// that parse — of every rule when they compile together, else the first of each module
-    /// (regorus stops a module's analysis at its first error). Empty when the bundle compiles.
+    /// errors (parsed with recovery, `pdp::recovery`: every failing statement is reported and
+    /// blanked), then the compile errors of what parses — of every rule when the modules
+    /// compile together, else the first of each module (regorus stops a module's analysis at
+    /// its first error). A call to a function whose statement was blanked is not reported
+    /// again. Empty when the bundle compiles.
     pub fn diagnose(mut bundle: Bundle, timeout: Duration) -> Vec<BundleError> {
         let mut errors = Vec::new();
-        bundle.modules.retain(|module| {
-            let mut engine = regorus::Engine::new();
-            engine.set_rego_v0(false);
-            match engine.add_policy(module.path.clone(), module.raw.to_string()) {
-                Ok(_) => true,
-                Err(e) => {
-                    errors.push(rego_error(&module.path, &e.to_string()));
-                    false
-                }
+        let mut blanked = Vec::new();
+        bundle.modules.retain_mut(|module| {
+            let recovered = super::recovery::recover(&module.path, &module.raw);
+            if recovered.errors.is_empty() {
+                return true;
             }
+            errors.extend(recovered.errors);
+            blanked.extend(recovered.blanked_names);
+            module.raw = recovered.text.into();
+            recovered.parses
         });
         if bundle.modules.is_empty() {
             return errors;
         }
+        let cascade = |e: &BundleError| match e {
+            BundleError::Rego { message, .. } => super::recovery::is_cascade(message, &blanked),
+            _ => false,
+        };
         match Self::compile_unchecked(bundle.clone(), timeout) {
-            Ok(compiled) => errors.extend(compiled.rule_errors()),
+            Ok(compiled) => {
+                errors.extend(compiled.rule_errors().into_iter().filter(|e| !cascade(e)))
+            }
             Err(error) => {
-                errors.push(error);
+                if !cascade(&error) {
+                    errors.push(error);
+                }
                 // Each module alone, for the errors the first one hid (a function another
                 // module defines is not one of them).
                 for module in &bundle.modules {

@@ -31,6 +31,7 @@ pub mod metrics;
 #[cfg(feature = "opa")]
 pub mod opa;
 pub mod pool;
+mod recovery;
 pub mod replay;
 pub mod schema;
 pub mod shadow;

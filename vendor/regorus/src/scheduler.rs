@@ -215,8 +215,6 @@ pub fn schedule<Str: Clone + cmp::Ord + fmt::Debug>(
     }
 
     if order.len() != num_statements {
-        #[cfg(feature = "std")]
-        std::eprintln!("could not schedule all statements {order:?}");
         return Ok(SortResult::Order(
             (0..num_statements).map(|i| i as u16).collect(),
         ));
