@@ -1,5 +1,5 @@
 //! The PDP's network plugins against real HTTP servers on loopback: bundles pulled from a
-//! bundle server (ETag, signatures, the copy kept on disk) and decision logs uploaded to a
+//! bundle server (ETag, signatures, the copy kept on disk, long polling) and decision logs uploaded to a
 //! collector (gzip batches, retries, a bounded buffer).
 
 use std::io::Read;
@@ -318,6 +318,215 @@ async fn rs256_signed_bundles_verify_and_a_missing_bundle_is_not_ready() {
                 .is_some_and(|m| m.contains("404"))
     })
     .await;
+    node.stop().await;
+}
+
+/// A bundle server that long-polls as OPA's protocol says: a request whose `If-None-Match` is
+/// the current ETag and that says `Prefer: wait=N` is held until a new revision is set (then
+/// answered 200 with it) or for N seconds (then 304); answers carry the long-poll content
+/// type. Every request is numbered, and every answer logged with the request's number.
+#[derive(Default)]
+struct LongPoll {
+    bundle: Mutex<(Vec<u8>, String)>,
+    changed: Mutex<Option<tokio::sync::watch::Sender<u64>>>,
+    requests: AtomicUsize,
+    held_now: AtomicUsize,
+    /// (request number, status, ETag answered, whether it had been held).
+    answers: Mutex<Vec<(usize, u16, String, bool)>>,
+}
+
+const LONG_POLL: &str = "application/vnd.openpolicyagent.bundles";
+
+impl LongPoll {
+    fn new(bundle: Vec<u8>, etag: &str) -> Arc<Self> {
+        let served = LongPoll::default();
+        *served.bundle.lock().expect("lock") = (bundle, etag.into());
+        *served.changed.lock().expect("lock") = Some(tokio::sync::watch::channel(0).0);
+        Arc::new(served)
+    }
+
+    fn set(&self, bundle: Vec<u8>, etag: &str) {
+        *self.bundle.lock().expect("lock") = (bundle, etag.into());
+        if let Some(changed) = self.changed.lock().expect("lock").as_ref() {
+            changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn answers(&self) -> Vec<(usize, u16, String, bool)> {
+        self.answers.lock().expect("lock").clone()
+    }
+
+    async fn answer(
+        self: Arc<Self>,
+        request: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<Response, std::convert::Infallible> {
+        let number = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut changed = match self.changed.lock().expect("lock").as_ref() {
+            Some(sender) => sender.subscribe(),
+            None => return Ok(StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        };
+        let headers = request.headers();
+        let wait = headers
+            .get("prefer")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|p| p.strip_prefix("wait="))
+            .and_then(|n| n.parse::<u64>().ok());
+        let asked = headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let current = self.bundle.lock().expect("lock").1.clone();
+        let mut held = false;
+        if let (Some(wait), Some(asked)) = (wait, &asked) {
+            if *asked == current {
+                held = true;
+                self.held_now.fetch_add(1, Ordering::SeqCst);
+                let news = tokio::time::timeout(Duration::from_secs(wait), changed.changed()).await;
+                self.held_now.fetch_sub(1, Ordering::SeqCst);
+                if news.is_err() {
+                    self.log(number, 304, &current, held);
+                    return Ok(
+                        (StatusCode::NOT_MODIFIED, [("content-type", LONG_POLL)]).into_response()
+                    );
+                }
+            }
+        }
+        let (bytes, etag) = self.bundle.lock().expect("lock").clone();
+        if asked.as_deref() == Some(etag.as_str()) {
+            self.log(number, 304, &etag, held);
+            return Ok((StatusCode::NOT_MODIFIED, [("content-type", LONG_POLL)]).into_response());
+        }
+        self.log(number, 200, &etag, held);
+        Ok((
+            StatusCode::OK,
+            [("content-type", LONG_POLL.to_string()), ("etag", etag)],
+            bytes,
+        )
+            .into_response())
+    }
+
+    fn log(&self, number: usize, status: u16, etag: &str, held: bool) {
+        self.answers
+            .lock()
+            .expect("lock")
+            .push((number, status, etag.to_string(), held));
+    }
+}
+
+/// Serves `served` on loopback; aborting the returned task closes the listener and every
+/// open connection, held requests included (the server going down mid-poll).
+async fn serve_long_poll(served: Arc<LongPoll>) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let served = Arc::clone(&served);
+            let service =
+                hyper::service::service_fn(move |request| Arc::clone(&served).answer(request));
+            connections.spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (format!("http://{addr}/bundles/authz.tar.gz"), task)
+}
+
+#[tokio::test]
+async fn long_polling_gets_a_new_revision_on_the_held_request_and_survives_the_server_dying() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (private, public) = keypair(dir.path(), "signer", "EdDSA");
+    let served = LongPoll::new(build(dir.path(), "alice", &private, "EdDSA"), "\"a\"");
+    let (url, server) = serve_long_poll(Arc::clone(&served)).await;
+    let http = reqwest::Client::new();
+    let mut config = node_config(dir.path(), &url, &public, "EdDSA");
+    if let Some(bundle) = config.pdp.bundle.as_mut() {
+        // A held request outlasts the test; a plain poll would come only a minute later.
+        bundle.long_polling_timeout = Some(Duration::from_secs(60));
+        bundle.min_delay = Duration::from_secs(60);
+        bundle.max_delay = Duration::from_secs(60);
+        bundle.persist_dir = None;
+    }
+    let node = start(config).await.expect("start");
+    eventually("alice active and the next request held", || async {
+        fetch(&http, &node, "/health").await.1["revision"] == "alice"
+            && served.held_now.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let before = served.requests.load(Ordering::SeqCst);
+
+    // The new revision goes out on the request that was already waiting.
+    served.set(build(dir.path(), "bob", &private, "EdDSA"), "\"b\"");
+    eventually("revision bob", || async {
+        fetch(&http, &node, "/health").await.1["revision"] == "bob"
+    })
+    .await;
+    let answers = served.answers();
+    let bob: Vec<_> = answers.iter().filter(|a| a.2 == "\"b\"").collect();
+    assert!(
+        matches!(bob.as_slice(), [(n, 200, _, true), ..] if *n <= before),
+        "bob answered on a request held since before the change ({before} requests then): {answers:?}"
+    );
+    assert!(allowed(&http, &node, "bob").await && !allowed(&http, &node, "alice").await);
+
+    // Right after activating, the node asks again and is held again.
+    eventually("held again", || async {
+        served.held_now.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(served.requests.load(Ordering::SeqCst) > before);
+
+    // The server dies while it holds the request: the last good bundle keeps serving.
+    server.abort();
+    eventually("the dead server is reported", || async {
+        fetch(&http, &node, "/v1/status").await.1["result"]["bundles"]["authz"]["code"]
+            == "bundle_error"
+    })
+    .await;
+    let (code, health) = fetch(&http, &node, "/health?bundles").await;
+    assert_eq!(
+        (code, &health["revision"]),
+        (200, &json!("bob")),
+        "{health}"
+    );
+    assert!(allowed(&http, &node, "bob").await && !allowed(&http, &node, "alice").await);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_poll_that_times_out_is_a_304_and_the_node_asks_again_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (private, public) = keypair(dir.path(), "signer", "EdDSA");
+    let served = LongPoll::new(build(dir.path(), "erin", &private, "EdDSA"), "\"e\"");
+    let (url, _server) = serve_long_poll(Arc::clone(&served)).await;
+    let http = reqwest::Client::new();
+    let mut config = node_config(dir.path(), &url, &public, "EdDSA");
+    if let Some(bundle) = config.pdp.bundle.as_mut() {
+        bundle.long_polling_timeout = Some(Duration::from_secs(1));
+        bundle.min_delay = Duration::from_secs(60);
+        bundle.max_delay = Duration::from_secs(60);
+        bundle.persist_dir = None;
+    }
+    let node = start(config).await.expect("start");
+    // With a minute between plain polls, two held 304s in a row within the test's patience
+    // can only come from asking again as soon as a held request ends.
+    eventually("two held requests timed out", || async {
+        served
+            .answers()
+            .iter()
+            .filter(|a| a.1 == 304 && a.3)
+            .count()
+            >= 2
+    })
+    .await;
+    let (_, status) = fetch(&http, &node, "/v1/status").await;
+    let authz = &status["result"]["bundles"]["authz"];
+    assert_eq!(authz["active_revision"], "erin", "{status}");
+    assert!(authz["code"].is_null(), "a 304 is no error: {status}");
+    assert!(allowed(&http, &node, "erin").await);
     node.stop().await;
 }
 
