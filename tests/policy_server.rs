@@ -8,7 +8,9 @@
 //! reason and absent from `/messages`, an allowed one is delivered carrying the policy
 //! signature; a policy edit flips the decision without a restart; the second Synapse's
 //! allowed event arrives, its denied member event is soft-failed (and its denied message
-//! refused to its own client); with the policy server down, Synapse refuses.
+//! refused to its own client); with the policy server down, Synapse refuses. Beside it: the
+//! sweep protecting the configured rooms (`scripts/run`'s setup), and a room whose admin
+//! invites the policy server directly and writes `m.room.policy` without the node's user.
 
 use std::path::Path;
 use std::time::Duration;
@@ -162,6 +164,117 @@ async fn the_run_scripts_setup_protects_the_configured_rooms() {
         status, 200,
         "a room the node's own user created stays unprotected"
     );
+    node.stop().await;
+}
+
+/// A room's admin does it without the node: invites the policy server's user directly (the
+/// node's appservice user is never in the room, and the room is in no `[policy_server]
+/// rooms`), the sweep has it join over federation, the admin writes `m.room.policy` with the
+/// key from `/.well-known/matrix/policy_server` (README, "A room's admins can also do it
+/// themselves"), and from then on Synapse asks the node about the room's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_admin_invites_the_policy_server_directly_is_decided() {
+    let synapse = Synapse::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = node_config(
+        &synapse,
+        &common::shipped_policies(),
+        &dir.path().join("ps"),
+    );
+    config.policy_server.servers = [("localhost".to_string(), synapse.url())].into();
+    config.policy_server.sweep_interval = Duration::from_millis(300);
+    let via = config.policy_server.server_name.clone();
+    let listen = config.policy_server.listen;
+    let node = start(config).await.expect("start node");
+    let ps = node.policy_server.clone().expect("policy server");
+    let admin = Client {
+        http: reqwest::Client::new(),
+        base: synapse.url(),
+        token: synapse.register("roomadmin"),
+    };
+    let (status, created) = admin
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat", "invite": [ps.user_id()]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().expect("room_id").to_string();
+    let member_path = format!(
+        "/_matrix/client/v3/rooms/{room}/state/m.room.member/{}",
+        ps.user_id()
+    );
+    common::eventually("the invited policy server joins", WITHIN, || {
+        let (admin, path) = (&admin, &member_path);
+        async move {
+            let (status, member) = admin.get(path).await;
+            status == 200 && member["membership"] == "join"
+        }
+    })
+    .await;
+    // The node's user could not join this private room, so it wrote no m.room.policy.
+    let (status, _) = admin
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.policy/"
+        ))
+        .await;
+    assert_eq!(status, 404, "no m.room.policy until the admin writes it");
+    let node_user =
+        format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@_msgnode:localhost");
+    assert_ne!(admin.get(&node_user).await.1["membership"], "join");
+
+    // The admin reads the key where the README says and writes m.room.policy.
+    let tls = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .expect("client");
+    let well_known: Value = tls
+        .get(format!("https://{listen}/.well-known/matrix/policy_server"))
+        .send()
+        .await
+        .expect("well-known")
+        .json()
+        .await
+        .expect("json");
+    let content = json!({"via": via, "public_keys": well_known["public_keys"]});
+    assert_eq!(content, ps.policy_content(), "{well_known}");
+    let (status, put) = admin
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.policy/"),
+            content,
+        )
+        .await;
+    assert_eq!(status, 200, "{put}");
+
+    // Synapse now asks: denied is refused with the policy's reason and never stored ...
+    let (status, refused) = send(&admin, &room, "com.example.secret", "d1", "secret").await;
+    assert_eq!(
+        (status, refused["errcode"].as_str()),
+        (400, Some("M_FORBIDDEN")),
+        "{refused}"
+    );
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("event type 'com.example.secret' is not allowed"),
+        "{refused}"
+    );
+    assert!(!has_body(&messages(&admin, &room).await, "secret"));
+    // ... and allowed is delivered with the policy server's signature.
+    let (status, sent) = send(&admin, &room, "m.room.message", "d2", "hello").await;
+    assert_eq!(status, 200, "{sent}");
+    let event_id = sent["event_id"].as_str().expect("event_id").to_string();
+    assert!(has_body(&messages(&admin, &room).await, "hello"));
+    let pdu = ps
+        .homeserver_event(&event_id)
+        .await
+        .expect("event over federation");
+    let policy: ruma::events::room::policy::RoomPolicyEventContent =
+        serde_json::from_value(ps.policy_content()).expect("policy content");
+    let rules = ruma::RoomVersionId::V12.rules().expect("v12");
+    ruma::signatures::verify_policy_server_signature(&policy, &pdu, &rules)
+        .expect("the stored event carries a valid policy signature");
     node.stop().await;
 }
 
