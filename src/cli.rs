@@ -307,6 +307,17 @@ pub struct BenchArgs {
     /// `suite`: the sizes of each shape (allocations, messages, subscribers).
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10_000])]
     pub sizes: Vec<usize>,
+    /// `suite`: which shapes to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [SuiteShape::Alloc, SuiteShape::Messages, SuiteShape::Publish])]
+    pub shapes: Vec<SuiteShape>,
+    /// `suite`: subscribers that connect and subscribe at once before a publish.
+    #[arg(long, default_value_t = 64)]
+    pub join_concurrency: usize,
+    /// `suite`: a subscription answered "policy unavailable" (a decision that timed out) is
+    /// asked again up to 5 times, counted and printed; without this flag any such retry
+    /// fails the run, as it means decisions timed out under the load.
+    #[arg(long)]
+    pub allow_retries: bool,
     /// `eval`: time another engine on the same bundle and inputs, alternating with msgnode.
     #[arg(long, value_enum)]
     pub against: Option<Against>,
@@ -324,6 +335,17 @@ pub enum BenchBackend {
     Sqlite,
     /// Its own Synapse on PostgreSQL (data on tmpfs).
     Postgres,
+}
+
+/// The shapes of `msgnode bench --mode suite`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SuiteShape {
+    /// Address allocations and releases.
+    Alloc,
+    /// Messages one by one from one hyperty to another.
+    Messages,
+    /// One update published to many subscribers.
+    Publish,
 }
 
 /// The engines `bench --against` compares with.

@@ -6,13 +6,17 @@
 //!   releases the same way;
 //! - messages: N `create`s of 100 B / 1 kB / 10 kB from one hyperty to another, sent back
 //!   to back, until the receiver has all N (checked in order);
-//! - publish: N subscribers of one object's changes; one update, until the last one has it
-//!   (and how many did not within 10 s).
+//! - publish: N subscribers of one object's changes (joining `--join-concurrency` at a
+//!   time, the join timed too); one update, until the last one has it (and how many did not
+//!   within 10 s). A subscription answered "policy unavailable" (its decision timed out) is
+//!   asked again, and every such retry is counted in the join's row and the summary; any
+//!   retry fails the run unless `--allow-retries`.
 //!
 //! The node runs as a child process, memory-only or in front of its own Synapse (SQLite or
 //! PostgreSQL, data on tmpfs), with its per-principal limits raised for the sizes.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +28,7 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 
 use super::node::{Node, TOKEN};
 use super::synapse::BenchSynapse;
-use crate::cli::{BenchArgs, BenchBackend};
+use crate::cli::{BenchArgs, BenchBackend, SuiteShape};
 
 const MN: &str = "domain://msg-node.localhost";
 /// How long one case may take before it is reported as failed.
@@ -175,13 +179,26 @@ async fn all(args: &BenchArgs, node: &Node) -> anyhow::Result<()> {
         "{:<34} {:>7} {:>10} {:>7} {:>10}",
         "case", "n", "ms", "failed", "D6.4 ms"
     );
-    for &n in &args.sizes {
-        allocations(node, n).await?;
+    if args.shapes.contains(&SuiteShape::Alloc) {
+        for &n in &args.sizes {
+            allocations(node, n).await?;
+        }
     }
-    for &n in &args.sizes {
-        messages(node, n).await?;
+    if args.shapes.contains(&SuiteShape::Messages) {
+        for &n in &args.sizes {
+            messages(node, n).await?;
+        }
     }
-    publish(node, &args.sizes).await?;
+    if args.shapes.contains(&SuiteShape::Publish) {
+        let retries = publish(node, &args.sizes, args.join_concurrency.max(1)).await?;
+        println!("subscriptions retried after \"policy unavailable\": {retries}");
+        if retries > 0 && !args.allow_retries {
+            bail!(
+                "{retries} subscription decisions timed out under load and were asked again \
+                 (--allow-retries to accept the figures anyway)"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -331,7 +348,8 @@ async fn messages(node: &Node, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn publish(node: &Node, sizes: &[usize]) -> anyhow::Result<()> {
+/// The publish shape; how many subscriptions were asked again.
+async fn publish(node: &Node, sizes: &[usize], concurrency: usize) -> anyhow::Result<usize> {
     let reporter_url = "runtime://localhost/Reporter";
     let mut reporter = connect(node, reporter_url).await?;
     let create = json!({"id": 1, "type": "create", "from": format!("{reporter_url}/registry/allocation"),
@@ -345,21 +363,32 @@ async fn publish(node: &Node, sizes: &[usize]) -> anyhow::Result<()> {
     let mut subscribers: Vec<Rx> = Vec::new();
     let mut sizes = sizes.to_vec();
     sizes.sort_unstable();
-    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let retries = Arc::new(AtomicUsize::new(0));
     for n in sizes {
-        // Connect and subscribe the ones missing (concurrently, not timed).
+        // Connect and subscribe the ones missing, `concurrency` at a time.
+        let (joined_before, retried_before) = (subscribers.len(), retries.load(Ordering::Relaxed));
+        let started = Instant::now();
         let mut joining = tokio::task::JoinSet::new();
         for i in subscribers.len()..n {
             let (limit, changes) = (Arc::clone(&limit), changes.clone());
+            let retries = Arc::clone(&retries);
             let node_bus = node.bus;
             joining.spawn(async move {
                 let _permit = limit.acquire().await?;
-                subscriber(node_bus, i, &changes).await
+                subscriber(node_bus, i, &changes, &retries).await
             });
         }
         while let Some(joined) = joining.join_next().await {
             subscribers.push(joined??);
         }
+        row(
+            &format!("subscribe, {concurrency} at once (retried)"),
+            n - joined_before,
+            Some(started.elapsed()),
+            retries.load(Ordering::Relaxed) - retried_before,
+            None,
+        );
         for (label, size) in [("100 B", 100), ("1 kB", 1024), ("10 kB", 10240)] {
             let value = "x".repeat(size);
             let update = json!({"id": 1, "type": "update", "from": object, "to": changes,
@@ -395,12 +424,18 @@ async fn publish(node: &Node, sizes: &[usize]) -> anyhow::Result<()> {
             row(&case, n, took, lost, reference(&case, n));
         }
     }
-    Ok(())
+    Ok(retries.load(Ordering::Relaxed))
 }
 
 /// Subscriber `i`: connected as `runtime://localhost/Subscriber/<i>`, subscribed to
-/// `changes`; its receiving half (the sending half is dropped, the socket stays open).
-async fn subscriber(bus: std::net::SocketAddr, i: usize, changes: &str) -> anyhow::Result<Rx> {
+/// `changes`; its receiving half (the sending half is dropped, the socket stays open). Each
+/// subscription asked again after "policy unavailable" adds one to `retries`.
+async fn subscriber(
+    bus: std::net::SocketAddr,
+    i: usize,
+    changes: &str,
+    retries: &AtomicUsize,
+) -> anyhow::Result<Rx> {
     let url = format!("ws://{bus}/ws?access_token={TOKEN}");
     let runtime = format!("runtime://localhost/Subscriber/{i}");
     let (socket, _) = tokio_tungstenite::connect_async(url).await?;
@@ -412,7 +447,7 @@ async fn subscriber(bus: std::net::SocketAddr, i: usize, changes: &str) -> anyho
     let subscribe = json!({"id": 2, "type": "subscribe", "from": format!("{su}/sm"), "to": format!("{MN}/sm"),
         "body": {"resources": [changes, changes.replace("/changes", "/children/name1")],
                  "source": format!("hyperty-runtime://localhost/protostub/Subscriber{i}")}});
-    // A loaded machine may time a decision out ("policy unavailable"): asked again.
+    // A loaded machine may time a decision out ("policy unavailable"): asked again, counted.
     let mut tries = 0;
     loop {
         tx.send(Ws::Text(subscribe.to_string().into())).await?;
@@ -427,6 +462,7 @@ async fn subscriber(bus: std::net::SocketAddr, i: usize, changes: &str) -> anyho
         if !unavailable || tries == 5 {
             bail!("subscription {i} refused: {answer}");
         }
+        retries.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Kept open by leaking the sending half into a task that holds it until the receiver
