@@ -589,8 +589,10 @@ pub struct BusConfig {
     /// is closed too).
     #[serde(with = "humantime_serde")]
     pub slow_receiver_close_after: Duration,
-    /// How long a closing socket (taken over, too slow, refused, the node shutting down) may
-    /// take to take one write before it is dropped with what is still queued for it.
+    /// How long a closing socket (taken over, too slow, refused, the node shutting down) has
+    /// in all, from its close, to take what is still queued for it and the close frame; then
+    /// it is dropped with the rest. A runtime has at most one socket closing: when another
+    /// begins to close, the earlier one is dropped at once.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Largest answer the built-in registry gives to one `read` of a `user://` URL: past it
@@ -603,7 +605,9 @@ pub struct BusConfig {
     pub limits: BusLimits,
     /// Messages one principal may send per second, over all its sockets.
     pub rate_limit: RateLimit,
-    /// How long a new socket has to say who it is (connect frame or `open` message).
+    /// How long a new socket has to say who it is (connect frame or `open` message); also
+    /// how long any connection to the bus's listener has to send a request's headers, and a
+    /// peer's post its body.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// A runtime whose socket closed without `disconnect` keeps its addresses, subscriptions
@@ -628,13 +632,17 @@ pub struct BusConfig {
     pub peer_queue: usize,
     /// Bytes waiting for one peer node before more are refused (408).
     pub peer_queue_bytes: usize,
-    /// Sockets from one IP address that have not finished their handshake (more: 429).
+    /// Sockets from one address block (an IPv4 address, an IPv6 /64) that have not
+    /// authenticated yet (more: 429); a small share of `max_handshakes`.
     pub handshakes_per_ip: usize,
     /// Sockets not yet authenticated, over all addresses (more: 503): what they may hold
     /// is `max_frame_bytes` each.
     pub max_handshakes: usize,
-    /// New sockets one IP address may open per second (past it: 429).
+    /// New sockets one address block may open per second (past it: 429).
     pub handshake_rate: RateLimit,
+    /// Connections the bus's listener serves at once (sockets and peer posts); more wait in
+    /// the kernel's backlog until one closes.
+    pub max_connections: usize,
     /// Network Server connectors: services that connect with a static token instead of a
     /// Matrix access token.
     pub network_servers: Vec<NetworkServer>,
@@ -716,7 +724,7 @@ impl Default for BusConfig {
             max_destinations: 256,
             limits: BusLimits::default(),
             rate_limit: RateLimit::new(20_000, 40_000),
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
             away_release_after: Duration::from_secs(24 * 3600),
             slow_receiver_close_after: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
@@ -727,9 +735,10 @@ impl Default for BusConfig {
             max_response_bytes: 1024 * 1024,
             peer_queue: 1024,
             peer_queue_bytes: 16 * 1024 * 1024,
-            handshakes_per_ip: 64,
+            handshakes_per_ip: 8,
             max_handshakes: 256,
             handshake_rate: RateLimit::new(50, 100),
+            max_connections: 10_000,
             network_servers: Vec::new(),
             peers: Vec::new(),
             registry: RegistryConfig::default(),

@@ -35,6 +35,7 @@ pub mod cmd;
 pub mod config;
 pub mod connectors;
 pub mod http_auth;
+pub mod listen;
 pub mod matrix;
 pub mod pdp;
 pub mod pep;

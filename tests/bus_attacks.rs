@@ -1278,3 +1278,282 @@ async fn foreign_objects_keep_their_route_and_their_publisher() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Review R2: a closed socket kept writing what was queued for it with a fresh
+/// `write_timeout` per write, so a taken-over socket that read slowly kept its queue for as
+/// long as it liked, counted nowhere. A closing socket has one deadline in all now: the old
+/// socket, reading one frame at a time, is dropped at it (no close frame, not everything
+/// handed over) and no socket stays closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_socket_that_reads_slowly_is_dropped_at_its_deadline() {
+    const N: usize = 400;
+    let running = node_with(|c| {
+        c.bus.write_timeout = Duration::from_secs(2);
+        c.bus.outbound_queue_bytes = 32 * 1024 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(60);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let runtime = "runtime://localhost/alice-rt";
+    let path = format!("/ws?runtimeURL={}", urlencode(runtime));
+    let socket = common::stub::open_small_window(addr, &path, ALICE).await;
+    let mut old = Stub::from_socket(socket, runtime);
+    let a = old.allocate("localhost", "hyperty", 1).await.remove(0);
+    let bob_rt = "runtime://localhost/bob-rt";
+    let mut bob = Stub::connect(addr, bob_rt, BOB).await;
+    let pad = "x".repeat(64 * 1024);
+    for n in 0..N {
+        bob.send(json!({"type": "create", "from": bob_rt, "to": a, "body": {"value": {"n": n, "pad": pad}}}))
+            .await;
+    }
+    let pong = bob
+        .request(json!({"type": "ping", "from": bob_rt, "to": "mn:/session"}))
+        .await;
+    assert_eq!(
+        code(&pong),
+        200,
+        "all {N} queued for the old socket: {pong}"
+    );
+    let mut new = Stub::connect(addr, runtime, ALICE).await;
+    let pong = new
+        .request(json!({"type": "ping", "from": runtime, "to": "mn:/session"}))
+        .await;
+    assert_eq!(code(&pong), 200, "taken over: {pong}");
+    // The old socket reads one frame at a time until the node has dropped it.
+    let dropped = "msgnode_bus_refused_total{reason=\"closing_timeout\"}";
+    let (mut read, mut close_frame) = (0, false);
+    let mut on = |frame: Option<Value>| match frame {
+        Some(f) if f.get("closed").is_some() => {
+            close_frame = true;
+            false
+        }
+        Some(_) => {
+            read += 1;
+            true
+        }
+        None => false,
+    };
+    let mut open = true;
+    while open && common::metric(&http, &running, dropped).await == 0 {
+        open = on(old.quiet_for(Duration::from_secs(5)).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while open {
+        open = on(old.quiet_for(Duration::from_secs(5)).await);
+    }
+    assert!(
+        !close_frame && read < N,
+        "the closing socket was dropped at its deadline (read {read} of {N}, close frame: {close_frame})"
+    );
+    let closing = "msgnode_bus_sockets_closing";
+    common::eventually("no socket is closing", Duration::from_secs(10), || async {
+        common::metric(&http, &running, closing).await == 0
+    })
+    .await;
+    running.stop().await;
+}
+
+/// Review R3: a socket.io stub could queue 1,024 messages of up to a frame each (1 GiB) while
+/// the node handled one. Its inbound queue is bounded in bytes now (`max_frame_bytes`
+/// waiting, as a WebSocket stub's reading): one that sends far ahead of a message waiting
+/// for a full receiver is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_io_stub_cannot_queue_more_than_its_budget() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let running = node_with(|c| {
+        c.bus.outbound_queue_bytes = 64 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(60);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let bob_rt = "runtime://localhost/bob-rt";
+    let path = format!("/ws?runtimeURL={}", urlencode(bob_rt));
+    let mut bob = Stub::from_socket(
+        common::stub::open_small_window(addr, &path, BOB).await,
+        bob_rt,
+    );
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let (mut sio, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/socket.io/?EIO=4&transport=websocket&access_token={ALICE}"
+    ))
+    .await
+    .expect("socket.io over WebSocket");
+    let alice_rt = "runtime://localhost/alice-rt";
+    let open = json!({"id": 1, "type": "open", "from": alice_rt, "to": "mn:/session"});
+    let packets = [
+        "40".to_string(),
+        format!("42{}", json!(["message", open.to_string()])),
+    ];
+    for packet in packets {
+        sio.send(Ws::Text(packet.into())).await.expect("send");
+    }
+    let mut answered = false;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await
+    {
+        if let Ws::Text(t) = frame {
+            if t.starts_with("42") && t.contains("runtimeToken") {
+                answered = true;
+                break;
+            }
+        }
+    }
+    assert!(answered, "the open is answered");
+    // 64 messages of 256 KiB to bob, who does not read: the node waits on his queue while
+    // alice's socket.io stub sends on.
+    let pad = "x".repeat(256 * 1024);
+    let mut sent = 0;
+    for n in 0..64 {
+        let message = json!({"type": "create", "id": 10 + n, "from": alice_rt, "to": b,
+            "body": {"value": {"n": n, "pad": pad}}});
+        let packet = format!("42{}", json!(["message", message.to_string()]));
+        if sio.send(Ws::Text(packet.into())).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let full = "msgnode_bus_refused_total{reason=\"inbound_full\"}";
+    common::eventually(
+        "the socket.io stub past its inbound budget is disconnected",
+        Duration::from_secs(30),
+        || async { common::metric(&http, &running, full).await >= 1 },
+    )
+    .await;
+    let mut closed = false;
+    while let Ok(frame) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await {
+        match frame {
+            Some(Ok(Ws::Text(t))) if t == "41" => {
+                closed = true;
+                break;
+            }
+            Some(Ok(Ws::Close(_)) | Err(_)) | None => {
+                closed = true;
+                break;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    assert!(closed, "disconnected after {sent} messages");
+    drop(bob);
+    running.stop().await;
+}
+
+/// Review R4: a release answered with the client's own `childrenResources`, unchecked and
+/// uncapped, so every answer could be a frame. The list is capped and each address checked
+/// now, and the answer names only what was released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_echoes_nothing_it_did_not_release() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let rt = "runtime://localhost/mallory-rt";
+    let mut mallory = Stub::connect(addr, rt, MALLORY).await;
+    let mine = mallory.allocate("localhost", "hyperty", 2).await;
+    let release = |children: Value| {
+        json!({"type": "delete", "from": format!("{rt}/registry/allocation"),
+            "to": format!("{MN}/address-allocation"), "body": {"childrenResources": children}})
+    };
+    let too_many: Vec<String> = (0..1001)
+        .map(|i| format!("hyperty://localhost/{i}"))
+        .collect();
+    let answer = mallory.request(release(json!(too_many))).await;
+    assert_eq!(code(&answer), 400, "{}", description(&answer));
+    for bad in [
+        json!(["x".repeat(100_000)]),
+        json!(["not a url"]),
+        json!([[mine[0], 7]]),
+    ] {
+        let answer = mallory.request(release(bad)).await;
+        assert_eq!(code(&answer), 400, "{}", description(&answer));
+        assert!(answer.to_string().len() < 1024, "answered small: {answer}");
+    }
+    let others: Vec<String> = (0..500)
+        .map(|i| format!("hyperty://localhost/not-mine-{i}"))
+        .collect();
+    let mut children = others.clone();
+    children.push(mine[0].clone());
+    let answer = mallory.request(release(json!(children))).await;
+    assert_eq!(code(&answer), 200, "{answer}");
+    assert_eq!(
+        answer["body"]["value"]["released"],
+        json!([mine[0]]),
+        "only what was released"
+    );
+    running.stop().await;
+}
+
+/// Review R6: the peer endpoint read a 2 MB body before it checked the token, and the bus's
+/// listener had no connection cap and no timeouts. A wrong token is answered from the
+/// headers (no body read); a connection that sends nothing is closed after
+/// `handshake_timeout`; past `max_connections` nothing more is served until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_posts_and_idle_connections_hold_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let running = node_with(|c| {
+        c.bus.handshake_timeout = Duration::from_millis(500);
+        c.bus.max_connections = 3;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let head = |token: &str| {
+        format!("POST /bus/v1/messages HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 1500000\r\n\r\n")
+    };
+    let answer = |mut tcp: tokio::net::TcpStream| async move {
+        let mut text = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut text)).await;
+        String::from_utf8_lossy(&text).to_string()
+    };
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head("wrong").as_bytes()).await.expect("head");
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut first))
+        .await
+        .expect("answered before any body was sent")
+        .expect("read");
+    assert_eq!(
+        &first,
+        b"HTTP/1.1 401",
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    drop(tcp);
+    // A peer's body not sent in time: 408, and the connection is not held.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head(PEER_TOKEN).as_bytes())
+        .await
+        .expect("head");
+    tcp.write_all(&[b' '; 1000])
+        .await
+        .expect("some of the body");
+    let text = answer(tcp).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    // Connections that send nothing are closed by the node.
+    let idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(answer(idle).await, "", "closed without an answer");
+    // Three sockets take every place: a fourth connection is served once one closes.
+    let mut stubs = Vec::new();
+    for rt in [
+        "runtime://localhost/a1",
+        "runtime://localhost/a2",
+        "runtime://localhost/a3",
+    ] {
+        stubs.push(Stub::connect(addr, rt, ALICE).await);
+    }
+    let mut waiting = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    waiting
+        .write_all(head("wrong").as_bytes())
+        .await
+        .expect("head");
+    let mut status = [0u8; 12];
+    let early =
+        tokio::time::timeout(Duration::from_millis(500), waiting.read_exact(&mut status)).await;
+    assert!(early.is_err(), "not served while every place is taken");
+    stubs.pop().expect("a stub").drop_socket().await;
+    tokio::time::timeout(Duration::from_secs(10), waiting.read_exact(&mut status))
+        .await
+        .expect("served once a place is free")
+        .expect("read");
+    assert_eq!(&status, b"HTTP/1.1 401");
+    running.stop().await;
+}

@@ -568,3 +568,115 @@ async fn peer_message_events_from_other_users_are_decided() {
     .await;
     running.stop().await;
 }
+
+/// Review R4 and R8, with the homeserver. Allocation answers waiting for the homeserver held
+/// up to 256 answers per socket outside its budget: they count against it now, so a socket
+/// that does not read gets few requests carried out before it is closed. A message too big
+/// for an away runtime's inbox (one event, even compressed) was accepted and stored as a
+/// placeholder: it is refused to the sender (413) now, and a big one that fits arrives
+/// intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_waits_for_the_homeserver_stays_within_bounds() {
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let policies_dir = tempfile::tempdir().expect("tempdir");
+    copy_dir(&common::shipped_policies(), policies_dir.path());
+    let mut config = config(&synapse, policies_dir.path());
+    config.bus.max_frame_bytes = 1024 * 1024;
+    config.bus.outbound_queue_bytes = 16 * 1024;
+    config.bus.slow_receiver_close_after = Duration::from_secs(10);
+    let running = node(&config).await;
+    let addr = running.bus_addr.expect("bus address");
+    let http = reqwest::Client::new();
+
+    let bob_rt = "runtime://localhost/bob-big";
+    let mut bob = Stub::connect(addr, bob_rt, &bob_token).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    bob.drop_socket().await;
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-big", &alice_token).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    common::eventually("bob is away", Duration::from_secs(10), || async {
+        common::metric(&http, &running, "msgnode_bus_connections").await == 1
+    })
+    .await;
+    // Letters from a weak generator: deflate cannot bring 200 KB under one event.
+    let noise: String = (0..200_000u64)
+        .map(|i| {
+            let x = i.wrapping_mul(6_364_136_223_846_793_005).rotate_left(17) ^ (i >> 3);
+            char::from(b'A' + (x % 26) as u8)
+        })
+        .collect();
+    let refused = alice
+        .request(json!({"type": "create", "from": a, "to": b, "body": {"value": noise}}))
+        .await;
+    assert_eq!(code(&refused), 413, "{}", description(&refused));
+    let big = "x".repeat(200_000);
+    alice
+        .send(json!({"type": "create", "from": a, "to": b, "body": {"value": big}}))
+        .await;
+    let pong = alice
+        .request(
+            json!({"type": "ping", "from": "runtime://localhost/alice-big", "to": "mn:/session"}),
+        )
+        .await;
+    assert_eq!(code(&pong), 200);
+    let mut bob = Stub::connect(addr, bob_rt, &bob_token).await;
+    let resumed = bob.recv().await;
+    assert_eq!(
+        resumed["body"]["value"].as_str().map(str::len),
+        Some(200_000),
+        "intact"
+    );
+    drop(bob);
+
+    // A socket that does not read, its queue full (a delivery to it waits), pipelines 300
+    // allocations: none is carried out while its budget has no room for the answer.
+    let eve_rt = "runtime://localhost/alice-eve";
+    let path = format!("/ws?runtimeURL={}", common::stub::urlencode(eve_rt));
+    let socket = common::stub::open_small_window(addr, &path, &alice_token).await;
+    let mut eve = Stub::from_socket(socket, eve_rt);
+    let e = eve.allocate("localhost", "hyperty", 1).await.remove(0);
+    // Alice's socket is not read either once a delivery to eve waits: she sends on a task.
+    let filler = tokio::spawn(async move {
+        let pad = "x".repeat(512 * 1024);
+        for n in 0..40 {
+            alice
+                .send(json!({"type": "create", "from": a, "to": e, "body": {"value": {"n": n, "pad": pad}}}))
+                .await;
+        }
+        alice
+    });
+    let slowed = "msgnode_bus_senders_slowed_total";
+    common::eventually("eve's queue is full", Duration::from_secs(60), || async {
+        common::metric(&http, &running, slowed).await >= 1
+    })
+    .await;
+    let handled = "msgnode_bus_messages_total{outcome=\"component\"}";
+    let before = common::metric(&http, &running, handled).await;
+    for _ in 0..300 {
+        eve.send(json!({"type": "create", "from": format!("{eve_rt}/registry/allocation"),
+            "to": format!("{MN}/address-allocation"), "body": {"scheme": "hyperty", "value": {"number": 1}}}))
+            .await;
+    }
+    let slow = "msgnode_bus_receivers_closed_total";
+    let slow_socket = "msgnode_bus_refused_total{reason=\"slow_socket\"}";
+    common::eventually(
+        "the socket that does not read is closed",
+        Duration::from_secs(60),
+        || async {
+            common::metric(&http, &running, slow).await
+                + common::metric(&http, &running, slow_socket).await
+                >= 1
+        },
+    )
+    .await;
+    let carried_out = common::metric(&http, &running, handled).await - before;
+    assert!(
+        carried_out <= 2,
+        "{carried_out} allocations carried out for a socket whose budget had no room for an answer"
+    );
+    filler.abort();
+    drop(eve);
+    running.stop().await;
+}

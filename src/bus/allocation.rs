@@ -10,6 +10,7 @@
 //! request is a policy decision too: the message's input carries `allocation`
 //! (`{action, scheme, number, held}`) so quotas and schemes are the policy's call.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -17,13 +18,13 @@ use serde_json::{json, Value};
 use axum::extract::ws::Utf8Bytes;
 
 use super::metrics::refused;
-use super::outbound::Refused;
+use super::outbound::{NoRoom, Refused};
 use super::runtimes::{Runtime, Table};
 use super::{Bus, Connection};
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::{Allocation, AllocationAction};
 use crate::rethink::address::Component;
-use crate::rethink::message::response;
+use crate::rethink::message::{response, url_problem};
 use crate::rethink::{BusError, Message};
 
 /// Most addresses one request may allocate, whatever the policy allows (a backstop).
@@ -145,7 +146,8 @@ impl AllocationRequest {
     }
 }
 
-/// `body.childrenResources` as a flat list (some clients nest it one level: `[[a, b]]`).
+/// `body.childrenResources` as a flat list (some clients nest it one level: `[[a, b]]`): at
+/// most [`MAX_PER_REQUEST`] addresses, each one the bus takes (`url_problem`).
 fn children_resources(
     body: &serde_json::Map<String, Value>,
 ) -> Result<Option<Vec<String>>, BusError> {
@@ -156,12 +158,24 @@ fn children_resources(
         || BusError::BadRequest("body.childrenResources must be an array of addresses".into());
     let items = value.as_array().ok_or_else(bad)?;
     let mut addresses = Vec::new();
+    let mut add = |s: &str| {
+        if addresses.len() as u64 >= MAX_PER_REQUEST {
+            return Err(BusError::BadRequest(format!(
+                "body.childrenResources names more than {MAX_PER_REQUEST} addresses"
+            )));
+        }
+        if let Some(problem) = url_problem("an address of body.childrenResources", s) {
+            return Err(BusError::BadRequest(problem));
+        }
+        addresses.push(s.to_string());
+        Ok(())
+    };
     for item in items {
         match item {
-            Value::String(s) => addresses.push(s.clone()),
+            Value::String(s) => add(s)?,
             Value::Array(inner) => {
                 for s in inner {
-                    addresses.push(s.as_str().ok_or_else(bad)?.to_string());
+                    add(s.as_str().ok_or_else(bad)?)?;
                 }
             }
             _ => return Err(bad()),
@@ -244,8 +258,9 @@ impl Bus {
                         "'{theirs}' is allocated to another runtime"
                     )));
                 }
-                let ok = message.response(200, "released", Some(json!({"released": addresses})));
-                let record = self.release_addresses(runtime, &addresses, None);
+                // The answer names what was released, never more of what was sent.
+                let (record, released) = self.release_addresses(runtime, &addresses, None);
+                let ok = message.response(200, "released", Some(json!({"released": released})));
                 self.answer_when_stored(conn, message, &record, ok, || {})
                     .await
             }
@@ -256,8 +271,8 @@ impl Bus {
                     .get(&key)
                     .cloned()
                     .unwrap_or_default();
-                let ok = message.response(200, "released", Some(json!({"released": addresses})));
-                let record = self.release_addresses(runtime, &addresses, Some(&key));
+                let (record, released) = self.release_addresses(runtime, &addresses, Some(&key));
+                let ok = message.response(200, "released", Some(json!({"released": released})));
                 self.answer_when_stored(conn, message, &record, ok, || {})
                     .await
             }
@@ -265,19 +280,27 @@ impl Bus {
     }
 
     /// Releases `addresses` (and the block under `key`) of `runtime`: unbound now; the new
-    /// record, to store.
+    /// record, to store, and the addresses of its blocks that were released.
     fn release_addresses(
         &self,
         runtime: &Arc<Runtime>,
         addresses: &[String],
         key: Option<&str>,
-    ) -> RuntimeRecord {
+    ) -> (RuntimeRecord, Vec<String>) {
+        let wanted: HashSet<&str> = addresses.iter().map(String::as_str).collect();
+        let mut released = Vec::new();
         let record = runtime.update(|r| {
-            if let Some(key) = key {
-                r.allocations.remove(key);
+            if let Some(block) = key.and_then(|key| r.allocations.remove(key)) {
+                released.extend(block);
             }
             for block in r.allocations.values_mut() {
-                block.retain(|a| !addresses.contains(a));
+                block.retain(|a| {
+                    let keep = !wanted.contains(a.as_str());
+                    if !keep {
+                        released.push(a.clone());
+                    }
+                    keep
+                });
             }
             r.allocations.retain(|_, block| !block.is_empty());
         });
@@ -285,7 +308,7 @@ impl Bus {
             self.inner.table.unbind(address, runtime);
         }
         self.inner.metrics.count("component");
-        record
+        (record, released)
     }
 
     /// Stores `record` (the runtime's, changed by `message`) and answers `message` with `ok`
@@ -320,8 +343,26 @@ impl Bus {
             .acquire_owned()
             .await
             .map_err(|_| BusError::Unavailable("the connection is closing".into()))?;
-        // What the answer needs, not the request (up to a frame each, 256 per socket).
-        let (tx, close, bus) = (conn.tx.clone(), conn.close.clone(), self.clone());
+        // The answer's room in the socket's budget, held while it waits (the socket is not
+        // read meanwhile): pending answers and the queue share the socket's bytes. A socket
+        // that makes no room in time is closed, as for any answer (`Bus::respond`); the change
+        // is still stored (or undone) in the background.
+        let deadline = tokio::time::Instant::now() + self.config().slow_receiver_close_after;
+        let reserved = tokio::select! {
+            reserved = conn.tx.reserve(ok.len(), deadline) => reserved,
+            () = conn.close.cancelled() => Err(NoRoom::Closed),
+        };
+        let reserved = match reserved {
+            Ok(reserved) => Some(reserved),
+            Err(NoRoom::Full) => {
+                self.inner.metrics.refuse(refused::SLOW_SOCKET);
+                conn.close.cancel();
+                None
+            }
+            Err(NoRoom::Closed) => None,
+        };
+        // What the answer needs, not the request.
+        let (close, bus) = (conn.close.clone(), self.clone());
         let id = message.id.clone();
         let (from, to) = (
             message.to.first().cloned().unwrap_or_default(),
@@ -336,10 +377,12 @@ impl Bus {
                     response(&id, &from, &to, e.code(), &e.to_string(), None)
                 }
             };
-            // Within the socket's budget, as every answer (`Bus::respond`).
+            let Some(reserved) = reserved else {
+                return;
+            };
             let deadline = tokio::time::Instant::now() + bus.config().slow_receiver_close_after;
             tokio::select! {
-                sent = tx.send_until(Utf8Bytes::from(answer), deadline) => {
+                sent = reserved.send(Utf8Bytes::from(answer), deadline) => {
                     if matches!(sent, Err(Refused::Full(_))) {
                         bus.inner.metrics.refuse(refused::SLOW_SOCKET);
                         close.cancel();

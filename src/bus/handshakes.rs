@@ -1,13 +1,15 @@
-//! Limits on sockets that have not authenticated yet: per IP address (`[bus]
-//! handshakes_per_ip` at once, `handshake_rate` new ones per second) and over all addresses
-//! (`max_handshakes`). A socket holds its place from the upgrade until its handshake is
-//! answered; what it may hold meanwhile is one first frame (`max_frame_bytes`). Refused
-//! upgrades are answered 429 (per address) or 503 (the node is busy) and counted
-//! (`bus_refused`). Behind a reverse proxy every client has the proxy's address: set the
-//! per-address limits for that.
+//! Limits on sockets that have not authenticated yet: per address block (`[bus]
+//! handshakes_per_ip` at once, `handshake_rate` new ones per second; a block is an IPv4
+//! address, or an IPv6 /64 — what one subscriber is given) and over all addresses
+//! (`max_handshakes`, many times one block's share). A socket holds its place from the
+//! upgrade until it has authenticated (at most `handshake_timeout` for its first frame, then
+//! the token check), not while its runtime is bound; what it may hold meanwhile is one first
+//! frame (`max_frame_bytes`). Refused upgrades are answered 429 (per block) or 503 (the node
+//! is busy) and counted (`bus_refused`). Behind a reverse proxy every client has the
+//! proxy's address: set the per-address limits for that.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
@@ -59,6 +61,7 @@ impl Handshakes {
 
     /// A place for a new socket from `ip`, or why not.
     pub(super) fn begin(&self, ip: IpAddr) -> Result<Pending, Refusal> {
+        let ip = block(ip);
         if self.rate.check(&ip.to_string()).is_err() {
             return Err((
                 StatusCode::TOO_MANY_REQUESTS,
@@ -96,6 +99,21 @@ impl Handshakes {
     }
 }
 
+/// The address block the per-address limits count `ip` in: an IPv4 address (also written
+/// as IPv6), or an IPv6 address's /64.
+fn block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -106,6 +124,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::config::RateLimit;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn handshakes_are_limited_per_address_and_over_all() {
@@ -137,5 +156,43 @@ mod tests {
         drop(limited.begin(a).expect("first"));
         let rate = limited.begin(a).err().map(|r| r.1);
         assert_eq!(rate, Some(refused::HANDSHAKE_RATE));
+    }
+
+    /// Review R9: every IPv6 address counted on its own, so one /64 filled the global cap.
+    #[test]
+    fn an_ipv6_slash_64_counts_as_one_address() {
+        let config = BusConfig {
+            handshakes_per_ip: 2,
+            max_handshakes: 8,
+            handshake_rate: RateLimit::new(0, 0),
+            ..BusConfig::default()
+        };
+        let handshakes = Handshakes::new(&config);
+        let one_block = |i: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 2, i, 0, 0, i));
+        let _held: Vec<Pending> = (1..=2)
+            .map(|i| handshakes.begin(one_block(i)).expect("place"))
+            .collect();
+        for i in 3..200 {
+            let refused = handshakes.begin(one_block(i)).err().map(|r| r.1);
+            assert_eq!(refused, Some(refused::HANDSHAKES_PER_IP), "{i}");
+        }
+        let other = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 3, 0, 0, 0, 1));
+        assert!(handshakes.begin(other).is_ok(), "another /64 still gets in");
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 9).to_ipv6_mapped());
+        let _m = handshakes.begin(mapped).expect("v4-mapped");
+        let _m2 = handshakes
+            .begin(IpAddr::from([10, 0, 0, 9]))
+            .expect("the same address");
+        let refused = handshakes.begin(mapped).err().map(|r| r.1);
+        assert_eq!(
+            refused,
+            Some(refused::HANDSHAKES_PER_IP),
+            "IPv4 written as IPv6 is that address"
+        );
+        let defaults = BusConfig::default();
+        assert!(
+            defaults.handshakes_per_ip * 16 <= defaults.max_handshakes,
+            "at least 16 blocks are needed to fill the global cap"
+        );
     }
 }

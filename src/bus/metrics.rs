@@ -35,6 +35,11 @@ pub(super) mod refused {
     pub const HANDSHAKE_RATE: &str = "handshake_rate";
     /// `max_handshakes` sockets not yet authenticated: 503.
     pub const HANDSHAKES_BUSY: &str = "handshakes_busy";
+    /// A closing socket did not take what was queued for it within `write_timeout` of its
+    /// close (or another socket of its runtime began to close): dropped with the rest.
+    pub const CLOSING_TIMEOUT: &str = "closing_timeout";
+    /// A socket.io stub sent more than its inbound budget ahead of the node: disconnected.
+    pub const INBOUND_FULL: &str = "inbound_full";
 }
 
 /// Which per-principal limit refused a request.
@@ -55,6 +60,8 @@ pub(super) struct BusMetrics {
     pub direct: Counter,
     pub queued: Counter,
     pub connections: Gauge,
+    /// Sockets closed but still handing over what was queued for them.
+    pub closing: Gauge,
     pub handle_seconds: Histogram,
     /// Addresses claimed on first use as a `from`.
     pub claims: Counter,
@@ -81,6 +88,7 @@ impl BusMetrics {
             messages,
             deliveries,
             connections: Gauge::default(),
+            closing: Gauge::default(),
             handle_seconds: Histogram::new([
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
                 0.25,
@@ -128,6 +136,11 @@ impl BusMetrics {
             "bus_connections",
             "Connected protocol stubs",
             metrics.connections.clone(),
+        );
+        registry.register(
+            "bus_sockets_closing",
+            "Sockets closed but still handing over what was queued for them (at most write_timeout each)",
+            metrics.closing.clone(),
         );
         registry.register(
             "bus_handle_duration_seconds",

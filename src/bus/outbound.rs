@@ -43,6 +43,69 @@ pub fn channel(messages: usize, max_bytes: usize) -> (Outbound, OutboundRx) {
     )
 }
 
+/// Bytes held in a queue's budget for a message not written yet ([`Outbound::reserve`]);
+/// given back when dropped unsent.
+#[derive(Debug)]
+pub struct Reserved {
+    outbound: Outbound,
+    len: usize,
+}
+
+impl Reserved {
+    /// Queues `text` in the room held (its own length counted from now on), waiting until
+    /// `deadline` at most for room in messages.
+    ///
+    /// # Errors
+    /// [`Refused`], with the text.
+    pub async fn send(
+        mut self,
+        mut text: Utf8Bytes,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Refused> {
+        let out = self.outbound.clone();
+        let len = text.len();
+        out.queued.fetch_add(len, Ordering::Relaxed);
+        out.queued
+            .fetch_sub(std::mem::take(&mut self.len), Ordering::Relaxed);
+        loop {
+            let room = out.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match out.tx.try_send(text) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(back)) => text = back,
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    out.queued.fetch_sub(len, Ordering::Relaxed);
+                    return Err(Refused::Closed(back));
+                }
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                out.queued.fetch_sub(len, Ordering::Relaxed);
+                out.room.notify_waiters();
+                return Err(Refused::Full(text));
+            }
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            self.outbound.queued.fetch_sub(self.len, Ordering::Relaxed);
+            self.outbound.room.notify_waiters();
+        }
+    }
+}
+
+/// Why [`Outbound::reserve`] holds no room.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoRoom {
+    /// Still full at the deadline.
+    Full,
+    /// The socket is gone.
+    Closed,
+}
+
 /// Why a message was not queued.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused {
@@ -109,6 +172,38 @@ impl Outbound {
     /// deadline to write): nothing queued now reaches the runtime.
     pub async fn closed(&self) {
         self.tx.closed().await;
+    }
+
+    /// Waits (until `deadline` at most) for `len` bytes of room and holds them for a message
+    /// written later — an answer waiting for the homeserver — so that what waits outside the
+    /// queue counts against its budget too. An empty queue always has room.
+    ///
+    /// # Errors
+    /// [`NoRoom`]: still full at the deadline, or the socket is gone.
+    pub async fn reserve(
+        &self,
+        len: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reserved, NoRoom> {
+        loop {
+            let room = self.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.tx.is_closed() {
+                return Err(NoRoom::Closed);
+            }
+            let queued = self.queued.load(Ordering::Relaxed);
+            if queued == 0 || queued + len <= self.max_bytes {
+                self.queued.fetch_add(len, Ordering::Relaxed);
+                return Ok(Reserved {
+                    outbound: self.clone(),
+                    len,
+                });
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(NoRoom::Full);
+            }
+        }
     }
 
     /// A queue that nobody reads (a peer node's stand-in connection).
@@ -181,6 +276,30 @@ mod tests {
         assert_eq!(rx.recv().await.map(|t| t.len()), Some(1));
         assert_eq!(waiting.await.ok(), Some(Ok(())), "room made: queued");
         assert_eq!(rx.recv().await.map(|t| t.len()), Some(3));
+    }
+
+    #[tokio::test]
+    async fn reserved_room_counts_until_it_is_used_or_given_back() {
+        let (tx, mut rx) = channel(100, 10);
+        let soon = || tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+        let held = tx.reserve(8, soon()).await.expect("room");
+        assert!(
+            matches!(tx.try_send(text(4)), Err(Refused::Full(_))),
+            "8 held + 4 > 10"
+        );
+        assert_eq!(tx.reserve(4, soon()).await.err(), Some(NoRoom::Full));
+        held.send(text(6), soon())
+            .await
+            .expect("sent in the room held");
+        assert!(tx.try_send(text(4)).is_ok(), "6 + 4 queued");
+        let held = tx.reserve(1, soon()).await;
+        assert_eq!(held.err(), Some(NoRoom::Full));
+        assert_eq!(rx.recv().await.map(|t| t.len()), Some(6));
+        let held = tx.reserve(6, soon()).await.expect("read: room again");
+        drop(held);
+        assert!(tx.try_send(text(6)).is_ok(), "given back unsent");
+        drop(rx);
+        assert_eq!(tx.reserve(1, soon()).await.err(), Some(NoRoom::Closed));
     }
 
     #[tokio::test]

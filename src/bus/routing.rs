@@ -236,6 +236,16 @@ impl Bus {
                 "the receiver is away and the inboxes are full; retry shortly".into(),
             ));
         }
+        if let Some(big) = away
+            .iter()
+            .find(|r| !persistence.inbox.fits(&r.url, message.text.as_str()))
+        {
+            return Err(BusError::TooLarge(format!(
+                "'{}' is away and this message is too big for its inbox in the homeserver (one event, {} bytes compressed at most); send it in parts",
+                big.url,
+                crate::persist::batch::MAX_EVENT_CONTENT
+            )));
+        }
         if let Some(full) = away
             .iter()
             .find(|r| !persistence.inbox.runtime_has_room(&r.url, len))

@@ -31,6 +31,9 @@ pub struct Runtime {
     /// Held while the inbox is handed to the socket (take, send, ack): one hand-over at a
     /// time, so nothing is handed over twice.
     handover: tokio::sync::Mutex<()>,
+    /// Cancelled to drop the socket of this runtime that is still closing (handing over
+    /// what was queued for it), once another one begins to close: one at a time.
+    closing: Mutex<Option<CancellationToken>>,
 }
 
 struct RuntimeState {
@@ -98,6 +101,21 @@ impl Runtime {
                 behind_since: None,
             }),
             handover: tokio::sync::Mutex::new(()),
+            closing: Mutex::new(None),
+        }
+    }
+
+    /// A socket of this runtime begins to close (`drop_it` ends what it still writes): the
+    /// one that was closing before, if any, is dropped now — a runtime has at most one
+    /// socket closing beside the one that holds it.
+    pub fn closing(&self, drop_it: CancellationToken) {
+        let previous = self
+            .closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(drop_it);
+        if let Some(previous) = previous {
+            previous.cancel();
         }
     }
 

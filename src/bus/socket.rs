@@ -18,7 +18,6 @@
 //! a socket that just closes keeps them, and messages wait in the inbox.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
@@ -30,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::Principal;
 use super::handshakes::Pending;
+use super::metrics::refused;
 use super::outbound::{self, OutboundRx};
 use super::runtimes::Runtime;
 use super::{Bus, Connection};
@@ -177,8 +177,7 @@ async fn session(
             }
         }
     };
-    let bound = bind_hello(&bus, &hello, token).await;
-    drop(pending); // authenticated, or about to be closed: no longer a handshake
+    let bound = bind_hello(&bus, &hello, token, pending).await;
     let (runtime, principal) = match bound {
         Ok(bound) => bound,
         Err(answer) => {
@@ -202,12 +201,14 @@ async fn session(
     );
     let closing: Arc<Mutex<Option<(u16, String)>>> = Arc::default();
     let writer_close = CancellationToken::new();
+    let writer_dropped = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         sink,
         rx,
         Arc::clone(&closing),
         writer_close.clone(),
-        bus.config().write_timeout,
+        writer_dropped.clone(),
+        bus.clone(),
     ));
     let conn = match bus.attach(runtime, principal, tx).await {
         Ok(conn) => conn,
@@ -227,20 +228,29 @@ async fn session(
             "taken over by another socket, or too slow: reconnect to resume".into(),
         ));
     }
+    // At most one closing socket per runtime: an older one still closing is dropped now.
+    conn.runtime.closing(writer_dropped);
     drop(conn);
     writer_close.cancel();
+    bus.inner.metrics.closing.inc();
     let _ = writer.await;
+    bus.inner.metrics.closing.dec();
 }
 
 /// Authenticates the socket (`token`, else one its handshake carries) and binds the
-/// runtime it names; `Err` with the answer for a refused handshake (then closed).
+/// runtime it names; `Err` with the answer for a refused handshake (then closed). The
+/// socket's place among the handshakes (`pending`) is given back once the token is checked:
+/// binding is the principal's business, bounded by its own limits.
 pub(super) async fn bind_hello(
     bus: &Bus,
     hello: &Hello,
     token: Option<String>,
+    pending: Pending,
 ) -> Result<(Arc<Runtime>, Principal), String> {
     let token = token.or_else(|| hello_token(hello));
-    let bound = match bus.authenticate(token.as_deref()).await {
+    let authenticated = bus.authenticate(token.as_deref()).await;
+    drop(pending);
+    let bound = match authenticated {
         Ok(principal) => bus
             .bind(hello.runtime(), &principal)
             .await
@@ -400,74 +410,95 @@ pub(super) async fn on_frame(bus: &Bus, conn: &Arc<Connection>, text: &str) -> O
 /// Writes `first` and whatever else is queued, then flushes: one syscall for a burst. Each
 /// write may wait for the peer as long as it takes while the socket is open (what waits
 /// meanwhile is within the queue's budget, and a queue that stays full closes the socket:
-/// `bus::flow`); once it is closing (`stop`), a peer that takes no write for `deadline` (its
-/// TCP window closed) is given up on: false.
-async fn write_burst(
+/// `bus::flow`); once it is closing, `over` ends it: false.
+async fn write_burst<F: std::future::Future<Output = ()>>(
     sink: &mut Sink,
     first: Utf8Bytes,
     rx: &mut OutboundRx,
-    stop: &CancellationToken,
-    deadline: Duration,
+    over: &mut std::pin::Pin<&mut F>,
 ) -> bool {
-    if !within_grace(sink.feed(WsMessage::Text(first)), stop, deadline).await {
+    if !before(sink.feed(WsMessage::Text(first)), over).await {
         return false;
     }
     while let Some(text) = rx.try_recv() {
-        if !within_grace(sink.feed(WsMessage::Text(text)), stop, deadline).await {
+        if !before(sink.feed(WsMessage::Text(text)), over).await {
             return false;
         }
     }
-    within_grace(sink.flush(), stop, deadline).await
+    before(sink.flush(), over).await
 }
 
-/// Whether `write` succeeds before `deadline` has passed since `stop` was cancelled (or
-/// since `write` began, when that was later).
-async fn within_grace(
+/// Whether `write` succeeds before `over` (the closing socket's one deadline) ends.
+async fn before<F: std::future::Future<Output = ()>>(
     write: impl std::future::Future<Output = Result<(), axum::Error>>,
-    stop: &CancellationToken,
-    deadline: Duration,
+    over: &mut std::pin::Pin<&mut F>,
 ) -> bool {
-    let grace_over = async {
-        stop.cancelled().await;
-        tokio::time::sleep(deadline).await;
-    };
     tokio::select! {
         written = write => written.is_ok(),
-        () = grace_over => false,
+        () = over.as_mut() => false,
     }
 }
 
+/// The socket's writer. Once it is closing (`stop`), it has one deadline in all — `[bus]
+/// write_timeout` from the close, not per write — to hand over what is still queued and the
+/// close frame (like a WebSocket close handshake's timeout); `dropped` (another socket of
+/// its runtime began to close) ends it at once. Then the socket is dropped with the rest,
+/// so a closed socket that reads slowly holds its queue for `write_timeout` at most.
 async fn write_loop(
     mut sink: Sink,
     mut rx: OutboundRx,
     closing: Arc<Mutex<Option<(u16, String)>>>,
     stop: CancellationToken,
-    deadline: Duration,
+    dropped: CancellationToken,
+    bus: Bus,
 ) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            text = rx.recv() => text,
-            () = stop.cancelled() => None,
-        };
-        let Some(first) = first else {
-            break;
-        };
-        if !write_burst(&mut sink, first, &mut rx, &stop, deadline).await {
-            tracing::debug!("socket write failed, or took too long once closing: dropped");
-            return;
+    let deadline = bus.config().write_timeout;
+    let over = async {
+        tokio::select! {
+            () = async {
+                stop.cancelled().await;
+                tokio::time::sleep(deadline).await;
+            } => {}
+            () = dropped.cancelled() => {}
         }
-    }
-    // Hand over what is still queued (responses written before the close), then close.
-    let (code, reason) = closing
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or((close_code::NORMAL, String::new()));
-    while let Some(text) = rx.try_recv() {
-        if !within_grace(sink.feed(WsMessage::Text(text)), &stop, deadline).await {
-            return;
+    };
+    tokio::pin!(over);
+    let handed_over = async {
+        loop {
+            let first = tokio::select! {
+                biased;
+                text = rx.recv() => text,
+                () = stop.cancelled() => None,
+            };
+            let Some(first) = first else {
+                break;
+            };
+            if !write_burst(&mut sink, first, &mut rx, &mut over).await {
+                return false;
+            }
         }
+        // Hand over what is still queued (responses written before the close), then close.
+        let (code, reason) = closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or((close_code::NORMAL, String::new()));
+        while let Some(text) = rx.try_recv() {
+            if !before(sink.feed(WsMessage::Text(text)), &mut over).await {
+                return false;
+            }
+        }
+        let close = async {
+            close_with(&mut sink, code, &reason).await;
+            Ok(())
+        };
+        before(close, &mut over).await
     }
-    let _ = tokio::time::timeout(deadline, close_with(&mut sink, code, &reason)).await;
+    .await;
+    if !handed_over && (stop.is_cancelled() || dropped.is_cancelled()) {
+        bus.inner.metrics.refuse(refused::CLOSING_TIMEOUT);
+        tracing::debug!("closing socket did not take what was queued in time: dropped");
+    } else if !handed_over {
+        tracing::debug!("socket write failed: dropped");
+    }
 }

@@ -8,9 +8,12 @@
 //! `open` to `mn:/session`, answered like the Vert.x stub's; the token is `?access_token=`
 //! or `Authorization: Bearer` on the Engine.IO request, or `accessToken` in the open body.
 //! After a `close` (or a refused open) the node sends a Socket.IO DISCONNECT (`41`), which
-//! the client does not reconnect after. Messages wait in a bounded queue while the bus
-//! handles earlier ones; a client that fills it is disconnected (it cannot be slowed down:
-//! Engine.IO delivers what it reads). Socket.IO protocol 5 clients (socket.io ≥ 3) connect
+//! the client does not reconnect after. Messages wait in a queue while the bus handles
+//! earlier ones, bounded in messages and in bytes as a WebSocket stub's reading is: one
+//! message being handled, and at most `[bus] max_frame_bytes` more waiting — before the
+//! handshake is answered only the first message and [`HANDSHAKE_INBOUND_BYTES`] more. A
+//! client past it is disconnected (it cannot be slowed down: Engine.IO delivers what it
+//! reads). Socket.IO protocol 5 clients (socket.io ≥ 3) connect
 //! too: their `0` is answered with the session id.
 
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,7 @@ use engineioxide::{DisconnectReason, ProtocolVersion, Socket, Str};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::metrics::refused;
 use super::outbound;
 use super::socket::{bind_hello, hello_of, on_frame, Hello};
 use super::Bus;
@@ -32,6 +36,8 @@ use super::Bus;
 pub const PATH: &str = "/socket.io";
 /// Messages read but not yet handled, per socket; past it the socket is disconnected.
 const INBOUND_QUEUE: usize = 1024;
+/// Bytes a socket may send after its first message before its handshake is answered.
+pub const HANDSHAKE_INBOUND_BYTES: usize = 16 * 1024;
 
 /// The Engine.IO layer serving socket.io stubs in front of the bus's other routes.
 pub fn layer(bus: Bus) -> EngineIoLayer<Handler> {
@@ -61,7 +67,89 @@ impl std::fmt::Debug for Handler {
 /// A socket's state: the queue to its task (dropped when it disconnects).
 #[derive(Default)]
 pub struct Session {
-    inbound: Mutex<Option<mpsc::Sender<String>>>,
+    inbound: Mutex<Option<Inbound>>,
+}
+
+/// The sending side of a socket's inbound queue.
+struct Inbound {
+    tx: mpsc::Sender<String>,
+    budget: Arc<Mutex<Budget>>,
+}
+
+/// What a socket's inbound queue may hold, in bytes: the first message (the handshake's,
+/// which the task takes at once) whatever its size within `max_frame_bytes`, then what
+/// fits in `limit` — [`HANDSHAKE_INBOUND_BYTES`] until the handshake is answered,
+/// `max_frame_bytes` after.
+#[derive(Debug)]
+struct Budget {
+    queued: usize,
+    limit: usize,
+    first_seen: bool,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Self {
+            queued: 0,
+            limit: HANDSHAKE_INBOUND_BYTES,
+            first_seen: false,
+        }
+    }
+
+    /// Whether a message of `len` bytes may wait (then it is counted).
+    fn admit(&mut self, len: usize) -> bool {
+        if !self.first_seen {
+            self.first_seen = true;
+            return true;
+        }
+        if self.queued + len > self.limit {
+            return false;
+        }
+        self.queued += len;
+        true
+    }
+
+    /// A counted message of `len` bytes was taken out.
+    fn taken(&mut self, len: usize) {
+        self.queued = self.queued.saturating_sub(len);
+    }
+}
+
+/// The receiving side, read by the socket's task.
+struct InboundRx {
+    rx: mpsc::Receiver<String>,
+    budget: Arc<Mutex<Budget>>,
+}
+
+impl InboundRx {
+    /// The first message (not counted: the handshake's).
+    async fn first(&mut self) -> Option<String> {
+        self.rx.recv().await
+    }
+
+    /// The next message.
+    async fn recv(&mut self) -> Option<String> {
+        let text = self.rx.recv().await?;
+        lock(&self.budget).taken(text.len());
+        Some(text)
+    }
+
+    /// The handshake is answered: up to `limit` bytes may wait from now on.
+    fn bound(&self, limit: usize) {
+        lock(&self.budget).limit = limit.max(HANDSHAKE_INBOUND_BYTES);
+    }
+}
+
+fn inbound() -> (Inbound, InboundRx) {
+    let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+    let budget = Arc::new(Mutex::new(Budget::new()));
+    (
+        Inbound {
+            tx,
+            budget: Arc::clone(&budget),
+        },
+        InboundRx { rx, budget },
+    )
 }
 
 /// One Socket.IO packet, as far as the bus cares.
@@ -120,7 +208,7 @@ impl EngineIoHandler for Handler {
     type Data = Session;
 
     fn on_connect(self: Arc<Self>, socket: Arc<Socket<Session>>) {
-        let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+        let (tx, rx) = inbound();
         *lock(&socket.data.inbound) = Some(tx);
         if socket.protocol == ProtocolVersion::V3 {
             // Socket.IO 1.x/2.x: the server connects the default namespace itself.
@@ -136,10 +224,19 @@ impl EngineIoHandler for Handler {
     fn on_message(self: &Arc<Self>, msg: Str, socket: Arc<Socket<Session>>) {
         match parse(msg.as_str()) {
             Ok(Packet::Message(text)) => {
-                let queued = lock(&socket.data.inbound)
-                    .as_ref()
-                    .map(|tx| tx.try_send(text));
-                if let Some(Err(_)) = queued {
+                let queued = lock(&socket.data.inbound).as_ref().map(|inbound| {
+                    let len = text.len();
+                    if !lock(&inbound.budget).admit(len) {
+                        return false;
+                    }
+                    let sent = inbound.tx.try_send(text).is_ok();
+                    if !sent {
+                        lock(&inbound.budget).taken(len);
+                    }
+                    sent
+                });
+                if queued == Some(false) {
+                    self.bus.inner.metrics.refuse(refused::INBOUND_FULL);
                     tracing::warn!(sid = %socket.id, "socket.io stub sends faster than the bus handles its messages: disconnected");
                     disconnect(&socket);
                 }
@@ -200,7 +297,7 @@ async fn emit(socket: &Socket<Session>, packet: String, patience: Option<Duratio
 }
 
 /// One socket: the `open` handshake, then every message in order, until either side ends.
-async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<String>) {
+async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: InboundRx) {
     // Answers during the handshake wait for a client that does not read this long at most;
     // once attached, the writer is ended at most 5 s after the socket closes.
     let patience = Some(bus.config().write_timeout);
@@ -220,7 +317,7 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<Stri
         }
     };
     let first = tokio::select! {
-        first = rx.recv() => first,
+        first = rx.first() => first,
         () = tokio::time::sleep(bus.config().handshake_timeout) => None,
     };
     let Some(first) = first else {
@@ -239,8 +336,7 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<Stri
     };
     let token =
         crate::http_auth::presented(&socket.req_parts.headers, &query(&socket)).map(str::to_string);
-    let bound = bind_hello(&bus, &hello, token).await;
-    drop(pending);
+    let bound = bind_hello(&bus, &hello, token, pending).await;
     let (runtime, principal) = match bound {
         Ok(bound) => bound,
         Err(answer) => {
@@ -252,6 +348,7 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: mpsc::Receiver<Stri
     if !emit(&socket, event(&hello.answer(200, "connected")), patience).await {
         return;
     }
+    rx.bound(bus.config().max_frame_bytes);
     let (tx, mut out) = outbound::channel(
         bus.config().outbound_queue,
         bus.config().outbound_queue_bytes,
@@ -358,5 +455,22 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad}");
         }
         assert_eq!(event(r#"{"a":1}"#), r#"2["message",{"a":1}]"#);
+    }
+
+    #[test]
+    fn the_inbound_queue_is_bounded_in_bytes_tiny_before_the_handshake() {
+        let mut budget = Budget::new();
+        assert!(
+            budget.admit(1024 * 1024),
+            "the first message, whatever its size"
+        );
+        assert!(budget.admit(HANDSHAKE_INBOUND_BYTES - 10));
+        assert!(!budget.admit(11), "past the handshake's budget");
+        budget.taken(HANDSHAKE_INBOUND_BYTES - 10);
+        budget.limit = 1000;
+        assert!(budget.admit(600));
+        assert!(!budget.admit(600), "1,200 > 1,000 waiting");
+        budget.taken(600);
+        assert!(budget.admit(600), "handled: room again");
     }
 }

@@ -693,13 +693,7 @@ async fn start_bus(
         .await
         .with_context(|| format!("cannot listen on {} ([bus] listen)", config.bus.listen))?;
     let addr = listener.local_addr()?;
-    spawn_server(
-        tracker,
-        listener,
-        bus::listener::router(bus.clone()),
-        shutdown.child_token(),
-        "bus",
-    );
+    bus::listener::serve(listener, bus.clone(), shutdown.child_token(), tracker);
     tracing::info!(%addr, %domain, "reTHINK bus listening");
     Ok((addr, bus))
 }

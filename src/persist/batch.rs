@@ -10,7 +10,9 @@
 //! consecutive sequence numbers `first_seq ..first_seq + count`. The transaction id of an
 //! event names its writer, first sequence number, count and encoding, so a retried send is
 //! idempotent. A single entry too big for an event even compressed is replaced by a
-//! placeholder (`{"org.msgnode.oversize": <bytes>}`, logged), keeping the sequence gapless.
+//! placeholder (`{"org.msgnode.oversize": <bytes>}`, logged), keeping the sequence gapless;
+//! the inboxes refuse such a message before it is accepted ([`fits_one_event`]), so only
+//! the journal's history can hold one.
 //! The header fields (`node`, or `runtime` and `writer`) are the writer's: the journal and
 //! the inboxes use this format with event types of their own.
 //!
@@ -233,6 +235,14 @@ fn sample_ratio(entries: &[String]) -> f64 {
     compressed as f64 / bytes.max(1) as f64
 }
 
+/// Whether `entry` (a JSON text) fits one batch event under `header` on its own, plain or
+/// compressed: whether it can be stored as it is rather than as a placeholder.
+pub(crate) fn fits_one_event(header: &Map<String, Value>, entry: &str) -> bool {
+    let entries = [entry.to_string()];
+    plain_event(header, u64::MAX, &entries).is_some()
+        || compressed_event(header, u64::MAX, &entries).is_some()
+}
+
 /// Decodes a batch event's content (plain or compressed).
 pub(crate) fn decode_batch(content: &Value) -> Result<DecodedBatch, String> {
     let first_seq = content
@@ -376,6 +386,24 @@ mod tests {
     /// The placeholder of an entry too big to store (as the journal writes it).
     fn oversize(seq: u64, bytes: usize) -> String {
         json!({"seq": seq, "message": { OVERSIZE_KEY: bytes }, "to": []}).to_string()
+    }
+
+    #[test]
+    fn an_entry_fits_one_event_plain_or_compressed_or_not_at_all() {
+        let header = Map::new();
+        let small = json!({"pad": "x".repeat(1000)}).to_string();
+        let compressible = json!({"pad": "x".repeat(500_000)}).to_string();
+        // Not compressible: each 4 characters stand for 3 random-looking bytes.
+        let noise: String = (0..200_000u64)
+            .map(|i| {
+                let x = i.wrapping_mul(6_364_136_223_846_793_005).rotate_left(17) ^ (i >> 3);
+                char::from(b'A' + (x % 26) as u8)
+            })
+            .collect();
+        let noisy = json!({ "pad": noise }).to_string();
+        assert!(fits_one_event(&header, &small));
+        assert!(fits_one_event(&header, &compressible));
+        assert!(!fits_one_event(&header, &noisy));
     }
 
     #[test]

@@ -32,7 +32,10 @@ use tokio::sync::{watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::batch::{decode_batch, encode_batch, raw_or_string, DecodedBatch, OVERSIZE_KEY};
+use super::batch::{
+    decode_batch, encode_batch, fits_one_event, raw_or_string, DecodedBatch, MAX_EVENT_CONTENT,
+    OVERSIZE_KEY,
+};
 use super::roomlog::{recover_next_seq, send_batches, Counters};
 use crate::matrix::{hash16, Actor, ActorError};
 use crate::retry::Backoff;
@@ -227,6 +230,23 @@ impl Inbox {
                 .map_or(0, |b| b.undelivered.load(Ordering::Relaxed)),
         };
         held + bytes <= self.budget.per_runtime.load(Ordering::Relaxed)
+    }
+
+    /// Whether `text` can wait in `runtime`'s inbox as it is: always in memory; in Matrix when
+    /// it fits one inbox event (plain or compressed). One that does not is refused to its
+    /// sender before it is accepted (413), never stored as a placeholder.
+    pub fn fits(&self, runtime: &str, text: &str) -> bool {
+        let Inner::Matrix(matrix) = &*self.inner else {
+            return true;
+        };
+        // The header's fields and the batch's own: well under 512 bytes more.
+        if text.len() + runtime.len() + matrix.writer.len() + 512 <= MAX_EVENT_CONTENT {
+            return true;
+        }
+        let mut header = Map::new();
+        header.insert("runtime".to_string(), Value::String(runtime.to_string()));
+        header.insert("writer".to_string(), Value::String(matrix.writer.clone()));
+        fits_one_event(&header, raw_or_string(text.to_string()).get())
     }
 
     /// Whether `bytes` more fit in memory now: when not, a message for an away runtime is

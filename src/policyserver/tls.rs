@@ -16,10 +16,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::PolicyServerConfig;
 
-/// How long a client has for the TLS handshake.
+/// How long a client has for the TLS handshake (and then for a request's head).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long open connections get to finish at shutdown.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -130,38 +128,21 @@ pub fn serve(
     tracker: &TaskTracker,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
-    let connections = tracker.clone();
-    tracker.spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = stop.cancelled() => break,
-                permit = Arc::clone(&slots).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, peer) = tokio::select! {
-                _ = stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(%error, "policy server: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let app = app.clone();
-            let stop = stop.clone();
-            connections.spawn(async move {
+    let connections = stop.clone();
+    crate::listen::accept(
+        listener,
+        max_connections,
+        connections,
+        tracker,
+        "policy server",
+        move |tcp, peer, place| {
+            let (acceptor, app, stop) = (acceptor.clone(), app.clone(), stop.clone());
+            async move {
                 connection(acceptor, tcp, peer, app, stop).await;
-                drop(permit);
-            });
-        }
-    });
+                drop(place);
+            }
+        },
+    );
 }
 
 async fn connection(
@@ -182,23 +163,17 @@ async fn connection(
             return;
         }
     };
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let served = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-    tokio::pin!(served);
-    tokio::select! {
-        result = served.as_mut() => {
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "policy server: connection ended with an error");
-            }
-        }
-        _ = stop.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
-        }
-    }
+    // hyper's own default head size (about 400 KiB).
+    crate::listen::http1(
+        tls,
+        peer,
+        app,
+        HANDSHAKE_TIMEOUT,
+        400 * 1024,
+        stop,
+        "policy server",
+    )
+    .await;
 }
 
 #[cfg(test)]

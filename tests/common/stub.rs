@@ -25,8 +25,12 @@ pub struct Stub {
     next_id: u64,
 }
 
-/// Opens a socket to `ws://addr/<path>` with `token` in the Authorization header.
-pub async fn open(addr: SocketAddr, path_and_query: &str, token: &str) -> Socket {
+/// The upgrade request for `ws://addr/<path>` with `token` in the Authorization header.
+fn request(
+    addr: SocketAddr,
+    path_and_query: &str,
+    token: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
     let mut request = format!("ws://{addr}{path_and_query}")
         .into_client_request()
         .expect("request");
@@ -34,9 +38,29 @@ pub async fn open(addr: SocketAddr, path_and_query: &str, token: &str) -> Socket
         "authorization",
         format!("Bearer {token}").parse().expect("header"),
     );
-    let (socket, _) = tokio_tungstenite::connect_async(request)
+    request
+}
+
+/// Opens a socket to `ws://addr/<path>` with `token` in the Authorization header.
+pub async fn open(addr: SocketAddr, path_and_query: &str, token: &str) -> Socket {
+    let (socket, _) = tokio_tungstenite::connect_async(request(addr, path_and_query, token))
         .await
         .expect("websocket connect");
+    socket
+}
+
+/// As [`open`], over a TCP connection with a small receive buffer: what the node writes to
+/// a socket that does not read stays in the node's queue rather than in the kernel's.
+pub async fn open_small_window(addr: SocketAddr, path_and_query: &str, token: &str) -> Socket {
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.set_recv_buffer_size(4096).expect("receive buffer");
+    let tcp = tcp.connect(addr).await.expect("connect");
+    let (socket, _) = tokio_tungstenite::client_async(
+        request(addr, path_and_query, token),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .expect("websocket connect");
     socket
 }
 
