@@ -1,4 +1,5 @@
-//! Decision cache: results keyed by (bundle generation, query, digest of the canonical input).
+//! Decision cache: results keyed by the bundle generation and a digest of the query and the
+//! canonical input.
 //!
 //! The input — JSON as an HTTP client sent it, or the regorus value the node built from its
 //! typed inputs (both are a [`Document`]; one document has one key in either form) — is
@@ -18,11 +19,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// Identifies one cached decision.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Identifies one cached decision: the generation, and the digest of the query and the
+/// canonical input (the query is hashed in, not held: a look-up clones no shared `Arc`, and
+/// the map hashes 24 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     generation: u64,
-    query: Arc<str>,
     digest: (u64, u64),
 }
 
@@ -75,17 +77,14 @@ impl DecisionCache {
     }
 
     /// The key for `query` and `input` under `generation`.
-    pub fn key<D: Document>(
-        &self,
-        generation: u64,
-        query: &Arc<str>,
-        input: Option<&D>,
-    ) -> CacheKey {
+    pub fn key<D: Document>(&self, generation: u64, query: &str, input: Option<&D>) -> CacheKey {
         // The canonical text goes into this thread's buffer, then into both hashes at once:
         // hashing it in one piece is several times faster than hashing each small write.
         let digest = CANONICAL.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
             buffer.clear();
+            // The query first, length-prefixed: no query and input can read as another's.
+            write_str(&mut *buffer, query);
             match input {
                 None => buffer.push(b'-'),
                 Some(value) => {
@@ -101,11 +100,7 @@ impl DecisionCache {
             }
             (a.finish(), b.finish())
         });
-        CacheKey {
-            generation,
-            query: Arc::clone(query),
-            digest,
-        }
+        CacheKey { generation, digest }
     }
 
     /// The cached result, if any.
@@ -230,8 +225,12 @@ fn write_canonical<'a, W: Write, D: Document>(
             put(out, b"{");
             for (key, member) in members {
                 path.push(key);
+                // The member's own name first: most members share no name with an ignored
+                // path, and that is one comparison.
                 let skipped = ignore.iter().any(|p| {
-                    p.len() == path.len() && p.iter().zip(path.iter()).all(|(a, b)| a == b)
+                    p.len() == path.len()
+                        && p.last().is_some_and(|last| last == key)
+                        && p.iter().zip(path.iter()).all(|(a, b)| a == b)
                 });
                 if !skipped {
                     write_str(out, key);

@@ -223,12 +223,15 @@ pub struct Mask {
     pointers: Vec<String>,
     /// Lower-case key-name patterns, `*` matching any run of characters.
     keys: Vec<String>,
+    /// Bytes of the shortest pattern without its stars.
+    shortest_key: usize,
 }
 
 impl Mask {
     /// Dotted `paths` below `input` (`message.body.value`; a leading `input.` is allowed) and
     /// key-name patterns `keys` matched anywhere, case-insensitively (`*token*`).
     pub fn new(paths: &[String], keys: &[String]) -> Self {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_lowercase()).collect();
         Self {
             pointers: paths
                 .iter()
@@ -239,7 +242,12 @@ impl Mask {
                         .collect()
                 })
                 .collect(),
-            keys: keys.iter().map(|k| k.to_lowercase()).collect(),
+            shortest_key: keys
+                .iter()
+                .map(|k| k.len() - k.matches('*').count())
+                .min()
+                .unwrap_or(0),
+            keys,
         }
     }
 
@@ -286,51 +294,115 @@ impl Mask {
         match value {
             Value::Object(members) => {
                 for (key, member) in members.iter_mut() {
-                    at.push('/');
-                    at.push_str(&key.replace('~', "~0").replace('/', "~1"));
-                    let lower = key.to_lowercase();
-                    if self.keys.iter().any(|k| glob(k, &lower)) {
+                    if self.key_matches(key) {
                         if member.as_str() != Some(MASKED) {
                             *member = Value::String(MASKED.to_string());
+                            push_pointer_segment(at, key);
                             erased.push(at.clone());
+                            at.truncate(len);
                         }
-                    } else {
+                    } else if has_children(member) {
+                        push_pointer_segment(at, key);
                         self.mask_keys(member, at, erased);
+                        at.truncate(len);
                     }
-                    at.truncate(len);
                 }
             }
             Value::Array(items) => {
                 for (i, item) in items.iter_mut().enumerate() {
-                    at.push('/');
-                    at.push_str(&i.to_string());
-                    self.mask_keys(item, at, erased);
-                    at.truncate(len);
+                    if has_children(item) {
+                        use std::fmt::Write as _;
+                        let _ = write!(at, "/{i}");
+                        self.mask_keys(item, at, erased);
+                        at.truncate(len);
+                    }
                 }
             }
             _ => {}
         }
     }
+
+    /// Whether a key name matches one of the patterns, case-insensitively. ASCII names (all
+    /// but rare ones) are compared in place, without a lower-case copy.
+    fn key_matches(&self, key: &str) -> bool {
+        if key.is_ascii() {
+            // No pattern matches a name shorter than its letters.
+            key.len() >= self.shortest_key
+                && self
+                    .keys
+                    .iter()
+                    .any(|k| glob_bytes(k.as_bytes(), key.as_bytes()))
+        } else {
+            let lower = key.to_lowercase();
+            self.keys.iter().any(|k| glob(k, &lower))
+        }
+    }
+}
+
+/// Whether a value can hold keys to mask (an object or an array with members).
+fn has_children(value: &Value) -> bool {
+    match value {
+        Value::Object(members) => !members.is_empty(),
+        Value::Array(items) => !items.is_empty(),
+        _ => false,
+    }
+}
+
+/// Appends `/key` to a JSON pointer, escaped as RFC 6901 says (`~` → `~0`, `/` → `~1`).
+fn push_pointer_segment(at: &mut String, key: &str) {
+    at.push('/');
+    if key.contains(['~', '/']) {
+        at.push_str(&key.replace('~', "~0").replace('/', "~1"));
+    } else {
+        at.push_str(key);
+    }
 }
 
 /// Whether `text` matches `pattern`, where `*` matches any run of characters.
 fn glob(pattern: &str, text: &str) -> bool {
-    let mut parts = pattern.split('*');
+    glob_bytes(pattern.as_bytes(), text.as_bytes())
+}
+
+/// [`glob`] on bytes, `text` compared ASCII-case-insensitively with a lower-case `pattern`
+/// (a lower-case UTF-8 text matches as it is: its non-ASCII bytes compare equal only to the
+/// same bytes).
+fn glob_bytes(pattern: &[u8], text: &[u8]) -> bool {
+    let mut parts = pattern.split(|&b| b == b'*');
     let first = parts.next().unwrap_or_default();
-    let Some(mut rest) = text.strip_prefix(first) else {
+    let Some(mut rest) = strip_prefix_folded(text, first) else {
         return false;
     };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        return rest.is_empty();
-    };
-    for part in middle {
-        match rest.find(part) {
+    let mut parts = parts.peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            return rest.len() >= part.len() && folded_eq(&rest[rest.len() - part.len()..], part);
+        }
+        match find_folded(rest, part) {
             Some(i) => rest = &rest[i + part.len()..],
             None => return false,
         }
     }
-    rest.len() >= last.len() && rest.ends_with(last)
+    rest.is_empty()
+}
+
+fn folded_eq(text: &[u8], pattern: &[u8]) -> bool {
+    text.len() == pattern.len()
+        && text
+            .iter()
+            .zip(pattern)
+            .all(|(t, p)| t.to_ascii_lowercase() == *p)
+}
+
+fn strip_prefix_folded<'t>(text: &'t [u8], prefix: &[u8]) -> Option<&'t [u8]> {
+    (text.len() >= prefix.len() && folded_eq(&text[..prefix.len()], prefix))
+        .then(|| &text[prefix.len()..])
+}
+
+fn find_folded(text: &[u8], part: &[u8]) -> Option<usize> {
+    if part.is_empty() {
+        return Some(0);
+    }
+    text.windows(part.len()).position(|w| folded_eq(w, part))
 }
 
 /// Masks and cuts every record short once, before any sink (file, upload, console) sees it,
@@ -362,10 +434,12 @@ impl<S: DecisionSink> DecisionSink for Redacted<S> {
     }
 }
 
-/// Writes JSON lines to a writer on a thread of its own. Records are serialised by the
-/// caller and queued as lines, bounded in count and in bytes.
+/// Writes JSON lines to a writer on a thread of its own. Records (masked and cut short
+/// already: this sink sits inside [`Redacted`]) are queued as they are, bounded in count and
+/// in bytes (their [`record_bytes`]), and serialised by the writer thread straight into its
+/// buffer, so the deciding thread neither serialises nor allocates a line.
 pub struct JsonLinesSink {
-    queue: SyncSender<Vec<u8>>,
+    queue: SyncSender<(DecisionRecord, usize)>,
     queued_bytes: Arc<AtomicUsize>,
     dropped: Counter,
 }
@@ -392,9 +466,10 @@ impl JsonLinesSink {
         let (queue, rx) = sync_channel(QUEUE_LEN);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let written = Arc::clone(&queued_bytes);
+        let failed = dropped.clone();
         std::thread::Builder::new()
             .name("decision-log".to_string())
-            .spawn(move || write_loop(rx, out, &written))?;
+            .spawn(move || write_loop(rx, out, &written, &failed))?;
         Ok(Self {
             queue,
             queued_bytes,
@@ -443,18 +518,13 @@ impl JsonLinesSink {
 
 impl DecisionSink for JsonLinesSink {
     fn log(&self, record: DecisionRecord) {
-        let Ok(mut line) = serde_json::to_vec(&record) else {
-            self.dropped.inc();
-            return;
-        };
-        line.push(b'\n');
-        let len = line.len();
+        let len = record_bytes(&record);
         if self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.dropped.inc();
             return;
         }
-        if self.queue.try_send(line).is_err() {
+        if self.queue.try_send((record, len)).is_err() {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.dropped.inc();
         }
@@ -466,16 +536,38 @@ pub fn is_off(output: &str) -> bool {
     output.eq_ignore_ascii_case("off")
 }
 
-fn write_loop(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, queued: &AtomicUsize) {
+fn write_loop(
+    rx: Receiver<(DecisionRecord, usize)>,
+    out: Box<dyn Write + Send>,
+    queued: &AtomicUsize,
+    failed: &Counter,
+) {
     let mut out = BufWriter::new(out);
-    while let Ok(mut line) = rx.recv() {
+    // One line's bytes, reused from record to record.
+    let mut line = Vec::with_capacity(4096);
+    while let Ok(mut next) = rx.recv() {
         loop {
-            if out.write_all(&line).is_err() {
-                tracing::warn!("decision log: write failed");
+            let (record, len) = next;
+            line.clear();
+            match serde_json::to_writer(&mut line, &record) {
+                Ok(()) => {
+                    line.push(b'\n');
+                    if out.write_all(&line).is_err() {
+                        tracing::warn!("decision log: write failed");
+                    }
+                }
+                // Not JSON (it always is): counted and left out, never half a line.
+                Err(_) => {
+                    failed.inc();
+                }
             }
-            queued.fetch_sub(line.len(), Ordering::AcqRel);
+            if line.capacity() > 1 << 20 {
+                line = Vec::with_capacity(4096);
+            }
+            drop(record);
+            queued.fetch_sub(len, Ordering::AcqRel);
             match rx.try_recv() {
-                Ok(next) => line = next,
+                Ok(more) => next = more,
                 Err(_) => break,
             }
         }
@@ -484,6 +576,17 @@ fn write_loop(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, queued: &Atomic
             tracing::warn!(error = %e, "decision log: flush failed");
         }
     }
+}
+
+/// About the bytes a queued record takes in memory: its input, result and error, plus the
+/// fixed fields.
+pub fn record_bytes(record: &DecisionRecord) -> usize {
+    const FIXED: usize = 512;
+    FIXED
+        + record.input.as_ref().map_or(0, approx_bytes)
+        + record.result.as_ref().map_or(0, approx_bytes)
+        + record.error.as_ref().map_or(0, |e| e.message.len())
+        + record.erased.iter().map(String::len).sum::<usize>()
 }
 
 /// About the bytes `value` takes in memory (its text, plus a word per value): what byte
@@ -666,6 +769,40 @@ mod tests {
     }
 
     #[test]
+    fn key_names_match_in_any_case_and_erased_pointers_are_escaped() {
+        let mask = Mask::new(&[], &["*Token*".into(), "auth".into()]);
+        let mut input = json!({
+            "IdTOKEN": "t-1",
+            "a/b~c": {"AUTH": "t-2", "author": "kept"},
+            "list": [{"x": {"my_token": "t-3"}}, "plain", []],
+            "ÜBER_TOKEN": "t-4",
+            "tok": "kept",
+        });
+        let mut erased = Vec::new();
+        mask.apply_to(&mut input, &mut erased);
+        erased.sort();
+        assert_eq!(
+            erased,
+            [
+                "/input/IdTOKEN",
+                "/input/a~1b~0c/AUTH",
+                "/input/list/0/x/my_token",
+                "/input/ÜBER_TOKEN",
+            ]
+        );
+        let text = input.to_string();
+        for secret in ["t-1", "t-2", "t-3", "t-4"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(input["a/b~c"]["author"], "kept");
+        assert_eq!(input["tok"], "kept");
+        // Masking twice says nothing new.
+        let mut again = Vec::new();
+        mask.apply_to(&mut input, &mut again);
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    #[test]
     fn key_patterns_match_with_stars() {
         for (pattern, text, matches) in [
             ("*token*", "idtoken", true),
@@ -678,6 +815,9 @@ mod tests {
             ("*secret", "secretkey", false),
             ("a*b*c", "axxbyyc", true),
             ("a*b*c", "acb", false),
+            ("*token*", "IDTOKEN", true),
+            ("a*", "a", true),
+            ("*", "", true),
         ] {
             assert_eq!(glob(pattern, text), matches, "{pattern} {text}");
         }

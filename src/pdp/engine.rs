@@ -686,6 +686,71 @@ mod tests {
         assert!(DataPath::from_url_path("a/\u{7}").is_err());
     }
 
+    /// Issue 13's closing note: with `subject_principals` rewritten as
+    /// `user := lib.str(…); user != ""`, a live node kept a subscription after a consent
+    /// edit. Each engine decides a run of inputs on one thread (the VM keeps its state from
+    /// run to run, and its rule cache is reset in place between runs), before and after the
+    /// edit, with the revalidation's input shape (no message): the VM agrees with the
+    /// interpreter, and the subscription is revoked.
+    #[test]
+    fn a_consent_edit_revokes_on_both_engines_run_after_run() {
+        let policy = r#"package s
+import rego.v1
+str(x) := x if {
+	is_string(x)
+} else := ""
+sub := object.get(input, "subscription", {})
+consent_list := object.get(data.consent, sub.resource, null)
+consented if sub.subscriber in consent_list
+consented if input.subject.user in consent_list
+consented if {
+	holder := object.get(sub, "holder", "")
+	holder != ""
+	holder in subject_principals
+}
+subject_principals contains user if {
+	user := str(input.subject.user)
+	user != ""
+}
+default decision := {"allow": false}
+decision := {"allow": true} if consented
+"#;
+        let bundle = |consent: &str| {
+            let compiled =
+                compile(&[("s.rego", policy), ("consent/data.json", consent)]).expect("compile");
+            let rule = DataPath::from_ref("data.s.decision").expect("rule");
+            let (vm, why) = compiled.clone().with_fast_path(&rule, 100_000);
+            assert_eq!(why, None, "the VM compiles the rule");
+            (compiled, vm)
+        };
+        let input = |user: &str, holder: &str| {
+            serde_json::json!({
+                "subscription": {"resource": "comm://x/board", "subscriber": "hyperty://x/bob-1",
+                                 "holder": holder},
+                "subject": {"user": user},
+            })
+        };
+        let decide = |(interpreter, vm): &(CompiledBundle, CompiledBundle), input| {
+            let (a, b) = (
+                eval(interpreter, "s/decision", serde_json::Value::clone(&input)),
+                eval(vm, "s/decision", input),
+            );
+            assert_eq!(a, b, "VM and interpreter agree");
+            a.and_then(|d| d["allow"].as_bool())
+        };
+        let before = bundle(r#"{"comm://x/board": ["@bob:x"]}"#);
+        let after = bundle(r#"{"comm://x/board": []}"#);
+        for _ in 0..3 {
+            // The holder's own principal, then someone else's, on the same thread's VM.
+            assert_eq!(decide(&before, input("@alice:x", "@alice:x")), Some(true));
+            assert_eq!(decide(&before, input("@bob:x", "@alice:x")), Some(true));
+            assert_eq!(decide(&after, input("@bob:x", "@alice:x")), Some(false));
+            assert_eq!(decide(&after, input("", "@alice:x")), Some(false));
+            assert_eq!(decide(&after, input("@alice:x", "@alice:x")), Some(true));
+            assert_eq!(decide(&after, input("@bob:x", "")), Some(false));
+        }
+    }
+
     #[test]
     fn rules_packages_and_data_evaluate() {
         let bundle = compile(&[

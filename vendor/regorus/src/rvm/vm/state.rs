@@ -11,7 +11,13 @@ use super::machine::RegoVM;
 impl RegoVM {
     /// Release values retained by the previous execution before capturing a new memory baseline.
     pub(super) fn reset_run_to_completion_state(&mut self) -> Result<()> {
+        // msgnode patch: the rule cache is reset where the previous run filled it, in
+        // place, instead of being dropped and allocated anew for every rule of the program
+        // (`initialize_execution_state` keeps a cache of the right size).
+        self.reset_rule_cache_in_place();
+        let kept = core::mem::take(&mut self.rule_cache);
         self.release_previous_execution_state();
+        self.rule_cache = kept;
         #[cfg(all(feature = "allocator-memory-limits", not(miri)))]
         if matches!(
             self.memory_budget_lifecycle,
@@ -26,6 +32,18 @@ impl RegoVM {
         }
         self.initialize_execution_state();
         Ok(())
+    }
+
+    /// msgnode patch: drops the values the previous run cached, entry by entry, keeping the
+    /// cache's allocation when it has the program's size. Entries not computed hold
+    /// `Undefined` and are left as they are.
+    fn reset_rule_cache_in_place(&mut self) {
+        if self.rule_cache.len() != self.program.rule_infos.len() {
+            return;
+        }
+        for entry in self.rule_cache.iter_mut().filter(|entry| entry.0) {
+            *entry = (false, Value::Undefined);
+        }
     }
 
     pub(super) fn release_previous_execution_state(&mut self) {
@@ -106,8 +124,12 @@ impl RegoVM {
 
         self.execution_state = ExecutionState::Ready;
 
-        // Reset rule cache
-        self.rule_cache = alloc::vec![(false, Value::Undefined); self.program.rule_infos.len()];
+        // Reset rule cache (msgnode patch: unless it was reset in place, at its size)
+        if self.rule_cache.len() != self.program.rule_infos.len()
+            || self.rule_cache.iter().any(|entry| entry.0)
+        {
+            self.rule_cache = alloc::vec![(false, Value::Undefined); self.program.rule_infos.len()];
+        }
 
         // Reset registers to clean state
         self.registers
