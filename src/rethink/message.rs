@@ -29,6 +29,10 @@ pub enum BusError {
     /// A dependency (homeserver, peer, policy) cannot answer now (408, as reTHINK uses it).
     #[error("{0}")]
     Unavailable(String),
+    /// What the request would add cannot be stored: too large (413), refused before
+    /// anything changed.
+    #[error("{0}")]
+    TooLarge(String),
     /// The sender is over its rate limit (429); the text says when to retry.
     #[error("{0}")]
     RateLimited(String),
@@ -43,6 +47,7 @@ impl BusError {
             BusError::Forbidden(_) => 403,
             BusError::NotFound(_) => 404,
             BusError::Unavailable(_) => 408,
+            BusError::TooLarge(_) => 413,
             BusError::RateLimited(_) => 429,
         }
     }
