@@ -307,6 +307,9 @@ pub struct BenchArgs {
     /// `suite`: the sizes of each shape (allocations, messages, subscribers).
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10_000])]
     pub sizes: Vec<usize>,
+    /// `suite`: which shapes to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [SuiteShape::Alloc, SuiteShape::Messages, SuiteShape::Publish])]
+    pub shapes: Vec<SuiteShape>,
     /// `eval`: time another engine on the same bundle and inputs, alternating with msgnode.
     #[arg(long, value_enum)]
     pub against: Option<Against>,
@@ -324,6 +327,17 @@ pub enum BenchBackend {
     Sqlite,
     /// Its own Synapse on PostgreSQL (data on tmpfs).
     Postgres,
+}
+
+/// The shapes of `msgnode bench --mode suite`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SuiteShape {
+    /// Allocations and releases, one stub, back to back.
+    Alloc,
+    /// Messages one by one between two hyperties.
+    Messages,
+    /// One update published to many subscribers.
+    Publish,
 }
 
 /// The engines `bench --against` compares with.

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 
 use super::node::{Node, TOKEN};
 use super::synapse::BenchSynapse;
-use crate::cli::{BenchArgs, BenchBackend};
+use crate::cli::{BenchArgs, BenchBackend, SuiteShape};
 
 const MN: &str = "domain://msg-node.localhost";
 /// How long one case may take before it is reported as failed.
@@ -175,13 +175,19 @@ async fn all(args: &BenchArgs, node: &Node) -> anyhow::Result<()> {
         "{:<34} {:>7} {:>10} {:>7} {:>10}",
         "case", "n", "ms", "failed", "D6.4 ms"
     );
-    for &n in &args.sizes {
-        allocations(node, n).await?;
+    if args.shapes.contains(&SuiteShape::Alloc) {
+        for &n in &args.sizes {
+            allocations(node, n).await?;
+        }
     }
-    for &n in &args.sizes {
-        messages(node, n).await?;
+    if args.shapes.contains(&SuiteShape::Messages) {
+        for &n in &args.sizes {
+            messages(node, n).await?;
+        }
     }
-    publish(node, &args.sizes).await?;
+    if args.shapes.contains(&SuiteShape::Publish) {
+        publish(node, &args.sizes).await?;
+    }
     Ok(())
 }
 
