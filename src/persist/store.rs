@@ -33,6 +33,9 @@ use crate::matrix::{Actor, ActorError};
 pub const RUNTIME_EVENT_TYPE: &str = "org.msgnode.bus.runtime";
 /// State event type of a registry entry.
 pub const REGISTRY_EVENT_TYPE: &str = "org.msgnode.registry";
+/// Most bytes of a registry entry's event content: one event, its state key at most 255
+/// bytes, under Synapse's 65,536 for the whole event (about 1 KiB left for the envelope).
+pub const MAX_REGISTRY_CONTENT_BYTES: usize = 64_000;
 /// Alias localpart of the state room.
 pub const STATE_ALIAS: &str = "_msgnode_state";
 
@@ -387,10 +390,9 @@ impl Store {
             None => json!({}),
         };
         let bytes = serde_json::to_vec(&content).map_or(usize::MAX, |v| v.len());
-        if bytes > record::MAX_CONTENT_BYTES {
+        if bytes > MAX_REGISTRY_CONTENT_BYTES {
             return Err(StoreError::TooLarge(format!(
-                "a registry entry of {bytes} bytes (at most {})",
-                record::MAX_CONTENT_BYTES
+                "a registry entry of {bytes} bytes (at most {MAX_REGISTRY_CONTENT_BYTES})"
             )));
         }
         let matrix = match &*self.inner {
