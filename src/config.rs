@@ -667,8 +667,13 @@ pub struct BusConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusLimits {
-    /// Runtime URLs one principal owns (released ones count: they stay its own).
+    /// Live runtimes one principal owns (released ones are counted apart, against
+    /// `tombstones_per_principal`).
     pub runtimes_per_principal: usize,
+    /// Released runtimes one principal owns: their URLs stay its own for good (tombstones,
+    /// kept as state). Past it, a new runtime URL is refused; reconnecting a released one
+    /// is not.
+    pub tombstones_per_principal: usize,
     /// Allocated addresses over its runtimes.
     pub addresses_per_principal: usize,
     /// Foreign return routes over its runtimes.
@@ -681,6 +686,7 @@ impl Default for BusLimits {
     fn default() -> Self {
         Self {
             runtimes_per_principal: 10_000,
+            tombstones_per_principal: 100_000,
             addresses_per_principal: 100_000,
             foreign_routes_per_principal: 10_000,
             registry_entries_per_principal: 10_000,

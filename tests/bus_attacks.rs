@@ -1557,3 +1557,67 @@ async fn unauthenticated_posts_and_idle_connections_hold_nothing() {
     assert_eq!(&status, b"HTTP/1.1 401");
     running.stop().await;
 }
+
+/// Review (B11): released runtimes counted against the runtime limit for good, so a
+/// runtime that takes a fresh URL per session locked its user out after that many
+/// sessions. Live runtimes count against `runtimes_per_principal`; released ones (whose
+/// URLs stay their owner's) against the larger `tombstones_per_principal`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_sessions_on_fresh_runtime_urls_do_not_lock_a_user_out() {
+    let running = node_with(|c| {
+        c.bus.limits.runtimes_per_principal = 2;
+        c.bus.limits.tombstones_per_principal = 10;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    for n in 0..6 {
+        let runtime = format!("runtime://localhost/session-{n}");
+        let mut stub = bound(addr, &runtime, MALLORY).await;
+        stub.send(json!({"type": "disconnect", "from": runtime, "to": "mn:/session"}))
+            .await;
+        assert!(stub.closed().await.is_some(), "released and closed");
+    }
+    // More short sessions than live runtimes allowed: still a live one, and another.
+    let _one = bound(addr, "runtime://localhost/session-new-1", MALLORY).await;
+    let _two = bound(addr, "runtime://localhost/session-new-2", MALLORY).await;
+    assert_eq!(
+        refused_runtime(addr, "runtime://localhost/session-new-3").await,
+        403,
+        "two live runtimes at most"
+    );
+    drop(_two);
+    // A released URL stays its owner's: not another principal's to take, its owner's to
+    // take up again.
+    let path = format!(
+        "/ws?runtimeURL={}",
+        urlencode("runtime://localhost/session-0")
+    );
+    let mut alice = Stub::from_socket(common::stub::open(addr, &path, ALICE).await, "x");
+    assert_eq!(code(&alice.recv().await), 403, "not alice's");
+    running.stop().await;
+
+    // Past the cap of released URLs, a new URL is refused with the reason; a released one
+    // is not.
+    let running = node_with(|c| c.bus.limits.tombstones_per_principal = 2).await;
+    let addr = running.bus_addr.expect("bus");
+    for n in 0..2 {
+        let runtime = format!("runtime://localhost/short-{n}");
+        let mut stub = bound(addr, &runtime, MALLORY).await;
+        stub.send(json!({"type": "disconnect", "from": runtime, "to": "mn:/session"}))
+            .await;
+        assert!(stub.closed().await.is_some(), "released and closed");
+    }
+    let path = format!(
+        "/ws?runtimeURL={}",
+        urlencode("runtime://localhost/short-2")
+    );
+    let mut refused = Stub::from_socket(common::stub::open(addr, &path, MALLORY).await, "x");
+    let answer = refused.recv().await;
+    assert_eq!(code(&answer), 403, "{answer}");
+    assert!(
+        description(&answer).contains("released 2 runtime URLs"),
+        "{answer}"
+    );
+    let _again = bound(addr, "runtime://localhost/short-0", MALLORY).await;
+    running.stop().await;
+}

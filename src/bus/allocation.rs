@@ -327,15 +327,20 @@ impl Bus {
         undo: impl FnOnce() + Send + 'static,
     ) -> Result<Option<String>, BusError> {
         let store = &self.inner.persistence.store;
-        let stored = store.put_runtime_queued(&conn.runtime.url, record);
+        let stored = match store.put_runtime_queued(&conn.runtime.url, record) {
+            Ok(stored) => stored,
+            Err(too_large) => {
+                // Checked before anything is written: taken back at once.
+                undo();
+                return Err(super::store_error(too_large.into()));
+            }
+        };
         if store.room().is_none() {
             return match stored.await {
                 Ok(()) => Ok(Some(ok)),
                 Err(e) => {
                     undo();
-                    Err(BusError::Unavailable(format!(
-                        "cannot store the change now: {e}"
-                    )))
+                    Err(super::store_error(e))
                 }
             };
         }
@@ -373,7 +378,7 @@ impl Bus {
                 Ok(()) => ok,
                 Err(e) => {
                     undo();
-                    let e = BusError::Unavailable(format!("cannot store the change now: {e}"));
+                    let e = super::store_error(e);
                     response(&id, &from, &to, e.code(), &e.to_string(), None)
                 }
             };

@@ -67,7 +67,8 @@ impl Bus {
     }
 
     /// Decides whether `principal` may take the runtime URL `url`, which nobody owns yet:
-    /// within the per-principal limit of runtimes and as the policy says (the shipped one
+    /// within the per-principal limits of live and of released runtimes and as the policy
+    /// says (the shipped one
     /// allows runtime URLs of this node's domain).
     ///
     /// # Errors
@@ -79,11 +80,23 @@ impl Bus {
         owner: &str,
     ) -> Result<(), BusError> {
         let runtimes = self.totals(owner, false).runtimes;
-        let limit = self.inner.config.limits.runtimes_per_principal;
+        let limits = &self.inner.config.limits;
+        let limit = limits.runtimes_per_principal;
         if runtimes >= limit {
             self.inner.metrics.limited("runtimes");
             return Err(BusError::Forbidden(format!(
                 "this user already owns {runtimes} runtimes (the limit is {limit})"
+            )));
+        }
+        // Released runtimes stay their principal's for good: counted apart, so that short
+        // sessions on fresh runtime URLs do not lock a user out, but not without bound.
+        let released = self.inner.table.owner(owner).map_or(0, |h| h.released());
+        let limit = limits.tombstones_per_principal;
+        if released >= limit {
+            self.inner.metrics.limited("tombstones");
+            return Err(BusError::Forbidden(format!(
+                "this user has released {released} runtime URLs, which stay its own (the limit \
+                 is {limit}); reconnect one of them instead of a new runtime URL"
             )));
         }
         self.decide_claim(url, "runtime", principal, url).await

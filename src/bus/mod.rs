@@ -62,7 +62,7 @@ use crate::pdp::Pdp;
 use crate::persist::follower::Follower;
 use crate::persist::inbox::Inbox;
 use crate::persist::journal::Journal;
-use crate::persist::store::{RuntimeRecord, Store};
+use crate::persist::store::{RuntimeRecord, Store, StoreError};
 use crate::policy::Decider;
 use crate::rethink::address::NodeAddresses;
 use crate::rethink::{BusError, Message};
@@ -145,6 +145,16 @@ struct Inner {
     rate: crate::ratelimit::Limiter,
     /// Sockets not authenticated yet.
     handshakes: handshakes::Handshakes,
+}
+
+/// The answer to a change the store did not take.
+fn store_error(e: StoreError) -> BusError {
+    match e {
+        StoreError::TooLarge(why) => BusError::TooLarge(format!("cannot store the change: {why}")),
+        StoreError::Homeserver(e) => {
+            BusError::Unavailable(format!("cannot store the change now: {e}"))
+        }
+    }
 }
 
 /// Handle to the bus; clones share everything.
@@ -427,13 +437,17 @@ impl Bus {
     }
 
     /// Writes a runtime's record to the store (an empty record deletes it).
+    ///
+    /// # Errors
+    /// 413 when the record is too large to store (nothing written), 408 when the homeserver
+    /// cannot store it now.
     async fn persist(&self, runtime: &str, record: &RuntimeRecord) -> Result<(), BusError> {
         self.inner
             .persistence
             .store
             .put_runtime(runtime, record)
             .await
-            .map_err(|e| BusError::Unavailable(format!("cannot store the change now: {e}")))
+            .map_err(store_error)
     }
 
     /// A node-originated message id.

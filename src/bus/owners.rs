@@ -1,5 +1,6 @@
 //! What each principal holds across all its runtimes: runtime URLs (released ones too: a
-//! runtime URL belongs to its first principal for good), claimed and allocated addresses
+//! runtime URL belongs to its first principal for good; counted apart, live and
+//! released), claimed and allocated addresses
 //! and foreign return routes — counted as records change, so that a decision reads them in
 //! O(1) and per-principal limits hold however many runtimes a principal opens. [`Claims`]
 //! is the ordered index of what is held for good (runtime URLs and claimed addresses), which
@@ -20,12 +21,19 @@ pub struct Owner {
     urls: Mutex<BTreeSet<String>>,
     addresses: AtomicUsize,
     foreign: AtomicUsize,
+    /// How many of its runtimes are released (tombstones: their URLs stay its own).
+    released: AtomicUsize,
 }
 
 impl Owner {
-    /// How many runtime URLs it owns.
+    /// How many live (not released) runtimes it owns.
     pub fn runtimes(&self) -> usize {
-        self.lock_urls().len()
+        self.lock_urls().len().saturating_sub(self.released())
+    }
+
+    /// How many released runtimes (tombstones) it owns.
+    pub fn released(&self) -> usize {
+        self.released.load(Ordering::Relaxed)
     }
 
     /// Its runtime URLs.
@@ -44,9 +52,10 @@ impl Owner {
     }
 
     /// A record's counts moved from `before` to `after`.
-    pub fn changed(&self, before: (usize, usize), after: (usize, usize)) {
+    pub fn changed(&self, before: Counts, after: Counts) {
         apply(&self.addresses, before.0, after.0);
         apply(&self.foreign, before.1, after.1);
+        apply(&self.released, before.2, after.2);
     }
 
     fn lock_urls(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -65,11 +74,16 @@ fn apply(counter: &AtomicUsize, before: usize, after: usize) {
     }
 }
 
-/// What a record counts: (allocated and claimed addresses, foreign return routes).
-pub fn counts(record: &RuntimeRecord) -> (usize, usize) {
+/// What a record counts: (allocated and claimed addresses, foreign return routes, 1 when
+/// released).
+pub type Counts = (usize, usize, usize);
+
+/// What `record` counts.
+pub fn counts(record: &RuntimeRecord) -> Counts {
     (
         record.allocations.values().map(Vec::len).sum::<usize>() + record.claimed.len(),
         record.foreign.len(),
+        usize::from(record.released),
     )
 }
 
@@ -183,7 +197,7 @@ impl Owners {
     pub fn add(&self, owner: &str, url: &str, record: &RuntimeRecord) -> Arc<Owner> {
         let holdings = self.get(owner);
         if holdings.lock_urls().insert(url.to_string()) {
-            holdings.changed((0, 0), counts(record));
+            holdings.changed((0, 0, 0), counts(record));
         }
         holdings
     }
@@ -196,7 +210,7 @@ impl Owners {
         };
         let mut urls = holdings.lock_urls();
         if urls.remove(url) {
-            holdings.changed(counts(record), (0, 0));
+            holdings.changed(counts(record), (0, 0, 0));
         }
         if urls.is_empty() {
             by_owner.remove(owner);
@@ -262,7 +276,7 @@ mod tests {
             (owner.runtimes(), owner.addresses(), owner.foreign()),
             (2, 5, 1)
         );
-        owner.changed((2, 0), (0, 0));
+        owner.changed((2, 0, 0), (0, 0, 0));
         assert_eq!(owner.addresses(), 3);
         owners.remove("@a:l", "runtime://l/1", &record(3, 1));
         assert_eq!(
@@ -271,5 +285,26 @@ mod tests {
         );
         owners.remove("@a:l", "runtime://l/2", &record(0, 0));
         assert!(owners.find("@a:l").is_none());
+    }
+
+    #[test]
+    fn released_runtimes_are_counted_apart_from_live_ones() {
+        let owners = Owners::default();
+        let tombstone = RuntimeRecord {
+            released: true,
+            ..record(0, 0)
+        };
+        let owner = owners.add("@a:l", "runtime://l/1", &record(1, 0));
+        owners.add("@a:l", "runtime://l/2", &tombstone);
+        assert_eq!((owner.runtimes(), owner.released()), (1, 1));
+        // Runtime 1 is released, runtime 2 taken up again.
+        owner.changed(counts(&record(1, 0)), counts(&tombstone));
+        owner.changed(counts(&tombstone), counts(&record(0, 0)));
+        assert_eq!(
+            (owner.runtimes(), owner.released(), owner.addresses()),
+            (1, 1, 0)
+        );
+        owners.remove("@a:l", "runtime://l/1", &tombstone);
+        assert_eq!((owner.runtimes(), owner.released()), (1, 0));
     }
 }

@@ -1,6 +1,7 @@
 //! What this replica does with what the other replicas write (`persist::follower` reads
 //! it from the homeserver):
-//! - a runtime record another replica wrote replaces this replica's view of that runtime
+//! - a runtime record another replica wrote (its head, and the parts it names, read once
+//!   the head arrives) replaces this replica's view of that runtime
 //!   (its addresses and subscriptions); when that replica's socket attached later than the
 //!   one here, the one here is closed: the runtime moved;
 //! - a registry entry another replica wrote updates the built-in registry;
@@ -25,7 +26,25 @@ impl Bus {
     pub(super) fn followed(&self, seen: Vec<Followed>) {
         for followed in seen {
             match followed {
-                Followed::Stored(Stored::Runtime { url, record }) => self.adopt(&url, record),
+                Followed::Stored(Stored::Runtime { url, record }) => {
+                    self.inner.persistence.store.forget(&url);
+                    self.adopt(&url, record);
+                }
+                Followed::Stored(Stored::RuntimeInParts { url }) => {
+                    // Its parts are read from the state room; a head naming parts already
+                    // replaced is skipped (the newer head follows).
+                    self.inner.persistence.store.forget(&url);
+                    let bus = self.clone();
+                    self.inner.tracker.spawn(async move {
+                        match bus.inner.persistence.store.fetch_runtime(&url).await {
+                            Ok(Some(record)) => bus.adopt(&url, record),
+                            Ok(None) => {}
+                            Err(error) => {
+                                tracing::warn!(%error, runtime = %url, "cannot read another replica's record of a runtime");
+                            }
+                        }
+                    });
+                }
                 Followed::Stored(Stored::Registry { url, entry }) => {
                     if let Some(registry) = &self.inner.connectors.builtin_registry {
                         registry.apply(&url, entry);

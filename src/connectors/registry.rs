@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::{answer, Connector, Reply, Sender};
 use crate::clock::now_ms;
-use crate::persist::store::Store;
+use crate::persist::store::{Store, StoreError};
 use crate::rethink::{BusError, Message};
 
 /// Most entries one runtime may register in the built-in registry.
@@ -301,8 +301,13 @@ impl BuiltinRegistry {
         self.store
             .put_registry(url, entry.as_ref())
             .await
-            .map_err(|e| {
-                BusError::Unavailable(format!("registry cannot store the entry now: {e}"))
+            .map_err(|e| match e {
+                StoreError::TooLarge(why) => {
+                    BusError::TooLarge(format!("registry cannot store the entry: {why}"))
+                }
+                StoreError::Homeserver(e) => {
+                    BusError::Unavailable(format!("registry cannot store the entry now: {e}"))
+                }
             })?;
         self.write().set(url, entry);
         Ok(())

@@ -8,6 +8,7 @@
 //! - `journal` — the node's history of routed messages (group commit, one writer);
 //! - `inbox` — messages for runtimes that are away, one room per runtime;
 //! - `store` — durable state (runtime records, registry entries) as room state;
+//! - `record` — how one runtime record is laid out over a head and parts, pure;
 //! - `follower` — with several replicas, following what the others write.
 //!
 //! Each has a memory variant (or none is needed) for a node without a homeserver. Nothing
@@ -17,5 +18,6 @@ pub mod batch;
 pub mod follower;
 pub mod inbox;
 pub mod journal;
+pub mod record;
 pub mod roomlog;
 pub mod store;

@@ -1,32 +1,41 @@
 //! The bus's durable state as Matrix room state: what a restarted node needs to resume.
 //!
 //! Owns the state room (`#_msgnode_state:<server>`, created by the appservice's own user)
-//! and two state event types in it:
+//! and its state event types:
 //! - `org.msgnode.bus.runtime`, state key = runtime URL: a [`RuntimeRecord`] (its user,
 //!   allocated and claimed addresses, subscriptions, foreign return routes; a released
-//!   runtime keeps only its user and claimed addresses, marked `released`);
+//!   runtime keeps only its user and claimed addresses, marked `released`) — the head of
+//!   it, with `org.msgnode.bus.runtime.part` events under `<runtime>#<slot>` for what does
+//!   not fit one event (layout and write order: [`super::record`]);
 //! - `org.msgnode.registry`, state key = registered URL: `{"entry": <value>}`, or
 //!   `{"entry_json": "<text>"}` when the homeserver refuses the value as non-canonical JSON
 //!   (floats).
 //!
-//! Empty content (`{}`) means deleted. With replicas every event also names the replica that
-//! wrote it (`"writer"`), so a replica can tell its own changes (and deletions) from others'. Writes to one key are coalesced: concurrent puts end
-//! with the latest one stored (a put returns once its value or a newer one is stored). A
-//! state event, like any event, must stay under 64 KiB.
+//! Empty content (`{}`) means deleted. With replicas every head also names the replica that
+//! wrote it (`"writer"`), so a replica can tell its own changes (and deletions) from
+//! others'. Writes to one key are coalesced: concurrent puts end with the latest one stored
+//! (a put returns once its value or a newer one is stored); a key's slot is dropped once
+//! nothing is pending for it. Sizes are checked before anything is written: an event's
+//! content stays under [`record::MAX_CONTENT_BYTES`], a record under
+//! [`record::MAX_RECORD_BYTES`] ([`StoreError::TooLarge`], in memory too).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
+use super::record::{self, Layout, TooLarge, PART_EVENT_TYPE};
 use crate::matrix::{Actor, ActorError};
 
 /// State event type of a runtime's record.
 pub const RUNTIME_EVENT_TYPE: &str = "org.msgnode.bus.runtime";
 /// State event type of a registry entry.
 pub const REGISTRY_EVENT_TYPE: &str = "org.msgnode.registry";
+/// Most bytes of a registry entry's event content: one event, its state key at most 255
+/// bytes, under Synapse's 65,536 for the whole event (about 1 KiB left for the envelope).
+pub const MAX_REGISTRY_CONTENT_BYTES: usize = 64_000;
 /// Alias localpart of the state room.
 pub const STATE_ALIAS: &str = "_msgnode_state";
 
@@ -77,6 +86,23 @@ impl RuntimeRecord {
     }
 }
 
+/// Why a put was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The homeserver is unavailable or refused.
+    #[error(transparent)]
+    Homeserver(#[from] ActorError),
+    /// Too large to store: refused before anything was written.
+    #[error("too large to store: {0}")]
+    TooLarge(String),
+}
+
+impl From<TooLarge> for StoreError {
+    fn from(e: TooLarge) -> Self {
+        StoreError::TooLarge(e.0)
+    }
+}
+
 /// One state event of the store, read.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stored {
@@ -86,6 +112,12 @@ pub enum Stored {
         url: String,
         /// Its record.
         record: RuntimeRecord,
+    },
+    /// The head of a runtime's record that has parts: the record is read with
+    /// [`Store::fetch_runtime`].
+    RuntimeInParts {
+        /// The runtime URL.
+        url: String,
     },
     /// A registry entry (`None`: removed).
     Registry {
@@ -98,7 +130,7 @@ pub enum Stored {
 
 impl Stored {
     /// Reads a state event of the store, with the replica that wrote it (when it says);
-    /// `None` for other events and unreadable ones (logged).
+    /// `None` for other events (parts too) and unreadable ones (logged).
     pub fn read(event: &Value) -> Option<(Stored, Option<String>)> {
         let kind = event.get("type").and_then(Value::as_str)?;
         let url = event.get("state_key").and_then(Value::as_str)?.to_string();
@@ -109,6 +141,9 @@ impl Stored {
             .and_then(Value::as_str)
             .map(str::to_string);
         let stored = match kind {
+            RUNTIME_EVENT_TYPE if !record::named_parts(content).0.is_empty() => {
+                Stored::RuntimeInParts { url }
+            }
             RUNTIME_EVENT_TYPE => match serde_json::from_value::<RuntimeRecord>(content.clone()) {
                 Ok(record) => Stored::Runtime { url, record },
                 Err(error) => {
@@ -153,21 +188,31 @@ pub struct Store {
 
 enum Inner {
     Memory(Mutex<Snapshot>),
-    Matrix(MatrixStore),
+    Matrix(Box<MatrixStore>),
 }
+
+type Slots<T> = Mutex<HashMap<String, Arc<Slot<T>>>>;
 
 struct MatrixStore {
     actor: Arc<Actor>,
     room: String,
-    /// This replica's name, written into every event (only with `[bus] replica`).
+    /// This replica's name, written into every head (only with `[bus] replica`).
     node: Option<String>,
-    slots: Mutex<HashMap<(&'static str, String), Arc<Slot>>>,
+    /// Registry keys with a put under way.
+    registry: Slots<Value>,
+    /// Runtime records with a put under way.
+    runtimes: Slots<RuntimeRecord>,
+    /// What the heads of records with parts name (only those: a record that fits its head
+    /// keeps nothing here). Read and changed only by the key's writer (its slot's turn).
+    layouts: Mutex<HashMap<String, Layout>>,
+    /// Runtimes another replica wrote last: their heads are read before the next write.
+    unknown: Mutex<HashSet<String>>,
 }
 
-/// One state key's latest wanted content and the version last stored.
-#[derive(Default)]
-struct Slot {
-    latest: Mutex<(u64, Value)>,
+/// One state key's latest wanted content and the version last stored; dropped once the
+/// last put holding it returns.
+struct Slot<T> {
+    latest: Mutex<(u64, T)>,
     stored: tokio::sync::Mutex<u64>,
 }
 
@@ -183,12 +228,15 @@ impl Store {
             .ensure_room(STATE_ALIAS, &sender, "msgnode bus state")
             .await?;
         Ok(Store {
-            inner: Arc::new(Inner::Matrix(MatrixStore {
+            inner: Arc::new(Inner::Matrix(Box::new(MatrixStore {
                 actor,
                 room,
                 node,
-                slots: Mutex::new(HashMap::new()),
-            })),
+                registry: Mutex::default(),
+                runtimes: Mutex::default(),
+                layouts: Mutex::default(),
+                unknown: Mutex::default(),
+            }))),
         })
     }
 
@@ -218,47 +266,93 @@ impl Store {
         };
         let sender = matrix.actor.sender().to_string();
         let events = matrix.actor.room_state(&sender, &matrix.room).await?;
-        let mut snapshot = Snapshot::default();
+        let loaded = record::load(&events);
+        if loaded.orphans > 0 {
+            tracing::info!(
+                parts = loaded.orphans,
+                "store: parts of records no head names were ignored"
+            );
+        }
+        *lock(&matrix.layouts) = loaded.layouts;
+        let mut snapshot = Snapshot {
+            runtimes: loaded.runtimes,
+            ..Snapshot::default()
+        };
         for event in &events {
-            match Stored::read(event) {
-                Some((Stored::Runtime { url, record }, _)) if !record.is_empty() => {
-                    snapshot.runtimes.insert(url, record);
-                }
-                Some((
-                    Stored::Registry {
-                        url,
-                        entry: Some(entry),
-                    },
-                    _,
-                )) => {
-                    snapshot.registry.insert(url, entry);
-                }
-                _ => {}
+            if let Some((
+                Stored::Registry {
+                    url,
+                    entry: Some(entry),
+                },
+                _,
+            )) = Stored::read(event)
+            {
+                snapshot.registry.insert(url, entry);
             }
         }
         Ok(snapshot)
     }
 
-    /// Stores `record` for `runtime`; an empty (default) record deletes it.
+    /// The record of `runtime` as stored now (`None`: none, or its head names parts that
+    /// are being replaced — a newer head follows). For what another replica wrote.
     ///
     /// # Errors
     /// The homeserver is unavailable or refused.
+    pub async fn fetch_runtime(&self, runtime: &str) -> Result<Option<RuntimeRecord>, ActorError> {
+        let matrix = match &*self.inner {
+            Inner::Memory(snapshot) => return Ok(lock(snapshot).runtimes.get(runtime).cloned()),
+            Inner::Matrix(matrix) => matrix,
+        };
+        let Some(head) = matrix.state(RUNTIME_EVENT_TYPE, runtime).await? else {
+            return Ok(None);
+        };
+        let mut parts = BTreeMap::new();
+        for (slot, _) in record::named_parts(&head).0 {
+            if let Some(part) = matrix
+                .state(PART_EVENT_TYPE, &record::part_key(runtime, slot))
+                .await?
+            {
+                parts.insert(slot, part);
+            }
+        }
+        let (record, _, missing) = record::assemble(&head, |slot| parts.remove(&slot));
+        Ok(missing.is_empty().then_some(record))
+    }
+
+    /// Another replica wrote `runtime`'s record: what this one knew of its layout is
+    /// forgotten, and its head is read again before this replica writes it next.
+    pub fn forget(&self, runtime: &str) {
+        if let Inner::Matrix(matrix) = &*self.inner {
+            lock(&matrix.layouts).remove(runtime);
+            lock(&matrix.unknown).insert(runtime.to_string());
+        }
+    }
+
+    /// Stores `record` for `runtime`; an empty (default) record deletes it.
+    ///
+    /// # Errors
+    /// Too large (nothing written), or the homeserver is unavailable or refused.
     pub async fn put_runtime(
         &self,
         runtime: &str,
         record: &RuntimeRecord,
-    ) -> Result<(), ActorError> {
-        self.put_runtime_queued(runtime, record).await
+    ) -> Result<(), StoreError> {
+        self.put_runtime_queued(runtime, record)?.await
     }
 
-    /// As [`Store::put_runtime`], but placed in line now: whenever the returned future runs,
-    /// it stores this record or a newer one (a put of the same runtime made later wins,
-    /// however the futures are scheduled), and completes once one of them is stored.
+    /// As [`Store::put_runtime`], but checked and placed in line now: whenever the returned
+    /// future runs, it stores this record or a newer one (a put of the same runtime made
+    /// later wins, however the futures are scheduled), and completes once one of them is
+    /// stored.
+    ///
+    /// # Errors
+    /// [`TooLarge`]: the record cannot be stored; nothing was placed in line.
     pub fn put_runtime_queued(
         &self,
         runtime: &str,
         record: &RuntimeRecord,
-    ) -> BoxFuture<'static, Result<(), ActorError>> {
+    ) -> Result<BoxFuture<'static, Result<(), StoreError>>, TooLarge> {
+        record::check(record)?;
         let matrix = match &*self.inner {
             Inner::Memory(snapshot) => {
                 let mut snapshot = lock(snapshot);
@@ -269,39 +363,38 @@ impl Store {
                         .runtimes
                         .insert(runtime.to_string(), record.clone());
                 }
-                return Box::pin(std::future::ready(Ok(())));
+                return Ok(Box::pin(std::future::ready(Ok(()))));
             }
             Inner::Matrix(matrix) => matrix,
         };
-        let content = if record.is_empty() {
-            json!({})
-        } else {
-            match serde_json::to_value(record) {
-                Ok(content) => content,
-                Err(e) => {
-                    return Box::pin(std::future::ready(Err(ActorError::Malformed(
-                        e.to_string(),
-                    ))))
-                }
-            }
-        };
-        let (slot, version) = matrix.queue(RUNTIME_EVENT_TYPE, runtime, content);
+        let (slot, version) = queue(&matrix.runtimes, runtime, record.clone());
         let (store, key) = (self.clone(), runtime.to_string());
-        Box::pin(async move {
-            match &*store.inner {
-                Inner::Matrix(matrix) => {
-                    matrix.flush(RUNTIME_EVENT_TYPE, &key, &slot, version).await
-                }
-                Inner::Memory(_) => Ok(()),
-            }
-        })
+        Ok(Box::pin(async move {
+            let Inner::Matrix(matrix) = &*store.inner else {
+                return Ok(());
+            };
+            let stored = matrix.flush_runtime(&key, &slot, version).await;
+            release(&matrix.runtimes, &key, slot);
+            stored
+        }))
     }
 
     /// Stores the registry entry for `url`; `None` deletes it.
     ///
     /// # Errors
-    /// The homeserver is unavailable or refused.
-    pub async fn put_registry(&self, url: &str, entry: Option<&Value>) -> Result<(), ActorError> {
+    /// Too large for an event (nothing written), or the homeserver is unavailable or
+    /// refused.
+    pub async fn put_registry(&self, url: &str, entry: Option<&Value>) -> Result<(), StoreError> {
+        let content = match entry {
+            Some(entry) => json!({ "entry": entry }),
+            None => json!({}),
+        };
+        let bytes = serde_json::to_vec(&content).map_or(usize::MAX, |v| v.len());
+        if bytes > MAX_REGISTRY_CONTENT_BYTES {
+            return Err(StoreError::TooLarge(format!(
+                "a registry entry of {bytes} bytes (at most {MAX_REGISTRY_CONTENT_BYTES})"
+            )));
+        }
         let matrix = match &*self.inner {
             Inner::Memory(snapshot) => {
                 let mut snapshot = lock(snapshot);
@@ -313,67 +406,224 @@ impl Store {
             }
             Inner::Matrix(matrix) => matrix,
         };
-        let content = match entry {
-            Some(entry) => json!({ "entry": entry }),
-            None => json!({}),
-        };
-        match matrix.put(REGISTRY_EVENT_TYPE, url, content).await {
+        match matrix.put_registry(url, content).await {
             Err(error) if error.errcode() == Some("M_BAD_JSON") => {
                 let text = entry.map(Value::to_string).unwrap_or_default();
-                matrix
-                    .put(REGISTRY_EVENT_TYPE, url, json!({ "entry_json": text }))
-                    .await
+                Ok(matrix
+                    .put_registry(url, json!({ "entry_json": text }))
+                    .await?)
             }
-            other => other,
+            other => Ok(other?),
         }
     }
 }
 
+/// Makes `value` the latest wanted state of `key`; its slot and version.
+fn queue<T: Default>(slots: &Slots<T>, key: &str, value: T) -> (Arc<Slot<T>>, u64) {
+    let mut slots = lock(slots);
+    let slot = slots
+        .entry(key.to_string())
+        .or_insert_with(|| {
+            Arc::new(Slot {
+                latest: Mutex::new((0, T::default())),
+                stored: tokio::sync::Mutex::new(0),
+            })
+        })
+        .clone();
+    drop(slots);
+    let mut latest = lock(&slot.latest);
+    latest.0 += 1;
+    latest.1 = value;
+    let version = latest.0;
+    drop(latest);
+    (slot, version)
+}
+
+/// Drops `key`'s slot once no put holds it but the caller (its value is stored, or its
+/// put failed and was answered so).
+fn release<T>(slots: &Slots<T>, key: &str, slot: Arc<Slot<T>>) {
+    let mut slots = lock(slots);
+    if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot)) && Arc::strong_count(&slot) == 2 {
+        slots.remove(key);
+    }
+}
+
 impl MatrixStore {
-    /// Writes `content` as the state of (`kind`, `key`), coalescing concurrent writes.
-    async fn put(&self, kind: &'static str, key: &str, content: Value) -> Result<(), ActorError> {
-        let (slot, version) = self.queue(kind, key, content);
-        self.flush(kind, key, &slot, version).await
+    /// One state event's content (`None`: none).
+    async fn state(&self, kind: &str, key: &str) -> Result<Option<Value>, ActorError> {
+        let sender = self.actor.sender().to_string();
+        self.actor.state_event(&sender, &self.room, kind, key).await
     }
 
-    /// Makes `content` the latest wanted state of (`kind`, `key`); its slot and version.
-    fn queue(&self, kind: &'static str, key: &str, mut content: Value) -> (Arc<Slot>, u64) {
-        // The writer, so replicas can tell their own changes (and deletions) from others'.
-        if let (Some(node), Some(object)) = (&self.node, content.as_object_mut()) {
-            object.insert("writer".to_string(), json!(node));
+    async fn put_state(&self, kind: &str, key: &str, content: &Value) -> Result<(), ActorError> {
+        let sender = self.actor.sender().to_string();
+        self.actor
+            .put_state(&sender, &self.room, kind, key, content)
+            .await
+            .map(drop)
+    }
+
+    /// The writer's name for a head.
+    fn extra(&self) -> Map<String, Value> {
+        let mut extra = Map::new();
+        if let Some(node) = &self.node {
+            extra.insert("writer".to_string(), json!(node));
         }
-        let slot = lock(&self.slots)
-            .entry((kind, key.to_string()))
-            .or_default()
-            .clone();
-        let version = {
-            let mut latest = lock(&slot.latest);
-            latest.0 += 1;
-            latest.1 = content;
-            latest.0
-        };
-        (slot, version)
+        extra
     }
 
-    /// Returns once `version` of the slot (or a newer one) is stored, writing the latest.
-    async fn flush(
+    /// Writes a registry entry, coalescing concurrent writes of one key.
+    async fn put_registry(&self, url: &str, mut content: Value) -> Result<(), ActorError> {
+        if let Some(object) = content.as_object_mut() {
+            object.extend(self.extra());
+        }
+        let (slot, version) = queue(&self.registry, url, content);
+        let stored = async {
+            let mut stored = slot.stored.lock().await;
+            if *stored >= version {
+                return Ok(()); // a newer put stored its value meanwhile
+            }
+            let (latest, content) = lock(&slot.latest).clone();
+            self.put_state(REGISTRY_EVENT_TYPE, url, &content).await?;
+            *stored = latest;
+            Ok(())
+        }
+        .await;
+        release(&self.registry, url, slot);
+        stored
+    }
+
+    /// Returns once `version` of the runtime's slot (or a newer one) is stored, writing the
+    /// latest.
+    async fn flush_runtime(
         &self,
-        kind: &'static str,
         key: &str,
-        slot: &Slot,
+        slot: &Slot<RuntimeRecord>,
         version: u64,
-    ) -> Result<(), ActorError> {
+    ) -> Result<(), StoreError> {
         let mut stored = slot.stored.lock().await;
         if *stored >= version {
             return Ok(()); // a newer put stored its value meanwhile
         }
-        let (latest, content) = lock(&slot.latest).clone();
-        let sender = self.actor.sender().to_string();
-        self.actor
-            .put_state(&sender, &self.room, kind, key, &content)
-            .await?;
+        let (latest, record) = lock(&slot.latest).clone();
+        self.write_runtime(key, &record).await?;
         *stored = latest;
         Ok(())
+    }
+
+    /// Writes `record` as `key`'s head and parts, in the order [`record`] describes.
+    async fn write_runtime(&self, key: &str, record: &RuntimeRecord) -> Result<(), StoreError> {
+        let mut layout = lock(&self.layouts).remove(key);
+        if lock(&self.unknown).contains(key) {
+            // Another replica wrote it last: whatever its head names is not written over.
+            if let Some(head) = self.state(RUNTIME_EVENT_TYPE, key).await? {
+                let (named, gen) = record::named_parts(&head);
+                let mut known = layout.unwrap_or_default();
+                known.gen = known.gen.max(gen);
+                known.parts.clear();
+                known.stale.extend(named.into_iter().map(|(slot, _)| slot));
+                layout = Some(known);
+            }
+        }
+        let result = self.write_planned(key, record, layout).await;
+        if result.is_ok() {
+            lock(&self.unknown).remove(key);
+        }
+        result
+    }
+
+    async fn write_planned(
+        &self,
+        key: &str,
+        record: &RuntimeRecord,
+        layout: Option<Layout>,
+    ) -> Result<(), StoreError> {
+        if record.is_empty() {
+            // Deleted: the head first (its parts are then orphans), then the parts.
+            self.put_state(RUNTIME_EVENT_TYPE, key, &Value::Object(self.extra()))
+                .await
+                .inspect_err(|_| self.keep_layout(key, layout.clone()))?;
+            let slots: BTreeSet<u32> = layout
+                .iter()
+                .flat_map(|l| {
+                    l.parts
+                        .iter()
+                        .map(|p| p.slot)
+                        .chain(l.stale.iter().copied())
+                })
+                .collect();
+            self.empty_parts(key, slots, None).await;
+            return Ok(());
+        }
+        let plan = match record::plan(layout.as_ref(), record, &self.extra()) {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.keep_layout(key, layout);
+                return Err(e.into());
+            }
+        };
+        // The parts first, each into a slot the current head does not name.
+        let writes = plan.parts.iter().map(|(slot, content)| async move {
+            self.put_state(PART_EVENT_TYPE, &record::part_key(key, *slot), content)
+                .await
+        });
+        let written = futures_util::future::join_all(writes).await;
+        let failed = written.into_iter().find_map(Result::err);
+        let head = match failed {
+            Some(e) => Err(e),
+            None => self.put_state(RUNTIME_EVENT_TYPE, key, &plan.head).await,
+        };
+        if let Err(e) = head {
+            // The old head stands; what was written for the new one is stale.
+            let mut layout = layout.unwrap_or_default();
+            layout
+                .stale
+                .extend(plan.parts.iter().map(|(slot, _)| *slot));
+            self.keep_layout(key, Some(layout));
+            return Err(e.into());
+        }
+        // Then the slots the new head does not name are emptied.
+        self.empty_parts(key, plan.empty.into_iter().collect(), plan.layout)
+            .await;
+        Ok(())
+    }
+
+    /// Empties `slots` of `key`; keeps `layout` (with the slots not emptied as stale, for
+    /// the next write).
+    async fn empty_parts(&self, key: &str, slots: BTreeSet<u32>, layout: Option<Layout>) {
+        let empties = slots.iter().map(|slot| async move {
+            let emptied = self
+                .put_state(PART_EVENT_TYPE, &record::part_key(key, *slot), &json!({}))
+                .await;
+            (*slot, emptied)
+        });
+        let mut left = BTreeSet::new();
+        for (slot, emptied) in futures_util::future::join_all(empties).await {
+            if let Err(error) = emptied {
+                tracing::warn!(%error, runtime = %key, slot, "store: a part no head names is not emptied yet");
+                left.insert(slot);
+            }
+        }
+        let layout = match (layout, left.is_empty()) {
+            (Some(mut layout), _) => {
+                layout.stale = left;
+                Some(layout)
+            }
+            (None, false) => Some(Layout {
+                stale: left,
+                ..Layout::default()
+            }),
+            (None, true) => None,
+        };
+        self.keep_layout(key, layout);
+    }
+
+    fn keep_layout(&self, key: &str, layout: Option<Layout>) {
+        let mut layouts = lock(&self.layouts);
+        match layout {
+            Some(layout) => layouts.insert(key.to_string(), layout),
+            None => layouts.remove(key),
+        };
     }
 }
 

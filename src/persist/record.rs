@@ -1,0 +1,786 @@
+//! How one runtime's record is laid out over state events, pure: a head under the runtime
+//! URL and, once the record no longer fits one event, parts under `<runtime>#<slot>`.
+//!
+//! A Matrix event must stay under 64 KiB (Synapse's `MAX_PDU_SIZE`, the canonical JSON of
+//! the whole event); a runtime holding a few hundred addresses outgrows that. So:
+//! - the **head** (`org.msgnode.bus.runtime`, state key = runtime URL) holds the record's
+//!   scalar fields, its newest entries (the *tail*) and, when there are parts, `gen` and
+//!   `parts`: the `[slot, gen]` of every part that belongs to it, in order;
+//! - a **part** (`org.msgnode.bus.runtime.part`, state key `<runtime>#<slot>`) holds some of
+//!   the record's entries and the `gen` it was written in.
+//!
+//! Writing is ordered so that a crash between any two writes leaves either the old record
+//! or the new one: changed and new parts are written first, each into a slot the current
+//! head does not name (never over a part it names); then the head, naming them; then the
+//! slots it no longer names are emptied. A load takes the head and exactly the parts it
+//! names in the generation it names; parts it does not name (a write that did not reach its
+//! head, or surplus not yet emptied) are ignored, and parts without a head are orphans.
+//!
+//! Entries stay in their part while they live: an append goes to the head's tail and is
+//! sealed into a new part once the tail outgrows the head, a removal rewrites only the part
+//! that held the entry (a part fallen under a quarter full goes back to the tail). So a
+//! runtime allocating block after block rewrites its head and, now and then, one new part.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde_json::{json, Map, Value};
+
+use super::store::RuntimeRecord;
+
+/// State event type of a part of a runtime's record.
+pub const PART_EVENT_TYPE: &str = "org.msgnode.bus.runtime.part";
+
+/// Most bytes of one event's content (canonical JSON). Synapse refuses events over 65,536
+/// bytes as a whole; the rest is left for the envelope (state key of up to 255 bytes plus
+/// the slot, room id, sender, previous and auth events, hashes, signatures).
+pub const MAX_CONTENT_BYTES: usize = 60_000;
+
+/// Most bytes of one runtime's record over all its events (its entries as JSON): past it a
+/// change is refused before anything is written.
+pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most parts of one record (what [`MAX_RECORD_BYTES`] needs at a quarter full each, and
+/// the head's list of them fits the head).
+pub const MAX_PARTS: usize = 2048;
+
+/// A part fallen under this many bytes goes back to the tail instead of being rewritten.
+const MIN_PART_BYTES: usize = MAX_CONTENT_BYTES / 4;
+
+/// The state key of part `slot` of `runtime`'s record.
+pub fn part_key(runtime: &str, slot: u32) -> String {
+    format!("{runtime}#{slot}")
+}
+
+/// A record too large to store: refused before anything is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TooLarge(pub String);
+
+/// One entry of a record: what a part holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Item {
+    /// An allocated address under its allocation key.
+    Allocation(String, String),
+    /// A subscription: resource → subscriber.
+    Subscription(String, String),
+    /// A foreign return route.
+    Foreign(String),
+    /// A claimed address.
+    Claimed(String),
+}
+
+impl Item {
+    /// An upper bound of what the entry adds to a part's JSON.
+    fn bytes(&self) -> usize {
+        match self {
+            Item::Allocation(key, address) => json_len(key) + json_len(address) + 5,
+            Item::Subscription(resource, address) => json_len(resource) + json_len(address) + 2,
+            Item::Foreign(address) | Item::Claimed(address) => json_len(address) + 1,
+        }
+    }
+}
+
+/// The length of `s` as a JSON string (as serde_json and canonical JSON write it).
+fn json_len(s: &str) -> usize {
+    2 + s
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\u{08}' | '\u{0c}' | '\n' | '\r' | '\t' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
+}
+
+/// The record's entries, in the record's order.
+pub fn items(record: &RuntimeRecord) -> Vec<Item> {
+    let mut items = Vec::new();
+    for (key, addresses) in &record.allocations {
+        items.extend(
+            addresses
+                .iter()
+                .map(|a| Item::Allocation(key.clone(), a.clone())),
+        );
+    }
+    items.extend(
+        record
+            .subscriptions
+            .iter()
+            .map(|(r, a)| Item::Subscription(r.clone(), a.clone())),
+    );
+    items.extend(record.foreign.iter().cloned().map(Item::Foreign));
+    items.extend(record.claimed.iter().cloned().map(Item::Claimed));
+    items
+}
+
+/// Adds `items` to `record`'s lists (after what it holds).
+fn extend(record: &mut RuntimeRecord, items: impl IntoIterator<Item = Item>) {
+    for item in items {
+        match item {
+            Item::Allocation(key, address) => {
+                record.allocations.entry(key).or_default().push(address);
+            }
+            Item::Subscription(resource, address) => {
+                record.subscriptions.insert(resource, address);
+            }
+            Item::Foreign(address) => record.foreign.push(address),
+            Item::Claimed(address) => record.claimed.push(address),
+        }
+    }
+}
+
+/// Checks, before anything is written or changed elsewhere, that `record` can be stored:
+/// no entry too big for an event of its own, and the whole within [`MAX_RECORD_BYTES`].
+///
+/// # Errors
+/// [`TooLarge`] saying which bound it is over.
+pub fn check(record: &RuntimeRecord) -> Result<(), TooLarge> {
+    let mut total = 0usize;
+    for item in items(record) {
+        let bytes = item.bytes();
+        if bytes > MAX_CONTENT_BYTES - 200 {
+            return Err(TooLarge(format!(
+                "an entry of {bytes} bytes cannot be stored (at most {} per entry)",
+                MAX_CONTENT_BYTES - 200
+            )));
+        }
+        total += bytes;
+    }
+    if total > MAX_RECORD_BYTES {
+        return Err(TooLarge(format!(
+            "the runtime's record would be {total} bytes (at most {MAX_RECORD_BYTES})"
+        )));
+    }
+    Ok(())
+}
+
+/// One stored part: where, in which generation, what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    /// Its slot (state key `<runtime>#<slot>`).
+    pub slot: u32,
+    /// The generation it was written in.
+    pub gen: u64,
+    /// Its entries.
+    pub items: Vec<Item>,
+}
+
+impl Part {
+    /// The part's event content.
+    pub fn content(&self) -> Value {
+        let mut record = RuntimeRecord::default();
+        extend(&mut record, self.items.iter().cloned());
+        let mut content = to_object(&record);
+        content.insert("gen".into(), json!(self.gen));
+        Value::Object(content)
+    }
+}
+
+/// What the store knows it wrote for a runtime whose record has parts (none is kept for a
+/// record that fits its head).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Layout {
+    /// The generation of the head last written.
+    pub gen: u64,
+    /// The parts that head names, in its order.
+    pub parts: Vec<Part>,
+    /// Slots that may hold content the head does not account for (a write that did not
+    /// reach its head, surplus not emptied yet, or parts named by a head another replica
+    /// wrote): never written over, emptied after the next head.
+    pub stale: BTreeSet<u32>,
+}
+
+/// The writes that store a record, in order: `parts`, then `head`, then `empty` (slots to
+/// empty), and the layout once all are done.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// New or rewritten parts: (slot, content).
+    pub parts: Vec<(u32, Value)>,
+    /// The head's content.
+    pub head: Value,
+    /// Slots to empty after the head.
+    pub empty: Vec<u32>,
+    /// What is stored once the plan is carried out (`None`: no parts).
+    pub layout: Option<Layout>,
+}
+
+fn to_object(record: &RuntimeRecord) -> Map<String, Value> {
+    match serde_json::to_value(record) {
+        Ok(Value::Object(object)) => object,
+        _ => Map::new(),
+    }
+}
+
+fn content_len(content: &Value) -> usize {
+    serde_json::to_vec(content).map_or(usize::MAX, |v| v.len())
+}
+
+/// The writes that take a runtime's stored record from `layout` (what its head names now;
+/// `None`: its head names no parts) to `record` (not empty), with `extra` fields in the
+/// head (the writer). Parts whose entries did not change are not rewritten.
+///
+/// # Errors
+/// [`TooLarge`] when the record cannot be laid out within the bounds.
+pub fn plan(
+    layout: Option<&Layout>,
+    record: &RuntimeRecord,
+    extra: &Map<String, Value>,
+) -> Result<Plan, TooLarge> {
+    check(record)?;
+    let nothing = Layout::default();
+    let layout = layout.unwrap_or(&nothing);
+    // Generations only grow while a layout is known; a fresh one starts from the clock, so
+    // it does not repeat an earlier write's.
+    let gen = match layout.gen {
+        0 => crate::clock::now_ms(),
+        gen => gen + 1,
+    };
+    let wanted = items(record);
+    let live: HashSet<&Item> = wanted.iter().collect();
+    let mut kept: Vec<&Part> = Vec::new();
+    let mut sealed: Vec<Vec<Item>> = Vec::new();
+    for part in &layout.parts {
+        let left: Vec<Item> = part
+            .items
+            .iter()
+            .filter(|i| live.contains(i))
+            .cloned()
+            .collect();
+        if left.len() == part.items.len() {
+            kept.push(part);
+        } else if left.iter().map(Item::bytes).sum::<usize>() >= MIN_PART_BYTES {
+            sealed.push(left); // rewritten, into another slot
+        } // else: what is left goes back to the tail
+    }
+    let placed: HashSet<&Item> = kept
+        .iter()
+        .flat_map(|p| &p.items)
+        .chain(sealed.iter().flatten())
+        .collect();
+    let tail: Vec<Item> = wanted
+        .iter()
+        .filter(|i| !placed.contains(i))
+        .cloned()
+        .collect();
+    // Never written over now: the slots the current head names, and stale ones (which a
+    // head this store did not write may name).
+    let named: BTreeSet<u32> = layout
+        .parts
+        .iter()
+        .map(|p| p.slot)
+        .chain(layout.stale.iter().copied())
+        .collect();
+    let mut rest: &[Item] = &tail;
+    // The head holds the scalars and as much of the tail as fits; the rest is sealed into
+    // new parts from its oldest end, each as full as it goes.
+    let (head, new_parts) = loop {
+        let mut free = (1u32..).filter(|s| !named.contains(s));
+        let new_parts: Vec<Part> = sealed
+            .iter()
+            .map(|items| Part {
+                slot: free.next().unwrap_or(u32::MAX),
+                gen,
+                items: items.clone(),
+            })
+            .collect();
+        let head = head_content(
+            record,
+            rest,
+            extra,
+            gen,
+            kept.iter().copied().chain(&new_parts),
+        );
+        if content_len(&head) <= MAX_CONTENT_BYTES {
+            break (head, new_parts);
+        }
+        if rest.is_empty() || kept.len() + sealed.len() >= MAX_PARTS {
+            return Err(TooLarge(format!(
+                "the runtime's record does not fit {MAX_PARTS} events"
+            )));
+        }
+        let (mut bytes, mut n) = (0, 0);
+        while n < rest.len() && bytes + rest[n].bytes() <= MAX_CONTENT_BYTES - 100 {
+            bytes += rest[n].bytes();
+            n += 1;
+        }
+        let n = n.max(1);
+        sealed.push(rest[..n].to_vec());
+        rest = &rest[n..];
+    };
+    let parts: Vec<(u32, Value)> = new_parts.iter().map(|p| (p.slot, p.content())).collect();
+    if parts
+        .iter()
+        .any(|(_, c)| content_len(c) > MAX_CONTENT_BYTES)
+    {
+        return Err(TooLarge(
+            "a part of the runtime's record is over the event size limit".into(),
+        ));
+    }
+    let now: BTreeSet<u32> = kept
+        .iter()
+        .map(|p| p.slot)
+        .chain(new_parts.iter().map(|p| p.slot))
+        .collect();
+    let empty: Vec<u32> = named.iter().copied().filter(|s| !now.contains(s)).collect();
+    let all: Vec<Part> = kept.into_iter().cloned().chain(new_parts).collect();
+    let layout = (!all.is_empty()).then_some(Layout {
+        gen,
+        parts: all,
+        stale: BTreeSet::new(),
+    });
+    Ok(Plan {
+        parts,
+        head,
+        empty,
+        layout,
+    })
+}
+
+/// The head's content: `record`'s scalars, the `tail` entries, `extra`, and (when there
+/// are any) the parts it names.
+fn head_content<'a>(
+    record: &RuntimeRecord,
+    tail: &[Item],
+    extra: &Map<String, Value>,
+    gen: u64,
+    parts: impl Iterator<Item = &'a Part>,
+) -> Value {
+    let mut head = scalars(record);
+    extend(&mut head, tail.iter().cloned());
+    let mut content = to_object(&head);
+    for (k, v) in extra {
+        content.insert(k.clone(), v.clone());
+    }
+    let list: Vec<Value> = parts.map(|p| json!([p.slot, p.gen])).collect();
+    if !list.is_empty() {
+        content.insert("gen".into(), json!(gen));
+        content.insert("parts".into(), Value::Array(list));
+    }
+    Value::Object(content)
+}
+
+/// `record` without its entries.
+fn scalars(record: &RuntimeRecord) -> RuntimeRecord {
+    RuntimeRecord {
+        user: record.user.clone(),
+        node: record.node.clone(),
+        attached_ms: record.attached_ms,
+        released: record.released,
+        ..RuntimeRecord::default()
+    }
+}
+
+/// What a head names: `(slot, gen)` of its parts, in order (empty: none), and its `gen`.
+pub fn named_parts(head: &Value) -> (Vec<(u32, u64)>, u64) {
+    let gen = head.get("gen").and_then(Value::as_u64).unwrap_or(0);
+    let parts = head
+        .get("parts")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|p| {
+                    let slot = u32::try_from(p.get(0)?.as_u64()?).ok()?;
+                    Some((slot, p.get(1)?.as_u64()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (parts, gen)
+}
+
+/// Reads a part's content as its generation and entries.
+fn read_part(content: &Value) -> Option<(u64, Vec<Item>)> {
+    let gen = content.get("gen")?.as_u64()?;
+    let record: RuntimeRecord = serde_json::from_value(content.clone()).ok()?;
+    Some((gen, items(&record)))
+}
+
+/// A runtime's record from its head and the parts it names (`part(slot)`: that slot's
+/// content, if any): the record, its layout when it has parts, and the slots the head names
+/// that are missing or of another generation (left out of the record).
+pub fn assemble(
+    head: &Value,
+    mut part: impl FnMut(u32) -> Option<Value>,
+) -> (RuntimeRecord, Option<Layout>, Vec<u32>) {
+    let head_record: RuntimeRecord = serde_json::from_value(head.clone()).unwrap_or_default();
+    let (named, gen) = named_parts(head);
+    if named.is_empty() {
+        return (head_record, None, Vec::new());
+    }
+    let mut record = scalars(&head_record);
+    let mut parts = Vec::with_capacity(named.len());
+    let mut missing = Vec::new();
+    for (slot, want) in named {
+        match part(slot).as_ref().and_then(read_part) {
+            Some((got, items)) if got == want => {
+                extend(&mut record, items.iter().cloned());
+                parts.push(Part {
+                    slot,
+                    gen: got,
+                    items,
+                });
+            }
+            _ => missing.push(slot),
+        }
+    }
+    extend(&mut record, items(&head_record));
+    let layout = Layout {
+        gen,
+        parts,
+        stale: BTreeSet::new(),
+    };
+    (record, Some(layout), missing)
+}
+
+/// The runtimes in a room's state events (heads and parts as `GET /state` gives them):
+/// each record, with its layout when it has parts or stale slots. A head whose named parts
+/// are not all there (damage: the write order never leaves that) is restored from what is
+/// there, and logged; parts without a live head are ignored.
+pub fn load(events: &[Value]) -> Loaded {
+    let mut heads: BTreeMap<String, &Value> = BTreeMap::new();
+    let mut parts: HashMap<String, BTreeMap<u32, &Value>> = HashMap::new();
+    for event in events {
+        let (Some(kind), Some(key), Some(content)) = (
+            event.get("type").and_then(Value::as_str),
+            event.get("state_key").and_then(Value::as_str),
+            event.get("content"),
+        ) else {
+            continue;
+        };
+        match kind {
+            super::store::RUNTIME_EVENT_TYPE => {
+                heads.insert(key.to_string(), content);
+            }
+            PART_EVENT_TYPE if content.get("gen").is_some() => {
+                if let Some((runtime, slot)) = key.rsplit_once('#') {
+                    if let Ok(slot) = slot.parse::<u32>() {
+                        parts
+                            .entry(runtime.to_string())
+                            .or_default()
+                            .insert(slot, content);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut loaded = Loaded::default();
+    for (url, head) in heads {
+        let mine = parts.remove(&url).unwrap_or_default();
+        let (record, layout, missing) =
+            assemble(head, |slot| mine.get(&slot).map(|c| (*c).clone()));
+        if !missing.is_empty() {
+            tracing::error!(runtime = %url, ?missing, "store: parts the runtime's head names are missing; restored without them");
+            loaded.damaged += 1;
+        }
+        if record.is_empty() {
+            loaded.orphans += mine.len();
+            continue;
+        }
+        let mut layout = layout.unwrap_or_else(|| Layout {
+            gen: named_parts(head).1,
+            ..Layout::default()
+        });
+        let named: BTreeSet<u32> = layout.parts.iter().map(|p| p.slot).collect();
+        layout.stale = mine
+            .keys()
+            .copied()
+            .filter(|s| !named.contains(s))
+            .collect();
+        if !layout.parts.is_empty() || !layout.stale.is_empty() {
+            loaded.layouts.insert(url.clone(), layout);
+        }
+        loaded.runtimes.insert(url, record);
+    }
+    loaded.orphans += parts.values().map(BTreeMap::len).sum::<usize>();
+    loaded
+}
+
+/// What [`load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Runtime URL → record (deleted ones left out).
+    pub runtimes: BTreeMap<String, RuntimeRecord>,
+    /// Runtime URL → layout, for records with parts or stale slots.
+    pub layouts: HashMap<String, Layout>,
+    /// Parts no live head names (ignored).
+    pub orphans: usize,
+    /// Heads whose named parts were not all there.
+    pub damaged: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::store::RUNTIME_EVENT_TYPE;
+
+    const RT: &str = "runtime://example.com/big";
+
+    /// A room's state, as the writes leave it.
+    #[derive(Default, Clone)]
+    struct Room(BTreeMap<(String, String), Value>);
+
+    impl Room {
+        fn put(&mut self, kind: &str, key: String, content: Value) {
+            self.0.insert((kind.to_string(), key), content);
+        }
+
+        /// The plan's writes in order, each a step that may be the last before a crash.
+        fn steps(plan: &Plan) -> Vec<(String, String, Value)> {
+            let mut steps: Vec<(String, String, Value)> = plan
+                .parts
+                .iter()
+                .map(|(slot, c)| (PART_EVENT_TYPE.to_string(), part_key(RT, *slot), c.clone()))
+                .collect();
+            steps.push((
+                RUNTIME_EVENT_TYPE.to_string(),
+                RT.to_string(),
+                plan.head.clone(),
+            ));
+            steps.extend(
+                plan.empty
+                    .iter()
+                    .map(|slot| (PART_EVENT_TYPE.to_string(), part_key(RT, *slot), json!({}))),
+            );
+            steps
+        }
+
+        fn events(&self) -> Vec<Value> {
+            self.0
+                .iter()
+                .map(|((kind, key), content)| {
+                    json!({"type": kind, "state_key": key, "content": content})
+                })
+                .collect()
+        }
+
+        fn load(&self) -> Loaded {
+            load(&self.events())
+        }
+    }
+
+    fn record(addresses: std::ops::Range<usize>) -> RuntimeRecord {
+        let mut record = RuntimeRecord {
+            user: Some("@alice:example.com".into()),
+            ..RuntimeRecord::default()
+        };
+        for i in addresses {
+            record
+                .allocations
+                .entry(format!("{:08}", i / 3))
+                .or_default()
+                .push(format!("hyperty://example.com/{i:036}"));
+        }
+        record.subscriptions.insert(
+            "context://example.com/x/changes".into(),
+            "hyperty://example.com/0".into(),
+        );
+        record
+            .claimed
+            .push("hyperty-runtime://example.com/big/sm".into());
+        record
+    }
+
+    fn sorted(mut record: RuntimeRecord) -> RuntimeRecord {
+        record.allocations.values_mut().for_each(|b| b.sort());
+        record.foreign.sort();
+        record.claimed.sort();
+        record
+    }
+
+    /// Carries `plan` out on `room` completely; the layout after it.
+    fn apply(room: &mut Room, plan: &Plan) -> Option<Layout> {
+        for (kind, key, content) in Room::steps(plan) {
+            room.put(&kind, key, content);
+        }
+        plan.layout.clone()
+    }
+
+    #[test]
+    fn a_small_record_is_one_event_and_a_big_one_is_split_under_the_limit() {
+        let small = record(0..10);
+        let plan = super::plan(None, &small, &Map::new()).expect("plan");
+        assert!(plan.parts.is_empty() && plan.layout.is_none());
+        assert_eq!(plan.head, serde_json::to_value(&small).expect("json"));
+
+        let big = record(0..2000);
+        let plan = super::plan(None, &big, &Map::new()).expect("plan");
+        assert!(plan.parts.len() >= 2, "{} parts", plan.parts.len());
+        for content in plan.parts.iter().map(|(_, c)| c).chain([&plan.head]) {
+            assert!(
+                content_len(content) <= MAX_CONTENT_BYTES,
+                "{}",
+                content_len(content)
+            );
+        }
+        let mut room = Room::default();
+        apply(&mut room, &plan);
+        let loaded = room.load();
+        assert_eq!(loaded.runtimes[RT], big, "read back as written, in order");
+        assert_eq!(loaded.layouts[RT], plan.layout.expect("layout"));
+    }
+
+    #[test]
+    fn appending_rewrites_the_head_and_seldom_a_new_part() {
+        let mut room = Room::default();
+        let mut layout = apply(
+            &mut room,
+            &super::plan(None, &record(0..2000), &Map::new()).expect("plan"),
+        );
+        let mut written = 0;
+        for end in (2010..4000).step_by(10) {
+            let plan = super::plan(layout.as_ref(), &record(0..end), &Map::new()).expect("plan");
+            assert!(plan.parts.len() <= 1, "one new part at most");
+            assert!(plan.empty.is_empty(), "nothing to empty");
+            written += plan.parts.len();
+            layout = apply(&mut room, &plan);
+        }
+        assert!(
+            written <= 4,
+            "{written} parts written for 2,000 more addresses"
+        );
+        assert_eq!(room.load().runtimes[RT], record(0..3990));
+    }
+
+    #[test]
+    fn a_crash_between_any_two_writes_leaves_the_old_record_or_the_new_one() {
+        let mut tombstone = record(0..0);
+        tombstone.allocations.clear();
+        tombstone.subscriptions.clear();
+        tombstone.released = true;
+        let mut shrunk = record(0..3000);
+        shrunk
+            .allocations
+            .retain(|k, _| k.as_str() < "00000100" || k.as_str() > "00000900");
+        let history = [
+            record(0..1500),
+            record(0..3000),
+            shrunk,
+            record(0..3500),
+            record(0..20),
+            record(0..2500),
+            tombstone,
+            record(0..1200),
+        ];
+        let mut room = Room::default();
+        let mut layout: Option<Layout> = None;
+        let mut old: Option<RuntimeRecord> = None;
+        for new in history {
+            let plan = super::plan(layout.as_ref(), &new, &Map::new()).expect("plan");
+            let steps = Room::steps(&plan);
+            let head_at = plan.parts.len();
+            for crash_after in 0..steps.len() {
+                let mut crashed = room.clone();
+                for (kind, key, content) in &steps[..=crash_after] {
+                    crashed.put(kind, key.clone(), content.clone());
+                }
+                let loaded = crashed.load();
+                assert_eq!(loaded.damaged, 0);
+                let got = loaded.runtimes.get(RT).cloned().map(sorted);
+                let want = if crash_after >= head_at {
+                    Some(sorted(new.clone()))
+                } else {
+                    old.clone().map(sorted)
+                };
+                assert!(got == want, "after write {crash_after} of {}", steps.len());
+            }
+            layout = apply(&mut room, &plan);
+            old = Some(new);
+        }
+        // Every slot the last head does not name was emptied.
+        let loaded = room.load();
+        assert!(loaded.layouts.get(RT).is_none_or(|l| l.stale.is_empty()));
+        assert_eq!(loaded.orphans, 0);
+    }
+
+    #[test]
+    fn parts_the_head_does_not_name_are_ignored_and_emptied_next() {
+        let mut room = Room::default();
+        let layout = apply(
+            &mut room,
+            &super::plan(None, &record(0..2000), &Map::new()).expect("plan"),
+        );
+        // A write that did not reach its head: a stale extra part, and one over a slot the
+        // head names written in another generation (as damage).
+        let stale = Part {
+            slot: 99,
+            gen: 1,
+            items: vec![Item::Foreign("hyperty://evil.example/1".into())],
+        };
+        room.put(PART_EVENT_TYPE, part_key(RT, 99), stale.content());
+        let loaded = room.load();
+        assert_eq!(
+            loaded.runtimes[RT],
+            record(0..2000),
+            "the stale part is not read"
+        );
+        let known = &loaded.layouts[RT];
+        assert_eq!(known.stale, BTreeSet::from([99]));
+        let next = super::plan(Some(known), &record(0..2100), &Map::new()).expect("plan");
+        assert!(next.empty.contains(&99), "emptied after the next head");
+        assert!(
+            next.parts.iter().all(|(slot, _)| *slot != 99),
+            "never written over"
+        );
+
+        // Parts with no head (the head was deleted, or never written) are orphans.
+        let mut headless = room.clone();
+        headless
+            .0
+            .remove(&(RUNTIME_EVENT_TYPE.to_string(), RT.to_string()));
+        let loaded = headless.load();
+        assert!(loaded.runtimes.is_empty());
+        assert!(loaded.orphans >= 2);
+
+        // A head naming a part that is not there in its generation: restored without it,
+        // and said so.
+        let slot = layout.expect("layout").parts[0].slot;
+        room.put(
+            PART_EVENT_TYPE,
+            part_key(RT, slot),
+            Part {
+                slot,
+                gen: 12345,
+                items: vec![],
+            }
+            .content(),
+        );
+        let loaded = room.load();
+        assert_eq!(loaded.damaged, 1);
+        assert!(loaded.runtimes[RT].user.is_some(), "still its owner's");
+    }
+
+    #[test]
+    fn too_large_is_refused_before_anything_is_written() {
+        let mut huge_key = record(0..1);
+        huge_key
+            .allocations
+            .insert("k".repeat(70_000), vec!["hyperty://example.com/x".into()]);
+        assert!(check(&huge_key).is_err());
+        assert!(super::plan(None, &huge_key, &Map::new()).is_err());
+        let mut many = record(0..0);
+        let address = format!("hyperty://example.com/{}", "a".repeat(200));
+        many.allocations
+            .insert("k".into(), vec![address; MAX_RECORD_BYTES / 200]);
+        let refused = check(&many).expect_err("too large");
+        assert!(refused.0.contains("at most"), "{refused}");
+        assert!(check(&record(0..10_000)).is_ok());
+    }
+
+    #[test]
+    fn json_lengths_are_exact() {
+        for s in [
+            "",
+            "plain",
+            "quote\"back\\slash",
+            "ctl\u{1}\n\t",
+            "ünïcødé ✓",
+        ] {
+            assert_eq!(
+                json_len(s),
+                serde_json::to_string(s).expect("json").len(),
+                "{s:?}"
+            );
+        }
+    }
+}
