@@ -1278,3 +1278,70 @@ async fn foreign_objects_keep_their_route_and_their_publisher() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Review B10: the inboxes' memory budget was shared, so mallory filling her own away
+/// runtimes' inboxes made every other user's messages to away runtimes 408. What waits is
+/// charged to the sender's principal within its share (`inbox_max_bytes_per_principal`):
+/// she is refused, clearly, and bob's message reaches alice's away runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_principal_filling_the_inboxes_refuses_only_itself() {
+    let running = node_with(|c| {
+        c.bus.inbox_max_bytes = 1024 * 1024;
+        c.bus.inbox_max_bytes_per_principal = 256 * 1024;
+        c.bus.inbox_max_bytes_per_runtime = 1024 * 1024;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let mut away = Vec::new();
+    for n in 0..2 {
+        let mut stub =
+            Stub::connect(addr, &format!("runtime://localhost/m-away-{n}"), MALLORY).await;
+        away.push(stub.allocate("localhost", "hyperty", 1).await.remove(0));
+        stub.drop_socket().await;
+    }
+    alice.drop_socket().await;
+    let mut mallory = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let m = mallory.allocate("localhost", "hyperty", 1).await.remove(0);
+    let pad = "x".repeat(50 * 1024);
+    // 40 × 50 KiB over her two away runtimes: past the global budget, as before the fix.
+    let errors = send_all(
+        &mut mallory,
+        (0..40).map(|n| {
+            json!({"type": "create", "from": m, "to": away[n % 2], "body": {"value": {"n": n, "pad": pad}}})
+        }),
+    )
+    .await;
+    assert!(
+        errors.len() > 30,
+        "refused past her share: {}",
+        errors.len()
+    );
+    for error in &errors {
+        assert_eq!(code(error), 408, "{error}");
+        assert!(
+            description(error).contains("inbox_max_bytes_per_principal"),
+            "{error}"
+        );
+    }
+    let full = "msgnode_bus_refused_total{reason=\"principal_inbox_full\"}";
+    assert_eq!(
+        common::metric(&http, &running, full).await,
+        errors.len() as u64
+    );
+    // Bob's message to alice's away runtime is held and delivered when she is back.
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let errors = send_all(
+        &mut bob,
+        [json!({"type": "create", "from": b, "to": a, "body": {"value": {"n": 7, "pad": pad}}})],
+    )
+    .await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut alice = bound(addr, alice_rt, ALICE).await;
+    assert_eq!(received_ns(&mut alice).await, [7]);
+    running.stop().await;
+}

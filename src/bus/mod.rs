@@ -206,9 +206,15 @@ impl Bus {
                     (builtin.clone(), Some(builtin))
                 }
             };
-        persistence
-            .inbox
-            .limit_bytes(config.inbox_max_bytes, config.inbox_max_bytes_per_runtime);
+        persistence.inbox.limit_bytes(
+            config.inbox_max_bytes,
+            config.inbox_max_bytes_per_principal,
+            config.inbox_max_bytes_per_runtime,
+        );
+        persistence.journal.limit_shares(
+            config.max_history_bytes_per_principal,
+            config.max_history_backlog_per_principal,
+        );
         let rate = crate::ratelimit::Limiter::new(&config.rate_limit);
         let handshakes = handshakes::Handshakes::new(&config);
         let bus = Bus {

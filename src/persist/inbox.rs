@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use super::batch::{decode_batch, encode_batch, raw_or_string, DecodedBatch, OVERSIZE_KEY};
 use super::roomlog::{recover_next_seq, send_batches, Counters};
+use super::shares::{free_all, Charge, Shares};
 use crate::matrix::{hash16, Actor, ActorError};
 use crate::retry::Backoff;
 
@@ -81,12 +82,14 @@ pub struct Inbox {
     budget: Arc<Budget>,
 }
 
-/// Bytes held in memory, and how many may be; and how many one runtime's inbox may hold
+/// Bytes held in memory, and how many may be; what each charge (the sender's principal)
+/// holds of them, and how many it may; and how many one runtime's inbox may hold
 /// undelivered (in memory or in Matrix).
 #[derive(Debug)]
 struct Budget {
     held: AtomicUsize,
     max: AtomicUsize,
+    shares: Shares,
     per_runtime: AtomicUsize,
 }
 
@@ -95,14 +98,22 @@ impl Default for Budget {
         Self {
             held: AtomicUsize::new(0),
             max: AtomicUsize::new(DEFAULT_MAX_BYTES),
+            shares: Shares::new(DEFAULT_MAX_BYTES_PER_CHARGE, u64::MAX),
             per_runtime: AtomicUsize::new(DEFAULT_MAX_BYTES_PER_RUNTIME),
         }
     }
 }
 
 impl Budget {
-    fn add(&self, bytes: usize) {
+    fn add(&self, bytes: usize, charge: &Charge) {
         self.held.fetch_add(bytes, Ordering::Relaxed);
+        self.shares.add(charge, bytes);
+    }
+
+    /// Frees what `entries` (charge, bytes) held.
+    fn free_entries<'a>(&self, entries: impl IntoIterator<Item = (&'a str, usize)> + Clone) {
+        self.free(entries.clone().into_iter().map(|(_, bytes)| bytes).sum());
+        free_all(&self.shares, entries);
     }
 
     fn free(&self, bytes: usize) {
@@ -119,6 +130,8 @@ pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// What one runtime's inbox may hold undelivered unless [`Inbox::limit_bytes`] says
 /// otherwise.
 pub const DEFAULT_MAX_BYTES_PER_RUNTIME: usize = 16 * 1024 * 1024;
+/// What one charge may hold in memory unless [`Inbox::limit_bytes`] says otherwise.
+pub const DEFAULT_MAX_BYTES_PER_CHARGE: usize = DEFAULT_MAX_BYTES / 8;
 
 enum Inner {
     Memory(Mutex<HashMap<String, MemoryBox>>),
@@ -129,7 +142,7 @@ enum Inner {
 struct MemoryBox {
     next_seq: u64,
     cursor: u64,
-    messages: VecDeque<(u64, String)>,
+    messages: VecDeque<(u64, String, Charge)>,
     /// What `messages` hold.
     bytes: usize,
 }
@@ -168,7 +181,8 @@ struct RuntimeBox {
 
 #[derive(Default)]
 struct Pushes {
-    pending: Vec<String>,
+    /// Each with its charge.
+    pending: Vec<(Charge, String)>,
     pushed: u64,
     writer: bool,
 }
@@ -208,10 +222,12 @@ impl Inbox {
         }
     }
 
-    /// Lets the inboxes hold at most `bytes` in memory (see [`Inbox::has_room`]), and one
-    /// runtime's inbox `per_runtime` undelivered (see [`Inbox::runtime_has_room`]).
-    pub fn limit_bytes(&self, bytes: usize, per_runtime: usize) {
+    /// Lets the inboxes hold at most `bytes` in memory (see [`Inbox::has_room`]), of which
+    /// one charge `per_charge` (see [`Inbox::charge_has_room`]), and one runtime's inbox
+    /// `per_runtime` undelivered (see [`Inbox::runtime_has_room`]).
+    pub fn limit_bytes(&self, bytes: usize, per_charge: usize, per_runtime: usize) {
         self.budget.max.store(bytes, Ordering::Relaxed);
+        self.budget.shares.limit(per_charge, u64::MAX);
         self.budget
             .per_runtime
             .store(per_runtime, Ordering::Relaxed);
@@ -233,6 +249,12 @@ impl Inbox {
     /// refused (the sender retries) rather than held.
     pub fn has_room(&self, bytes: usize) -> bool {
         self.budget.held.load(Ordering::Relaxed) + bytes <= self.budget.max.load(Ordering::Relaxed)
+    }
+
+    /// Whether `bytes` more charged to `charge` fit in its share of the memory now (the
+    /// node's own charge always does).
+    pub fn charge_has_room(&self, charge: &str, bytes: usize) -> bool {
+        self.budget.shares.has_room(charge, bytes)
     }
 
     /// How many messages were pushed for `runtime` by this node so far: a take after which
@@ -261,9 +283,10 @@ impl Inbox {
         }
     }
 
-    /// Queues `message_json` for `runtime` (in order per runtime); stored in the background.
-    pub fn push(&self, runtime: &str, message_json: &str) {
-        self.budget.add(message_json.len());
+    /// Queues `message_json` for `runtime` (in order per runtime), held in memory charged to
+    /// `charge` until stored (in memory: until delivered); stored in the background.
+    pub fn push(&self, runtime: &str, message_json: &str, charge: &Charge) {
+        self.budget.add(message_json.len(), charge);
         match &*self.inner {
             Inner::Memory(boxes) => {
                 let mut boxes = lock(boxes);
@@ -271,7 +294,9 @@ impl Inbox {
                 inbox.next_seq += 1;
                 let seq = inbox.next_seq;
                 inbox.bytes += message_json.len();
-                inbox.messages.push_back((seq, message_json.to_string()));
+                inbox
+                    .messages
+                    .push_back((seq, message_json.to_string(), Arc::clone(charge)));
             }
             Inner::Matrix(matrix) => {
                 let inbox = matrix.runtime_box(runtime);
@@ -280,7 +305,9 @@ impl Inbox {
                     .fetch_add(message_json.len(), Ordering::Relaxed);
                 let start_writer = {
                     let mut queue = lock(&inbox.queue);
-                    queue.pending.push(message_json.to_string());
+                    queue
+                        .pending
+                        .push((Arc::clone(charge), message_json.to_string()));
                     queue.pushed += 1;
                     !std::mem::replace(&mut queue.writer, true)
                 };
@@ -319,7 +346,11 @@ impl Inbox {
                 };
                 let mut taken = Taken::default();
                 let mut upto = inbox.cursor;
-                for (seq, m) in inbox.messages.iter().filter(|(seq, _)| *seq > inbox.cursor) {
+                for (seq, m, _) in inbox
+                    .messages
+                    .iter()
+                    .filter(|(seq, ..)| *seq > inbox.cursor)
+                {
                     if taken.bytes + m.len() > max_bytes && !taken.messages.is_empty() {
                         taken.more = true;
                         break;
@@ -346,10 +377,12 @@ impl Inbox {
                 if let Some(inbox) = boxes.get_mut(runtime) {
                     inbox.cursor = inbox.cursor.max(taken.upto_of(MEMORY_WRITER));
                     let cursor = inbox.cursor;
-                    let before = inbox.bytes;
-                    inbox.messages.retain(|(seq, _)| *seq > cursor);
-                    inbox.bytes = inbox.messages.iter().map(|(_, m)| m.len()).sum();
-                    self.budget.free(before - inbox.bytes);
+                    // Delivered: the oldest, up to the cursor.
+                    let end = inbox.messages.partition_point(|(seq, ..)| *seq <= cursor);
+                    let delivered: Vec<_> = inbox.messages.drain(..end).collect();
+                    let entries = delivered.iter().map(|(_, m, c)| (&**c, m.len()));
+                    inbox.bytes -= entries.clone().map(|(_, b)| b).sum::<usize>();
+                    self.budget.free_entries(entries);
                 }
                 Ok(())
             }
@@ -377,12 +410,12 @@ impl Inbox {
     pub async fn discard(&self, runtime: &str) -> Result<usize, ActorError> {
         if let Inner::Memory(boxes) = &*self.inner {
             let removed = lock(boxes).remove(runtime);
-            let bytes = removed
-                .iter()
-                .flat_map(|b| &b.messages)
-                .map(|(_, m)| m.len())
-                .sum();
-            self.budget.free(bytes);
+            self.budget.free_entries(
+                removed
+                    .iter()
+                    .flat_map(|b| &b.messages)
+                    .map(|(_, m, c)| (&**c, m.len())),
+            );
             return Ok(removed.map_or(0, |b| b.messages.len()));
         }
         if let Inner::Matrix(matrix) = &*self.inner {
@@ -690,12 +723,12 @@ impl Writer {
             Some((room, next)) => (room, next),
             None => {
                 // Given up at shutdown: count everything as done so no take waits forever.
-                let (pushed, bytes) = {
+                let (pushed, pending) = {
                     let mut queue = lock(&self.inbox.queue);
-                    let pending = std::mem::take(&mut queue.pending);
-                    (queue.pushed, pending.iter().map(String::len).sum())
+                    (queue.pushed, std::mem::take(&mut queue.pending))
                 };
-                self.budget.free(bytes);
+                self.budget
+                    .free_entries(pending.iter().map(|(c, m)| (&**c, m.len())));
                 tracing::error!(%runtime, pushed, "inbox: room unavailable at shutdown; messages not stored");
                 self.counters.lost.inc_by(pushed);
                 self.inbox.stored.send_replace(pushed);
@@ -721,7 +754,10 @@ impl Writer {
                 continue;
             }
             let count = pending.len() as u64;
-            let bytes: usize = pending.iter().map(String::len).sum();
+            let (charges, pending): (Vec<(Charge, usize)>, Vec<String>) = pending
+                .into_iter()
+                .map(|(charge, m)| ((charge, m.len()), m))
+                .unzip();
             let first_seq = next_seq;
             let header = header.clone();
             let encoded = tokio::task::spawn_blocking(move || {
@@ -754,7 +790,8 @@ impl Writer {
                     false
                 }
             };
-            self.budget.free(bytes);
+            self.budget
+                .free_entries(charges.iter().map(|(c, bytes)| (&**c, *bytes)));
             if !ok {
                 tracing::error!(%runtime, count, "inbox: messages not stored");
                 self.counters.lost.inc_by(count);
@@ -797,6 +834,10 @@ impl Writer {
 mod tests {
     use super::*;
 
+    fn node() -> Charge {
+        Arc::from(super::super::shares::NODE)
+    }
+
     #[test]
     fn cursors_of_one_writer_and_of_several_are_read() {
         let legacy = json!({"upto": 7});
@@ -830,14 +871,14 @@ mod tests {
             inbox.take("rt://a", usize::MAX).await.expect("take"),
             Taken::default()
         );
-        inbox.push("rt://a", r#"{"n":1}"#);
-        inbox.push("rt://b", r#"{"n":"b"}"#);
-        inbox.push("rt://a", r#"{"n":2}"#);
+        inbox.push("rt://a", r#"{"n":1}"#, &node());
+        inbox.push("rt://b", r#"{"n":"b"}"#, &node());
+        inbox.push("rt://a", r#"{"n":2}"#, &node());
         let taken = inbox.take("rt://a", usize::MAX).await.expect("take");
         assert_eq!(taken.messages, vec![r#"{"n":1}"#, r#"{"n":2}"#]);
         assert_eq!(taken.upto_of(MEMORY_WRITER), 2);
         // Not acked: taken again, with what came since.
-        inbox.push("rt://a", r#"{"n":3}"#);
+        inbox.push("rt://a", r#"{"n":3}"#, &node());
         let again = inbox.take("rt://a", usize::MAX).await.expect("take");
         assert_eq!(again.messages.len(), 3);
         inbox.ack("rt://a", &taken).await.expect("ack");
@@ -868,10 +909,10 @@ mod tests {
     #[tokio::test]
     async fn a_take_is_one_page_and_the_per_runtime_cap_counts_what_waits() {
         let inbox = Inbox::memory();
-        inbox.limit_bytes(1 << 20, 10);
+        inbox.limit_bytes(1 << 20, 1 << 20, 10);
         for n in 0..4 {
             assert!(inbox.runtime_has_room("rt://a", 3), "{n}");
-            inbox.push("rt://a", &format!("m{n}"));
+            inbox.push("rt://a", &format!("m{n}"), &node());
         }
         assert!(inbox.runtime_has_room("rt://a", 2));
         assert!(!inbox.runtime_has_room("rt://a", 3), "8 + 3 > 10 bytes");
@@ -891,12 +932,31 @@ mod tests {
             inbox.runtime_has_room("rt://a", 10),
             "delivered: room again"
         );
-        inbox.push("rt://a", &"x".repeat(9));
+        inbox.push("rt://a", &"x".repeat(9), &node());
         let big = inbox.take("rt://a", 5).await.expect("take");
         assert_eq!(
             big.messages.len(),
             1,
             "a message bigger than a page is one page"
         );
+    }
+
+    #[tokio::test]
+    async fn what_waits_is_charged_to_its_sender_until_delivered() {
+        let inbox = Inbox::memory();
+        inbox.limit_bytes(100, 10, 100);
+        let eve: Charge = Arc::from("@eve:l");
+        let bob: Charge = Arc::from("@bob:l");
+        inbox.push("rt://eve", "eeeeeeee", &eve);
+        assert!(!inbox.charge_has_room("@eve:l", 3), "8 + 3 > 10");
+        assert!(inbox.charge_has_room("@bob:l", 10), "bob's share is his");
+        inbox.push("rt://alice", "bb", &bob);
+        let page = inbox.take("rt://eve", usize::MAX).await.expect("take");
+        inbox.ack("rt://eve", &page).await.expect("ack");
+        assert!(inbox.charge_has_room("@eve:l", 10), "delivered: freed");
+        assert!(!inbox.charge_has_room("@bob:l", 9));
+        inbox.discard("rt://alice").await.expect("discard");
+        assert!(inbox.charge_has_room("@bob:l", 10), "discarded: freed");
+        assert_eq!(inbox.held_bytes(), 0);
     }
 }
