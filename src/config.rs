@@ -684,6 +684,10 @@ pub struct BusLimits {
     pub foreign_routes_per_principal: usize,
     /// Built-in registry entries over its runtimes.
     pub registry_entries_per_principal: usize,
+    /// Subscriptions over its runtimes (each is decided again on every new policy revision).
+    pub subscriptions_per_principal: usize,
+    /// Sockets connected at once over its runtimes (more: refused at the handshake).
+    pub sockets_per_principal: usize,
 }
 
 impl Default for BusLimits {
@@ -693,6 +697,8 @@ impl Default for BusLimits {
             addresses_per_principal: 100_000,
             foreign_routes_per_principal: 10_000,
             registry_entries_per_principal: 10_000,
+            subscriptions_per_principal: 10_000,
+            sockets_per_principal: 64,
         }
     }
 }

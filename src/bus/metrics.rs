@@ -101,7 +101,7 @@ impl BusMetrics {
         );
         registry.register(
             "bus_limited",
-            "Requests refused at a per-principal limit (runtimes, addresses, registry_entries, foreign_routes)",
+            "Requests refused at a per-principal limit (runtimes, addresses, registry_entries, foreign_routes, subscriptions, sockets)",
             metrics.limited.clone(),
         );
         registry.register(

@@ -145,6 +145,8 @@ struct Inner {
     rate: crate::ratelimit::Limiter,
     /// Sockets not authenticated yet.
     handshakes: handshakes::Handshakes,
+    /// Sockets connected, per principal.
+    sockets: connection::Sockets,
 }
 
 /// Handle to the bus; clones share everything.
@@ -249,6 +251,7 @@ impl Bus {
                 peer_events: peers::SeenEvents::default(),
                 rate,
                 handshakes,
+                sockets: connection::Sockets::default(),
             }),
         };
         let restored = snapshot.runtimes.len();
