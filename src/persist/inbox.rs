@@ -16,9 +16,11 @@
 //! reads the messages after the cursor back from the room (so it works right after a
 //! restart, and sees what other replicas wrote); [`Inbox::ack`] moves the cursor.
 //!
-//! Whatever is taken is a prefix of the room's timeline (each take reads up to the newest
-//! event, and each writer's batches are in its sequence order), so a take pages back only
-//! to the first batch already delivered. Messages come back as equivalent JSON (whitespace
+//! Whatever is taken is a prefix of the room's timeline (each writer's batches are in its
+//! sequence order), so a take pages back from the newest event only to the first batch
+//! already delivered — once: it remembers where it left off, and the next take (after an
+//! ack) reads on forward from there, so a page costs about its own size to read, not the
+//! inbox's. Messages come back as equivalent JSON (whitespace
 //! and key order may differ; text that is not JSON comes back as given).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -67,6 +69,30 @@ impl Taken {
     /// How far `writer`'s messages are taken (0: none ever).
     pub fn upto_of(&self, writer: &str) -> u64 {
         self.upto.get(writer).copied().unwrap_or(0)
+    }
+
+    /// Adds the messages of `writer`'s `batch` past what is taken, while they fit in
+    /// `max_bytes` (at least one); false when the page is full before the batch's end.
+    fn add(&mut self, writer: String, batch: DecodedBatch, max_bytes: usize) -> bool {
+        let upto = self.upto.entry(writer).or_insert(0);
+        for (i, entry) in batch.entries.into_iter().enumerate() {
+            let seq = batch.first_seq + i as u64;
+            if seq <= *upto {
+                continue; // before the cursor, or a duplicate
+            }
+            // A message that was not JSON was stored as a JSON string.
+            let text = match serde_json::from_str::<Value>(entry.get()) {
+                Ok(Value::String(text)) => text,
+                _ => entry.get().to_string(),
+            };
+            if self.bytes + text.len() > max_bytes && !self.messages.is_empty() {
+                return false;
+            }
+            self.bytes += text.len();
+            *upto = seq;
+            self.messages.push(text);
+        }
+        true
     }
 }
 
@@ -177,6 +203,27 @@ struct RuntimeBox {
     /// Bytes pushed here and not acknowledged yet (counted from the node's start: what an
     /// earlier run left is not known until it is taken).
     undelivered: AtomicUsize,
+    /// Where the last take left off: the next take reads on from there (forward) instead of
+    /// paging back from the newest batch, so handing an inbox over page by page reads it
+    /// about once, not once per page.
+    position: Mutex<Option<Position>>,
+}
+
+/// A place in a runtime's room: every batch with a message past `upto` (per writer) lies
+/// after `from` (`None`: the room's start). It holds for any cursor at or past `upto`.
+#[derive(Debug, Clone)]
+struct Position {
+    upto: BTreeMap<String, u64>,
+    from: Option<String>,
+}
+
+impl Position {
+    /// Whether it holds for `cursor`.
+    fn holds_for(&self, cursor: &BTreeMap<String, u64>) -> bool {
+        self.upto
+            .iter()
+            .all(|(writer, upto)| cursor.get(writer).copied().unwrap_or(0) >= *upto)
+    }
 }
 
 #[derive(Default)]
@@ -461,6 +508,7 @@ impl MatrixInbox {
                     cursor: tokio::sync::Mutex::new(None),
                     roomless: std::sync::atomic::AtomicBool::new(false),
                     undelivered: AtomicUsize::new(0),
+                    position: Mutex::new(None),
                 })
             })
             .clone()
@@ -493,10 +541,25 @@ impl MatrixInbox {
             .await?;
         let mut cursor_guard = inbox.cursor.lock().await;
         let cursor = self.current_cursor(&mut cursor_guard, room).await?;
-        // Newest first, back past the newest delivered batch of every writer met on the way
-        // (and one page more: batches created at the same moment may be ordered either way).
         let filter = json!({"types": [INBOX_EVENT_TYPE]});
         let sender = self.actor.sender().to_string();
+        let position = lock(&inbox.position)
+            .clone()
+            .filter(|p| p.holds_for(&cursor));
+        if let Some(position) = position {
+            let read = Forward {
+                actor: &self.actor,
+                sender: &sender,
+                room,
+                filter: &filter,
+            };
+            if let Some((taken, next)) = read.take(position.from, &cursor, max_bytes).await? {
+                *lock(&inbox.position) = Some(next);
+                return Ok(taken);
+            }
+        }
+        // Newest first, back past the newest delivered batch of every writer met on the way
+        // (and one page more: batches created at the same moment may be ordered either way).
         // Newest first; only the oldest undelivered batches are kept, about `max_bytes` of
         // them: the newer ones are a later page's (read again then).
         let mut batches: VecDeque<(String, DecodedBatch, usize)> = VecDeque::new();
@@ -506,6 +569,8 @@ impl MatrixInbox {
         let mut reached = BTreeSet::new();
         let mut done_before = false;
         let mut token: Option<String> = None;
+        // The end of the last page read: before every batch past the cursor.
+        let mut oldest: Option<String> = None;
         loop {
             let (events, next) = self
                 .actor
@@ -541,6 +606,7 @@ impl MatrixInbox {
             }
             let done = !reached.is_empty() && seen.is_subset(&reached);
             let Some(next) = next else { break };
+            oldest = Some(next.clone());
             if done && done_before {
                 break;
             }
@@ -560,32 +626,22 @@ impl MatrixInbox {
         for own in by_writer.values_mut() {
             own.sort_by_key(|b| std::cmp::Reverse(b.first_seq)); // popped lowest first
         }
+        // The next take reads on from before everything read here.
+        *lock(&inbox.position) = Some(Position {
+            upto: cursor.clone(),
+            from: oldest,
+        });
         let mut taken = Taken {
             upto: cursor,
             ..Taken::default()
         };
-        'page: for writer in order {
+        for writer in order {
             let Some(batch) = by_writer.get_mut(&writer).and_then(Vec::pop) else {
                 continue;
             };
-            let upto = taken.upto.entry(writer).or_insert(0);
-            for (i, entry) in batch.entries.into_iter().enumerate() {
-                let seq = batch.first_seq + i as u64;
-                if seq <= *upto {
-                    continue; // before the cursor, or a duplicate
-                }
-                // A message that was not JSON was stored as a JSON string.
-                let text = match serde_json::from_str::<Value>(entry.get()) {
-                    Ok(Value::String(text)) => text,
-                    _ => entry.get().to_string(),
-                };
-                if taken.bytes + text.len() > max_bytes && !taken.messages.is_empty() {
-                    taken.more = true;
-                    break 'page;
-                }
-                taken.bytes += text.len();
-                *upto = seq;
-                taken.messages.push(text);
+            if !taken.add(writer, batch, max_bytes) {
+                taken.more = true;
+                break;
             }
         }
         taken.more |= newer_left;
@@ -635,6 +691,79 @@ impl MatrixInbox {
                 Ok(cursor)
             }
         }
+    }
+}
+
+/// Reading a runtime's room forward from a [`Position`].
+struct Forward<'a> {
+    actor: &'a Actor,
+    sender: &'a str,
+    room: &'a str,
+    filter: &'a Value,
+}
+
+impl Forward<'_> {
+    /// The messages past `cursor` from `from` on, up to `max_bytes` (at least one), and
+    /// where the next take goes on; `None` when a writer's batches are not in sequence here
+    /// (one lost at a shutdown leaves a gap): then only paging back from the newest sees all.
+    async fn take(
+        &self,
+        from: Option<String>,
+        cursor: &BTreeMap<String, u64>,
+        max_bytes: usize,
+    ) -> Result<Option<(Taken, Position)>, ActorError> {
+        let mut taken = Taken {
+            upto: cursor.clone(),
+            ..Taken::default()
+        };
+        let mut token = from;
+        loop {
+            let page_from = token.clone();
+            let (events, next) = self
+                .actor
+                .messages_filtered(
+                    self.sender,
+                    self.room,
+                    token.as_deref(),
+                    false,
+                    50,
+                    Some(self.filter),
+                )
+                .await?;
+            for event in &events {
+                let content = &event["content"];
+                if event["type"] != INBOX_EVENT_TYPE
+                    || content.as_object().is_none_or(Map::is_empty)
+                {
+                    continue;
+                }
+                let writer = batch_writer(content);
+                let batch = decode_batch(content).map_err(ActorError::Malformed)?;
+                if batch.first_seq > taken.upto_of(&writer) + 1 {
+                    return Ok(None); // not the next of this writer's: a gap
+                }
+                if !taken.add(writer, batch, max_bytes) {
+                    // Full: the next take reads this page again (what it took is skipped).
+                    taken.more = true;
+                    let position = Position {
+                        upto: taken.upto.clone(),
+                        from: page_from,
+                    };
+                    return Ok(Some((taken, position)));
+                }
+            }
+            // No token: the newest event is read (an empty page that would not move on
+            // gives none either).
+            match next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        let position = Position {
+            upto: taken.upto.clone(),
+            from: token,
+        };
+        Ok(Some((taken, position)))
     }
 }
 
