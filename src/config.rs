@@ -232,6 +232,10 @@ pub struct PdpConfig {
     /// fails (refused, "the evaluation queue is full"), so waiting callers stay bounded.
     #[serde(with = "humantime_serde")]
     pub eval_queue_wait: Duration,
+    /// Callers that may wait for a place in a full `eval_queue` at once; one more is refused
+    /// at once (a failed decision; `503` on the PDP API), so what waits stays bounded
+    /// whatever the number of connections.
+    pub eval_waiters: usize,
     /// API requests per client address (429 with `Retry-After` past it).
     pub rate_limit: RateLimit,
     /// Quiet period after a file change before the bundle is reloaded.
@@ -268,6 +272,7 @@ impl Default for PdpConfig {
             eval_threads: None,
             eval_queue: 1024,
             eval_queue_wait: Duration::from_secs(1),
+            eval_waiters: 1024,
             rate_limit: RateLimit::new(100_000, 100_000),
             reload_debounce: Duration::from_millis(100),
             reload_requires_tests: None,
@@ -621,10 +626,22 @@ pub struct BusConfig {
     /// Bytes of routed messages the history may hold in memory, not yet in Synapse, before
     /// new messages are refused (408, "retry").
     pub max_history_bytes: usize,
+    /// Of `max_history_backlog` and `max_history_bytes`, what the messages one principal
+    /// sent may take (past it that principal's messages are refused, 408), so that one
+    /// principal cannot refuse everyone's.
+    pub max_history_backlog_per_principal: u64,
+    /// See `max_history_backlog_per_principal`.
+    pub max_history_bytes_per_principal: usize,
     /// Bytes the inboxes of away runtimes may hold in memory (all of them, when the node
     /// has no homeserver; else what is not stored yet) before messages for away runtimes
     /// are refused (408, "retry").
     pub inbox_max_bytes: usize,
+    /// Of `inbox_max_bytes`, what the messages one principal sent (to its own away runtimes
+    /// or anyone's) may take before its messages for away runtimes are refused (408), so
+    /// that one principal cannot refuse everyone's. Kept below `inbox_max_bytes_per_runtime`,
+    /// one sender cannot fill a runtime's inbox for the others either while it is held in
+    /// memory.
+    pub inbox_max_bytes_per_principal: usize,
     /// Bytes one runtime's inbox may hold undelivered (in memory, or stored in Matrix)
     /// before messages to it are refused (408, "retry"). Counted from the node's start.
     pub inbox_max_bytes_per_runtime: usize,
@@ -680,6 +697,10 @@ pub struct BusLimits {
     pub foreign_routes_per_principal: usize,
     /// Built-in registry entries over its runtimes.
     pub registry_entries_per_principal: usize,
+    /// Subscriptions over its runtimes (each is decided again on every new policy revision).
+    pub subscriptions_per_principal: usize,
+    /// Sockets connected at once over its runtimes (more: refused at the handshake).
+    pub sockets_per_principal: usize,
 }
 
 impl Default for BusLimits {
@@ -690,6 +711,8 @@ impl Default for BusLimits {
             addresses_per_principal: 100_000,
             foreign_routes_per_principal: 10_000,
             registry_entries_per_principal: 10_000,
+            subscriptions_per_principal: 10_000,
+            sockets_per_principal: 64,
         }
     }
 }
@@ -736,7 +759,10 @@ impl Default for BusConfig {
             write_timeout: Duration::from_secs(10),
             max_history_backlog: 1_000_000,
             max_history_bytes: 256 * 1024 * 1024,
+            max_history_backlog_per_principal: 125_000,
+            max_history_bytes_per_principal: 32 * 1024 * 1024,
             inbox_max_bytes: 64 * 1024 * 1024,
+            inbox_max_bytes_per_principal: 8 * 1024 * 1024,
             inbox_max_bytes_per_runtime: 16 * 1024 * 1024,
             max_response_bytes: 1024 * 1024,
             peer_queue: 1024,

@@ -364,9 +364,12 @@ async fn a_released_runtime_url_stays_its_owners_with_nothing_left_in_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_children_subscription_diverts_nothing() {
     let policies = common::policies_with(|_| {});
+    // The consent's reload is what matters here, not the reload gate (the bundle's own
+    // tests, slow in a debug build while the other tests of this binary load both cores).
     let running = node_with(|c| {
         c.pdp.policies = policies.path().to_path_buf();
         c.pdp.reload_debounce = Duration::from_millis(50);
+        c.pdp.reload_requires_tests = Some(false);
     })
     .await;
     let addr = running.bus_addr.expect("bus");
@@ -401,8 +404,6 @@ async fn a_children_subscription_diverts_nothing() {
     data["subscription"]["consent"][&object] = json!(["runtime://localhost/mallory-rt"]);
     std::fs::write(&path, data.to_string()).expect("write");
     let pdp = running.pdp.clone();
-    // A reload runs the bundle's ~170 tests first (the reload gate): slow in a debug build
-    // while the other tests of this binary load both cores.
     common::eventually("the consent is active", Duration::from_secs(30), || {
         let (pdp, revision) = (pdp.clone(), revision.clone());
         async move { pdp.active().is_some_and(|a| *a.revision != *revision) }
@@ -772,6 +773,8 @@ async fn a_stalled_resume_is_bounded_and_loses_nothing() {
         c.bus.outbound_queue_bytes = 256 * 1024;
         c.bus.slow_receiver_close_after = Duration::from_secs(300);
         c.bus.inbox_max_bytes = 256 * 1024 * 1024;
+        // Bob alone floods: his share of the inboxes is all of this runtime's.
+        c.bus.inbox_max_bytes_per_principal = 128 * 1024 * 1024;
         c.bus.inbox_max_bytes_per_runtime = 128 * 1024 * 1024;
     })
     .await;
@@ -1221,7 +1224,7 @@ async fn peer_nodes() -> (Running, Running, tempfile::TempDir) {
 /// topics only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_objects_keep_their_route_and_their_publisher() {
-    let (a, b, _policies) = peer_nodes().await;
+    let (a, b, policies) = peer_nodes().await;
     let (addr_a, addr_b) = (a.bus_addr.expect("a"), b.bus_addr.expect("b"));
     let mut holder = bound(addr_b, "runtime://hybroker.example/holder", ALICE).await;
     let object = holder
@@ -1233,12 +1236,28 @@ async fn foreign_objects_keep_their_route_and_their_publisher() {
     let sender = alice.allocate("msgnode.test", "hyperty", 1).await.remove(0);
     let children = format!("{object}/children/chat");
     let changes = format!("{object}/changes");
-    let sub = eve
-        .request(
-            json!({"type": "subscribe", "from": "runtime://msgnode.test/eve/sm",
-            "to": "domain://msg-node.msgnode.test/sm", "body": {"resources": [children, changes]}}),
-        )
-        .await;
+    let subscribe = json!({"type": "subscribe", "from": "runtime://msgnode.test/eve/sm",
+        "to": "domain://msg-node.msgnode.test/sm", "body": {"resources": [children, changes]}});
+    // A foreign object's children are its holder's, there: listening in needs its consent.
+    let refused = eve.request(subscribe.clone()).await;
+    assert_eq!(code(&refused), 403, "{refused}");
+    assert!(
+        description(&refused).contains("needs its consent"),
+        "{refused}"
+    );
+    let revision = a.pdp.active().expect("bundle").revision.to_string();
+    let path = policies.path().join("config/data.json");
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("data")).expect("json");
+    data["subscription"]["consent"][&object] = json!(["runtime://msgnode.test/eve"]);
+    std::fs::write(&path, data.to_string()).expect("write");
+    let pdp = a.pdp.clone();
+    common::eventually("the consent is active", Duration::from_secs(30), || {
+        let (pdp, revision) = (pdp.clone(), revision.clone());
+        async move { pdp.active().is_some_and(|a| *a.revision != *revision) }
+    })
+    .await;
+    let sub = eve.request(subscribe).await;
     assert_eq!(code(&sub), 200, "{sub}");
 
     alice
@@ -1619,5 +1638,170 @@ async fn short_sessions_on_fresh_runtime_urls_do_not_lock_a_user_out() {
         "{answer}"
     );
     let _again = bound(addr, "runtime://localhost/short-0", MALLORY).await;
+    running.stop().await;
+}
+
+/// Review B10: the inboxes' memory budget was shared, so mallory filling her own away
+/// runtimes' inboxes made every other user's messages to away runtimes 408. What waits is
+/// charged to the sender's principal within its share (`inbox_max_bytes_per_principal`):
+/// she is refused, clearly, and bob's message reaches alice's away runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_principal_filling_the_inboxes_refuses_only_itself() {
+    let running = node_with(|c| {
+        c.bus.inbox_max_bytes = 1024 * 1024;
+        c.bus.inbox_max_bytes_per_principal = 256 * 1024;
+        c.bus.inbox_max_bytes_per_runtime = 1024 * 1024;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let mut away = Vec::new();
+    for n in 0..2 {
+        let mut stub =
+            Stub::connect(addr, &format!("runtime://localhost/m-away-{n}"), MALLORY).await;
+        away.push(stub.allocate("localhost", "hyperty", 1).await.remove(0));
+        stub.drop_socket().await;
+    }
+    alice.drop_socket().await;
+    let mut mallory = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let m = mallory.allocate("localhost", "hyperty", 1).await.remove(0);
+    let pad = "x".repeat(50 * 1024);
+    // 40 × 50 KiB over her two away runtimes: past the global budget, as before the fix.
+    let errors = send_all(
+        &mut mallory,
+        (0..40).map(|n| {
+            json!({"type": "create", "from": m, "to": away[n % 2], "body": {"value": {"n": n, "pad": pad}}})
+        }),
+    )
+    .await;
+    assert!(
+        errors.len() > 30,
+        "refused past her share: {}",
+        errors.len()
+    );
+    for error in &errors {
+        assert_eq!(code(error), 408, "{error}");
+        assert!(
+            description(error).contains("inbox_max_bytes_per_principal"),
+            "{error}"
+        );
+    }
+    let full = "msgnode_bus_refused_total{reason=\"principal_inbox_full\"}";
+    assert_eq!(
+        common::metric(&http, &running, full).await,
+        errors.len() as u64
+    );
+    // Bob's message to alice's away runtime is held and delivered when she is back.
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let errors = send_all(
+        &mut bob,
+        [json!({"type": "create", "from": b, "to": a, "body": {"value": {"n": 7, "pad": pad}}})],
+    )
+    .await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut alice = bound(addr, alice_rt, ALICE).await;
+    assert_eq!(received_ns(&mut alice).await, [7]);
+    running.stop().await;
+}
+
+/// Subscribes `stub` (runtime `runtime`) to `resources`; the answer's code.
+async fn subscribe(stub: &mut Stub, runtime: &str, resources: &[String]) -> Value {
+    stub.request(json!({"type": "subscribe", "from": format!("{runtime}/sm"),
+        "to": format!("{MN}/sm"), "body": {"resources": resources}}))
+        .await
+}
+
+/// Review B15: subscriptions were bounded per runtime only (10,000 × every runtime a
+/// principal owns), and each is decided again on every policy revision. They are bounded
+/// per principal too (`[bus.limits] subscriptions_per_principal`, and the policy's
+/// `limits.per_principal.subscriptions`), counted in the principal's turn, 403 past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_limited_per_principal_across_runtimes() {
+    let running = node_with(|c| c.bus.limits.subscriptions_per_principal = 3).await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let (m1, m2) = ("runtime://localhost/m-1", "runtime://localhost/m-2");
+    let mut first = bound(addr, m1, MALLORY).await;
+    let mut second = bound(addr, m2, MALLORY).await;
+    let object = first.allocate("localhost", "comm", 1).await.remove(0);
+    let topic = |t: &str| format!("{object}/children/{t}");
+    let ok = subscribe(&mut first, m1, &[topic("a"), topic("b")]).await;
+    assert_eq!(code(&ok), 200, "{ok}");
+    let over = subscribe(&mut second, m2, &[topic("c"), topic("d")]).await;
+    assert_eq!(code(&over), 403, "{over}");
+    assert!(
+        description(&over).contains("holds 2 subscriptions (the limit is 3)"),
+        "{over}"
+    );
+    let last = subscribe(&mut second, m2, &[topic("c")]).await;
+    assert_eq!(code(&last), 200, "{last}");
+    let again = subscribe(&mut second, m2, &[topic("c"), topic("c")]).await;
+    assert_eq!(code(&again), 200, "held already: adds nothing {again}");
+    let over = subscribe(&mut first, m1, &[topic("e")]).await;
+    assert_eq!(code(&over), 403, "{over}");
+    let limited = "msgnode_bus_limited_total{limit=\"subscriptions\"}";
+    assert_eq!(common::metric(&http, &running, limited).await, 2);
+    // An unsubscribe gives a place back; another principal has its own.
+    let gone = first
+        .request(json!({"type": "unsubscribe", "from": format!("{m1}/sm"),
+            "to": format!("{MN}/sm"), "body": {"resources": [topic("a")]}}))
+        .await;
+    assert_eq!(code(&gone), 200, "{gone}");
+    let ok = subscribe(&mut first, m1, &[topic("e")]).await;
+    assert_eq!(code(&ok), 200, "{ok}");
+    let bob_rt = "runtime://localhost/bob-rt";
+    let mut bob = bound(addr, bob_rt, BOB).await;
+    let own = bob.allocate("localhost", "comm", 1).await.remove(0);
+    let mine: Vec<String> = ["x", "y", "z"]
+        .iter()
+        .map(|t| format!("{own}/children/{t}"))
+        .collect();
+    let ok = subscribe(&mut bob, bob_rt, &mine).await;
+    assert_eq!(code(&ok), 200, "{ok}");
+    running.stop().await;
+}
+
+/// Sockets per principal were uncapped: a principal's memory bound was its runtimes
+/// (10,000) × a socket's budget. One principal has at most `[bus.limits]
+/// sockets_per_principal` connected; one more is refused at its handshake (403, closed with
+/// 1008 and a reason saying why), and a place is free again once a socket is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_are_limited_per_principal() {
+    let running = node_with(|c| c.bus.limits.sockets_per_principal = 2).await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let first = bound(addr, "runtime://localhost/m-1", MALLORY).await;
+    let _second = bound(addr, "runtime://localhost/m-2", MALLORY).await;
+    let third = "runtime://localhost/m-3";
+    let path = format!("/ws?runtimeURL={}", urlencode(third));
+    let mut refused = Stub::from_socket(common::stub::open(addr, &path, MALLORY).await, third);
+    let answer = refused.recv().await;
+    assert_eq!(code(&answer), 403, "{answer}");
+    assert!(
+        description(&answer).contains("sockets_per_principal"),
+        "{answer}"
+    );
+    assert_eq!(refused.closed().await, Some(1008));
+    let limited = "msgnode_bus_limited_total{limit=\"sockets\"}";
+    assert_eq!(common::metric(&http, &running, limited).await, 1);
+    // Another principal has its own places; a closed socket gives its place back.
+    let _bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    first.drop_socket().await;
+    common::eventually(
+        "the place is free again",
+        Duration::from_secs(10),
+        || async {
+            let mut stub = Stub::connect(addr, third, MALLORY).await;
+            let pong = stub
+                .request(json!({"type": "ping", "from": third, "to": "mn:/session"}))
+                .await;
+            code(&pong) == 200
+        },
+    )
+    .await;
     running.stop().await;
 }

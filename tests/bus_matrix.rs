@@ -25,7 +25,13 @@ use tokio_util::task::TaskTracker;
 
 /// One Synapse for this binary, owned by the one test (and so stopped and wiped when it
 /// ends); the scenarios run one after another against it.
+/// What the node itself queues: never refused by a share.
+fn node() -> msgnode::persist::shares::Charge {
+    std::sync::Arc::from(msgnode::persist::shares::NODE)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+
 async fn bus_persistence_in_synapse() {
     let synapse = Synapse::start();
     actor_registers_users_creates_rooms_and_sends(&synapse).await;
@@ -144,7 +150,7 @@ async fn journal_stores_every_record_in_order_and_continues_after_restart(synaps
     let start = Instant::now();
     let mut first = None;
     for i in 0..N {
-        let seq = journal.record(&message(i), vec![format!("rt://{}", i % 5)]);
+        let seq = journal.record(&message(i), vec![format!("rt://{}", i % 5)], &node());
         first.get_or_insert(seq);
     }
     let accepted = start.elapsed();
@@ -163,7 +169,7 @@ async fn journal_stores_every_record_in_order_and_continues_after_restart(synaps
     assert_eq!((stats.recorded, stats.persisted, stats.lag), (N, N, 0));
 
     let seq = journal
-        .record_persisted(&message(N), vec![])
+        .record_persisted(&message(N), vec![], &node())
         .await
         .expect("persisted");
     assert_eq!(seq, N + 1);
@@ -194,9 +200,9 @@ async fn journal_stores_every_record_in_order_and_continues_after_restart(synaps
     .await
     .expect("restart");
     // Floats are not canonical JSON for Synapse: such a batch is stored compressed.
-    let seq = restarted.record(r#"{"type":"update","body":{"value":1.5}}"#, vec![]);
+    let seq = restarted.record(r#"{"type":"update","body":{"value":1.5}}"#, vec![], &node());
     assert_eq!(seq, N + 2);
-    let seq = restarted.record("not json", vec![]);
+    let seq = restarted.record("not json", vec![], &node());
     assert_eq!(seq, N + 3);
     // Records still queued at shutdown are stored before the writer ends.
     shutdown.cancel();
@@ -231,10 +237,10 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
 
     let start = Instant::now();
     for i in 0..300 {
-        inbox.push(a, &message(i));
+        inbox.push(a, &message(i), &node());
     }
-    inbox.push(b, r#"{"for":"b","value":0.5}"#);
-    inbox.push(b, "not json");
+    inbox.push(b, r#"{"for":"b","value":0.5}"#, &node());
+    inbox.push(b, "not json", &node());
     let taken = inbox.take(a, usize::MAX).await.expect("take");
     eprintln!(
         "inbox: 300 messages pushed, stored and read back in {:?}",
@@ -253,7 +259,7 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     assert_eq!(empty.upto_of("n1"), 300);
 
     for i in 300..305 {
-        inbox.push(a, &message(i));
+        inbox.push(a, &message(i), &node());
     }
     let pending = inbox.take(a, usize::MAX).await.expect("take");
     assert_eq!(pending.upto_of("n1"), 305);
@@ -275,7 +281,7 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     let after = inbox.take(a, usize::MAX).await.expect("take after restart");
     assert_eq!(after, pending);
     inbox.ack(a, &after).await.expect("ack");
-    inbox.push(a, &message(305));
+    inbox.push(a, &message(305), &node());
     let next = inbox.take(a, usize::MAX).await.expect("take");
     assert_eq!(next.upto_of("n1"), 306, "the sequence continues");
     assert_eq!(values(&next.messages), values(&[message(305)]));
@@ -290,10 +296,10 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
         shutdown.clone(),
         &tracker,
     );
-    other.push(a, &message(1000));
-    other.push(a, &message(1001));
+    other.push(a, &message(1000), &node());
+    other.push(a, &message(1001), &node());
     let _ = other.take(a, usize::MAX).await.expect("stored by n2");
-    inbox.push(a, &message(306));
+    inbox.push(a, &message(306), &node());
     let mixed = inbox.take(a, usize::MAX).await.expect("take both writers");
     assert_eq!(
         values(&mixed.messages),
@@ -301,7 +307,7 @@ async fn inbox_keeps_messages_until_acked_also_across_restarts(synapse: &Synapse
     );
     assert_eq!((mixed.upto_of("n1"), mixed.upto_of("n2")), (307, 2));
     inbox.ack(a, &mixed).await.expect("ack");
-    other.push(a, &message(1002));
+    other.push(a, &message(1002), &node());
     let _ = other.take(a, usize::MAX).await.expect("stored by n2");
     let last = inbox
         .take(a, usize::MAX)
@@ -326,11 +332,11 @@ async fn inbox_is_handed_over_in_pages_and_capped_per_runtime(synapse: &Synapse)
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let inbox = Inbox::new(actor(synapse).await, "n1", None, shutdown.clone(), &tracker);
-    inbox.limit_bytes(64 * 1024 * 1024, 50_000);
+    inbox.limit_bytes(64 * 1024 * 1024, 64 * 1024 * 1024, 50_000);
     let mut pushed = 0;
     for i in 0..200 {
         if inbox.runtime_has_room(c, message(i).len()) {
-            inbox.push(c, &message(i));
+            inbox.push(c, &message(i), &node());
             pushed += 1;
         }
         if i % 40 == 39 {

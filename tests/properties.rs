@@ -256,7 +256,7 @@ proptest! {
             holds_from: Some(held),
             authenticated: true,
             network_server: (!with_user).then(|| "gateway".to_string()),
-            principal: Some(Totals { runtimes: counts.0, addresses: counts.1, foreign_routes: counts.2, registry_entries: None }),
+            principal: Some(Totals { runtimes: counts.0, addresses: counts.1, foreign_routes: counts.2, registry_entries: None, subscriptions: None }),
             ..Subject::default()
         };
         let context = Context { node: "localhost".into(), time: "2026-11-25T09:00:00Z".into() };

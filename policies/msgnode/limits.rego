@@ -1,11 +1,13 @@
 # Per-principal limits (data.config.limits.per_principal): what one principal
 # (a Matrix user, a network server, a peer node) may hold over all its
 # runtimes. The node adds `subject.principal` = {runtimes, addresses,
-# foreign_routes, registry_entries?} to the decisions that can add to it:
-# claims (a new runtime, or an address taken on first use: claimed addresses
-# count as addresses), allocations, registry writes, and messages whose
-# `from` is not bound yet (a foreign return route to be). Keys absent from the
-# data: no limit. The node has higher hard limits of its own ([bus.limits]).
+# foreign_routes, registry_entries?, subscriptions?} to the decisions that can
+# add to it: claims (a new runtime, or an address taken on first use: claimed
+# addresses count as addresses), allocations, registry writes, messages whose
+# `from` is not bound yet (a foreign return route to be) and the subscription
+# decisions of a subscribe (a subscription; its `from` may become a return
+# route too). Keys absent from the data: no limit. The node has higher hard
+# limits of its own ([bus.limits]).
 package msgnode.limits
 
 import data.msgnode.lib
@@ -21,7 +23,7 @@ count_of(what) := n if {
 
 # A count that is not a number cannot be checked against its limit.
 deny contains sprintf("subject 'principal.%s' is not a number", [what]) if {
-	some what in ["runtimes", "addresses", "foreign_routes", "registry_entries"]
+	some what in ["runtimes", "addresses", "foreign_routes", "registry_entries", "subscriptions"]
 	not is_number(object.get(held, what, 0))
 }
 
@@ -65,10 +67,30 @@ deny contains sprintf("this user already has %d registry entries (the limit is %
 	count_of("registry_entries") >= limited("registry_entries")
 }
 
-# A `from` the connection does not hold yet may become a return route.
-deny contains sprintf("this user already uses %d foreign return routes (the limit is %d)", [count_of("foreign_routes"), limited("foreign_routes")]) if {
+# A `from` the connection does not hold yet may become a return route: a
+# message's (the node adds `principal` to it then) or a subscribe's.
+adds_return_route if {
 	input.kind == "message"
 	held.foreign_routes
+}
+
+adds_return_route if {
+	input.kind == "subscription"
+	object.get(data.msgnode.lib.subject, "holds_from", true) == false
+}
+
+deny contains sprintf("this user already uses %d foreign return routes (the limit is %d)", [count_of("foreign_routes"), limited("foreign_routes")]) if {
+	adds_return_route
 	limited("foreign_routes") >= 0
 	count_of("foreign_routes") >= limited("foreign_routes")
+}
+
+# A subscription adds one (`subscriptions` counts the resources of the same
+# subscribe decided before this one). Re-decided on a new revision, a held
+# subscription has no `principal`: limits never revoke.
+deny contains sprintf("this user already holds %d subscriptions (the limit is %d)", [count_of("subscriptions"), limited("subscriptions")]) if {
+	input.kind == "subscription"
+	is_number(object.get(held, "subscriptions", null))
+	limited("subscriptions") >= 0
+	count_of("subscriptions") >= limited("subscriptions")
 }

@@ -90,12 +90,24 @@ deny contains sprintf("subscription to '%s' is not allowed for '%s'", [object_ur
 	not allow
 }
 
-# What is sent to an object's children always reaches its holder; another
-# runtime listens in only with the holder's consent.
+# What is sent to an object's children always reaches its holder (the node
+# routes it there whatever is subscribed); another runtime listens in only with
+# the holder's consent. The object has a holder when the node names it
+# (`holder`, its principal) or when it is another domain's (held there, by
+# someone the node does not know; only that domain's peer node speaks for it).
+# A local object nobody holds yet may be subscribed to: its holder, once there
+# is one, still receives everything sent to its children.
+has_holder if object.get(sub, "holder", "") != ""
+
+has_holder if lib.domain(object_url) != data.msgnode.lib.node
+
+peer_of_object if input.subject.peer == lib.domain(object_url)
+
 deny contains sprintf("the children of '%s' belong to its holder: listening in needs its consent for '%s'", [object_url, subscriber]) if {
 	object.get(sub, "topic", "") == "children"
-	object.get(sub, "holder", "") != ""
+	has_holder
 	object.get(sub, "held_by_subscriber", false) != true
+	not peer_of_object
 	not consented
 }
 
@@ -106,6 +118,10 @@ deny contains "subscription has no 'subscriber'" if subscriber == ""
 deny contains r if some r in data.msgnode.lib.malformed_message
 
 deny contains r if some r in data.msgnode.common.deny
+
+# Past the per-principal limits (msgnode.limits): subscriptions, and return
+# routes when the subscribe's `from` is not held yet.
+deny contains r if some r in data.msgnode.limits.deny
 
 # Blocked object, subscriber or message endpoints.
 deny contains sprintf("address '%s' is blocked", [url]) if {

@@ -1,6 +1,7 @@
 //! Who is on the other end of a socket: the authenticated [`Principal`] and the
 //! [`Connection`] the bus hands every message of that socket with.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
@@ -87,5 +88,73 @@ impl Connection {
     /// Remembers a verified identity for the connection's later messages.
     pub(super) fn set_identity(&self, identity: String) {
         *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
+    }
+}
+
+/// The sockets each principal has connected (authenticated), against
+/// `[bus.limits] sockets_per_principal`: what one principal holds in memory is that many
+/// sockets' budgets, whatever number of runtimes it owns.
+#[derive(Default)]
+pub(super) struct Sockets {
+    by_owner: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Sockets {
+    /// A place for one more socket of `owner`, unless it has `limit` already (`Err` with
+    /// how many it has). The place is given back when the [`SocketSlot`] is dropped.
+    pub fn take(&self, owner: &str, limit: usize) -> Result<SocketSlot, usize> {
+        let mut by_owner = self.by_owner.lock().unwrap_or_else(|p| p.into_inner());
+        let held = by_owner.get(owner).copied().unwrap_or(0);
+        if held >= limit {
+            return Err(held);
+        }
+        by_owner.insert(owner.to_string(), held + 1);
+        Ok(SocketSlot {
+            owner: owner.to_string(),
+            by_owner: Arc::clone(&self.by_owner),
+        })
+    }
+
+    /// How many sockets `owner` has connected.
+    #[cfg(test)]
+    pub fn held(&self, owner: &str) -> usize {
+        let by_owner = self.by_owner.lock().unwrap_or_else(|p| p.into_inner());
+        by_owner.get(owner).copied().unwrap_or(0)
+    }
+}
+
+/// One socket's place among its principal's (see [`Sockets`]); given back on drop.
+pub struct SocketSlot {
+    owner: String,
+    by_owner: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        let mut by_owner = self.by_owner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = by_owner.get_mut(&self.owner) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                by_owner.remove(&self.owner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_principal_has_at_most_its_sockets_and_gets_places_back() {
+        let sockets = Sockets::default();
+        let first = sockets.take("@eve:l", 2).expect("first");
+        let _second = sockets.take("@eve:l", 2).expect("second");
+        assert_eq!(sockets.take("@eve:l", 2).err(), Some(2));
+        assert!(sockets.take("@bob:l", 2).is_ok(), "per principal");
+        drop(first);
+        assert_eq!(sockets.held("@eve:l"), 1);
+        assert!(sockets.take("@eve:l", 2).is_ok());
+        assert_eq!(sockets.held("@bob:l"), 0, "forgotten once none is left");
     }
 }

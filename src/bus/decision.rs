@@ -79,6 +79,7 @@ impl Bus {
                 addresses: h.addresses(),
                 foreign_routes: h.foreign(),
                 registry_entries,
+                subscriptions: None,
             },
         }
     }

@@ -23,12 +23,19 @@ use super::metrics::refused;
 use super::outbound::Refused;
 use super::runtimes::{Delivered, Offer, Runtime};
 use super::Bus;
+use crate::persist::shares::Charge;
 
 impl Bus {
-    /// Hands `text` to `runtime`, waiting (bounded) for room in a full socket queue.
-    pub(super) async fn deliver(&self, runtime: &Runtime, text: &Utf8Bytes) -> Delivered {
+    /// Hands `text` to `runtime`, waiting (bounded) for room in a full socket queue; what
+    /// goes to its inbox is charged to `charge`.
+    pub(super) async fn deliver(
+        &self,
+        runtime: &Runtime,
+        text: &Utf8Bytes,
+        charge: &Charge,
+    ) -> Delivered {
         let inbox = &self.inner.persistence.inbox;
-        let (conn, tx, since) = match runtime.offer(text, inbox) {
+        let (conn, tx, since) = match runtime.offer(text, inbox, charge) {
             Offer::Done(delivered) => return delivered,
             Offer::Full { conn, tx, since } => (conn, tx, since),
         };
@@ -43,9 +50,9 @@ impl Bus {
             }
             Err(Refused::Full(_)) => {
                 metrics.receivers_closed.inc();
-                runtime.too_slow(conn, text, inbox)
+                runtime.too_slow(conn, text, inbox, charge)
             }
-            Err(Refused::Closed(_)) => runtime.too_slow(conn, text, inbox),
+            Err(Refused::Closed(_)) => runtime.too_slow(conn, text, inbox, charge),
         }
     }
 }

@@ -25,6 +25,11 @@ pub(super) mod refused {
     pub const SLOW_SOCKET: &str = "slow_socket";
     /// A runtime's inbox holds `inbox_max_bytes_per_runtime`: 408 to the sender.
     pub const RUNTIME_INBOX_FULL: &str = "runtime_inbox_full";
+    /// The sender's principal holds `inbox_max_bytes_per_principal` in the inboxes: 408.
+    pub const PRINCIPAL_INBOX_FULL: &str = "principal_inbox_full";
+    /// The sender's principal holds `max_history_bytes_per_principal` (or
+    /// `max_history_backlog_per_principal` messages) not yet in the history: 408.
+    pub const PRINCIPAL_HISTORY_FULL: &str = "principal_history_full";
     /// A peer's queue holds `peer_queue` messages or `peer_queue_bytes`: 408.
     pub const PEER_QUEUE_FULL: &str = "peer_queue_full";
     /// A peer's answer found the sender's queue full: dropped.
@@ -104,7 +109,7 @@ impl BusMetrics {
         );
         registry.register(
             "bus_limited",
-            "Requests refused at a per-principal limit (runtimes, addresses, registry_entries, foreign_routes)",
+            "Requests refused at a per-principal limit (runtimes, addresses, registry_entries, foreign_routes, subscriptions, sockets)",
             metrics.limited.clone(),
         );
         registry.register(

@@ -145,6 +145,8 @@ struct Inner {
     rate: crate::ratelimit::Limiter,
     /// Sockets not authenticated yet.
     handshakes: handshakes::Handshakes,
+    /// Sockets connected, per principal.
+    sockets: connection::Sockets,
 }
 
 /// The answer to a change the store did not take.
@@ -216,9 +218,15 @@ impl Bus {
                     (builtin.clone(), Some(builtin))
                 }
             };
-        persistence
-            .inbox
-            .limit_bytes(config.inbox_max_bytes, config.inbox_max_bytes_per_runtime);
+        persistence.inbox.limit_bytes(
+            config.inbox_max_bytes,
+            config.inbox_max_bytes_per_principal,
+            config.inbox_max_bytes_per_runtime,
+        );
+        persistence.journal.limit_shares(
+            config.max_history_bytes_per_principal,
+            config.max_history_backlog_per_principal,
+        );
         let rate = crate::ratelimit::Limiter::new(&config.rate_limit);
         let handshakes = handshakes::Handshakes::new(&config);
         let bus = Bus {
@@ -253,6 +261,7 @@ impl Bus {
                 peer_events: peers::SeenEvents::default(),
                 rate,
                 handshakes,
+                sockets: connection::Sockets::default(),
             }),
         };
         let restored = snapshot.runtimes.len();

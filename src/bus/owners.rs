@@ -1,7 +1,7 @@
 //! What each principal holds across all its runtimes: runtime URLs (released ones too: a
 //! runtime URL belongs to its first principal for good; counted apart, live and
-//! released), claimed and allocated addresses
-//! and foreign return routes — counted as records change, so that a decision reads them in
+//! released), claimed and allocated addresses, foreign return routes and
+//! subscriptions — counted as records change, so that a decision reads them in
 //! O(1) and per-principal limits hold however many runtimes a principal opens. [`Claims`]
 //! is the ordered index of what is held for good (runtime URLs and claimed addresses), which
 //! answers "does another principal hold this URL, a prefix of it, or something under it" in
@@ -23,6 +23,8 @@ pub struct Owner {
     foreign: AtomicUsize,
     /// How many of its runtimes are released (tombstones: their URLs stay its own).
     released: AtomicUsize,
+    /// Subscriptions of its runtimes.
+    subscriptions: AtomicUsize,
 }
 
 impl Owner {
@@ -51,11 +53,21 @@ impl Owner {
         self.foreign.load(Ordering::Relaxed)
     }
 
+    /// Subscriptions of its runtimes.
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
     /// A record's counts moved from `before` to `after`.
     pub fn changed(&self, before: Counts, after: Counts) {
-        apply(&self.addresses, before.0, after.0);
-        apply(&self.foreign, before.1, after.1);
-        apply(&self.released, before.2, after.2);
+        apply(&self.addresses, before.addresses, after.addresses);
+        apply(&self.foreign, before.foreign, after.foreign);
+        apply(
+            &self.subscriptions,
+            before.subscriptions,
+            after.subscriptions,
+        );
+        apply(&self.released, before.released, after.released);
     }
 
     fn lock_urls(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -74,17 +86,27 @@ fn apply(counter: &AtomicUsize, before: usize, after: usize) {
     }
 }
 
-/// What a record counts: (allocated and claimed addresses, foreign return routes, 1 when
-/// released).
-pub type Counts = (usize, usize, usize);
+/// What a record counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Allocated and claimed addresses.
+    pub addresses: usize,
+    /// Foreign return routes.
+    pub foreign: usize,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// 1 when the runtime is released (a tombstone: its URL stays its owner's).
+    pub released: usize,
+}
 
 /// What `record` counts.
 pub fn counts(record: &RuntimeRecord) -> Counts {
-    (
-        record.allocations.values().map(Vec::len).sum::<usize>() + record.claimed.len(),
-        record.foreign.len(),
-        usize::from(record.released),
-    )
+    Counts {
+        addresses: record.allocations.values().map(Vec::len).sum::<usize>() + record.claimed.len(),
+        foreign: record.foreign.len(),
+        subscriptions: record.subscriptions.len(),
+        released: usize::from(record.released),
+    }
 }
 
 /// Runtime URLs and claimed addresses → the principal holding them, for good.
@@ -197,7 +219,7 @@ impl Owners {
     pub fn add(&self, owner: &str, url: &str, record: &RuntimeRecord) -> Arc<Owner> {
         let holdings = self.get(owner);
         if holdings.lock_urls().insert(url.to_string()) {
-            holdings.changed((0, 0, 0), counts(record));
+            holdings.changed(Counts::default(), counts(record));
         }
         holdings
     }
@@ -210,7 +232,7 @@ impl Owners {
         };
         let mut urls = holdings.lock_urls();
         if urls.remove(url) {
-            holdings.changed(counts(record), (0, 0, 0));
+            holdings.changed(counts(record), Counts::default());
         }
         if urls.is_empty() {
             by_owner.remove(owner);
@@ -276,7 +298,13 @@ mod tests {
             (owner.runtimes(), owner.addresses(), owner.foreign()),
             (2, 5, 1)
         );
-        owner.changed((2, 0, 0), (0, 0, 0));
+        owner.changed(
+            Counts {
+                addresses: 2,
+                ..Counts::default()
+            },
+            Counts::default(),
+        );
         assert_eq!(owner.addresses(), 3);
         owners.remove("@a:l", "runtime://l/1", &record(3, 1));
         assert_eq!(

@@ -129,6 +129,8 @@ impl Bus {
         }
         let inbox = &self.inner.persistence.inbox;
         let page_bytes = self.config().outbound_queue_bytes;
+        // Another replica's sender was charged for it already: what goes back is the node's.
+        let node = crate::persist::shares::Charge::from(crate::persist::shares::NODE);
         loop {
             let taken = inbox.take(url, page_bytes).await?;
             if taken.messages.is_empty() {
@@ -136,7 +138,7 @@ impl Bus {
             }
             for text in &taken.messages {
                 // A socket too slow for it sends the rest back to the inbox, under a new number.
-                runtime.deliver(&Utf8Bytes::from(text.clone()), inbox);
+                runtime.deliver(&Utf8Bytes::from(text.clone()), inbox, &node);
             }
             self.inner
                 .metrics

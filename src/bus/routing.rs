@@ -21,6 +21,7 @@ use super::runtimes::{Delivered, Runtime, Table};
 use super::Bus;
 use crate::config::Durability;
 use crate::connectors::foreign::AnswerTo;
+use crate::persist::shares::{Charge, NODE};
 use crate::policy::input::Target;
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
@@ -221,15 +222,26 @@ impl Bus {
         }
         let targets = Table::distinct(targets);
         let persistence = &self.inner.persistence;
-        if !targets.is_empty()
-            && (self.inner.history_behind.load(Ordering::Relaxed)
-                || persistence.journal.held_bytes() > self.inner.config.max_history_bytes)
-        {
-            return Err(BusError::Unavailable(
-                "the node's history is behind the homeserver; retry shortly".into(),
-            ));
-        }
         let len = message.text.len();
+        // What waits in memory for the homeserver (history, inboxes) is charged to the
+        // sender's principal, within its share of each budget: one principal filling its
+        // share is refused, the others' messages are not.
+        let charge: Charge = Arc::from(conn.principal.owner());
+        if !targets.is_empty() {
+            if self.inner.history_behind.load(Ordering::Relaxed)
+                || persistence.journal.held_bytes() > self.inner.config.max_history_bytes
+            {
+                return Err(BusError::Unavailable(
+                    "the node's history is behind the homeserver; retry shortly".into(),
+                ));
+            }
+            if !persistence.journal.charge_has_room(&charge, len) {
+                self.inner.metrics.refuse(refused::PRINCIPAL_HISTORY_FULL);
+                return Err(BusError::Unavailable(
+                    "your messages not yet in the node's history fill your share ([bus] max_history_bytes_per_principal, max_history_backlog_per_principal); retry shortly".into(),
+                ));
+            }
+        }
         let away: Vec<&Arc<Runtime>> = targets.iter().filter(|r| !r.is_online()).collect();
         if !away.is_empty() && !persistence.inbox.has_room(len * away.len()) {
             return Err(BusError::Unavailable(
@@ -245,6 +257,12 @@ impl Bus {
                 big.url,
                 crate::persist::batch::MAX_EVENT_CONTENT
             )));
+        }
+        if !away.is_empty() && !persistence.inbox.charge_has_room(&charge, len * away.len()) {
+            self.inner.metrics.refuse(refused::PRINCIPAL_INBOX_FULL);
+            return Err(BusError::Unavailable(
+                "your messages waiting for away runtimes fill your share of the inboxes ([bus] inbox_max_bytes_per_principal); retry once they are delivered".into(),
+            ));
         }
         if let Some(full) = away
             .iter()
@@ -269,7 +287,7 @@ impl Bus {
             let persisted = self.inner.config.durability == Durability::Persisted;
             let to = if persisted {
                 journal
-                    .record_persisted(message.text.as_str(), to)
+                    .record_persisted(message.text.as_str(), to, &charge)
                     .await
                     .map_err(|e| BusError::Unavailable(format!("history unavailable: {e}")))?;
                 None
@@ -278,13 +296,13 @@ impl Bus {
             };
             let metrics = &self.inner.metrics;
             for runtime in &targets {
-                match self.deliver(runtime, &message.text).await {
+                match self.deliver(runtime, &message.text, &charge).await {
                     Delivered::Direct => metrics.direct.inc(),
                     Delivered::Queued => metrics.queued.inc(),
                 };
             }
             if let Some(to) = to {
-                journal.record(message.text.as_str(), to);
+                journal.record(message.text.as_str(), to, &charge);
             }
         }
         self.inner.metrics.routed.inc();
@@ -330,12 +348,14 @@ impl Bus {
             }
         }
         let targets = Table::distinct(targets);
+        let node = Charge::from(NODE);
         for runtime in &targets {
-            self.deliver(runtime, &message.text).await;
+            self.deliver(runtime, &message.text, &node).await;
         }
         self.inner.persistence.journal.record(
             message.text.as_str(),
             targets.iter().map(|r| r.url.clone()).collect(),
+            &node,
         );
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::outbound::{Outbound, Refused};
 use super::owners::{counts, Claims, Owner, Owners, Turns};
 use crate::persist::inbox::Inbox;
+use crate::persist::shares::Charge;
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::Subject;
 
@@ -190,18 +191,19 @@ impl Runtime {
     }
 
     /// Hands `text` to the runtime now: into its socket queue when online, else into its
-    /// inbox; a full queue closes the socket (it resumes from the inbox). The bus's routing
-    /// waits for room first (`bus::flow`); this is for what cannot wait.
-    pub fn deliver(&self, text: &Utf8Bytes, inbox: &Inbox) -> Delivered {
-        match self.offer(text, inbox) {
+    /// inbox (charged to `charge`, see `Inbox::push`); a full queue closes the socket (it
+    /// resumes from the inbox). The bus's routing waits for room first (`bus::flow`); this
+    /// is for what cannot wait.
+    pub fn deliver(&self, text: &Utf8Bytes, inbox: &Inbox, charge: &Charge) -> Delivered {
+        match self.offer(text, inbox, charge) {
             Offer::Done(delivered) => delivered,
-            Offer::Full { conn, .. } => self.too_slow(conn, text, inbox),
+            Offer::Full { conn, .. } => self.too_slow(conn, text, inbox, charge),
         }
     }
 
     /// Tries to hand `text` over without waiting: done (direct, buffered during a reconnect,
     /// or into the inbox), or the socket's queue is full.
-    pub fn offer(&self, text: &Utf8Bytes, inbox: &Inbox) -> Offer {
+    pub fn offer(&self, text: &Utf8Bytes, inbox: &Inbox, charge: &Charge) -> Offer {
         let mut guard = self.lock();
         let state = &mut *guard;
         match &mut state.delivery {
@@ -220,12 +222,12 @@ impl Runtime {
                     close.cancel();
                     state.delivery = Delivery::Away;
                     state.away_since = Some(Instant::now());
-                    inbox.push(&self.url, text.as_str());
+                    inbox.push(&self.url, text.as_str(), charge);
                     Offer::Done(Delivered::Queued)
                 }
             },
             Delivery::Draining { .. } | Delivery::Away => {
-                inbox.push(&self.url, text.as_str());
+                inbox.push(&self.url, text.as_str(), charge);
                 Offer::Done(Delivered::Queued)
             }
         }
@@ -242,7 +244,13 @@ impl Runtime {
     /// The socket of `conn` stayed behind too long (or went away): it is told to close, and
     /// `text` — like everything after it — goes to the inbox. If another socket holds the
     /// runtime by now, `text` is handed to that one as any delivery.
-    pub fn too_slow(&self, conn: u64, text: &Utf8Bytes, inbox: &Inbox) -> Delivered {
+    pub fn too_slow(
+        &self,
+        conn: u64,
+        text: &Utf8Bytes,
+        inbox: &Inbox,
+        charge: &Charge,
+    ) -> Delivered {
         let mut state = self.lock();
         match &state.delivery {
             Delivery::Online { conn: c, close, .. } if *c == conn => {
@@ -251,12 +259,12 @@ impl Runtime {
                 state.delivery = Delivery::Away;
                 state.away_since = Some(Instant::now());
                 state.behind_since = None;
-                inbox.push(&self.url, text.as_str());
+                inbox.push(&self.url, text.as_str(), charge);
                 Delivered::Queued
             }
             _ => {
                 drop(state);
-                self.deliver(text, inbox)
+                self.deliver(text, inbox, charge)
             }
         }
     }
@@ -533,6 +541,10 @@ mod tests {
         Utf8Bytes::from(s.to_string())
     }
 
+    fn node() -> Charge {
+        Charge::from(crate::persist::shares::NODE)
+    }
+
     /// What a resume does: takes, hands over, acks, then goes online once nothing new came.
     async fn resume(rt: &Runtime, conn: u64, tx: &Outbound, inbox: &Inbox) -> Option<bool> {
         loop {
@@ -554,10 +566,10 @@ mod tests {
         let table = Table::default();
         let inbox = Inbox::memory();
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
-        assert_eq!(rt.deliver(&text("a"), &inbox), Delivered::Queued);
+        assert_eq!(rt.deliver(&text("a"), &inbox, &node()), Delivered::Queued);
         // Reconnect: into the inbox during the drain, then online.
         rt.begin_attach(7, CancellationToken::new());
-        assert_eq!(rt.deliver(&text("b"), &inbox), Delivered::Queued);
+        assert_eq!(rt.deliver(&text("b"), &inbox, &node()), Delivered::Queued);
         let (tx, mut rx) = super::super::outbound::channel(16, 1 << 20);
         let pushed = inbox.pushed(&rt.url);
         let taken = inbox.take(&rt.url, usize::MAX).await.unwrap();
@@ -566,7 +578,7 @@ mod tests {
         }
         inbox.ack(&rt.url, &taken).await.unwrap();
         assert_eq!(
-            rt.deliver(&text("c"), &inbox),
+            rt.deliver(&text("c"), &inbox, &node()),
             Delivered::Queued,
             "after the take"
         );
@@ -576,7 +588,7 @@ mod tests {
             "take again"
         );
         assert_eq!(resume(&rt, 7, &tx, &inbox).await, Some(true));
-        assert_eq!(rt.deliver(&text("d"), &inbox), Delivered::Direct);
+        assert_eq!(rt.deliver(&text("d"), &inbox, &node()), Delivered::Direct);
         let got: Vec<String> =
             std::iter::from_fn(|| rx.try_recv().map(|t| t.to_string())).collect();
         assert_eq!(got, ["a", "b", "c", "d"]);
@@ -591,8 +603,8 @@ mod tests {
         let close = CancellationToken::new();
         rt.begin_attach(1, close.clone());
         assert_eq!(resume(&rt, 1, &tx, &inbox).await, Some(true));
-        assert_eq!(rt.deliver(&text("a"), &inbox), Delivered::Direct);
-        assert_eq!(rt.deliver(&text("b"), &inbox), Delivered::Queued);
+        assert_eq!(rt.deliver(&text("a"), &inbox, &node()), Delivered::Direct);
+        assert_eq!(rt.deliver(&text("b"), &inbox, &node()), Delivered::Queued);
         assert!(!rt.is_online());
         assert!(close.is_cancelled(), "the slow socket is told to close");
         assert_eq!(
@@ -611,16 +623,16 @@ mod tests {
         let inbox = Inbox::memory();
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
         rt.begin_attach(1, CancellationToken::new());
-        rt.deliver(&text("m1"), &inbox);
-        rt.deliver(&text("m2"), &inbox);
+        rt.deliver(&text("m1"), &inbox, &node());
+        rt.deliver(&text("m2"), &inbox, &node());
         // Taken over before it went online: the new socket gets everything.
         rt.begin_attach(2, CancellationToken::new());
         let (old, _old_rx) = super::super::outbound::channel(4, 1 << 20);
         assert_eq!(rt.go_online(1, &old, inbox.pushed(&rt.url), &inbox), None);
         rt.detach(1);
-        rt.deliver(&text("m3"), &inbox);
+        rt.deliver(&text("m3"), &inbox, &node());
         rt.detach(2);
-        rt.deliver(&text("m4"), &inbox);
+        rt.deliver(&text("m4"), &inbox, &node());
         assert_eq!(
             inbox
                 .take("runtime://d/1", usize::MAX)

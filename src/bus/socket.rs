@@ -27,14 +27,14 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::connection::Principal;
+use super::connection::{Principal, SocketSlot};
 use super::handshakes::Pending;
 use super::metrics::refused;
 use super::outbound::{self, OutboundRx};
 use super::runtimes::Runtime;
 use super::{Bus, Connection};
 use crate::rethink::message::response;
-use crate::rethink::Message;
+use crate::rethink::{BusError, Message};
 /// WebSocket close codes (RFC 6455 §7.4.1).
 mod close_code {
     pub const NORMAL: u16 = 1000;
@@ -178,10 +178,11 @@ async fn session(
         }
     };
     let bound = bind_hello(&bus, &hello, token, pending).await;
-    let (runtime, principal) = match bound {
+    // `_slot`: this socket's place among its principal's, kept until it ends.
+    let (runtime, principal, _slot) = match bound {
         Ok(bound) => bound,
-        Err(answer) => {
-            refuse(&bus, &mut sink, Some(answer), "not allowed").await;
+        Err(refused) => {
+            refuse(&bus, &mut sink, Some(refused.answer), refused.reason).await;
             return;
         }
     };
@@ -237,7 +238,14 @@ async fn session(
     bus.inner.metrics.closing.dec();
 }
 
-/// Authenticates the socket (`token`, else one its handshake carries) and binds the
+/// A refused handshake: what the socket is answered, and the reason it is closed with.
+pub(super) struct RefusedHello {
+    pub answer: String,
+    pub reason: &'static str,
+}
+
+/// Authenticates the socket (`token`, else one its handshake carries), gives it a place
+/// among its principal's sockets (`[bus.limits] sockets_per_principal`) and binds the
 /// runtime it names; `Err` with the answer for a refused handshake (then closed). The
 /// socket's place among the handshakes (`pending`) is given back once the token is checked:
 /// binding is the principal's business, bounded by its own limits.
@@ -246,18 +254,34 @@ pub(super) async fn bind_hello(
     hello: &Hello,
     token: Option<String>,
     pending: Pending,
-) -> Result<(Arc<Runtime>, Principal), String> {
+) -> Result<(Arc<Runtime>, Principal, SocketSlot), RefusedHello> {
     let token = token.or_else(|| hello_token(hello));
+    let refused = |e: BusError, reason| RefusedHello {
+        answer: hello.answer(e.code(), &e.to_string()),
+        reason,
+    };
     let authenticated = bus.authenticate(token.as_deref()).await;
     drop(pending);
-    let bound = match authenticated {
-        Ok(principal) => bus
-            .bind(hello.runtime(), &principal)
-            .await
-            .map(|r| (r, principal)),
-        Err(e) => Err(e),
-    };
-    bound.map_err(|e| hello.answer(e.code(), &e.to_string()))
+    let principal = authenticated.map_err(|e| refused(e, "not allowed"))?;
+    let limit = bus.config().limits.sockets_per_principal;
+    let slot = bus
+        .inner
+        .sockets
+        .take(&principal.owner(), limit)
+        .map_err(|held| {
+            bus.inner.metrics.limited("sockets");
+            refused(
+                BusError::Forbidden(format!(
+                    "this user has {held} sockets connected (the limit is {limit}, [bus.limits] sockets_per_principal)"
+                )),
+                "too many sockets for this principal",
+            )
+        })?;
+    let runtime = bus
+        .bind(hello.runtime(), &principal)
+        .await
+        .map_err(|e| refused(e, "not allowed"))?;
+    Ok((runtime, principal, slot))
 }
 
 /// Reads the first frame: a connect command or an `open` message.

@@ -337,10 +337,11 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: InboundRx) {
     let token =
         crate::http_auth::presented(&socket.req_parts.headers, &query(&socket)).map(str::to_string);
     let bound = bind_hello(&bus, &hello, token, pending).await;
-    let (runtime, principal) = match bound {
+    // `_slot`: this socket's place among its principal's, kept until it ends.
+    let (runtime, principal, _slot) = match bound {
         Ok(bound) => bound,
-        Err(answer) => {
-            emit(&socket, event(&answer), patience).await;
+        Err(refused) => {
+            emit(&socket, event(&refused.answer), patience).await;
             disconnect(&socket);
             return;
         }

@@ -14,7 +14,7 @@ use super::connection::Connection;
 use super::pubsub::{self, Subscriber};
 use super::runtimes::Runtime;
 use super::Bus;
-use crate::policy::input::{Input, Subscription, SubscriptionInput};
+use crate::policy::input::{Input, Subscription, SubscriptionInput, Totals};
 use crate::rethink::message::url_problem;
 use crate::rethink::{BusError, Message};
 
@@ -108,26 +108,53 @@ impl Bus {
                 )));
             }
         }
-        if runtime.with_record(|r| r.subscriptions.len()) + resources.len()
-            > MAX_SUBSCRIPTIONS_PER_RUNTIME
-        {
+        let mut seen = std::collections::HashSet::new();
+        resources.retain(|resource| seen.insert(resource.clone()));
+        // What the subscribe adds (a resource the runtime holds already is replaced), counted
+        // in the principal's turn (see `owners::Turns`).
+        let new: Vec<bool> = runtime.with_record(|r| {
+            resources
+                .iter()
+                .map(|resource| !r.subscriptions.contains_key(resource))
+                .collect()
+        });
+        let adds = new.iter().filter(|n| **n).count();
+        if runtime.with_record(|r| r.subscriptions.len()) + adds > MAX_SUBSCRIPTIONS_PER_RUNTIME {
             return Err(BusError::Forbidden(format!(
                 "a runtime may hold at most {MAX_SUBSCRIPTIONS_PER_RUNTIME} subscriptions"
+            )));
+        }
+        let owner = conn.principal.owner();
+        let held = self
+            .inner
+            .table
+            .owner(&owner)
+            .map_or(0, |h| h.subscriptions());
+        let limit = self.inner.config.limits.subscriptions_per_principal;
+        if held + adds > limit {
+            self.inner.metrics.limited("subscriptions");
+            return Err(BusError::Forbidden(format!(
+                "this user holds {held} subscriptions (the limit is {limit})"
             )));
         }
         let mut reasons = Vec::new();
         let mut subject = self.subject(conn);
         subject.holds_from = Some(self.holds_from(conn, message));
-        if subject.holds_from == Some(false) {
-            // The `from` may become a return route: the policy sees what the principal holds.
-            subject.principal = Some(self.totals(&conn.principal.owner(), false));
-        }
+        // What the principal holds: the subscriptions for the policy's limit, and the return
+        // routes when the `from` may become one.
+        let totals = self.totals(&owner, false);
         let context = self.context();
         // Each decision sees the message without its body (the resources are in
         // `subscription`): what is serialised and digested per resource stays small.
         let compact = json!({"id": message.id, "type": message.kind, "from": message.from,
             "to": message.value.get("to")});
-        for resource in &resources {
+        let mut counted = held;
+        for (resource, new) in resources.iter().zip(&new) {
+            subject.principal = Some(Totals {
+                subscriptions: Some(counted),
+                ..totals
+            });
+            counted += usize::from(*new);
             let input = Input::Subscription(SubscriptionInput {
                 message: Some(&compact),
                 subscription: self.subscription(resource, &subscriber, &runtime),

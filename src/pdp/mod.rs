@@ -91,6 +91,10 @@ pub enum PdpError {
     /// The input does not match the schema bound to the path.
     #[error(transparent)]
     Schema(#[from] SchemaViolation),
+    /// The evaluation pool is busy (its queue full, with no place to wait or for too long):
+    /// retry.
+    #[error("the PDP is busy: {0}")]
+    Busy(pool::PoolError),
 }
 
 /// The result of one query, as the HTTP API returns it.
@@ -320,6 +324,7 @@ impl<'a> PdpBuilder<'a> {
                         std::thread::available_parallelism().map_or(2, |n| n.get())
                     }),
                     config.eval_queue,
+                    config.eval_waiters,
                     config.eval_queue_wait,
                 )
                 .map_err(BuildError::Pool)?,
@@ -635,7 +640,10 @@ impl Pdp {
             .pool
             .run(move || pdp.query_unchecked(&query, &path, input, lookup, &asked_by))
             .await
-            .unwrap_or_else(|e| Err(PdpError::Eval(EvalError::Failed(e.to_string()))))
+            .unwrap_or_else(|e| match e {
+                pool::PoolError::Busy => Err(PdpError::Busy(e)),
+                pool::PoolError::Gone => Err(PdpError::Eval(EvalError::Failed(e.to_string()))),
+            })
     }
 
     /// The cache key of `query` with `input` under the active revision, and what the cache
@@ -776,7 +784,9 @@ impl Pdp {
             result: result.ok().and_then(|r| r.as_ref().clone()),
             error: result.err().map(|e| RecordError {
                 code: match e {
-                    PdpError::NoBundle(_) | PdpError::Eval(_) => "internal_error",
+                    PdpError::NoBundle(_) | PdpError::Eval(_) | PdpError::Busy(_) => {
+                        "internal_error"
+                    }
                     PdpError::Schema(_) => "invalid_parameter",
                 },
                 message: e.to_string(),

@@ -16,9 +16,11 @@
 //! reads the messages after the cursor back from the room (so it works right after a
 //! restart, and sees what other replicas wrote); [`Inbox::ack`] moves the cursor.
 //!
-//! Whatever is taken is a prefix of the room's timeline (each take reads up to the newest
-//! event, and each writer's batches are in its sequence order), so a take pages back only
-//! to the first batch already delivered. Messages come back as equivalent JSON (whitespace
+//! Whatever is taken is a prefix of the room's timeline (each writer's batches are in its
+//! sequence order), so a take pages back from the newest event only to the first batch
+//! already delivered — once: it remembers where it left off, and the next take (after an
+//! ack) reads on forward from there, so a page costs about its own size to read, not the
+//! inbox's. Messages come back as equivalent JSON (whitespace
 //! and key order may differ; text that is not JSON comes back as given).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -37,6 +39,7 @@ use super::batch::{
     OVERSIZE_KEY,
 };
 use super::roomlog::{recover_next_seq, send_batches, Counters};
+use super::shares::{free_all, Charge, Shares};
 use crate::matrix::{hash16, Actor, ActorError};
 use crate::retry::Backoff;
 
@@ -70,6 +73,30 @@ impl Taken {
     pub fn upto_of(&self, writer: &str) -> u64 {
         self.upto.get(writer).copied().unwrap_or(0)
     }
+
+    /// Adds the messages of `writer`'s `batch` past what is taken, while they fit in
+    /// `max_bytes` (at least one); false when the page is full before the batch's end.
+    fn add(&mut self, writer: String, batch: DecodedBatch, max_bytes: usize) -> bool {
+        let upto = self.upto.entry(writer).or_insert(0);
+        for (i, entry) in batch.entries.into_iter().enumerate() {
+            let seq = batch.first_seq + i as u64;
+            if seq <= *upto {
+                continue; // before the cursor, or a duplicate
+            }
+            // A message that was not JSON was stored as a JSON string.
+            let text = match serde_json::from_str::<Value>(entry.get()) {
+                Ok(Value::String(text)) => text,
+                _ => entry.get().to_string(),
+            };
+            if self.bytes + text.len() > max_bytes && !self.messages.is_empty() {
+                return false;
+            }
+            self.bytes += text.len();
+            *upto = seq;
+            self.messages.push(text);
+        }
+        true
+    }
 }
 
 /// The writer name of the in-memory inbox.
@@ -84,12 +111,14 @@ pub struct Inbox {
     budget: Arc<Budget>,
 }
 
-/// Bytes held in memory, and how many may be; and how many one runtime's inbox may hold
+/// Bytes held in memory, and how many may be; what each charge (the sender's principal)
+/// holds of them, and how many it may; and how many one runtime's inbox may hold
 /// undelivered (in memory or in Matrix).
 #[derive(Debug)]
 struct Budget {
     held: AtomicUsize,
     max: AtomicUsize,
+    shares: Shares,
     per_runtime: AtomicUsize,
 }
 
@@ -98,14 +127,22 @@ impl Default for Budget {
         Self {
             held: AtomicUsize::new(0),
             max: AtomicUsize::new(DEFAULT_MAX_BYTES),
+            shares: Shares::new(DEFAULT_MAX_BYTES_PER_CHARGE, u64::MAX),
             per_runtime: AtomicUsize::new(DEFAULT_MAX_BYTES_PER_RUNTIME),
         }
     }
 }
 
 impl Budget {
-    fn add(&self, bytes: usize) {
+    fn add(&self, bytes: usize, charge: &Charge) {
         self.held.fetch_add(bytes, Ordering::Relaxed);
+        self.shares.add(charge, bytes);
+    }
+
+    /// Frees what `entries` (charge, bytes) held.
+    fn free_entries<'a>(&self, entries: impl IntoIterator<Item = (&'a str, usize)> + Clone) {
+        self.free(entries.clone().into_iter().map(|(_, bytes)| bytes).sum());
+        free_all(&self.shares, entries);
     }
 
     fn free(&self, bytes: usize) {
@@ -122,6 +159,8 @@ pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// What one runtime's inbox may hold undelivered unless [`Inbox::limit_bytes`] says
 /// otherwise.
 pub const DEFAULT_MAX_BYTES_PER_RUNTIME: usize = 16 * 1024 * 1024;
+/// What one charge may hold in memory unless [`Inbox::limit_bytes`] says otherwise.
+pub const DEFAULT_MAX_BYTES_PER_CHARGE: usize = DEFAULT_MAX_BYTES / 8;
 
 enum Inner {
     Memory(Mutex<HashMap<String, MemoryBox>>),
@@ -132,7 +171,7 @@ enum Inner {
 struct MemoryBox {
     next_seq: u64,
     cursor: u64,
-    messages: VecDeque<(u64, String)>,
+    messages: VecDeque<(u64, String, Charge)>,
     /// What `messages` hold.
     bytes: usize,
 }
@@ -167,11 +206,33 @@ struct RuntimeBox {
     /// Bytes pushed here and not acknowledged yet (counted from the node's start: what an
     /// earlier run left is not known until it is taken).
     undelivered: AtomicUsize,
+    /// Where the last take left off: the next take reads on from there (forward) instead of
+    /// paging back from the newest batch, so handing an inbox over page by page reads it
+    /// about once, not once per page.
+    position: Mutex<Option<Position>>,
+}
+
+/// A place in a runtime's room: every batch with a message past `upto` (per writer) lies
+/// after `from` (`None`: the room's start). It holds for any cursor at or past `upto`.
+#[derive(Debug, Clone)]
+struct Position {
+    upto: BTreeMap<String, u64>,
+    from: Option<String>,
+}
+
+impl Position {
+    /// Whether it holds for `cursor`.
+    fn holds_for(&self, cursor: &BTreeMap<String, u64>) -> bool {
+        self.upto
+            .iter()
+            .all(|(writer, upto)| cursor.get(writer).copied().unwrap_or(0) >= *upto)
+    }
 }
 
 #[derive(Default)]
 struct Pushes {
-    pending: Vec<String>,
+    /// Each with its charge.
+    pending: Vec<(Charge, String)>,
     pushed: u64,
     writer: bool,
 }
@@ -211,10 +272,12 @@ impl Inbox {
         }
     }
 
-    /// Lets the inboxes hold at most `bytes` in memory (see [`Inbox::has_room`]), and one
-    /// runtime's inbox `per_runtime` undelivered (see [`Inbox::runtime_has_room`]).
-    pub fn limit_bytes(&self, bytes: usize, per_runtime: usize) {
+    /// Lets the inboxes hold at most `bytes` in memory (see [`Inbox::has_room`]), of which
+    /// one charge `per_charge` (see [`Inbox::charge_has_room`]), and one runtime's inbox
+    /// `per_runtime` undelivered (see [`Inbox::runtime_has_room`]).
+    pub fn limit_bytes(&self, bytes: usize, per_charge: usize, per_runtime: usize) {
         self.budget.max.store(bytes, Ordering::Relaxed);
+        self.budget.shares.limit(per_charge, u64::MAX);
         self.budget
             .per_runtime
             .store(per_runtime, Ordering::Relaxed);
@@ -255,6 +318,12 @@ impl Inbox {
         self.budget.held.load(Ordering::Relaxed) + bytes <= self.budget.max.load(Ordering::Relaxed)
     }
 
+    /// Whether `bytes` more charged to `charge` fit in its share of the memory now (the
+    /// node's own charge always does).
+    pub fn charge_has_room(&self, charge: &str, bytes: usize) -> bool {
+        self.budget.shares.has_room(charge, bytes)
+    }
+
     /// How many messages were pushed for `runtime` by this node so far: a take after which
     /// this has not changed saw everything (see `Runtime::go_online`).
     pub fn pushed(&self, runtime: &str) -> u64 {
@@ -281,9 +350,10 @@ impl Inbox {
         }
     }
 
-    /// Queues `message_json` for `runtime` (in order per runtime); stored in the background.
-    pub fn push(&self, runtime: &str, message_json: &str) {
-        self.budget.add(message_json.len());
+    /// Queues `message_json` for `runtime` (in order per runtime), held in memory charged to
+    /// `charge` until stored (in memory: until delivered); stored in the background.
+    pub fn push(&self, runtime: &str, message_json: &str, charge: &Charge) {
+        self.budget.add(message_json.len(), charge);
         match &*self.inner {
             Inner::Memory(boxes) => {
                 let mut boxes = lock(boxes);
@@ -291,7 +361,9 @@ impl Inbox {
                 inbox.next_seq += 1;
                 let seq = inbox.next_seq;
                 inbox.bytes += message_json.len();
-                inbox.messages.push_back((seq, message_json.to_string()));
+                inbox
+                    .messages
+                    .push_back((seq, message_json.to_string(), Arc::clone(charge)));
             }
             Inner::Matrix(matrix) => {
                 let inbox = matrix.runtime_box(runtime);
@@ -300,7 +372,9 @@ impl Inbox {
                     .fetch_add(message_json.len(), Ordering::Relaxed);
                 let start_writer = {
                     let mut queue = lock(&inbox.queue);
-                    queue.pending.push(message_json.to_string());
+                    queue
+                        .pending
+                        .push((Arc::clone(charge), message_json.to_string()));
                     queue.pushed += 1;
                     !std::mem::replace(&mut queue.writer, true)
                 };
@@ -339,7 +413,11 @@ impl Inbox {
                 };
                 let mut taken = Taken::default();
                 let mut upto = inbox.cursor;
-                for (seq, m) in inbox.messages.iter().filter(|(seq, _)| *seq > inbox.cursor) {
+                for (seq, m, _) in inbox
+                    .messages
+                    .iter()
+                    .filter(|(seq, ..)| *seq > inbox.cursor)
+                {
                     if taken.bytes + m.len() > max_bytes && !taken.messages.is_empty() {
                         taken.more = true;
                         break;
@@ -366,10 +444,12 @@ impl Inbox {
                 if let Some(inbox) = boxes.get_mut(runtime) {
                     inbox.cursor = inbox.cursor.max(taken.upto_of(MEMORY_WRITER));
                     let cursor = inbox.cursor;
-                    let before = inbox.bytes;
-                    inbox.messages.retain(|(seq, _)| *seq > cursor);
-                    inbox.bytes = inbox.messages.iter().map(|(_, m)| m.len()).sum();
-                    self.budget.free(before - inbox.bytes);
+                    // Delivered: the oldest, up to the cursor.
+                    let end = inbox.messages.partition_point(|(seq, ..)| *seq <= cursor);
+                    let delivered: Vec<_> = inbox.messages.drain(..end).collect();
+                    let entries = delivered.iter().map(|(_, m, c)| (&**c, m.len()));
+                    inbox.bytes -= entries.clone().map(|(_, b)| b).sum::<usize>();
+                    self.budget.free_entries(entries);
                 }
                 Ok(())
             }
@@ -397,12 +477,12 @@ impl Inbox {
     pub async fn discard(&self, runtime: &str) -> Result<usize, ActorError> {
         if let Inner::Memory(boxes) = &*self.inner {
             let removed = lock(boxes).remove(runtime);
-            let bytes = removed
-                .iter()
-                .flat_map(|b| &b.messages)
-                .map(|(_, m)| m.len())
-                .sum();
-            self.budget.free(bytes);
+            self.budget.free_entries(
+                removed
+                    .iter()
+                    .flat_map(|b| &b.messages)
+                    .map(|(_, m, c)| (&**c, m.len())),
+            );
             return Ok(removed.map_or(0, |b| b.messages.len()));
         }
         if let Inner::Matrix(matrix) = &*self.inner {
@@ -448,6 +528,7 @@ impl MatrixInbox {
                     cursor: tokio::sync::Mutex::new(None),
                     roomless: std::sync::atomic::AtomicBool::new(false),
                     undelivered: AtomicUsize::new(0),
+                    position: Mutex::new(None),
                 })
             })
             .clone()
@@ -480,10 +561,25 @@ impl MatrixInbox {
             .await?;
         let mut cursor_guard = inbox.cursor.lock().await;
         let cursor = self.current_cursor(&mut cursor_guard, room).await?;
-        // Newest first, back past the newest delivered batch of every writer met on the way
-        // (and one page more: batches created at the same moment may be ordered either way).
         let filter = json!({"types": [INBOX_EVENT_TYPE]});
         let sender = self.actor.sender().to_string();
+        let position = lock(&inbox.position)
+            .clone()
+            .filter(|p| p.holds_for(&cursor));
+        if let Some(position) = position {
+            let read = Forward {
+                actor: &self.actor,
+                sender: &sender,
+                room,
+                filter: &filter,
+            };
+            if let Some((taken, next)) = read.take(position.from, &cursor, max_bytes).await? {
+                *lock(&inbox.position) = Some(next);
+                return Ok(taken);
+            }
+        }
+        // Newest first, back past the newest delivered batch of every writer met on the way
+        // (and one page more: batches created at the same moment may be ordered either way).
         // Newest first; only the oldest undelivered batches are kept, about `max_bytes` of
         // them: the newer ones are a later page's (read again then).
         let mut batches: VecDeque<(String, DecodedBatch, usize)> = VecDeque::new();
@@ -493,6 +589,8 @@ impl MatrixInbox {
         let mut reached = BTreeSet::new();
         let mut done_before = false;
         let mut token: Option<String> = None;
+        // The end of the last page read: before every batch past the cursor.
+        let mut oldest: Option<String> = None;
         loop {
             let (events, next) = self
                 .actor
@@ -528,6 +626,7 @@ impl MatrixInbox {
             }
             let done = !reached.is_empty() && seen.is_subset(&reached);
             let Some(next) = next else { break };
+            oldest = Some(next.clone());
             if done && done_before {
                 break;
             }
@@ -547,32 +646,22 @@ impl MatrixInbox {
         for own in by_writer.values_mut() {
             own.sort_by_key(|b| std::cmp::Reverse(b.first_seq)); // popped lowest first
         }
+        // The next take reads on from before everything read here.
+        *lock(&inbox.position) = Some(Position {
+            upto: cursor.clone(),
+            from: oldest,
+        });
         let mut taken = Taken {
             upto: cursor,
             ..Taken::default()
         };
-        'page: for writer in order {
+        for writer in order {
             let Some(batch) = by_writer.get_mut(&writer).and_then(Vec::pop) else {
                 continue;
             };
-            let upto = taken.upto.entry(writer).or_insert(0);
-            for (i, entry) in batch.entries.into_iter().enumerate() {
-                let seq = batch.first_seq + i as u64;
-                if seq <= *upto {
-                    continue; // before the cursor, or a duplicate
-                }
-                // A message that was not JSON was stored as a JSON string.
-                let text = match serde_json::from_str::<Value>(entry.get()) {
-                    Ok(Value::String(text)) => text,
-                    _ => entry.get().to_string(),
-                };
-                if taken.bytes + text.len() > max_bytes && !taken.messages.is_empty() {
-                    taken.more = true;
-                    break 'page;
-                }
-                taken.bytes += text.len();
-                *upto = seq;
-                taken.messages.push(text);
+            if !taken.add(writer, batch, max_bytes) {
+                taken.more = true;
+                break;
             }
         }
         taken.more |= newer_left;
@@ -622,6 +711,79 @@ impl MatrixInbox {
                 Ok(cursor)
             }
         }
+    }
+}
+
+/// Reading a runtime's room forward from a [`Position`].
+struct Forward<'a> {
+    actor: &'a Actor,
+    sender: &'a str,
+    room: &'a str,
+    filter: &'a Value,
+}
+
+impl Forward<'_> {
+    /// The messages past `cursor` from `from` on, up to `max_bytes` (at least one), and
+    /// where the next take goes on; `None` when a writer's batches are not in sequence here
+    /// (one lost at a shutdown leaves a gap): then only paging back from the newest sees all.
+    async fn take(
+        &self,
+        from: Option<String>,
+        cursor: &BTreeMap<String, u64>,
+        max_bytes: usize,
+    ) -> Result<Option<(Taken, Position)>, ActorError> {
+        let mut taken = Taken {
+            upto: cursor.clone(),
+            ..Taken::default()
+        };
+        let mut token = from;
+        loop {
+            let page_from = token.clone();
+            let (events, next) = self
+                .actor
+                .messages_filtered(
+                    self.sender,
+                    self.room,
+                    token.as_deref(),
+                    false,
+                    50,
+                    Some(self.filter),
+                )
+                .await?;
+            for event in &events {
+                let content = &event["content"];
+                if event["type"] != INBOX_EVENT_TYPE
+                    || content.as_object().is_none_or(Map::is_empty)
+                {
+                    continue;
+                }
+                let writer = batch_writer(content);
+                let batch = decode_batch(content).map_err(ActorError::Malformed)?;
+                if batch.first_seq > taken.upto_of(&writer) + 1 {
+                    return Ok(None); // not the next of this writer's: a gap
+                }
+                if !taken.add(writer, batch, max_bytes) {
+                    // Full: the next take reads this page again (what it took is skipped).
+                    taken.more = true;
+                    let position = Position {
+                        upto: taken.upto.clone(),
+                        from: page_from,
+                    };
+                    return Ok(Some((taken, position)));
+                }
+            }
+            // No token: the newest event is read (an empty page that would not move on
+            // gives none either).
+            match next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        let position = Position {
+            upto: taken.upto.clone(),
+            from: token,
+        };
+        Ok(Some((taken, position)))
     }
 }
 
@@ -710,12 +872,12 @@ impl Writer {
             Some((room, next)) => (room, next),
             None => {
                 // Given up at shutdown: count everything as done so no take waits forever.
-                let (pushed, bytes) = {
+                let (pushed, pending) = {
                     let mut queue = lock(&self.inbox.queue);
-                    let pending = std::mem::take(&mut queue.pending);
-                    (queue.pushed, pending.iter().map(String::len).sum())
+                    (queue.pushed, std::mem::take(&mut queue.pending))
                 };
-                self.budget.free(bytes);
+                self.budget
+                    .free_entries(pending.iter().map(|(c, m)| (&**c, m.len())));
                 tracing::error!(%runtime, pushed, "inbox: room unavailable at shutdown; messages not stored");
                 self.counters.lost.inc_by(pushed);
                 self.inbox.stored.send_replace(pushed);
@@ -741,7 +903,10 @@ impl Writer {
                 continue;
             }
             let count = pending.len() as u64;
-            let bytes: usize = pending.iter().map(String::len).sum();
+            let (charges, pending): (Vec<(Charge, usize)>, Vec<String>) = pending
+                .into_iter()
+                .map(|(charge, m)| ((charge, m.len()), m))
+                .unzip();
             let first_seq = next_seq;
             let header = header.clone();
             let encoded = tokio::task::spawn_blocking(move || {
@@ -774,7 +939,8 @@ impl Writer {
                     false
                 }
             };
-            self.budget.free(bytes);
+            self.budget
+                .free_entries(charges.iter().map(|(c, bytes)| (&**c, *bytes)));
             if !ok {
                 tracing::error!(%runtime, count, "inbox: messages not stored");
                 self.counters.lost.inc_by(count);
@@ -817,6 +983,10 @@ impl Writer {
 mod tests {
     use super::*;
 
+    fn node() -> Charge {
+        Arc::from(super::super::shares::NODE)
+    }
+
     #[test]
     fn cursors_of_one_writer_and_of_several_are_read() {
         let legacy = json!({"upto": 7});
@@ -850,14 +1020,14 @@ mod tests {
             inbox.take("rt://a", usize::MAX).await.expect("take"),
             Taken::default()
         );
-        inbox.push("rt://a", r#"{"n":1}"#);
-        inbox.push("rt://b", r#"{"n":"b"}"#);
-        inbox.push("rt://a", r#"{"n":2}"#);
+        inbox.push("rt://a", r#"{"n":1}"#, &node());
+        inbox.push("rt://b", r#"{"n":"b"}"#, &node());
+        inbox.push("rt://a", r#"{"n":2}"#, &node());
         let taken = inbox.take("rt://a", usize::MAX).await.expect("take");
         assert_eq!(taken.messages, vec![r#"{"n":1}"#, r#"{"n":2}"#]);
         assert_eq!(taken.upto_of(MEMORY_WRITER), 2);
         // Not acked: taken again, with what came since.
-        inbox.push("rt://a", r#"{"n":3}"#);
+        inbox.push("rt://a", r#"{"n":3}"#, &node());
         let again = inbox.take("rt://a", usize::MAX).await.expect("take");
         assert_eq!(again.messages.len(), 3);
         inbox.ack("rt://a", &taken).await.expect("ack");
@@ -888,10 +1058,10 @@ mod tests {
     #[tokio::test]
     async fn a_take_is_one_page_and_the_per_runtime_cap_counts_what_waits() {
         let inbox = Inbox::memory();
-        inbox.limit_bytes(1 << 20, 10);
+        inbox.limit_bytes(1 << 20, 1 << 20, 10);
         for n in 0..4 {
             assert!(inbox.runtime_has_room("rt://a", 3), "{n}");
-            inbox.push("rt://a", &format!("m{n}"));
+            inbox.push("rt://a", &format!("m{n}"), &node());
         }
         assert!(inbox.runtime_has_room("rt://a", 2));
         assert!(!inbox.runtime_has_room("rt://a", 3), "8 + 3 > 10 bytes");
@@ -911,12 +1081,31 @@ mod tests {
             inbox.runtime_has_room("rt://a", 10),
             "delivered: room again"
         );
-        inbox.push("rt://a", &"x".repeat(9));
+        inbox.push("rt://a", &"x".repeat(9), &node());
         let big = inbox.take("rt://a", 5).await.expect("take");
         assert_eq!(
             big.messages.len(),
             1,
             "a message bigger than a page is one page"
         );
+    }
+
+    #[tokio::test]
+    async fn what_waits_is_charged_to_its_sender_until_delivered() {
+        let inbox = Inbox::memory();
+        inbox.limit_bytes(100, 10, 100);
+        let eve: Charge = Arc::from("@eve:l");
+        let bob: Charge = Arc::from("@bob:l");
+        inbox.push("rt://eve", "eeeeeeee", &eve);
+        assert!(!inbox.charge_has_room("@eve:l", 3), "8 + 3 > 10");
+        assert!(inbox.charge_has_room("@bob:l", 10), "bob's share is his");
+        inbox.push("rt://alice", "bb", &bob);
+        let page = inbox.take("rt://eve", usize::MAX).await.expect("take");
+        inbox.ack("rt://eve", &page).await.expect("ack");
+        assert!(inbox.charge_has_room("@eve:l", 10), "delivered: freed");
+        assert!(!inbox.charge_has_room("@bob:l", 9));
+        inbox.discard("rt://alice").await.expect("discard");
+        assert!(inbox.charge_has_room("@bob:l", 10), "discarded: freed");
+        assert_eq!(inbox.held_bytes(), 0);
     }
 }

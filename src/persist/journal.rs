@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use super::batch::{encode_batch, raw_or_string, OVERSIZE_KEY};
 use super::roomlog::{for_each_batch, recover_next_seq, send_batches, Counters};
+use super::shares::{free_all, Charge, Shares};
 use crate::clock::now_ms;
 use crate::config::JournalConfig;
 use crate::matrix::{hash16, Actor, ActorError};
@@ -45,6 +46,8 @@ use crate::matrix::{hash16, Actor, ActorError};
 pub const BATCH_EVENT_TYPE: &str = "org.msgnode.rethink.batch";
 /// Alias localpart of the journal room.
 pub const JOURNAL_ALIAS: &str = "_msgnode_journal";
+/// What a record holds beside its message, as counted against the budgets.
+const RECORD_OVERHEAD: usize = 64;
 
 /// Why a recorded message may not have been stored.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +113,8 @@ struct Shared {
     /// Bytes of records not yet stored (queued or in flight): what the journal holds in
     /// memory.
     held: std::sync::atomic::AtomicUsize,
+    /// What each charge (the sender's principal) holds of `held`, in bytes and records.
+    shares: Shares,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +142,7 @@ struct Record {
     ts_ms: u64,
     message: String,
     to: Vec<String>,
+    charge: Charge,
 }
 
 impl Journal {
@@ -196,13 +202,27 @@ impl Journal {
                 recorded: Counter::default(),
                 persisted: Counter::default(),
                 held: std::sync::atomic::AtomicUsize::new(0),
+                shares: Shares::default(),
             }),
         }
     }
 
-    /// Records a routed message (its JSON text) and the runtimes it went to; returns its
-    /// sequence number. Never blocks on I/O: the message is stored in the background.
-    pub fn record(&self, message_json: &str, to: Vec<String>) -> u64 {
+    /// Lets one charge hold at most `bytes` and `records` of what is not stored yet (see
+    /// [`Journal::charge_has_room`]).
+    pub fn limit_shares(&self, bytes: usize, records: u64) {
+        self.shared.shares.limit(bytes, records);
+    }
+
+    /// Whether one more record of `bytes` charged to `charge` fits in its share now (the
+    /// node's own charge always does).
+    pub fn charge_has_room(&self, charge: &str, bytes: usize) -> bool {
+        self.shared.shares.has_room(charge, bytes + RECORD_OVERHEAD)
+    }
+
+    /// Records a routed message (its JSON text) and the runtimes it went to, held in memory
+    /// charged to `charge` until stored; returns its sequence number. Never blocks on I/O:
+    /// the message is stored in the background.
+    pub fn record(&self, message_json: &str, to: Vec<String>, charge: &Charge) -> u64 {
         let shared = &self.shared;
         let mut queue = shared.lock_queue();
         let seq = queue.next_seq;
@@ -216,16 +236,18 @@ impl Journal {
         }
         let was_empty = queue.records.is_empty();
         let was_small = queue.bytes < shared.max_batch_raw_bytes;
-        queue.bytes += message_json.len() + 64;
-        shared.held.fetch_add(
-            message_json.len() + 64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let bytes = message_json.len() + RECORD_OVERHEAD;
+        queue.bytes += bytes;
+        shared
+            .held
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        shared.shares.add(charge, bytes);
         queue.records.push(Record {
             seq,
             ts_ms: now_ms(),
             message: message_json.to_string(),
             to,
+            charge: Arc::clone(charge),
         });
         if was_empty {
             queue.oldest = Some(Instant::now());
@@ -246,8 +268,9 @@ impl Journal {
         &self,
         message_json: &str,
         to: Vec<String>,
+        charge: &Charge,
     ) -> Result<u64, JournalError> {
-        let seq = self.record(message_json, to);
+        let seq = self.record(message_json, to, charge);
         self.wait_stored(seq + 1).await?;
         Ok(seq)
     }
@@ -484,8 +507,19 @@ impl Writer {
 
     /// Stores one batch ([`Writer::send`]), then counts its bytes as no longer held.
     async fn store(&self, records: Vec<Record>, shutdown: &CancellationToken) -> bool {
-        let bytes: usize = records.iter().map(|r| r.message.len() + 64).sum();
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.message.len() + RECORD_OVERHEAD)
+            .sum();
+        let charges: Vec<(Charge, usize)> = records
+            .iter()
+            .map(|r| (Arc::clone(&r.charge), r.message.len() + RECORD_OVERHEAD))
+            .collect();
         let stored = self.send(records, shutdown).await;
+        free_all(
+            &self.shared.shares,
+            charges.iter().map(|(c, bytes)| (&**c, *bytes)),
+        );
         let _ = self.shared.held.fetch_update(
             std::sync::atomic::Ordering::Relaxed,
             std::sync::atomic::Ordering::Relaxed,
@@ -564,11 +598,14 @@ mod tests {
     #[tokio::test]
     async fn memory_journal_counts_and_never_waits() {
         let journal = Journal::memory();
-        assert_eq!(journal.record(&message(1), vec![]), 1);
-        assert_eq!(journal.record(&message(2), vec!["rt://a".into()]), 2);
+        assert_eq!(journal.record(&message(1), vec![], &Arc::from("")), 1);
+        assert_eq!(
+            journal.record(&message(2), vec!["rt://a".into()], &Arc::from("")),
+            2
+        );
         assert_eq!(
             journal
-                .record_persisted(&message(3), vec![])
+                .record_persisted(&message(3), vec![], &Arc::from(""))
                 .await
                 .expect("stored"),
             3

@@ -7,6 +7,7 @@
 //!   sequence: what the journal and the inboxes share;
 //! - `journal` — the node's history of routed messages (group commit, one writer);
 //! - `inbox` — messages for runtimes that are away, one room per runtime;
+//! - `shares` — per-charge shares of a budget (what one principal may hold of it);
 //! - `store` — durable state (runtime records, registry entries) as room state;
 //! - `record` — how one runtime record is laid out over a head and parts, pure;
 //! - `follower` — with several replicas, following what the others write.
@@ -20,4 +21,5 @@ pub mod inbox;
 pub mod journal;
 pub mod record;
 pub mod roomlog;
+pub mod shares;
 pub mod store;

@@ -163,6 +163,7 @@ impl Subject {
             principal.put("addresses", totals.addresses);
             principal.put("foreign_routes", totals.foreign_routes);
             principal.opt("registry_entries", totals.registry_entries);
+            principal.opt("subscriptions", totals.subscriptions);
             doc.put("principal", principal);
         }
         doc.into()
@@ -455,6 +456,10 @@ pub struct Totals {
     /// registry, which the node does not count).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub registry_entries: Option<usize>,
+    /// Subscriptions its runtimes hold, counting the resources of this subscribe before
+    /// the one decided (only for subscription decisions of a subscribe).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriptions: Option<usize>,
 }
 
 /// When and where a decision is asked.
@@ -557,6 +562,7 @@ mod tests {
             addresses: 7,
             foreign_routes: 0,
             registry_entries: Some(1),
+            subscriptions: None,
         }
     }
 

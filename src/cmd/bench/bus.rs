@@ -150,7 +150,13 @@ pub fn run(args: &BenchArgs, measure: Duration) -> anyhow::Result<()> {
     let synapse = BenchSynapse::start()?;
     let dir = std::env::temp_dir().join(format!("msgnode-bench-bus-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let node = Node::start(Some(&synapse), &dir, Path::new("policies"), "")?;
+    let node = Node::start(
+        Some(&synapse),
+        &dir,
+        Path::new("policies"),
+        // Every stub of the benchmark is the one "bench" principal.
+        "[bus.limits]\nsockets_per_principal = 1000000",
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

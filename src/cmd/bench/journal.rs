@@ -43,6 +43,7 @@ async fn sustained(synapse: &BenchSynapse, rate: u64, measure: Duration) -> anyh
     let seconds = measure.as_secs().max(1);
     println!("msgnode bench journal: {rate} messages/s offered for {seconds} s");
     let start = Instant::now();
+    let charge: crate::persist::shares::Charge = std::sync::Arc::from("@bench:example.com");
     let mut sent = 0u64;
     let mut max_lag = 0;
     for second in 1..=seconds {
@@ -56,6 +57,7 @@ async fn sustained(synapse: &BenchSynapse, rate: u64, measure: Duration) -> anyh
             journal.record(
                 &message.to_string(),
                 vec![format!("hyperty-runtime://example.com/{}", sent % 17)],
+                &charge,
             );
             sent += 1;
             if sent.is_multiple_of(500) {

@@ -326,6 +326,7 @@ impl IntoResponse for ApiError {
         let message = self.to_string();
         let retry_after = match &self {
             ApiError::TooManyRequests(wait) => Some(wait.as_secs() + 1),
+            ApiError::Pdp(PdpError::Busy(_)) => Some(1),
             _ => None,
         };
         let (status, code, errors) = match self {
@@ -360,6 +361,15 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 codes::INTERNAL_ERROR,
                 vec![],
+            ),
+            ApiError::Pdp(PdpError::Busy(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::INTERNAL_ERROR,
+                vec![ErrorDetailV1 {
+                    code: "busy",
+                    message: message.clone(),
+                    pointer: None,
+                }],
             ),
             ApiError::Pdp(PdpError::Schema(v)) => (
                 StatusCode::BAD_REQUEST,
@@ -431,4 +441,30 @@ pub(crate) fn flag(params: &[(String, String)], name: &str) -> bool {
     params
         .iter()
         .any(|(k, v)| k == name && (v.is_empty() || v.eq_ignore_ascii_case("true")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_busy_pdp_is_a_503_in_opas_error_shape_with_retry_after() {
+        let response =
+            ApiError::Pdp(PdpError::Busy(super::super::pool::PoolError::Busy)).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(body["code"], codes::INTERNAL_ERROR);
+        assert_eq!(body["errors"][0]["code"], "busy");
+        assert!(body["message"].as_str().is_some_and(|m| m.contains("busy")));
+    }
 }
