@@ -35,6 +35,16 @@ pub(super) mod refused {
     pub const HANDSHAKE_RATE: &str = "handshake_rate";
     /// `max_handshakes` sockets not yet authenticated: 503.
     pub const HANDSHAKES_BUSY: &str = "handshakes_busy";
+    /// A principal's turn did not come within `slow_receiver_close_after` (its other
+    /// requests kept it): 408.
+    pub const TURN_BUSY: &str = "turn_busy";
+    /// A topic subscriber's socket queue was full at a publish: closed (1013), the publish
+    /// waits in its inbox and it resumes from there; the publisher does not wait for it.
+    pub const SLOW_SUBSCRIBER: &str = "slow_subscriber";
+    /// A topic subscriber could take a publish neither in its socket queue nor in its full
+    /// inbox: the publish is lost to that subscriber (the others get it, the publisher's
+    /// answer is unchanged).
+    pub const SUBSCRIBER_MISSED: &str = "subscriber_missed";
 }
 
 /// Which per-principal limit refused a request.
