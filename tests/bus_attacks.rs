@@ -1805,3 +1805,306 @@ async fn sockets_are_limited_per_principal() {
     .await;
     running.stop().await;
 }
+
+/// A runtime of mallory's that stops reading once a delivery to it waits (its queue full):
+/// `(receiver, its address)`. What it was sent is in `filler`'s task, which stays blocked in
+/// that delivery for as long as the receiver does not read.
+async fn stalled_receiver(
+    addr: std::net::SocketAddr,
+    running: &Running,
+    http: &reqwest::Client,
+) -> (Stub, String) {
+    let mut receiver = bound(addr, "runtime://localhost/eve-rt", MALLORY).await;
+    let e = receiver.allocate("localhost", "hyperty", 1).await.remove(0);
+    let mut filler = bound(addr, "runtime://localhost/eve-filler", MALLORY).await;
+    let f = filler.allocate("localhost", "hyperty", 1).await.remove(0);
+    let pad = "x".repeat(512 * 1024);
+    let to = e.clone();
+    // More than the queue and the TCP buffers hold; the filler's socket is not read once
+    // its delivery waits, so its own sends block too.
+    tokio::spawn(async move {
+        for n in 0..64 {
+            filler
+                .send(json!({"type": "create", "from": f, "to": to, "body": {"value": {"n": n, "pad": pad}}}))
+                .await;
+        }
+        filler
+    });
+    let slowed = "msgnode_bus_senders_slowed_total";
+    common::eventually(
+        "a delivery waits for the receiver",
+        Duration::from_secs(60),
+        || async { common::metric(http, running, slowed).await >= 1 },
+    )
+    .await;
+    (receiver, e)
+}
+
+/// Review R1: a principal's turn was held for its whole request — also while the request
+/// waited (flow control, up to `slow_receiver_close_after`) on another principal's full
+/// receiver — so one receiver that did not read stalled every allocation, subscribe and new
+/// runtime of its senders; and turns were 256 shared stripes. The turn covers counting
+/// only: while alice's message waits on mallory's full receiver, alice's other runtimes
+/// connect and allocate, and so does bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_holds_no_turn_of_its_senders() {
+    let running = node_with(|c| {
+        c.bus.outbound_queue_bytes = 256 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(300);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let (receiver, e) = stalled_receiver(addr, &running, &http).await;
+    // A `from` alice does not hold yet (a return route to be): counted in her turn, then
+    // delivered — which waits, as the receiver's queue is full.
+    let mut waiting = bound(addr, "runtime://localhost/alice-1", ALICE).await;
+    waiting
+        .send(
+            json!({"type": "create", "from": "hyperty://hybroker.example/alice-x", "to": e,
+            "body": {"value": "waits"}}),
+        )
+        .await;
+    let slowed = "msgnode_bus_senders_slowed_total";
+    common::eventually(
+        "alice's delivery waits too",
+        Duration::from_secs(60),
+        || async { common::metric(&http, &running, slowed).await >= 2 },
+    )
+    .await;
+    let ping = waiting
+        .send(json!({"type": "ping", "from": "runtime://localhost/alice-1", "to": "mn:/session"}))
+        .await;
+    // Meanwhile alice's other runtime connects (a new runtime: her turn), allocates and
+    // subscribes (her turn again).
+    let mut other = bound(addr, "runtime://localhost/alice-2", ALICE).await;
+    other.allocate("localhost", "hyperty", 2).await;
+    let sub = other
+        .request(
+            json!({"type": "subscribe", "from": "runtime://localhost/alice-2/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": ["comm://localhost/any/changes"]}}),
+        )
+        .await;
+    assert_eq!(code(&sub), 200, "{sub}");
+    let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    bob.allocate("localhost", "hyperty", 1).await;
+    // All that while the first request still waits: its ping is not answered yet.
+    assert!(
+        quiet(&mut waiting).await.is_none(),
+        "alice's first socket is still waiting"
+    );
+    // Once the receiver is gone, the waiting delivery ends (in its inbox) and the ping is
+    // answered.
+    receiver.drop_socket().await;
+    let pong = waiting.response_to(&ping).await;
+    assert_eq!(code(&pong), 200, "{pong}");
+    running.stop().await;
+}
+
+/// Review R7: one away subscriber with a full inbox made every publish to the topic a 408
+/// for everyone, so mallory could silence alice's object by subscribing to its changes. A
+/// subscriber that cannot take a publish misses it (counted); the publisher is not refused
+/// and the other subscribers get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_subscriber_does_not_block_the_publisher() {
+    let running = node_with(|c| c.bus.inbox_max_bytes_per_runtime = 256 * 1024).await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let mut alice = bound(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let object = alice.allocate("localhost", "comm", 1).await.remove(0);
+    let changes = format!("{object}/changes");
+    let subscribe = |runtime: &str| {
+        json!({"type": "subscribe", "from": format!("{runtime}/sm"), "to": format!("{MN}/sm"),
+            "body": {"resources": [changes]}})
+    };
+    let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    let sub = bob.request(subscribe("runtime://localhost/bob-rt")).await;
+    assert_eq!(code(&sub), 200, "{sub}");
+    let eve_rt = "runtime://localhost/eve-rt";
+    let mut eve = bound(addr, eve_rt, MALLORY).await;
+    let sub = eve.request(subscribe(eve_rt)).await;
+    assert_eq!(code(&sub), 200, "{sub}");
+    eve.drop_socket().await;
+    // Mallory fills her away subscriber's inbox from another runtime, until it refuses.
+    let mut filler = bound(addr, "runtime://localhost/eve-filler", MALLORY).await;
+    let f = filler.allocate("localhost", "hyperty", 1).await.remove(0);
+    let pad = "x".repeat(100 * 1024);
+    let errors = send_all(
+        &mut filler,
+        (0..4).map(|n| json!({"type": "create", "from": f, "to": eve_rt, "body": {"value": {"n": n, "pad": pad}}})),
+    )
+    .await;
+    assert!(!errors.is_empty(), "the inbox is full");
+    // Alice publishes (more than mallory's inbox has room for): not refused, and bob gets it.
+    let errors = send_all(
+        &mut alice,
+        [json!({"type": "update", "from": object, "to": changes,
+            "body": {"value": {"v": 2, "pad": pad}}})],
+    )
+    .await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let update = bob.recv().await;
+    assert_eq!(update["body"]["value"]["v"], 2, "{}", update["type"]);
+    let missed = "msgnode_bus_refused_total{reason=\"subscriber_missed\"}";
+    assert_eq!(common::metric(&http, &running, missed).await, 1);
+    running.stop().await;
+}
+
+/// What the node answers a message `message` posted by the peer node `msgnode.test`.
+async fn from_peer(http: &reqwest::Client, addr: std::net::SocketAddr, message: Value) -> Value {
+    let answer = http
+        .post(format!("http://{addr}/bus/v1/messages"))
+        .bearer_auth(PEER_TOKEN)
+        .body(message.to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(answer.status(), 200, "an answer");
+    answer.json().await.expect("JSON")
+}
+
+/// Review R5: each message of a peer node had a fresh stand-in runtime holding nothing and
+/// owned by nobody, so a peer allocated without any limit, and what it allocated was never
+/// released. A peer's stand-in is its own (`peer:<domain>`): its holdings count against the
+/// per-principal limits, are released on request, and go once the peer has been silent for
+/// `away_release_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_allocates_within_its_limits_and_its_addresses_expire() {
+    let running = node_with(|c| {
+        c.bus.limits.addresses_per_principal = 5;
+        c.bus.away_release_after = Duration::from_secs(3);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let create = |n: u64| {
+        json!({"id": n, "type": "create", "from": "hyperty://msgnode.test/x",
+            "to": format!("{MN}/address-allocation"),
+            "body": {"scheme": "hyperty", "value": {"number": 2}}})
+    };
+    let first = from_peer(&http, addr, create(1)).await;
+    assert_eq!(code(&first), 200, "{first}");
+    let second = from_peer(&http, addr, create(2)).await;
+    assert_eq!(code(&second), 200, "{second}");
+    let over = from_peer(&http, addr, create(3)).await;
+    assert_eq!(code(&over), 403, "{over}");
+    assert!(description(&over).contains("the limit is 5"), "{over}");
+    // Released on request: room again.
+    let released = from_peer(
+        &http,
+        addr,
+        json!({"id": 4, "type": "delete", "from": "hyperty://msgnode.test/x",
+            "to": format!("{MN}/address-allocation"),
+            "body": {"childrenResources": second["body"]["value"]["allocated"]}}),
+    )
+    .await;
+    assert_eq!(code(&released), 200, "{released}");
+    let again = from_peer(&http, addr, create(5)).await;
+    assert_eq!(code(&again), 200, "{again}");
+    // Once the peer has been silent long enough, what it held is released.
+    let held = first["body"]["value"]["allocated"][0]
+        .as_str()
+        .expect("an address")
+        .to_string();
+    let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    // Until then a message to it waits in the stand-in's inbox (no answer); then it is 404.
+    let mut released = false;
+    for _ in 0..300 {
+        let errors = send_all(&mut bob, [json!({"type": "create", "from": b, "to": held})]).await;
+        if errors.iter().any(|e| code(e) == 404) {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(released, "the silent peer's addresses are released");
+    let after = from_peer(&http, addr, create(6)).await;
+    assert_eq!(code(&after), 200, "{after}");
+    running.stop().await;
+}
+
+/// Review R13: a message to several peer nodes was answered once — the first target's answer
+/// or failure — and a later target's failure was only logged. Each failure reaches the
+/// sender, naming its target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_foreign_target_is_reported() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let mut mallory = bound(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let m = mallory.allocate("localhost", "hyperty", 1).await.remove(0);
+    // No node for the first (trusted) domain: 404 at once; the second's node does not answer.
+    let (nowhere, unreachable) = ("hyperty://hybroker.example/x", "hyperty://msgnode.test/y");
+    let id = mallory
+        .send(json!({"type": "create", "from": m, "to": [nowhere, unreachable]}))
+        .await;
+    let mut failed = Vec::new();
+    while let Some(answer) = mallory.quiet_for(Duration::from_secs(5)).await {
+        assert_eq!(answer["id"], id, "{answer}");
+        failed.push(description(&answer));
+    }
+    failed.sort();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed[0].contains(nowhere), "{failed:?}");
+    assert!(failed[1].contains(unreachable), "{failed:?}");
+    running.stop().await;
+}
+
+/// Review R12: a peer's message to the children of its own object, which local runtimes
+/// subscribed to, was sent back to that peer as well (doubling peer traffic, and using the
+/// line local users need). The local subscribers get it; the peer does not get it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_message_does_not_go_back_to_the_peer() {
+    let peer = SlowPeer::start().await;
+    let url = format!("http://{}", peer.addr);
+    let policies = common::policies_with(|data| {
+        data["subscription"]["trusted_domains"] = json!(["msgnode.test"]);
+    });
+    let running = node_with(|c| {
+        c.bus.peers[0].url = url;
+        c.pdp.policies = policies.path().to_path_buf();
+        c.pdp.reload_requires_tests = Some(false);
+    })
+    .await;
+    peer.gate.add_permits(100);
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let children = "comm://msgnode.test/room/children/chat";
+    let mut alice = bound(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let sub = alice
+        .request(
+            json!({"type": "subscribe", "from": "runtime://localhost/alice-rt/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": [children]}}),
+        )
+        .await;
+    assert_eq!(code(&sub), 200, "{sub}");
+    let posted = http
+        .post(format!("http://{addr}/bus/v1/messages"))
+        .bearer_auth(PEER_TOKEN)
+        .body(
+            json!({"id": 1, "type": "create", "from": "hyperty://msgnode.test/h",
+                "to": children, "body": {"value": "hi"}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(posted.status(), 202);
+    assert_eq!(alice.recv().await["body"]["value"], "hi");
+    // A local message to the same topic does go to the object's node: after it, the peer
+    // has exactly that one.
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    alice
+        .send(json!({"type": "create", "from": a, "to": children, "body": {"value": "local"}}))
+        .await;
+    common::eventually(
+        "the object's node gets the local message",
+        Duration::from_secs(30),
+        || async { !peer.received().is_empty() },
+    )
+    .await;
+    let got: Vec<Value> = peer.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["body"]["value"], "local");
+    running.stop().await;
+}

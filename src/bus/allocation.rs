@@ -19,6 +19,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::metrics::refused;
 use super::outbound::{NoRoom, Refused};
+use super::owners::Turn;
 use super::runtimes::{Runtime, Table};
 use super::{Bus, Connection};
 use crate::persist::store::RuntimeRecord;
@@ -203,12 +204,14 @@ fn undo_allocation(table: &Table, runtime: &Arc<Runtime>, key: &str, addresses: 
 
 impl Bus {
     /// Carries out an allowed allocation request; the answer, unless it follows once the
-    /// change is stored (see [`Bus::answer_when_stored`]).
+    /// change is stored (see [`Bus::answer_when_stored`]). The principal's `turn` is given
+    /// back once the addresses are counted, before the answer waits for anything.
     pub(super) async fn allocate(
         &self,
         conn: &Connection,
         message: &Message,
         request: AllocationRequest,
+        turn: Option<Turn<'_>>,
     ) -> Result<Option<String>, BusError> {
         let runtime = &conn.runtime;
         match request {
@@ -232,6 +235,8 @@ impl Bus {
                 for address in &addresses {
                     self.inner.table.bind(address, runtime);
                 }
+                // Counted: the principal's next request may read the counts.
+                drop(turn);
                 self.inner.metrics.count("component");
                 tracing::debug!(runtime = %runtime.url, number, %scheme, "addresses allocated");
                 let ok = message.response(
@@ -248,6 +253,7 @@ impl Bus {
             // holds (released before, or before a disconnect) is simply 200; only an address
             // another runtime holds is refused.
             AllocationRequest::Release(addresses) => {
+                drop(turn); // a release only lowers the counts
                 if let Some(theirs) = addresses.iter().find(|a| {
                     self.inner
                         .table
@@ -265,6 +271,7 @@ impl Bus {
                     .await
             }
             AllocationRequest::ReleaseKey(key) => {
+                drop(turn);
                 let addresses = runtime
                     .record()
                     .allocations

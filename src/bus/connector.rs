@@ -5,17 +5,21 @@
 use std::sync::Arc;
 
 use super::connection::Connection;
+use super::owners::Turn;
 use super::Bus;
 use crate::connectors::{Connector, Sender};
 use crate::rethink::Message;
 
 impl Bus {
-    /// The connector's response to `message` from `conn`.
+    /// The connector's response to `message` from `conn`. The principal's `turn` (a
+    /// registration is counted once stored) is given back before the notification the
+    /// connector asks for is published.
     pub(super) async fn to_connector(
         &self,
         conn: &Connection,
         message: &Message,
         connector: &dyn Connector,
+        turn: Option<Turn<'_>>,
     ) -> Option<String> {
         let identity = conn.identity().or_else(|| {
             conn.user()
@@ -51,6 +55,7 @@ impl Bus {
         };
         let reply = connector.handle(message, sender).await;
         self.inner.metrics.count("component");
+        drop(turn);
         if let Some(publish) = reply.publish {
             self.publish(publish).await;
         }

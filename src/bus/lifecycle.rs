@@ -99,8 +99,12 @@ impl Bus {
             ))),
             Some(_) => Ok(runtime),
             None => {
-                // Counted and claimed in the principal's turn (see `Turns`).
-                let _turn = self.inner.table.turns.take(&owner).await;
+                // Counted and claimed in the principal's turn (see `Turns`) — waited for no
+                // longer than a handshake may take, since the socket holds a handshake place
+                // meanwhile.
+                let _turn = self
+                    .turn(&owner, self.inner.config.handshake_timeout)
+                    .await?;
                 if let Err(refused) = self.claim_runtime(runtime_url, principal, &owner).await {
                     // Nothing of it is kept for a claim not made.
                     if runtime.user().is_none() && !runtime.is_attached() {
@@ -328,6 +332,10 @@ impl Bus {
 
     /// Puts a stored runtime into the table (away), with its bindings and subscriptions.
     pub(super) fn restore(&self, url: &str, record: RuntimeRecord) {
+        if self.is_stand_in(url) {
+            self.inner.table.stand_in(url, || record);
+            return;
+        }
         if let Some(problem) = self.inner.nodes.runtime_url_problem(url) {
             tracing::warn!(runtime = %url, %problem, "stored runtime not restored");
             return;

@@ -45,6 +45,16 @@ pub(super) mod refused {
     pub const CLOSING_TIMEOUT: &str = "closing_timeout";
     /// A socket.io stub sent more than its inbound budget ahead of the node: disconnected.
     pub const INBOUND_FULL: &str = "inbound_full";
+    /// A principal's turn did not come within `slow_receiver_close_after` (its other
+    /// requests kept it): 408.
+    pub const TURN_BUSY: &str = "turn_busy";
+    /// A topic subscriber's socket queue was full at a publish: closed (1013), the publish
+    /// waits in its inbox and it resumes from there; the publisher does not wait for it.
+    pub const SLOW_SUBSCRIBER: &str = "slow_subscriber";
+    /// A topic subscriber could take a publish neither in its socket queue nor in its full
+    /// inbox: the publish is lost to that subscriber (the others get it, the publisher's
+    /// answer is unchanged).
+    pub const SUBSCRIBER_MISSED: &str = "subscriber_missed";
 }
 
 /// Which per-principal limit refused a request.

@@ -340,14 +340,18 @@ impl Bus {
             return self.session(conn, message, op).await;
         }
         self.verify_identity(conn, message).await?;
-        // A request that may add to what the principal holds is decided and carried out in
-        // the principal's turn: the counts it is decided on are the counts it changes.
-        let adds = matches!(
-            request,
-            Request::Allocation(_) | Request::Registry | Request::Subscribe
-        ) || !self.holds(conn, &message.from);
-        let _turn = match adds {
-            true => Some(self.inner.table.turns.take(&conn.principal.owner()).await),
+        // A request that may add to what the principal holds is decided and its change
+        // counted in the principal's turn: the counts it is decided on are the counts it
+        // changes. The turn is given back once the change is counted, before anything is
+        // delivered (see `owners::Turns`).
+        let turn = match self.may_add(conn, &request, message) {
+            true => Some(
+                self.turn(
+                    &conn.principal.owner(),
+                    self.config().slow_receiver_close_after,
+                )
+                .await?,
+            ),
             false => None,
         };
         self.claim_from(conn, message).await?;
@@ -371,9 +375,7 @@ impl Bus {
             Request::Allocation(_) | Request::Registry => {
                 Some(self.totals(&conn.principal.owner(), request == Request::Registry))
             }
-            _ if !self.holds(conn, &message.from) => {
-                Some(self.totals(&conn.principal.owner(), false))
-            }
+            _ if turn.is_some() => Some(self.totals(&conn.principal.owner(), false)),
             _ => None,
         };
         self.enforce_limits(&request, message, principal.as_ref())?;
@@ -381,17 +383,55 @@ impl Bus {
             .await?;
         self.check_from(conn, message).await?;
         match request {
-            Request::Allocation(allocation) => self.allocate(conn, message, allocation).await,
+            Request::Allocation(allocation) => self.allocate(conn, message, allocation, turn).await,
             Request::Unsubscribe => self.unsubscribe(conn, message).await.map(Some),
             Request::Registry => Ok(self
-                .to_connector(conn, message, &*self.inner.connectors.registry)
+                .to_connector(conn, message, &*self.inner.connectors.registry, turn)
                 .await),
-            Request::Idm => Ok(self
-                .to_connector(conn, message, &self.inner.connectors.idm)
-                .await),
-            Request::Route => self.route(conn, message).await,
+            Request::Idm => {
+                drop(turn);
+                Ok(self
+                    .to_connector(conn, message, &self.inner.connectors.idm, None)
+                    .await)
+            }
+            Request::Route => {
+                // The return route, if any, is counted: what follows waits on receivers.
+                drop(turn);
+                self.route(conn, message).await
+            }
             Request::Session(_) | Request::Subscribe => Ok(None), // answered above
         }
+    }
+
+    /// Whether `message` may add to what `conn`'s principal holds: an allocation, a
+    /// registration, a subscribe (its `from` may become a return route), or a `from` the
+    /// connection does not hold yet (a claim or a return route to be) — not a peer's own
+    /// domain, which it vouches for and which never becomes a route here.
+    fn may_add(&self, conn: &Connection, request: &Request, message: &Message) -> bool {
+        matches!(
+            request,
+            Request::Allocation(_) | Request::Registry | Request::Subscribe
+        ) || !self.holds_from(conn, message)
+    }
+
+    /// The principal `owner`'s turn (see `owners::Turns`), waited for at most `within` (no
+    /// wait is unbounded): else 408, retry.
+    async fn turn(
+        &self,
+        owner: &str,
+        within: std::time::Duration,
+    ) -> Result<owners::Turn<'_>, BusError> {
+        self.inner
+            .table
+            .turns
+            .take(owner, within)
+            .await
+            .ok_or_else(|| {
+                self.inner.metrics.refuse(metrics::refused::TURN_BUSY);
+                BusError::Unavailable(
+                    "this user's other requests are still being carried out; retry shortly".into(),
+                )
+            })
     }
 
     /// The per-principal backstops (`[bus.limits]`), whatever the policy says: 403 when

@@ -156,8 +156,15 @@ impl Outbound {
                 Err(Refused::Full(back)) => text = back,
                 done => return done,
             }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return Err(Refused::Full(text));
+            // A socket that goes away ends the wait at once: nothing waits for room that
+            // can no longer come.
+            tokio::select! {
+                waited = tokio::time::timeout_at(deadline, room) => {
+                    if waited.is_err() {
+                        return Err(Refused::Full(text));
+                    }
+                }
+                () = self.tx.closed() => return Err(Refused::Closed(text)),
             }
         }
     }
@@ -300,6 +307,20 @@ mod tests {
         assert!(tx.try_send(text(6)).is_ok(), "given back unsent");
         drop(rx);
         assert_eq!(tx.reserve(1, soon()).await.err(), Some(NoRoom::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_sender_is_let_go_when_the_socket_goes() {
+        let (tx, rx) = channel(1, 1000);
+        assert!(tx.try_send(text(1)).is_ok());
+        let waiting = {
+            let tx = tx.clone();
+            let later = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+            tokio::spawn(async move { tx.send_until(text(2), later).await })
+        };
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert!(matches!(waiting.await, Ok(Err(Refused::Closed(_)))));
     }
 
     #[tokio::test]

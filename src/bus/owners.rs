@@ -166,35 +166,68 @@ fn conflict_in(by_url: &BTreeMap<String, String>, url: &str, owner: &str) -> Opt
         .map(|(u, _)| u.clone())
 }
 
-/// How many [`Turns`] stripes: principals share one only when their names hash alike.
-const TURN_STRIPES: usize = 256;
-
 /// One principal's changes to what it holds, one at a time: a request that may add to its
 /// holdings (a runtime, an allocation, a claim, a registration, a return route) takes its
-/// principal's turn before reading the counts and keeps it until the change is counted, so
-/// that requests racing on many runtimes cannot all pass the same "below the limit" check.
-/// Striped (a fixed set of locks, a principal's picked by hash): bounded memory, no cleanup.
+/// principal's turn before reading the counts and keeps it until the change is counted —
+/// and no longer: deliveries, notifications and waits on other principals' sockets come
+/// after the turn is given back, so nobody's slow receiver holds another's turn.
+///
+/// One lock per principal (never shared with another: no stripes whose collisions would make
+/// one principal wait for another), created on first use and forgotten once nobody holds or
+/// waits for it, so the map holds only principals with a request in flight.
+#[derive(Default)]
 pub struct Turns {
-    stripes: Vec<tokio::sync::Mutex<()>>,
-    hasher: ahash::RandomState,
+    by_owner: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-impl Default for Turns {
-    fn default() -> Self {
-        Self {
-            stripes: (0..TURN_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-            hasher: ahash::RandomState::new(),
-        }
+/// A principal's turn, given back when dropped.
+pub struct Turn<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    owner: String,
+    turns: &'a Turns,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.turns.forget_if_unused(&self.owner);
     }
 }
 
 impl Turns {
-    /// Waits for `owner`'s turn.
-    pub async fn take(&self, owner: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        let stripe = self.hasher.hash_one(owner) as usize % self.stripes.len();
-        self.stripes[stripe].lock().await
+    /// Waits for `owner`'s turn, at most `within`; `None` when it did not come in time (the
+    /// caller tells its client to retry).
+    pub async fn take(&self, owner: &str, within: std::time::Duration) -> Option<Turn<'_>> {
+        let lock = Arc::clone(self.lock().entry(owner.to_string()).or_default());
+        let guard = tokio::time::timeout(within, lock.lock_owned()).await.ok();
+        let turn = Turn {
+            guard,
+            owner: owner.to_string(),
+            turns: self,
+        };
+        // Timed out: dropping `turn` forgets the lock if nobody else uses it.
+        turn.guard.is_some().then_some(turn)
+    }
+
+    /// How many principals have a request holding or waiting for their turn.
+    pub fn in_use(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Forgets `owner`'s lock when only the map refers to it (nobody holds or waits for it;
+    /// a new taker clones it under the same map lock, so none is forgotten under a waiter).
+    fn forget_if_unused(&self, owner: &str) {
+        let mut by_owner = self.lock();
+        if by_owner
+            .get(owner)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            by_owner.remove(owner);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.by_owner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -286,6 +319,35 @@ mod tests {
         assert_eq!(claims.conflict("runtime://l/sub/9", "@a:l"), None);
         claims.forget("runtime://l/subway");
         assert_eq!(claims.conflict("runtime://l/subway", "@a:l"), None);
+    }
+
+    #[tokio::test]
+    async fn each_principal_has_a_turn_of_its_own() {
+        use futures_util::FutureExt;
+        let turns = Turns::default();
+        let wait = std::time::Duration::from_secs(60);
+        // Held at once by a thousand principals: none waits for another's (with shared
+        // stripes, some would).
+        let mut held = Vec::new();
+        for i in 0..1000 {
+            // (Unconstrained: tokio's cooperative budget would make the 129th wait a tick.)
+            let owner = format!("@p{i}:l");
+            let turn = tokio::task::unconstrained(turns.take(&owner, wait))
+                .now_or_never()
+                .flatten();
+            held.push(turn.unwrap_or_else(|| panic!("principal {i} waited for another's turn")));
+        }
+        // The same principal's next request waits for the turn.
+        let zero = std::time::Duration::ZERO;
+        assert!(turns.take("@p7:l", zero).await.is_none());
+        drop(held);
+        assert_eq!(
+            turns.in_use(),
+            0,
+            "nothing kept for principals with nothing in flight"
+        );
+        assert!(turns.take("@p7:l", zero).await.is_some());
+        assert_eq!(turns.in_use(), 0);
     }
 
     #[test]

@@ -11,7 +11,6 @@ use backon::Retryable;
 use serde_json::Value;
 
 use super::outbound::Outbound;
-use super::runtimes::Runtime;
 use super::{Bus, Connection, Principal};
 use crate::connectors::foreign::AnswerTo;
 use crate::connectors::foreign::PEER_EVENT_TYPE;
@@ -188,15 +187,41 @@ impl Bus {
             .map(|p| p.domain.to_ascii_lowercase())
     }
 
-    /// The connection standing for a peer node: its runtime `domain://msg-node.<peer>` is
-    /// outside the routing table (what is addressed to the peer's domain goes to the peer).
+    /// The connection standing for a peer node: its runtime `domain://msg-node.<peer>`, one
+    /// per peer, owned by `peer:<domain>` (see [`super::runtimes::Table::stand_in`]): what
+    /// the peer allocates or registers is its own, counted against the per-principal limits
+    /// as any principal's, and released once the peer has sent nothing for
+    /// `away_release_after`. Its URL is outside the routing table (what is addressed to the
+    /// peer's domain goes to the peer).
     fn peer_connection(&self, domain: &str) -> Arc<Connection> {
         let principal = Principal::Peer(domain.to_string());
-        let runtime = Runtime::standalone(
-            &format!("domain://msg-node.{domain}"),
-            RuntimeRecord::default(),
-        );
+        let owner = principal.owner();
+        let runtime = self
+            .inner
+            .table
+            .stand_in(&stand_in_url(domain), || RuntimeRecord {
+                user: Some(owner),
+                ..RuntimeRecord::default()
+            });
+        runtime.touch();
+        if runtime.with_record(|r| r.released) {
+            // In use again: released once more when unused for long.
+            runtime.update(|r| r.released = false);
+        }
         // Nothing reads this queue: a peer's answers travel back as HTTP responses.
         Arc::new(Connection::new(0, runtime, principal, Outbound::detached()))
     }
+
+    /// Whether the stored runtime `url` is the stand-in of a configured peer node.
+    pub(super) fn is_stand_in(&self, url: &str) -> bool {
+        url.strip_prefix("domain://msg-node.")
+            .is_some_and(|domain| {
+                self.inner.connectors.foreign.peer(domain).is_some() && stand_in_url(domain) == url
+            })
+    }
+}
+
+/// The runtime URL standing for the peer node of `domain`.
+fn stand_in_url(domain: &str) -> String {
+    format!("domain://msg-node.{domain}")
 }

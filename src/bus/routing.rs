@@ -12,12 +12,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Value};
 
 use super::connection::{Connection, Principal};
 use super::metrics::refused;
 use super::pubsub::{self, Topic};
-use super::runtimes::{Delivered, Runtime, Table};
+use super::runtimes::{Delivered, Offer, Runtime, Table};
 use super::Bus;
 use crate::config::Durability;
 use crate::connectors::foreign::AnswerTo;
@@ -31,13 +32,20 @@ const MAX_FOREIGN_PER_RUNTIME: usize = 1000;
 
 /// Where one `to` of a message goes.
 enum Destination {
-    /// These runtimes (possibly none: a topic nobody subscribed to).
-    Runtimes(Vec<Arc<Runtime>>),
+    /// The runtime holding the address (or the nearest address it is a sub-resource of): a
+    /// direct addressee.
+    Holder(Arc<Runtime>),
+    /// A topic: its subscribers (a fan-out), the object's holder for a children topic (a
+    /// direct addressee), and whether the object's peer node gets it too (a foreign
+    /// object's children topic with local subscribers: its node gets it whatever is
+    /// subscribed here).
+    Topic {
+        subscribers: Vec<Arc<Runtime>>,
+        holder: Option<Arc<Runtime>>,
+        foreign: bool,
+    },
     /// A peer node.
     Foreign,
-    /// These runtimes and a peer node (a foreign object's children topic with local
-    /// subscribers: the object's node gets it whatever is subscribed here).
-    RuntimesAndForeign(Vec<Arc<Runtime>>),
     /// Nothing holds it.
     Unknown,
 }
@@ -116,7 +124,7 @@ impl Bus {
     fn destination(&self, to: &str) -> Destination {
         let local = self.inner.nodes.is_local(to);
         if let Some(topic) = pubsub::topic(to) {
-            let mut runtimes: Vec<Arc<Runtime>> = self
+            let subscribers: Vec<Arc<Runtime>> = self
                 .inner
                 .subscriptions
                 .subscribers(to)
@@ -125,22 +133,22 @@ impl Bus {
                 .collect();
             // A children topic always reaches its object's route — the local holder, else
             // the object's node — subscribers in addition, never instead.
-            if topic == Topic::Children {
-                match self.inner.table.holder_of(to) {
-                    Some(holder) => runtimes.push(holder),
-                    None if !local && !runtimes.is_empty() => {
-                        return Destination::RuntimesAndForeign(runtimes)
-                    }
-                    None => {}
-                }
-            }
-            if runtimes.is_empty() && !local {
+            let holder = match topic {
+                Topic::Children => self.inner.table.holder_of(to),
+                _ => None,
+            };
+            if subscribers.is_empty() && holder.is_none() && !local {
                 return Destination::Foreign;
             }
-            return Destination::Runtimes(runtimes);
+            let foreign = topic == Topic::Children && holder.is_none() && !local;
+            return Destination::Topic {
+                subscribers,
+                holder,
+                foreign,
+            };
         }
         if let Some(runtime) = self.inner.table.holder_of(to) {
-            Destination::Runtimes(vec![runtime])
+            Destination::Holder(runtime)
         } else if !local {
             Destination::Foreign
         } else {
@@ -187,14 +195,25 @@ impl Bus {
 
     /// Routes an allowed message to every destination ([`Bus::destination`]): runtimes (direct
     /// or inbox, recorded in the journal) or a peer node. Unknown local addresses are a 404.
+    ///
+    /// A direct addressee (an address's holder) that cannot take the message makes it wait
+    /// (flow control) or refuses it (408, its inbox full); a topic's subscriber never does:
+    /// the fan-out is handed out without waiting ([`Bus::hand_out`]), so one subscriber's
+    /// full queue or inbox is its own loss, never the publisher's nor the other subscribers'.
     pub(super) async fn route(
         &self,
         conn: &Connection,
         message: &Message,
     ) -> Result<Option<String>, BusError> {
-        let mut targets: Vec<Arc<Runtime>> = Vec::new();
+        let mut direct: Vec<Arc<Runtime>> = Vec::new();
+        let mut subscribers: Vec<Arc<Runtime>> = Vec::new();
         let mut foreign: Vec<String> = Vec::new();
         let mut unknown: Vec<&str> = Vec::new();
+        // A peer's message never goes back to that peer's own domain (it came from there).
+        let from_there = |to: &str| match &conn.principal {
+            Principal::Peer(domain) => address::domain(to).as_deref() == Some(domain.as_str()),
+            _ => false,
+        };
         for to in &message.to {
             if self.inner.nodes.component(to).is_some() {
                 return Err(BusError::BadRequest(format!(
@@ -211,23 +230,37 @@ impl Bus {
                 }
             }
             match self.destination(to) {
-                Destination::Runtimes(runtimes) => targets.extend(runtimes),
-                Destination::Foreign => foreign.push(to.clone()),
-                Destination::RuntimesAndForeign(runtimes) => {
-                    targets.extend(runtimes);
-                    foreign.push(to.clone());
+                Destination::Holder(runtime) => direct.push(runtime),
+                Destination::Topic {
+                    subscribers: subscribed,
+                    holder,
+                    foreign: to_peer,
+                } => {
+                    subscribers.extend(subscribed);
+                    direct.extend(holder);
+                    if to_peer && !from_there(to) {
+                        foreign.push(to.clone());
+                    }
                 }
+                Destination::Foreign if from_there(to) => unknown.push(to),
+                Destination::Foreign => foreign.push(to.clone()),
                 Destination::Unknown => unknown.push(to),
             }
         }
-        let targets = Table::distinct(targets);
+        let direct = Table::distinct(direct);
+        // Once per runtime: an addressee that also subscribed gets it as an addressee.
+        let subscribers: Vec<Arc<Runtime>> = Table::distinct(subscribers)
+            .into_iter()
+            .filter(|s| !direct.iter().any(|d| Arc::ptr_eq(d, s)))
+            .collect();
         let persistence = &self.inner.persistence;
         let len = message.text.len();
         // What waits in memory for the homeserver (history, inboxes) is charged to the
         // sender's principal, within its share of each budget: one principal filling its
         // share is refused, the others' messages are not.
         let charge: Charge = Arc::from(conn.principal.owner());
-        if !targets.is_empty() {
+        let reached = !direct.is_empty() || !subscribers.is_empty();
+        if reached {
             if self.inner.history_behind.load(Ordering::Relaxed)
                 || persistence.journal.held_bytes() > self.inner.config.max_history_bytes
             {
@@ -242,7 +275,8 @@ impl Bus {
                 ));
             }
         }
-        let away: Vec<&Arc<Runtime>> = targets.iter().filter(|r| !r.is_online()).collect();
+        // Only a direct addressee's full inbox refuses the message.
+        let away: Vec<&Arc<Runtime>> = direct.iter().filter(|r| !r.is_online()).collect();
         if !away.is_empty() && !persistence.inbox.has_room(len * away.len()) {
             return Err(BusError::Unavailable(
                 "the receiver is away and the inboxes are full; retry shortly".into(),
@@ -282,8 +316,12 @@ impl Bus {
             ));
         }
         let journal = &self.inner.persistence.journal;
-        if !targets.is_empty() {
-            let to: Vec<String> = targets.iter().map(|r| r.url.clone()).collect();
+        if reached {
+            let to: Vec<String> = direct
+                .iter()
+                .chain(&subscribers)
+                .map(|r| r.url.clone())
+                .collect();
             let persisted = self.inner.config.durability == Durability::Persisted;
             let to = if persisted {
                 journal
@@ -294,8 +332,11 @@ impl Bus {
             } else {
                 Some(to)
             };
+            // The subscribers first: they never wait, and a slow addressee must not hold
+            // back what they get.
+            self.hand_out(&subscribers, &message.text, &charge);
             let metrics = &self.inner.metrics;
-            for runtime in &targets {
+            for runtime in &direct {
                 match self.deliver(runtime, &message.text, &charge).await {
                     Delivered::Direct => metrics.direct.inc(),
                     Delivered::Queued => metrics.queued.inc(),
@@ -319,6 +360,50 @@ impl Bus {
         Ok(None)
     }
 
+    /// Hands `text` to each of `runtimes` without waiting for any (a topic's fan-out, a
+    /// node-originated notification): into its socket queue, else its inbox. A runtime whose
+    /// queue is full is closed (1013: it resumes from its inbox, where `text` waits); one
+    /// that can take it neither way (its inbox full too) misses it, counted
+    /// (`bus_refused{reason="subscriber_missed"}`) — its own loss, not anyone else's.
+    fn hand_out(&self, runtimes: &[Arc<Runtime>], text: &Utf8Bytes, charge: &Charge) {
+        let inbox = &self.inner.persistence.inbox;
+        let metrics = &self.inner.metrics;
+        let len = text.len();
+        for runtime in runtimes {
+            let room = inbox.has_room(len)
+                && inbox.charge_has_room(charge, len)
+                && inbox.runtime_has_room(&runtime.url, len);
+            let delivered = match runtime.is_online() || room {
+                false => None,
+                true => match runtime.offer(text, inbox, charge) {
+                    Offer::Done(delivered) => Some(delivered),
+                    Offer::Full { conn, .. } => {
+                        metrics.refuse(refused::SLOW_SUBSCRIBER);
+                        match room {
+                            true => Some(runtime.too_slow(conn, text, inbox, charge)),
+                            false => {
+                                runtime.close_behind(conn);
+                                None
+                            }
+                        }
+                    }
+                },
+            };
+            match delivered {
+                Some(Delivered::Direct) => {
+                    metrics.direct.inc();
+                }
+                Some(Delivered::Queued) => {
+                    metrics.queued.inc();
+                }
+                None => {
+                    metrics.refuse(refused::SUBSCRIBER_MISSED);
+                    tracing::info!(runtime = %runtime.url, "a subscriber's queue and inbox are full: it misses a publish");
+                }
+            }
+        }
+    }
+
     /// Queues `message` for the peer nodes of `targets`; their first answer goes to `answer`.
     pub(super) fn to_peers(&self, message: &Message, targets: &[String], answer: &Arc<AnswerTo>) {
         let foreign = &self.inner.connectors.foreign;
@@ -335,7 +420,8 @@ impl Bus {
         }
     }
 
-    /// Sends a node-originated message (a notification) to whoever `to` reaches.
+    /// Sends a node-originated message (a notification) to whoever `to` reaches, waiting
+    /// for nobody ([`Bus::hand_out`]): whoever asked for it is not held up by receivers.
     pub(super) async fn publish(&self, mut notification: Value) {
         notification["id"] = json!(self.next_message_id());
         let Ok(message) = Message::from_value(notification, None) else {
@@ -343,15 +429,22 @@ impl Bus {
         };
         let mut targets = Vec::new();
         for to in &message.to {
-            if let Destination::Runtimes(runtimes) = self.destination(to) {
-                targets.extend(runtimes);
+            match self.destination(to) {
+                Destination::Holder(runtime) => targets.push(runtime),
+                Destination::Topic {
+                    subscribers,
+                    holder,
+                    ..
+                } => {
+                    targets.extend(subscribers);
+                    targets.extend(holder);
+                }
+                Destination::Foreign | Destination::Unknown => {}
             }
         }
         let targets = Table::distinct(targets);
         let node = Charge::from(NODE);
-        for runtime in &targets {
-            self.deliver(runtime, &message.text, &node).await;
-        }
+        self.hand_out(&targets, &message.text, &node);
         self.inner.persistence.journal.record(
             message.text.as_str(),
             targets.iter().map(|r| r.url.clone()).collect(),

@@ -125,11 +125,6 @@ impl Runtime {
         self.handover.lock().await
     }
 
-    /// A runtime outside the table (a peer node's stand-in): nothing is routed to it.
-    pub fn standalone(url: &str, record: RuntimeRecord) -> Arc<Runtime> {
-        Arc::new(Runtime::new(url, record))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -269,6 +264,21 @@ impl Runtime {
         }
     }
 
+    /// The socket of `conn` is behind, and what it misses cannot wait in the inbox either: it
+    /// is told to close (it resumes from the inbox), and is away until then.
+    pub fn close_behind(&self, conn: u64) {
+        let mut state = self.lock();
+        if matches!(&state.delivery, Delivery::Online { conn: c, .. } if *c == conn) {
+            if let Delivery::Online { close, .. } =
+                std::mem::replace(&mut state.delivery, Delivery::Away)
+            {
+                close.cancel();
+            }
+            state.away_since = Some(Instant::now());
+            state.behind_since = None;
+        }
+    }
+
     /// A new connection takes the runtime over; deliveries go to the inbox until
     /// [`Runtime::go_online`]. The previous connection (if any) is told to close (`close` of
     /// its own attach is cancelled).
@@ -337,6 +347,16 @@ impl Runtime {
         }
     }
 
+    /// The runtime is in use without a socket (a peer node's stand-in, at each of its
+    /// messages): it counts as away from now, so it is released only once unused for
+    /// `away_release_after`.
+    pub fn touch(&self) {
+        let mut state = self.lock();
+        if state.away_since.is_some() {
+            state.away_since = Some(Instant::now());
+        }
+    }
+
     /// How long no socket has held the runtime (`None` while one does).
     pub fn away_for(&self) -> Option<Duration> {
         self.lock().away_since.map(|since| since.elapsed())
@@ -380,6 +400,23 @@ impl Table {
 
     /// The runtime with this URL, created (away, with `record`) when new.
     pub fn runtime(&self, url: &str, record: impl FnOnce() -> RuntimeRecord) -> Arc<Runtime> {
+        self.insert(url, record, true)
+    }
+
+    /// A peer node's stand-in runtime `url`, created (with `record`, which names the peer as
+    /// its owner) when new: in the table, so that what it holds counts for the peer as for
+    /// any principal and is released once unused for `away_release_after`, but with its URL
+    /// unbound — what is addressed to the peer's domain goes to the peer.
+    pub fn stand_in(&self, url: &str, record: impl FnOnce() -> RuntimeRecord) -> Arc<Runtime> {
+        self.insert(url, record, false)
+    }
+
+    fn insert(
+        &self,
+        url: &str,
+        record: impl FnOnce() -> RuntimeRecord,
+        bind_url: bool,
+    ) -> Arc<Runtime> {
         if let Some(r) = self.get_runtime(url) {
             return r;
         }
@@ -389,7 +426,9 @@ impl Table {
             .or_insert_with(|| Arc::new(Runtime::new(url, record())))
             .clone();
         drop(runtimes);
-        self.bind_if_free(url, &runtime);
+        if bind_url {
+            self.bind_if_free(url, &runtime);
+        }
         self.bind_record(&runtime);
         self.own(&runtime);
         runtime

@@ -91,8 +91,8 @@ struct Job {
     answer: Arc<AnswerTo>,
 }
 
-/// Where the first answer to one message goes (the sender's socket queue, or nowhere: an
-/// answer to a peer's answer), and what its error response needs.
+/// Where the answers to one message go (the sender's socket queue, or nowhere: an answer to
+/// a peer's answer), and what its error responses need.
 pub struct AnswerTo {
     tx: Option<Outbound>,
     answered: AtomicBool,
@@ -113,30 +113,34 @@ impl AnswerTo {
         })
     }
 
-    /// The first answer (or error) of a message's targets goes back; later ones are logged.
-    /// False when the sender's queue had no room for it (dropped).
+    /// The first answer of a message's targets goes back (later answers are dropped: the
+    /// sender matches answers by id), and so does every failure, each naming its target — a
+    /// target that failed after another answered is not hidden from the sender. False when
+    /// the sender's queue had no room for it (dropped).
     fn settle(&self, to: &str, sent: Result<Option<String>, BusError>) -> bool {
-        let answer = match sent {
+        let (answer, failed) = match sent {
             Ok(None) => return true,
-            Ok(Some(answer)) => answer,
+            Ok(Some(answer)) => (answer, false),
             Err(e) => {
-                if self.tx.is_none() || self.answered.load(Ordering::Relaxed) {
+                if self.tx.is_none() {
                     tracing::warn!(%e, to, "foreign delivery failed");
                 }
-                response(
+                let description = format!("'{to}': {e}");
+                let answer = response(
                     &self.id,
                     &self.first_to,
                     &self.from,
                     e.code(),
-                    &e.to_string(),
+                    &description,
                     None,
-                )
+                );
+                (answer, true)
             }
         };
         let Some(tx) = &self.tx else {
             return true;
         };
-        if self.answered.swap(true, Ordering::Relaxed) {
+        if self.answered.swap(true, Ordering::Relaxed) && !failed {
             return true;
         }
         // Never waits: a sender that does not read its answers loses them, not the line.
