@@ -2059,6 +2059,9 @@ async fn a_peers_message_does_not_go_back_to_the_peer() {
     let url = format!("http://{}", peer.addr);
     let policies = common::policies_with(|data| {
         data["subscription"]["trusted_domains"] = json!(["msgnode.test"]);
+        // A foreign object's children are its holder's: alice listens in with its consent.
+        data["subscription"]["consent"]["comm://msgnode.test/room"] =
+            json!(["runtime://localhost/alice-rt"]);
     });
     let running = node_with(|c| {
         c.bus.peers[0].url = url;
