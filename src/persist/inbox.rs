@@ -597,14 +597,9 @@ impl MatrixInbox {
                 .messages_filtered(&sender, room, token.as_deref(), true, 50, Some(&filter))
                 .await?;
             for event in &events {
-                let content = &event["content"];
-                if event["type"] != INBOX_EVENT_TYPE
-                    || content.as_object().is_none_or(Map::is_empty)
-                {
+                let Some((writer, batch)) = inbox_batch(event)? else {
                     continue;
-                }
-                let writer = batch_writer(content);
-                let batch = decode_batch(content).map_err(ActorError::Malformed)?;
+                };
                 let end = batch.first_seq + batch.entries.len() as u64;
                 seen.insert(writer.clone());
                 if end <= cursor.get(&writer).copied().unwrap_or(0) + 1 {
@@ -751,14 +746,9 @@ impl Forward<'_> {
                 )
                 .await?;
             for event in &events {
-                let content = &event["content"];
-                if event["type"] != INBOX_EVENT_TYPE
-                    || content.as_object().is_none_or(Map::is_empty)
-                {
+                let Some((writer, batch)) = inbox_batch(event)? else {
                     continue;
-                }
-                let writer = batch_writer(content);
-                let batch = decode_batch(content).map_err(ActorError::Malformed)?;
+                };
                 if batch.first_seq > taken.upto_of(&writer) + 1 {
                     return Ok(None); // not the next of this writer's: a gap
                 }
@@ -813,6 +803,17 @@ fn parse_cursor(content: Option<&Value>) -> BTreeMap<String, u64> {
 }
 
 /// The node that wrote an inbox batch (`""`: written before inboxes had several writers).
+/// The writer and the decoded batch of an inbox event; `None` for any other event (or an
+/// emptied one: redacted or cleared).
+fn inbox_batch(event: &Value) -> Result<Option<(String, DecodedBatch)>, ActorError> {
+    let content = &event["content"];
+    if event["type"] != INBOX_EVENT_TYPE || content.as_object().is_none_or(Map::is_empty) {
+        return Ok(None);
+    }
+    let batch = decode_batch(content).map_err(ActorError::Malformed)?;
+    Ok(Some((batch_writer(content), batch)))
+}
+
 fn batch_writer(content: &Value) -> String {
     content
         .get("writer")
