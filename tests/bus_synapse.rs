@@ -61,7 +61,10 @@ async fn bus_routes_and_enforces_between_real_stubs() {
     let policies_dir = tempfile::tempdir().expect("tempdir");
     let policies: PathBuf = policies_dir.path().join("policies");
     copy_dir(&Path::new(REPO).join("policies"), &policies);
-    let config = config(&synapse, &policies);
+    let mut config = config(&synapse, &policies);
+    // The policy edit's revocation is what matters here, not the reload gate (the bundle's
+    // own tests, slow in a debug build while other tests load both cores).
+    config.pdp.reload_requires_tests = Some(false);
     let running = node(&config).await;
     let addr = running.bus_addr.expect("bus address");
 
@@ -395,7 +398,6 @@ async fn bus_routes_and_enforces_between_real_stubs() {
     send_numbered(&mut alice, &alice_h[0], &bob_h[0], 10..13).await;
     running.stop().await;
     // The restarted node writes history before it delivers (`durability = persisted`).
-    let mut config = config;
     config.bus.durability = msgnode::config::Durability::Persisted;
     let running = node(&config).await;
     let addr = running.bus_addr.expect("bus address");
