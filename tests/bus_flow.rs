@@ -21,6 +21,9 @@ async fn node(close_after: Duration) -> Running {
     config.bus.outbound_queue = 4;
     config.bus.outbound_queue_bytes = 256 * 1024;
     config.bus.slow_receiver_close_after = close_after;
+    // The sender alone floods 200 × 64 KiB: once its receiver is closed, all of what is
+    // left waits in the inbox, so its share must hold that much (the default is 8 MiB).
+    config.bus.inbox_max_bytes_per_principal = 16 * 1024 * 1024;
     config.bus.network_servers = [("sender", SENDER), ("receiver", RECEIVER)]
         .into_iter()
         .map(|(name, token)| NetworkServer {
