@@ -143,6 +143,47 @@ async fn claims_count_against_limits_and_hyperty_claims_follow_their_switch() {
     running.stop().await;
 }
 
+/// A claim whose decision could not be made (here: a remote PDP that fails every claim of a
+/// runtime address) is answered "policy unavailable", so the stub knows to try again; it is
+/// not passed on to the message's own decision, which would call the `from` spoofed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_the_policy_could_not_decide_is_unavailable_not_spoofed() {
+    use axum::{routing::post, Json, Router};
+    let pdp = Router::new().route(
+        "/v1/data/{*path}",
+        post(|Json(body): Json<Value>| async move {
+            let input = &body["input"];
+            if input["kind"] == "claim" && input["claim"]["kind"] == "runtime_address" {
+                return Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+            }
+            Ok(Json(json!({"result": {"allow": true, "reasons": []}})))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let pdp_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, pdp).await });
+    let mut config = common::bus_config(&common::shipped_policies());
+    config.pep.pdp_url = Some(format!("http://{pdp_addr}"));
+    principals(&mut config);
+    let (running, node) = started(config).await;
+    let runtime = node.runtime("1");
+    let mut stub = node.vertx(&runtime).await;
+    let from = format!("{}/sm", node.protostub("1"));
+    let answer = stub
+        .request(json!({"type": "ping", "from": from, "to": node.runtime("nobody")}))
+        .await;
+    assert_eq!(answer["body"]["code"], 403, "{answer}");
+    let description = answer["body"]["description"].as_str().unwrap_or("");
+    assert!(
+        description.contains("policy unavailable") && !description.contains("spoofed"),
+        "{answer}"
+    );
+    close(stub, &runtime).await;
+    running.stop().await;
+}
+
 /// The same scenarios with Synapse behind the node: every state change is stored before
 /// it is answered, so a `close` and the next socket's requests race the homeserver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,14 @@ use crate::rethink::{BusError, Message};
 /// Most addresses one runtime may claim on first use, whatever the policy allows.
 pub const MAX_CLAIMS_PER_RUNTIME: usize = 1000;
 
+/// A claim the decision did not allow.
+struct ClaimRefused {
+    /// No policy decided (the decision failed closed): not the policy's answer.
+    unavailable: bool,
+    /// What the sender is told.
+    error: BusError,
+}
+
 /// The subject of a principal for an address it does not hold yet.
 fn principal_subject(principal: &Principal, runtime: &str) -> Subject {
     let mut subject = Subject {
@@ -44,14 +52,15 @@ impl Bus {
     /// (`kind: "claim"`), with what the principal holds for the limits.
     ///
     /// # Errors
-    /// 403 with the policy's reasons.
+    /// 403 with the policy's reasons; [`ClaimRefused::unavailable`] tells a refusal because
+    /// no policy decided (a timeout, a PDP down) from the policy's own no.
     async fn decide_claim(
         &self,
         url: &str,
         kind: &'static str,
         principal: &Principal,
         runtime: &str,
-    ) -> Result<(), BusError> {
+    ) -> Result<(), ClaimRefused> {
         let mut subject = principal_subject(principal, runtime);
         subject.principal = Some(self.totals(&principal.owner(), false));
         let input = Input::Claim(ClaimInput {
@@ -63,7 +72,14 @@ impl Bus {
             subject,
             context: self.context(),
         });
-        self.allowed(&input).await.map(drop)
+        let decision = self.decision(&input).await;
+        match decision.allow {
+            true => Ok(()),
+            false => Err(ClaimRefused {
+                unavailable: decision.failed,
+                error: BusError::Forbidden(crate::policy::refusal(&decision)),
+            }),
+        }
     }
 
     /// Decides whether `principal` may take the runtime URL `url`, which nobody owns yet:
@@ -99,7 +115,9 @@ impl Bus {
                  is {limit}); reconnect one of them instead of a new runtime URL"
             )));
         }
-        self.decide_claim(url, "runtime", principal, url).await
+        self.decide_claim(url, "runtime", principal, url)
+            .await
+            .map_err(|refused| refused.error)
     }
 
     /// Claim on first use: a `from` of the node's domain that nobody holds — under a
@@ -109,7 +127,9 @@ impl Bus {
     /// anti-spoofing rule, which refuse it as spoofed.
     ///
     /// # Errors
-    /// 403 past the node's backstops; 408 when the claim cannot be stored.
+    /// 403 past the node's backstops, or "policy unavailable" when the claim's decision
+    /// could not be made (told as such, not as the spoof the message's own decision would
+    /// then find); 408 when the claim cannot be stored.
     pub(super) async fn claim_from(
         &self,
         conn: &Connection,
@@ -157,7 +177,10 @@ impl Bus {
             .decide_claim(from, kind, &conn.principal, &runtime.url)
             .await
         {
-            tracing::debug!(%from, %refused, "claim on first use refused");
+            if refused.unavailable {
+                return Err(refused.error);
+            }
+            tracing::debug!(%from, refused = %refused.error, "claim on first use refused");
             return Ok(());
         }
         if table.claims.take(from, &owner).is_err() {

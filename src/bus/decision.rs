@@ -89,14 +89,15 @@ impl Bus {
         Context::now(self.inner.nodes.domain())
     }
 
+    /// Asks the PDP, as the bus.
+    pub(super) async fn decision(&self, input: &Input<'_>) -> Decision {
+        let decider = &self.inner.policy.decider;
+        decider.decide(input, EnforcementPoint::Bus).await
+    }
+
     /// Asks the PDP; a deny is a 403 carrying the policy's reasons.
     pub(super) async fn allowed(&self, input: &Input<'_>) -> Result<Decision, BusError> {
-        let decision = self
-            .inner
-            .policy
-            .decider
-            .decide(input, EnforcementPoint::Bus)
-            .await;
+        let decision = self.decision(input).await;
         if decision.allow {
             return Ok(decision);
         }
