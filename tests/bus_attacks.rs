@@ -462,6 +462,51 @@ async fn only_the_holder_publishes_an_objects_changes() {
     running.stop().await;
 }
 
+/// Third review N1: each subscribe to the same resource with a new `body.source` under the
+/// runtime's URL replaced the record's subscriber but added a fan-out entry beside the old
+/// one, uncounted; an unsubscribe then removed only the last, and the rest kept delivering.
+/// The fan-out keeps one subscriber per (resource, runtime), as the record does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribing_with_new_sources_does_not_grow_the_fanout() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let object = alice.allocate("localhost", "comm", 1).await.remove(0);
+    let changes = format!("{object}/changes");
+    for k in 0..200 {
+        let sub = bob
+            .request(
+                json!({"type": "subscribe", "from": "runtime://localhost/bob-rt/sm",
+                "to": format!("{MN}/sm"), "body": {"resources": [changes],
+                "source": format!("runtime://localhost/bob-rt/{k}")}}),
+            )
+            .await;
+        assert_eq!(code(&sub), 200, "{sub}");
+    }
+    // One subscription: a publish reaches bob once, addressed to the last source's topic.
+    alice
+        .send(json!({"type": "update", "from": object, "to": changes, "body": {"value": 1}}))
+        .await;
+    assert_eq!(bob.recv().await["body"]["value"], 1);
+    assert!(quiet(&mut bob).await.is_none(), "one delivery per runtime");
+    let unsub = bob
+        .request(
+            json!({"type": "unsubscribe", "from": "runtime://localhost/bob-rt/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": [changes]}}),
+        )
+        .await;
+    assert_eq!(code(&unsub), 200, "{unsub}");
+    alice
+        .send(json!({"type": "update", "from": object, "to": changes, "body": {"value": 2}}))
+        .await;
+    assert!(
+        quiet(&mut bob).await.is_none(),
+        "after the unsubscribe no earlier source still delivers"
+    );
+    running.stop().await;
+}
+
 /// Percent-encoded dot segments, runtime URLs of other domains, and too many destinations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_urls_foreign_runtime_urls_and_huge_fan_outs_are_refused() {

@@ -20,30 +20,36 @@ pub struct Subscriber {
     pub runtime: Arc<Runtime>,
 }
 
-/// Resource → subscribers.
+/// Resource → subscribing runtime URL → its subscriber.
+///
+/// Invariant: the index mirrors the runtimes' records, which keep one subscriber per
+/// resource: a runtime is in a resource's map at most once, so a new `body.source` for a
+/// resource replaces the runtime's entry instead of adding one beside it (the count the
+/// limits see is the count the fan-out serves).
 #[derive(Default)]
 pub struct Subscriptions {
     by_resource: RwLock<HashMap<String, BTreeMap<String, Subscriber>>>,
 }
 
 impl Subscriptions {
-    /// Adds (or replaces) `subscriber`'s subscription to `resource`.
+    /// Adds (or replaces) the subscription of `subscriber`'s runtime to `resource`.
     pub fn add(&self, resource: &str, subscriber: Subscriber) {
         self.by_resource
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .entry(resource.to_string())
             .or_default()
-            .insert(subscriber.address.clone(), subscriber);
+            .insert(subscriber.runtime.url.clone(), subscriber);
     }
 
-    /// Removes `address`'s subscription to `resource`; whether there was one.
-    pub fn remove(&self, resource: &str, address: &str) -> bool {
+    /// Removes the subscription of the runtime `runtime` to `resource`; whether there was
+    /// one.
+    pub fn remove(&self, resource: &str, runtime: &str) -> bool {
         let mut map = self.by_resource.write().unwrap_or_else(|p| p.into_inner());
         let Some(subscribers) = map.get_mut(resource) else {
             return false;
         };
-        let removed = subscribers.remove(address).is_some();
+        let removed = subscribers.remove(runtime).is_some();
         if subscribers.is_empty() {
             map.remove(resource);
         }
@@ -54,7 +60,7 @@ impl Subscriptions {
     pub fn remove_runtime(&self, url: &str) {
         let mut map = self.by_resource.write().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, subscribers| {
-            subscribers.retain(|_, s| s.runtime.url != url);
+            subscribers.remove(url);
             !subscribers.is_empty()
         });
     }
@@ -145,6 +151,30 @@ pub fn is_topic(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runtime_subscribes_to_a_resource_once_whatever_its_source() {
+        let subscriptions = Subscriptions::default();
+        let table = super::super::runtimes::Table::default();
+        let runtime = table.runtime("runtime://d/r", Default::default);
+        for source in ["runtime://d/r", "runtime://d/r/1", "runtime://d/r/2"] {
+            subscriptions.add(
+                "comm://d/x/changes",
+                Subscriber {
+                    address: source.into(),
+                    runtime: Arc::clone(&runtime),
+                },
+            );
+        }
+        let now = subscriptions.subscribers("comm://d/x/changes");
+        assert_eq!(now.len(), 1);
+        assert_eq!(
+            now[0].address, "runtime://d/r/2",
+            "the last source replaced the rest"
+        );
+        assert!(subscriptions.remove("comm://d/x/changes", "runtime://d/r"));
+        assert!(subscriptions.all().is_empty());
+    }
 
     #[test]
     fn topics() {

@@ -217,8 +217,8 @@ impl Bus {
         let record = conn.runtime.record();
         let mut removed = Vec::new();
         for resource in &resources {
-            if let Some(subscriber) = record.subscriptions.get(resource) {
-                self.inner.subscriptions.remove(resource, subscriber);
+            if record.subscriptions.contains_key(resource) {
+                self.inner.subscriptions.remove(resource, &conn.runtime.url);
                 removed.push(resource.clone());
             }
         }
@@ -272,7 +272,7 @@ impl Bus {
             };
             self.inner
                 .subscriptions
-                .remove(&resource, &subscriber.address);
+                .remove(&resource, &subscriber.runtime.url);
             let record = subscriber.runtime.update(|r| {
                 r.subscriptions.remove(&resource);
             });
