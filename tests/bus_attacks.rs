@@ -507,6 +507,34 @@ async fn resubscribing_with_new_sources_does_not_grow_the_fanout() {
     running.stop().await;
 }
 
+/// Third review N7: the reference stubs all live under `hyperty-runtime://D/protostub/<n>`;
+/// whoever bound or claimed the root itself would have held every other principal's stubs
+/// for good. The root alone is nobody's: refused at the handshake and as a claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_root_cannot_be_claimed() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let root = "hyperty-runtime://localhost/protostub";
+    assert_eq!(refused_runtime(addr, root).await, 400);
+    let mut eve = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let claimed = eve
+        .request(json!({"type": "ping", "from": root, "to": "runtime://localhost/nobody"}))
+        .await;
+    assert_eq!(code(&claimed), 403, "{claimed}");
+    assert!(description(&claimed).contains("spoofed"), "{claimed}");
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let stub = format!("{root}/7/sm");
+    let answer = bob
+        .request(json!({"type": "ping", "from": stub, "to": "runtime://localhost/nobody"}))
+        .await;
+    assert_eq!(
+        code(&answer),
+        404,
+        "bob's stub under the root is his: {answer}"
+    );
+    running.stop().await;
+}
+
 /// Percent-encoded dot segments, runtime URLs of other domains, and too many destinations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_urls_foreign_runtime_urls_and_huge_fan_outs_are_refused() {

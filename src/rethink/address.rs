@@ -136,11 +136,26 @@ impl NodeAddresses {
     /// domain is usually this node's; a runtime of another domain may use this node too (it
     /// owns only that URL and what lies under it). The caller refuses the domains of
     /// configured peers.
+    ///
+    /// A [`SHARED_ROOTS`] segment alone (`hyperty-runtime://D/protostub`) is refused: it is
+    /// the namespace every runtime's stubs share, and whoever held it would hold all of them.
     pub fn runtime_url_problem(&self, url: &str) -> Option<String> {
         if url.len() > super::message::MAX_URL_BYTES {
             return super::message::url_problem("the runtime URL", url);
         }
-        canonical_problem(url, &["runtime", "hyperty-runtime"], &self.domain)
+        if let Some(problem) = canonical_problem(url, &["runtime", "hyperty-runtime"], &self.domain)
+        {
+            return Some(problem);
+        }
+        let path = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'));
+        match path {
+            Some((_, root)) if SHARED_ROOTS.contains(&root) => Some(format!(
+                "{url:?} is the namespace every runtime's stubs share: use {url}/<id>"
+            )),
+            _ => None,
+        }
     }
 
     /// Why `url` cannot be claimed as a hyperty address: as [`Self::runtime_url_problem`],
@@ -162,6 +177,11 @@ impl NodeAddresses {
         }
     }
 }
+
+/// First path segments that name a namespace shared by every runtime, not one runtime
+/// (the reference stubs are all `hyperty-runtime://D/protostub/<n>`): a runtime URL or
+/// claim must go below them, since an address is its holder's with everything under it.
+pub const SHARED_ROOTS: &[&str] = &["protostub"];
 
 /// Most path segments of a runtime URL (or a claimed address).
 pub const MAX_RUNTIME_SEGMENTS: usize = 8;
@@ -278,6 +298,17 @@ mod tests {
         );
         assert_eq!(n.hyperty_url_problem("hyperty://localhost/0f9d-2a61"), None);
         assert!(n.hyperty_url_problem("runtime://localhost/x").is_some());
+        // The stubs' shared namespace, alone, is nobody's.
+        assert!(n
+            .runtime_url_problem("hyperty-runtime://localhost/protostub")
+            .is_some_and(|p| p.contains("share")));
+        assert!(n
+            .runtime_url_problem("runtime://localhost/protostub")
+            .is_some());
+        assert_eq!(
+            n.runtime_url_problem("hyperty-runtime://localhost/protostub/7"),
+            None
+        );
         assert_eq!(
             n.runtime_url_problem("hyperty-runtime://localhost/abc"),
             None
