@@ -535,6 +535,45 @@ async fn a_shared_root_cannot_be_claimed() {
     running.stop().await;
 }
 
+/// Third review N17: a released runtime keeps its URL and claimed addresses for good, and
+/// what was sent to them after the release waited in its inbox, charged to the senders,
+/// until the owner came back to that exact URL — maybe never. Nothing is parked for a
+/// tombstone: it is unknown (404) until its owner takes it up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_a_released_runtime_are_not_parked_for_ever() {
+    let running = node().await;
+    let addr = running.bus_addr.expect("bus");
+    let runtime = "runtime://localhost/mallory-gone";
+    let mut gone = bound(addr, runtime, MALLORY).await;
+    let claimed = "hyperty-runtime://localhost/protostub/mallory-gone/sm".to_string();
+    let first = gone
+        .request(json!({"type": "ping", "from": claimed, "to": "runtime://localhost/nobody"}))
+        .await;
+    assert_eq!(code(&first), 404, "claimed on first use: {first}");
+    gone.send(json!({"type": "disconnect", "from": runtime, "to": "mn:/session"}))
+        .await;
+    assert!(gone.closed().await.is_some(), "released and closed");
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let pad = "x".repeat(32 * 1024);
+    for to in [runtime.to_string(), claimed.clone()] {
+        for _ in 0..4 {
+            let answer = alice
+                .request(json!({"type": "create", "from": a, "to": to, "body": {"pad": pad}}))
+                .await;
+            assert_eq!(code(&answer), 404, "{to}: {answer}");
+        }
+    }
+    // Taken up again by its owner: nothing waited for it, and it receives again.
+    let mut back = bound(addr, runtime, MALLORY).await;
+    assert!(quiet(&mut back).await.is_none(), "nothing was parked");
+    alice
+        .send(json!({"type": "create", "from": a, "to": runtime, "body": {"n": 1}}))
+        .await;
+    assert_eq!(back.recv().await["body"]["n"], 1);
+    running.stop().await;
+}
+
 /// Percent-encoded dot segments, runtime URLs of other domains, and too many destinations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_urls_foreign_runtime_urls_and_huge_fan_outs_are_refused() {

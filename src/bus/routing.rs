@@ -123,6 +123,10 @@ impl Bus {
     /// subscribers — else a peer node (another domain), else nobody (unknown).
     fn destination(&self, to: &str) -> Destination {
         let local = self.inner.nodes.is_local(to);
+        // A released runtime (a tombstone) keeps its URL and claimed addresses, but nothing
+        // is parked for it any more: its inbox went with the release, and it may never
+        // come back to read what would wait.
+        let live = |runtime: &Arc<Runtime>| !runtime.with_record(|r| r.released);
         if let Some(topic) = pubsub::topic(to) {
             let subscribers: Vec<Arc<Runtime>> = self
                 .inner
@@ -134,7 +138,7 @@ impl Bus {
             // A children topic always reaches its object's route — the local holder, else
             // the object's node — subscribers in addition, never instead.
             let holder = match topic {
-                Topic::Children => self.inner.table.holder_of(to),
+                Topic::Children => self.inner.table.holder_of(to).filter(live),
                 _ => None,
             };
             if subscribers.is_empty() && holder.is_none() && !local {
@@ -148,7 +152,10 @@ impl Bus {
             };
         }
         if let Some(runtime) = self.inner.table.holder_of(to) {
-            Destination::Holder(runtime)
+            match live(&runtime) {
+                true => Destination::Holder(runtime),
+                false => Destination::Unknown,
+            }
         } else if !local {
             Destination::Foreign
         } else {
