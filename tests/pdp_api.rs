@@ -433,6 +433,36 @@ async fn policies_health_and_metrics_report_the_bundle() {
     node.stop().await;
 }
 
+/// A reload opens every file of the bundle (and the gate runs its tests, which read them):
+/// those reads are no change, so an idle node reloads nothing — it did, again and again.
+#[tokio::test]
+async fn an_idle_node_does_not_reload_its_own_reads() {
+    let test = "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\n";
+    let node = Node::start(
+        &[("policies/t.rego", POLICY), ("policies/t_test.rego", test)],
+        |_| {},
+    )
+    .await;
+    let reloads = || async {
+        let text = node.text("/metrics").await;
+        text.lines()
+            .find(|l| l.starts_with("msgnode_pdp_bundle_reloads_total{result=\"ok\"}"))
+            .map(str::to_string)
+    };
+    // One real change: one reload, whose own reads of the files must not start another.
+    let before = reloads().await;
+    write(&node.dir.path().join("policies/t.rego"), &format!("{POLICY}# edited\n"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reloads().await == before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = reloads().await;
+    assert_ne!(after, before, "the edit is reloaded");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reloads().await, after, "no reload without a change");
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn policy_edits_apply_without_restart_and_broken_edits_change_nothing_but_health() {
     let node = Node::start(&[("policies/t.rego", POLICY)], |_| {}).await;

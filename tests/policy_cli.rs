@@ -430,6 +430,20 @@ fn policy_test_watch_runs_again_when_a_file_changes() {
         false
     };
     let first = wait_for("1 passed, 0 failed");
+    // Its own reading of the files is no change: no second run until one is written.
+    let idle = {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut ran = false;
+        while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+            if rx
+                .recv_timeout(left)
+                .is_ok_and(|line| line.contains("passed,"))
+            {
+                ran = true;
+            }
+        }
+        ran
+    };
     std::fs::write(
         p.join("t.rego"),
         "package t\nallow if input.user == \"bob\"\n",
@@ -439,6 +453,7 @@ fn policy_test_watch_runs_again_when_a_file_changes() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(first, "first run");
+    assert!(!idle, "no run without a change");
     assert!(second, "the run after the change");
 }
 

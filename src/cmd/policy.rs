@@ -115,18 +115,13 @@ fn test(
         return test_once(args, dir, &options, config, config_file);
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    let mut debouncer =
-        notify_debouncer_mini::new_debouncer(Duration::from_millis(200), move |event| {
-            let _ = tx.send(event);
-        })?;
     let mut watched = vec![dir.to_path_buf()];
     watched.extend(args.fixtures.clone());
-    for path in &watched {
-        debouncer
-            .watcher()
-            .watch(path, notify::RecursiveMode::Recursive)
-            .with_context(|| format!("cannot watch {}", path.display()))?;
-    }
+    let paths: Vec<&Path> = watched.iter().map(PathBuf::as_path).collect();
+    let _watcher = crate::pdp::watcher::changes(&paths, move || {
+        let _ = tx.send(());
+    })
+    .with_context(|| format!("cannot watch {}", dir.display()))?;
     loop {
         if let Err(error) = test_once(args, dir, &options, config, config_file) {
             println!("error: {error:#}");
@@ -136,7 +131,7 @@ fn test(
         if rx.recv().is_err() {
             return Ok(ExitCode::FAILURE);
         }
-        while rx.recv_timeout(Duration::from_millis(100)).is_ok() {}
+        while rx.recv_timeout(Duration::from_millis(200)).is_ok() {}
     }
 }
 

@@ -379,6 +379,17 @@ impl Pdp {
     /// # Errors
     /// The bundle does not compile, or its tests fail; nothing changed.
     pub fn load(&self, bundle: Bundle) -> Result<Arc<str>, LoadError> {
+        // The revision serving already (a reload that found nothing new, or an edit undone):
+        // neither tested nor compiled again, only the failure of any newer attempt cleared.
+        let serving = self.inner.active.load();
+        if let Some(active) = serving.as_ref().filter(|a| *a.revision == *bundle.revision) {
+            let revision = Arc::clone(&active.revision);
+            let mut status = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.last_attempt_at = Some(SystemTime::now());
+            self.loaded(&mut status, &revision);
+            return Ok(revision);
+        }
+        drop(serving);
         let gate = self.inner.requires_tests.unwrap_or(bundle.has_tests());
         let started = Instant::now();
         let tested = match gate {
@@ -419,13 +430,18 @@ impl Pdp {
             status.activated_at = status.last_attempt_at;
             tracing::info!(%revision, %source, tests_gate = gate, tests_ms, "policy bundle activated");
         }
+        self.loaded(&mut status, &revision);
+        Ok(revision)
+    }
+
+    /// Records in `status` (and the metrics) that a load of `revision` succeeded.
+    fn loaded(&self, status: &mut LoadStatus, revision: &str) {
         status.revision = Some(revision.to_string());
         status.last_load_ok = true;
         status.last_error = None;
         status.last_error_location = None;
         status.failing_tests.clear();
-        self.inner.metrics.reload_ok(&revision);
-        Ok(revision)
+        self.inner.metrics.reload_ok(revision);
     }
 
     /// Runs the tests of `bundle` (a compiled revision, e.g. the active one) as `policy test`
