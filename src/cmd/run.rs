@@ -743,7 +743,17 @@ async fn serve(node: &mut Running, file: Option<&Path>, parts: Parts, log: &LogH
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => return,
                     _ = term.recv() => return,
-                    _ = hup.recv() => node.reload(file, parts, log).await,
+                    _ = hup.recv() => {
+                        // A reload (the bundle's test gate may take seconds) never holds up
+                        // a stop asked for meanwhile.
+                        let reload = node.reload(file, parts, log);
+                        tokio::pin!(reload);
+                        tokio::select! {
+                            _ = &mut reload => {}
+                            _ = tokio::signal::ctrl_c() => return,
+                            _ = term.recv() => return,
+                        }
+                    }
                 }
             },
             _ => tracing::warn!("cannot listen for SIGTERM/SIGHUP; only Ctrl-C stops the node"),

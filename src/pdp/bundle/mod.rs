@@ -40,9 +40,10 @@ impl fmt::Display for Location {
 /// Why a bundle could not be read or compiled. Every variant names the file to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    /// The bundle root does not exist or is not a directory.
-    #[error("policy directory {0} does not exist or is not a directory (create it, or set [pdp] policies / --policies)")]
-    MissingDir(PathBuf),
+    /// The bundle root does not exist or is not a directory; the second path is where it was
+    /// looked for (a relative root is taken from the working directory).
+    #[error("policy directory {} does not exist or is not a directory (looked for {}; create it, or set [pdp] policies / --policies)", .0.display(), .1.display())]
+    MissingDir(PathBuf, PathBuf),
     /// The root has no `*.rego` module at all.
     #[error("policy directory {0} contains no .rego modules")]
     Empty(PathBuf),
@@ -176,7 +177,8 @@ impl Bundle {
     /// YAML object, two data files setting one key, or no module at all.
     pub fn read(root: &Path) -> Result<Bundle, BundleError> {
         if !root.is_dir() {
-            return Err(BundleError::MissingDir(root.to_path_buf()));
+            let looked_for = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+            return Err(BundleError::MissingDir(root.to_path_buf(), looked_for));
         }
         let mut files = Vec::new();
         let walker = walkdir::WalkDir::new(root)
@@ -538,5 +540,14 @@ mod tests {
             .expect_err("must fail")
             .to_string();
         assert!(err.contains("/no/such/dir does not exist"), "{err}");
+        // A relative one says where it was looked for.
+        let err = Bundle::read(Path::new("no-such-bundle"))
+            .expect_err("must fail")
+            .to_string();
+        let looked_for = std::env::current_dir().expect("cwd").join("no-such-bundle");
+        assert!(
+            err.contains(&format!("looked for {}", looked_for.display())),
+            "{err}"
+        );
     }
 }
