@@ -229,3 +229,51 @@ async fn two_replicas_reach_each_others_runtimes_through_matrix() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Third review N3: a claim made on first use on one replica reached the other only as a
+/// binding, never in its claims, so another principal could bind a runtime URL over it
+/// there and receive what was addressed under it. The follower takes the claims of every
+/// record it adopts, and refuses a URL over them as the first replica would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_made_on_one_replica_is_respected_by_the_other() {
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let eve_token = synapse.register("eve");
+    let policies_dir = tempfile::tempdir().expect("tempdir");
+    let policies: PathBuf = policies_dir.path().join("policies");
+    copy_dir(&Path::new(REPO).join("policies"), &policies);
+    let a: Running = start(config(&synapse, &policies, "a", true))
+        .await
+        .expect("start replica a");
+    let b: Running = start(config(&synapse, &policies, "b", false))
+        .await
+        .expect("start replica b");
+    let (addr_a, addr_b) = (
+        a.bus_addr.expect("bus address a"),
+        b.bus_addr.expect("bus address b"),
+    );
+    let mut alice = Stub::connect(addr_a, "runtime://localhost/alice-r", &alice_token).await;
+    let claimed = "hyperty-runtime://localhost/protostub/alice/sm";
+    let first = alice
+        .request(json!({"type": "ping", "from": claimed, "to": "runtime://localhost/nobody"}))
+        .await;
+    assert_eq!(code(&first), 404, "claimed on first use on a: {first}");
+    // Replica b has followed once it routes to the claimed address.
+    let mut bob = Stub::connect(addr_b, "runtime://localhost/bob-r", &bob_token).await;
+    let bob_h = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    send_once_routable(
+        &mut bob,
+        json!({"type": "create", "from": bob_h, "to": claimed, "body": {}}),
+    )
+    .await;
+    next_message(&mut alice, THROUGH_MATRIX).await;
+    // Eve, on b, cannot take the runtime URL over alice's claim.
+    let over = "hyperty-runtime://localhost/protostub/alice";
+    let path = format!("/ws?runtimeURL={}", common::stub::urlencode(over));
+    let mut eve = Stub::from_socket(common::stub::open(addr_b, &path, &eve_token).await, over);
+    let answer = eve.recv().await;
+    assert_eq!(code(&answer), 403, "{answer}");
+    a.stop().await;
+    b.stop().await;
+}

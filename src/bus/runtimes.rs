@@ -435,15 +435,29 @@ impl Table {
     }
 
     /// Binds the addresses in `runtime`'s record to it: first come, first served, also for
-    /// state restored from the homeserver.
+    /// state restored from the homeserver. Its claimed addresses are taken for its principal
+    /// in [`Claims`] first (a record another replica wrote brings claims this one has not
+    /// seen), and one over or under another principal's is not bound.
     pub fn bind_record(&self, runtime: &Arc<Runtime>) {
         let record = runtime.record();
+        let claimed = record.claimed.iter().filter(|address| {
+            let Some(owner) = record.user.as_deref() else {
+                return true;
+            };
+            match self.claims.take(address, owner) {
+                Ok(()) => true,
+                Err(other) => {
+                    tracing::warn!(%address, %other, runtime = %runtime.url, "stored claim overlaps another principal's; not bound");
+                    false
+                }
+            }
+        });
         for address in record
             .allocations
             .values()
             .flatten()
             .chain(&record.foreign)
-            .chain(&record.claimed)
+            .chain(claimed)
         {
             if !self.bind_if_free(address, runtime) {
                 tracing::warn!(%address, runtime = %runtime.url, "address held by another runtime; not bound");
