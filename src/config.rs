@@ -660,6 +660,10 @@ pub struct BusConfig {
     /// Connections the bus's listener serves at once (sockets and peer posts); more wait in
     /// the kernel's backlog until one closes.
     pub max_connections: usize,
+    /// Of those, how many one address (an IPv4 address, an IPv6 /64) may hold at once;
+    /// more are closed when accepted, so one address cannot take every place. Raise it for
+    /// many runtimes behind one NAT address (or a load generator on loopback).
+    pub max_connections_per_address: usize,
     /// Network Server connectors: services that connect with a static token instead of a
     /// Matrix access token.
     pub network_servers: Vec<NetworkServer>,
@@ -771,6 +775,7 @@ impl Default for BusConfig {
             max_handshakes: 256,
             handshake_rate: RateLimit::new(50, 100),
             max_connections: 10_000,
+            max_connections_per_address: 1_000,
             network_servers: Vec::new(),
             peers: Vec::new(),
             registry: RegistryConfig::default(),

@@ -1,11 +1,13 @@
 //! Serving a router over HTTP/1 from a TCP listener, as the policy server's TLS listener and
 //! the bus's listener do: at most `max_connections` connections at once (more wait in the
-//! kernel's backlog), each on a tracked task, given a header read timeout and a bounded
+//! kernel's backlog), and at most `per_address` of them from one address block (more are
+//! closed at once), each on a tracked task, given a header read timeout and a bounded
 //! head, until shutdown (then a grace to finish).
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -16,28 +18,94 @@ use tokio_util::task::TaskTracker;
 /// How long open connections get to finish at shutdown.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Accepts connections on `listener` until `stop`, at most `max_connections` at once: each
-/// is handed to `serve` (on a tracked task) with its place, which is free again once dropped.
+/// How many connections a listener serves at once: over all, and from one address block.
+#[derive(Debug, Clone, Copy)]
+pub struct Places {
+    /// Connections at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Connections at once from one address block ([`block`]); more are closed when
+    /// accepted, so that one address cannot hold every place.
+    pub per_address: usize,
+}
+
+/// The address block per-address limits count `ip` in: an IPv4 address (also written as
+/// IPv6), or an IPv6 address's /64 (what one host or customer usually has).
+pub fn block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Open connections per address block.
+type Blocks = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection's place among `max_connections` and its block's `per_address`; both are
+/// free again once it is dropped.
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+    blocks: Blocks,
+    block: IpAddr,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = blocks.get_mut(&self.block) {
+            *n -= 1;
+            if *n == 0 {
+                blocks.remove(&self.block);
+            }
+        }
+    }
+}
+
+/// Takes a place in `blocks` for `peer` unless its block holds `per_address` already.
+fn take(blocks: &Blocks, peer: IpAddr, per_address: usize) -> Option<IpAddr> {
+    let block = block(peer);
+    let mut map = blocks.lock().unwrap_or_else(|p| p.into_inner());
+    let n = map.entry(block).or_insert(0);
+    if *n >= per_address.max(1) {
+        return None;
+    }
+    *n += 1;
+    Some(block)
+}
+
+/// Accepts connections on `listener` until `stop`, within `places`: each is handed to
+/// `serve` (on a tracked task) with its [`Place`], which is free again once dropped. A
+/// connection past its block's share is closed at once and counted in the log.
 pub fn accept<F, Fut>(
     listener: tokio::net::TcpListener,
-    max_connections: usize,
+    places: Places,
     stop: CancellationToken,
     tracker: &TaskTracker,
     what: &'static str,
     serve: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    F: Fn(tokio::net::TcpStream, SocketAddr, Place) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let places = Arc::new(Semaphore::new(max_connections.max(1)));
+    let permits = Arc::new(Semaphore::new(places.max_connections.max(1)));
+    let blocks = Blocks::default();
     let connections = tracker.clone();
     tracker.spawn(async move {
+        let mut permit = None;
         loop {
-            let place = tokio::select! {
-                () = stop.cancelled() => break,
-                place = Arc::clone(&places).acquire_owned() => match place {
-                    Ok(place) => place,
-                    Err(_) => break,
+            let held = match permit.take() {
+                Some(held) => held,
+                None => tokio::select! {
+                    () = stop.cancelled() => break,
+                    place = Arc::clone(&permits).acquire_owned() => match place {
+                        Ok(place) => place,
+                        Err(_) => break,
+                    },
                 },
             };
             let (tcp, peer) = tokio::select! {
@@ -46,12 +114,24 @@ pub fn accept<F, Fut>(
                     Ok(accepted) => accepted,
                     Err(error) => {
                         tracing::warn!(%error, "{what}: accept failed");
+                        permit = Some(held);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
             };
+            let Some(block) = take(&blocks, peer.ip(), places.per_address) else {
+                tracing::debug!(%peer, per_address = places.per_address, "{what}: this address holds its share of connections; closed");
+                permit = Some(held);
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
+            let place = Place {
+                _permit: held,
+                blocks: Arc::clone(&blocks),
+                block,
+            };
             connections.spawn(serve(tcp, peer, place));
         }
     });

@@ -574,6 +574,65 @@ async fn messages_to_a_released_runtime_are_not_parked_for_ever() {
     running.stop().await;
 }
 
+/// Third review N5: `max_connections` was one pool for everybody, so one address that kept
+/// reopening connections that never send their headers held every place, and no stub or
+/// peer could connect. One address block holds at most `max_connections_per_address`;
+/// past it its connections are closed at once, and other addresses still get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_listener_place() {
+    use tokio::io::AsyncReadExt;
+    let running = node_with(|c| {
+        c.bus.max_connections = 8;
+        c.bus.max_connections_per_address = 4;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // The fifth from the same address is closed without an answer.
+    let mut fifth = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed at once: {read:?}"
+    );
+    // Another address (127.0.0.2 is loopback too) still connects and is served.
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind");
+    let tcp = tcp.connect(addr).await.expect("connect");
+    let runtime = "runtime://localhost/alice-rt";
+    let path = format!("/ws?runtimeURL={}", urlencode(runtime));
+    let (socket, _) = tokio_tungstenite::client_async(
+        common::stub::request(addr, &path, ALICE),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .expect("another address is served");
+    let mut alice = Stub::from_socket(socket, runtime);
+    let pong = alice
+        .request(json!({"type": "ping", "from": runtime, "to": "mn:/session"}))
+        .await;
+    assert_eq!(code(&pong), 200, "{pong}");
+    // Once the first address's connections close, it gets in again.
+    drop(silent);
+    let mut bob = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let path = format!("/ws?runtimeURL={}", urlencode("runtime://localhost/bob-rt"));
+        let request = common::stub::request(addr, &path, BOB);
+        if let Ok((socket, _)) = tokio_tungstenite::connect_async(request).await {
+            bob = Some(socket);
+            break;
+        }
+    }
+    assert!(bob.is_some(), "the address is served again");
+    running.stop().await;
+}
+
 /// Percent-encoded dot segments, runtime URLs of other domains, and too many destinations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_urls_foreign_runtime_urls_and_huge_fan_outs_are_refused() {

@@ -9,7 +9,7 @@
 //! proxy's address: set the per-address limits for that.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
@@ -61,7 +61,7 @@ impl Handshakes {
 
     /// A place for a new socket from `ip`, or why not.
     pub(super) fn begin(&self, ip: IpAddr) -> Result<Pending, Refusal> {
-        let ip = block(ip);
+        let ip = crate::listen::block(ip);
         if self.rate.check(&ip.to_string()).is_err() {
             return Err((
                 StatusCode::TOO_MANY_REQUESTS,
@@ -99,21 +99,6 @@ impl Handshakes {
     }
 }
 
-/// The address block the per-address limits count `ip` in: an IPv4 address (also written
-/// as IPv6), or an IPv6 address's /64.
-fn block(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -125,6 +110,7 @@ mod tests {
     use super::*;
     use crate::config::RateLimit;
     use std::net::Ipv4Addr;
+    use std::net::Ipv6Addr;
 
     #[test]
     fn handshakes_are_limited_per_address_and_over_all() {

@@ -171,12 +171,16 @@ pub fn serve(
     tracker: &TaskTracker,
 ) {
     let config = bus.config();
-    let (header_timeout, max) = (config.handshake_timeout, config.max_connections);
+    let header_timeout = config.handshake_timeout;
+    let places = crate::listen::Places {
+        max_connections: config.max_connections,
+        per_address: config.max_connections_per_address,
+    };
     let app = router(bus);
     let connections = stop.clone();
     crate::listen::accept(
         listener,
-        max,
+        places,
         connections,
         tracker,
         "bus",
@@ -199,7 +203,7 @@ pub fn serve(
 /// upgraded socket keeps it: the socket owns this IO).
 struct Placed {
     io: tokio::net::TcpStream,
-    _place: OwnedSemaphorePermit,
+    _place: crate::listen::Place,
 }
 
 impl AsyncRead for Placed {

@@ -129,9 +129,14 @@ pub fn serve(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let connections = stop.clone();
+    // Homeservers come from few addresses with many connections each: no per-address share.
+    let places = crate::listen::Places {
+        max_connections,
+        per_address: max_connections,
+    };
     crate::listen::accept(
         listener,
-        max_connections,
+        places,
         connections,
         tracker,
         "policy server",

@@ -26,7 +26,7 @@ pub struct Stub {
 }
 
 /// The upgrade request for `ws://addr/<path>` with `token` in the Authorization header.
-fn request(
+pub fn request(
     addr: SocketAddr,
     path_and_query: &str,
     token: &str,

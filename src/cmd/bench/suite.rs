@@ -63,7 +63,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     raised_limits(&args.policies, &policies)?;
     let most = args.sizes.iter().copied().max().unwrap_or(0) * 3 + 100;
     let keys = format!(
-        "outbound_queue = 20000\nhandshakes_per_ip = 1024\nmax_handshakes = 1024\nhandshake_rate = {{ per_second = 1000000, burst = 1000000 }}\nmax_connections = {most}\n[bus.limits]\naddresses_per_principal = {most}\nruntimes_per_principal = {most}\nsubscriptions_per_principal = {most}\nsockets_per_principal = {most}"
+        "outbound_queue = 20000\nhandshakes_per_ip = 1024\nmax_handshakes = 1024\nhandshake_rate = {{ per_second = 1000000, burst = 1000000 }}\nmax_connections = {most}\nmax_connections_per_address = {most}\n[bus.limits]\naddresses_per_principal = {most}\nruntimes_per_principal = {most}\nsubscriptions_per_principal = {most}\nsockets_per_principal = {most}"
     );
     let node = Node::start(synapse.as_ref(), &dir, &policies, &keys)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
