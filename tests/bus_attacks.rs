@@ -2223,3 +2223,83 @@ async fn a_peers_message_does_not_go_back_to_the_peer() {
     assert_eq!(got[0]["body"]["value"], "local");
     running.stop().await;
 }
+
+/// Review R11: the byte budgets were checked before the message waited (on a full receiver)
+/// and charged only after, so senders waiting together all passed the same check and then
+/// all took the room: a peer's line and an away runtime's inbox overshot their caps by one
+/// frame per sender. The room is reserved at the check: of eight senders waiting together on
+/// a full receiver, only as many as fit take room in the peer line and the away inbox; the
+/// others are told to retry at once, and what the peer and the away runtime get never
+/// exceeds the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_do_not_overshoot_the_byte_caps() {
+    const PAD: usize = 64 * 1024;
+    // Three messages of a little more than PAD fit, a fourth does not.
+    const CAP: usize = 3 * PAD + 4096;
+    let peer = SlowPeer::start().await;
+    let url = format!("http://{}", peer.addr);
+    let running = node_with(|c| {
+        c.bus.outbound_queue_bytes = 256 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(300);
+        c.bus.inbox_max_bytes_per_runtime = CAP;
+        c.bus.peer_queue = 100;
+        c.bus.peer_queue_bytes = CAP;
+        c.bus.peers[0].url = url;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    alice.drop_socket().await;
+    let (receiver, e) = stalled_receiver(addr, &running, &http).await;
+    let pad = "x".repeat(PAD);
+    let mut senders = Vec::new();
+    for i in 0..8 {
+        let mut bob = bound(addr, &format!("runtime://localhost/bob-{i}"), BOB).await;
+        let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+        senders.push((bob, b));
+    }
+    // All at once: each waits on the full receiver (first in `to`) before its other targets.
+    for (n, (bob, b)) in senders.iter_mut().enumerate() {
+        bob.send(
+            json!({"type": "create", "from": b, "to": [e, a, "hyperty://msgnode.test/x"],
+            "body": {"value": {"n": n, "pad": pad}}}),
+        )
+        .await;
+    }
+    let mut refused = 0;
+    for (bob, _) in &mut senders {
+        if let Some(answer) = bob.quiet_for(Duration::from_secs(2)).await {
+            assert_eq!(code(&answer), 408, "{answer}");
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 5,
+        "at most 3 fit the caps while waiting together; {refused} of 8 refused"
+    );
+    // The receiver goes: the waiting deliveries end and go on to their other targets.
+    receiver.drop_socket().await;
+    let accepted = 8 - refused;
+    peer.gate.add_permits(100);
+    common::eventually(
+        "the peer got what was accepted",
+        Duration::from_secs(60),
+        || async { peer.received().len() >= accepted },
+    )
+    .await;
+    assert!(
+        peer.received().len() <= 3,
+        "the peer line never held more than its cap: {}",
+        peer.received().len()
+    );
+    let mut alice = bound(addr, alice_rt, ALICE).await;
+    let got = received_ns(&mut alice).await;
+    assert!(
+        !got.is_empty() && got.len() <= 3,
+        "the away inbox never held more than its cap: {got:?}"
+    );
+    running.stop().await;
+}
