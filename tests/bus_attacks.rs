@@ -1485,6 +1485,35 @@ async fn a_taken_over_socket_that_reads_slowly_is_dropped_at_its_deadline() {
     running.stop().await;
 }
 
+/// Opens a socket.io session on `sio` for `runtime` (Socket.IO's connect, then the `open`
+/// message) and waits for the open's answer.
+async fn socket_io_open<S>(sio: &mut tokio_tungstenite::WebSocketStream<S>, runtime: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let open = json!({"id": 1, "type": "open", "from": runtime, "to": "mn:/session"});
+    let packets = [
+        "40".to_string(),
+        format!("42{}", json!(["message", open.to_string()])),
+    ];
+    for packet in packets {
+        sio.send(Ws::Text(packet.into())).await.expect("send");
+    }
+    let mut answered = false;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await
+    {
+        if let Ws::Text(t) = frame {
+            if t.starts_with("42") && t.contains("runtimeToken") {
+                answered = true;
+                break;
+            }
+        }
+    }
+    assert!(answered, "the open is answered");
+}
+
 /// Review R3: a socket.io stub could queue 1,024 messages of up to a frame each (1 GiB) while
 /// the node handled one. Its inbound queue is bounded in bytes now (`max_frame_bytes`
 /// waiting, as a WebSocket stub's reading): one that sends far ahead of a message waiting
@@ -1513,25 +1542,7 @@ async fn a_socket_io_stub_cannot_queue_more_than_its_budget() {
     .await
     .expect("socket.io over WebSocket");
     let alice_rt = "runtime://localhost/alice-rt";
-    let open = json!({"id": 1, "type": "open", "from": alice_rt, "to": "mn:/session"});
-    let packets = [
-        "40".to_string(),
-        format!("42{}", json!(["message", open.to_string()])),
-    ];
-    for packet in packets {
-        sio.send(Ws::Text(packet.into())).await.expect("send");
-    }
-    let mut answered = false;
-    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await
-    {
-        if let Ws::Text(t) = frame {
-            if t.starts_with("42") && t.contains("runtimeToken") {
-                answered = true;
-                break;
-            }
-        }
-    }
-    assert!(answered, "the open is answered");
+    socket_io_open(&mut sio, alice_rt).await;
     // 64 messages of 256 KiB to bob, who does not read: the node waits on his queue while
     // alice's socket.io stub sends on.
     let pad = "x".repeat(256 * 1024);
@@ -2301,5 +2312,84 @@ async fn concurrent_senders_do_not_overshoot_the_byte_caps() {
         !got.is_empty() && got.len() <= 3,
         "the away inbox never held more than its cap: {got:?}"
     );
+    running.stop().await;
+}
+
+/// The socket.io stubs' Engine.IO send buffer was bounded in packets only (`outbound_queue`,
+/// 8,192 of up to a frame each) behind the socket's byte-bounded queue, so a socket.io stub
+/// that did not read could hold gigabytes where a WebSocket stub holds its queue's bytes.
+/// Engine.IO's buffer holds at most `max_frame_bytes` now: behind a socket.io stub that does
+/// not read, its queue fills and its sender is slowed as behind a WebSocket stub, having
+/// handed it a few MiB, not everything it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_io_stub_that_does_not_read_holds_bounded_bytes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let running = node_with(|c| {
+        c.bus.outbound_queue_bytes = 256 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(300);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let mut sio =
+        common::stub::open_small_window(addr, "/socket.io/?EIO=4&transport=websocket", ALICE).await;
+    let alice_rt = "runtime://localhost/alice-rt";
+    socket_io_open(&mut sio, alice_rt).await;
+    let allocate = json!({"id": 2, "type": "create", "from": format!("{alice_rt}/registry/allocation"),
+        "to": format!("{MN}/address-allocation"),
+        "body": {"scheme": "hyperty", "value": {"number": 1}}});
+    let packet = format!("42{}", json!(["message", allocate.to_string()]));
+    sio.send(Ws::Text(packet.into())).await.expect("send");
+    // Alice's hyperty, from the allocation's answer.
+    let mut a = None;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await
+    {
+        let Ws::Text(t) = frame else { continue };
+        let Some(event) = t.strip_prefix("42") else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(event).expect("an event");
+        if event[1]["id"] == 2 {
+            assert_eq!(code(&event[1]), 200, "{event}");
+            a = event[1]["body"]["value"]["allocated"][0]
+                .as_str()
+                .map(str::to_string);
+            break;
+        }
+    }
+    let a = a.expect("alice's hyperty");
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    // Alice reads nothing more; bob sends her far more than her queue and Engine.IO's buffer
+    // hold together (and the kernel's buffers too).
+    let pad = "x".repeat(64 * 1024);
+    let sender = tokio::spawn(async move {
+        for n in 0..400 {
+            bob.send(json!({"type": "create", "from": b, "to": a, "body": {"value": {"n": n, "pad": pad}}}))
+                .await;
+        }
+        bob
+    });
+    let slowed = "msgnode_bus_senders_slowed_total";
+    common::eventually(
+        "the sender to a socket.io stub that does not read is slowed",
+        Duration::from_secs(60),
+        || async { common::metric(&http, &running, slowed).await >= 1 },
+    )
+    .await;
+    // What went into alice's queue, Engine.IO's buffer and the kernel's buffers by then (and
+    // a moment after): her queue's 256 KiB, a frame, and the kernel's few MiB — not the
+    // 25 MiB sent (an Engine.IO buffer of 8,192 packets took nearly all of it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let direct = "msgnode_bus_deliveries_total{outcome=\"direct\"}";
+    let taken = common::metric(&http, &running, direct).await;
+    assert!(
+        taken < 128,
+        "{taken} messages of 64 KiB (over 8 MiB) went to a socket.io stub that reads nothing"
+    );
+    assert!(!sender.is_finished(), "bob is held back, not done");
+    sender.abort();
+    drop(sio);
     running.stop().await;
 }
