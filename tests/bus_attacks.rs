@@ -1544,6 +1544,35 @@ async fn a_taken_over_socket_that_reads_slowly_is_dropped_at_its_deadline() {
     running.stop().await;
 }
 
+/// Opens a socket.io session on `sio` for `runtime` (Socket.IO's connect, then the `open`
+/// message) and waits for the open's answer.
+async fn socket_io_open<S>(sio: &mut tokio_tungstenite::WebSocketStream<S>, runtime: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let open = json!({"id": 1, "type": "open", "from": runtime, "to": "mn:/session"});
+    let packets = [
+        "40".to_string(),
+        format!("42{}", json!(["message", open.to_string()])),
+    ];
+    for packet in packets {
+        sio.send(Ws::Text(packet.into())).await.expect("send");
+    }
+    let mut answered = false;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await
+    {
+        if let Ws::Text(t) = frame {
+            if t.starts_with("42") && t.contains("runtimeToken") {
+                answered = true;
+                break;
+            }
+        }
+    }
+    assert!(answered, "the open is answered");
+}
+
 /// Review R3: a socket.io stub could queue 1,024 messages of up to a frame each (1 GiB) while
 /// the node handled one. Its inbound queue is bounded in bytes now (`max_frame_bytes`
 /// waiting, as a WebSocket stub's reading): one that sends far ahead of a message waiting
@@ -1572,25 +1601,7 @@ async fn a_socket_io_stub_cannot_queue_more_than_its_budget() {
     .await
     .expect("socket.io over WebSocket");
     let alice_rt = "runtime://localhost/alice-rt";
-    let open = json!({"id": 1, "type": "open", "from": alice_rt, "to": "mn:/session"});
-    let packets = [
-        "40".to_string(),
-        format!("42{}", json!(["message", open.to_string()])),
-    ];
-    for packet in packets {
-        sio.send(Ws::Text(packet.into())).await.expect("send");
-    }
-    let mut answered = false;
-    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await
-    {
-        if let Ws::Text(t) = frame {
-            if t.starts_with("42") && t.contains("runtimeToken") {
-                answered = true;
-                break;
-            }
-        }
-    }
-    assert!(answered, "the open is answered");
+    socket_io_open(&mut sio, alice_rt).await;
     // 64 messages of 256 KiB to bob, who does not read: the node waits on his queue while
     // alice's socket.io stub sends on.
     let pad = "x".repeat(256 * 1024);
@@ -2280,5 +2291,164 @@ async fn a_peers_message_does_not_go_back_to_the_peer() {
     let got: Vec<Value> = peer.received();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["body"]["value"], "local");
+    running.stop().await;
+}
+
+/// Review R11: the byte budgets were checked before the message waited (on a full receiver)
+/// and charged only after, so senders waiting together all passed the same check and then
+/// all took the room: a peer's line and an away runtime's inbox overshot their caps by one
+/// frame per sender. The room is reserved at the check: of eight senders waiting together on
+/// a full receiver, only as many as fit take room in the peer line and the away inbox; the
+/// others are told to retry at once, and what the peer and the away runtime get never
+/// exceeds the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_do_not_overshoot_the_byte_caps() {
+    const PAD: usize = 64 * 1024;
+    // Three messages of a little more than PAD fit, a fourth does not.
+    const CAP: usize = 3 * PAD + 4096;
+    let peer = SlowPeer::start().await;
+    let url = format!("http://{}", peer.addr);
+    let running = node_with(|c| {
+        c.bus.outbound_queue_bytes = 256 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(300);
+        c.bus.inbox_max_bytes_per_runtime = CAP;
+        c.bus.peer_queue = 100;
+        c.bus.peer_queue_bytes = CAP;
+        c.bus.peers[0].url = url;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    alice.drop_socket().await;
+    let (receiver, e) = stalled_receiver(addr, &running, &http).await;
+    let pad = "x".repeat(PAD);
+    let mut senders = Vec::new();
+    for i in 0..8 {
+        let mut bob = bound(addr, &format!("runtime://localhost/bob-{i}"), BOB).await;
+        let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+        senders.push((bob, b));
+    }
+    // All at once: each waits on the full receiver (first in `to`) before its other targets.
+    for (n, (bob, b)) in senders.iter_mut().enumerate() {
+        bob.send(
+            json!({"type": "create", "from": b, "to": [e, a, "hyperty://msgnode.test/x"],
+            "body": {"value": {"n": n, "pad": pad}}}),
+        )
+        .await;
+    }
+    let mut refused = 0;
+    for (bob, _) in &mut senders {
+        if let Some(answer) = bob.quiet_for(Duration::from_secs(2)).await {
+            assert_eq!(code(&answer), 408, "{answer}");
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 5,
+        "at most 3 fit the caps while waiting together; {refused} of 8 refused"
+    );
+    // The receiver goes: the waiting deliveries end and go on to their other targets.
+    receiver.drop_socket().await;
+    let accepted = 8 - refused;
+    peer.gate.add_permits(100);
+    common::eventually(
+        "the peer got what was accepted",
+        Duration::from_secs(60),
+        || async { peer.received().len() >= accepted },
+    )
+    .await;
+    assert!(
+        peer.received().len() <= 3,
+        "the peer line never held more than its cap: {}",
+        peer.received().len()
+    );
+    let mut alice = bound(addr, alice_rt, ALICE).await;
+    let got = received_ns(&mut alice).await;
+    assert!(
+        !got.is_empty() && got.len() <= 3,
+        "the away inbox never held more than its cap: {got:?}"
+    );
+    running.stop().await;
+}
+
+/// The socket.io stubs' Engine.IO send buffer was bounded in packets only (`outbound_queue`,
+/// 8,192 of up to a frame each) behind the socket's byte-bounded queue, so a socket.io stub
+/// that did not read could hold gigabytes where a WebSocket stub holds its queue's bytes.
+/// Engine.IO's buffer holds at most `max_frame_bytes` now: behind a socket.io stub that does
+/// not read, its queue fills and its sender is slowed as behind a WebSocket stub, having
+/// handed it a few MiB, not everything it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_io_stub_that_does_not_read_holds_bounded_bytes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let running = node_with(|c| {
+        c.bus.outbound_queue_bytes = 256 * 1024;
+        c.bus.slow_receiver_close_after = Duration::from_secs(300);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let mut sio =
+        common::stub::open_small_window(addr, "/socket.io/?EIO=4&transport=websocket", ALICE).await;
+    let alice_rt = "runtime://localhost/alice-rt";
+    socket_io_open(&mut sio, alice_rt).await;
+    let allocate = json!({"id": 2, "type": "create", "from": format!("{alice_rt}/registry/allocation"),
+        "to": format!("{MN}/address-allocation"),
+        "body": {"scheme": "hyperty", "value": {"number": 1}}});
+    let packet = format!("42{}", json!(["message", allocate.to_string()]));
+    sio.send(Ws::Text(packet.into())).await.expect("send");
+    // Alice's hyperty, from the allocation's answer.
+    let mut a = None;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(10), sio.next()).await
+    {
+        let Ws::Text(t) = frame else { continue };
+        let Some(event) = t.strip_prefix("42") else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(event).expect("an event");
+        if event[1]["id"] == 2 {
+            assert_eq!(code(&event[1]), 200, "{event}");
+            a = event[1]["body"]["value"]["allocated"][0]
+                .as_str()
+                .map(str::to_string);
+            break;
+        }
+    }
+    let a = a.expect("alice's hyperty");
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    // Alice reads nothing more; bob sends her far more than her queue and Engine.IO's buffer
+    // hold together (and the kernel's buffers too).
+    let pad = "x".repeat(64 * 1024);
+    let sender = tokio::spawn(async move {
+        for n in 0..400 {
+            bob.send(json!({"type": "create", "from": b, "to": a, "body": {"value": {"n": n, "pad": pad}}}))
+                .await;
+        }
+        bob
+    });
+    let slowed = "msgnode_bus_senders_slowed_total";
+    common::eventually(
+        "the sender to a socket.io stub that does not read is slowed",
+        Duration::from_secs(60),
+        || async { common::metric(&http, &running, slowed).await >= 1 },
+    )
+    .await;
+    // What went into alice's queue, Engine.IO's buffer and the kernel's buffers by then (and
+    // a moment after): her queue's 256 KiB, a frame, and the kernel's few MiB — not the
+    // 25 MiB sent (an Engine.IO buffer of 8,192 packets took nearly all of it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let direct = "msgnode_bus_deliveries_total{outcome=\"direct\"}";
+    let taken = common::metric(&http, &running, direct).await;
+    assert!(
+        taken < 128,
+        "{taken} messages of 64 KiB (over 8 MiB) went to a socket.io stub that reads nothing"
+    );
+    assert!(!sender.is_finished(), "bob is held back, not done");
+    sender.abort();
+    drop(sio);
     running.stop().await;
 }

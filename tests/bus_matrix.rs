@@ -168,8 +168,11 @@ async fn journal_stores_every_record_in_order_and_continues_after_restart(synaps
     assert_eq!(first, Some(1));
     assert_eq!((stats.recorded, stats.persisted, stats.lag), (N, N, 0));
 
+    let room = journal
+        .reserve(&node(), message(N).len(), usize::MAX)
+        .expect("room");
     let seq = journal
-        .record_persisted(&message(N), vec![], &node())
+        .record_persisted(&message(N), vec![], room)
         .await
         .expect("persisted");
     assert_eq!(seq, N + 1);

@@ -682,3 +682,84 @@ async fn what_waits_for_the_homeserver_stays_within_bounds() {
     drop(eve);
     running.stop().await;
 }
+
+/// Review R10: a resume goes online only once a take of the inbox found nothing new, and
+/// with Synapse each take costs a store wait, a page read back and a cursor write — so one
+/// sender sending steadily to a reconnecting runtime kept it `Draining`, everything going
+/// through Synapse, for as long as it kept sending. After a few rounds the hand-over is held:
+/// the sender's deliveries wait for it (bounded) instead of adding to the inbox, the runtime
+/// goes online, and its deliveries are direct while the sender is still sending — nothing
+/// lost, nothing out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_goes_online_under_a_steady_sender() {
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let policies = Path::new(REPO).join("policies");
+    let running = node(&config(&synapse, &policies)).await;
+    let addr = running.bus_addr.expect("bus address");
+    let http = reqwest::Client::new();
+    let mut alice = Stub::connect(addr, "runtime://localhost/alice-steady", &alice_token).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    let bob_rt = "runtime://localhost/bob-steady";
+    let mut bob = Stub::connect(addr, bob_rt, &bob_token).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    bob.drop_socket().await;
+    // Some wait in bob's inbox; then alice keeps sending, every 5 ms, until told to stop: more
+    // often than a take of the inbox from Synapse lasts.
+    send_numbered(&mut alice, &a, &b, 0..20).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let (stop, a, b) = (stop.clone(), a.clone(), b.clone());
+        async move {
+            let mut n = 20;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                alice
+                    .send(json!({"type": "update", "from": a, "to": b, "body": {"n": n}}))
+                    .await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let errors: Vec<Value> = alice.inbox.drain(..).collect();
+            (n, errors, alice)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let direct = "msgnode_bus_deliveries_total{outcome=\"direct\"}";
+    let before = common::metric(&http, &running, direct).await;
+    let mut bob = Stub::connect(addr, bob_rt, &bob_token).await;
+    // Bob reads while alice sends; his deliveries turn direct while she is still sending.
+    let mut got: Vec<u64> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while common::metric(&http, &running, direct).await < before + 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's deliveries never turned direct while alice kept sending"
+        );
+        if let Some(m) = bob.quiet_for(Duration::from_millis(100)).await {
+            got.extend(m["body"]["n"].as_u64());
+        }
+    }
+    assert!(!sender.is_finished(), "alice was still sending");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, errors, mut alice) = sender.await.expect("sender");
+    let ping = alice
+        .request(json!({"type": "ping", "from": alice.runtime.clone(), "to": "mn:/session"}))
+        .await;
+    assert_eq!(code(&ping), 200, "{ping}");
+    let errors: Vec<Value> = errors
+        .into_iter()
+        .chain(alice.inbox.drain(..))
+        .filter(|m| m["type"] == "response")
+        .collect();
+    assert!(errors.is_empty(), "every message accepted: {errors:?}");
+    while let Some(m) = bob.quiet_for(Duration::from_secs(2)).await {
+        got.extend(m["body"]["n"].as_u64());
+    }
+    assert_eq!(
+        got,
+        (0..sent).collect::<Vec<_>>(),
+        "each once, in order, across the hand-over"
+    );
+    running.stop().await;
+}

@@ -21,28 +21,40 @@ use axum::extract::ws::Utf8Bytes;
 use super::connection::Connection;
 use super::metrics::refused;
 use super::outbound::Refused;
-use super::runtimes::{Delivered, Offer, Runtime};
+use super::runtimes::{Delivered, Offer, Runtime, Slot};
 use super::Bus;
-use crate::persist::shares::Charge;
 
 impl Bus {
     /// Hands `text` to `runtime`, waiting (bounded) for room in a full socket queue; what
-    /// goes to its inbox is charged to `charge`.
+    /// goes to its inbox waits in `slot` (room reserved for it, or reserved then).
     pub(super) async fn deliver(
         &self,
         runtime: &Runtime,
         text: &Utf8Bytes,
-        charge: &Charge,
+        slot: &mut Slot,
     ) -> Delivered {
         let inbox = &self.inner.persistence.inbox;
-        let (conn, tx, since) = match runtime.offer(text, inbox, charge) {
-            Offer::Done(delivered) => return delivered,
-            Offer::Full { conn, tx, since } => (conn, tx, since),
+        let within = self.config().slow_receiver_close_after;
+        let (conn, tx, since) = loop {
+            let settled = runtime.settled();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            match runtime.offer(text, inbox, slot) {
+                Offer::Done(delivered) => return delivered,
+                Offer::Full { conn, tx, since } => break (conn, tx, since),
+                // Behind a hand-over's last rounds (bounded): direct once it is online; past
+                // the wait, into the inbox (the hand-over takes it).
+                Offer::Held { since } => {
+                    let deadline = tokio::time::Instant::from_std(since + within);
+                    if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                        return runtime.deliver(text, inbox, slot);
+                    }
+                }
+            }
         };
         let metrics = &self.inner.metrics;
         metrics.senders_slowed.inc();
-        let deadline =
-            tokio::time::Instant::from_std(since + self.config().slow_receiver_close_after);
+        let deadline = tokio::time::Instant::from_std(since + within);
         match tx.send_until(text.clone(), deadline).await {
             Ok(()) => {
                 runtime.caught_up(conn);
@@ -50,9 +62,9 @@ impl Bus {
             }
             Err(Refused::Full(_)) => {
                 metrics.receivers_closed.inc();
-                runtime.too_slow(conn, text, inbox, charge)
+                runtime.too_slow(conn, text, inbox, slot)
             }
-            Err(Refused::Closed(_)) => runtime.too_slow(conn, text, inbox, charge),
+            Err(Refused::Closed(_)) => runtime.too_slow(conn, text, inbox, slot),
         }
     }
 }

@@ -18,6 +18,14 @@ use crate::persist::store::RuntimeRecord;
 use crate::rethink::address;
 use crate::rethink::BusError;
 
+/// Rounds of a resume that each found new pushes before its hand-over is held: its
+/// flow-controlled senders then wait for it to go online (bounded) instead of adding to the
+/// inbox, so a steady sender cannot keep a resuming runtime off-line.
+const HOLD_AFTER_ROUNDS: u32 = 3;
+/// Rounds a held hand-over may still find new pushes (of what cannot wait) before it is let
+/// go (senders add to the inbox again) and held again later.
+const HELD_ROUNDS: u32 = 8;
+
 impl Bus {
     /// Checks a token: a Network Server's, else a Matrix access token.
     ///
@@ -219,6 +227,10 @@ impl Bus {
         let inbox = &self.inner.persistence.inbox;
         let page_bytes = self.config().outbound_queue_bytes;
         let mut resumed = 0u64;
+        // Rounds that found new pushes: past `HOLD_AFTER_ROUNDS` the hand-over is held (its
+        // senders wait behind it); a hold that still finds new ones (what cannot wait: a
+        // fan-out, a notification) for `HELD_ROUNDS` is let go and tried again later.
+        let mut rounds = 0u32;
         loop {
             let pushed = inbox.pushed(&runtime.url);
             let page = inbox.take(&runtime.url, page_bytes).await.map_err(|e| {
@@ -247,7 +259,16 @@ impl Bus {
             // Nothing new since this take began: online. Else take what came meanwhile.
             match runtime.go_online(conn.id, &conn.tx, pushed, inbox) {
                 Some(true) => break,
-                Some(false) => continue,
+                Some(false) => {
+                    rounds += 1;
+                    if rounds == HOLD_AFTER_ROUNDS {
+                        runtime.hold(conn.id);
+                    } else if rounds == HOLD_AFTER_ROUNDS + HELD_ROUNDS {
+                        runtime.unhold(conn.id);
+                        rounds = 0;
+                    }
+                    continue;
+                }
                 None => {
                     return Err(BusError::Unavailable(
                         "another socket took the runtime over; reconnect".into(),

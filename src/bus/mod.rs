@@ -404,14 +404,17 @@ impl Bus {
     }
 
     /// Whether `message` may add to what `conn`'s principal holds: an allocation, a
-    /// registration, a subscribe (its `from` may become a return route), or a `from` the
-    /// connection does not hold yet (a claim or a return route to be) — not a peer's own
-    /// domain, which it vouches for and which never becomes a route here.
+    /// registration (a registry `create`; reads, updates and deletes add nothing, so a
+    /// user's reads never wait on each other), a subscribe (its `from` may become a return
+    /// route), or a `from` the connection does not hold yet (a claim or a return route to
+    /// be) — not a peer's own domain, which it vouches for and which never becomes a route
+    /// here.
     fn may_add(&self, conn: &Connection, request: &Request, message: &Message) -> bool {
-        matches!(
-            request,
-            Request::Allocation(_) | Request::Registry | Request::Subscribe
-        ) || !self.holds_from(conn, message)
+        match request {
+            Request::Allocation(_) | Request::Subscribe => true,
+            Request::Registry if message.kind_is("create") => true,
+            _ => !self.holds_from(conn, message),
+        }
     }
 
     /// The principal `owner`'s turn (see `owners::Turns`), waited for at most `within` (no

@@ -162,19 +162,19 @@ impl Bus {
             return true;
         }
         // Failures are logged; nobody waits for an answer to an answer.
-        if !self
+        let Some(room) = self
             .inner
             .connectors
             .foreign
-            .has_room(&answer.to, answer.text.len())
-        {
+            .reserve(&answer.to, answer.text.len())
+        else {
             self.inner
                 .metrics
                 .refuse(super::metrics::refused::PEER_QUEUE_FULL);
             tracing::warn!(%domain, "the peer node's queue is full: an answer to it is dropped");
             return true;
-        }
-        self.to_peers(&answer, &answer.to, &AnswerTo::new(&answer, None));
+        };
+        self.to_peers(&answer, &answer.to, &AnswerTo::new(&answer, None), room);
         true
     }
 

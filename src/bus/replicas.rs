@@ -138,7 +138,9 @@ impl Bus {
             }
             for text in &taken.messages {
                 // A socket too slow for it sends the rest back to the inbox, under a new number.
-                runtime.deliver(&Utf8Bytes::from(text.clone()), inbox, &node);
+                // Already held for it: never refused for room.
+                let mut slot = super::runtimes::Slot::anyway(&node);
+                runtime.deliver(&Utf8Bytes::from(text.clone()), inbox, &mut slot);
             }
             self.inner
                 .metrics

@@ -18,10 +18,12 @@ use serde_json::{json, Value};
 use super::connection::{Connection, Principal};
 use super::metrics::refused;
 use super::pubsub::{self, Topic};
-use super::runtimes::{Delivered, Offer, Runtime, Table};
+use super::runtimes::{Delivered, Offer, Runtime, Slot, Table};
 use super::Bus;
 use crate::config::Durability;
-use crate::connectors::foreign::AnswerTo;
+use crate::connectors::foreign::{AnswerTo, LineRoom};
+use crate::persist::inbox::NoRoom;
+use crate::persist::journal::HistoryFull;
 use crate::persist::shares::{Charge, NODE};
 use crate::policy::input::Target;
 use crate::rethink::address;
@@ -267,30 +269,35 @@ impl Bus {
         // share is refused, the others' messages are not.
         let charge: Charge = Arc::from(conn.principal.owner());
         let reached = !direct.is_empty() || !subscribers.is_empty();
-        if reached {
-            if self.inner.history_behind.load(Ordering::Relaxed)
-                || persistence.journal.held_bytes() > self.inner.config.max_history_bytes
-            {
-                return Err(BusError::Unavailable(
-                    "the node's history is behind the homeserver; retry shortly".into(),
-                ));
+        // Every budget the message will take room in is reserved now, before anything waits
+        // (the history's, an away addressee's inbox, a peer's line): senders racing for the
+        // last room never take a budget past its limit, and room not taken up (a refusal
+        // below, an addressee online again) is given back when its reservation drops.
+        let history = match reached {
+            false => None,
+            true => {
+                if self.inner.history_behind.load(Ordering::Relaxed) {
+                    return Err(history_behind());
+                }
+                let reserved =
+                    persistence
+                        .journal
+                        .reserve(&charge, len, self.inner.config.max_history_bytes);
+                Some(reserved.map_err(|full| match full {
+                    HistoryFull::Node => history_behind(),
+                    HistoryFull::Share => {
+                        self.inner.metrics.refuse(refused::PRINCIPAL_HISTORY_FULL);
+                        BusError::Unavailable(
+                            "your messages not yet in the node's history fill your share ([bus] max_history_bytes_per_principal, max_history_backlog_per_principal); retry shortly".into(),
+                        )
+                    }
+                })?)
             }
-            if !persistence.journal.charge_has_room(&charge, len) {
-                self.inner.metrics.refuse(refused::PRINCIPAL_HISTORY_FULL);
-                return Err(BusError::Unavailable(
-                    "your messages not yet in the node's history fill your share ([bus] max_history_bytes_per_principal, max_history_backlog_per_principal); retry shortly".into(),
-                ));
-            }
-        }
+        };
         // Only a direct addressee's full inbox refuses the message.
-        let away: Vec<&Arc<Runtime>> = direct.iter().filter(|r| !r.is_online()).collect();
-        if !away.is_empty() && !persistence.inbox.has_room(len * away.len()) {
-            return Err(BusError::Unavailable(
-                "the receiver is away and the inboxes are full; retry shortly".into(),
-            ));
-        }
-        if let Some(big) = away
+        if let Some(big) = direct
             .iter()
+            .filter(|r| !r.is_online())
             .find(|r| !persistence.inbox.fits(&r.url, message.text.as_str()))
         {
             return Err(BusError::TooLarge(format!(
@@ -299,65 +306,85 @@ impl Bus {
                 crate::persist::batch::MAX_EVENT_CONTENT
             )));
         }
-        if !away.is_empty() && !persistence.inbox.charge_has_room(&charge, len * away.len()) {
-            self.inner.metrics.refuse(refused::PRINCIPAL_INBOX_FULL);
-            return Err(BusError::Unavailable(
-                "your messages waiting for away runtimes fill your share of the inboxes ([bus] inbox_max_bytes_per_principal); retry once they are delivered".into(),
-            ));
+        let mut slots = Vec::with_capacity(direct.len());
+        for runtime in &direct {
+            let reserved = match runtime.is_online() {
+                true => None,
+                false => Some(
+                    persistence
+                        .inbox
+                        .reserve(&runtime.url, &charge, len)
+                        .map_err(|full| self.inbox_full(full, &runtime.url))?,
+                ),
+            };
+            slots.push(Slot::new(&charge, reserved));
         }
-        if let Some(full) = away
-            .iter()
-            .find(|r| !persistence.inbox.runtime_has_room(&r.url, len))
-        {
-            self.inner.metrics.refuse(refused::RUNTIME_INBOX_FULL);
-            return Err(BusError::Unavailable(format!(
-                "the inbox of '{}' is full ([bus] inbox_max_bytes_per_runtime); retry later",
-                full.url
-            )));
-        }
-        if !foreign.is_empty() && !self.inner.connectors.foreign.has_room(&foreign, len) {
-            self.inner.metrics.refuse(refused::PEER_QUEUE_FULL);
-            return Err(BusError::Unavailable(
-                "the peer node is behind ([bus] peer_queue, peer_queue_bytes); retry shortly"
-                    .into(),
-            ));
-        }
+        let peer_room = match foreign.is_empty() {
+            true => None,
+            false => Some(
+                self.inner
+                    .connectors
+                    .foreign
+                    .reserve(&foreign, len)
+                    .ok_or_else(|| {
+                        self.inner.metrics.refuse(refused::PEER_QUEUE_FULL);
+                        BusError::Unavailable(
+                            "the peer node is behind ([bus] peer_queue, peer_queue_bytes); retry shortly"
+                                .into(),
+                        )
+                    })?,
+            ),
+        };
         let journal = &self.inner.persistence.journal;
-        if reached {
+        let mut missed = None;
+        if let Some(history) = history {
             let to: Vec<String> = direct
                 .iter()
                 .chain(&subscribers)
                 .map(|r| r.url.clone())
                 .collect();
             let persisted = self.inner.config.durability == Durability::Persisted;
-            let to = if persisted {
+            let pending = if persisted {
                 journal
-                    .record_persisted(message.text.as_str(), to, &charge)
+                    .record_persisted(message.text.as_str(), to, history)
                     .await
                     .map_err(|e| BusError::Unavailable(format!("history unavailable: {e}")))?;
                 None
             } else {
-                Some(to)
+                Some((to, history))
             };
             // The subscribers first: they never wait, and a slow addressee must not hold
             // back what they get.
             self.hand_out(&subscribers, &message.text, &charge);
             let metrics = &self.inner.metrics;
-            for runtime in &direct {
-                match self.deliver(runtime, &message.text, &charge).await {
+            for (runtime, slot) in direct.iter().zip(&mut slots) {
+                match self.deliver(runtime, &message.text, slot).await {
                     Delivered::Direct => metrics.direct.inc(),
                     Delivered::Queued => metrics.queued.inc(),
+                    Delivered::Missed => {
+                        // It went away meanwhile and its inbox is full now.
+                        metrics.refuse(refused::RUNTIME_INBOX_FULL);
+                        missed.get_or_insert(runtime.url.clone());
+                        0
+                    }
                 };
             }
-            if let Some(to) = to {
-                journal.record(message.text.as_str(), to, &charge);
+            if let Some((to, history)) = pending {
+                journal.record_reserved(message.text.as_str(), to, history);
             }
         }
+        drop(slots); // what was reserved for addressees that took it directly
         self.inner.metrics.routed.inc();
-        if !foreign.is_empty() {
-            // Queued for the peer (bounded, checked above); the socket keeps reading meanwhile.
+        if let Some(room) = peer_room {
+            // Queued for the peer in the room reserved above; the socket keeps reading
+            // meanwhile.
             let answer = AnswerTo::new(message, Some(conn.tx.clone()));
-            self.to_peers(message, &foreign, &answer);
+            self.to_peers(message, &foreign, &answer, room);
+        }
+        if let Some(missed) = missed {
+            return Err(BusError::Unavailable(format!(
+                "'{missed}' went away meanwhile and its inbox is full; retry later"
+            )));
         }
         if let Some(first) = unknown.first() {
             return Err(BusError::NotFound(format!(
@@ -367,43 +394,54 @@ impl Bus {
         Ok(None)
     }
 
+    /// The refusal of a message to `runtime`, away, whose inbox budget `full` has no room.
+    fn inbox_full(&self, full: NoRoom, runtime: &str) -> BusError {
+        match full {
+            NoRoom::Inboxes => BusError::Unavailable(
+                "the receiver is away and the inboxes are full; retry shortly".into(),
+            ),
+            NoRoom::Share => {
+                self.inner.metrics.refuse(refused::PRINCIPAL_INBOX_FULL);
+                BusError::Unavailable(
+                    "your messages waiting for away runtimes fill your share of the inboxes ([bus] inbox_max_bytes_per_principal); retry once they are delivered".into(),
+                )
+            }
+            NoRoom::Runtime => {
+                self.inner.metrics.refuse(refused::RUNTIME_INBOX_FULL);
+                BusError::Unavailable(format!(
+                    "the inbox of '{runtime}' is full ([bus] inbox_max_bytes_per_runtime); retry later"
+                ))
+            }
+        }
+    }
+
     /// Hands `text` to each of `runtimes` without waiting for any (a topic's fan-out, a
-    /// node-originated notification): into its socket queue, else its inbox. A runtime whose
-    /// queue is full is closed (1013: it resumes from its inbox, where `text` waits); one
-    /// that can take it neither way (its inbox full too) misses it, counted
-    /// (`bus_refused{reason="subscriber_missed"}`) — its own loss, not anyone else's.
+    /// node-originated notification): into its socket queue, else its inbox (room reserved
+    /// then, within its budgets). A runtime whose queue is full is closed (1013: it resumes
+    /// from its inbox, where `text` waits); one that can take it neither way (its inbox full
+    /// too) misses it, counted (`bus_refused{reason="subscriber_missed"}`) — its own loss,
+    /// not anyone else's.
     fn hand_out(&self, runtimes: &[Arc<Runtime>], text: &Utf8Bytes, charge: &Charge) {
         let inbox = &self.inner.persistence.inbox;
         let metrics = &self.inner.metrics;
-        let len = text.len();
         for runtime in runtimes {
-            let room = inbox.has_room(len)
-                && inbox.charge_has_room(charge, len)
-                && inbox.runtime_has_room(&runtime.url, len);
-            let delivered = match runtime.is_online() || room {
-                false => None,
-                true => match runtime.offer(text, inbox, charge) {
-                    Offer::Done(delivered) => Some(delivered),
-                    Offer::Full { conn, .. } => {
-                        metrics.refuse(refused::SLOW_SUBSCRIBER);
-                        match room {
-                            true => Some(runtime.too_slow(conn, text, inbox, charge)),
-                            false => {
-                                runtime.close_behind(conn);
-                                None
-                            }
-                        }
-                    }
-                },
+            let mut slot = Slot::new(charge, None);
+            let delivered = match runtime.offer_now(text, inbox, &mut slot) {
+                Offer::Done(delivered) => delivered,
+                Offer::Full { conn, .. } => {
+                    metrics.refuse(refused::SLOW_SUBSCRIBER);
+                    runtime.too_slow(conn, text, inbox, &mut slot)
+                }
+                Offer::Held { .. } => runtime.deliver(text, inbox, &mut slot),
             };
             match delivered {
-                Some(Delivered::Direct) => {
+                Delivered::Direct => {
                     metrics.direct.inc();
                 }
-                Some(Delivered::Queued) => {
+                Delivered::Queued => {
                     metrics.queued.inc();
                 }
-                None => {
+                Delivered::Missed => {
                     metrics.refuse(refused::SUBSCRIBER_MISSED);
                     tracing::info!(runtime = %runtime.url, "a subscriber's queue and inbox are full: it misses a publish");
                 }
@@ -411,10 +449,17 @@ impl Bus {
         }
     }
 
-    /// Queues `message` for the peer nodes of `targets`; their first answer goes to `answer`.
-    pub(super) fn to_peers(&self, message: &Message, targets: &[String], answer: &Arc<AnswerTo>) {
+    /// Queues `message` for the peer nodes of `targets` in the `room` reserved for it; their
+    /// first answer goes to `answer`.
+    pub(super) fn to_peers(
+        &self,
+        message: &Message,
+        targets: &[String],
+        answer: &Arc<AnswerTo>,
+        room: LineRoom,
+    ) {
         let foreign = &self.inner.connectors.foreign;
-        for line in foreign.enqueue(message, targets, answer) {
+        for line in foreign.enqueue(message, targets, answer, room) {
             let bus = self.clone();
             self.inner.tracker.spawn(async move {
                 let metrics = &bus.inner.metrics;
@@ -458,4 +503,10 @@ impl Bus {
             &node,
         );
     }
+}
+
+/// The refusal of a message while the history is behind the homeserver (or holds
+/// `max_history_bytes` not stored yet).
+fn history_behind() -> BusError {
+    BusError::Unavailable("the node's history is behind the homeserver; retry shortly".into())
 }

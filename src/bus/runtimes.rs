@@ -6,7 +6,9 @@
 //! away, when messages go to its inbox in Matrix and are handed over, in order, when it
 //! reconnects. A reconnect drains the inbox while new messages keep going to the inbox
 //! (within its budgets: nothing is buffered beside it), and goes online only once a take
-//! found nothing new, so nothing is lost, reordered or delivered twice. A socket whose queue is full makes its senders wait
+//! found nothing new, so nothing is lost, reordered or delivered twice; after a few takes
+//! that each found something new the hand-over is held ([`Runtime::hold`]): deliveries that
+//! can wait wait for it, so a steady sender cannot keep it from going online. A socket whose queue is full makes its senders wait
 //! (`bus::flow`); one that stays full too long is treated as away: the message goes to the
 //! inbox and the socket is closed, to resume on reconnect.
 
@@ -19,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbound::{Outbound, Refused};
 use super::owners::{counts, Claims, Owner, Owners, Turns};
-use crate::persist::inbox::Inbox;
+use crate::persist::inbox::{Inbox, Reservation};
 use crate::persist::shares::Charge;
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::Subject;
@@ -32,6 +34,9 @@ pub struct Runtime {
     /// Held while the inbox is handed to the socket (take, send, ack): one hand-over at a
     /// time, so nothing is handed over twice.
     handover: tokio::sync::Mutex<()>,
+    /// Told whenever a held hand-over ends (online, taken over, gone): deliveries waiting
+    /// behind it offer again.
+    settled: tokio::sync::Notify,
     /// Cancelled to drop the socket of this runtime that is still closing (handing over
     /// what was queued for it), once another one begins to close: one at a time.
     closing: Mutex<Option<CancellationToken>>,
@@ -57,10 +62,13 @@ enum Delivery {
         tx: Outbound,
         close: CancellationToken,
     },
-    /// A socket is taking the inbox over; what arrives meanwhile goes to the inbox too.
+    /// A socket is taking the inbox over; what arrives meanwhile goes to the inbox too —
+    /// unless the hand-over is `held` (since then): its last rounds, which deliveries that
+    /// can wait wait behind (see [`Runtime::hold`]).
     Draining {
         conn: u64,
         close: CancellationToken,
+        held: Option<Instant>,
     },
     Away,
 }
@@ -69,6 +77,12 @@ enum Delivery {
 pub enum Offer {
     /// Handed over (or into the inbox).
     Done(Delivered),
+    /// The runtime's hand-over is in its last rounds ([`Runtime::hold`]), held since
+    /// `since`: wait until it is online ([`Runtime::settled`]), then offer again.
+    Held {
+        /// When the hold began.
+        since: Instant,
+    },
     /// The queue of socket `conn` is full; room may come on `tx`. Behind since `since`.
     Full {
         /// The connection holding the runtime.
@@ -87,6 +101,58 @@ pub enum Delivered {
     Direct,
     /// Into the inbox (runtime away, reconnecting, or too slow).
     Queued,
+    /// Nowhere: it had to wait in the inbox, which had no room for it (and none was
+    /// reserved for it).
+    Missed,
+}
+
+/// Where one delivery may wait if the runtime cannot take it now: the room reserved for it
+/// in the runtime's inbox (reserved while its sender was checked, see `Inbox::reserve`), or
+/// — none reserved, the runtime was online then — room reserved at the moment it has to
+/// wait, within the same budgets.
+pub struct Slot {
+    charge: Charge,
+    reserved: Option<Reservation>,
+    anyway: bool,
+}
+
+impl Slot {
+    /// For a delivery charged to `charge`, with the room `reserved` for it, if any.
+    pub fn new(charge: &Charge, reserved: Option<Reservation>) -> Self {
+        Self {
+            charge: Arc::clone(charge),
+            reserved,
+            anyway: false,
+        }
+    }
+
+    /// For what this node holds already and may not refuse (another replica's inbox handed
+    /// over): waits in the inbox whatever its budgets hold.
+    pub fn anyway(charge: &Charge) -> Self {
+        Self {
+            charge: Arc::clone(charge),
+            reserved: None,
+            anyway: true,
+        }
+    }
+
+    /// Pushes `text` into `runtime`'s inbox, in the room reserved, else in room reserved now;
+    /// missed when there is none.
+    fn push(&mut self, inbox: &Inbox, runtime: &str, text: &Utf8Bytes) -> Delivered {
+        let reserved = match self.reserved.take() {
+            Some(reserved) => reserved,
+            None if self.anyway => inbox.reserve_anyway(runtime, &self.charge, text.len()),
+            None => match inbox.reserve(runtime, &self.charge, text.len()) {
+                Ok(reserved) => reserved,
+                Err(full) => {
+                    tracing::info!(%runtime, ?full, "a message had to wait in an inbox without room: missed");
+                    return Delivered::Missed;
+                }
+            },
+        };
+        inbox.push_reserved(runtime, text.as_str(), reserved);
+        Delivered::Queued
+    }
 }
 
 impl Runtime {
@@ -102,6 +168,7 @@ impl Runtime {
                 behind_since: None,
             }),
             handover: tokio::sync::Mutex::new(()),
+            settled: tokio::sync::Notify::new(),
             closing: Mutex::new(None),
         }
     }
@@ -189,16 +256,63 @@ impl Runtime {
     /// inbox (charged to `charge`, see `Inbox::push`); a full queue closes the socket (it
     /// resumes from the inbox). The bus's routing waits for room first (`bus::flow`); this
     /// is for what cannot wait.
-    pub fn deliver(&self, text: &Utf8Bytes, inbox: &Inbox, charge: &Charge) -> Delivered {
-        match self.offer(text, inbox, charge) {
+    pub fn deliver(&self, text: &Utf8Bytes, inbox: &Inbox, slot: &mut Slot) -> Delivered {
+        match self.offer_now(text, inbox, slot) {
             Offer::Done(delivered) => delivered,
-            Offer::Full { conn, .. } => self.too_slow(conn, text, inbox, charge),
+            Offer::Full { conn, .. } => self.too_slow(conn, text, inbox, slot),
+            // Never from `offer_now`; what cannot wait goes to the inbox.
+            Offer::Held { .. } => slot.push(inbox, &self.url, text),
+        }
+    }
+
+    /// [`Runtime::offer`] for what cannot wait (a fan-out, a notification): during a held
+    /// hand-over it goes to the inbox as during any other (the hand-over takes it, one round
+    /// more), never [`Offer::Held`].
+    pub fn offer_now(&self, text: &Utf8Bytes, inbox: &Inbox, slot: &mut Slot) -> Offer {
+        self.offer_with(text, inbox, slot, false)
+    }
+
+    /// A future told when a held hand-over ends; `enable` it before offering, so that an end
+    /// in between is not missed.
+    pub fn settled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.settled.notified()
+    }
+
+    /// The hand-over to `conn` goes into its last rounds: deliveries that can wait
+    /// ([`Runtime::offer`], flow-controlled ones) wait until it is online instead of adding to
+    /// the inbox, so a steady sender cannot keep the runtime off-line (each round finding a
+    /// new push); what cannot wait still goes to the inbox. False when `conn` no longer
+    /// holds it.
+    pub fn hold(&self, conn: u64) -> bool {
+        let mut state = self.lock();
+        match &mut state.delivery {
+            Delivery::Draining { conn: c, held, .. } if *c == conn => {
+                held.get_or_insert_with(Instant::now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The held hand-over to `conn` (if it is one) is not held any longer: waiting
+    /// deliveries go to the inbox again.
+    pub fn unhold(&self, conn: u64) {
+        let mut state = self.lock();
+        if let Delivery::Draining { conn: c, held, .. } = &mut state.delivery {
+            if *c == conn && held.take().is_some() {
+                drop(state);
+                self.settled.notify_waiters();
+            }
         }
     }
 
     /// Tries to hand `text` over without waiting: done (direct, buffered during a reconnect,
     /// or into the inbox), or the socket's queue is full.
-    pub fn offer(&self, text: &Utf8Bytes, inbox: &Inbox, charge: &Charge) -> Offer {
+    pub fn offer(&self, text: &Utf8Bytes, inbox: &Inbox, slot: &mut Slot) -> Offer {
+        self.offer_with(text, inbox, slot, true)
+    }
+
+    fn offer_with(&self, text: &Utf8Bytes, inbox: &Inbox, slot: &mut Slot, wait: bool) -> Offer {
         let mut guard = self.lock();
         let state = &mut *guard;
         match &mut state.delivery {
@@ -217,13 +331,14 @@ impl Runtime {
                     close.cancel();
                     state.delivery = Delivery::Away;
                     state.away_since = Some(Instant::now());
-                    inbox.push(&self.url, text.as_str(), charge);
-                    Offer::Done(Delivered::Queued)
+                    Offer::Done(slot.push(inbox, &self.url, text))
                 }
             },
+            Delivery::Draining {
+                held: Some(since), ..
+            } if wait => Offer::Held { since: *since },
             Delivery::Draining { .. } | Delivery::Away => {
-                inbox.push(&self.url, text.as_str(), charge);
-                Offer::Done(Delivered::Queued)
+                Offer::Done(slot.push(inbox, &self.url, text))
             }
         }
     }
@@ -244,7 +359,7 @@ impl Runtime {
         conn: u64,
         text: &Utf8Bytes,
         inbox: &Inbox,
-        charge: &Charge,
+        slot: &mut Slot,
     ) -> Delivered {
         let mut state = self.lock();
         match &state.delivery {
@@ -254,28 +369,12 @@ impl Runtime {
                 state.delivery = Delivery::Away;
                 state.away_since = Some(Instant::now());
                 state.behind_since = None;
-                inbox.push(&self.url, text.as_str(), charge);
-                Delivered::Queued
+                slot.push(inbox, &self.url, text)
             }
             _ => {
                 drop(state);
-                self.deliver(text, inbox, charge)
+                self.deliver(text, inbox, slot)
             }
-        }
-    }
-
-    /// The socket of `conn` is behind, and what it misses cannot wait in the inbox either: it
-    /// is told to close (it resumes from the inbox), and is away until then.
-    pub fn close_behind(&self, conn: u64) {
-        let mut state = self.lock();
-        if matches!(&state.delivery, Delivery::Online { conn: c, .. } if *c == conn) {
-            if let Delivery::Online { close, .. } =
-                std::mem::replace(&mut state.delivery, Delivery::Away)
-            {
-                close.cancel();
-            }
-            state.away_since = Some(Instant::now());
-            state.behind_since = None;
         }
     }
 
@@ -285,11 +384,20 @@ impl Runtime {
     pub fn begin_attach(&self, conn: u64, close: CancellationToken) {
         let mut state = self.lock();
         state.away_since = None;
-        let previous = std::mem::replace(&mut state.delivery, Delivery::Draining { conn, close });
+        let previous = std::mem::replace(
+            &mut state.delivery,
+            Delivery::Draining {
+                conn,
+                close,
+                held: None,
+            },
+        );
+        drop(state);
         match previous {
             Delivery::Online { close, .. } | Delivery::Draining { close, .. } => close.cancel(),
             Delivery::Away => {}
         }
+        self.settled.notify_waiters();
     }
 
     /// After the inbox was handed to `tx` up to its `pushed`-th push ([`Inbox::pushed`]
@@ -298,7 +406,7 @@ impl Runtime {
     /// Deliveries push under the same lock, so none falls between the check and the switch.
     pub fn go_online(&self, conn: u64, tx: &Outbound, pushed: u64, inbox: &Inbox) -> Option<bool> {
         let mut state = self.lock();
-        let Delivery::Draining { conn: c, close } = &state.delivery else {
+        let Delivery::Draining { conn: c, close, .. } = &state.delivery else {
             return None;
         };
         if *c != conn {
@@ -313,6 +421,8 @@ impl Runtime {
             tx: tx.clone(),
             close,
         };
+        drop(state);
+        self.settled.notify_waiters();
         Some(true)
     }
 
@@ -326,6 +436,8 @@ impl Runtime {
         if ours {
             state.away_since = Some(Instant::now());
             state.delivery = Delivery::Away;
+            drop(state);
+            self.settled.notify_waiters();
         }
     }
 
@@ -619,10 +731,16 @@ mod tests {
         let table = Table::default();
         let inbox = Inbox::memory();
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
-        assert_eq!(rt.deliver(&text("a"), &inbox, &node()), Delivered::Queued);
+        assert_eq!(
+            rt.deliver(&text("a"), &inbox, &mut Slot::anyway(&node())),
+            Delivered::Queued
+        );
         // Reconnect: into the inbox during the drain, then online.
         rt.begin_attach(7, CancellationToken::new());
-        assert_eq!(rt.deliver(&text("b"), &inbox, &node()), Delivered::Queued);
+        assert_eq!(
+            rt.deliver(&text("b"), &inbox, &mut Slot::anyway(&node())),
+            Delivered::Queued
+        );
         let (tx, mut rx) = super::super::outbound::channel(16, 1 << 20);
         let pushed = inbox.pushed(&rt.url);
         let taken = inbox.take(&rt.url, usize::MAX).await.unwrap();
@@ -631,7 +749,7 @@ mod tests {
         }
         inbox.ack(&rt.url, &taken).await.unwrap();
         assert_eq!(
-            rt.deliver(&text("c"), &inbox, &node()),
+            rt.deliver(&text("c"), &inbox, &mut Slot::anyway(&node())),
             Delivered::Queued,
             "after the take"
         );
@@ -641,7 +759,10 @@ mod tests {
             "take again"
         );
         assert_eq!(resume(&rt, 7, &tx, &inbox).await, Some(true));
-        assert_eq!(rt.deliver(&text("d"), &inbox, &node()), Delivered::Direct);
+        assert_eq!(
+            rt.deliver(&text("d"), &inbox, &mut Slot::anyway(&node())),
+            Delivered::Direct
+        );
         let got: Vec<String> =
             std::iter::from_fn(|| rx.try_recv().map(|t| t.to_string())).collect();
         assert_eq!(got, ["a", "b", "c", "d"]);
@@ -656,8 +777,14 @@ mod tests {
         let close = CancellationToken::new();
         rt.begin_attach(1, close.clone());
         assert_eq!(resume(&rt, 1, &tx, &inbox).await, Some(true));
-        assert_eq!(rt.deliver(&text("a"), &inbox, &node()), Delivered::Direct);
-        assert_eq!(rt.deliver(&text("b"), &inbox, &node()), Delivered::Queued);
+        assert_eq!(
+            rt.deliver(&text("a"), &inbox, &mut Slot::anyway(&node())),
+            Delivered::Direct
+        );
+        assert_eq!(
+            rt.deliver(&text("b"), &inbox, &mut Slot::anyway(&node())),
+            Delivered::Queued
+        );
         assert!(!rt.is_online());
         assert!(close.is_cancelled(), "the slow socket is told to close");
         assert_eq!(
@@ -676,16 +803,16 @@ mod tests {
         let inbox = Inbox::memory();
         let rt = table.runtime("runtime://d/1", RuntimeRecord::default);
         rt.begin_attach(1, CancellationToken::new());
-        rt.deliver(&text("m1"), &inbox, &node());
-        rt.deliver(&text("m2"), &inbox, &node());
+        rt.deliver(&text("m1"), &inbox, &mut Slot::anyway(&node()));
+        rt.deliver(&text("m2"), &inbox, &mut Slot::anyway(&node()));
         // Taken over before it went online: the new socket gets everything.
         rt.begin_attach(2, CancellationToken::new());
         let (old, _old_rx) = super::super::outbound::channel(4, 1 << 20);
         assert_eq!(rt.go_online(1, &old, inbox.pushed(&rt.url), &inbox), None);
         rt.detach(1);
-        rt.deliver(&text("m3"), &inbox, &node());
+        rt.deliver(&text("m3"), &inbox, &mut Slot::anyway(&node()));
         rt.detach(2);
-        rt.deliver(&text("m4"), &inbox, &node());
+        rt.deliver(&text("m4"), &inbox, &mut Slot::anyway(&node()));
         assert_eq!(
             inbox
                 .take("runtime://d/1", usize::MAX)

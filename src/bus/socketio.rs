@@ -13,7 +13,11 @@
 //! message being handled, and at most `[bus] max_frame_bytes` more waiting — before the
 //! handshake is answered only the first message and [`HANDSHAKE_INBOUND_BYTES`] more. A
 //! client past it is disconnected (it cannot be slowed down: Engine.IO delivers what it
-//! reads). Socket.IO protocol 5 clients (socket.io ≥ 3) connect
+//! reads). What is sent to it waits in its outbound queue, as a WebSocket stub's, and then in
+//! Engine.IO's send buffer — bounded by Engine.IO in packets only, so also here in bytes: at
+//! most `max_frame_bytes` of packets (any one when it is empty), as a WebSocket writer holds
+//! the frame it writes; while it is full the queue fills and the senders are slowed.
+//! Socket.IO protocol 5 clients (socket.io ≥ 3) connect
 //! too: their `0` is answered with the session id.
 
 use std::sync::{Arc, Mutex};
@@ -274,10 +278,72 @@ fn disconnect(socket: &Socket<Session>) {
     socket.close(DisconnectReason::ClosingServer);
 }
 
+/// What a socket's Engine.IO send buffer holds, in bytes: Engine.IO bounds it in packets only
+/// (`max_buffer_size`), so each packet emitted is kept here too (sharing its bytes, not a
+/// copy) until Engine.IO has dropped its own — written, or given up with the socket.
+struct Sent {
+    packets: std::collections::VecDeque<bytes::Bytes>,
+    bytes: usize,
+    /// What it may hold (`max_frame_bytes`, as a WebSocket writer holds the frame it writes);
+    /// an empty buffer takes any one packet.
+    max: usize,
+}
+
+impl Sent {
+    fn new(max: usize) -> Self {
+        Self {
+            packets: std::collections::VecDeque::new(),
+            bytes: 0,
+            max,
+        }
+    }
+
+    /// Forgets the packets Engine.IO no longer holds.
+    fn prune(&mut self) {
+        let before = std::mem::take(&mut self.packets);
+        for packet in before {
+            if packet.is_unique() {
+                self.bytes -= packet.len();
+            } else {
+                self.packets.push_back(packet);
+            }
+        }
+    }
+
+    /// Emits `packet` once the buffer has room for it in bytes (and Engine.IO in packets);
+    /// false once the socket is gone.
+    async fn emit(&mut self, socket: &Socket<Session>, packet: String) -> bool {
+        let mut wait = Duration::from_millis(1);
+        loop {
+            self.prune();
+            if self.bytes == 0 || self.bytes + packet.len() <= self.max {
+                break;
+            }
+            if socket.is_closed() {
+                return false;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+        }
+        let packet = Str::from(packet);
+        let kept = bytes::Bytes::from(packet.clone());
+        if !emit(socket, packet, None).await {
+            return false;
+        }
+        self.bytes += kept.len();
+        self.packets.push_back(kept);
+        true
+    }
+}
+
 /// Emits `packet`, waiting while the socket's Engine.IO buffer is full (for `patience` at
 /// most, when given); false once closed or out of patience (a client that does not read).
-async fn emit(socket: &Socket<Session>, packet: String, patience: Option<Duration>) -> bool {
-    let mut packet = Str::from(packet);
+async fn emit(
+    socket: &Socket<Session>,
+    packet: impl Into<Str>,
+    patience: Option<Duration>,
+) -> bool {
+    let mut packet = packet.into();
     let mut wait = Duration::from_millis(1);
     let give_up = patience.map(|p| tokio::time::Instant::now() + p);
     loop {
@@ -356,9 +422,10 @@ async fn run(bus: Bus, socket: Arc<Socket<Session>>, mut rx: InboundRx) {
     );
     let writer = {
         let socket = Arc::clone(&socket);
+        let mut sent = Sent::new(bus.config().max_frame_bytes);
         tokio::spawn(async move {
             while let Some(text) = out.recv().await {
-                if !emit(&socket, event(text.as_str()), None).await {
+                if !sent.emit(&socket, event(text.as_str())).await {
                     return;
                 }
             }

@@ -79,8 +79,55 @@ struct LineState {
     jobs: VecDeque<Job>,
     /// What `jobs` hold (the shared frames, counted once per job).
     bytes: usize,
+    /// Jobs whose room is reserved ([`Foreign::reserve`]) and not queued yet, and their
+    /// bytes: counted as if they waited.
+    reserved: usize,
+    reserved_bytes: usize,
     /// A task is sending this line's jobs.
     running: bool,
+}
+
+impl LineState {
+    /// Whether one more message of `bytes` fits beside what waits and what is reserved: an
+    /// empty line takes any one message.
+    fn has_room(&self, limits: &Limits, bytes: usize) -> bool {
+        let waiting = self.jobs.len() + self.reserved;
+        waiting == 0
+            || (waiting < limits.messages
+                && self.bytes + self.reserved_bytes + bytes <= limits.bytes)
+    }
+}
+
+/// Room reserved in the lines of a message's peer targets ([`Foreign::reserve`]), one place
+/// per target: [`Foreign::enqueue`] takes it up; dropped, what was not taken up is given
+/// back.
+#[must_use = "room not queued into is given back when dropped"]
+pub struct LineRoom {
+    lines: Vec<Arc<Line>>,
+    bytes: usize,
+}
+
+impl LineRoom {
+    /// Takes up one place reserved in `line` (under its lock), if one is.
+    fn take(&mut self, line: &Arc<Line>, state: &mut LineState) -> bool {
+        let Some(at) = self.lines.iter().position(|l| Arc::ptr_eq(l, line)) else {
+            return false;
+        };
+        self.lines.swap_remove(at);
+        state.reserved -= 1;
+        state.reserved_bytes -= self.bytes;
+        true
+    }
+}
+
+impl Drop for LineRoom {
+    fn drop(&mut self) {
+        for line in self.lines.drain(..) {
+            let mut state = lock(&line.state);
+            state.reserved -= 1;
+            state.reserved_bytes -= self.bytes;
+        }
+    }
 }
 
 /// One message for one target of a peer's domain: the frame as received (shared, never
@@ -233,20 +280,31 @@ impl Foreign {
         ))
     }
 
-    /// Whether one more message of `bytes` fits the line of every target (a 408 to the
-    /// sender when not: nothing of the message goes anywhere then). Targets of no peer's
-    /// domain need no room.
-    pub fn has_room(&self, targets: &[String], bytes: usize) -> bool {
-        targets.iter().filter_map(|to| self.line(to)).all(|line| {
-            let state = lock(&line.state);
-            state.jobs.is_empty()
-                || (state.jobs.len() < self.limits.messages
-                    && state.bytes + bytes <= self.limits.bytes)
-        })
+    /// Reserves room for one message of `bytes` in the line of every target (in order: two
+    /// targets of one peer take two places), or none: a 408 to the sender when not — nothing
+    /// of the message goes anywhere then. Each line's check and count are one step, so
+    /// senders racing for its last room never take it past `peer_queue`/`peer_queue_bytes`.
+    /// Targets of no peer's domain need no room.
+    pub fn reserve(&self, targets: &[String], bytes: usize) -> Option<LineRoom> {
+        let mut room = LineRoom {
+            lines: Vec::new(),
+            bytes,
+        };
+        for line in targets.iter().filter_map(|to| self.line(to)) {
+            let mut state = lock(&line.state);
+            if !state.has_room(&self.limits, bytes) {
+                return None; // `room` gives back what it holds
+            }
+            state.reserved += 1;
+            state.reserved_bytes += bytes;
+            drop(state);
+            room.lines.push(line);
+        }
+        Some(room)
     }
 
-    /// Queues `message` for each target's peer (call in routing order: each peer gets its
-    /// messages in that order); the first answer goes to `answer`. The lines that need a
+    /// Queues `message` for each target's peer in the `room` reserved for it (call in routing
+    /// order: each peer gets its messages in that order); the first answer goes to `answer`. The lines that need a
     /// task to send them now ([`Foreign::run_line`]). A target of no peer's domain is
     /// answered 404 at once.
     pub fn enqueue(
@@ -254,6 +312,7 @@ impl Foreign {
         message: &Message,
         targets: &[String],
         answer: &Arc<AnswerTo>,
+        mut room: LineRoom,
     ) -> Vec<Arc<Line>> {
         let mut start = Vec::new();
         for to in targets {
@@ -264,6 +323,11 @@ impl Foreign {
                 continue;
             };
             let mut state = lock(&line.state);
+            if !room.take(&line, &mut state) {
+                // Not reserved (for another size, or beyond the room reserved): queued anyway,
+                // as what the caller could not refuse.
+                tracing::debug!(%to, "a peer message queued without reserved room");
+            }
             state.bytes += message.text.len();
             state.jobs.push_back(Job {
                 text: message.text.clone(),
@@ -478,17 +542,23 @@ mod tests {
         .expect("message");
         let (tx, mut rx) = crate::bus::outbound::channel(4, 1 << 20);
         let answer = AnswerTo::new(&message, Some(tx));
-        assert!(foreign.has_room(&to, message.text.len()));
+        let len = message.text.len();
+        let room = foreign.reserve(&to, len).expect("room");
         assert_eq!(
-            foreign.enqueue(&message, &to, &answer).len(),
+            foreign.enqueue(&message, &to, &answer, room).len(),
             1,
             "a task to start"
         );
+        let reserved = foreign.reserve(&to, len).expect("room for a second");
         assert!(
-            foreign.enqueue(&message, &to, &answer).is_empty(),
+            foreign.reserve(&to, 1).is_none(),
+            "1 waits and 1 is reserved: full before the second is queued"
+        );
+        assert!(
+            foreign.enqueue(&message, &to, &answer, reserved).is_empty(),
             "already running"
         );
-        assert!(!foreign.has_room(&to, 1), "2 messages wait: full");
+        assert!(foreign.reserve(&to, 1).is_none(), "2 messages wait: full");
         let line = foreign.line(&to[0]).expect("a peer's line");
         let state = lock(&line.state);
         assert!(
@@ -498,19 +568,24 @@ mod tests {
                 .all(|j| j.text.as_str().as_ptr() == message.text.as_str().as_ptr()),
             "shared, not copied"
         );
+        assert_eq!((state.reserved, state.reserved_bytes), (0, 0));
         drop(state);
         assert!(
-            !foreign.has_room(&["hyperty://p.example/y".into()], 10),
+            foreign
+                .reserve(&["hyperty://p.example/y".into()], 10)
+                .is_none(),
             "per domain"
         );
         assert!(
-            foreign.has_room(&["hyperty://q.example/y".into()], 10),
+            foreign
+                .reserve(&["hyperty://q.example/y".into()], 10)
+                .is_some(),
             "no peer: no line"
         );
         // A target of no peer's domain is answered at once.
-        assert!(foreign
-            .enqueue(&message, &["hyperty://q.example/y".into()], &answer)
-            .is_empty());
+        let other = vec!["hyperty://q.example/y".to_string()];
+        let room = foreign.reserve(&other, len).expect("no line");
+        assert!(foreign.enqueue(&message, &other, &answer, room).is_empty());
         let missing: Value =
             serde_json::from_str(rx.try_recv().expect("404").as_str()).expect("json");
         assert_eq!(missing["body"]["code"], 404);
@@ -528,9 +603,18 @@ mod tests {
             "x".repeat(600)
         ))
         .expect("message");
-        big.enqueue(&message_big, &to, &answer);
+        let room = big.reserve(&to, message_big.text.len()).expect("empty");
         assert!(
-            !big.has_room(&to, message_big.text.len()),
+            big.reserve(&to, message_big.text.len()).is_none(),
+            "reserved over 1000 bytes: full"
+        );
+        drop(room);
+        let room = big
+            .reserve(&to, message_big.text.len())
+            .expect("given back");
+        big.enqueue(&message_big, &to, &answer, room);
+        assert!(
+            big.reserve(&to, message_big.text.len()).is_none(),
             "over 1000 bytes: full"
         );
     }

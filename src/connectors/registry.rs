@@ -12,7 +12,7 @@
 //! With `[bus.registry] url` the messages go to a reTHINK domain registry's REST API
 //! (`PUT/GET/DELETE /hyperty/user/<user>/<hyperty>`, `/hyperty/dataobject/<url>`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
 
 use futures_util::future::BoxFuture;
@@ -34,32 +34,52 @@ pub struct BuiltinRegistry {
     max_read_bytes: usize,
 }
 
-/// The entries by URL, and how many each runtime registered.
+/// The entries by URL, and the URLs each runtime registered and each user has entries under
+/// (so a user's read, a runtime's count and a release never walk the other entries).
 #[derive(Default)]
 struct Entries {
     by_url: BTreeMap<String, Value>,
-    per_runtime: HashMap<String, usize>,
+    by_runtime: HashMap<String, BTreeSet<String>>,
+    by_user: HashMap<String, BTreeSet<String>>,
 }
 
 impl Entries {
     fn set(&mut self, url: &str, entry: Option<Value>) {
-        let counted = |entry: &Value| entry["runtime"].as_str().map(str::to_string);
         let old = match entry {
             Some(entry) => {
-                if let Some(runtime) = counted(&entry) {
-                    *self.per_runtime.entry(runtime).or_default() += 1;
-                }
+                index(&mut self.by_runtime, &entry["runtime"], url, true);
+                index(&mut self.by_user, &entry["user"], url, true);
                 self.by_url.insert(url.to_string(), entry)
             }
             None => self.by_url.remove(url),
         };
-        if let Some(runtime) = old.as_ref().and_then(counted) {
-            if let Some(n) = self.per_runtime.get_mut(&runtime) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.per_runtime.remove(&runtime);
-                }
+        let Some(old) = old else { return };
+        let new = self.by_url.get(url);
+        for (index_of, field) in [
+            (&mut self.by_runtime, "runtime"),
+            (&mut self.by_user, "user"),
+        ] {
+            // Unindexed under the old value only when the new entry does not file it there.
+            if new.is_none_or(|new| new[field] != old[field]) {
+                index(index_of, &old[field], url, false);
             }
+        }
+    }
+}
+
+/// Files `url` under `key` (a string field of its entry; other values are not indexed), or
+/// takes it out (`add: false`; an emptied set is forgotten).
+fn index(index: &mut HashMap<String, BTreeSet<String>>, key: &Value, url: &str, add: bool) {
+    let Some(key) = key.as_str() else { return };
+    if add {
+        index
+            .entry(key.to_string())
+            .or_default()
+            .insert(url.to_string());
+    } else if let Some(urls) = index.get_mut(key) {
+        urls.remove(url);
+        if urls.is_empty() {
+            index.remove(key);
         }
     }
 }
@@ -89,7 +109,8 @@ impl BuiltinRegistry {
         let entries = self.read();
         runtimes
             .iter()
-            .filter_map(|r| entries.per_runtime.get(r))
+            .filter_map(|r| entries.by_runtime.get(r))
+            .map(BTreeSet::len)
             .sum()
     }
 
@@ -100,11 +121,10 @@ impl BuiltinRegistry {
     pub async fn remove_runtime(&self, runtime: &str) -> Result<usize, BusError> {
         let urls: Vec<String> = self
             .read()
-            .by_url
-            .iter()
-            .filter(|(_, e)| e["runtime"] == runtime)
-            .map(|(url, _)| url.clone())
-            .collect();
+            .by_runtime
+            .get(runtime)
+            .map(|urls| urls.iter().cloned().collect())
+            .unwrap_or_default();
         for url in &urls {
             self.put(url, None).await?;
         }
@@ -253,10 +273,11 @@ impl BuiltinRegistry {
         let mut page = serde_json::Map::new();
         let (mut bytes, mut next) = (0, None);
         let mut last: Option<&String> = None;
-        for (url, entry) in entries
-            .by_url
+        let urls = entries.by_user.get(user)?;
+        for (url, entry) in urls
             .range::<str, _>((from, Bound::Unbounded))
-            .filter(|(_, e)| e["user"] == user && matches(e, criteria))
+            .filter_map(|url| Some((url, entries.by_url.get(url)?)))
+            .filter(|(_, e)| matches(e, criteria))
         {
             let size = url.len() + entry.to_string().len();
             if bytes + size > self.max_read_bytes && !page.is_empty() {
@@ -278,7 +299,7 @@ impl BuiltinRegistry {
     }
 
     fn count_of(&self, runtime: &str) -> usize {
-        self.read().per_runtime.get(runtime).copied().unwrap_or(0)
+        self.read().by_runtime.get(runtime).map_or(0, BTreeSet::len)
     }
 
     fn get(&self, url: &str) -> Option<Value> {
@@ -548,5 +569,29 @@ mod tests {
         assert!(registry
             .user_page("user://localhost/nobody", None, None)
             .is_none());
+    }
+
+    #[test]
+    fn the_indexes_follow_entries_that_move_or_go() {
+        let registry = BuiltinRegistry::new(BTreeMap::new(), Store::memory(), 10_000);
+        let (eve, bob) = ("user://localhost/eve", "user://localhost/bob");
+        let url = "hyperty://localhost/h";
+        let entry =
+            |user: &str, runtime: &str| json!({"url": url, "user": user, "runtime": runtime});
+        registry.apply(url, Some(entry(eve, "runtime://localhost/a")));
+        registry.apply(url, Some(entry(eve, "runtime://localhost/a")));
+        assert_eq!(registry.registered_by(&["runtime://localhost/a".into()]), 1);
+        assert!(registry.user_page(eve, None, None).is_some());
+        // Filed again under another user and runtime: found only there.
+        registry.apply(url, Some(entry(bob, "runtime://localhost/b")));
+        assert!(registry.user_page(eve, None, None).is_none());
+        assert!(registry.user_page(bob, None, None).is_some());
+        assert_eq!(registry.registered_by(&["runtime://localhost/a".into()]), 0);
+        assert_eq!(registry.registered_by(&["runtime://localhost/b".into()]), 1);
+        registry.apply(url, None);
+        assert!(registry.user_page(bob, None, None).is_none());
+        assert_eq!(registry.registered_by(&["runtime://localhost/b".into()]), 0);
+        let entries = registry.read();
+        assert!(entries.by_user.is_empty() && entries.by_runtime.is_empty());
     }
 }

@@ -113,13 +113,18 @@ pub struct Inbox {
 
 /// Bytes held in memory, and how many may be; what each charge (the sender's principal)
 /// holds of them, and how many it may; and how many one runtime's inbox may hold
-/// undelivered (in memory or in Matrix).
+/// undelivered (in memory or in Matrix). A message is counted in all three when its room is
+/// reserved ([`Inbox::reserve`]), before the sender waits for anything, so senders racing
+/// for the same room never take a budget past its limit.
 #[derive(Debug)]
 struct Budget {
     held: AtomicUsize,
     max: AtomicUsize,
     shares: Shares,
     per_runtime: AtomicUsize,
+    /// Per runtime, the bytes reserved for it and not pushed yet; the lock also makes each
+    /// reservation's checks and counts one step.
+    reserved: Mutex<HashMap<String, usize>>,
 }
 
 impl Default for Budget {
@@ -129,14 +134,21 @@ impl Default for Budget {
             max: AtomicUsize::new(DEFAULT_MAX_BYTES),
             shares: Shares::new(DEFAULT_MAX_BYTES_PER_CHARGE, u64::MAX),
             per_runtime: AtomicUsize::new(DEFAULT_MAX_BYTES_PER_RUNTIME),
+            reserved: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Budget {
-    fn add(&self, bytes: usize, charge: &Charge) {
-        self.held.fetch_add(bytes, Ordering::Relaxed);
-        self.shares.add(charge, bytes);
+    /// The room reserved for `runtime` is pushed (or given back): no longer reserved.
+    fn unreserve(&self, runtime: &str, bytes: usize) {
+        let mut reserved = lock(&self.reserved);
+        if let Some(r) = reserved.get_mut(runtime) {
+            *r = r.saturating_sub(bytes);
+            if *r == 0 {
+                reserved.remove(runtime);
+            }
+        }
     }
 
     /// Frees what `entries` (charge, bytes) held.
@@ -152,6 +164,51 @@ impl Budget {
                 Some(h.saturating_sub(bytes))
             });
     }
+}
+
+/// Room for one message in one runtime's inbox, counted in every budget (the inboxes' memory,
+/// the charge's share, the runtime's inbox) since [`Inbox::reserve`]: [`Inbox::push`] uses
+/// it; dropped unused, it is given back.
+#[derive(Debug)]
+#[must_use = "room not pushed into is given back when dropped"]
+pub struct Reservation {
+    budget: Arc<Budget>,
+    runtime: String,
+    charge: Charge,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// The bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whom it is charged to.
+    pub fn charge(&self) -> &Charge {
+        &self.charge
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.unreserve(&self.runtime, self.bytes);
+            self.budget.free(self.bytes);
+            self.budget.shares.free(&self.charge, self.bytes, 1);
+        }
+    }
+}
+
+/// Which budget has no room for a message ([`Inbox::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// The inboxes' memory (`inbox_max_bytes`).
+    Inboxes,
+    /// The charge's share of it (`inbox_max_bytes_per_principal`).
+    Share,
+    /// The runtime's inbox (`inbox_max_bytes_per_runtime`).
+    Runtime,
 }
 
 /// What inboxes may hold in memory unless [`Inbox::limit_bytes`] says otherwise.
@@ -283,16 +340,78 @@ impl Inbox {
             .store(per_runtime, Ordering::Relaxed);
     }
 
-    /// Whether `bytes` more fit in `runtime`'s inbox: when not, the message is refused (the
-    /// sender retries) rather than stored — in memory or in Matrix.
+    /// Whether `bytes` more fit in `runtime`'s inbox (beside what is reserved for it): when
+    /// not, the message is refused (the sender retries) rather than stored — in memory or in
+    /// Matrix.
     pub fn runtime_has_room(&self, runtime: &str, bytes: usize) -> bool {
-        let held = match &*self.inner {
+        let reserved = lock(&self.budget.reserved).get(runtime).copied();
+        self.undelivered(runtime) + reserved.unwrap_or(0) + bytes
+            <= self.budget.per_runtime.load(Ordering::Relaxed)
+    }
+
+    /// Bytes pushed for `runtime` and not delivered yet.
+    fn undelivered(&self, runtime: &str) -> usize {
+        match &*self.inner {
             Inner::Memory(boxes) => lock(boxes).get(runtime).map_or(0, |b| b.bytes),
             Inner::Matrix(matrix) => lock(&matrix.boxes)
                 .get(runtime)
                 .map_or(0, |b| b.undelivered.load(Ordering::Relaxed)),
-        };
-        held + bytes <= self.budget.per_runtime.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Reserves room for a message of `bytes` to `runtime` charged to `charge` in every budget
+    /// at once ([`Inbox::has_room`], [`Inbox::charge_has_room`], [`Inbox::runtime_has_room`]),
+    /// or none: the checks and the counts are one step, so concurrent senders never take a
+    /// budget past its limit, however long each waits before it pushes.
+    ///
+    /// # Errors
+    /// [`NoRoom`]: the budget that is full (nothing reserved).
+    pub fn reserve(
+        &self,
+        runtime: &str,
+        charge: &Charge,
+        bytes: usize,
+    ) -> Result<Reservation, NoRoom> {
+        let budget = &self.budget;
+        let mut reserved = lock(&budget.reserved);
+        let for_runtime = reserved.get(runtime).copied().unwrap_or(0);
+        if self.undelivered(runtime) + for_runtime + bytes
+            > budget.per_runtime.load(Ordering::Relaxed)
+        {
+            return Err(NoRoom::Runtime);
+        }
+        // Other reservations count under this lock; frees only make room.
+        if budget.held.load(Ordering::Relaxed) + bytes > budget.max.load(Ordering::Relaxed) {
+            return Err(NoRoom::Inboxes);
+        }
+        if !budget.shares.try_add(charge, bytes) {
+            return Err(NoRoom::Share);
+        }
+        budget.held.fetch_add(bytes, Ordering::Relaxed);
+        *reserved.entry(runtime.to_string()).or_default() += bytes;
+        Ok(Reservation {
+            budget: Arc::clone(budget),
+            runtime: runtime.to_string(),
+            charge: Arc::clone(charge),
+            bytes,
+        })
+    }
+
+    /// Room for a message to `runtime` that may not be refused (one this node already holds
+    /// for it, handed back from a socket that could not take it): counted like any, past the
+    /// limits if need be.
+    pub fn reserve_anyway(&self, runtime: &str, charge: &Charge, bytes: usize) -> Reservation {
+        let budget = &self.budget;
+        let mut reserved = lock(&budget.reserved);
+        budget.shares.add(charge, bytes);
+        budget.held.fetch_add(bytes, Ordering::Relaxed);
+        *reserved.entry(runtime.to_string()).or_default() += bytes;
+        Reservation {
+            budget: Arc::clone(budget),
+            runtime: runtime.to_string(),
+            charge: Arc::clone(charge),
+            bytes,
+        }
     }
 
     /// Whether `text` can wait in `runtime`'s inbox as it is: always in memory; in Matrix when
@@ -350,10 +469,29 @@ impl Inbox {
         }
     }
 
-    /// Queues `message_json` for `runtime` (in order per runtime), held in memory charged to
-    /// `charge` until stored (in memory: until delivered); stored in the background.
+    /// Queues `message_json` for `runtime`, charged to `charge`, whatever the budgets hold
+    /// ([`Inbox::reserve_anyway`]): for what this node holds already and may not refuse.
     pub fn push(&self, runtime: &str, message_json: &str, charge: &Charge) {
-        self.budget.add(message_json.len(), charge);
+        let reserved = self.reserve_anyway(runtime, charge, message_json.len());
+        self.push_reserved(runtime, message_json, reserved);
+    }
+
+    /// Queues `message_json` for `runtime` (in order per runtime) in the room `reserved` for
+    /// it ([`Inbox::reserve`]), held in memory charged to its charge until stored (in memory:
+    /// until delivered); stored in the background.
+    pub fn push_reserved(&self, runtime: &str, message_json: &str, mut reserved: Reservation) {
+        let charge = &Arc::clone(&reserved.charge);
+        // What the reservation counted stays counted, now as pushed: the runtime's inbox
+        // holds it below, then the reservation for it ends.
+        let (len, held) = (message_json.len(), std::mem::take(&mut reserved.bytes));
+        if len != held {
+            // Reserved for another size (never by the bus, which reserves what it pushes).
+            self.budget.held.fetch_add(len, Ordering::Relaxed);
+            self.budget.shares.add(charge, len);
+            self.budget.free(held);
+            self.budget.shares.free(charge, held, 1);
+        }
+        let unreserve = |budget: &Budget| budget.unreserve(&reserved.runtime, held);
         match &*self.inner {
             Inner::Memory(boxes) => {
                 let mut boxes = lock(boxes);
@@ -364,12 +502,15 @@ impl Inbox {
                 inbox
                     .messages
                     .push_back((seq, message_json.to_string(), Arc::clone(charge)));
+                drop(boxes);
+                unreserve(&self.budget);
             }
             Inner::Matrix(matrix) => {
                 let inbox = matrix.runtime_box(runtime);
                 inbox
                     .undelivered
                     .fetch_add(message_json.len(), Ordering::Relaxed);
+                unreserve(&self.budget);
                 let start_writer = {
                     let mut queue = lock(&inbox.queue);
                     queue
@@ -1089,6 +1230,35 @@ mod tests {
             1,
             "a message bigger than a page is one page"
         );
+    }
+
+    #[test]
+    fn reservations_count_at_once_and_are_given_back_unused() {
+        let inbox = Inbox::memory();
+        inbox.limit_bytes(100, 60, 30);
+        let eve: Charge = Arc::from("@eve:l");
+        let first = inbox.reserve("rt://a", &eve, 20).expect("room");
+        assert_eq!(
+            inbox.reserve("rt://a", &eve, 20).err(),
+            Some(NoRoom::Runtime),
+            "20 reserved + 20 > 30: the second sender waits for nothing it cannot have"
+        );
+        let second = inbox.reserve("rt://b", &eve, 30).expect("room");
+        assert_eq!(inbox.reserve("rt://c", &eve, 20).err(), Some(NoRoom::Share));
+        let bob: Charge = Arc::from("@bob:l");
+        let third = inbox.reserve("rt://c", &bob, 30).expect("room");
+        assert_eq!(
+            inbox.reserve("rt://d", &bob, 30).err(),
+            Some(NoRoom::Inboxes)
+        );
+        assert_eq!(inbox.held_bytes(), 80);
+        inbox.push_reserved("rt://a", &"x".repeat(20), first);
+        assert_eq!(inbox.held_bytes(), 80, "pushed: counted once");
+        assert!(!inbox.runtime_has_room("rt://a", 11));
+        drop((second, third));
+        assert_eq!(inbox.held_bytes(), 20, "unused: given back");
+        assert!(inbox.runtime_has_room("rt://b", 30) && inbox.charge_has_room("@bob:l", 60));
+        assert!(lock(&inbox.budget.reserved).is_empty());
     }
 
     #[tokio::test]

@@ -117,6 +117,44 @@ struct Shared {
     shares: Shares,
 }
 
+/// Room for one record, counted in the history's budgets since [`Journal::reserve`]:
+/// [`Journal::record_reserved`] uses it; dropped unused, it is given back.
+#[must_use = "room not recorded into is given back when dropped"]
+pub struct HistoryRoom {
+    shared: Arc<Shared>,
+    charge: Charge,
+    bytes: usize,
+}
+
+impl Drop for HistoryRoom {
+    fn drop(&mut self) {
+        self.shared.free_counted(&self.charge, self.bytes);
+    }
+}
+
+/// Which of the history's budgets has no room ([`Journal::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryFull {
+    /// What the node holds not stored yet (`max_history_bytes`).
+    Node,
+    /// The charge's share (`max_history_bytes_per_principal`, `…backlog_per_principal`).
+    Share,
+}
+
+impl Shared {
+    /// Gives back `bytes` counted for one record of `charge` that will not hold them.
+    fn free_counted(&self, charge: &str, bytes: usize) {
+        if bytes > 0 {
+            let _ = self.held.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |h| Some(h.saturating_sub(bytes)),
+            );
+            self.shares.free(charge, bytes, 1);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Progress {
     stored: u64,
@@ -219,10 +257,68 @@ impl Journal {
         self.shared.shares.has_room(charge, bytes + RECORD_OVERHEAD)
     }
 
+    /// Reserves room for one record of a message of `bytes` charged to `charge`, in its
+    /// share and within `max_held` bytes not stored yet over all — checked and counted at
+    /// once, so senders racing for the last room never take the history past either, however
+    /// long each waits before it records.
+    ///
+    /// # Errors
+    /// [`HistoryFull`]: which budget has no room (nothing reserved).
+    pub fn reserve(
+        &self,
+        charge: &Charge,
+        bytes: usize,
+        max_held: usize,
+    ) -> Result<HistoryRoom, HistoryFull> {
+        let shared = &self.shared;
+        let bytes = bytes + RECORD_OVERHEAD;
+        // The queue's lock makes the check and the count one step for every reserver.
+        let _queue = shared.lock_queue();
+        if !shared.memory {
+            let held = shared.held.load(std::sync::atomic::Ordering::Relaxed);
+            if held + bytes > max_held {
+                return Err(HistoryFull::Node);
+            }
+        }
+        if !shared.shares.try_add(charge, bytes) {
+            return Err(HistoryFull::Share);
+        }
+        shared
+            .held
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(HistoryRoom {
+            shared: Arc::clone(shared),
+            charge: Arc::clone(charge),
+            bytes,
+        })
+    }
+
+    /// [`Journal::record`] in the room `room` reserved for it ([`Journal::reserve`]).
+    pub fn record_reserved(
+        &self,
+        message_json: &str,
+        to: Vec<String>,
+        mut room: HistoryRoom,
+    ) -> u64 {
+        let counted = std::mem::take(&mut room.bytes);
+        self.record_counted(message_json, to, &Arc::clone(&room.charge), counted)
+    }
+
     /// Records a routed message (its JSON text) and the runtimes it went to, held in memory
     /// charged to `charge` until stored; returns its sequence number. Never blocks on I/O:
     /// the message is stored in the background.
     pub fn record(&self, message_json: &str, to: Vec<String>, charge: &Charge) -> u64 {
+        self.record_counted(message_json, to, charge, 0)
+    }
+
+    /// [`Journal::record`], of which `counted` bytes are counted already (reserved).
+    fn record_counted(
+        &self,
+        message_json: &str,
+        to: Vec<String>,
+        charge: &Charge,
+        counted: usize,
+    ) -> u64 {
         let shared = &self.shared;
         let mut queue = shared.lock_queue();
         let seq = queue.next_seq;
@@ -230,6 +326,7 @@ impl Journal {
         shared.recorded.inc();
         if shared.memory || queue.closed {
             drop(queue);
+            shared.free_counted(charge, counted);
             shared.stored.send_modify(|p| p.stored = seq + 1);
             shared.persisted.inc();
             return seq;
@@ -238,10 +335,15 @@ impl Journal {
         let was_small = queue.bytes < shared.max_batch_raw_bytes;
         let bytes = message_json.len() + RECORD_OVERHEAD;
         queue.bytes += bytes;
-        shared
-            .held
-            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-        shared.shares.add(charge, bytes);
+        // Under the queue's lock, as reservations count: the reserved bytes become the
+        // record's.
+        if counted != bytes {
+            shared.free_counted(charge, counted);
+            shared
+                .held
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            shared.shares.add(charge, bytes);
+        }
         queue.records.push(Record {
             seq,
             ts_ms: now_ms(),
@@ -260,7 +362,7 @@ impl Journal {
         seq
     }
 
-    /// [`Journal::record`], resolving once the batch holding the message is stored.
+    /// [`Journal::record_reserved`], resolving once the batch holding the message is stored.
     ///
     /// # Errors
     /// The journal shut down and gave up before storing it.
@@ -268,9 +370,9 @@ impl Journal {
         &self,
         message_json: &str,
         to: Vec<String>,
-        charge: &Charge,
+        room: HistoryRoom,
     ) -> Result<u64, JournalError> {
-        let seq = self.record(message_json, to, charge);
+        let seq = self.record_reserved(message_json, to, room);
         self.wait_stored(seq + 1).await?;
         Ok(seq)
     }
@@ -595,6 +697,30 @@ mod tests {
         json!({"id": i, "type": "create", "from": "hyperty://example.com/a", "to": "hyperty://example.com/b"}).to_string()
     }
 
+    #[test]
+    fn reserved_room_counts_at_once_and_is_given_back_unused() {
+        let journal = Journal::with_start(1, false, usize::MAX);
+        journal.limit_shares(usize::MAX, 2);
+        let eve: Charge = Arc::from("@eve:l");
+        let max = 2 * (100 + RECORD_OVERHEAD);
+        let first = journal.reserve(&eve, 100, max).expect("room");
+        let second = journal.reserve(&eve, 100, max).expect("room");
+        assert_eq!(
+            journal.reserve(&Arc::from("@bob:l"), 1, max).err(),
+            Some(HistoryFull::Node),
+            "two reserved fill the history before either is recorded"
+        );
+        assert_eq!(
+            journal.reserve(&eve, 1, usize::MAX).err(),
+            Some(HistoryFull::Share)
+        );
+        journal.record_reserved(&"x".repeat(100), vec![], first);
+        assert_eq!(journal.held_bytes(), max, "recorded: counted once");
+        drop(second);
+        assert_eq!(journal.held_bytes(), max / 2, "unused: given back");
+        assert!(journal.reserve(&eve, 100, max).is_ok());
+    }
+
     #[tokio::test]
     async fn memory_journal_counts_and_never_waits() {
         let journal = Journal::memory();
@@ -603,9 +729,12 @@ mod tests {
             journal.record(&message(2), vec!["rt://a".into()], &Arc::from("")),
             2
         );
+        let room = journal
+            .reserve(&Arc::from(""), message(3).len(), 0)
+            .expect("in memory: nothing held");
         assert_eq!(
             journal
-                .record_persisted(&message(3), vec![], &Arc::from(""))
+                .record_persisted(&message(3), vec![], room)
                 .await
                 .expect("stored"),
             3

@@ -63,6 +63,26 @@ impl Shares {
             && held.count < self.max_count.load(Ordering::Relaxed)
     }
 
+    /// `charge` holds one more entry of `bytes` if it has room for it ([`Shares::has_room`]),
+    /// checked and counted at once: concurrent callers never take a share past its limit.
+    pub fn try_add(&self, charge: &Charge, bytes: usize) -> bool {
+        if &**charge == NODE {
+            self.add(charge, bytes);
+            return true;
+        }
+        let mut held = self.lock();
+        let entry = held.entry(Arc::clone(charge)).or_default();
+        let fits = entry.bytes.saturating_add(bytes) <= self.max_bytes.load(Ordering::Relaxed)
+            && entry.count < self.max_count.load(Ordering::Relaxed);
+        if fits {
+            entry.bytes = entry.bytes.saturating_add(bytes);
+            entry.count = entry.count.saturating_add(1);
+        } else if entry.count == 0 {
+            held.remove(charge);
+        }
+        fits
+    }
+
     /// `charge` holds one more entry of `bytes`.
     pub fn add(&self, charge: &Charge, bytes: usize) {
         let mut held = self.lock();
