@@ -48,6 +48,7 @@ use arc_swap::ArcSwapOption;
 use serde_json::Value;
 
 use crate::config::PdpConfig;
+use crate::policy::input::Input;
 use bundle::{Bundle, BundleError};
 use cache::{CacheKey, DecisionCache};
 use decision_log::{AskedBy, DecisionRecord, DecisionSink, NullSink, RecordError};
@@ -680,6 +681,7 @@ impl Pdp {
         match input {
             Some(Asked::Json(json)) => cache.key(generation, query, Some(json)),
             Some(Asked::Rego(rego)) => cache.key(generation, query, Some(rego)),
+            Some(Asked::Typed(typed)) => cache.key(generation, query, Some(*typed)),
             None => cache.key::<Value>(generation, query, None),
         }
     }
@@ -834,18 +836,22 @@ impl Pdp {
         self.decide_keyed(Asked::Rego(input), None, asked_by)
     }
 
-    /// [`Pdp::decide_value`] on the evaluation pool, unless the cache holds the decision
-    /// (answered here, at once): what the node's enforcement points call from async code.
-    pub async fn decide_async(
-        &self,
-        input: regorus::Value,
-        asked_by: EnforcementPoint,
-    ) -> Decision {
-        let input = Asked::Rego(input);
-        let lookup = self.look_up(&self.inner.decision_query, Some(&input));
+    /// [`Pdp::decide`] of a typed input of the node's enforcement points: the cache key is
+    /// written from its fields, and regorus's value is built only when the cache misses.
+    pub fn decide_input(&self, input: &Input<'_>, asked_by: EnforcementPoint) -> Decision {
+        self.decide_keyed(Asked::Typed(input), None, asked_by)
+    }
+
+    /// [`Pdp::decide_input`] on the evaluation pool, unless the cache holds the decision
+    /// (answered here, at once, without building regorus's value): what the node's
+    /// enforcement points call from async code.
+    pub async fn decide_async(&self, input: &Input<'_>, asked_by: EnforcementPoint) -> Decision {
+        let typed = Asked::Typed(input);
+        let lookup = self.look_up(&self.inner.decision_query, Some(&typed));
         if lookup.as_ref().is_some_and(|l| l.hit.is_some()) {
-            return self.decide_keyed(input, lookup, asked_by);
+            return self.decide_keyed(typed, lookup, asked_by);
         }
+        let input = Asked::Rego(input.to_rego());
         let pdp = self.clone();
         self.inner
             .pool
@@ -904,14 +910,17 @@ struct Lookup {
 }
 
 /// An input as its caller handed it over.
-enum Asked {
+enum Asked<'i> {
     /// JSON, as an HTTP client (or a test) sent it; logged as it came.
     Json(Value),
-    /// The value the node built from its typed inputs, evaluated as it is.
+    /// Regorus's value, evaluated as it is (built from a typed input on a cache miss).
     Rego(regorus::Value),
+    /// A typed input of the node's enforcement points: keyed as it is, built as regorus's
+    /// value only when evaluated, as JSON only when logged.
+    Typed(&'i Input<'i>),
 }
 
-impl Asked {
+impl Asked<'_> {
     /// What regorus evaluates.
     fn to_rego(&self) -> Result<regorus::Value, EvalError> {
         match self {
@@ -920,6 +929,7 @@ impl Asked {
                 .map_err(|e| EvalError::Failed(format!("input cannot be evaluated: {e}"))),
             // Values share their parts: a clone is a reference count.
             Asked::Rego(rego) => Ok(rego.clone()),
+            Asked::Typed(input) => Ok(input.to_rego()),
         }
     }
 
@@ -928,6 +938,7 @@ impl Asked {
         match self {
             Asked::Json(json) => json.clone(),
             Asked::Rego(rego) => serde_json::to_value(rego).unwrap_or(Value::Null),
+            Asked::Typed(input) => input.to_value(),
         }
     }
 
@@ -936,6 +947,7 @@ impl Asked {
         match self {
             Asked::Json(json) => json,
             Asked::Rego(rego) => serde_json::to_value(&rego).unwrap_or(Value::Null),
+            Asked::Typed(input) => input.to_value(),
         }
     }
 }

@@ -94,7 +94,7 @@ impl Decider {
     /// fails: every failure is a deny with `failed: true`.
     pub async fn decide(&self, input: &Input<'_>, asker: EnforcementPoint) -> Decision {
         match self {
-            Self::Local(pdp) => pdp.decide_async(input.to_rego(), asker).await,
+            Self::Local(pdp) => pdp.decide_async(input, asker).await,
             Self::Remote(remote) => remote.decide(input.to_value()).await,
         }
     }

@@ -14,8 +14,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::pdp::cache::{KeyWriter, Keyed};
 
 /// One decision's input document.
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +117,158 @@ impl Input<'_> {
     }
 }
 
+/// The cache key's canonical form, written from the typed fields (keys in byte order) as the
+/// JSON form would be: a cache hit builds neither the JSON nor regorus's value. The schema
+/// test below checks that every kind of input has the form of its JSON.
+impl Keyed for Input<'_> {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| match self {
+            Input::Message(m) => {
+                o.opt("allocation", m.allocation.as_ref())
+                    .field("context", &m.context)
+                    .field("kind", "message")
+                    .field("message", m.message)
+                    .field("subject", &m.subject)
+                    .field("targets", &m.targets);
+            }
+            Input::Claim(c) => {
+                o.field("claim", &c.claim)
+                    .field("context", &c.context)
+                    .field("kind", "claim")
+                    .field("subject", &c.subject);
+            }
+            Input::Subscription(s) => {
+                o.field("context", &s.context)
+                    .field("kind", "subscription")
+                    .opt("message", s.message)
+                    .field("subject", &s.subject)
+                    .field("subscription", &s.subscription);
+            }
+            Input::MatrixEvent(e) => {
+                o.field("context", &e.context)
+                    .field("kind", "matrix_event")
+                    .field("matrix", &e.matrix);
+            }
+            Input::Membership(m) => {
+                o.field("context", &m.context)
+                    .field("kind", "membership")
+                    .field("matrix", &m.matrix);
+            }
+        });
+    }
+}
+
+impl Keyed for Claim {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| {
+            o.field("address", &self.address)
+                .opt("domain", self.domain.as_ref())
+                .field("kind", self.kind);
+        });
+    }
+}
+
+impl Keyed for Subscription<'_> {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| {
+            o.field("held_by_subscriber", &self.held_by_subscriber)
+                .opt("holder", self.holder.as_ref())
+                .field("resource", self.resource)
+                .field("subscriber", self.subscriber)
+                .opt("topic", self.topic);
+        });
+    }
+}
+
+impl Keyed for MatrixEvent {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        let door = &self.door;
+        out.object(|o| {
+            o.field("content", &self.content)
+                .opt("event_id", door.event_id.as_ref())
+                .field("event_type", &self.event_type)
+                .opt("origin", door.origin.as_ref())
+                .field("room_id", &self.room_id)
+                .field("sender", &self.sender)
+                .opt("state_key", self.state_key.as_ref())
+                .opt("via", door.via.map(Via::name));
+        });
+    }
+}
+
+impl Keyed for Membership {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        let door = &self.door;
+        out.object(|o| {
+            o.opt("event_id", door.event_id.as_ref())
+                .field("event_type", self.event_type)
+                .field("membership", &self.membership)
+                .opt("origin", door.origin.as_ref())
+                .field("room_id", &self.room_id)
+                .field("room_members", &self.room_members)
+                .field("sender", &self.sender)
+                .field("target", &self.target)
+                .opt("via", door.via.map(Via::name));
+        });
+    }
+}
+
+impl Keyed for Subject {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| {
+            o.field("authenticated", &self.authenticated)
+                .opt("holds_from", self.holds_from.as_ref())
+                .opt("identity", self.identity.as_ref())
+                .opt("network_server", self.network_server.as_ref())
+                .opt("peer", self.peer.as_ref())
+                .opt("principal", self.principal.as_ref())
+                .field("runtime", &self.runtime)
+                .opt("user", self.user.as_ref());
+        });
+    }
+}
+
+impl Keyed for Totals {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| {
+            o.field("addresses", &self.addresses)
+                .field("foreign_routes", &self.foreign_routes)
+                .opt("registry_entries", self.registry_entries.as_ref())
+                .field("runtimes", &self.runtimes)
+                .opt("subscriptions", self.subscriptions.as_ref());
+        });
+    }
+}
+
+impl Keyed for Target {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| {
+            o.field("address", &self.address)
+                .field("held_by_sender", &self.held_by_sender)
+                .opt("topic", self.topic);
+        });
+    }
+}
+
+impl Keyed for Context {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| {
+            o.field("node", &self.node).field("time", &self.time);
+        });
+    }
+}
+
+impl Keyed for Allocation {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.object(|o| {
+            o.field("action", self.action.name())
+                .field("held", &self.held)
+                .field("number", &self.number)
+                .opt("scheme", self.scheme.as_ref());
+        });
+    }
+}
+
 /// An object being built for regorus.
 #[derive(Default)]
 struct Doc(BTreeMap<regorus::Value, regorus::Value>);
@@ -173,12 +327,7 @@ impl Subject {
 impl Door {
     /// Its fields, flattened into the event's object as in the JSON form.
     fn put_into(&self, doc: &mut Doc) {
-        doc.opt(
-            "via",
-            self.via.map(|via| match via {
-                Via::PolicyServer => "policy_server",
-            }),
-        );
+        doc.opt("via", self.via.map(Via::name));
         doc.opt("origin", self.origin.as_deref());
         doc.opt("event_id", self.event_id.as_deref());
     }
@@ -206,13 +355,7 @@ impl Context {
 impl Allocation {
     fn to_rego(&self) -> regorus::Value {
         let mut doc = Doc::default();
-        doc.put(
-            "action",
-            match self.action {
-                AllocationAction::Create => "create",
-                AllocationAction::Delete => "delete",
-            },
-        );
+        doc.put("action", self.action.name());
         doc.opt("scheme", self.scheme.as_deref());
         doc.put("number", self.number);
         doc.put("held", self.held);
@@ -361,6 +504,15 @@ pub enum Via {
     PolicyServer,
 }
 
+impl Via {
+    /// Its name in the input.
+    fn name(self) -> &'static str {
+        match self {
+            Via::PolicyServer => "policy_server",
+        }
+    }
+}
+
 /// `kind: "membership"`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MembershipInput {
@@ -412,7 +564,7 @@ impl Membership {
 }
 
 /// Who asks: the authenticated connection and its runtime.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Subject {
     /// The Matrix user the connection authenticated as (absent for network servers and
     /// peer nodes).
@@ -444,7 +596,7 @@ pub struct Subject {
 }
 
 /// What one principal holds across all its runtimes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Totals {
     /// Runtime URLs it owns.
     pub runtimes: usize,
@@ -463,7 +615,7 @@ pub struct Totals {
 }
 
 /// When and where a decision is asked.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Context {
     /// The node's domain (its Matrix server name).
     pub node: String,
@@ -482,7 +634,7 @@ impl Context {
 }
 
 /// What an allocation request asks (kind `message`, to an allocation component).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Allocation {
     /// `create` or `delete`.
     pub action: AllocationAction,
@@ -496,7 +648,7 @@ pub struct Allocation {
 }
 
 /// The two allocation actions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AllocationAction {
     /// Allocate.
@@ -505,11 +657,22 @@ pub enum AllocationAction {
     Delete,
 }
 
+impl AllocationAction {
+    /// Its name in the input.
+    fn name(self) -> &'static str {
+        match self {
+            AllocationAction::Create => "create",
+            AllocationAction::Delete => "delete",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
+    use crate::pdp::cache::DecisionCache;
     use crate::pdp::schema::Schemas;
 
     fn schemas() -> Schemas {
@@ -853,6 +1016,21 @@ mod tests {
                                   "membership": "invite", "target": "@bob:localhost", "room_members": members}}),
             ),
         ];
+        // Keys with nothing ignored, the default ignored fields, and fields of every level.
+        let caches = [
+            vec![],
+            crate::config::CacheConfig::default().ignore_fields,
+            [
+                "subject.principal.runtimes",
+                "targets",
+                "matrix.content.body",
+                "message",
+                "kind",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ]
+        .map(|ignore| DecisionCache::new(true, 1, std::time::Duration::from_secs(1), &ignore));
         for (what, input, expected) in cases {
             let value = input.to_value();
             assert_eq!(
@@ -868,6 +1046,13 @@ mod tests {
             schemas
                 .validate("input.schema.json", &value)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
+            for cache in &caches {
+                assert_eq!(
+                    cache.canonical(&input),
+                    cache.canonical(&value),
+                    "{what}: the cache key written from the typed input is the JSON one's"
+                );
+            }
         }
     }
 

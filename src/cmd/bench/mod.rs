@@ -2,9 +2,10 @@
 //!
 //! Inputs are the `kind: "message"` fixtures of the bundle (`<policies>/fixtures/*.json`):
 //! realistic reTHINK messages, allowed and denied. Cases:
-//! - `eval uncached`: `Pdp::decide_value` with the cache off, on the value an enforcement
-//!   point builds (`Input::to_rego`; built outside the timed region) — evaluation of the
-//!   decision rule on this thread's VM, result conversion, metrics.
+//! - `eval uncached`: `Pdp::decide_input` with the cache off, on the typed input an
+//!   enforcement point builds (built outside the timed region; the fixtures the node could
+//!   have built) — the cache key, regorus's value built from the typed input, evaluation of
+//!   the decision rule on this thread's VM, result conversion, metrics.
 //! - `eval cached`: the same inputs with a fresh `message.id` each time (ignored by the cache
 //!   key, as in real traffic), after one warm-up pass.
 //! - `http`: `POST /v1/data/<decision>` over loopback with keep-alive connections, the server
@@ -35,6 +36,7 @@ use stats::Stats;
 use crate::cli::{Against, BenchArgs, BenchMode};
 use crate::config::{Config, PdpConfig};
 use crate::pdp::{EnforcementPoint, Pdp};
+use crate::policy::input::{Allocation, Input, MessageInput, Subject, Target};
 
 /// Runs the benchmarks `args` selects.
 ///
@@ -80,10 +82,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "case", "threads", "p50", "p99", "decisions/s", "cpu/dec"
     );
     if matches!(args.mode, BenchMode::All | BenchMode::Eval) {
+        let typed: Vec<(Value, Typed)> = inputs
+            .iter()
+            .filter_map(|input| Some((input.clone(), Typed::of(input)?)))
+            .collect();
+        if typed.is_empty() {
+            bail!("no message fixture is an input the node could have built");
+        }
+        println!(
+            "(eval: the {} inputs the node could have built, as typed inputs)",
+            typed.len()
+        );
         for cached in [false, true] {
             let pdp = bench_pdp(&args, cached)?;
             for threads in [1, 2] {
-                let (stats, cpu_ns) = eval_case(&pdp, &inputs, threads, seconds, cached);
+                let (stats, cpu_ns) = eval_case(&pdp, &typed, threads, seconds, cached);
                 let name = if cached {
                     "eval cached"
                 } else {
@@ -156,6 +169,63 @@ fn message_inputs(dir: &std::path::Path) -> anyhow::Result<Vec<Value>> {
     Ok(inputs)
 }
 
+/// The typed parts of a `kind: "message"` input besides the message, as an enforcement
+/// point builds them; `None` when the fixture is not one the node could have built.
+#[derive(Clone)]
+struct Typed {
+    subject: Subject,
+    context: crate::policy::input::Context,
+    targets: Vec<Target>,
+    allocation: Option<Allocation>,
+}
+
+impl Typed {
+    fn of(input: &Value) -> Option<Self> {
+        fn field<T: serde::de::DeserializeOwned>(input: &Value, name: &str) -> Option<T> {
+            serde_json::from_value(input.get(name)?.clone()).ok()
+        }
+        let targets = input["targets"]
+            .as_array()?
+            .iter()
+            .map(|t| {
+                Some(Target {
+                    address: t["address"].as_str()?.to_string(),
+                    topic: match t.get("topic").map(|t| t.as_str()) {
+                        None => None,
+                        Some(Some("changes")) => Some("changes"),
+                        Some(Some("registration")) => Some("registration"),
+                        Some(Some("children")) => Some("children"),
+                        Some(_) => return None,
+                    },
+                    held_by_sender: t["held_by_sender"].as_bool()?,
+                })
+            })
+            .collect::<Option<_>>()?;
+        let typed = Self {
+            subject: field(input, "subject")?,
+            context: field(input, "context")?,
+            targets,
+            allocation: match input.get("allocation") {
+                None => None,
+                Some(a) => Some(serde_json::from_value(a.clone()).ok()?),
+            },
+        };
+        // Only a fixture whose typed form is the fixture itself.
+        (typed.input(input).to_value() == *input).then_some(typed)
+    }
+
+    /// The input with `input`'s message.
+    fn input<'a>(&self, input: &'a Value) -> Input<'a> {
+        Input::Message(MessageInput {
+            message: &input["message"],
+            subject: self.subject.clone(),
+            context: self.context.clone(),
+            targets: self.targets.clone(),
+            allocation: self.allocation.clone(),
+        })
+    }
+}
+
 fn with_fresh_id(input: &Value, id: u64) -> Value {
     let mut input = input.clone();
     if let Some(message) = input.get_mut("message").and_then(Value::as_object_mut) {
@@ -166,32 +236,34 @@ fn with_fresh_id(input: &Value, id: u64) -> Value {
 
 fn eval_case(
     pdp: &Pdp,
-    inputs: &[Value],
+    typed: &[(Value, Typed)],
     threads: usize,
     duration: Duration,
     cached: bool,
 ) -> (Stats, u64) {
     if cached {
-        for input in inputs {
-            pdp.decide(input.clone(), EnforcementPoint::Bus);
+        for (input, parts) in typed {
+            pdp.decide_input(&parts.input(input), EnforcementPoint::Bus);
         }
     }
     let start = Instant::now();
     let per_thread: Vec<(Vec<u64>, u64)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
+                let typed = &typed;
                 scope.spawn(move || {
                     let cpu_start = stats::thread_cpu_ns();
                     let mut latencies = Vec::with_capacity(1 << 20);
                     let mut i = t;
                     let deadline = Instant::now() + duration;
                     while Instant::now() < deadline {
-                        // Prepared outside the timed region: a caller builds its input anyway
-                        // (the node builds regorus's value from its typed inputs, as here).
-                        let json = with_fresh_id(&inputs[i % inputs.len()], i as u64);
-                        let input = regorus::Value::from(json);
+                        // Prepared outside the timed region: an enforcement point builds its
+                        // typed input anyway (regorus's value is built inside, on a miss).
+                        let (input, parts) = &typed[i % typed.len()];
+                        let json = with_fresh_id(input, i as u64);
+                        let input = parts.input(&json);
                         let t0 = Instant::now();
-                        std::hint::black_box(pdp.decide_value(input, EnforcementPoint::Bus));
+                        std::hint::black_box(pdp.decide_input(&input, EnforcementPoint::Bus));
                         latencies.push(t0.elapsed().as_nanos() as u64);
                         i += threads;
                     }
