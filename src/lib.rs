@@ -1,9 +1,10 @@
 //! msgnode: a policy-enforced reTHINK messaging node in front of Matrix.
 //!
 //! # Layout (lower floors first; no module imports one above it)
-//! - [`config`], [`clock`], [`http_auth`], [`ratelimit`], [`retry`], [`telemetry`] —
-//!   configuration (`msgnode.toml` + `MSGNODE_*` overrides), the wall clock, bearer tokens,
-//!   keyed rate limits, retry delays, process logging.
+//! - [`config`], [`clock`], [`http_auth`], [`ratelimit`], [`retry`], [`batch`],
+//!   [`telemetry`] — configuration (`msgnode.toml` + `MSGNODE_*` overrides), the wall clock,
+//!   bearer tokens, keyed rate limits, retry delays, writer threads woken once per burst,
+//!   process logging.
 //! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
@@ -28,6 +29,7 @@
 //!
 //! `ARCHITECTURE.md` at the repository root maps the modules and the path of one decision.
 
+pub mod batch;
 pub mod bus;
 pub mod cli;
 pub mod clock;

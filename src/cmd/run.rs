@@ -295,7 +295,7 @@ pub fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let ran = runtime.block_on(async {
         let mut node = start(config).await?;
         if banners {
             print_banners(&node);
@@ -304,7 +304,11 @@ pub fn run(
         tracing::info!("shutting down");
         node.stop().await;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Log lines are written by a thread of their own: all of them before the process ends.
+    drop(runtime);
+    log.flush();
+    ran
 }
 
 /// Where to point clients, for people (text logs only: JSON logs carry the same in events).

@@ -2,8 +2,8 @@
 //! canonical input.
 //!
 //! The input — JSON as an HTTP client sent it, regorus's value, or the node's typed input
-//! ([`crate::policy::input::Input`], keyed straight from its fields: on a hit regorus's
-//! value is never built) — is written out canonically (object keys sorted, strings
+//! ([`super::TypedInput`], keyed straight from its fields: on a hit regorus's value is never
+//! built) — is written out canonically (object keys sorted, strings
 //! length-prefixed rather than escaped) with the configured volatile fields left out, into a
 //! per-thread buffer hashed into a 128-bit digest — two AHash hashers with independent keys
 //! drawn at random when the process starts — so a key is 16 bytes whatever the input's size

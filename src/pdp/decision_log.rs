@@ -19,12 +19,13 @@
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+
+use crate::batch::Batched;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde_json::Value;
@@ -440,39 +441,13 @@ impl<S: DecisionSink> DecisionSink for Redacted<S> {
 /// in bytes (their [`record_bytes`]), and serialised by the writer thread straight into its
 /// buffer, so the deciding thread neither serialises nor allocates a line.
 ///
-/// The writer takes records in batches: after writing what it found it waits [`LINGER`]
-/// for more before it parks, and a deciding thread wakes it (a system call) only when it is
-/// parked — once per burst, not once per record.
+/// The writer takes records in batches ([`Batched`]): a deciding thread wakes it only once
+/// per burst.
 pub struct JsonLinesSink {
-    /// `None` once dropped (the writer then writes what is queued and ends).
-    queue: Option<SyncSender<(DecisionRecord, usize)>>,
+    queue: Batched<(DecisionRecord, usize)>,
     queued_bytes: Arc<AtomicUsize>,
     dropped: Counter,
-    writer: Wake,
 }
-
-/// How a deciding thread wakes the writer: only when the writer said it parks.
-#[derive(Clone)]
-struct Wake {
-    parked: Arc<AtomicBool>,
-    thread: std::thread::Thread,
-}
-
-impl Wake {
-    /// After a record was queued: unparks the writer if it parked (or is about to).
-    fn after_send(&self) {
-        // Orders the queued record before reading the flag; the writer's fence pairs with
-        // it (it sets the flag, then looks at the queue), so one of the two sees the other.
-        fence(Ordering::SeqCst);
-        if self.parked.load(Ordering::Relaxed) && self.parked.swap(false, Ordering::AcqRel) {
-            self.thread.unpark();
-        }
-    }
-}
-
-/// How long the writer waits for more records after a batch before it parks: under load it
-/// wakes itself this often instead of being woken for every record.
-pub const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Records that may wait for the writer before new ones are dropped.
 const QUEUE_LEN: usize = 64 * 1024;
@@ -493,22 +468,29 @@ impl JsonLinesSink {
     /// # Errors
     /// The thread could not be spawned.
     pub fn spawn(out: Box<dyn Write + Send>, dropped: Counter) -> std::io::Result<Self> {
-        let (queue, rx) = sync_channel(QUEUE_LEN);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let written = Arc::clone(&queued_bytes);
         let failed = dropped.clone();
-        let parked = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&parked);
-        let thread = std::thread::Builder::new()
-            .name("decision-log".to_string())
-            .spawn(move || write_loop(rx, out, &written, &failed, &flag))?
-            .thread()
-            .clone();
+        let mut out = BufWriter::new(out);
+        // One line's bytes, reused from record to record.
+        let mut line = Vec::with_capacity(4096);
+        let queue = Batched::spawn("decision-log", QUEUE_LEN, move |next| match next {
+            Some((record, len)) => {
+                write_record(&mut out, &mut line, &record, &failed);
+                drop(record);
+                written.fetch_sub(len, Ordering::AcqRel);
+            }
+            // Flush whenever the queue runs dry: batches under load, prompt when idle.
+            None => {
+                if let Err(e) = out.flush() {
+                    tracing::warn!(error = %e, "decision log: flush failed");
+                }
+            }
+        })?;
         Ok(Self {
-            queue: Some(queue),
+            queue,
             queued_bytes,
             dropped,
-            writer: Wake { parked, thread },
         })
     }
 
@@ -559,25 +541,10 @@ impl DecisionSink for JsonLinesSink {
             self.dropped.inc();
             return;
         }
-        let queued = self
-            .queue
-            .as_ref()
-            .is_some_and(|q| q.try_send((record, len)).is_ok());
-        if queued {
-            self.writer.after_send();
-        } else {
+        if self.queue.send((record, len)).is_err() {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.dropped.inc();
         }
-    }
-}
-
-impl Drop for JsonLinesSink {
-    fn drop(&mut self) {
-        // Disconnects the queue, then wakes the writer to write what is left and end.
-        self.queue = None;
-        self.writer.parked.store(false, Ordering::Release);
-        self.writer.thread.unpark();
     }
 }
 
@@ -586,68 +553,29 @@ pub fn is_off(output: &str) -> bool {
     output.eq_ignore_ascii_case("off")
 }
 
-fn write_loop(
-    rx: Receiver<(DecisionRecord, usize)>,
-    out: Box<dyn Write + Send>,
-    queued: &AtomicUsize,
+/// Writes one record as a JSON line through `line`, a buffer reused from record to record.
+fn write_record(
+    out: &mut impl Write,
+    line: &mut Vec<u8>,
+    record: &DecisionRecord,
     failed: &Counter,
-    parked: &AtomicBool,
 ) {
-    let mut out = BufWriter::new(out);
-    // One line's bytes, reused from record to record.
-    let mut line = Vec::with_capacity(4096);
-    let mut lingered = false;
-    let mut next = None;
-    loop {
-        match next.take().map_or_else(|| rx.try_recv(), Ok) {
-            Ok((record, len)) => {
-                lingered = false;
-                line.clear();
-                match serde_json::to_writer(&mut line, &record) {
-                    Ok(()) => {
-                        line.push(b'\n');
-                        if out.write_all(&line).is_err() {
-                            tracing::warn!("decision log: write failed");
-                        }
-                    }
-                    // Not JSON (it always is): counted and left out, never half a line.
-                    Err(_) => {
-                        failed.inc();
-                    }
-                }
-                if line.capacity() > 1 << 20 {
-                    line = Vec::with_capacity(4096);
-                }
-                drop(record);
-                queued.fetch_sub(len, Ordering::AcqRel);
-            }
-            Err(TryRecvError::Disconnected) => break,
-            Err(TryRecvError::Empty) => {
-                // Flush whenever the queue runs dry: batches under load, prompt when idle.
-                if let Err(e) = out.flush() {
-                    tracing::warn!(error = %e, "decision log: flush failed");
-                }
-                if !lingered {
-                    // More may come soon: take it as one batch, unwoken.
-                    std::thread::sleep(LINGER);
-                    lingered = true;
-                    continue;
-                }
-                // Say so before the last look at the queue: a record queued after that look
-                // sees the flag and unparks this thread (park returns at once if it did).
-                parked.store(true, Ordering::Relaxed);
-                fence(Ordering::SeqCst);
-                match rx.try_recv() {
-                    Err(TryRecvError::Empty) => std::thread::park(),
-                    Err(TryRecvError::Disconnected) => break,
-                    Ok(record) => next = Some(record),
-                }
-                parked.store(false, Ordering::Relaxed);
-                lingered = false;
+    line.clear();
+    match serde_json::to_writer(&mut *line, record) {
+        Ok(()) => {
+            line.push(b'\n');
+            if out.write_all(line).is_err() {
+                tracing::warn!("decision log: write failed");
             }
         }
+        // Not JSON (it always is): counted and left out, never half a line.
+        Err(_) => {
+            failed.inc();
+        }
     }
-    let _ = out.flush();
+    if line.capacity() > 1 << 20 {
+        *line = Vec::with_capacity(4096);
+    }
 }
 
 /// About the bytes a queued record takes in memory: its input, result and error, plus the
@@ -781,14 +709,7 @@ mod tests {
         burst(500);
         assert_eq!(lines_within(&buf, 500), 500);
         // Idle: the writer parks, and the next record wakes it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !sink.writer.parked.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        assert!(
-            sink.writer.parked.load(Ordering::Acquire),
-            "the idle writer parks"
-        );
+        std::thread::sleep(crate::batch::LINGER * 5);
         burst(1);
         assert_eq!(lines_within(&buf, 501), 501);
         // From several threads at once, then dropped at once: nothing accepted is lost.

@@ -48,9 +48,8 @@ use arc_swap::ArcSwapOption;
 use serde_json::Value;
 
 use crate::config::PdpConfig;
-use crate::policy::input::Input;
 use bundle::{Bundle, BundleError};
-use cache::{CacheKey, DecisionCache};
+use cache::{CacheKey, DecisionCache, Keyed};
 use decision_log::{AskedBy, DecisionRecord, DecisionSink, NullSink, RecordError};
 use engine::{CompiledBundle, DataPath, EvalError};
 use metrics::{Outcome, PdpMetrics};
@@ -838,14 +837,18 @@ impl Pdp {
 
     /// [`Pdp::decide`] of a typed input of the node's enforcement points: the cache key is
     /// written from its fields, and regorus's value is built only when the cache misses.
-    pub fn decide_input(&self, input: &Input<'_>, asked_by: EnforcementPoint) -> Decision {
+    pub fn decide_input(&self, input: &dyn TypedInput, asked_by: EnforcementPoint) -> Decision {
         self.decide_keyed(Asked::Typed(input), None, asked_by)
     }
 
     /// [`Pdp::decide_input`] on the evaluation pool, unless the cache holds the decision
     /// (answered here, at once, without building regorus's value): what the node's
     /// enforcement points call from async code.
-    pub async fn decide_async(&self, input: &Input<'_>, asked_by: EnforcementPoint) -> Decision {
+    pub async fn decide_async(
+        &self,
+        input: &dyn TypedInput,
+        asked_by: EnforcementPoint,
+    ) -> Decision {
         let typed = Asked::Typed(input);
         let lookup = self.look_up(&self.inner.decision_query, Some(&typed));
         if lookup.as_ref().is_some_and(|l| l.hit.is_some()) {
@@ -903,6 +906,16 @@ impl Pdp {
     }
 }
 
+/// A typed input of the node's enforcement points (`policy::input::Input`, a floor above):
+/// the cache key is written from its fields ([`Keyed`]), and it is built as regorus's value
+/// or as JSON only when evaluated or logged.
+pub trait TypedInput: Keyed + Sync {
+    /// The document as regorus evaluates it.
+    fn to_rego(&self) -> regorus::Value;
+    /// The document as JSON.
+    fn to_value(&self) -> Value;
+}
+
 /// A cache look-up: the key, and what the cache held for it.
 struct Lookup {
     key: CacheKey,
@@ -917,7 +930,7 @@ enum Asked<'i> {
     Rego(regorus::Value),
     /// A typed input of the node's enforcement points: keyed as it is, built as regorus's
     /// value only when evaluated, as JSON only when logged.
-    Typed(&'i Input<'i>),
+    Typed(&'i dyn TypedInput),
 }
 
 impl Asked<'_> {

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::pdp::cache::{KeyWriter, Keyed};
+use crate::pdp::TypedInput;
 
 /// One decision's input document.
 #[derive(Debug, Clone, Serialize)]
@@ -114,6 +115,15 @@ impl Input<'_> {
             }
         }
         doc.into()
+    }
+}
+
+impl TypedInput for Input<'_> {
+    fn to_rego(&self) -> regorus::Value {
+        Input::to_rego(self)
+    }
+    fn to_value(&self) -> Value {
+        Input::to_value(self)
     }
 }
 
