@@ -184,6 +184,14 @@ impl Typed {
         fn field<T: serde::de::DeserializeOwned>(input: &Value, name: &str) -> Option<T> {
             serde_json::from_value(input.get(name)?.clone()).ok()
         }
+        // Older fixtures have no `targets`: the node always sends them, none here.
+        let mut input = input.clone();
+        if let Some(object) = input.as_object_mut() {
+            object
+                .entry("targets")
+                .or_insert_with(|| Value::Array(vec![]));
+        }
+        let input = &input;
         let targets = input["targets"]
             .as_array()?
             .iter()
@@ -210,7 +218,7 @@ impl Typed {
                 Some(a) => Some(serde_json::from_value(a.clone()).ok()?),
             },
         };
-        // Only a fixture whose typed form is the fixture itself.
+        // Only a fixture whose typed form is the fixture itself (with its `targets`).
         (typed.input(input).to_value() == *input).then_some(typed)
     }
 
