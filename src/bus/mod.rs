@@ -156,6 +156,7 @@ fn store_error(e: StoreError) -> BusError {
         StoreError::Homeserver(e) => {
             BusError::Unavailable(format!("cannot store the change now: {e}"))
         }
+        StoreError::Batch(e) => BusError::Unavailable(format!("cannot store the change now: {e}")),
     }
 }
 

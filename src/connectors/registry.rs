@@ -305,7 +305,7 @@ impl BuiltinRegistry {
                 StoreError::TooLarge(why) => {
                     BusError::TooLarge(format!("registry cannot store the entry: {why}"))
                 }
-                StoreError::Homeserver(e) => {
+                StoreError::Homeserver(_) | StoreError::Batch(_) => {
                     BusError::Unavailable(format!("registry cannot store the entry now: {e}"))
                 }
             })?;
