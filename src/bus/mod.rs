@@ -357,7 +357,7 @@ impl Bus {
         };
         self.claim_from(conn, message).await?;
         if let Request::Subscribe = request {
-            return self.subscribe(conn, message).await.map(Some);
+            return self.subscribe(conn, message, turn).await.map(Some);
         }
         if message.to.len() > self.inner.config.max_destinations {
             return Err(BusError::BadRequest(format!(
@@ -491,6 +491,19 @@ impl Bus {
     /// # Errors
     /// 413 when the record is too large to store (nothing written), 408 when the homeserver
     /// cannot store it now.
+    /// As [`Bus::persist`], placed in line now and stored when the future runs.
+    fn persist_queued(
+        &self,
+        runtime: &str,
+        record: &RuntimeRecord,
+    ) -> Result<futures_util::future::BoxFuture<'static, Result<(), StoreError>>, BusError> {
+        self.inner
+            .persistence
+            .store
+            .put_runtime_queued(runtime, record)
+            .map_err(|too_large| store_error(too_large.into()))
+    }
+
     async fn persist(&self, runtime: &str, record: &RuntimeRecord) -> Result<(), BusError> {
         self.inner
             .persistence
