@@ -11,22 +11,22 @@
 //!   `{"entry_json": "<text>"}` when the homeserver refuses the value as non-canonical JSON
 //!   (floats).
 //!
-//! - `org.msgnode.bus.runtimes`, state key = a sequence number: a *pack*, the small
-//!   records (at most [`PACK_ENTRY_BYTES`] each) of many runtimes written together — see
-//!   below.
+//! - `org.msgnode.bus.runtimes`, state key = a slot number: a *pack*, the small records
+//!   (at most [`PACK_ENTRY_BYTES`] each) of many runtimes written together — see below.
 //!
 //! **Packs (group commit across runtimes).** Without replicas one writer stores every
 //! runtime record: the puts pending when it starts a write go out together, the small
 //! records in as few pack events as hold them, the larger ones as heads and parts — so a
 //! thousand runtimes opening at once cost the homeserver a few writes, not a thousand.
-//! Every write has a sequence number (`seq`: of the pack, or in the head), higher than any
+//! Every write has a sequence number (`seq`: in the pack, or in the head), higher than any
 //! stored before (the clock's microseconds at open, then what [`Store::load`] found); a
 //! runtime's record is its entry with the highest one (a `null` entry: deleted), so a
 //! record that moved between a pack and a head needs no second write to stay right. A pack
-//! none of whose entries is a runtime's latest any more is emptied (after the write that
-//! superseded it, or at load). Heads without `seq` (written before packs) are older than
-//! any pack. With replicas only heads are written (each replica's follower reads heads),
-//! with `seq` too, so they win over packs written before.
+//! none of whose entries is a runtime's latest any more is left as it is, and its slot is
+//! the next pack's: the state room holds at most as many packs as there are packed
+//! runtimes, never one per write. Heads without `seq` (written before packs) are older
+//! than any pack. With replicas only heads are written (each replica's follower reads
+//! heads), with `seq` too, so they win over packs written before.
 //!
 //! Empty content (`{}`) means deleted. With replicas every head also names the replica that
 //! wrote it (`"writer"`), so a replica can tell its own changes (and deletions) from
@@ -223,32 +223,46 @@ struct Pending {
     waiters: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
-/// Which pack holds each runtime's latest record (runtimes whose latest is a head, or that
-/// were never stored, are not here), and how many latest records each pack holds.
+/// Which pack (slot) holds each runtime's latest record (runtimes whose latest is a head,
+/// or that were never stored, are not here), how many latest records each pack holds, and
+/// the slots free for the next packs (their packs hold none).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PackIndex {
     at: HashMap<String, u64>,
     live: HashMap<u64, usize>,
+    free: BTreeSet<u64>,
+    /// Above every slot in use or free.
+    next: u64,
 }
 
 impl PackIndex {
-    /// `runtime`'s latest record is now in pack `seq` (`None`: a head); the packs left
-    /// holding no latest record, to empty.
-    fn moved(&mut self, runtime: &str, seq: Option<u64>) -> Option<u64> {
-        let old = match seq {
-            Some(seq) => {
-                *self.live.entry(seq).or_default() += 1;
-                self.at.insert(runtime.to_string(), seq)
+    /// `runtime`'s latest record is now in the pack in `slot` (`None`: a head); a pack left
+    /// holding no latest record frees its slot.
+    fn moved(&mut self, runtime: &str, slot: Option<u64>) {
+        let old = match slot {
+            Some(slot) => {
+                *self.live.entry(slot).or_default() += 1;
+                self.at.insert(runtime.to_string(), slot)
             }
             None => self.at.remove(runtime),
-        }?;
-        let left = self.live.get_mut(&old)?;
+        };
+        let Some(old) = old else { return };
+        let Some(left) = self.live.get_mut(&old) else {
+            return;
+        };
         *left = left.saturating_sub(1);
         if *left == 0 {
             self.live.remove(&old);
-            return Some(old);
+            self.free.insert(old);
         }
-        None
+    }
+
+    /// A slot for a new pack: a free one, else a new one.
+    fn take(&mut self) -> u64 {
+        self.free.pop_first().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
     }
 }
 
@@ -350,9 +364,6 @@ impl Store {
             .seq
             .fetch_max(merged.next_seq, std::sync::atomic::Ordering::SeqCst);
         *lock(&matrix.packs) = merged.index;
-        // Packs every entry of which was superseded (the writer stopped before emptying).
-        let empties = merged.superseded.iter().map(|seq| matrix.empty_pack(*seq));
-        futures_util::future::join_all(empties).await;
         let mut snapshot = Snapshot {
             runtimes: merged.runtimes,
             ..Snapshot::default()
@@ -612,20 +623,11 @@ impl MatrixStore {
         self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Empties pack `seq` (none of its entries is a runtime's latest record).
-    async fn empty_pack(&self, seq: u64) {
-        if let Err(error) = self
-            .put_state(PACK_EVENT_TYPE, &seq.to_string(), &json!({}))
-            .await
-        {
-            tracing::warn!(%error, pack = seq, "store: a superseded pack is not emptied yet");
-        }
-    }
-
     /// One write of the packs' writer: the small records of `batch` into packs, the others
-    /// as heads (all at once); then each put is answered, and the packs superseded emptied.
+    /// as heads (all at once); then each put is answered.
     async fn write_batch(&self, batch: HashMap<String, Pending>) {
-        let mut packs: Vec<(u64, Map<String, Value>, usize)> = Vec::new();
+        let mut packs: Vec<(u64, u64, Map<String, Value>, usize)> = Vec::new(); // slot, seq
+        let mut index = lock(&self.packs).clone();
         let mut heads: Vec<&str> = Vec::new();
         let mut placed: Vec<(&str, usize)> = Vec::new(); // runtime, its pack
         for (runtime, pending) in &batch {
@@ -643,20 +645,21 @@ impl MatrixStore {
             };
             let fits = packs
                 .last()
-                .is_some_and(|(_, _, size)| size + bytes <= MAX_CONTENT_BYTES - 200);
+                .is_some_and(|(_, _, _, size)| size + bytes <= MAX_CONTENT_BYTES - 200);
             if !fits {
-                packs.push((self.next_seq(), Map::new(), 0));
+                packs.push((index.take(), self.next_seq(), Map::new(), 0));
             }
             let at = packs.len() - 1;
-            let (_, entries, size) = &mut packs[at];
+            let (_, _, entries, size) = &mut packs[at];
             entries.insert(runtime.clone(), entry);
             *size += bytes;
             placed.push((runtime, at));
         }
         let seq = self.next_seq();
-        let pack_writes = packs.iter().map(|(seq, entries, _)| async move {
+        drop(index); // only this writer takes slots: what it took is settled below
+        let pack_writes = packs.iter().map(|(slot, seq, entries, _)| async move {
             let content = json!({ "seq": seq, "runtimes": entries });
-            self.put_state(PACK_EVENT_TYPE, &seq.to_string(), &content)
+            self.put_state(PACK_EVENT_TYPE, &slot.to_string(), &content)
                 .await
                 .map_err(|e| e.to_string())
         });
@@ -671,22 +674,30 @@ impl MatrixStore {
             futures_util::future::join_all(head_writes),
         )
         .await;
-        let mut superseded = Vec::new();
         let mut results: HashMap<String, Result<(), String>> = HashMap::new();
         {
             let mut index = lock(&self.packs);
+            for (slot, _, _, _) in &packs {
+                index.free.remove(slot);
+                index.next = index.next.max(slot + 1);
+            }
             for (runtime, written) in heads.iter().zip(headed) {
                 if written.is_ok() {
-                    superseded.extend(index.moved(runtime, None));
+                    index.moved(runtime, None);
                 }
                 results.insert((*runtime).to_string(), written);
             }
             for (runtime, at) in &placed {
                 let written = packed[*at].clone();
                 if written.is_ok() {
-                    superseded.extend(index.moved(runtime, Some(packs[*at].0)));
+                    index.moved(runtime, Some(packs[*at].0));
                 }
                 results.insert((*runtime).to_string(), written);
+            }
+            for ((slot, _, _, _), written) in packs.iter().zip(&packed) {
+                if written.is_err() && !index.live.contains_key(slot) {
+                    index.free.insert(*slot); // holds nothing anyone's latest
+                }
             }
         }
         for (runtime, pending) in batch {
@@ -699,9 +710,6 @@ impl MatrixStore {
             for waiter in pending.waiters {
                 let _ = waiter.send(result.clone());
             }
-        }
-        for seq in superseded {
-            self.empty_pack(seq).await;
         }
     }
 
@@ -881,8 +889,6 @@ fn now_us() -> u64 {
 struct Merged {
     runtimes: BTreeMap<String, RuntimeRecord>,
     index: PackIndex,
-    /// Packs with content none of whose entries is a runtime's latest.
-    superseded: Vec<u64>,
     /// Above every sequence number found.
     next_seq: u64,
 }
@@ -891,8 +897,8 @@ struct Merged {
 /// (`runtimes`, as [`record::load`] read them; a head without `seq` is 0) and the packs.
 fn merge_packs(events: &[Value], mut runtimes: BTreeMap<String, RuntimeRecord>) -> Merged {
     let mut head_seq: HashMap<&str, u64> = HashMap::new();
-    let mut best: HashMap<&str, (u64, &Value)> = HashMap::new();
-    let mut packs: BTreeSet<u64> = BTreeSet::new();
+    let mut best: HashMap<&str, (u64, u64, &Value)> = HashMap::new(); // seq, slot, entry
+    let mut slots: BTreeSet<u64> = BTreeSet::new();
     let mut top = 0u64;
     for event in events {
         let (Some(kind), Some(key), Some(content)) = (
@@ -909,13 +915,16 @@ fn merge_packs(events: &[Value], mut runtimes: BTreeMap<String, RuntimeRecord>) 
                 head_seq.insert(key, seq);
             }
             PACK_EVENT_TYPE => {
+                let Ok(slot) = key.parse::<u64>() else {
+                    continue;
+                };
+                slots.insert(slot);
                 let Some(entries) = content.get("runtimes").and_then(Value::as_object) else {
                     continue;
                 };
-                packs.insert(seq);
                 for (runtime, entry) in entries {
-                    if best.get(runtime.as_str()).is_none_or(|(s, _)| *s < seq) {
-                        best.insert(runtime, (seq, entry));
+                    if best.get(runtime.as_str()).is_none_or(|(s, _, _)| *s < seq) {
+                        best.insert(runtime, (seq, slot, entry));
                     }
                 }
             }
@@ -923,7 +932,7 @@ fn merge_packs(events: &[Value], mut runtimes: BTreeMap<String, RuntimeRecord>) 
         }
     }
     let mut index = PackIndex::default();
-    for (runtime, (seq, entry)) in best {
+    for (runtime, (seq, slot, entry)) in best {
         if head_seq.get(runtime).is_some_and(|h| *h > seq) {
             continue; // a newer head
         }
@@ -940,16 +949,16 @@ fn merge_packs(events: &[Value], mut runtimes: BTreeMap<String, RuntimeRecord>) 
                 }
             }
         }
-        index.moved(runtime, Some(seq));
+        index.moved(runtime, Some(slot));
     }
-    let superseded = packs
+    index.next = slots.last().map_or(0, |s| s + 1);
+    index.free = slots
         .into_iter()
-        .filter(|seq| !index.live.contains_key(seq))
+        .filter(|slot| !index.live.contains_key(slot))
         .collect();
     Merged {
         runtimes,
         index,
-        superseded,
         next_seq: top + 1,
     }
 }
@@ -1028,7 +1037,7 @@ mod tests {
             event(RUNTIME_EVENT_TYPE, "rt://old", owner("@a:l")),
             event(
                 PACK_EVENT_TYPE,
-                "5",
+                "0",
                 json!({"seq": 5, "runtimes": {
                     "rt://old": {"user": "@a:l", "released": true},
                     "rt://moved": owner("@b:l"),
@@ -1048,17 +1057,16 @@ mod tests {
             ),
             event(
                 PACK_EVENT_TYPE,
-                "8",
+                "3",
                 json!({"seq": 8, "runtimes": {"rt://gone": null}}),
             ),
-            // Every entry superseded: to empty.
+            // Every entry superseded, or none: free slots.
             event(
                 PACK_EVENT_TYPE,
-                "2",
+                "1",
                 json!({"seq": 2, "runtimes": {"rt://old": owner("@z:l")}}),
             ),
-            // Emptied already.
-            event(PACK_EVENT_TYPE, "1", json!({})),
+            event(PACK_EVENT_TYPE, "2", json!({})),
         ];
         let heads = record::load(&events).runtimes;
         let merged = merge_packs(&events, heads);
@@ -1069,22 +1077,28 @@ mod tests {
             vec!["x://y/1".to_string()]
         );
         assert!(!merged.runtimes.contains_key("rt://gone"));
-        assert_eq!(merged.superseded, vec![2]);
         assert_eq!(merged.next_seq, 9);
-        assert_eq!(merged.index.at.get("rt://old"), Some(&5));
-        assert_eq!(merged.index.at.get("rt://gone"), Some(&8));
+        assert_eq!(merged.index.free, BTreeSet::from([1, 2]));
+        assert_eq!(merged.index.next, 4);
+        assert_eq!(merged.index.at.get("rt://old"), Some(&0));
+        assert_eq!(merged.index.at.get("rt://gone"), Some(&3));
         assert!(!merged.index.at.contains_key("rt://moved"));
     }
 
     #[test]
-    fn a_pack_is_superseded_once_its_last_latest_record_moved() {
+    fn a_packs_slot_is_free_once_its_last_latest_record_moved() {
         let mut index = PackIndex::default();
-        assert_eq!(index.moved("a", Some(1)), None);
-        assert_eq!(index.moved("b", Some(1)), None);
-        assert_eq!(index.moved("a", Some(2)), None);
-        assert_eq!(index.moved("b", None), Some(1)); // b is a head now
-        assert_eq!(index.moved("a", Some(3)), Some(2));
-        assert_eq!(index.live.get(&3), Some(&1));
+        assert_eq!(index.take(), 0);
+        index.moved("a", Some(0));
+        index.moved("b", Some(0));
+        assert_eq!(index.take(), 1);
+        index.moved("a", Some(1));
+        index.moved("b", None); // b is a head now
+        assert_eq!(index.free, BTreeSet::from([0]));
+        assert_eq!(index.take(), 0);
+        index.moved("a", Some(0));
+        assert_eq!(index.free, BTreeSet::from([1]));
+        assert_eq!(index.live.get(&0), Some(&1));
     }
 
     #[test]
