@@ -64,7 +64,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let most = args.sizes.iter().copied().max().unwrap_or(0) * 3 + 100;
     // Every subscriber is one socket in this process and one in the node (a child, which
     // inherits the limit), beside Synapse's connections: raised here, or a clear error.
-    raise_open_files(u64::try_from(most).unwrap_or(u64::MAX) + 1024)?;
+    let largest = args.sizes.iter().copied().max().unwrap_or(0);
+    raise_open_files(
+        u64::try_from(largest)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1024),
+    )?;
     let keys = format!(
         "outbound_queue = 20000\nhandshakes_per_ip = 1024\nmax_handshakes = 1024\nhandshake_rate = {{ per_second = 1000000, burst = 1000000 }}\nmax_connections = {most}\n[bus.limits]\naddresses_per_principal = {most}\nruntimes_per_principal = {most}\nsubscriptions_per_principal = {most}\nsockets_per_principal = {most}"
     );
