@@ -355,9 +355,19 @@ impl Bus {
             ),
             false => None,
         };
-        self.claim_from(conn, message).await?;
+        let claimed = self.claim_from(conn, message).await?;
         if let Request::Subscribe = request {
-            return self.subscribe(conn, message, turn).await.map(Some);
+            // The claim's write is waited for after the turn (given back in `subscribe`),
+            // whatever the subscribe's outcome, and before it is answered: the principal's
+            // other runtimes' claims go out with it (a stub's `…/sm` on every subscribe).
+            let answer = self.subscribe(conn, message, turn).await;
+            if let Some(claimed) = claimed {
+                claimed.await?;
+            }
+            return answer.map(Some);
+        }
+        if let Some(claimed) = claimed {
+            claimed.await?;
         }
         if message.to.len() > self.inner.config.max_destinations {
             return Err(BusError::BadRequest(format!(
