@@ -451,7 +451,10 @@ async fn an_idle_node_does_not_reload_its_own_reads() {
     };
     // One real change: one reload, whose own reads of the files must not start another.
     let before = reloads().await;
-    write(&node.dir.path().join("policies/t.rego"), &format!("{POLICY}# edited\n"));
+    write(
+        &node.dir.path().join("policies/t.rego"),
+        &format!("{POLICY}# edited\n"),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while reloads().await == before && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
