@@ -121,3 +121,72 @@ async fn a_runtime_with_2000_addresses_survives_a_restart_with_synapse() {
     assert!(alice.quiet_for(Duration::from_millis(100)).await.is_none());
     running.stop().await;
 }
+
+/// Runtimes opened all at once (their records go out together, in shared events): each is
+/// its first principal's, across a restart — the released one too, which nobody else can
+/// claim — and each keeps what it allocated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtimes_opened_at_once_stay_their_owners_across_a_restart_with_synapse() {
+    const N: usize = 24;
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let mut config = common::bus_config(&Path::new(REPO).join("policies"));
+    config.bus.handshakes_per_ip = 64;
+    config.bus.max_handshakes = 64;
+    config.bus.handshake_rate.per_second = 1000;
+    config.bus.handshake_rate.burst = 1000;
+    synapse.serve(&mut config);
+    let running = start(config.clone()).await.expect("start");
+    let addr = running.bus_addr.expect("bus");
+
+    let urls: Vec<String> = (0..N)
+        .map(|i| format!("runtime://localhost/crowd/{i}"))
+        .collect();
+    let opened = futures_util::future::join_all(urls.iter().map(|url| {
+        let token = alice_token.clone();
+        async move {
+            let mut stub = Stub::connect(addr, url, &token).await;
+            let hyperty = stub.allocate("localhost", "hyperty", 1).await.remove(0);
+            (stub, hyperty)
+        }
+    }))
+    .await;
+    let (mut stubs, hyperties): (Vec<Stub>, Vec<String>) = opened.into_iter().unzip();
+    // The first one says goodbye: a tombstone, still alice's.
+    stubs[0]
+        .send(json!({"type": "close", "from": urls[0], "to": "mn:/session"}))
+        .await;
+    assert!(
+        stubs[0].closed().await.is_some(),
+        "the socket closes once released"
+    );
+    drop(stubs);
+    running.stop().await;
+
+    let running = start(config).await.expect("restart");
+    let addr = running.bus_addr.expect("bus");
+    // None of them is bob's to take, the released one neither.
+    for url in &urls {
+        let path = format!("/ws?runtimeURL={}", urlencode(url));
+        let mut thief = Stub::from_socket(common::stub::open(addr, &path, &bob_token).await, url);
+        let refused = thief.recv().await;
+        assert_eq!(code(&refused), 403, "{url}: {refused}");
+    }
+    // Alice's, each with its hyperty (the released one empty again).
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-1", &bob_token).await;
+    let bob_h = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    for (i, (url, hyperty)) in urls.iter().zip(&hyperties).enumerate().skip(N - 3) {
+        let mut alice = Stub::connect(addr, url, &alice_token).await;
+        bob.send(
+            json!({"type": "create", "from": bob_h, "to": hyperty, "body": {"value": {"n": i}}}),
+        )
+        .await;
+        let got = alice.recv().await;
+        assert_eq!(got["to"], hyperty.as_str(), "{got}");
+    }
+    let mut again = Stub::connect(addr, &urls[0], &alice_token).await;
+    let fresh = again.allocate("localhost", "hyperty", 1).await;
+    assert_eq!(fresh.len(), 1);
+    running.stop().await;
+}

@@ -15,11 +15,19 @@
 //! or one under it ([`super::owners::Claims`]). The node's backstops hold whatever the
 //! policy says: [`MAX_CLAIMS_PER_RUNTIME`] and `[bus.limits] addresses_per_principal`.
 
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
 use super::connection::{Connection, Principal};
 use super::Bus;
 use crate::policy::input::{Claim, ClaimInput, Input, Subject};
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
+
+/// A claim on first use placed in line to be stored: completes once it is (else it is
+/// taken back).
+pub(super) type ClaimStored = BoxFuture<'static, Result<(), BusError>>;
 
 /// Most addresses one runtime may claim on first use, whatever the policy allows.
 pub const MAX_CLAIMS_PER_RUNTIME: usize = 1000;
@@ -126,6 +134,10 @@ impl Bus {
     /// principal's address, refused) is left to the message's own decision and the
     /// anti-spoofing rule, which refuse it as spoofed.
     ///
+    /// A claim made is placed in line to be stored, in the caller's turn; the returned
+    /// future stores it (taking it back if that fails), and must have completed before
+    /// anything uses the claim — the caller may wait for it after giving its turn back.
+    ///
     /// # Errors
     /// 403 past the node's backstops, or "policy unavailable" when the claim's decision
     /// could not be made (told as such, not as the spoof the message's own decision would
@@ -134,7 +146,7 @@ impl Bus {
         &self,
         conn: &Connection,
         message: &Message,
-    ) -> Result<(), BusError> {
+    ) -> Result<Option<ClaimStored>, BusError> {
         let from = message.from.as_str();
         let nodes = &self.inner.nodes;
         let table = &self.inner.table;
@@ -142,21 +154,21 @@ impl Bus {
             || !nodes.is_local(from)
             || table.holder_of(from).is_some()
         {
-            return Ok(());
+            return Ok(None);
         }
         let kind = match address::scheme(from).as_deref() {
             Some("runtime" | "hyperty-runtime") if nodes.runtime_url_problem(from).is_none() => {
                 "runtime_address"
             }
             Some("hyperty") if nodes.hyperty_url_problem(from).is_none() => "hyperty",
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         if address::domain(from).as_deref() != Some(nodes.domain()) {
-            return Ok(()); // a component's subdomain (msg-node.D, registry.D …)
+            return Ok(None); // a component's subdomain (msg-node.D, registry.D …)
         }
         let owner = conn.principal.owner();
         if table.claims.conflict(from, &owner).is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let runtime = &conn.runtime;
         let claimed = runtime.with_record(|r| r.claimed.len());
@@ -181,25 +193,39 @@ impl Bus {
                 return Err(refused.error);
             }
             tracing::debug!(%from, refused = %refused.error, "claim on first use refused");
-            return Ok(());
+            return Ok(None);
         }
         if table.claims.take(from, &owner).is_err() {
-            return Ok(()); // another principal was quicker
+            return Ok(None); // another principal was quicker
         }
         if !table.bind_if_free(from, runtime) {
             table.claims.forget(from);
-            return Ok(());
+            return Ok(None);
         }
         let record = runtime.update(|r| r.claimed.push(from.to_string()));
-        if let Err(e) = self.persist(&runtime.url, &record).await {
-            runtime.update(|r| r.claimed.retain(|a| a != from));
-            table.unbind(from, runtime);
-            table.claims.forget(from);
-            return Err(e);
-        }
+        let undo = {
+            let (bus, runtime, from) = (self.clone(), Arc::clone(runtime), from.to_string());
+            move || {
+                runtime.update(|r| r.claimed.retain(|a| *a != from));
+                bus.inner.table.unbind(&from, &runtime);
+                bus.inner.table.claims.forget(&from);
+            }
+        };
+        let stored = match self.persist_queued(&runtime.url, &record) {
+            Ok(stored) => stored,
+            Err(e) => {
+                undo();
+                return Err(e);
+            }
+        };
         self.inner.metrics.claims.inc();
         tracing::debug!(%from, kind, runtime = %runtime.url, "address claimed on first use");
-        Ok(())
+        Ok(Some(Box::pin(async move {
+            stored.await.map_err(|e| {
+                undo();
+                super::store_error(e)
+            })
+        })))
     }
 
     /// Whether a registration by `conn` may be filed under `identity`, which the connection

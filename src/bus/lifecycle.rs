@@ -110,7 +110,7 @@ impl Bus {
                 // Counted and claimed in the principal's turn (see `Turns`) — waited for no
                 // longer than a handshake may take, since the socket holds a handshake place
                 // meanwhile.
-                let _turn = self
+                let turn = self
                     .turn(&owner, self.inner.config.handshake_timeout)
                     .await?;
                 if let Err(refused) = self.claim_runtime(runtime_url, principal, &owner).await {
@@ -143,7 +143,12 @@ impl Bus {
                     // Nobody else can have written to its inbox: no room until one is needed.
                     self.inner.persistence.inbox.is_new(runtime_url);
                 }
-                self.persist(&runtime.url, &record).await?;
+                // Placed in line in the turn (a later change of the runtime is stored after
+                // it), then given back: the claim is counted, and the principal's other
+                // runtimes need not wait for this write — their records go out with it.
+                let stored = self.persist_queued(&runtime.url, &record)?;
+                drop(turn);
+                stored.await.map_err(super::store_error)?;
                 Ok(runtime)
             }
         }

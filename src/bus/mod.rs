@@ -156,6 +156,7 @@ fn store_error(e: StoreError) -> BusError {
         StoreError::Homeserver(e) => {
             BusError::Unavailable(format!("cannot store the change now: {e}"))
         }
+        StoreError::Batch(e) => BusError::Unavailable(format!("cannot store the change now: {e}")),
     }
 }
 
@@ -354,9 +355,19 @@ impl Bus {
             ),
             false => None,
         };
-        self.claim_from(conn, message).await?;
+        let claimed = self.claim_from(conn, message).await?;
         if let Request::Subscribe = request {
-            return self.subscribe(conn, message).await.map(Some);
+            // The claim's write is waited for after the turn (given back in `subscribe`),
+            // whatever the subscribe's outcome, and before it is answered: the principal's
+            // other runtimes' claims go out with it (a stub's `…/sm` on every subscribe).
+            let answer = self.subscribe(conn, message, turn).await;
+            if let Some(claimed) = claimed {
+                claimed.await?;
+            }
+            return answer.map(Some);
+        }
+        if let Some(claimed) = claimed {
+            claimed.await?;
         }
         if message.to.len() > self.inner.config.max_destinations {
             return Err(BusError::BadRequest(format!(
@@ -493,6 +504,19 @@ impl Bus {
     /// # Errors
     /// 413 when the record is too large to store (nothing written), 408 when the homeserver
     /// cannot store it now.
+    /// As [`Bus::persist`], placed in line now and stored when the future runs.
+    fn persist_queued(
+        &self,
+        runtime: &str,
+        record: &RuntimeRecord,
+    ) -> Result<futures_util::future::BoxFuture<'static, Result<(), StoreError>>, BusError> {
+        self.inner
+            .persistence
+            .store
+            .put_runtime_queued(runtime, record)
+            .map_err(|too_large| store_error(too_large.into()))
+    }
+
     async fn persist(&self, runtime: &str, record: &RuntimeRecord) -> Result<(), BusError> {
         self.inner
             .persistence

@@ -62,6 +62,7 @@ impl Bus {
         &self,
         conn: &Connection,
         message: &Message,
+        turn: Option<super::owners::Turn<'_>>,
     ) -> Result<String, BusError> {
         let mut resources = message.body_strings("resources")?.unwrap_or_default();
         resources.extend(message.body_strings("subscribe")?.unwrap_or_default());
@@ -177,9 +178,20 @@ impl Bus {
                 r.subscriptions.insert(resource.clone(), subscriber.clone());
             }
         });
-        if let Err(e) = self.persist(&runtime.url, &record).await {
+        // Placed in line in the principal's turn, which is given back before the write is
+        // waited for: the subscriptions are counted, and the principal's other runtimes'
+        // records go out with this one.
+        let stored = match self.persist_queued(&runtime.url, &record) {
+            Ok(stored) => stored,
+            Err(e) => {
+                runtime.update(|r| r.subscriptions = before);
+                return Err(e);
+            }
+        };
+        drop(turn);
+        if let Err(e) = stored.await {
             runtime.update(|r| r.subscriptions = before);
-            return Err(e);
+            return Err(super::store_error(e));
         }
         for resource in &resources {
             self.inner.subscriptions.add(

@@ -326,7 +326,7 @@ impl BuiltinRegistry {
                 StoreError::TooLarge(why) => {
                     BusError::TooLarge(format!("registry cannot store the entry: {why}"))
                 }
-                StoreError::Homeserver(e) => {
+                StoreError::Homeserver(_) | StoreError::Batch(_) => {
                     BusError::Unavailable(format!("registry cannot store the entry now: {e}"))
                 }
             })?;

@@ -11,6 +11,23 @@
 //!   `{"entry_json": "<text>"}` when the homeserver refuses the value as non-canonical JSON
 //!   (floats).
 //!
+//! - `org.msgnode.bus.runtimes`, state key = a slot number: a *pack*, the small records
+//!   (at most [`PACK_ENTRY_BYTES`] each) of many runtimes written together — see below.
+//!
+//! **Packs (group commit across runtimes).** Without replicas one writer stores every
+//! runtime record: the puts pending when it starts a write go out together, the small
+//! records in as few pack events as hold them, the larger ones as heads and parts — so a
+//! thousand runtimes opening at once cost the homeserver a few writes, not a thousand.
+//! Every write has a sequence number (`seq`: in the pack, or in the head), higher than any
+//! stored before (the clock's microseconds at open, then what [`Store::load`] found); a
+//! runtime's record is its entry with the highest one (a `null` entry: deleted), so a
+//! record that moved between a pack and a head needs no second write to stay right. A pack
+//! none of whose entries is a runtime's latest any more is left as it is, and its slot is
+//! the next pack's: the state room holds at most as many packs as there are packed
+//! runtimes, never one per write. Heads without `seq` (written before packs) are older
+//! than any pack. With replicas only heads are written (each replica's follower reads
+//! heads), with `seq` too, so they win over packs written before.
+//!
 //! Empty content (`{}`) means deleted. With replicas every head also names the replica that
 //! wrote it (`"writer"`), so a replica can tell its own changes (and deletions) from
 //! others'. Writes to one key are coalesced: concurrent puts end with the latest one stored
@@ -26,7 +43,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::record::{self, Layout, TooLarge, PART_EVENT_TYPE};
+use super::record::{self, Layout, TooLarge, MAX_CONTENT_BYTES, PART_EVENT_TYPE};
 use crate::matrix::{Actor, ActorError};
 
 /// State event type of a runtime's record.
@@ -36,6 +53,10 @@ pub const REGISTRY_EVENT_TYPE: &str = "org.msgnode.registry";
 /// Most bytes of a registry entry's event content: one event, its state key at most 255
 /// bytes, under Synapse's 65,536 for the whole event (about 1 KiB left for the envelope).
 pub const MAX_REGISTRY_CONTENT_BYTES: usize = 64_000;
+/// State event type of a pack of small runtime records (see the module's doc).
+pub const PACK_EVENT_TYPE: &str = "org.msgnode.bus.runtimes";
+/// Most bytes of one runtime's record (as JSON) in a pack; a larger one is a head.
+pub const PACK_ENTRY_BYTES: usize = 4_096;
 /// Alias localpart of the state room.
 pub const STATE_ALIAS: &str = "_msgnode_state";
 
@@ -95,6 +116,9 @@ pub enum StoreError {
     /// Too large to store: refused before anything was written.
     #[error("too large to store: {0}")]
     TooLarge(String),
+    /// The write this put went out with (with other runtimes' records) failed.
+    #[error("the homeserver did not store it: {0}")]
+    Batch(String),
 }
 
 impl From<TooLarge> for StoreError {
@@ -193,6 +217,55 @@ enum Inner {
 
 type Slots<T> = Mutex<HashMap<String, Arc<Slot<T>>>>;
 
+/// A put waiting for the next write of the packs' writer.
+struct Pending {
+    record: RuntimeRecord,
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+/// Which pack (slot) holds each runtime's latest record (runtimes whose latest is a head,
+/// or that were never stored, are not here), how many latest records each pack holds, and
+/// the slots free for the next packs (their packs hold none).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PackIndex {
+    at: HashMap<String, u64>,
+    live: HashMap<u64, usize>,
+    free: BTreeSet<u64>,
+    /// Above every slot in use or free.
+    next: u64,
+}
+
+impl PackIndex {
+    /// `runtime`'s latest record is now in the pack in `slot` (`None`: a head); a pack left
+    /// holding no latest record frees its slot.
+    fn moved(&mut self, runtime: &str, slot: Option<u64>) {
+        let old = match slot {
+            Some(slot) => {
+                *self.live.entry(slot).or_default() += 1;
+                self.at.insert(runtime.to_string(), slot)
+            }
+            None => self.at.remove(runtime),
+        };
+        let Some(old) = old else { return };
+        let Some(left) = self.live.get_mut(&old) else {
+            return;
+        };
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.live.remove(&old);
+            self.free.insert(old);
+        }
+    }
+
+    /// A slot for a new pack: a free one, else a new one.
+    fn take(&mut self) -> u64 {
+        self.free.pop_first().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
 struct MatrixStore {
     actor: Arc<Actor>,
     room: String,
@@ -207,6 +280,14 @@ struct MatrixStore {
     layouts: Mutex<HashMap<String, Layout>>,
     /// Runtimes another replica wrote last: their heads are read before the next write.
     unknown: Mutex<HashSet<String>>,
+    /// The next write's sequence number (see the module's doc).
+    seq: std::sync::atomic::AtomicU64,
+    /// Without replicas: puts waiting for the writer's next write.
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Held by the one write under way.
+    writer: Arc<tokio::sync::Mutex<()>>,
+    /// Where the latest records are.
+    packs: Mutex<PackIndex>,
 }
 
 /// One state key's latest wanted content and the version last stored; dropped once the
@@ -236,6 +317,10 @@ impl Store {
                 runtimes: Mutex::default(),
                 layouts: Mutex::default(),
                 unknown: Mutex::default(),
+                seq: std::sync::atomic::AtomicU64::new(now_us()),
+                pending: Mutex::default(),
+                writer: Arc::default(),
+                packs: Mutex::default(),
             }))),
         })
     }
@@ -274,8 +359,13 @@ impl Store {
             );
         }
         *lock(&matrix.layouts) = loaded.layouts;
+        let merged = merge_packs(&events, loaded.runtimes);
+        matrix
+            .seq
+            .fetch_max(merged.next_seq, std::sync::atomic::Ordering::SeqCst);
+        *lock(&matrix.packs) = merged.index;
         let mut snapshot = Snapshot {
-            runtimes: loaded.runtimes,
+            runtimes: merged.runtimes,
             ..Snapshot::default()
         };
         for event in &events {
@@ -367,6 +457,9 @@ impl Store {
             }
             Inner::Matrix(matrix) => matrix,
         };
+        if matrix.node.is_none() {
+            return Ok(Box::pin(self.clone().put_packed(runtime, record.clone())));
+        }
         let (slot, version) = queue(&matrix.runtimes, runtime, record.clone());
         let (store, key) = (self.clone(), runtime.to_string());
         Ok(Box::pin(async move {
@@ -377,6 +470,59 @@ impl Store {
             release(&matrix.runtimes, &key, slot);
             stored
         }))
+    }
+
+    /// Without replicas: `record` joins the writer's next write (replacing a put of the same
+    /// runtime still waiting for it); completes once that write is stored. Whoever waits
+    /// first while no write is under way carries the next one out, in a task of its own (a
+    /// caller that goes away stops no one's write).
+    fn put_packed(
+        self,
+        runtime: &str,
+        record: RuntimeRecord,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        if let Inner::Matrix(matrix) = &*self.inner {
+            let mut pending = lock(&matrix.pending);
+            let entry = pending
+                .entry(runtime.to_string())
+                .or_insert_with(|| Pending {
+                    record: RuntimeRecord::default(),
+                    waiters: Vec::new(),
+                });
+            entry.record = record;
+            entry.waiters.push(tx);
+        }
+        async move {
+            let Inner::Matrix(matrix) = &*self.inner else {
+                return Ok(());
+            };
+            loop {
+                let turn = Arc::clone(&matrix.writer).lock_owned().await;
+                match rx.try_recv() {
+                    Ok(done) => return done.map_err(StoreError::Batch),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        return Err(StoreError::Batch("the write was given up".into()))
+                    }
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+                }
+                let batch = std::mem::take(&mut *lock(&matrix.pending));
+                if batch.is_empty() {
+                    // Taken by a write that answered everyone it took: not this put.
+                    return Err(StoreError::Batch("the write was given up".into()));
+                }
+                let store = self.clone();
+                let written = tokio::spawn(async move {
+                    if let Inner::Matrix(matrix) = &*store.inner {
+                        matrix.write_batch(batch).await;
+                    }
+                    drop(turn);
+                });
+                if written.await.is_err() {
+                    return Err(StoreError::Batch("the write stopped".into()));
+                }
+            }
+        }
     }
 
     /// Stores the registry entry for `url`; `None` deletes it.
@@ -472,6 +618,101 @@ impl MatrixStore {
         extra
     }
 
+    /// The next write's sequence number.
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// One write of the packs' writer: the small records of `batch` into packs, the others
+    /// as heads (all at once); then each put is answered.
+    async fn write_batch(&self, batch: HashMap<String, Pending>) {
+        let mut packs: Vec<(u64, u64, Map<String, Value>, usize)> = Vec::new(); // slot, seq
+        let mut index = lock(&self.packs).clone();
+        let mut heads: Vec<&str> = Vec::new();
+        let mut placed: Vec<(&str, usize)> = Vec::new(); // runtime, its pack
+        for (runtime, pending) in &batch {
+            let entry = match pending.record.is_empty() {
+                true => Some(Value::Null),
+                false => serde_json::to_value(&pending.record).ok(),
+            };
+            let bytes = entry
+                .as_ref()
+                .and_then(|e| serde_json::to_vec(e).ok())
+                .map_or(usize::MAX, |v| v.len().saturating_add(runtime.len() + 8));
+            let Some(entry) = entry.filter(|_| bytes <= PACK_ENTRY_BYTES) else {
+                heads.push(runtime);
+                continue;
+            };
+            let fits = packs
+                .last()
+                .is_some_and(|(_, _, _, size)| size + bytes <= MAX_CONTENT_BYTES - 200);
+            if !fits {
+                packs.push((index.take(), self.next_seq(), Map::new(), 0));
+            }
+            let at = packs.len() - 1;
+            let (_, _, entries, size) = &mut packs[at];
+            entries.insert(runtime.clone(), entry);
+            *size += bytes;
+            placed.push((runtime, at));
+        }
+        let seq = self.next_seq();
+        drop(index); // only this writer takes slots: what it took is settled below
+        let pack_writes = packs.iter().map(|(slot, seq, entries, _)| async move {
+            let content = json!({ "seq": seq, "runtimes": entries });
+            self.put_state(PACK_EVENT_TYPE, &slot.to_string(), &content)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        let batch_ref = &batch;
+        let head_writes = heads.iter().map(|runtime| async move {
+            self.write_runtime(runtime, &batch_ref[*runtime].record, seq)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        let (packed, headed) = futures_util::future::join(
+            futures_util::future::join_all(pack_writes),
+            futures_util::future::join_all(head_writes),
+        )
+        .await;
+        let mut results: HashMap<String, Result<(), String>> = HashMap::new();
+        {
+            let mut index = lock(&self.packs);
+            for (slot, _, _, _) in &packs {
+                index.free.remove(slot);
+                index.next = index.next.max(slot + 1);
+            }
+            for (runtime, written) in heads.iter().zip(headed) {
+                if written.is_ok() {
+                    index.moved(runtime, None);
+                }
+                results.insert((*runtime).to_string(), written);
+            }
+            for (runtime, at) in &placed {
+                let written = packed[*at].clone();
+                if written.is_ok() {
+                    index.moved(runtime, Some(packs[*at].0));
+                }
+                results.insert((*runtime).to_string(), written);
+            }
+            for ((slot, _, _, _), written) in packs.iter().zip(&packed) {
+                if written.is_err() && !index.live.contains_key(slot) {
+                    index.free.insert(*slot); // holds nothing anyone's latest
+                }
+            }
+        }
+        for (runtime, pending) in batch {
+            let result = results
+                .remove(&runtime)
+                .unwrap_or_else(|| Err("not written".into()));
+            if let Err(error) = &result {
+                tracing::warn!(%error, %runtime, "store: a runtime record is not stored");
+            }
+            for waiter in pending.waiters {
+                let _ = waiter.send(result.clone());
+            }
+        }
+    }
+
     /// Writes a registry entry, coalescing concurrent writes of one key.
     async fn put_registry(&self, url: &str, mut content: Value) -> Result<(), ActorError> {
         if let Some(object) = content.as_object_mut() {
@@ -506,13 +747,19 @@ impl MatrixStore {
             return Ok(()); // a newer put stored its value meanwhile
         }
         let (latest, record) = lock(&slot.latest).clone();
-        self.write_runtime(key, &record).await?;
+        self.write_runtime(key, &record, self.next_seq()).await?;
         *stored = latest;
         Ok(())
     }
 
-    /// Writes `record` as `key`'s head and parts, in the order [`record`] describes.
-    async fn write_runtime(&self, key: &str, record: &RuntimeRecord) -> Result<(), StoreError> {
+    /// Writes `record` as `key`'s head (with sequence number `seq`) and parts, in the order
+    /// [`record`] describes.
+    async fn write_runtime(
+        &self,
+        key: &str,
+        record: &RuntimeRecord,
+        seq: u64,
+    ) -> Result<(), StoreError> {
         let mut layout = lock(&self.layouts).remove(key);
         if lock(&self.unknown).contains(key) {
             // Another replica wrote it last: whatever its head names is not written over.
@@ -525,7 +772,7 @@ impl MatrixStore {
                 layout = Some(known);
             }
         }
-        let result = self.write_planned(key, record, layout).await;
+        let result = self.write_planned(key, record, layout, seq).await;
         if result.is_ok() {
             lock(&self.unknown).remove(key);
         }
@@ -537,10 +784,13 @@ impl MatrixStore {
         key: &str,
         record: &RuntimeRecord,
         layout: Option<Layout>,
+        seq: u64,
     ) -> Result<(), StoreError> {
+        let mut extra = self.extra();
+        extra.insert("seq".to_string(), json!(seq));
         if record.is_empty() {
             // Deleted: the head first (its parts are then orphans), then the parts.
-            self.put_state(RUNTIME_EVENT_TYPE, key, &Value::Object(self.extra()))
+            self.put_state(RUNTIME_EVENT_TYPE, key, &Value::Object(extra))
                 .await
                 .inspect_err(|_| self.keep_layout(key, layout.clone()))?;
             let slots: BTreeSet<u32> = layout
@@ -555,7 +805,7 @@ impl MatrixStore {
             self.empty_parts(key, slots, None).await;
             return Ok(());
         }
-        let plan = match record::plan(layout.as_ref(), record, &self.extra()) {
+        let plan = match record::plan(layout.as_ref(), record, &extra) {
             Ok(plan) => plan,
             Err(e) => {
                 self.keep_layout(key, layout);
@@ -627,6 +877,92 @@ impl MatrixStore {
     }
 }
 
+/// The clock in microseconds since the Unix epoch: where sequence numbers start.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// What the packs add to the records read from heads.
+#[derive(Debug, Default)]
+struct Merged {
+    runtimes: BTreeMap<String, RuntimeRecord>,
+    index: PackIndex,
+    /// Above every sequence number found.
+    next_seq: u64,
+}
+
+/// Each runtime's record is its entry with the highest sequence number, over the heads
+/// (`runtimes`, as [`record::load`] read them; a head without `seq` is 0) and the packs.
+fn merge_packs(events: &[Value], mut runtimes: BTreeMap<String, RuntimeRecord>) -> Merged {
+    let mut head_seq: HashMap<&str, u64> = HashMap::new();
+    let mut best: HashMap<&str, (u64, u64, &Value)> = HashMap::new(); // seq, slot, entry
+    let mut slots: BTreeSet<u64> = BTreeSet::new();
+    let mut top = 0u64;
+    for event in events {
+        let (Some(kind), Some(key), Some(content)) = (
+            event.get("type").and_then(Value::as_str),
+            event.get("state_key").and_then(Value::as_str),
+            event.get("content"),
+        ) else {
+            continue;
+        };
+        let seq = content.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        top = top.max(seq);
+        match kind {
+            RUNTIME_EVENT_TYPE => {
+                head_seq.insert(key, seq);
+            }
+            PACK_EVENT_TYPE => {
+                let Ok(slot) = key.parse::<u64>() else {
+                    continue;
+                };
+                slots.insert(slot);
+                let Some(entries) = content.get("runtimes").and_then(Value::as_object) else {
+                    continue;
+                };
+                for (runtime, entry) in entries {
+                    if best.get(runtime.as_str()).is_none_or(|(s, _, _)| *s < seq) {
+                        best.insert(runtime, (seq, slot, entry));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut index = PackIndex::default();
+    for (runtime, (seq, slot, entry)) in best {
+        if head_seq.get(runtime).is_some_and(|h| *h > seq) {
+            continue; // a newer head
+        }
+        if entry.is_null() {
+            runtimes.remove(runtime);
+        } else {
+            match serde_json::from_value::<RuntimeRecord>(entry.clone()) {
+                Ok(record) => {
+                    runtimes.insert(runtime.to_string(), record);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, %runtime, "store: unreadable packed runtime record skipped");
+                    continue;
+                }
+            }
+        }
+        index.moved(runtime, Some(slot));
+    }
+    index.next = slots.last().map_or(0, |s| s + 1);
+    index.free = slots
+        .into_iter()
+        .filter(|slot| !index.live.contains_key(slot))
+        .collect();
+    Merged {
+        runtimes,
+        index,
+        next_seq: top + 1,
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -687,6 +1023,82 @@ mod tests {
         let snapshot = store.load().await.expect("load");
         assert_eq!(snapshot.runtimes.keys().collect::<Vec<_>>(), vec!["rt://b"]);
         assert!(snapshot.registry.is_empty());
+    }
+
+    fn event(kind: &str, key: &str, content: Value) -> Value {
+        json!({"type": kind, "state_key": key, "content": content})
+    }
+
+    #[test]
+    fn the_entry_with_the_highest_sequence_number_is_the_record() {
+        let owner = |user: &str| json!({"user": user});
+        let events = vec![
+            // An old head (no seq) and a pack that supersedes it.
+            event(RUNTIME_EVENT_TYPE, "rt://old", owner("@a:l")),
+            event(
+                PACK_EVENT_TYPE,
+                "0",
+                json!({"seq": 5, "runtimes": {
+                    "rt://old": {"user": "@a:l", "released": true},
+                    "rt://moved": owner("@b:l"),
+                    "rt://gone": owner("@c:l"),
+                }}),
+            ),
+            // Newer than pack 5 for one runtime, older for another.
+            event(
+                RUNTIME_EVENT_TYPE,
+                "rt://moved",
+                json!({"user": "@b:l", "seq": 7, "foreign": ["x://y/1"]}),
+            ),
+            event(
+                RUNTIME_EVENT_TYPE,
+                "rt://gone",
+                json!({"user": "@c:l", "seq": 3}),
+            ),
+            event(
+                PACK_EVENT_TYPE,
+                "3",
+                json!({"seq": 8, "runtimes": {"rt://gone": null}}),
+            ),
+            // Every entry superseded, or none: free slots.
+            event(
+                PACK_EVENT_TYPE,
+                "1",
+                json!({"seq": 2, "runtimes": {"rt://old": owner("@z:l")}}),
+            ),
+            event(PACK_EVENT_TYPE, "2", json!({})),
+        ];
+        let heads = record::load(&events).runtimes;
+        let merged = merge_packs(&events, heads);
+        assert!(merged.runtimes["rt://old"].released);
+        assert_eq!(merged.runtimes["rt://old"].user.as_deref(), Some("@a:l"));
+        assert_eq!(
+            merged.runtimes["rt://moved"].foreign,
+            vec!["x://y/1".to_string()]
+        );
+        assert!(!merged.runtimes.contains_key("rt://gone"));
+        assert_eq!(merged.next_seq, 9);
+        assert_eq!(merged.index.free, BTreeSet::from([1, 2]));
+        assert_eq!(merged.index.next, 4);
+        assert_eq!(merged.index.at.get("rt://old"), Some(&0));
+        assert_eq!(merged.index.at.get("rt://gone"), Some(&3));
+        assert!(!merged.index.at.contains_key("rt://moved"));
+    }
+
+    #[test]
+    fn a_packs_slot_is_free_once_its_last_latest_record_moved() {
+        let mut index = PackIndex::default();
+        assert_eq!(index.take(), 0);
+        index.moved("a", Some(0));
+        index.moved("b", Some(0));
+        assert_eq!(index.take(), 1);
+        index.moved("a", Some(1));
+        index.moved("b", None); // b is a head now
+        assert_eq!(index.free, BTreeSet::from([0]));
+        assert_eq!(index.take(), 0);
+        index.moved("a", Some(0));
+        assert_eq!(index.free, BTreeSet::from([1]));
+        assert_eq!(index.live.get(&0), Some(&1));
     }
 
     #[test]

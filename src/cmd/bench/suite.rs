@@ -62,6 +62,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     raised_limits(&args.policies, &policies)?;
     let most = args.sizes.iter().copied().max().unwrap_or(0) * 3 + 100;
+    // Every subscriber is one socket in this process and one in the node (a child, which
+    // inherits the limit), beside Synapse's connections: raised here, or a clear error.
+    let largest = args.sizes.iter().copied().max().unwrap_or(0);
+    raise_open_files(
+        u64::try_from(largest)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1024),
+    )?;
     let keys = format!(
         "outbound_queue = 20000\nhandshakes_per_ip = 1024\nmax_handshakes = 1024\nhandshake_rate = {{ per_second = 1000000, burst = 1000000 }}\nmax_connections = {most}\nmax_connections_per_address = {most}\n[bus.limits]\naddresses_per_principal = {most}\nruntimes_per_principal = {most}\nsubscriptions_per_principal = {most}\nsockets_per_principal = {most}"
     );
@@ -74,6 +82,28 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Raises this process's soft limit of open files to at least `wanted` (up to the hard
+/// limit, which only root can raise); fails when the hard limit is lower.
+fn raise_open_files(wanted: u64) -> anyhow::Result<()> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current >= wanted {
+        return Ok(());
+    }
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    if hard < wanted {
+        bail!(
+            "these sizes need {wanted} open files, and the hard limit is {hard}: raise it \
+             (ulimit -Hn, or LimitNOFILE) or run smaller sizes"
+        );
+    }
+    limit.current = Some(wanted);
+    setrlimit(Resource::Nofile, limit).context("raising the limit of open files")?;
+    eprintln!("open files: soft limit raised from {current} to {wanted}");
+    Ok(())
 }
 
 /// Copies the bundle with its per-principal and per-runtime limits out of the way.
@@ -442,7 +472,11 @@ async fn subscriber(
     let (mut tx, mut rx) = socket.split();
     let open = json!({"id": 1, "type": "open", "from": runtime, "to": "mn:/session"});
     tx.send(Ws::Text(open.to_string().into())).await?;
-    next_json(&mut rx).await?;
+    let opened = next_json(&mut rx).await?;
+    if opened["body"]["code"] != 200 {
+        // The node closes a socket whose open it refused: said here, not as a broken pipe.
+        bail!("subscriber {i}: open refused: {opened}");
+    }
     let su = format!("hyperty-runtime://localhost/protostub/Subscriber/{i}");
     let subscribe = json!({"id": 2, "type": "subscribe", "from": format!("{su}/sm"), "to": format!("{MN}/sm"),
         "body": {"resources": [changes, changes.replace("/changes", "/children/name1")],
