@@ -432,6 +432,15 @@ pub fn assemble(
     (record, Some(layout), missing)
 }
 
+/// A state event's type, state key and content, when it has all three.
+pub fn state_event(event: &Value) -> Option<(&str, &str, &Value)> {
+    Some((
+        event.get("type").and_then(Value::as_str)?,
+        event.get("state_key").and_then(Value::as_str)?,
+        event.get("content")?,
+    ))
+}
+
 /// The runtimes in a room's state events (heads and parts as `GET /state` gives them):
 /// each record, with its layout when it has parts or stale slots. A head whose named parts
 /// are not all there (damage: the write order never leaves that) is restored from what is
@@ -440,11 +449,7 @@ pub fn load(events: &[Value]) -> Loaded {
     let mut heads: BTreeMap<String, &Value> = BTreeMap::new();
     let mut parts: HashMap<String, BTreeMap<u32, &Value>> = HashMap::new();
     for event in events {
-        let (Some(kind), Some(key), Some(content)) = (
-            event.get("type").and_then(Value::as_str),
-            event.get("state_key").and_then(Value::as_str),
-            event.get("content"),
-        ) else {
+        let Some((kind, key, content)) = state_event(event) else {
             continue;
         };
         match kind {

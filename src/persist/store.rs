@@ -901,11 +901,7 @@ fn merge_packs(events: &[Value], mut runtimes: BTreeMap<String, RuntimeRecord>) 
     let mut slots: BTreeSet<u64> = BTreeSet::new();
     let mut top = 0u64;
     for event in events {
-        let (Some(kind), Some(key), Some(content)) = (
-            event.get("type").and_then(Value::as_str),
-            event.get("state_key").and_then(Value::as_str),
-            event.get("content"),
-        ) else {
+        let Some((kind, key, content)) = record::state_event(event) else {
             continue;
         };
         let seq = content.get("seq").and_then(Value::as_u64).unwrap_or(0);
