@@ -28,6 +28,21 @@ fn config(synapse: &Synapse, policies: &Path, replica: &str, appservice: bool) -
     config
 }
 
+/// Replicas `a` (serving the appservice) and `b` of one node in front of `synapse`, with a
+/// copy of the shipped policies (kept while the returned directory lives).
+async fn replicas(synapse: &Synapse) -> (tempfile::TempDir, Running, Running) {
+    let policies_dir = tempfile::tempdir().expect("tempdir");
+    let policies: PathBuf = policies_dir.path().join("policies");
+    copy_dir(&Path::new(REPO).join("policies"), &policies);
+    let a: Running = start(config(synapse, &policies, "a", true))
+        .await
+        .expect("start replica a");
+    let b: Running = start(config(synapse, &policies, "b", false))
+        .await
+        .expect("start replica b");
+    (policies_dir, a, b)
+}
+
 fn code(answer: &Value) -> u64 {
     answer["body"]["code"].as_u64().unwrap_or(0)
 }
@@ -73,15 +88,7 @@ async fn two_replicas_reach_each_others_runtimes_through_matrix() {
     let synapse = Synapse::start();
     let alice_token = synapse.register("alice");
     let bob_token = synapse.register("bob");
-    let policies_dir = tempfile::tempdir().expect("tempdir");
-    let policies: PathBuf = policies_dir.path().join("policies");
-    copy_dir(&Path::new(REPO).join("policies"), &policies);
-    let a: Running = start(config(&synapse, &policies, "a", true))
-        .await
-        .expect("start replica a");
-    let b: Running = start(config(&synapse, &policies, "b", false))
-        .await
-        .expect("start replica b");
+    let (_policies, a, b) = replicas(&synapse).await;
     let (addr_a, addr_b) = (
         a.bus_addr.expect("bus address a"),
         b.bus_addr.expect("bus address b"),
@@ -240,15 +247,7 @@ async fn a_claim_made_on_one_replica_is_respected_by_the_other() {
     let alice_token = synapse.register("alice");
     let bob_token = synapse.register("bob");
     let eve_token = synapse.register("eve");
-    let policies_dir = tempfile::tempdir().expect("tempdir");
-    let policies: PathBuf = policies_dir.path().join("policies");
-    copy_dir(&Path::new(REPO).join("policies"), &policies);
-    let a: Running = start(config(&synapse, &policies, "a", true))
-        .await
-        .expect("start replica a");
-    let b: Running = start(config(&synapse, &policies, "b", false))
-        .await
-        .expect("start replica b");
+    let (_policies, a, b) = replicas(&synapse).await;
     let (addr_a, addr_b) = (
         a.bus_addr.expect("bus address a"),
         b.bus_addr.expect("bus address b"),
