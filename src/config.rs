@@ -1008,7 +1008,65 @@ impl Config {
                 SECTIONS.iter().any(|s| section.eq_ignore_ascii_case(s))
             })
             .split("__");
-        Ok(figment.merge(env).extract()?)
+        let figment = figment.merge(env);
+        let mut config: Config = figment.extract()?;
+        config.anchor_relative_paths(|key| source_dir(&figment, key));
+        Ok(config)
+    }
+
+    /// Makes each relative path the file set relative to that file's directory, so a node
+    /// started with `-c /etc/msgnode/msgnode.toml` reads the same files from any working
+    /// directory (as Prometheus and nginx do). Paths from the environment and the defaults stay
+    /// relative to the working directory. `dir_of(key)` is the directory of the file that set
+    /// `key`, if a file did.
+    fn anchor_relative_paths(&mut self, dir_of: impl Fn(&str) -> Option<PathBuf>) {
+        let anchor = |key: &str, path: &mut PathBuf| {
+            if let Some(dir) = dir_of(key).filter(|_| path.is_relative()) {
+                *path = dir.join(&*path);
+            }
+        };
+        let pdp = &mut self.pdp;
+        anchor("pdp.policies", &mut pdp.policies);
+        anchor("pdp.schema_dir", &mut pdp.schema_dir);
+        if let Some(shadow) = pdp.shadow.as_mut() {
+            anchor("pdp.shadow", shadow);
+        }
+        if let Some(bundle) = pdp.bundle.as_mut() {
+            if let Some(dir) = bundle.persist_dir.as_mut() {
+                anchor("pdp.bundle.persist_dir", dir);
+            }
+            if let Some(verification) = bundle.verification.as_mut() {
+                anchor(
+                    "pdp.bundle.verification.public_key",
+                    &mut verification.public_key,
+                );
+            }
+        }
+        let output = &mut pdp.decision_log.output;
+        if !matches!(output.as_str(), "stdout" | "-" | "stderr" | "off") {
+            let mut path = PathBuf::from(&*output);
+            anchor("pdp.decision_log.output", &mut path);
+            *output = path.to_string_lossy().into_owned();
+        }
+        if let Some(registration) = self.pep.registration.as_mut() {
+            anchor("pep.registration", registration);
+        }
+        let server = &mut self.policy_server;
+        anchor("policy_server.state_dir", &mut server.state_dir);
+        if let Some(certificate) = server.tls_certificate.as_mut() {
+            anchor("policy_server.tls_certificate", certificate);
+        }
+        if let Some(key) = server.tls_private_key.as_mut() {
+            anchor("policy_server.tls_private_key", key);
+        }
+    }
+}
+
+/// The directory of the file `key`'s value came from, when it came from a file.
+fn source_dir(figment: &Figment, key: &str) -> Option<PathBuf> {
+    match figment.find_metadata(key)?.source.as_ref()? {
+        figment::Source::File(file) => file.parent().map(Path::to_path_buf),
+        _ => None,
     }
 }
 
@@ -1086,11 +1144,70 @@ mod tests {
     }
 
     #[test]
+    fn relative_paths_in_a_file_are_taken_from_its_directory() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_dir("conf")?;
+            jail.create_file(
+                "conf/x.toml",
+                "[pdp]\npolicies = \"bundle\"\nshadow = \"/abs/candidate\"\n\
+                 [pdp.decision_log]\noutput = \"logs/decisions.log\"\n\
+                 [policy_server]\ntls_certificate = \"tls/cert.pem\"\n",
+            )?;
+            jail.set_env("MSGNODE_PDP__SCHEMA_DIR", "env-schemas");
+            let config = Config::load(Some(Path::new("conf/x.toml"))).map_err(|e| e.to_string())?;
+            assert!(
+                config.pdp.policies.ends_with("conf/bundle"),
+                "{:?}",
+                config.pdp.policies
+            );
+            assert!(
+                config
+                    .pdp
+                    .decision_log
+                    .output
+                    .ends_with("conf/logs/decisions.log"),
+                "{}",
+                config.pdp.decision_log.output
+            );
+            let certificate = config.policy_server.tls_certificate.clone();
+            assert!(
+                certificate
+                    .as_deref()
+                    .is_some_and(|c| c.ends_with("conf/tls/cert.pem")),
+                "{certificate:?}"
+            );
+            // Absolute paths, the environment's and the defaults' are left as they are.
+            assert_eq!(config.pdp.shadow, Some(PathBuf::from("/abs/candidate")));
+            assert_eq!(config.pdp.schema_dir, PathBuf::from("env-schemas"));
+            assert_eq!(
+                config.policy_server.state_dir,
+                PathBuf::from(".state/policy-server")
+            );
+            jail.create_file("conf/y.toml", "[pdp.decision_log]\noutput = \"stderr\"\n")?;
+            let config = Config::load(Some(Path::new("conf/y.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.pdp.decision_log.output, "stderr");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn the_example_file_documents_the_defaults() {
         figment::Jail::expect_with(|_jail| {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("msgnode.example.toml");
-            let config = Config::load(Some(&path)).map_err(|e| e.to_string())?;
-            assert_eq!(config, Config::default());
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let mut config = Config::load(Some(&repo.join("msgnode.example.toml")))
+                .map_err(|e| e.to_string())?;
+            // The file's relative paths are taken from its directory.
+            assert_eq!(config.pdp.policies, repo.join("policies"));
+            assert_eq!(config.pdp.schema_dir, repo.join("schemas"));
+            assert_eq!(
+                config.policy_server.state_dir,
+                repo.join(".state/policy-server")
+            );
+            let defaults = Config::default();
+            config.pdp.policies = defaults.pdp.policies.clone();
+            config.pdp.schema_dir = defaults.pdp.schema_dir.clone();
+            config.policy_server.state_dir = defaults.policy_server.state_dir.clone();
+            assert_eq!(config, defaults);
             Ok(())
         });
     }

@@ -227,6 +227,42 @@ fn policy_test_behaves_the_same_from_any_directory() {
 const POLICY_T: &str = "package t\ndefault allow := false\nallow if input.user == \"alice\"\nreasons contains \"not alice\" if not allow\ndecision := {\"allow\": allow, \"reasons\": reasons}\n";
 
 #[test]
+fn a_config_files_relative_paths_are_taken_from_its_directory() {
+    let dir = tree(&[
+        ("etc/bundle/t.rego", POLICY_T),
+        (
+            "etc/bundle/t_test.rego",
+            "package t_test\ntest_alice if data.t.allow with input as {\"user\": \"alice\"}\n",
+        ),
+        (
+            "etc/msgnode.toml",
+            "[pdp]\npolicies = \"bundle\"\ndecision = \"data.t.decision\"\n",
+        ),
+    ]);
+    let config = dir.path().join("etc/msgnode.toml");
+    let config = config.to_str().expect("utf8");
+    // The same from the file's directory, its parent and an unrelated one.
+    for cwd in [
+        dir.path().join("etc"),
+        dir.path().to_path_buf(),
+        std::path::PathBuf::from("/"),
+    ] {
+        let output = msgnode_in(&cwd, &["-c", config, "policy", "test"]);
+        assert!(
+            output.status.success(),
+            "from {}: {}",
+            cwd.display(),
+            text(&output)
+        );
+        assert!(
+            text(&output).contains("1 passed, 0 failed"),
+            "{}",
+            text(&output)
+        );
+    }
+}
+
+#[test]
 fn every_subcommand_reads_the_config_file() {
     let dir = tree(&[
         ("bundle/t.rego", POLICY_T),

@@ -33,7 +33,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(config()?, args, run::Parts::Node, file),
         Command::Pdp(args) => run::run(config()?, args, run::Parts::PdpOnly, file),
-        Command::Policy(command) => policy::run(command, &config()?, file.as_deref()),
+        Command::Policy(command) => policy::run(command, &config()?),
         Command::Bench(args) => bench::run(args),
         Command::Appservice(command) => appservice::run(command, &config()?),
         Command::Version(args) => version::run(&args),

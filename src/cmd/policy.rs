@@ -25,21 +25,16 @@ use crate::pdp::replay;
 use crate::pdp::schema::Schemas;
 use crate::pdp::testing::{self, line_ranges, Fixture, FixtureSchema, TestOptions, TestReport};
 
-/// Runs one `policy` verb with the configuration `config` (read from `config_file`, when
-/// one was named or found).
+/// Runs one `policy` verb with the configuration `config`.
 ///
 /// # Errors
 /// Unreadable inputs; failing tests and compile errors are exit code 1, not errors.
-pub fn run(
-    command: PolicyCommand,
-    config: &Config,
-    config_file: Option<&Path>,
-) -> anyhow::Result<ExitCode> {
+pub fn run(command: PolicyCommand, config: &Config) -> anyhow::Result<ExitCode> {
     let bundle_dir = |dir: Option<PathBuf>| dir.unwrap_or_else(|| config.pdp.policies.clone());
     match command {
         PolicyCommand::Test(args) => {
             let dir = bundle_dir(args.dir.clone());
-            test(&args, &dir, config, config_file)
+            test(&args, &dir, config)
         }
         PolicyCommand::Eval(args) => {
             let dir = bundle_dir(args.dir.clone());
@@ -90,12 +85,7 @@ fn replay(args: &ReplayArgs, config: &Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn test(
-    args: &TestArgs,
-    dir: &Path,
-    config: &Config,
-    config_file: Option<&Path>,
-) -> anyhow::Result<ExitCode> {
+fn test(args: &TestArgs, dir: &Path, config: &Config) -> anyhow::Result<ExitCode> {
     let filter = args
         .filter
         .as_deref()
@@ -112,7 +102,7 @@ fn test(
         opa: args.opa.clone(),
     };
     if !args.watch {
-        return test_once(args, dir, &options, config, config_file);
+        return test_once(args, dir, &options, config);
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let mut watched = vec![dir.to_path_buf()];
@@ -123,7 +113,7 @@ fn test(
     })
     .with_context(|| format!("cannot watch {}", dir.display()))?;
     loop {
-        if let Err(error) = test_once(args, dir, &options, config, config_file) {
+        if let Err(error) = test_once(args, dir, &options, config) {
             println!("error: {error:#}");
         }
         println!("-- watching {} for changes (Ctrl-C stops)", dir.display());
@@ -140,7 +130,6 @@ fn test_once(
     dir: &Path,
     options: &TestOptions,
     config: &Config,
-    config_file: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let mut bundle = Bundle::read(dir)?;
     if let Some(fixtures) = &args.fixtures {
@@ -149,7 +138,7 @@ fn test_once(
     let schemas = match bundle.fixtures.is_empty() {
         true => Schemas::load(Path::new("/nonexistent"), std::iter::empty())?,
         false => {
-            let schema_dir = schema_dir(args.schemas.as_deref(), dir, config, config_file)?;
+            let schema_dir = schema_dir(args.schemas.as_deref(), dir, config)?;
             Schemas::load(&schema_dir, std::iter::empty())?
         }
     };
@@ -239,13 +228,8 @@ fn read_fixtures(dir: &Path) -> anyhow::Result<Vec<FixtureFile>> {
 
 /// Where the schemas of the fixtures' inputs are: `--schemas` when given; else the first of
 /// `<bundle>/schemas`, `<bundle>/../schemas` (the repository's layout) and `[pdp]
-/// schema_dir` (relative to the config file, when there is one) that exists.
-fn schema_dir(
-    flag: Option<&Path>,
-    bundle: &Path,
-    config: &Config,
-    config_file: Option<&Path>,
-) -> anyhow::Result<PathBuf> {
+/// schema_dir` (a file's relative path is taken from the file's directory) that exists.
+fn schema_dir(flag: Option<&Path>, bundle: &Path, config: &Config) -> anyhow::Result<PathBuf> {
     if let Some(dir) = flag {
         if !dir.is_dir() {
             bail!(
@@ -255,14 +239,10 @@ fn schema_dir(
         }
         return Ok(dir.to_path_buf());
     }
-    let configured = match (config_file.and_then(Path::parent), &config.pdp.schema_dir) {
-        (Some(base), dir) if dir.is_relative() && !base.as_os_str().is_empty() => base.join(dir),
-        (_, dir) => dir.clone(),
-    };
     let candidates = [
         bundle.join("schemas"),
         bundle.join("..").join("schemas"),
-        configured,
+        config.pdp.schema_dir.clone(),
     ];
     match candidates.iter().find(|dir| dir.is_dir()) {
         Some(dir) => Ok(dir.clone()),

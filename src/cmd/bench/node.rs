@@ -44,12 +44,14 @@ impl Node {
                 .port())
         };
         let (bus, pdp) = (free()?, free()?);
+        // The config file lives in `dir`, and its relative paths would be taken from there.
+        let policies = std::path::absolute(policies)?;
         let pep = match synapse {
             Some(synapse) => format!(
                 "[pep]\nenabled = true\nlisten = \"127.0.0.1:{}\"\nhomeserver = \"http://127.0.0.1:{}\"\nregistration = \"{}\"\n",
                 synapse.as_port,
                 synapse.port,
-                synapse.registration().display()
+                std::path::absolute(synapse.registration())?.display()
             ),
             None => String::new(),
         };
