@@ -36,7 +36,7 @@
 //! content stays under [`record::MAX_CONTENT_BYTES`], a record under
 //! [`record::MAX_RECORD_BYTES`] ([`StoreError::TooLarge`], in memory too).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
@@ -266,8 +266,84 @@ impl PackIndex {
     }
 }
 
-struct MatrixStore {
+/// The state room as the store reads and writes it: the homeserver's, through the
+/// appservice's own user (a fake in the unit tests).
+trait StateRoom: Send + Sync {
+    /// One state event's content (`None`: none).
+    fn state<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Value>, ActorError>>;
+    /// Sets one state event.
+    fn put_state<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+        content: &'a Value,
+    ) -> BoxFuture<'a, Result<(), ActorError>>;
+    /// Every state event of the room.
+    fn all(&self) -> BoxFuture<'_, Result<Vec<Value>, ActorError>>;
+}
+
+struct ActorRoom {
     actor: Arc<Actor>,
+    room: String,
+}
+
+impl StateRoom for ActorRoom {
+    fn state<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Value>, ActorError>> {
+        Box::pin(async move {
+            let sender = self.actor.sender().to_string();
+            self.actor.state_event(&sender, &self.room, kind, key).await
+        })
+    }
+
+    fn put_state<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+        content: &'a Value,
+    ) -> BoxFuture<'a, Result<(), ActorError>> {
+        Box::pin(async move {
+            let sender = self.actor.sender().to_string();
+            self.actor
+                .put_state(&sender, &self.room, kind, key, content)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<Value>, ActorError>> {
+        Box::pin(async move {
+            let sender = self.actor.sender().to_string();
+            self.actor.room_state(&sender, &self.room).await
+        })
+    }
+}
+
+/// What the store knows of the records it writes.
+#[derive(Default)]
+struct Known {
+    /// What the heads of records with parts name (only those: a record that fits its head
+    /// keeps nothing here). Changed only by the key's writer (its slot's turn), in place,
+    /// step by step: at every point of a write it says what is safe if the write stops
+    /// there (never taken out while a write is under way).
+    layouts: HashMap<String, Layout>,
+    /// Runtimes another replica wrote last, each with the number of the `forget` that said
+    /// so: their heads are read before the next write, and a write that began before that
+    /// `forget` neither clears the mark nor keeps its layout.
+    unknown: HashMap<String, u64>,
+    /// `forget`s so far.
+    forgets: u64,
+}
+
+struct MatrixStore {
+    state_room: Box<dyn StateRoom>,
     room: String,
     /// This replica's name, written into every head (only with `[bus] replica`).
     node: Option<String>,
@@ -275,11 +351,8 @@ struct MatrixStore {
     registry: Slots<Value>,
     /// Runtime records with a put under way.
     runtimes: Slots<RuntimeRecord>,
-    /// What the heads of records with parts name (only those: a record that fits its head
-    /// keeps nothing here). Read and changed only by the key's writer (its slot's turn).
-    layouts: Mutex<HashMap<String, Layout>>,
-    /// Runtimes another replica wrote last: their heads are read before the next write.
-    unknown: Mutex<HashSet<String>>,
+    /// Layouts, and the records another replica wrote last.
+    known: Mutex<Known>,
     /// The next write's sequence number (see the module's doc).
     seq: std::sync::atomic::AtomicU64,
     /// Without replicas: puts waiting for the writer's next write.
@@ -308,21 +381,28 @@ impl Store {
         let room = actor
             .ensure_room(STATE_ALIAS, &sender, "msgnode bus state")
             .await?;
-        Ok(Store {
+        let state_room = Box::new(ActorRoom {
+            actor,
+            room: room.clone(),
+        });
+        Ok(Store::in_room(state_room, room, node))
+    }
+
+    fn in_room(state_room: Box<dyn StateRoom>, room: String, node: Option<String>) -> Store {
+        Store {
             inner: Arc::new(Inner::Matrix(Box::new(MatrixStore {
-                actor,
+                state_room,
                 room,
                 node,
                 registry: Mutex::default(),
                 runtimes: Mutex::default(),
-                layouts: Mutex::default(),
-                unknown: Mutex::default(),
+                known: Mutex::default(),
                 seq: std::sync::atomic::AtomicU64::new(now_us()),
                 pending: Mutex::default(),
                 writer: Arc::default(),
                 packs: Mutex::default(),
             }))),
-        })
+        }
     }
 
     /// The state room's id (`None` in memory).
@@ -349,8 +429,7 @@ impl Store {
             Inner::Memory(snapshot) => return Ok(lock(snapshot).clone()),
             Inner::Matrix(matrix) => matrix,
         };
-        let sender = matrix.actor.sender().to_string();
-        let events = matrix.actor.room_state(&sender, &matrix.room).await?;
+        let events = matrix.state_room.all().await?;
         let loaded = record::load(&events);
         if loaded.orphans > 0 {
             tracing::info!(
@@ -358,7 +437,7 @@ impl Store {
                 "store: parts of records no head names were ignored"
             );
         }
-        *lock(&matrix.layouts) = loaded.layouts;
+        lock(&matrix.known).layouts = loaded.layouts;
         let merged = merge_packs(&events, loaded.runtimes);
         matrix
             .seq
@@ -413,8 +492,11 @@ impl Store {
     /// forgotten, and its head is read again before this replica writes it next.
     pub fn forget(&self, runtime: &str) {
         if let Inner::Matrix(matrix) = &*self.inner {
-            lock(&matrix.layouts).remove(runtime);
-            lock(&matrix.unknown).insert(runtime.to_string());
+            let mut known = lock(&matrix.known);
+            known.forgets += 1;
+            let forget = known.forgets;
+            known.unknown.insert(runtime.to_string(), forget);
+            known.layouts.remove(runtime);
         }
     }
 
@@ -462,20 +544,28 @@ impl Store {
         }
         let (slot, version) = queue(&matrix.runtimes, runtime, record.clone());
         let (store, key) = (self.clone(), runtime.to_string());
-        Ok(Box::pin(async move {
+        // In a task of its own: a caller that goes away (a socket taken over mid-resume, a
+        // peer's post given up) does not stop a record's write halfway.
+        let write = async move {
             let Inner::Matrix(matrix) = &*store.inner else {
                 return Ok(());
             };
             let stored = matrix.flush_runtime(&key, &slot, version).await;
             release(&matrix.runtimes, &key, slot);
             stored
+        };
+        Ok(Box::pin(async move {
+            tokio::spawn(write)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Batch("the write stopped".into())))
         }))
     }
 
     /// Without replicas: `record` joins the writer's next write (replacing a put of the same
     /// runtime still waiting for it); completes once that write is stored. Whoever waits
-    /// first while no write is under way carries the next one out, in a task of its own (a
-    /// caller that goes away stops no one's write).
+    /// first while no write is under way carries the next one out; each put waits in a task
+    /// of its own once its future first runs, and each write runs in one (a caller that goes
+    /// away stops no one's write, nor leaves its record waiting for someone else's put).
     fn put_packed(
         self,
         runtime: &str,
@@ -493,7 +583,7 @@ impl Store {
             entry.record = record;
             entry.waiters.push(tx);
         }
-        async move {
+        let wait = async move {
             let Inner::Matrix(matrix) = &*self.inner else {
                 return Ok(());
             };
@@ -522,6 +612,11 @@ impl Store {
                     return Err(StoreError::Batch("the write stopped".into()));
                 }
             }
+        };
+        async move {
+            tokio::spawn(wait)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Batch("the write stopped".into())))
         }
     }
 
@@ -597,16 +692,11 @@ fn release<T>(slots: &Slots<T>, key: &str, slot: Arc<Slot<T>>) {
 impl MatrixStore {
     /// One state event's content (`None`: none).
     async fn state(&self, kind: &str, key: &str) -> Result<Option<Value>, ActorError> {
-        let sender = self.actor.sender().to_string();
-        self.actor.state_event(&sender, &self.room, kind, key).await
+        self.state_room.state(kind, key).await
     }
 
     async fn put_state(&self, kind: &str, key: &str, content: &Value) -> Result<(), ActorError> {
-        let sender = self.actor.sender().to_string();
-        self.actor
-            .put_state(&sender, &self.room, kind, key, content)
-            .await
-            .map(drop)
+        self.state_room.put_state(kind, key, content).await
     }
 
     /// The writer's name for a head.
@@ -753,15 +843,24 @@ impl MatrixStore {
     }
 
     /// Writes `record` as `key`'s head (with sequence number `seq`) and parts, in the order
-    /// [`record`] describes.
+    /// [`record`] describes. The layout stays in place throughout, changed at each step to
+    /// what is safe should the write stop there (a dropped future, a head that landed though
+    /// its answer did not come): the slots about to be written are stale before they are
+    /// written, and the new layout is kept only once its head is stored.
     async fn write_runtime(
         &self,
         key: &str,
         record: &RuntimeRecord,
         seq: u64,
     ) -> Result<(), StoreError> {
-        let mut layout = lock(&self.layouts).remove(key);
-        if lock(&self.unknown).contains(key) {
+        let (mut layout, seen) = {
+            let known = lock(&self.known);
+            (
+                known.layouts.get(key).cloned(),
+                known.unknown.get(key).copied(),
+            )
+        };
+        if seen.is_some() {
             // Another replica wrote it last: whatever its head names is not written over.
             if let Some(head) = self.state(RUNTIME_EVENT_TYPE, key).await? {
                 let (named, gen) = record::named_parts(&head);
@@ -772,11 +871,12 @@ impl MatrixStore {
                 layout = Some(known);
             }
         }
-        let result = self.write_planned(key, record, layout, seq).await;
-        if result.is_ok() {
-            lock(&self.unknown).remove(key);
-        }
-        result
+        self.write_planned(key, record, layout, seq, seen).await?;
+        let mut known = lock(&self.known);
+        if known.unknown.get(key).copied() == seen {
+            known.unknown.remove(key);
+        } // else: another replica wrote it meanwhile; its head is read next time
+        Ok(())
     }
 
     async fn write_planned(
@@ -785,14 +885,14 @@ impl MatrixStore {
         record: &RuntimeRecord,
         layout: Option<Layout>,
         seq: u64,
+        seen: Option<u64>,
     ) -> Result<(), StoreError> {
         let mut extra = self.extra();
         extra.insert("seq".to_string(), json!(seq));
         if record.is_empty() {
             // Deleted: the head first (its parts are then orphans), then the parts.
             self.put_state(RUNTIME_EVENT_TYPE, key, &Value::Object(extra))
-                .await
-                .inspect_err(|_| self.keep_layout(key, layout.clone()))?;
+                .await?;
             let slots: BTreeSet<u32> = layout
                 .iter()
                 .flat_map(|l| {
@@ -802,45 +902,58 @@ impl MatrixStore {
                         .chain(l.stale.iter().copied())
                 })
                 .collect();
-            self.empty_parts(key, slots, None).await;
+            self.empty_parts(key, seen, slots, None).await;
             return Ok(());
         }
-        let plan = match record::plan(layout.as_ref(), record, &extra) {
-            Ok(plan) => plan,
-            Err(e) => {
-                self.keep_layout(key, layout);
-                return Err(e.into());
-            }
-        };
+        let plan = record::plan(layout.as_ref(), record, &extra)?;
+        if !plan.parts.is_empty() {
+            // Until the head naming them is stored, the new slots are stale: if this write
+            // stops anywhere, the next one neither writes over them (its head may have
+            // landed) nor names them; the old parts stay as they are until the head is.
+            let mut marked = layout.clone().unwrap_or_default();
+            marked.gen = marked.gen.max(plan.layout.as_ref().map_or(0, |l| l.gen));
+            marked
+                .stale
+                .extend(plan.parts.iter().map(|(slot, _)| *slot));
+            self.keep_layout(key, seen, Some(marked));
+        }
         // The parts first, each into a slot the current head does not name.
         let writes = plan.parts.iter().map(|(slot, content)| async move {
             self.put_state(PART_EVENT_TYPE, &record::part_key(key, *slot), content)
                 .await
         });
         let written = futures_util::future::join_all(writes).await;
-        let failed = written.into_iter().find_map(Result::err);
-        let head = match failed {
-            Some(e) => Err(e),
-            None => self.put_state(RUNTIME_EVENT_TYPE, key, &plan.head).await,
-        };
-        if let Err(e) = head {
-            // The old head stands; what was written for the new one is stale.
-            let mut layout = layout.unwrap_or_default();
-            layout
-                .stale
-                .extend(plan.parts.iter().map(|(slot, _)| *slot));
-            self.keep_layout(key, Some(layout));
-            return Err(e.into());
+        if let Some(e) = written.into_iter().find_map(Result::err) {
+            return Err(e.into()); // the old head stands; the new slots are stale
         }
+        self.put_state(RUNTIME_EVENT_TYPE, key, &plan.head).await?;
         // Then the slots the new head does not name are emptied.
-        self.empty_parts(key, plan.empty.into_iter().collect(), plan.layout)
+        self.empty_parts(key, seen, plan.empty.into_iter().collect(), plan.layout)
             .await;
         Ok(())
     }
 
-    /// Empties `slots` of `key`; keeps `layout` (with the slots not emptied as stale, for
-    /// the next write).
-    async fn empty_parts(&self, key: &str, slots: BTreeSet<u32>, layout: Option<Layout>) {
+    /// After a head is stored: empties `slots` of `key` (stale until emptied) and keeps
+    /// `layout`, the head's (with the slots not emptied as stale, for the next write).
+    async fn empty_parts(
+        &self,
+        key: &str,
+        seen: Option<u64>,
+        slots: BTreeSet<u32>,
+        layout: Option<Layout>,
+    ) {
+        let with_stale = |stale: BTreeSet<u32>| match (layout.clone(), stale.is_empty()) {
+            (Some(mut layout), _) => {
+                layout.stale = stale;
+                Some(layout)
+            }
+            (None, false) => Some(Layout {
+                stale,
+                ..Layout::default()
+            }),
+            (None, true) => None,
+        };
+        self.keep_layout(key, seen, with_stale(slots.clone()));
         let empties = slots.iter().map(|slot| async move {
             let emptied = self
                 .put_state(PART_EVENT_TYPE, &record::part_key(key, *slot), &json!({}))
@@ -854,25 +967,19 @@ impl MatrixStore {
                 left.insert(slot);
             }
         }
-        let layout = match (layout, left.is_empty()) {
-            (Some(mut layout), _) => {
-                layout.stale = left;
-                Some(layout)
-            }
-            (None, false) => Some(Layout {
-                stale: left,
-                ..Layout::default()
-            }),
-            (None, true) => None,
-        };
-        self.keep_layout(key, layout);
+        self.keep_layout(key, seen, with_stale(left));
     }
 
-    fn keep_layout(&self, key: &str, layout: Option<Layout>) {
-        let mut layouts = lock(&self.layouts);
+    /// Keeps `layout` as `key`'s — unless another replica wrote the key since this write
+    /// began (`seen`: the `forget` it began under): then its head is read next time.
+    fn keep_layout(&self, key: &str, seen: Option<u64>, layout: Option<Layout>) {
+        let mut known = lock(&self.known);
+        if known.unknown.get(key).copied() != seen {
+            return;
+        }
         match layout {
-            Some(layout) => layouts.insert(key.to_string(), layout),
-            None => layouts.remove(key),
+            Some(layout) => known.layouts.insert(key.to_string(), layout),
+            None => known.layouts.remove(key),
         };
     }
 }
@@ -1103,5 +1210,286 @@ mod tests {
             serde_json::from_value(json!({"user": "@a:b"})).expect("partial record");
         assert_eq!(record.user.as_deref(), Some("@a:b"));
         assert!(record.allocations.is_empty());
+    }
+
+    /// A state room in memory: puts are stored at once; one put chosen by `hold` is
+    /// stored, then not answered until `release` (never, if the test drops the write);
+    /// puts of `fail`'s event type fail.
+    #[derive(Default)]
+    struct FakeRoom {
+        events: Mutex<BTreeMap<(String, String), Value>>,
+        puts: std::sync::atomic::AtomicUsize,
+        hold: Mutex<Option<HoldIf>>,
+        held: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+        fail: Mutex<Option<&'static str>>,
+    }
+
+    type HoldIf = Box<dyn Fn(usize, &str, &Value) -> bool + Send>;
+
+    impl FakeRoom {
+        fn hold(&self, when: impl Fn(usize, &str, &Value) -> bool + Send + 'static) {
+            *lock(&self.hold) = Some(Box::new(when));
+        }
+
+        fn puts(&self) -> usize {
+            self.puts.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        /// The runtimes as a restarted node loads them, and how many are damaged.
+        fn loaded(&self) -> (BTreeMap<String, RuntimeRecord>, usize) {
+            let events: Vec<Value> = lock(&self.events)
+                .iter()
+                .map(|((kind, key), content)| event(kind, key, content.clone()))
+                .collect();
+            let loaded = record::load(&events);
+            (loaded.runtimes, loaded.damaged)
+        }
+    }
+
+    impl StateRoom for Arc<FakeRoom> {
+        fn state<'a>(
+            &'a self,
+            kind: &'a str,
+            key: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Value>, ActorError>> {
+            let found = lock(&self.events)
+                .get(&(kind.to_string(), key.to_string()))
+                .cloned();
+            Box::pin(std::future::ready(Ok(found)))
+        }
+
+        fn put_state<'a>(
+            &'a self,
+            kind: &'a str,
+            key: &'a str,
+            content: &'a Value,
+        ) -> BoxFuture<'a, Result<(), ActorError>> {
+            Box::pin(async move {
+                if *lock(&self.fail) == Some(kind) {
+                    return Err(ActorError::Unavailable);
+                }
+                let n = self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                lock(&self.events).insert((kind.to_string(), key.to_string()), content.clone());
+                let hold = {
+                    let mut hold = lock(&self.hold);
+                    let now = hold.as_ref().is_some_and(|when| when(n, kind, content));
+                    if now {
+                        *hold = None;
+                    }
+                    now
+                };
+                if hold {
+                    self.held.notify_one();
+                    self.release.notified().await;
+                }
+                Ok(())
+            })
+        }
+
+        fn all(&self) -> BoxFuture<'_, Result<Vec<Value>, ActorError>> {
+            let events = lock(&self.events)
+                .iter()
+                .map(|((kind, key), content)| event(kind, key, content.clone()))
+                .collect();
+            Box::pin(std::future::ready(Ok(events)))
+        }
+    }
+
+    const RUNTIME: &str = "runtime://localhost/big";
+
+    fn in_fake(room: &Arc<FakeRoom>, node: &str) -> Store {
+        Store::in_room(
+            Box::new(Arc::clone(room)),
+            "!state:localhost".into(),
+            Some(node.into()),
+        )
+    }
+
+    fn matrix(store: &Store) -> &MatrixStore {
+        match &*store.inner {
+            Inner::Matrix(matrix) => matrix,
+            Inner::Memory(_) => unreachable!("a store in a fake room"),
+        }
+    }
+
+    /// A record holding claimed addresses `from..to` (some 50 bytes each: about 1,200 a
+    /// part).
+    fn claiming(from: usize, to: usize) -> RuntimeRecord {
+        RuntimeRecord {
+            user: Some("@alice:localhost".into()),
+            claimed: (from..to)
+                .map(|n| format!("hyperty://localhost/claimed-address-number-{n:08}"))
+                .collect(),
+            ..RuntimeRecord::default()
+        }
+    }
+
+    fn without(mut record: RuntimeRecord, from: usize, to: usize) -> RuntimeRecord {
+        let gone: Vec<String> = claiming(from, to).claimed;
+        record.claimed.retain(|c| !gone.contains(c));
+        record
+    }
+
+    fn with(mut record: RuntimeRecord, from: usize, to: usize) -> RuntimeRecord {
+        record.claimed.extend(claiming(from, to).claimed);
+        record
+    }
+
+    /// What a record holds, whatever the order its parts give it back in.
+    fn entries(record: &RuntimeRecord) -> (Option<String>, BTreeSet<record::Item>) {
+        (
+            record.user.clone(),
+            record::items(record).into_iter().collect(),
+        )
+    }
+
+    fn parts_named(room: &FakeRoom) -> usize {
+        let events = lock(&room.events);
+        let head = &events[&(RUNTIME_EVENT_TYPE.to_string(), RUNTIME.to_string())];
+        record::named_parts(head).0.len()
+    }
+
+    /// N4: a write stopped after any of its puts (the future dropped; the put stored but
+    /// not answered) leaves a layout the next writes keep the stored record whole with —
+    /// also when the next write's head fails.
+    #[tokio::test]
+    async fn a_write_dropped_mid_plan_never_writes_over_named_parts() {
+        let first = claiming(0, 5_000);
+        let second = with(without(first.clone(), 0, 600), 5_000, 6_500);
+        let third = with(without(second.clone(), 2_000, 2_800), 6_500, 8_000);
+        let fourth = without(third.clone(), 4_000, 4_500);
+        let mut dropped = 0;
+        for k in 1.. {
+            let room = Arc::new(FakeRoom::default());
+            let store = in_fake(&room, "a");
+            let m = matrix(&store);
+            m.write_runtime(RUNTIME, &first, m.next_seq())
+                .await
+                .expect("first write");
+            assert!(parts_named(&room) >= 3, "the record has parts");
+            let before = room.puts();
+            room.hold(move |n, _, _| n == before + k);
+            let completed = tokio::select! {
+                written = m.write_runtime(RUNTIME, &second, m.next_seq()) => {
+                    written.expect("second write");
+                    true
+                }
+                () = room.held.notified() => false, // the write is dropped here
+            };
+            if completed {
+                break; // every put of the second write was tried
+            }
+            dropped += 1;
+            *lock(&room.fail) = Some(RUNTIME_EVENT_TYPE);
+            assert!(m
+                .write_runtime(RUNTIME, &third, m.next_seq())
+                .await
+                .is_err());
+            *lock(&room.fail) = None;
+            let (stored, damaged) = room.loaded();
+            assert_eq!(
+                damaged, 0,
+                "stopped after put {k}: named parts were written over"
+            );
+            let stored = entries(&stored[RUNTIME]);
+            assert!(
+                stored == entries(&first) || stored == entries(&second),
+                "stopped after put {k}: the first or the second record is stored"
+            );
+            m.write_runtime(RUNTIME, &fourth, m.next_seq())
+                .await
+                .expect("fourth write");
+            let (stored, damaged) = room.loaded();
+            assert_eq!(damaged, 0);
+            assert_eq!(entries(&stored[RUNTIME]), entries(&fourth));
+        }
+        assert!(
+            dropped >= 3,
+            "the second write has parts, a head and empties"
+        );
+    }
+
+    /// N4: a `forget` (another replica wrote the record) that arrives while this replica's
+    /// write is under way wins over it: the next write reads the other replica's head
+    /// instead of planning against the layout of its own write.
+    #[tokio::test]
+    async fn a_forget_during_a_write_makes_the_next_write_read_the_head() {
+        let room = Arc::new(FakeRoom::default());
+        let (a, b) = (in_fake(&room, "a"), in_fake(&room, "b"));
+        let first = claiming(0, 5_000);
+        matrix(&a)
+            .write_runtime(RUNTIME, &first, matrix(&a).next_seq())
+            .await
+            .expect("first write");
+        // The second write rewrites the first part elsewhere and empties its slot (its only
+        // empty), then waits there for its answer.
+        let second = without(first.clone(), 0, 600);
+        room.hold(|_, kind, content| kind == PART_EVENT_TYPE && content == &json!({}));
+        let second_write = matrix(&a).write_runtime(RUNTIME, &second, matrix(&a).next_seq());
+        tokio::pin!(second_write);
+        tokio::select! {
+            written = &mut second_write => panic!("the write did not wait: {written:?}"),
+            () = room.held.notified() => {}
+        }
+        // Meanwhile the other replica writes the runtime (having read this one's head), and
+        // this replica's follower tells it so.
+        b.forget(RUNTIME);
+        let other = with(claiming(10_000, 12_000), 0, 100);
+        matrix(&b)
+            .write_runtime(RUNTIME, &other, matrix(&b).next_seq())
+            .await
+            .expect("the other replica's write");
+        a.forget(RUNTIME);
+        room.release.notify_one();
+        second_write.await.expect("second write");
+        // This replica writes it next: over nothing the other replica's head names.
+        let third = with(second.clone(), 5_000, 7_000);
+        matrix(&a)
+            .write_runtime(RUNTIME, &third, matrix(&a).next_seq())
+            .await
+            .expect("third write");
+        let (stored, damaged) = room.loaded();
+        assert_eq!(damaged, 0, "parts the head names were written over");
+        assert_eq!(entries(&stored[RUNTIME]), entries(&third));
+    }
+
+    /// A put whose caller goes away while it waits for the packs' writer is still stored by
+    /// that writer's next write, with no other put to carry it.
+    #[tokio::test]
+    async fn a_packed_put_whose_caller_went_away_is_still_stored() {
+        let room = Arc::new(FakeRoom::default());
+        let store = Store::in_room(Box::new(Arc::clone(&room)), "!state:localhost".into(), None);
+        room.hold(|n, _, _| n == 1);
+        let (one, two) = (
+            record("hyperty://localhost/1"),
+            record("hyperty://localhost/2"),
+        );
+        let first = store.put_runtime("runtime://localhost/1", &one);
+        tokio::pin!(first);
+        tokio::select! {
+            written = &mut first => panic!("the write did not wait: {written:?}"),
+            () = room.held.notified() => {}
+        }
+        {
+            // Joins the next write, waits for the writer once, and is dropped.
+            let second = store.put_runtime("runtime://localhost/2", &two);
+            tokio::pin!(second);
+            tokio::select! {
+                biased;
+                written = &mut second => panic!("stored before the writer was free: {written:?}"),
+                () = std::future::ready(()) => {}
+            }
+        }
+        room.release.notify_one();
+        first.await.expect("first put");
+        // The writer's turn is taken in order: once this one gets it, the second put's
+        // write is done.
+        drop(Arc::clone(&matrix(&store).writer).lock_owned().await);
+        let snapshot = store.load().await.expect("load");
+        assert_eq!(
+            snapshot.runtimes.get("runtime://localhost/2"),
+            Some(&record("hyperty://localhost/2"))
+        );
     }
 }
