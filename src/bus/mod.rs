@@ -147,6 +147,8 @@ struct Inner {
     handshakes: handshakes::Handshakes,
     /// Sockets connected, per principal.
     sockets: connection::Sockets,
+    /// Other replicas' records being read in parts.
+    fetches: replicas::Fetches,
 }
 
 /// The answer to a change the store did not take.
@@ -263,6 +265,7 @@ impl Bus {
                 rate,
                 handshakes,
                 sockets: connection::Sockets::default(),
+                fetches: replicas::Fetches::default(),
             }),
         };
         let restored = snapshot.runtimes.len();

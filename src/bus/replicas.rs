@@ -1,14 +1,18 @@
 //! What this replica does with what the other replicas write (`persist::follower` reads
 //! it from the homeserver):
 //! - a runtime record another replica wrote (its head, and the parts it names, read once
-//!   the head arrives) replaces this replica's view of that runtime
-//!   (its addresses and subscriptions); when that replica's socket attached later than the
-//!   one here, the one here is closed: the runtime moved;
+//!   the head arrives: one read per runtime at a time, once more if heads came meanwhile,
+//!   never adopted over a head that came later) replaces this replica's view of that
+//!   runtime (its addresses and subscriptions); when that replica's socket attached later
+//!   than the one here, the one here is closed: the runtime moved;
 //! - a registry entry another replica wrote updates the built-in registry;
 //! - an inbox batch another replica wrote for a runtime connected here is handed to its
 //!   socket — take, send, ack: the same hand-over as a reconnect, so nothing is handed over
 //!   twice.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -21,6 +25,90 @@ use crate::persist::follower::Followed;
 use crate::persist::store::{RuntimeRecord, Stored};
 use crate::retry;
 
+/// Other replicas' records being read in parts (N14 of the third review): one read per
+/// runtime at a time, run once more when heads came meanwhile (however many), and a record
+/// read is adopted only if no head that came after its read began was adopted first — so a
+/// slow read never puts an older record over a newer one. Holds only runtimes being read.
+#[derive(Default)]
+pub(super) struct Fetches(Mutex<FetchState>);
+
+#[derive(Default)]
+struct FetchState {
+    /// Heads followed so far: numbers them.
+    heads: u64,
+    /// Runtime URL → its read under way.
+    running: HashMap<String, Fetch>,
+}
+
+#[derive(Default)]
+struct Fetch {
+    /// A head naming parts came meanwhile: read once more.
+    again: bool,
+    /// The number of the latest head without parts adopted meanwhile (0: none).
+    adopted: u64,
+}
+
+impl Fetches {
+    /// A head without parts, its record in it: `adopt` runs under the lock, so no read that
+    /// began before it is adopted after it.
+    pub(super) fn adopt(&self, url: &str, adopt: impl FnOnce()) {
+        let mut state = lock(&self.0);
+        state.heads += 1;
+        let head = state.heads;
+        if let Some(fetch) = state.running.get_mut(url) {
+            fetch.adopted = head;
+        }
+        adopt();
+    }
+
+    /// A head naming parts: whether a read of `url` must start (`false`: the one under way
+    /// runs once more).
+    pub(super) fn begin(&self, url: &str) -> bool {
+        let mut state = lock(&self.0);
+        state.heads += 1;
+        match state.running.get_mut(url) {
+            Some(fetch) => {
+                fetch.again = true;
+                false
+            }
+            None => {
+                state.running.insert(url.to_string(), Fetch::default());
+                true
+            }
+        }
+    }
+
+    /// Reads `url`'s record (`fetch`) until no head came during a read, adopting each one
+    /// read unless a head that came after its read began was adopted first.
+    pub(super) async fn run<F, R>(&self, url: &str, mut fetch: F, adopt: impl Fn(RuntimeRecord))
+    where
+        F: FnMut() -> R,
+        R: Future<Output = Option<RuntimeRecord>>,
+    {
+        loop {
+            let began = lock(&self.0).heads;
+            let fetched = fetch().await;
+            let mut state = lock(&self.0);
+            let Some(running) = state.running.get_mut(url) else {
+                return;
+            };
+            if let Some(record) = fetched.filter(|_| running.adopted <= began) {
+                adopt(record);
+            }
+            if !std::mem::take(&mut running.again) {
+                state.running.remove(url);
+                return;
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Bus {
     /// Takes what the follower saw, in order.
     pub(super) fn followed(&self, seen: Vec<Followed>) {
@@ -28,21 +116,26 @@ impl Bus {
             match followed {
                 Followed::Stored(Stored::Runtime { url, record }) => {
                     self.inner.persistence.store.forget(&url);
-                    self.adopt(&url, record);
+                    self.inner.fetches.adopt(&url, || self.adopt(&url, record));
                 }
                 Followed::Stored(Stored::RuntimeInParts { url }) => {
                     // Its parts are read from the state room; a head naming parts already
                     // replaced is skipped (the newer head follows).
                     self.inner.persistence.store.forget(&url);
+                    if !self.inner.fetches.begin(&url) {
+                        continue; // the read under way runs once more
+                    }
                     let bus = self.clone();
                     self.inner.tracker.spawn(async move {
-                        match bus.inner.persistence.store.fetch_runtime(&url).await {
-                            Ok(Some(record)) => bus.adopt(&url, record),
-                            Ok(None) => {}
-                            Err(error) => {
+                        let fetch = || async {
+                            let fetched = bus.inner.persistence.store.fetch_runtime(&url).await;
+                            fetched.unwrap_or_else(|error| {
                                 tracing::warn!(%error, runtime = %url, "cannot read another replica's record of a runtime");
-                            }
-                        }
+                                None
+                            })
+                        };
+                        let adopt = |record| bus.adopt(&url, record);
+                        bus.inner.fetches.run(&url, fetch, adopt).await;
                     });
                 }
                 Followed::Stored(Stored::Registry { url, entry }) => {
@@ -153,5 +246,72 @@ impl Bus {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "runtime://localhost/1";
+
+    fn owned_by(user: &str) -> RuntimeRecord {
+        RuntimeRecord {
+            user: Some(user.to_string()),
+            ..RuntimeRecord::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn heads_that_come_during_a_read_make_one_more_read() {
+        let fetches = Fetches::default();
+        assert!(fetches.begin(URL));
+        let (reads, adopted) = (Mutex::new(0), Mutex::new(Vec::new()));
+        let fetch = || {
+            let n = {
+                let mut reads = lock(&reads);
+                *reads += 1;
+                *reads
+            };
+            if n == 1 {
+                for _ in 0..5 {
+                    assert!(!fetches.begin(URL), "one read of a runtime at a time");
+                }
+            }
+            std::future::ready(Some(owned_by(&format!("@read{n}:localhost"))))
+        };
+        fetches
+            .run(URL, fetch, |record| lock(&adopted).push(record))
+            .await;
+        assert_eq!(*lock(&reads), 2, "five heads during a read: one more read");
+        assert_eq!(
+            *lock(&adopted),
+            vec![owned_by("@read1:localhost"), owned_by("@read2:localhost")]
+        );
+        assert!(lock(&fetches.0).running.is_empty());
+        assert!(fetches.begin(URL), "a later head starts a read again");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_began_before_a_newer_record_was_adopted_is_not_adopted() {
+        let fetches = Fetches::default();
+        let adopted = Mutex::new(Vec::new());
+        assert!(fetches.begin(URL));
+        let fetch = || {
+            // While the read is under way, a newer head that fits one event is adopted.
+            fetches.adopt(URL, || lock(&adopted).push(owned_by("@newer:localhost")));
+            std::future::ready(Some(owned_by("@older:localhost")))
+        };
+        fetches
+            .run(URL, fetch, |record| lock(&adopted).push(record))
+            .await;
+        assert_eq!(*lock(&adopted), vec![owned_by("@newer:localhost")]);
+        // A head naming parts that comes after it is read and adopted.
+        assert!(fetches.begin(URL));
+        let fetch = || std::future::ready(Some(owned_by("@latest:localhost")));
+        fetches
+            .run(URL, fetch, |record| lock(&adopted).push(record))
+            .await;
+        assert_eq!(lock(&adopted).last(), Some(&owned_by("@latest:localhost")));
     }
 }
