@@ -2460,3 +2460,109 @@ async fn a_socket_io_stub_that_does_not_read_holds_bounded_bytes() {
     drop(sio);
     running.stop().await;
 }
+
+/// Writes `consent` (resource → runtimes allowed to listen) into the policy data of
+/// `policies` and waits until the new revision is active.
+async fn give_consent(running: &Running, policies: &std::path::Path, consent: Value) {
+    let revision = running.pdp.active().expect("bundle").revision.to_string();
+    let path = policies.join("config/data.json");
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("data")).expect("json");
+    data["subscription"]["consent"] = consent;
+    std::fs::write(&path, data.to_string()).expect("write");
+    let pdp = running.pdp.clone();
+    common::eventually(
+        "the new revision is active",
+        Duration::from_secs(30),
+        || {
+            let (pdp, revision) = (pdp.clone(), revision.clone());
+            async move { pdp.active().is_some_and(|a| *a.revision != *revision) }
+        },
+    )
+    .await;
+}
+
+/// Review N12 (third review): a principal's runtimes that went away together were reaped in
+/// one go, and no new revision was re-decided until the last was released — consent
+/// withdrawals waited for thousands of homeserver writes. The reaper releases a bounded batch
+/// per poll and stops for a new revision: the revocation comes while the reap is pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_does_not_wait_for_a_mass_expiry() {
+    let policies = common::policies_with(|_| {});
+    let running = node_with(|c| {
+        c.pdp.policies = policies.path().to_path_buf();
+        c.pdp.reload_debounce = Duration::from_millis(50);
+        c.pdp.reload_requires_tests = Some(false);
+        c.bus.away_release_after = Duration::from_secs(3);
+        c.bus.handshake_rate = msgnode::config::RateLimit::new(10_000, 10_000);
+        c.bus.limits.sockets_per_principal = 1_000;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    let mut eve = Stub::connect(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let object = alice.allocate("localhost", "comm", 1).await.remove(0);
+    let children = format!("{object}/children/chat");
+    give_consent(
+        &running,
+        policies.path(),
+        json!({ &object: ["runtime://localhost/mallory-rt"] }),
+    )
+    .await;
+    let subscribed = eve
+        .request(
+            json!({"type": "subscribe", "from": "runtime://localhost/mallory-rt/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": [children]}}),
+        )
+        .await;
+    assert_eq!(code(&subscribed), 200, "{subscribed}");
+
+    // Bob's 320 runtimes, each with a registry entry, go away together.
+    let (mut hyperties, mut stubs) = (Vec::new(), Vec::new());
+    for n in 0..320 {
+        let mut stub = Stub::connect(addr, &format!("runtime://localhost/bob-{n}"), BOB).await;
+        let hyperty = stub.allocate("localhost", "hyperty", 1).await.remove(0);
+        let registered = stub
+            .register_chat_hyperty(&hyperty, "user://localhost/bob")
+            .await;
+        assert_eq!(code(&registered), 200, "{registered}");
+        hyperties.push(hyperty);
+        stubs.push(stub);
+    }
+    for stub in stubs {
+        stub.drop_socket().await;
+    }
+    let read = |hyperty: &str| {
+        json!({"type": "read", "from": alice_rt, "to": "domain://registry.localhost",
+            "body": {"resource": hyperty}})
+    };
+    // Once the reap is under way (an entry is gone), alice withdraws her consent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    'began: loop {
+        for hyperty in hyperties.iter().step_by(8) {
+            if code(&alice.request(read(hyperty)).await) == 404 {
+                break 'began;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no runtime was released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    give_consent(&running, policies.path(), json!({})).await;
+    let revoked = eve.recv().await;
+    assert_eq!(revoked["type"], "unsubscribe", "{revoked}");
+    assert_eq!(revoked["body"]["resources"][0], children.as_str());
+    // The reap is still pending: some of bob's runtimes are not released yet.
+    let mut left = false;
+    for hyperty in &hyperties {
+        if code(&alice.request(read(hyperty)).await) == 200 {
+            left = true;
+            break;
+        }
+    }
+    assert!(left, "the revocation waited for the whole reap");
+    running.stop().await;
+}

@@ -6,7 +6,7 @@
 //! every new policy revision (see `Bus::revalidate`); the durable copy is each runtime's
 //! record in the store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::runtimes::Runtime;
@@ -25,18 +25,58 @@ pub struct Subscriber {
 /// Invariant: the index mirrors the runtimes' records, which keep one subscriber per
 /// resource: a runtime is in a resource's map at most once, so a new `body.source` for a
 /// resource replaces the runtime's entry instead of adding one beside it (the count the
-/// limits see is the count the fan-out serves).
+/// limits see is the count the fan-out serves). Each runtime's resources are indexed too,
+/// so releasing a runtime costs its own subscriptions, not every resource's.
 #[derive(Default)]
 pub struct Subscriptions {
-    by_resource: RwLock<HashMap<String, BTreeMap<String, Subscriber>>>,
+    index: RwLock<Index>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_resource: HashMap<String, BTreeMap<String, Subscriber>>,
+    /// Runtime URL → the resources it subscribes to.
+    by_runtime: HashMap<String, BTreeSet<String>>,
+}
+
+impl Index {
+    fn remove(&mut self, resource: &str, runtime: &str) -> bool {
+        let Some(subscribers) = self.by_resource.get_mut(resource) else {
+            return false;
+        };
+        let removed = subscribers.remove(runtime).is_some();
+        if subscribers.is_empty() {
+            self.by_resource.remove(resource);
+        }
+        if let Some(resources) = self.by_runtime.get_mut(runtime) {
+            resources.remove(resource);
+            if resources.is_empty() {
+                self.by_runtime.remove(runtime);
+            }
+        }
+        removed
+    }
 }
 
 impl Subscriptions {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds (or replaces) the subscription of `subscriber`'s runtime to `resource`.
     pub fn add(&self, resource: &str, subscriber: Subscriber) {
-        self.by_resource
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut index = self.write();
+        index
+            .by_runtime
+            .entry(subscriber.runtime.url.clone())
+            .or_default()
+            .insert(resource.to_string());
+        index
+            .by_resource
             .entry(resource.to_string())
             .or_default()
             .insert(subscriber.runtime.url.clone(), subscriber);
@@ -45,31 +85,22 @@ impl Subscriptions {
     /// Removes the subscription of the runtime `runtime` to `resource`; whether there was
     /// one.
     pub fn remove(&self, resource: &str, runtime: &str) -> bool {
-        let mut map = self.by_resource.write().unwrap_or_else(|p| p.into_inner());
-        let Some(subscribers) = map.get_mut(resource) else {
-            return false;
-        };
-        let removed = subscribers.remove(runtime).is_some();
-        if subscribers.is_empty() {
-            map.remove(resource);
-        }
-        removed
+        self.write().remove(resource, runtime)
     }
 
     /// Removes every subscription delivered to the runtime `url`.
     pub fn remove_runtime(&self, url: &str) {
-        let mut map = self.by_resource.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, subscribers| {
-            subscribers.remove(url);
-            !subscribers.is_empty()
-        });
+        let mut index = self.write();
+        let resources = index.by_runtime.remove(url).unwrap_or_default();
+        for resource in resources {
+            index.remove(&resource, url);
+        }
     }
 
     /// The subscribers of `resource` (empty when none).
     pub fn subscribers(&self, resource: &str) -> Vec<Subscriber> {
-        self.by_resource
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        self.read()
+            .by_resource
             .get(resource)
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default()
@@ -77,9 +108,8 @@ impl Subscriptions {
 
     /// Every (resource, subscriber), for re-deciding after a policy change.
     pub fn all(&self) -> Vec<(String, Subscriber)> {
-        self.by_resource
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        self.read()
+            .by_resource
             .iter()
             .flat_map(|(resource, subs)| subs.values().map(|s| (resource.clone(), s.clone())))
             .collect()
@@ -174,6 +204,36 @@ mod tests {
         );
         assert!(subscriptions.remove("comm://d/x/changes", "runtime://d/r"));
         assert!(subscriptions.all().is_empty());
+    }
+
+    #[test]
+    fn releasing_a_runtime_removes_its_subscriptions_only() {
+        let subscriptions = Subscriptions::default();
+        let table = super::super::runtimes::Table::default();
+        let (r, s) = (
+            table.runtime("runtime://d/r", Default::default),
+            table.runtime("runtime://d/s", Default::default),
+        );
+        for n in 0..100 {
+            for runtime in [&r, &s] {
+                subscriptions.add(
+                    &format!("comm://d/{n}/changes"),
+                    Subscriber {
+                        address: runtime.url.clone(),
+                        runtime: Arc::clone(runtime),
+                    },
+                );
+            }
+        }
+        subscriptions.remove_runtime("runtime://d/r");
+        let left = subscriptions.all();
+        assert_eq!(left.len(), 100);
+        assert!(left
+            .iter()
+            .all(|(_, sub)| sub.runtime.url == "runtime://d/s"));
+        subscriptions.remove_runtime("runtime://d/s");
+        let index = subscriptions.read();
+        assert!(index.by_resource.is_empty() && index.by_runtime.is_empty());
     }
 
     #[test]
