@@ -134,3 +134,91 @@ async fn messages_cross_domains_over_matrix_federation() {
     a.stop().await;
     b.stop().await;
 }
+
+/// N6, the Matrix transport: a peer's message event for a local runtime whose queue is full
+/// and that does not read never holds up the appservice's transaction, nor the events after
+/// it (other peer messages, ordinary events the appservice decides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_addressee_does_not_stall_appservice_transactions() {
+    let synapse = Synapse::start();
+    let eve_token = synapse.register("eve");
+    let bob_token = synapse.register("bob");
+    let mut config = common::bus_config(&common::shipped_policies());
+    synapse.serve(&mut config);
+    config.bus.domain = Some("msgnode.test".into());
+    let peer_user = "@_msgnode:hybroker.example";
+    config.bus.peers = vec![Peer {
+        domain: "hybroker.example".into(),
+        url: String::new(),
+        token: String::new(),
+        matrix_user: Some(peer_user.into()),
+    }];
+    config.bus.outbound_queue = 4;
+    config.bus.outbound_queue_bytes = 256 * 1024;
+    // Far longer than any wait below: an event that waited on flow control would hold the
+    // transaction past it.
+    config.bus.slow_receiver_close_after = Duration::from_secs(600);
+    config.bus.inbox_max_bytes_per_principal = 32 * 1024 * 1024;
+    let running = start(config).await.expect("start node");
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+
+    // Eve's runtime R does not read, and her other runtime fills its queue.
+    let r_url = "runtime://msgnode.test/eve-r";
+    let path = format!("/ws?runtimeURL={}", common::stub::urlencode(r_url));
+    let mut r = Stub::from_socket(
+        common::stub::open_small_window(addr, &path, &eve_token).await,
+        r_url,
+    );
+    let hr = r.allocate("msgnode.test", "hyperty", 1).await.remove(0);
+    let mut filler = Stub::connect(addr, "runtime://msgnode.test/eve-f", &eve_token).await;
+    let hf = filler
+        .allocate("msgnode.test", "hyperty", 1)
+        .await
+        .remove(0);
+    let mut bob = Stub::connect(addr, "runtime://msgnode.test/bob-1", &bob_token).await;
+    let hb = bob.allocate("msgnode.test", "hyperty", 1).await.remove(0);
+    let filling = common::stub::fill_until_stuck(filler, hf, hr.clone()).await;
+
+    // One transaction: the peer's message to R, ten to Bob, and an ordinary event.
+    // The one to R is bigger than the filler's messages: no room in R's queue for it.
+    let peer_event = |n: u64, to: &str, pad: usize| {
+        let message = json!({"id": n, "type": "create", "from": "hyperty://hybroker.example/p",
+            "to": to, "body": {"n": n, "pad": "x".repeat(pad)}});
+        json!({"type": "org.msgnode.rethink.message", "sender": peer_user,
+            "room_id": "!peer:hybroker.example", "event_id": format!("$n6-{n}"),
+            "content": {"message": message.to_string()}})
+    };
+    let mut events = vec![peer_event(0, &hr, 80 * 1024)];
+    events.extend((1..=10).map(|n| peer_event(n, &hb, 0)));
+    events.push(
+        json!({"type": "m.room.message", "sender": "@carol:hybroker.example",
+        "room_id": "!elsewhere:hybroker.example", "event_id": "$n6-ordinary",
+        "content": {"msgtype": "m.text", "body": "hello"}}),
+    );
+    let answered = http
+        .put(format!(
+            "http://127.0.0.1:{}/_matrix/app/v1/transactions/n6-1",
+            synapse.as_port
+        ))
+        .bearer_auth(synapse.token("hs_token"))
+        .timeout(Duration::from_secs(120))
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .expect("the transaction is answered");
+    assert_eq!(answered.status().as_u16(), 200);
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let frame = next_frame(&mut bob, Duration::from_secs(30)).await;
+        got.push(frame["body"]["n"].as_u64().expect("n"));
+    }
+    assert_eq!(
+        got,
+        (1..=10).collect::<Vec<_>>(),
+        "Bob gets his 10, in order"
+    );
+    filling.abort();
+    drop(r);
+    running.stop().await;
+}

@@ -107,3 +107,70 @@ async fn messages_cross_domains_through_peer_nodes() {
     a.stop().await;
     b.stop().await;
 }
+
+/// N6: a local runtime whose queue is full and that does not read never holds up a peer's
+/// posts: the peer's message to it is answered at once (the runtime is closed and resumes
+/// from its inbox), and the peer's messages to others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_addressee_does_not_stall_a_peer() {
+    let port = common::synapse::free_port();
+    let mut config = config("msgnode.test", port, ("hybroker.example", 9));
+    config.bus.outbound_queue = 4;
+    config.bus.outbound_queue_bytes = 256 * 1024;
+    // Far longer than any wait below: a post that waited on flow control would not be
+    // answered in time.
+    config.bus.slow_receiver_close_after = Duration::from_secs(600);
+    config.bus.inbox_max_bytes_per_principal = 32 * 1024 * 1024;
+    let running = node(config).await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+
+    // Eve's runtime R does not read, and her other runtime fills its queue.
+    let r_url = "runtime://msgnode.test/eve-r";
+    let path = format!("/ws?runtimeURL={}", common::stub::urlencode(r_url));
+    let mut r = Stub::from_socket(
+        common::stub::open_small_window(addr, &path, NS_TOKEN).await,
+        r_url,
+    );
+    let hr = r.allocate("msgnode.test", "hyperty", 1).await.remove(0);
+    let mut filler = Stub::connect(addr, "runtime://msgnode.test/eve-f", NS_TOKEN).await;
+    let hf = filler
+        .allocate("msgnode.test", "hyperty", 1)
+        .await
+        .remove(0);
+    let mut bob = Stub::connect(addr, "runtime://msgnode.test/bob", NS_TOKEN).await;
+    let hb = bob.allocate("msgnode.test", "hyperty", 1).await.remove(0);
+    let filling = common::stub::fill_until_stuck(filler, hf, hr.clone()).await;
+
+    // The peer's message to R is bigger than the filler's: no room in R's queue for it.
+    let post = |n: u64, to: &str, pad: usize| {
+        let body = json!({"id": n, "type": "create", "from": "hyperty://hybroker.example/p",
+            "to": to, "body": {"n": n, "pad": "x".repeat(pad)}});
+        http.post(format!("http://{addr}/bus/v1/messages"))
+            .bearer_auth(PEER_TOKEN)
+            .timeout(Duration::from_secs(60))
+            .body(body.to_string())
+            .send()
+    };
+    let first = post(0, &hr, 80 * 1024)
+        .await
+        .expect("the post to R is answered");
+    assert!(first.status().is_success(), "{}", first.status());
+    for n in 1..=10 {
+        let answer = post(n, &hb, 0).await.expect("each post to Bob is answered");
+        assert!(answer.status().is_success(), "{}", answer.status());
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let frame = bob.recv().await;
+        got.push(frame["body"]["n"].as_u64().expect("n"));
+    }
+    assert_eq!(
+        got,
+        (1..=10).collect::<Vec<_>>(),
+        "Bob gets his 10, in order"
+    );
+    filling.abort();
+    drop(r);
+    running.stop().await;
+}

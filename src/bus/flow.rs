@@ -70,6 +70,27 @@ impl Bus {
 }
 
 impl Bus {
+    /// Hands `text` to `runtime` without waiting (a peer node's message: the sender is a
+    /// whole domain, which one slow addressee must not hold up): into its socket queue, else
+    /// — the queue full — the receiver is closed (1013, counted) and `text` waits in its
+    /// inbox; missed only when that inbox has no room either (408 to the sender).
+    pub(super) fn deliver_now(
+        &self,
+        runtime: &Runtime,
+        text: &Utf8Bytes,
+        slot: &mut Slot,
+    ) -> Delivered {
+        let inbox = &self.inner.persistence.inbox;
+        match runtime.offer_now(text, inbox, slot) {
+            Offer::Done(delivered) => delivered,
+            Offer::Full { conn, .. } => {
+                self.inner.metrics.receivers_closed.inc();
+                runtime.too_slow(conn, text, inbox, slot)
+            }
+            Offer::Held { .. } => runtime.deliver(text, inbox, slot),
+        }
+    }
+
     /// Queues a response (or a resumed message) for `conn` within its socket's budget,
     /// waiting for room no longer than `[bus] slow_receiver_close_after`, nor past the
     /// socket's close or the node's shutdown. False when the socket is done: gone, closing,

@@ -223,6 +223,7 @@ impl Bus {
             Principal::Peer(domain) => address::domain(to).as_deref() == Some(domain.as_str()),
             _ => false,
         };
+        let peer = matches!(conn.principal, Principal::Peer(_));
         for to in &message.to {
             if self.inner.nodes.component(to).is_some() {
                 return Err(BusError::BadRequest(format!(
@@ -357,8 +358,14 @@ impl Bus {
             // back what they get.
             self.hand_out(&subscribers, &message.text, &charge);
             let metrics = &self.inner.metrics;
+            // A peer's message is a whole domain's traffic: it never waits on one local
+            // addressee's flow control (its queue full: closed, the message in its inbox).
             for (runtime, slot) in direct.iter().zip(&mut slots) {
-                match self.deliver(runtime, &message.text, slot).await {
+                let delivered = match peer {
+                    false => self.deliver(runtime, &message.text, slot).await,
+                    true => self.deliver_now(runtime, &message.text, slot),
+                };
+                match delivered {
                     Delivered::Direct => metrics.direct.inc(),
                     Delivered::Queued => metrics.queued.inc(),
                     Delivered::Missed => {

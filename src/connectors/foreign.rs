@@ -14,8 +14,9 @@
 //! Messages for one peer wait in its line, in routing order, bounded by `[bus] peer_queue`
 //! messages and `peer_queue_bytes` bytes (a sender past it gets a 408 and nothing of its
 //! message goes anywhere); each waiting message is the shared frame the node received, not
-//! a copy. One task per peer sends them, one at a time (5 s per HTTP attempt); an HTTP
-//! peer's answer is read up to `[bus] max_frame_bytes`.
+//! a copy. One task per peer sends them, a few at once but one at a time per target address
+//! (so each addressee gets them in order, and one slow post holds up only its own target's;
+//! 5 s per HTTP attempt); an HTTP peer's answer is read up to `[bus] max_frame_bytes`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
@@ -37,6 +39,8 @@ use crate::retry::Backoff;
 
 /// Event type of a reTHINK message carried over Matrix between nodes.
 pub const PEER_EVENT_TYPE: &str = "org.msgnode.rethink.message";
+/// How many messages one peer's line has in flight at once (one per target address).
+const IN_FLIGHT: usize = 4;
 /// How long the first message to a Matrix peer waits for it to join this node's room.
 const JOIN_WAIT: Duration = Duration::from_secs(30);
 
@@ -72,6 +76,8 @@ pub struct Limits {
 #[derive(Default)]
 pub struct Line {
     state: Mutex<LineState>,
+    /// Told when a message is queued while the line is being sent.
+    queued: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -337,27 +343,53 @@ impl Foreign {
             if !std::mem::replace(&mut state.running, true) {
                 drop(state);
                 start.push(line);
+            } else {
+                drop(state);
+                line.queued.notify_one();
             }
         }
         start
     }
 
-    /// Sends what waits in `line`, in order, until it is empty; `dropped` is told of each
-    /// answer the sender had no room for.
+    /// Sends what waits in `line` until it is empty, up to [`IN_FLIGHT`] messages at once but
+    /// one at a time per target address, so each addressee gets its messages in routing
+    /// order while a slow one (or a slow answer) holds up only what is for it; `dropped` is
+    /// told of each answer the sender had no room for.
     pub async fn run_line(&self, line: Arc<Line>, dropped: impl Fn()) {
+        let mut sending = FuturesUnordered::new();
+        // The targets of what is in flight.
+        let mut busy: Vec<String> = Vec::new();
         loop {
-            let job = {
+            {
                 let mut state = lock(&line.state);
-                let Some(job) = state.jobs.pop_front() else {
+                while sending.len() < IN_FLIGHT {
+                    let Some(at) = state.jobs.iter().position(|j| !busy.contains(&j.to)) else {
+                        break;
+                    };
+                    let Some(job) = state.jobs.remove(at) else {
+                        break;
+                    };
+                    state.bytes -= job.text.len();
+                    busy.push(job.to.clone());
+                    sending.push(async move {
+                        let sent = self.send(job.text.as_str(), &job.to).await;
+                        (job, sent)
+                    });
+                }
+                if sending.is_empty() {
+                    // Nothing in flight, so nothing is busy: the line is empty.
                     state.running = false;
                     return;
-                };
-                state.bytes -= job.text.len();
-                job
-            };
-            let sent = self.send(job.text.as_str(), &job.to).await;
-            if !job.answer.settle(&job.to, sent) {
-                dropped();
+                }
+            }
+            tokio::select! {
+                Some((job, sent)) = sending.next() => {
+                    busy.retain(|to| *to != job.to);
+                    if !job.answer.settle(&job.to, sent) {
+                        dropped();
+                    }
+                }
+                () = line.queued.notified() => {}
             }
         }
     }

@@ -237,3 +237,35 @@ pub fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// Sends 64 KiB messages from `filler` (runtime address `from`) to `to`, whose runtime does
+/// not read, until they stop going anywhere: its queue and the sockets' buffers stay full
+/// (nothing sent for two looks a second apart). The task that keeps trying (abort it).
+pub async fn fill_until_stuck(
+    mut filler: Stub,
+    from: String,
+    to: String,
+) -> tokio::task::JoinHandle<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const MOST: usize = 4000;
+    let sent = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&sent);
+    let task = tokio::spawn(async move {
+        let pad = "x".repeat(64 * 1024);
+        for n in 0..MOST {
+            filler
+                .send(json!({"type": "create", "from": from, "to": to, "body": {"value": {"n": n, "pad": pad}}}))
+                .await;
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let (mut last, mut still) = (usize::MAX, 0);
+    while still < 2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = sent.load(Ordering::Relaxed);
+        assert!(now < MOST, "the receiver's queue never filled");
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    task
+}
