@@ -343,6 +343,9 @@ impl Bus {
         if let Request::Session(op) = request {
             return self.session(conn, message, op).await;
         }
+        if let Principal::Peer(domain) = &conn.principal {
+            peers::only_routes(domain, &request, message)?;
+        }
         self.verify_identity(conn, message).await?;
         // A request that may add to what the principal holds is decided and its change
         // counted in the principal's turn: the counts it is decided on are the counts it

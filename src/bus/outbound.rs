@@ -213,7 +213,10 @@ impl Outbound {
         }
     }
 
-    /// A queue that nobody reads (a peer node's stand-in connection).
+    /// A queue closed from the start (a peer node's stand-in connection, whose answers go
+    /// back as HTTP responses or Matrix events): every send and reservation is refused at
+    /// once as closed, so nothing is ever held or waited for in it. Nothing a peer may ask
+    /// (it only routes) answers through it.
     pub fn detached() -> Outbound {
         channel(1, 1).0
     }

@@ -11,6 +11,7 @@ use backon::Retryable;
 use serde_json::Value;
 
 use super::outbound::Outbound;
+use super::request::Request;
 use super::{Bus, Connection, Principal};
 use crate::connectors::foreign::AnswerTo;
 use crate::connectors::foreign::PEER_EVENT_TYPE;
@@ -208,7 +209,8 @@ impl Bus {
             // In use again: released once more when unused for long.
             runtime.update(|r| r.released = false);
         }
-        // Nothing reads this queue: a peer's answers travel back as HTTP responses.
+        // Nothing reads this queue: a peer's answers travel back as HTTP responses (or
+        // Matrix events), and a peer only routes (`only_routes`), so nothing waits in it.
         Arc::new(Connection::new(0, runtime, principal, Outbound::detached()))
     }
 
@@ -219,6 +221,25 @@ impl Bus {
                 self.inner.connectors.foreign.peer(domain).is_some() && stand_in_url(domain) == url
             })
     }
+}
+
+/// A peer node only routes (its messages to this domain's addresses, and answers): it
+/// holds nothing here, so it may not allocate addresses, subscribe or write to the registry
+/// (403); it may read the registry.
+pub(super) fn only_routes(
+    domain: &str,
+    request: &Request,
+    message: &Message,
+) -> Result<(), BusError> {
+    let asks = match request {
+        Request::Allocation(_) => "allocate addresses",
+        Request::Subscribe => "subscribe",
+        Request::Registry if !message.kind_is("read") => "write to the registry",
+        _ => return Ok(()),
+    };
+    Err(BusError::Forbidden(format!(
+        "the node of '{domain}' only routes messages here: it may not {asks}"
+    )))
 }
 
 /// The runtime URL standing for the peer node of `domain`.

@@ -52,6 +52,13 @@ enum Destination {
     Unknown,
 }
 
+/// The refusal of a peer node's message to `to`, another domain's address.
+fn not_relayed(to: &str) -> BusError {
+    BusError::Forbidden(format!(
+        "'{to}' is another domain's: a peer node's message is not forwarded to a third domain"
+    ))
+}
+
 impl Bus {
     /// Anti-spoofing, enforced by the node whatever the policy says: `from` must be held by
     /// the connection (or be a sub-resource of what it holds). A `from` of another domain,
@@ -249,10 +256,15 @@ impl Bus {
                     subscribers.extend(subscribed);
                     direct.extend(holder);
                     if to_peer && !from_there(to) {
+                        if peer {
+                            return Err(not_relayed(to));
+                        }
                         foreign.push(to.clone());
                     }
                 }
                 Destination::Foreign if from_there(to) => unknown.push(to),
+                // A peer's message is for this domain: the node is no relay between others.
+                Destination::Foreign if peer => return Err(not_relayed(to)),
                 Destination::Foreign => foreign.push(to.clone()),
                 Destination::Unknown => unknown.push(to),
             }
