@@ -1823,6 +1823,40 @@ async fn short_sessions_on_fresh_runtime_urls_do_not_lock_a_user_out() {
     running.stop().await;
 }
 
+/// Review N11: binding a released runtime again (a tombstone) made it live with no limit
+/// checked, so a principal could have as many live runtimes as tombstones. Reviving one
+/// counts against `runtimes_per_principal` like a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviving_tombstones_stays_within_the_live_runtime_limit() {
+    let running = node_with(|c| {
+        c.bus.limits.runtimes_per_principal = 2;
+        c.bus.limits.tombstones_per_principal = 10;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let release = |mut stub: Stub, runtime: String| async move {
+        stub.send(json!({"type": "disconnect", "from": runtime, "to": "mn:/session"}))
+            .await;
+        assert!(stub.closed().await.is_some(), "released and closed");
+    };
+    for n in 0..2 {
+        let runtime = format!("runtime://localhost/old-{n}");
+        release(bound(addr, &runtime, MALLORY).await, runtime).await;
+    }
+    let _live = bound(addr, "runtime://localhost/live-1", MALLORY).await;
+    let second = "runtime://localhost/live-2".to_string();
+    let live_2 = bound(addr, &second, MALLORY).await;
+    let path = format!("/ws?runtimeURL={}", urlencode("runtime://localhost/old-0"));
+    let mut revived = Stub::from_socket(common::stub::open(addr, &path, MALLORY).await, "x");
+    let answer = revived.recv().await;
+    assert_eq!(code(&answer), 403, "two live runtimes at most: {answer}");
+    assert!(description(&answer).contains("the limit is 2"), "{answer}");
+    // With a live one released, the tombstone is its owner's to take up again.
+    release(live_2, second).await;
+    let _again = bound(addr, "runtime://localhost/old-0", MALLORY).await;
+    running.stop().await;
+}
+
 /// Review B10: the inboxes' memory budget was shared, so mallory filling her own away
 /// runtimes' inboxes made every other user's messages to away runtimes 408. What waits is
 /// charged to the sender's principal within its share (`inbox_max_bytes_per_principal`):

@@ -97,61 +97,96 @@ impl Bus {
                 "'{runtime_url}' is, or lies under or over, an address of another principal's"
             )));
         }
-        let runtime = self
-            .inner
-            .table
-            .runtime(runtime_url, RuntimeRecord::default);
-        match runtime.user() {
-            Some(existing) if existing != owner => Err(BusError::Forbidden(format!(
-                "runtime '{runtime_url}' belongs to another user"
-            ))),
-            Some(_) => Ok(runtime),
-            None => {
-                // Counted and claimed in the principal's turn (see `Turns`) — waited for no
-                // longer than a handshake may take, since the socket holds a handshake place
-                // meanwhile.
-                let turn = self
-                    .turn(&owner, self.inner.config.handshake_timeout)
-                    .await?;
-                if let Err(refused) = self.claim_runtime(runtime_url, principal, &owner).await {
-                    // Nothing of it is kept for a claim not made.
-                    if runtime.user().is_none() && !runtime.is_attached() {
-                        self.inner.table.remove_runtime(runtime_url);
-                    }
-                    return Err(refused);
-                }
-                // First come, for good: of principals racing for it (or for an address over or
-                // under it), one takes it.
-                if let Err(other) = self.inner.table.claims.take(runtime_url, &owner) {
-                    if runtime.user().is_none() && !runtime.is_attached() {
-                        self.inner.table.remove_runtime(runtime_url);
-                    }
-                    return Err(BusError::Forbidden(format!(
-                        "'{runtime_url}' overlaps '{other}', another principal's"
-                    )));
-                }
-                let record = runtime.update(|r| {
-                    r.user.get_or_insert_with(|| owner.clone());
-                });
-                if record.user.as_deref() != Some(owner.as_str()) {
+        if let Some(runtime) = table.get_runtime(runtime_url) {
+            match runtime.user() {
+                Some(existing) if existing != owner => {
                     return Err(BusError::Forbidden(format!(
                         "runtime '{runtime_url}' belongs to another user"
-                    )));
+                    )))
                 }
-                self.inner.table.own(&runtime);
-                if self.inner.config.replica.is_none() {
-                    // Nobody else can have written to its inbox: no room until one is needed.
-                    self.inner.persistence.inbox.is_new(runtime_url);
+                Some(_) if runtime.with_record(|r| r.released) => {
+                    return self.revive(runtime, &owner).await;
                 }
-                // Placed in line in the turn (a later change of the runtime is stored after
-                // it), then given back: the claim is counted, and the principal's other
-                // runtimes need not wait for this write — their records go out with it.
-                let stored = self.persist_queued(&runtime.url, &record)?;
-                drop(turn);
-                stored.await.map_err(super::store_error)?;
-                Ok(runtime)
+                Some(_) => return Ok(runtime),
+                None => {}
             }
         }
+        // Counted and claimed in the principal's turn (see `Turns`) — waited for no longer
+        // than a handshake may take, since the socket holds a handshake place meanwhile.
+        // Taken before the runtime is made: a turn not had leaves nothing behind.
+        let turn = self
+            .turn(&owner, self.inner.config.handshake_timeout)
+            .await?;
+        let runtime = table.runtime(runtime_url, RuntimeRecord::default);
+        match runtime.user() {
+            Some(existing) if existing != owner => {
+                return Err(BusError::Forbidden(format!(
+                    "runtime '{runtime_url}' belongs to another user"
+                )))
+            }
+            Some(_) => return Ok(runtime), // bound meanwhile by another of this principal's
+            None => {}
+        }
+        // Nothing of it is kept for a claim not made, whichever way this ends (a refusal,
+        // or the handshake given up meanwhile).
+        let unowned = Unowned {
+            table,
+            runtime: &runtime,
+        };
+        self.claim_runtime(runtime_url, principal, &owner).await?;
+        // First come, for good: of principals racing for it (or for an address over or
+        // under it), one takes it.
+        if let Err(other) = table.claims.take(runtime_url, &owner) {
+            return Err(BusError::Forbidden(format!(
+                "'{runtime_url}' overlaps '{other}', another principal's"
+            )));
+        }
+        let record = runtime.update(|r| {
+            r.user.get_or_insert_with(|| owner.clone());
+        });
+        if record.user.as_deref() != Some(owner.as_str()) {
+            return Err(BusError::Forbidden(format!(
+                "runtime '{runtime_url}' belongs to another user"
+            )));
+        }
+        table.own(&runtime);
+        drop(unowned);
+        if self.inner.config.replica.is_none() {
+            // Nobody else can have written to its inbox: no room until one is needed.
+            self.inner.persistence.inbox.is_new(runtime_url);
+        }
+        // Placed in line in the turn (a later change of the runtime is stored after it),
+        // then given back: the claim is counted, and the principal's other runtimes need
+        // not wait for this write — their records go out with it.
+        let stored = self.persist_queued(&runtime.url, &record)?;
+        drop(turn);
+        stored.await.map_err(super::store_error)?;
+        Ok(runtime)
+    }
+
+    /// `runtime`, a tombstone of `owner`'s, bound again: it is live again once attached, so
+    /// it counts against `runtimes_per_principal` like a new one — checked in the turn.
+    ///
+    /// # Errors
+    /// 403 past the limit; 408 when the turn is not had in time.
+    async fn revive(&self, runtime: Arc<Runtime>, owner: &str) -> Result<Arc<Runtime>, BusError> {
+        let _turn = self
+            .turn(owner, self.inner.config.handshake_timeout)
+            .await?;
+        if !runtime.with_record(|r| r.released) {
+            return Ok(runtime); // revived meanwhile
+        }
+        let live = self.totals(owner, false).runtimes;
+        let limit = self.inner.config.limits.runtimes_per_principal;
+        if live >= limit {
+            self.inner.metrics.limited("runtimes");
+            return Err(BusError::Forbidden(format!(
+                "this user has {live} live runtimes (the limit is {limit}); close one first"
+            )));
+        }
+        // Counted as live from now on (under the turn), so the next revival sees it.
+        runtime.update(|r| r.released = false);
+        Ok(runtime)
     }
 
     /// Attaches a socket (its outbound queue `tx`) to `runtime`, taking over an earlier socket
@@ -320,8 +355,8 @@ impl Bus {
     ) -> Result<(), BusError> {
         let _turn = runtime.handover().await;
         let Some(owner) = runtime.user() else {
-            self.persist(&runtime.url, &RuntimeRecord::default())
-                .await?;
+            // Never owned, so never stored by this node (a record is first written with its
+            // owner): nothing to write over — no empty head for a key never written.
             self.inner.subscriptions.remove_runtime(&runtime.url);
             self.inner.table.remove_runtime(&runtime.url);
             return Ok(());
@@ -378,5 +413,78 @@ impl Bus {
         runtime.update(|r| *r = record);
         self.inner.table.bind_record(runtime);
         self.subscribe_stored(runtime);
+    }
+}
+
+/// A runtime made for a handshake and not owned yet: removed from the table when dropped
+/// unless a principal owns it by then (a refused claim, a handshake given up meanwhile), so
+/// no ownerless runtime is left holding its URL.
+struct Unowned<'a> {
+    table: &'a super::runtimes::Table,
+    runtime: &'a Arc<Runtime>,
+}
+
+impl Drop for Unowned<'_> {
+    fn drop(&mut self) {
+        if self.runtime.user().is_none() && !self.runtime.is_attached() {
+            self.table.remove_runtime(&self.runtime.url);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A node with a memory bus, handshakes given `handshake` for their turn.
+    async fn node(handshake: Duration) -> crate::cmd::run::Running {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut config = crate::config::Config::default();
+        config.pdp.listen = ([127, 0, 0, 1], 0).into();
+        config.pdp.policies = repo.join("policies");
+        config.pdp.schema_dir = repo.join("schemas");
+        config.pdp.decision_log.enabled = false;
+        config.bus.enabled = true;
+        config.bus.listen = ([127, 0, 0, 1], 0).into();
+        config.bus.domain = Some("localhost".into());
+        config.bus.handshake_timeout = handshake;
+        crate::cmd::run::start(config).await.expect("start")
+    }
+
+    /// Review N8: `bind` made the runtime before waiting for the turn, so a handshake that
+    /// did not get it in time left an ownerless runtime holding its URL (for every other
+    /// principal too) until the reaper wrote an empty record for it. Nothing is left now.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handshake_that_times_out_on_its_turn_leaves_nothing() {
+        let running = node(Duration::from_millis(200)).await;
+        let bus = running.bus.clone().expect("bus");
+        let eve = Principal::NetworkServer("eve".into());
+        let url = "runtime://localhost/fresh";
+        let held = bus
+            .inner
+            .table
+            .turns
+            .take(&eve.owner(), Duration::from_secs(5))
+            .await
+            .expect("eve's turn");
+        let refused = bus.bind(url, &eve).await.err().expect("no turn in time");
+        assert_eq!(refused.code(), 408, "{refused}");
+        assert!(
+            bus.inner.table.get_runtime(url).is_none(),
+            "no runtime left"
+        );
+        assert!(
+            bus.inner.table.holder_of(url).is_none(),
+            "nothing holds the URL"
+        );
+        // Another principal may take it; so may eve once her turn is free.
+        drop(held);
+        let mallory = Principal::NetworkServer("mallory".into());
+        let runtime = bus.bind(url, &mallory).await.expect("free for mallory");
+        assert_eq!(runtime.user().as_deref(), Some(mallory.owner().as_str()));
+        running.stop().await;
     }
 }
