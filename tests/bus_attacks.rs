@@ -1924,6 +1924,66 @@ async fn one_principal_filling_the_inboxes_refuses_only_itself() {
     running.stop().await;
 }
 
+/// Review N9: the status notifications the registry publishes for an update were charged
+/// to the node, outside every share, so one user updating a hyperty with away subscribers
+/// filled the inboxes' budget for everyone. They count against the updater's share: the
+/// updater's subscribers miss what does not fit it, and bob's message to an away runtime
+/// still goes in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_notifications_count_against_the_updaters_share() {
+    let running = node_with(|c| {
+        c.bus.inbox_max_bytes = 2 * 1024 * 1024;
+        c.bus.inbox_max_bytes_per_principal = 1024 * 1024;
+        c.bus.inbox_max_bytes_per_runtime = 2 * 1024 * 1024;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let mut mallory = bound(addr, "runtime://localhost/mallory-rt", MALLORY).await;
+    let h = mallory.allocate("localhost", "hyperty", 1).await.remove(0);
+    let registered = mallory
+        .register_chat_hyperty(&h, "user://localhost/mallory")
+        .await;
+    assert_eq!(code(&registered), 200, "{registered}");
+    for n in 0..4 {
+        let runtime = format!("runtime://localhost/m-sub-{n}");
+        let mut sub = bound(addr, &runtime, MALLORY).await;
+        let answer = sub
+            .request(json!({"type": "subscribe", "from": format!("{runtime}/sm"),
+                "to": format!("{MN}/sm"), "body": {"resources": [format!("{h}/registration")]}}))
+            .await;
+        assert_eq!(code(&answer), 200, "{answer}");
+        sub.drop_socket().await;
+    }
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = bound(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    alice.drop_socket().await;
+    // 20 × 50 KB to each of 4 away subscribers: 4 MB, twice the inboxes' budget.
+    let pad = "x".repeat(50_000);
+    for n in 0..20 {
+        let update = mallory
+            .request(
+                json!({"type": "update", "from": h, "to": "domain://registry.localhost",
+                "body": {"resource": h, "attribute": "status", "value": format!("{n}{pad}")}}),
+            )
+            .await;
+        assert_eq!(code(&update), 200, "{update}");
+    }
+    let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    // Bigger than one notification: it fits only if they left room in the inboxes.
+    let hi = "y".repeat(60_000);
+    let errors = send_all(
+        &mut bob,
+        [json!({"type": "create", "from": b, "to": a, "body": {"value": hi}})],
+    )
+    .await;
+    assert!(errors.is_empty(), "bob's message is taken: {errors:?}");
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    assert_eq!(alice.recv().await["body"]["value"], hi.as_str());
+    running.stop().await;
+}
+
 /// Subscribes `stub` (runtime `runtime`) to `resources`; the answer's code.
 async fn subscribe(stub: &mut Stub, runtime: &str, resources: &[String]) -> Value {
     stub.request(json!({"type": "subscribe", "from": format!("{runtime}/sm"),

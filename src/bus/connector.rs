@@ -8,12 +8,13 @@ use super::connection::Connection;
 use super::owners::Turn;
 use super::Bus;
 use crate::connectors::{Connector, Sender};
+use crate::persist::shares::Charge;
 use crate::rethink::Message;
 
 impl Bus {
     /// The connector's response to `message` from `conn`. The principal's `turn` (a
     /// registration is counted once stored) is given back before the notification the
-    /// connector asks for is published.
+    /// connector asks for is published, charged to `conn`'s principal.
     pub(super) async fn to_connector(
         &self,
         conn: &Connection,
@@ -57,7 +58,9 @@ impl Bus {
         self.inner.metrics.count("component");
         drop(turn);
         if let Some(publish) = reply.publish {
-            self.publish(publish).await;
+            // Charged to whoever caused it, as its own messages are: not the node's.
+            let charge = Charge::from(conn.principal.owner());
+            self.publish(publish, &charge).await;
         }
         reply.response
     }

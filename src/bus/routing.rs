@@ -24,7 +24,9 @@ use crate::config::Durability;
 use crate::connectors::foreign::{AnswerTo, LineRoom};
 use crate::persist::inbox::NoRoom;
 use crate::persist::journal::HistoryFull;
-use crate::persist::shares::{Charge, NODE};
+use crate::persist::shares::Charge;
+#[cfg(doc)]
+use crate::persist::shares::NODE;
 use crate::policy::input::Target;
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
@@ -493,7 +495,10 @@ impl Bus {
 
     /// Sends a node-originated message (a notification) to whoever `to` reaches, waiting
     /// for nobody ([`Bus::hand_out`]): whoever asked for it is not held up by receivers.
-    pub(super) async fn publish(&self, mut notification: Value) {
+    /// What waits of it in memory is charged to `charge`: the principal whose request
+    /// caused it (a registry status update), within its shares, or the node ([`NODE`]) for
+    /// what the node itself says (a revocation).
+    pub(super) async fn publish(&self, mut notification: Value, charge: &Charge) {
         notification["id"] = json!(self.next_message_id());
         let Ok(message) = Message::from_value(notification, None) else {
             return;
@@ -514,12 +519,11 @@ impl Bus {
             }
         }
         let targets = Table::distinct(targets);
-        let node = Charge::from(NODE);
-        self.hand_out(&targets, &message.text, &node);
+        self.hand_out(&targets, &message.text, charge);
         self.inner.persistence.journal.record(
             message.text.as_str(),
             targets.iter().map(|r| r.url.clone()).collect(),
-            &node,
+            charge,
         );
     }
 }

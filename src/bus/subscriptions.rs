@@ -14,6 +14,7 @@ use super::connection::Connection;
 use super::pubsub::{self, Subscriber};
 use super::runtimes::Runtime;
 use super::Bus;
+use crate::persist::shares::{Charge, NODE};
 use crate::policy::input::{Input, Subscription, SubscriptionInput, Totals};
 use crate::rethink::message::url_problem;
 use crate::rethink::{BusError, Message};
@@ -298,7 +299,7 @@ impl Bus {
                 "from": self.inner.nodes.subscription_manager,
                 "to": subscriber.address,
                 "body": {"resources": [resource], "code": 403, "description": reason.to_string()},
-            }))
+            }), &Charge::from(NODE))
             .await;
         }
     }
