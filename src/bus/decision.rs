@@ -65,7 +65,7 @@ impl Bus {
             (Some(builtin), true) => Some(
                 holdings
                     .as_ref()
-                    .map_or(0, |h| builtin.registered_by(&h.urls())),
+                    .map_or(0, |h| h.with_urls(|urls| builtin.registered_by(urls))),
             ),
             _ => None,
         };

@@ -387,10 +387,13 @@ impl Bus {
             _ => None,
         };
         // What the principal holds, for the requests that can add to it: allocations,
-        // registrations, and a `from` not bound yet (a return route to be).
+        // registrations, and a `from` not bound yet (a return route to be). Its registry
+        // entries are counted (a walk over its runtimes) only for a `create`, the one
+        // registry request that can add one.
         let principal = match &request {
-            Request::Allocation(_) | Request::Registry => {
-                Some(self.totals(&conn.principal.owner(), request == Request::Registry))
+            Request::Allocation(_) => Some(self.totals(&conn.principal.owner(), false)),
+            Request::Registry => {
+                Some(self.totals(&conn.principal.owner(), message.kind_is("create")))
             }
             _ if turn.is_some() => Some(self.totals(&conn.principal.owner(), false)),
             _ => None,

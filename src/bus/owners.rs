@@ -38,9 +38,9 @@ impl Owner {
         self.released.load(Ordering::Relaxed)
     }
 
-    /// Its runtime URLs.
-    pub fn urls(&self) -> Vec<String> {
-        self.lock_urls().iter().cloned().collect()
+    /// Reads its runtime URLs without copying them.
+    pub fn with_urls<R>(&self, read: impl FnOnce(&BTreeSet<String>) -> R) -> R {
+        read(&self.lock_urls())
     }
 
     /// Addresses allocated to its runtimes.

@@ -105,10 +105,10 @@ impl BuiltinRegistry {
     }
 
     /// How many entries the runtimes `runtimes` registered.
-    pub fn registered_by(&self, runtimes: &[String]) -> usize {
+    pub fn registered_by<'a>(&self, runtimes: impl IntoIterator<Item = &'a String>) -> usize {
         let entries = self.read();
         runtimes
-            .iter()
+            .into_iter()
             .filter_map(|r| entries.by_runtime.get(r))
             .map(BTreeSet::len)
             .sum()
