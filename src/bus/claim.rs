@@ -167,9 +167,7 @@ impl Bus {
             return Ok(None); // a component's subdomain (msg-node.D, registry.D …)
         }
         let owner = conn.principal.owner();
-        if table.claims.conflict(from, &owner).is_some() {
-            return Ok(None);
-        }
+        // The caps first: they cost nothing, the conflict check reads the claims' index.
         let runtime = &conn.runtime;
         let claimed = runtime.with_record(|r| r.claimed.len());
         if claimed >= MAX_CLAIMS_PER_RUNTIME {
@@ -184,6 +182,9 @@ impl Bus {
             return Err(BusError::Forbidden(format!(
                 "this user holds {held} addresses (the limit is {limit})"
             )));
+        }
+        if table.claims.conflict(from, &owner).is_some() {
+            return Ok(None);
         }
         if let Err(refused) = self
             .decide_claim(from, kind, &conn.principal, &runtime.url)

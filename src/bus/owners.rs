@@ -112,20 +112,37 @@ pub fn counts(record: &RuntimeRecord) -> Counts {
 /// Runtime URLs and claimed addresses → the principal holding them, for good.
 #[derive(Default)]
 pub struct Claims {
-    by_url: RwLock<BTreeMap<String, String>>,
+    by_url: RwLock<Index>,
 }
+
+/// The claims, and per address with claims under it how many each principal has there: what
+/// lies under an address is then one look-up, however many of them are the asker's own.
+#[derive(Default)]
+struct Index {
+    owners: BTreeMap<String, String>,
+    under: HashMap<String, HashMap<String, usize>>,
+}
+
+/// How many keys of another principal's [`conflict_in`] reads past to name one (past them it
+/// names the address's subtree).
+const CONFLICT_SCAN: usize = 64;
 
 impl Claims {
     /// Takes `url` for `owner` unless [`Claims::conflict`] names another principal's; `Err`
     /// with that address. Taking what `owner` holds already is a no-op.
     pub fn take(&self, url: &str, owner: &str) -> Result<(), String> {
-        let mut by_url = self.write();
-        if let Some(other) = conflict_in(&by_url, url, owner) {
+        let mut index = self.write();
+        if let Some(other) = conflict_in(&index, url, owner) {
             return Err(other);
         }
-        by_url
-            .entry(url.to_string())
-            .or_insert_with(|| owner.to_string());
+        if index.owners.contains_key(url) {
+            return Ok(());
+        }
+        index.owners.insert(url.to_string(), owner.to_string());
+        for p in above(url) {
+            let here = index.under.entry(p.to_string()).or_default();
+            *here.entry(owner.to_string()).or_default() += 1;
+        }
         Ok(())
     }
 
@@ -137,33 +154,68 @@ impl Claims {
 
     /// Forgets `url` (a runtime that never had an owner, or a claim not stored).
     pub fn forget(&self, url: &str) {
-        self.write().remove(url);
+        let mut index = self.write();
+        let Some(owner) = index.owners.remove(url) else {
+            return;
+        };
+        for p in above(url) {
+            if let Some(here) = index.under.get_mut(p) {
+                if let Some(n) = here.get_mut(&owner) {
+                    *n -= 1;
+                    if *n == 0 {
+                        here.remove(&owner);
+                    }
+                }
+                if here.is_empty() {
+                    index.under.remove(p);
+                }
+            }
+        }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, String>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         self.by_url.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, String>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
         self.by_url.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn conflict_in(by_url: &BTreeMap<String, String>, url: &str, owner: &str) -> Option<String> {
+/// The addresses `url` lies under, in the sense of [`conflict_in`]'s `url/` prefix: each of
+/// its prefixes that ends before a `/` of its path (`a://h/x/y`: `a://h`, `a://h/x`).
+fn above(url: &str) -> impl Iterator<Item = &str> {
+    let start = url.find("://").map_or(url.len(), |i| i + 3);
+    url[start..]
+        .match_indices('/')
+        .map(move |(i, _)| &url[..start + i])
+}
+
+/// See [`Claims::conflict`]: `url` and its parents looked up one by one; what lies under it
+/// from the per-address counts, so the asker's own claims there are never walked.
+fn conflict_in(index: &Index, url: &str, owner: &str) -> Option<String> {
     let mut at = Some(url);
     while let Some(u) = at {
-        if by_url.get(u).is_some_and(|o| o != owner) {
+        if index.owners.get(u).is_some_and(|o| o != owner) {
             return Some(u.to_string());
         }
         at = crate::rethink::address::parent(u);
     }
-    // Under `url`: the keys between `url/` and `url0` (`0` follows `/`).
+    let others = index.under.get(url)?.keys().any(|o| o != owner);
+    if !others {
+        return None;
+    }
+    // Named for the refusal: the first of another's keys among the first few under `url`
+    // (between `url/` and `url0`: `0` follows `/`), else the subtree.
     let below = format!("{url}/");
     let end = format!("{url}0");
-    by_url
+    let named = index
+        .owners
         .range(below..end)
+        .take(CONFLICT_SCAN)
         .find(|(_, o)| o.as_str() != owner)
-        .map(|(u, _)| u.clone())
+        .map(|(u, _)| u.clone());
+    Some(named.unwrap_or_else(|| format!("{url}/…")))
 }
 
 /// One principal's changes to what it holds, one at a time: a request that may add to its
@@ -319,6 +371,47 @@ mod tests {
         assert_eq!(claims.conflict("runtime://l/sub/9", "@a:l"), None);
         claims.forget("runtime://l/subway");
         assert_eq!(claims.conflict("runtime://l/subway", "@a:l"), None);
+    }
+
+    /// Review N15: what lies under an address was found by walking every key under it, the
+    /// asker's own included, under the index's lock. It is counted per address now: another
+    /// principal's key among thousands of the asker's is found without walking them, and
+    /// forgetting keys leaves nothing counted.
+    #[test]
+    fn what_lies_under_an_address_is_found_without_walking_the_askers_own() {
+        let claims = Claims::default();
+        for n in 0..5000 {
+            assert_eq!(
+                claims.take(&format!("hyperty://l/p/a{n:05}"), "@a:l"),
+                Ok(())
+            );
+        }
+        assert_eq!(
+            claims.conflict("hyperty://l/p", "@a:l"),
+            None,
+            "all its own"
+        );
+        assert_eq!(claims.take("hyperty://l/p/b", "@b:l"), Ok(()), "a sibling");
+        let named = claims.conflict("hyperty://l/p", "@a:l");
+        assert_eq!(
+            named.as_deref(),
+            Some("hyperty://l/p/…"),
+            "past the scan: the subtree"
+        );
+        assert_eq!(
+            claims.conflict("hyperty://l/p", "@b:l").as_deref(),
+            Some("hyperty://l/p/a00000")
+        );
+        claims.forget("hyperty://l/p/b");
+        assert_eq!(claims.conflict("hyperty://l/p", "@a:l"), None);
+        for n in 0..5000 {
+            claims.forget(&format!("hyperty://l/p/a{n:05}"));
+        }
+        let index = claims.read();
+        assert!(
+            index.owners.is_empty() && index.under.is_empty(),
+            "nothing left"
+        );
     }
 
     #[tokio::test]
