@@ -250,14 +250,16 @@ impl Turns {
     /// Waits for `owner`'s turn, at most `within`; `None` when it did not come in time (the
     /// caller tells its client to retry).
     pub async fn take(&self, owner: &str, within: std::time::Duration) -> Option<Turn<'_>> {
-        let lock = Arc::clone(self.lock().entry(owner.to_string()).or_default());
-        let guard = tokio::time::timeout(within, lock.lock_owned()).await.ok();
-        let turn = Turn {
-            guard,
+        // Made before the wait, so that however the wait ends — in time, timed out, or its
+        // future dropped (a request given up) — dropping it forgets the lock if nobody else
+        // uses it. (The lock's clone, moved into the wait, is dropped before it.)
+        let mut turn = Turn {
+            guard: None,
             owner: owner.to_string(),
             turns: self,
         };
-        // Timed out: dropping `turn` forgets the lock if nobody else uses it.
+        let lock = Arc::clone(self.lock().entry(owner.to_string()).or_default());
+        turn.guard = tokio::time::timeout(within, lock.lock_owned()).await.ok();
         turn.guard.is_some().then_some(turn)
     }
 
@@ -441,6 +443,22 @@ mod tests {
         );
         assert!(turns.take("@p7:l", zero).await.is_some());
         assert_eq!(turns.in_use(), 0);
+    }
+
+    /// Review N16: a wait given up (its future dropped, e.g. a peer post cancelled) left
+    /// its principal's lock in the map when the holder had let go meanwhile.
+    #[tokio::test]
+    async fn a_wait_given_up_forgets_the_turn() {
+        use futures_util::FutureExt;
+        let turns = Turns::default();
+        let held = turns.take("@a:l", std::time::Duration::ZERO).await;
+        assert!(held.is_some());
+        let mut waiting = Box::pin(turns.take("@a:l", std::time::Duration::from_secs(60)));
+        assert!((&mut waiting).now_or_never().is_none(), "waits");
+        drop(held);
+        assert_eq!(turns.in_use(), 1, "the waiter's");
+        drop(waiting);
+        assert_eq!(turns.in_use(), 0, "forgotten with the wait");
     }
 
     #[test]
