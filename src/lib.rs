@@ -36,6 +36,7 @@ pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod connectors;
+pub mod counted;
 pub mod http_auth;
 pub mod listen;
 pub mod matrix;

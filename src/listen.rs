@@ -4,16 +4,17 @@
 //! closed at once), each on a tracked task, given a header read timeout and a bounded
 //! head, until shutdown (then a grace to finish).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::counted::{Counted, Counts};
 
 /// How long open connections get to finish at shutdown.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -43,39 +44,11 @@ pub fn block(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Open connections per address block.
-type Blocks = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
 /// A connection's place among `max_connections` and its block's `per_address`; both are
 /// free again once it is dropped.
 pub struct Place {
     _permit: OwnedSemaphorePermit,
-    blocks: Blocks,
-    block: IpAddr,
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = blocks.get_mut(&self.block) {
-            *n -= 1;
-            if *n == 0 {
-                blocks.remove(&self.block);
-            }
-        }
-    }
-}
-
-/// Takes a place in `blocks` for `peer` unless its block holds `per_address` already.
-fn take(blocks: &Blocks, peer: IpAddr, per_address: usize) -> Option<IpAddr> {
-    let block = block(peer);
-    let mut map = blocks.lock().unwrap_or_else(|p| p.into_inner());
-    let n = map.entry(block).or_insert(0);
-    if *n >= per_address.max(1) {
-        return None;
-    }
-    *n += 1;
-    Some(block)
+    _block: Counted<IpAddr>,
 }
 
 /// Accepts connections on `listener` until `stop`, within `places`: each is handed to
@@ -93,7 +66,7 @@ pub fn accept<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(places.max_connections.max(1)));
-    let blocks = Blocks::default();
+    let blocks: Counts<IpAddr> = Counts::default();
     let connections = tracker.clone();
     tracker.spawn(async move {
         let mut permit = None;
@@ -120,7 +93,7 @@ pub fn accept<F, Fut>(
                     }
                 },
             };
-            let Some(block) = take(&blocks, peer.ip(), places.per_address) else {
+            let Ok(share) = blocks.take(block(peer.ip()), places.per_address.max(1)) else {
                 tracing::debug!(%peer, per_address = places.per_address, "{what}: this address holds its share of connections; closed");
                 permit = Some(held);
                 drop(tcp);
@@ -129,8 +102,7 @@ pub fn accept<F, Fut>(
             let _ = tcp.set_nodelay(true);
             let place = Place {
                 _permit: held,
-                blocks: Arc::clone(&blocks),
-                block,
+                _block: share,
             };
             connections.spawn(serve(tcp, peer, place));
         }

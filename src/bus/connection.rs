@@ -1,13 +1,13 @@
 //! Who is on the other end of a socket: the authenticated [`Principal`] and the
 //! [`Connection`] the bus hands every message of that socket with.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
 use super::outbound::Outbound;
 use super::runtimes::Runtime;
+use crate::counted::{Counted, Counts};
 
 /// Most answers of one socket that may wait for the homeserver at once; the socket is not
 /// read while that many wait.
@@ -96,50 +96,25 @@ impl Connection {
 /// sockets' budgets, whatever number of runtimes it owns.
 #[derive(Default)]
 pub(super) struct Sockets {
-    by_owner: Arc<Mutex<HashMap<String, usize>>>,
+    by_owner: Counts<String>,
 }
 
 impl Sockets {
     /// A place for one more socket of `owner`, unless it has `limit` already (`Err` with
     /// how many it has). The place is given back when the [`SocketSlot`] is dropped.
     pub fn take(&self, owner: &str, limit: usize) -> Result<SocketSlot, usize> {
-        let mut by_owner = self.by_owner.lock().unwrap_or_else(|p| p.into_inner());
-        let held = by_owner.get(owner).copied().unwrap_or(0);
-        if held >= limit {
-            return Err(held);
-        }
-        by_owner.insert(owner.to_string(), held + 1);
-        Ok(SocketSlot {
-            owner: owner.to_string(),
-            by_owner: Arc::clone(&self.by_owner),
-        })
+        self.by_owner.take(owner.to_string(), limit)
     }
 
     /// How many sockets `owner` has connected.
     #[cfg(test)]
     pub fn held(&self, owner: &str) -> usize {
-        let by_owner = self.by_owner.lock().unwrap_or_else(|p| p.into_inner());
-        by_owner.get(owner).copied().unwrap_or(0)
+        self.by_owner.held(&owner.to_string())
     }
 }
 
 /// One socket's place among its principal's (see [`Sockets`]); given back on drop.
-pub struct SocketSlot {
-    owner: String,
-    by_owner: Arc<Mutex<HashMap<String, usize>>>,
-}
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        let mut by_owner = self.by_owner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = by_owner.get_mut(&self.owner) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                by_owner.remove(&self.owner);
-            }
-        }
-    }
-}
+pub type SocketSlot = Counted<String>;
 
 #[cfg(test)]
 mod tests {

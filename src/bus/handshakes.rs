@@ -8,20 +8,20 @@
 //! is busy) and counted (`bus_refused`). Behind a reverse proxy every client has the
 //! proxy's address: set the per-address limits for that.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::http::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::metrics::refused;
 use crate::config::BusConfig;
+use crate::counted::{Counted, Counts};
 use crate::ratelimit::Limiter;
 
 /// The handshakes under way.
 pub(super) struct Handshakes {
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_ip: Counts<IpAddr>,
     max_per_ip: usize,
     all: Arc<Semaphore>,
     rate: Limiter,
@@ -29,21 +29,8 @@ pub(super) struct Handshakes {
 
 /// One socket's place among the handshakes under way; dropped once it is answered.
 pub(super) struct Pending {
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
+    _ip: Counted<IpAddr>,
     _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        let mut per_ip = lock(&self.per_ip);
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
 }
 
 /// Why an upgrade was refused: the status, the `bus_refused` reason, and the text.
@@ -52,7 +39,7 @@ pub(super) type Refusal = (StatusCode, &'static str, &'static str);
 impl Handshakes {
     pub(super) fn new(config: &BusConfig) -> Self {
         Self {
-            per_ip: Arc::default(),
+            per_ip: Counts::default(),
             max_per_ip: config.handshakes_per_ip.max(1),
             all: Arc::new(Semaphore::new(config.max_handshakes.max(1))),
             rate: Limiter::new(&config.handshake_rate),
@@ -69,15 +56,14 @@ impl Handshakes {
                 "too many new sockets from this address; retry shortly",
             ));
         }
-        let mut per_ip = lock(&self.per_ip);
-        let held = per_ip.entry(ip).or_default();
-        if *held >= self.max_per_ip {
+        let Ok(place) = self.per_ip.take(ip, self.max_per_ip) else {
             return Err((
                 StatusCode::TOO_MANY_REQUESTS,
                 refused::HANDSHAKES_PER_IP,
                 "too many sockets from this address are still in their handshake",
             ));
-        }
+        };
+        // (Refused here, `place` is given back as it drops.)
         let Ok(permit) = Arc::clone(&self.all).try_acquire_owned() else {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -85,10 +71,8 @@ impl Handshakes {
                 "too many sockets are in their handshake; retry shortly",
             ));
         };
-        *held += 1;
         Ok(Pending {
-            per_ip: Arc::clone(&self.per_ip),
-            ip,
+            _ip: place,
             _permit: permit,
         })
     }
@@ -97,12 +81,6 @@ impl Handshakes {
     pub(super) fn forget_idle(&self) {
         self.rate.forget_idle();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
