@@ -215,7 +215,9 @@ pub struct PdpConfig {
     pub decision: String,
     /// Bearer token required on every API request when set. Compared in constant time.
     pub token: Option<String>,
-    /// Evaluation time limit; an evaluation that exceeds it is an error, and so a deny.
+    /// Evaluation time limit (wall time); an evaluation that exceeds it is an error, and so a
+    /// deny — unless its thread ran for less than half of it (starved of a core): then it is
+    /// evaluated once more, within the same limit.
     #[serde(with = "humantime_serde")]
     pub eval_timeout: Duration,
     /// Most bytecode-VM instructions one decision may execute (a deterministic bound next to

@@ -190,3 +190,84 @@ async fn runtimes_opened_at_once_stay_their_owners_across_a_restart_with_synapse
     assert_eq!(fresh.len(), 1);
     running.stop().await;
 }
+
+/// Allocations sent back to back on one runtime, without waiting for answers (as the
+/// reference suite sends them: they share the homeserver's writes), and the node stops while
+/// some are still in flight: after the restart every address that was answered 200 is still
+/// that runtime's (it releases each, named exactly), and none is another principal's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_allocations_in_flight_on_one_runtime_survive_a_restart_with_synapse() {
+    const N: usize = 900; // past one event: the record is split while the answers wait
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let mut config = common::bus_config(&Path::new(REPO).join("policies"));
+    synapse.serve(&mut config);
+    let running = start(config.clone()).await.expect("start");
+    let addr = running.bus_addr.expect("bus");
+
+    let runtime = "runtime://localhost/alice-burst";
+    let mut alice = Stub::connect(addr, runtime, &alice_token).await;
+    for i in 0..N {
+        alice
+            .send(json!({"id": i + 1, "type": "create",
+                "from": format!("{runtime}/registry/allocation"),
+                "to": format!("{MN}/address-allocation"),
+                "body": {"scheme": "hyperty", "value": {"number": 1}}}))
+            .await;
+    }
+    let mut answered: BTreeSet<String> = BTreeSet::new();
+    let mut refused = 0;
+    let mut note = |answer: &Value, answered: &mut BTreeSet<String>| {
+        if answer["type"] != "response" {
+            return;
+        }
+        match code(answer) {
+            200 => answered.extend(strings(&answer["body"]["value"]["allocated"])),
+            _ => refused += 1,
+        }
+    };
+    // Half the answers, then the node stops with the rest in flight.
+    while answered.len() < N / 2 {
+        let answer = alice.recv().await;
+        note(&answer, &mut answered);
+    }
+    running.stop().await;
+    while let Some(answer) = alice.quiet_for(Duration::from_secs(2)).await {
+        note(&answer, &mut answered);
+    }
+    assert!(answered.len() >= N / 2 && answered.len() + refused <= N);
+    drop(alice);
+
+    let running = start(config).await.expect("restart");
+    let addr = running.bus_addr.expect("bus");
+    let mut bob = Stub::connect(addr, "runtime://localhost/bob-1", &bob_token).await;
+    let bob_h = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let answered: Vec<String> = answered.into_iter().collect();
+    for address in answered.iter().step_by(37).chain(answered.last()) {
+        let refused = bob
+            .request(json!({"type": "create", "from": address, "to": bob_h, "body": {}}))
+            .await;
+        assert_eq!(code(&refused), 403, "{address}: {refused}");
+    }
+    let mut alice = Stub::connect(addr, runtime, &alice_token).await;
+    for chunk in answered.chunks(100) {
+        let answer = alice
+            .request(
+                json!({"type": "delete", "from": format!("{runtime}/registry/allocation"),
+                "to": format!("{MN}/address-allocation"),
+                "body": {"childrenResources": chunk}}),
+            )
+            .await;
+        assert_eq!(code(&answer), 200, "{answer}");
+        let released: BTreeSet<String> = strings(&answer["body"]["value"]["released"])
+            .into_iter()
+            .collect();
+        assert_eq!(
+            released,
+            chunk.iter().cloned().collect(),
+            "every answered address is still the runtime's"
+        );
+    }
+    running.stop().await;
+}

@@ -22,6 +22,9 @@ use super::outbound::{NoRoom, Refused};
 use super::owners::Turn;
 use super::runtimes::{Runtime, Table};
 use super::{Bus, Connection};
+use crate::persist::record::Item;
+use crate::persist::store::LiveRecord;
+#[cfg(test)]
 use crate::persist::store::RuntimeRecord;
 use crate::policy::input::{Allocation, AllocationAction};
 use crate::rethink::address::Component;
@@ -225,12 +228,11 @@ impl Bus {
                     .map(|_| format!("{scheme}://{domain}/{}", uuid::Uuid::new_v4()))
                     .collect();
                 let key = key.unwrap_or_else(|| format!("{}", uuid::Uuid::new_v4()));
-                let record = runtime.update(|r| {
-                    r.allocations
-                        .entry(key.clone())
-                        .or_default()
-                        .extend(addresses.iter().cloned());
-                });
+                runtime.allocated(&key, &addresses);
+                let added: Vec<Item> = addresses
+                    .iter()
+                    .map(|a| Item::Allocation(key.clone(), a.clone()))
+                    .collect();
                 // Bound at once: only the answer tells anyone the addresses.
                 for address in &addresses {
                     self.inner.table.bind(address, runtime);
@@ -246,7 +248,7 @@ impl Bus {
                 );
                 let (bus, runtime) = (self.clone(), Arc::clone(runtime));
                 let undo = move || undo_allocation(&bus.inner.table, &runtime, &key, &addresses);
-                self.answer_when_stored(conn, message, &record, ok, undo)
+                self.answer_when_stored(conn, message, &added, ok, undo)
                     .await
             }
             // Releasing is idempotent, as in the reference nodes: what this runtime no longer
@@ -265,40 +267,38 @@ impl Bus {
                     )));
                 }
                 // The answer names what was released, never more of what was sent.
-                let (record, released) = self.release_addresses(runtime, &addresses, None);
+                let released = self.release_addresses(runtime, &addresses, None);
                 let ok = message.response(200, "released", Some(json!({"released": released})));
-                self.answer_when_stored(conn, message, &record, ok, || {})
-                    .await
+                self.answer_when_stored(conn, message, &[], ok, || {}).await
             }
             AllocationRequest::ReleaseKey(key) => {
                 drop(turn);
                 let addresses = runtime
-                    .record()
-                    .allocations
-                    .get(&key)
-                    .cloned()
+                    .with_record(|r| r.allocations.get(&key).cloned())
                     .unwrap_or_default();
-                let (record, released) = self.release_addresses(runtime, &addresses, Some(&key));
+                let released = self.release_addresses(runtime, &addresses, Some(&key));
                 let ok = message.response(200, "released", Some(json!({"released": released})));
-                self.answer_when_stored(conn, message, &record, ok, || {})
-                    .await
+                self.answer_when_stored(conn, message, &[], ok, || {}).await
             }
         }
     }
 
-    /// Releases `addresses` (and the block under `key`) of `runtime`: unbound now; the new
-    /// record, to store, and the addresses of its blocks that were released.
+    /// Releases `addresses` (and the block under `key`) of `runtime`: unbound now; the
+    /// addresses of its blocks that were released.
     fn release_addresses(
         &self,
         runtime: &Arc<Runtime>,
         addresses: &[String],
         key: Option<&str>,
-    ) -> (RuntimeRecord, Vec<String>) {
+    ) -> Vec<String> {
         let wanted: HashSet<&str> = addresses.iter().map(String::as_str).collect();
         let mut released = Vec::new();
-        let record = runtime.update(|r| {
+        runtime.change(|r| {
             if let Some(block) = key.and_then(|key| r.allocations.remove(key)) {
                 released.extend(block);
+            }
+            if key.is_some() {
+                return; // the block under the key is all of it
             }
             for block in r.allocations.values_mut() {
                 block.retain(|a| {
@@ -315,11 +315,13 @@ impl Bus {
             self.inner.table.unbind(address, runtime);
         }
         self.inner.metrics.count("component");
-        (record, released)
+        released
     }
 
-    /// Stores `record` (the runtime's, changed by `message`) and answers `message` with `ok`
-    /// once it is stored — or with the error, after `undo`. The write is placed in line now
+    /// Stores the runtime's record (changed by `message`, which `added` entries to it: see
+    /// [`Store::put_runtime_live`](crate::persist::store::Store::put_runtime_live)) and
+    /// answers `message` with `ok` once it is stored — or with the error, after `undo`. The
+    /// write is placed in line now
     /// (a later change of the runtime supersedes it) and awaited in the background, at most
     /// [`MAX_PENDING_ANSWERS`](super::connection::MAX_PENDING_ANSWERS) per socket (the socket is not read while that many wait): a
     /// runtime's pipelined requests share the homeserver's writes instead of waiting for one
@@ -329,12 +331,13 @@ impl Bus {
         &self,
         conn: &Connection,
         message: &Message,
-        record: &RuntimeRecord,
+        added: &[Item],
         ok: String,
         undo: impl FnOnce() + Send + 'static,
     ) -> Result<Option<String>, BusError> {
         let store = &self.inner.persistence.store;
-        let stored = match store.put_runtime_queued(&conn.runtime.url, record) {
+        let live = Arc::clone(&conn.runtime) as Arc<dyn LiveRecord>;
+        let stored = match store.put_runtime_live(&conn.runtime.url, live, added) {
             Ok(stored) => stored,
             Err(too_large) => {
                 // Checked before anything is written: taken back at once.

@@ -71,7 +71,7 @@ use pubsub::Subscriptions;
 use request::Request;
 use runtimes::Table;
 
-pub use connection::{Connection, Principal};
+pub use connection::{Connection, Principal, MAX_PENDING_ANSWERS};
 
 /// What the bus keeps in the homeserver (or, without one, in memory), and the homeserver
 /// clients it needs.

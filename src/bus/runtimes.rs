@@ -20,7 +20,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::outbound::{Outbound, Refused};
-use super::owners::{counts, Claims, Owner, Owners, Turns};
+use super::owners::{counts, Claims, Counts, Owner, Owners, Turns};
 use crate::persist::inbox::{Inbox, Reservation};
 use crate::persist::shares::Charge;
 use crate::persist::store::RuntimeRecord;
@@ -44,6 +44,8 @@ pub struct Runtime {
 
 struct RuntimeState {
     record: RuntimeRecord,
+    /// What `record` counts, kept with it (so a count costs nothing however much it holds).
+    counts: Counts,
     delivery: Delivery,
     /// The policy input's `subject` without the per-connection identity; rebuilt after every
     /// change of the record.
@@ -54,6 +56,24 @@ struct RuntimeState {
     owner: Option<Arc<Owner>>,
     /// Since when its socket's queue has been full (`None`: it keeps up).
     behind_since: Option<Instant>,
+}
+
+impl RuntimeState {
+    /// The record changed to what counts `after`: its principal's holdings follow, and the
+    /// cached subject is rebuilt when next asked for.
+    fn counted(&mut self, after: Counts) {
+        if let Some(owner) = &self.owner {
+            owner.changed(self.counts, after);
+        }
+        self.counts = after;
+        self.subject = None;
+    }
+}
+
+impl crate::persist::store::LiveRecord for Runtime {
+    fn record(&self) -> RuntimeRecord {
+        Runtime::record(self)
+    }
 }
 
 enum Delivery {
@@ -160,6 +180,7 @@ impl Runtime {
         Self {
             url: url.to_string(),
             state: Mutex::new(RuntimeState {
+                counts: counts(&record),
                 record,
                 delivery: Delivery::Away,
                 subject: None,
@@ -214,13 +235,35 @@ impl Runtime {
     /// Changes the record; returns the new copy (to persist).
     pub fn update(&self, change: impl FnOnce(&mut RuntimeRecord)) -> RuntimeRecord {
         let mut state = self.lock();
-        let before = counts(&state.record);
         change(&mut state.record);
-        if let Some(owner) = &state.owner {
-            owner.changed(before, counts(&state.record));
-        }
-        state.subject = None;
+        let after = counts(&state.record);
+        state.counted(after);
         state.record.clone()
+    }
+
+    /// Changes the record without copying it (it is stored as it is when its write begins:
+    /// see [`Store::put_runtime_live`](crate::persist::store::Store::put_runtime_live)).
+    pub fn change(&self, change: impl FnOnce(&mut RuntimeRecord)) {
+        let mut state = self.lock();
+        change(&mut state.record);
+        let after = counts(&state.record);
+        state.counted(after);
+    }
+
+    /// Adds `addresses` to the block under `key`, without copying the record or counting it
+    /// again: what an allocation costs does not grow with what the runtime holds.
+    pub fn allocated(&self, key: &str, addresses: &[String]) {
+        let mut state = self.lock();
+        let block = match state.record.allocations.get_mut(key) {
+            Some(block) => block,
+            None => state.record.allocations.entry(key.to_string()).or_default(),
+        };
+        block.extend(addresses.iter().cloned());
+        let after = Counts {
+            addresses: state.counts.addresses + addresses.len(),
+            ..state.counts
+        };
+        state.counted(after);
     }
 
     /// The holdings of the principal that owns the runtime (once one does).
@@ -230,7 +273,11 @@ impl Runtime {
 
     /// How many allocated addresses the runtime holds (what allocation quotas count).
     pub fn held(&self) -> usize {
-        self.lock().record.allocations.values().map(Vec::len).sum()
+        let state = self.lock();
+        state
+            .counts
+            .addresses
+            .saturating_sub(state.record.claimed.len())
     }
 
     /// The policy input's `subject` for this runtime (cached until the record changes): the

@@ -17,9 +17,12 @@
 //! head, or surplus not yet emptied) are ignored, and parts without a head are orphans.
 //!
 //! Entries stay in their part while they live: an append goes to the head's tail and is
-//! sealed into a new part once the tail outgrows the head, a removal rewrites only the part
-//! that held the entry (a part fallen under a quarter full goes back to the tail). So a
-//! runtime allocating block after block rewrites its head and, now and then, one new part.
+//! sealed into a new part once the tail is over [`TAIL_BYTES`], a removal rewrites only the
+//! part that held the entry (a part fallen under a quarter full goes back to the tail), and
+//! more than a few small parts are merged into full ones. So a write costs what it changed
+//! plus a head of at most [`TAIL_BYTES`] of entries and its list of parts — not what the
+//! record holds: a runtime allocating block after block rewrites a small head and, now and
+//! then, one small part (and, less often, merges a few into one).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -45,6 +48,16 @@ pub const MAX_PARTS: usize = 2048;
 
 /// A part fallen under this many bytes goes back to the tail instead of being rewritten.
 const MIN_PART_BYTES: usize = MAX_CONTENT_BYTES / 4;
+
+/// Most bytes of entries the head keeps (its tail): past it the tail is sealed into a part.
+/// Every write of the record rewrites its head, so this bounds what a write costs beyond
+/// what it changed (with the head's list of parts, a few bytes per part).
+pub const TAIL_BYTES: usize = 8 * 1024;
+
+/// Most parts under [`MIN_PART_BYTES`] (sealed tails, mostly) a record keeps: one more and
+/// they are merged into parts as full as they go, so parts stay few while each entry is
+/// rewritten only a few times (in the tail, in a small part, in a merged one).
+const SMALL_PARTS: usize = 6;
 
 /// The state key of part `slot` of `runtime`'s record.
 pub fn part_key(runtime: &str, slot: u32) -> String {
@@ -131,12 +144,28 @@ fn extend(record: &mut RuntimeRecord, items: impl IntoIterator<Item = Item>) {
 
 /// Checks, before anything is written or changed elsewhere, that `record` can be stored:
 /// no entry too big for an event of its own, and the whole within [`MAX_RECORD_BYTES`].
+/// The record's entries' bytes (what [`MAX_RECORD_BYTES`] bounds).
 ///
 /// # Errors
 /// [`TooLarge`] saying which bound it is over.
-pub fn check(record: &RuntimeRecord) -> Result<(), TooLarge> {
+pub fn check(record: &RuntimeRecord) -> Result<usize, TooLarge> {
+    let total = added(&items(record))?;
+    if total > MAX_RECORD_BYTES {
+        return Err(TooLarge(format!(
+            "the runtime's record would be {total} bytes (at most {MAX_RECORD_BYTES})"
+        )));
+    }
+    Ok(total)
+}
+
+/// The bytes `items` add to a record, each checked against the bound of one entry (what
+/// [`check`] checks of every entry, for the ones a change adds).
+///
+/// # Errors
+/// [`TooLarge`]: an entry too big for an event of its own.
+pub fn added(items: &[Item]) -> Result<usize, TooLarge> {
     let mut total = 0usize;
-    for item in items(record) {
+    for item in items {
         let bytes = item.bytes();
         if bytes > MAX_CONTENT_BYTES - 200 {
             return Err(TooLarge(format!(
@@ -146,12 +175,7 @@ pub fn check(record: &RuntimeRecord) -> Result<(), TooLarge> {
         }
         total += bytes;
     }
-    if total > MAX_RECORD_BYTES {
-        return Err(TooLarge(format!(
-            "the runtime's record would be {total} bytes (at most {MAX_RECORD_BYTES})"
-        )));
-    }
-    Ok(())
+    Ok(total)
 }
 
 /// One stored part: where, in which generation, what.
@@ -252,6 +276,17 @@ pub fn plan(
             sealed.push(left); // rewritten, into another slot
         } // else: what is left goes back to the tail
     }
+    // Too many small parts: merged, as full as they go, into other slots.
+    let small = |p: &Part| p.items.iter().map(Item::bytes).sum::<usize>() < MIN_PART_BYTES;
+    if kept.iter().filter(|p| small(p)).count() > SMALL_PARTS {
+        let merged: Vec<Item> = kept
+            .iter()
+            .filter(|p| small(p))
+            .flat_map(|p| p.items.iter().cloned())
+            .collect();
+        kept.retain(|p| !small(p));
+        sealed.extend(full_chunks(&merged));
+    }
     let placed: HashSet<&Item> = kept
         .iter()
         .flat_map(|p| &p.items)
@@ -290,7 +325,8 @@ pub fn plan(
             gen,
             kept.iter().copied().chain(&new_parts),
         );
-        if content_len(&head) <= MAX_CONTENT_BYTES {
+        let tail: usize = rest.iter().map(Item::bytes).sum();
+        if tail <= TAIL_BYTES && content_len(&head) <= MAX_CONTENT_BYTES {
             break (head, new_parts);
         }
         if rest.is_empty() || kept.len() + sealed.len() >= MAX_PARTS {
@@ -298,12 +334,7 @@ pub fn plan(
                 "the runtime's record does not fit {MAX_PARTS} events"
             )));
         }
-        let (mut bytes, mut n) = (0, 0);
-        while n < rest.len() && bytes + rest[n].bytes() <= MAX_CONTENT_BYTES - 100 {
-            bytes += rest[n].bytes();
-            n += 1;
-        }
-        let n = n.max(1);
+        let n = chunk_len(rest);
         sealed.push(rest[..n].to_vec());
         rest = &rest[n..];
     };
@@ -334,6 +365,27 @@ pub fn plan(
         empty,
         layout,
     })
+}
+
+/// How many of `items` (at least one) go into one part, as full as it goes.
+fn chunk_len(items: &[Item]) -> usize {
+    let (mut bytes, mut n) = (0, 0);
+    while n < items.len() && bytes + items[n].bytes() <= MAX_CONTENT_BYTES - 100 {
+        bytes += items[n].bytes();
+        n += 1;
+    }
+    n.max(1)
+}
+
+/// `items` cut into parts, each as full as it goes.
+fn full_chunks(mut items: &[Item]) -> Vec<Vec<Item>> {
+    let mut chunks = Vec::new();
+    while !items.is_empty() {
+        let n = chunk_len(items);
+        chunks.push(items[..n].to_vec());
+        items = &items[n..];
+    }
+    chunks
 }
 
 /// The head's content: `record`'s scalars, the `tail` entries, `extra`, and (when there
@@ -626,25 +678,45 @@ mod tests {
     }
 
     #[test]
-    fn appending_rewrites_the_head_and_seldom_a_new_part() {
+    fn appending_costs_what_was_added_not_what_the_record_holds() {
         let mut room = Room::default();
         let mut layout = apply(
             &mut room,
             &super::plan(None, &record(0..2000), &Map::new()).expect("plan"),
         );
-        let mut written = 0;
-        for end in (2010..4000).step_by(10) {
+        let (mut parts_written, mut added) = (0, 0);
+        for end in (2010..6000).step_by(10) {
             let plan = super::plan(layout.as_ref(), &record(0..end), &Map::new()).expect("plan");
-            assert!(plan.parts.len() <= 1, "one new part at most");
-            assert!(plan.empty.is_empty(), "nothing to empty");
-            written += plan.parts.len();
+            assert!(
+                content_len(&plan.head) <= TAIL_BYTES + 2_000,
+                "a head of {} bytes",
+                content_len(&plan.head)
+            );
+            parts_written += plan
+                .parts
+                .iter()
+                .map(|(_, c)| content_len(c))
+                .sum::<usize>();
+            added += items(&record(end - 10..end))
+                .iter()
+                .filter(|i| matches!(i, Item::Allocation(..)))
+                .map(Item::bytes)
+                .sum::<usize>();
             layout = apply(&mut room, &plan);
         }
         assert!(
-            written <= 4,
-            "{written} parts written for 2,000 more addresses"
+            parts_written <= 3 * added,
+            "{parts_written} bytes of parts written for {added} bytes added"
         );
-        assert_eq!(room.load().runtimes[RT], record(0..3990));
+        let parts = layout.as_ref().map_or(0, |l| l.parts.len());
+        assert!(
+            parts <= 6000 * 80 / MIN_PART_BYTES + SMALL_PARTS + 1,
+            "{parts} parts"
+        );
+        let loaded = room.load();
+        assert_eq!(sorted(loaded.runtimes[RT].clone()), sorted(record(0..5990)));
+        assert!(loaded.layouts[RT].stale.is_empty(), "merged parts emptied");
+        assert_eq!(loaded.orphans, 0);
     }
 
     #[test]

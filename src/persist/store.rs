@@ -208,11 +208,51 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Runtime URL → an upper bound of its record's entries' bytes (see
+    /// [`Store::put_runtime_live`]); kept for runtimes put since the start.
+    sizes: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A runtime's record as it is now: a live put stores what this gives when its write
+/// begins, so a put costs nothing that grows with the record, and the puts of one runtime
+/// made while a write is under way become one copy in the next.
+pub trait LiveRecord: Send + Sync {
+    /// A copy of the record now.
+    fn record(&self) -> RuntimeRecord;
 }
 
 enum Inner {
-    Memory(Mutex<Snapshot>),
+    Memory(Mutex<Memory>),
     Matrix(Box<MatrixStore>),
+}
+
+/// The store in process memory: what was put, the live records read when loaded.
+#[derive(Default)]
+struct Memory {
+    snapshot: Snapshot,
+    live: HashMap<String, Arc<dyn LiveRecord>>,
+}
+
+impl Memory {
+    fn current(&self, runtime: &str) -> Option<RuntimeRecord> {
+        match self.live.get(runtime) {
+            Some(live) => Some(live.record()).filter(|r| !r.is_empty()),
+            None => self.snapshot.runtimes.get(runtime).cloned(),
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.snapshot.clone();
+        for (runtime, live) in &self.live {
+            let record = live.record();
+            if record.is_empty() {
+                snapshot.runtimes.remove(runtime);
+            } else {
+                snapshot.runtimes.insert(runtime.clone(), record);
+            }
+        }
+        snapshot
+    }
 }
 
 type Slots<T> = Mutex<HashMap<String, Arc<Slot<T>>>>;
@@ -220,6 +260,8 @@ type Slots<T> = Mutex<HashMap<String, Arc<Slot<T>>>>;
 /// A put waiting for the next write of the packs' writer.
 struct Pending {
     record: RuntimeRecord,
+    /// Read into `record` when the write begins (a live put).
+    live: Option<Arc<dyn LiveRecord>>,
     waiters: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
@@ -361,6 +403,8 @@ struct MatrixStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// Where the latest records are.
     packs: Mutex<PackIndex>,
+    /// State events written and their content bytes (what a write of the writer cost).
+    written: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
 }
 
 /// One state key's latest wanted content and the version last stored; dropped once the
@@ -390,6 +434,7 @@ impl Store {
 
     fn in_room(state_room: Box<dyn StateRoom>, room: String, node: Option<String>) -> Store {
         Store {
+            sizes: Arc::default(),
             inner: Arc::new(Inner::Matrix(Box::new(MatrixStore {
                 state_room,
                 room,
@@ -401,6 +446,7 @@ impl Store {
                 pending: Mutex::default(),
                 writer: Arc::default(),
                 packs: Mutex::default(),
+                written: Default::default(),
             }))),
         }
     }
@@ -416,7 +462,8 @@ impl Store {
     /// A store in process memory (lost on exit).
     pub fn memory() -> Store {
         Store {
-            inner: Arc::new(Inner::Memory(Mutex::new(Snapshot::default()))),
+            inner: Arc::new(Inner::Memory(Mutex::default())),
+            sizes: Arc::default(),
         }
     }
 
@@ -426,7 +473,7 @@ impl Store {
     /// The homeserver is unavailable or refused.
     pub async fn load(&self) -> Result<Snapshot, ActorError> {
         let matrix = match &*self.inner {
-            Inner::Memory(snapshot) => return Ok(lock(snapshot).clone()),
+            Inner::Memory(memory) => return Ok(lock(memory).snapshot()),
             Inner::Matrix(matrix) => matrix,
         };
         let events = matrix.state_room.all().await?;
@@ -469,7 +516,7 @@ impl Store {
     /// The homeserver is unavailable or refused.
     pub async fn fetch_runtime(&self, runtime: &str) -> Result<Option<RuntimeRecord>, ActorError> {
         let matrix = match &*self.inner {
-            Inner::Memory(snapshot) => return Ok(lock(snapshot).runtimes.get(runtime).cloned()),
+            Inner::Memory(memory) => return Ok(lock(memory).current(runtime)),
             Inner::Matrix(matrix) => matrix,
         };
         let Some(head) = matrix.state(RUNTIME_EVENT_TYPE, runtime).await? else {
@@ -524,14 +571,23 @@ impl Store {
         runtime: &str,
         record: &RuntimeRecord,
     ) -> Result<BoxFuture<'static, Result<(), StoreError>>, TooLarge> {
-        record::check(record)?;
+        let bytes = record::check(record)?;
+        {
+            let mut sizes = lock(&self.sizes);
+            match record.is_empty() {
+                true => sizes.remove(runtime),
+                false => sizes.insert(runtime.to_string(), bytes),
+            };
+        }
         let matrix = match &*self.inner {
-            Inner::Memory(snapshot) => {
-                let mut snapshot = lock(snapshot);
+            Inner::Memory(memory) => {
+                let mut memory = lock(memory);
+                memory.live.remove(runtime);
                 if record.is_empty() {
-                    snapshot.runtimes.remove(runtime);
+                    memory.snapshot.runtimes.remove(runtime);
                 } else {
-                    snapshot
+                    memory
+                        .snapshot
                         .runtimes
                         .insert(runtime.to_string(), record.clone());
                 }
@@ -540,7 +596,11 @@ impl Store {
             Inner::Matrix(matrix) => matrix,
         };
         if matrix.node.is_none() {
-            return Ok(Box::pin(self.clone().put_packed(runtime, record.clone())));
+            return Ok(Box::pin(self.clone().put_packed(
+                runtime,
+                record.clone(),
+                None,
+            )));
         }
         let (slot, version) = queue(&matrix.runtimes, runtime, record.clone());
         let (store, key) = (self.clone(), runtime.to_string());
@@ -561,15 +621,65 @@ impl Store {
         }))
     }
 
-    /// Without replicas: `record` joins the writer's next write (replacing a put of the same
-    /// runtime still waiting for it); completes once that write is stored. Whoever waits
-    /// first while no write is under way carries the next one out; each put waits in a task
-    /// of its own once its future first runs, and each write runs in one (a caller that goes
-    /// away stops no one's write, nor leaves its record waiting for someone else's put).
+    /// As [`Store::put_runtime_queued`] for a change that added `added` to the record (and
+    /// removed anything), without a copy of the record: `live` is read when the write that
+    /// stores it begins (it holds this change and any made before; a put of the same runtime
+    /// made later still wins). The record's size is checked against an upper bound kept per
+    /// runtime (the last record put, plus what live puts added since), so the check costs
+    /// what the change added; only a bound past [`record::MAX_RECORD_BYTES`] reads the record
+    /// to count it exactly. With replicas the record is read now (their heads are written
+    /// one by one).
+    ///
+    /// # Errors
+    /// [`TooLarge`]: an added entry or the record cannot be stored; nothing was placed in
+    /// line.
+    pub fn put_runtime_live(
+        &self,
+        runtime: &str,
+        live: Arc<dyn LiveRecord>,
+        added: &[record::Item],
+    ) -> Result<BoxFuture<'static, Result<(), StoreError>>, TooLarge> {
+        let grown = record::added(added)?;
+        {
+            let mut sizes = lock(&self.sizes);
+            let bound = sizes
+                .get(runtime)
+                .map(|bytes| bytes.saturating_add(grown))
+                .filter(|bound| *bound <= record::MAX_RECORD_BYTES);
+            let bound = match bound {
+                Some(bound) => bound,
+                None => record::check(&live.record())?, // unknown, or near the limit
+            };
+            sizes.insert(runtime.to_string(), bound);
+        }
+        let matrix = match &*self.inner {
+            Inner::Memory(memory) => {
+                lock(memory).live.insert(runtime.to_string(), live);
+                return Ok(Box::pin(std::future::ready(Ok(()))));
+            }
+            Inner::Matrix(matrix) => matrix,
+        };
+        if matrix.node.is_some() {
+            return self.put_runtime_queued(runtime, &live.record());
+        }
+        Ok(Box::pin(self.clone().put_packed(
+            runtime,
+            RuntimeRecord::default(),
+            Some(live),
+        )))
+    }
+
+    /// Without replicas: `record` (or, when given, what `live` holds when the write begins)
+    /// joins the writer's next write (replacing a put of the same runtime still waiting for
+    /// it); completes once that write is stored. Whoever waits first while no write is under
+    /// way carries the next one out; each put waits in a task of its own once its future
+    /// first runs, and each write runs in one (a caller that goes away stops no one's write,
+    /// nor leaves its record waiting for someone else's put).
     fn put_packed(
         self,
         runtime: &str,
         record: RuntimeRecord,
+        live: Option<Arc<dyn LiveRecord>>,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         if let Inner::Matrix(matrix) = &*self.inner {
@@ -578,9 +688,11 @@ impl Store {
                 .entry(runtime.to_string())
                 .or_insert_with(|| Pending {
                     record: RuntimeRecord::default(),
+                    live: None,
                     waiters: Vec::new(),
                 });
             entry.record = record;
+            entry.live = live;
             entry.waiters.push(tx);
         }
         let wait = async move {
@@ -637,8 +749,8 @@ impl Store {
             )));
         }
         let matrix = match &*self.inner {
-            Inner::Memory(snapshot) => {
-                let mut snapshot = lock(snapshot);
+            Inner::Memory(memory) => {
+                let snapshot = &mut lock(memory).snapshot;
                 match entry {
                     Some(entry) => snapshot.registry.insert(url.to_string(), entry.clone()),
                     None => snapshot.registry.remove(url),
@@ -696,7 +808,22 @@ impl MatrixStore {
     }
 
     async fn put_state(&self, kind: &str, key: &str, content: &Value) -> Result<(), ActorError> {
+        let bytes = serde_json::to_vec(content).map_or(0, |v| v.len() as u64);
+        self.written
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.written
+            .1
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         self.state_room.put_state(kind, key, content).await
+    }
+
+    /// State events written so far and their content bytes.
+    fn written_so_far(&self) -> (u64, u64) {
+        (
+            self.written.0.load(std::sync::atomic::Ordering::Relaxed),
+            self.written.1.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// The writer's name for a head.
@@ -715,7 +842,16 @@ impl MatrixStore {
 
     /// One write of the packs' writer: the small records of `batch` into packs, the others
     /// as heads (all at once); then each put is answered.
-    async fn write_batch(&self, batch: HashMap<String, Pending>) {
+    async fn write_batch(&self, mut batch: HashMap<String, Pending>) {
+        let started = std::time::Instant::now();
+        // Live puts: the record as it is now, one copy however many puts it stands for.
+        for pending in batch.values_mut() {
+            if let Some(live) = pending.live.take() {
+                pending.record = live.record();
+            }
+        }
+        let (events0, bytes0) = self.written_so_far();
+        let waiters: usize = batch.values().map(|p| p.waiters.len()).sum();
         let mut packs: Vec<(u64, u64, Map<String, Value>, usize)> = Vec::new(); // slot, seq
         let mut index = lock(&self.packs).clone();
         let mut heads: Vec<&str> = Vec::new();
@@ -790,6 +926,15 @@ impl MatrixStore {
                 }
             }
         }
+        let (events1, bytes1) = self.written_so_far();
+        tracing::debug!(
+            runtimes = batch.len(),
+            waiters,
+            events = events1 - events0,
+            bytes = bytes1 - bytes0,
+            ms = started.elapsed().as_millis() as u64,
+            "store: one write of the writer"
+        );
         for (runtime, pending) in batch {
             let result = results
                 .remove(&runtime)
@@ -1126,6 +1271,60 @@ mod tests {
         let snapshot = store.load().await.expect("load");
         assert_eq!(snapshot.runtimes.keys().collect::<Vec<_>>(), vec!["rt://b"]);
         assert!(snapshot.registry.is_empty());
+    }
+
+    /// A runtime's record as the bus holds it.
+    struct Held(Mutex<RuntimeRecord>);
+
+    impl LiveRecord for Held {
+        fn record(&self) -> RuntimeRecord {
+            lock(&self.0).clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_put_stores_the_record_as_it_is_then_and_checks_what_it_added() {
+        let store = Store::memory();
+        let held = Arc::new(Held(Mutex::new(record("hyperty://example.com/1"))));
+        let live = || Arc::clone(&held) as Arc<dyn LiveRecord>;
+        let put = store
+            .put_runtime_live("rt://a", live(), &[])
+            .expect("placed");
+        put.await.expect("stored");
+        lock(&held.0)
+            .allocations
+            .insert("k2".into(), vec!["hyperty://example.com/2".into()]);
+        let snapshot = store.load().await.expect("load");
+        assert_eq!(snapshot.runtimes["rt://a"], held.record(), "as it is now");
+
+        // An added entry too big for an event of its own: refused, nothing placed in line.
+        let huge = record::Item::Allocation("k".repeat(70_000), "hyperty://example.com/3".into());
+        assert!(store.put_runtime_live("rt://a", live(), &[huge]).is_err());
+        // Past the bound the record itself is counted: while it is small, accepted...
+        let big = |i: usize| record::Item::Allocation(format!("b{i}"), "a".repeat(50_000));
+        for i in 0..400 {
+            assert!(store.put_runtime_live("rt://a", live(), &[big(i)]).is_ok());
+        }
+        // ...and refused once it would be too large, as it grows put by put.
+        let mut refused = None;
+        for i in 0..400 {
+            lock(&held.0)
+                .allocations
+                .insert(format!("b{i}"), vec!["a".repeat(50_000)]);
+            if store.put_runtime_live("rt://a", live(), &[big(i)]).is_err() {
+                refused = Some(i);
+                break;
+            }
+        }
+        let refused = refused.expect("refused past the record's limit");
+        assert!((300..340).contains(&refused), "refused at {refused}");
+        // An explicit put of a smaller record counts from it again.
+        store
+            .put_runtime("rt://a", &record("hyperty://example.com/1"))
+            .await
+            .expect("put");
+        *lock(&held.0) = record("hyperty://example.com/1");
+        assert!(store.put_runtime_live("rt://a", live(), &[big(0)]).is_ok());
     }
 
     fn event(kind: &str, key: &str, content: Value) -> Value {

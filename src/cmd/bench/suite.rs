@@ -173,12 +173,16 @@ async fn pipelined(
         anyhow::Ok(())
     };
     let receive = async {
-        let mut failed = 0;
+        let mut failed = std::collections::BTreeMap::<String, usize>::new();
         let mut answers = Vec::with_capacity(expect);
         while answers.len() < expect {
             let answer = next_json(rx).await?;
             if answer["body"]["code"] != 200 {
-                failed += 1;
+                let why = format!(
+                    "{} {}",
+                    answer["body"]["code"], answer["body"]["description"]
+                );
+                *failed.entry(why).or_default() += 1;
             }
             answers.push(answer);
         }
@@ -187,7 +191,11 @@ async fn pipelined(
     let (sent, received) = tokio::join!(send, receive);
     sent?;
     let (failed, answers) = received?;
-    Ok((started.elapsed(), failed, answers))
+    // Why answers failed, so a row's count can be read (decision timeouts, the homeserver).
+    for (why, count) in &failed {
+        println!("  {count} answered {why}");
+    }
+    Ok((started.elapsed(), failed.values().sum(), answers))
 }
 
 fn row(case: &str, n: usize, took: Option<Duration>, failed: usize, reference: Option<u64>) {
@@ -210,6 +218,11 @@ async fn all(args: &BenchArgs, node: &Node) -> anyhow::Result<()> {
         "case", "n", "ms", "failed", "D6.4 ms"
     );
     if args.shapes.contains(&SuiteShape::Alloc) {
+        println!(
+            "allocations: all n sent back to back, none awaited (the specs' allocLoop); the node \
+             reads on while at most {} answers of a socket wait for their write",
+            crate::bus::MAX_PENDING_ANSWERS
+        );
         for &n in &args.sizes {
             allocations(node, n).await?;
         }
