@@ -205,24 +205,17 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), limit_rate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        // The access log: one INFO event per request (method, URI, status, latency), target
-        // `tower_http` (`[log] level = "info,tower_http=warn"` silences it).
-        .layer(
-            tower_http::trace::TraceLayer::new_for_http()
-                .make_span_with(
-                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
-                )
-                .on_request(())
-                .on_response(
-                    tower_http::trace::DefaultOnResponse::new()
-                        .level(tracing::Level::INFO)
-                        .latency_unit(tower_http::LatencyUnit::Micros),
-                ),
-        )
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }
 
+/// The access log's target: `tower_http`'s, whose trace layer wrote these lines before, so
+/// filters that name it (`[log] level = "info,tower_http=warn"`) still apply.
+const ACCESS_LOG: &str = "tower_http::trace::on_response";
+
+/// Metrics of every request, and the access log: one INFO event per request (method, URI,
+/// version, status, latency) and no span, so a request costs the log nothing when the level
+/// is off, and one event, not a span entered at every poll, when it is on.
 async fn observe(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let route = RouteLabel::of(
         request
@@ -231,21 +224,38 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
             .map(MatchedPath::as_str),
     )
     .as_str();
+    let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(|| {
+        (
+            request.method().clone(),
+            request.uri().clone(),
+            request.version(),
+        )
+    });
     let start = Instant::now();
     let response = next.run(request).await;
+    let elapsed = start.elapsed();
+    let code = response.status().as_u16();
     state
         .http
         .duration
         .get_or_create(&RouteOnly { route })
-        .observe(start.elapsed().as_secs_f64());
+        .observe(elapsed.as_secs_f64());
     state
         .http
         .requests
-        .get_or_create(&RequestLabels {
-            route,
-            code: response.status().as_u16(),
-        })
+        .get_or_create(&RequestLabels { route, code })
         .inc();
+    if let Some((method, uri, version)) = access {
+        tracing::info!(
+            target: ACCESS_LOG,
+            %method,
+            %uri,
+            ?version,
+            latency = format_args!("{} μs", elapsed.as_micros()),
+            status = code,
+            "finished processing request"
+        );
+    }
     response
 }
 

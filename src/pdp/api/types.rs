@@ -47,14 +47,14 @@ pub struct ErrorDetailV1 {
     pub pointer: Option<String>,
 }
 
-/// `DataResponseV1`.
+/// `DataResponseV1` (the result borrowed from the decision, which the cache may share).
 #[derive(Debug, Serialize)]
-pub struct DataResponseV1 {
+pub struct DataResponseV1<'r> {
     /// Decision id, as in the decision log.
     pub decision_id: String,
     /// The document; absent when undefined.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
+    pub result: Option<&'r Value>,
     /// With `?metrics=true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsV1>,

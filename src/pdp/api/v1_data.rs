@@ -102,7 +102,7 @@ async fn data(
     let answer = pdp.query_async(&path, input, asked_by).await?;
     let response = DataResponseV1 {
         decision_id: answer.decision_id,
-        result: answer.result.as_ref().clone(),
+        result: answer.result.as_ref().as_ref(),
         metrics: flag(&params, "metrics").then(|| MetricsV1 {
             timer_rego_input_parse_ns: parsed_ns,
             timer_rego_query_eval_ns: answer.eval_ns,
