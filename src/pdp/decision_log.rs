@@ -221,8 +221,9 @@ impl DecisionSink for SwappableSink {
 /// Input fields to mask, compiled once: exact paths, and key names anywhere in the input.
 #[derive(Debug, Clone, Default)]
 pub struct Mask {
-    /// JSON pointers below the input.
-    pointers: Vec<String>,
+    /// The masked paths below the input: each as its JSON pointer (what `erased` says) and
+    /// its key names, walked without building a string per look-up.
+    pointers: Vec<(String, Vec<String>)>,
     /// Lower-case key-name patterns, `*` matching any run of characters.
     keys: Vec<String>,
     /// Bytes of the shortest pattern without its stars.
@@ -238,10 +239,16 @@ impl Mask {
             pointers: paths
                 .iter()
                 .map(|m| {
-                    m.trim_start_matches("input.")
+                    let names: Vec<String> = m
+                        .trim_start_matches("input.")
                         .split('.')
+                        .map(str::to_string)
+                        .collect();
+                    let pointer = names
+                        .iter()
                         .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
-                        .collect()
+                        .collect();
+                    (pointer, names)
                 })
                 .collect(),
             shortest_key: keys
@@ -270,8 +277,8 @@ impl Mask {
     /// [`Mask::apply`] on a bare input; the masked fields are added to `erased` as JSON
     /// pointers (`/input/…`).
     pub fn apply_to(&self, input: &mut Value, erased: &mut Vec<String>) {
-        for pointer in &self.pointers {
-            if let Some(node) = input.pointer_mut(pointer) {
+        for (pointer, names) in &self.pointers {
+            if let Some(node) = member_mut(input, names) {
                 if node.as_str() != Some(MASKED) {
                     *node = Value::String(MASKED.to_string());
                     erased.push(format!("/input{pointer}"));
@@ -339,6 +346,24 @@ impl Mask {
             self.keys.iter().any(|k| glob(k, &lower))
         }
     }
+}
+
+/// The value at `names` below `value`, as `Value::pointer_mut` finds it (an array's member
+/// by its decimal index, without leading zeros), without unescaping a copy of each name.
+fn member_mut<'v>(mut value: &'v mut Value, names: &[String]) -> Option<&'v mut Value> {
+    for name in names {
+        value = match value {
+            Value::Object(members) => members.get_mut(name)?,
+            Value::Array(items) => {
+                if name.starts_with('+') || (name.starts_with('0') && name.len() > 1) {
+                    return None;
+                }
+                items.get_mut(name.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(value)
 }
 
 /// Whether a value can hold keys to mask (an object or an array with members).
@@ -807,6 +832,29 @@ mod tests {
             "each field said once: {:?}",
             r.erased
         );
+    }
+
+    #[test]
+    fn masked_paths_are_found_where_json_pointers_find_them() {
+        let mut doc = json!({"a": {"b/c": [1, {"d~e": 2}], "": 3}, "x": [[4]]});
+        for names in [
+            &["a", "b/c", "1", "d~e"][..],
+            &["a", ""],
+            &["x", "0", "0"],
+            &["x", "00"],
+            &["x", "+0"],
+            &["x", "1"],
+            &["a", "nope"],
+            &["a", "b/c", "0", "z"],
+        ] {
+            let pointer: String = names
+                .iter()
+                .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+                .collect();
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let expected = doc.pointer(&pointer).cloned();
+            assert_eq!(member_mut(&mut doc, &names).cloned(), expected, "{pointer}");
+        }
     }
 
     #[test]
