@@ -1984,6 +1984,58 @@ async fn status_notifications_count_against_the_updaters_share() {
     running.stop().await;
 }
 
+/// Review bus-4 M2: with status notifications charged to the updater (N9), anyone's
+/// subscriptions to a victim's `…/registration` made the victim pay: mallory's 30 away
+/// runtimes filled bob's share with bob's own status updates, and bob's message to an away
+/// runtime got 408. Each away subscriber's copy is charged to the subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn others_subscriptions_do_not_fill_the_updaters_share() {
+    let running = node_with(|c| {
+        c.bus.inbox_max_bytes = 4 * 1024 * 1024;
+        c.bus.inbox_max_bytes_per_principal = 1024 * 1024;
+        c.bus.inbox_max_bytes_per_runtime = 2 * 1024 * 1024;
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    let h = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let registered = bob.register_chat_hyperty(&h, "user://localhost/bob").await;
+    assert_eq!(code(&registered), 200, "{registered}");
+    for n in 0..30 {
+        let runtime = format!("runtime://localhost/m-sub-{n}");
+        let mut sub = bound(addr, &runtime, MALLORY).await;
+        let answer = subscribe(&mut sub, &runtime, &[format!("{h}/registration")]).await;
+        assert_eq!(code(&answer), 200, "{answer}");
+        sub.drop_socket().await;
+    }
+    let alice_rt = "runtime://localhost/alice-rt";
+    let mut alice = bound(addr, alice_rt, ALICE).await;
+    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
+    alice.drop_socket().await;
+    // 20 × 50 KB to each of 30 away subscribers: 30 MB, far past bob's 1 MiB share.
+    let pad = "x".repeat(50_000);
+    for n in 0..20 {
+        let update = bob
+            .request(
+                json!({"type": "update", "from": h, "to": "domain://registry.localhost",
+                "body": {"resource": h, "attribute": "status", "value": format!("{n}{pad}")}}),
+            )
+            .await;
+        assert_eq!(code(&update), 200, "{update}");
+    }
+    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
+    let hi = "y".repeat(60_000);
+    let errors = send_all(
+        &mut bob,
+        [json!({"type": "create", "from": b, "to": a, "body": {"value": hi}})],
+    )
+    .await;
+    assert!(errors.is_empty(), "bob's share is his own: {errors:?}");
+    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
+    assert_eq!(alice.recv().await["body"]["value"], hi.as_str());
+    running.stop().await;
+}
+
 /// Subscribes `stub` (runtime `runtime`) to `resources`; the answer's code.
 async fn subscribe(stub: &mut Stub, runtime: &str, resources: &[String]) -> Value {
     stub.request(json!({"type": "subscribe", "from": format!("{runtime}/sm"),

@@ -58,7 +58,8 @@ impl Bus {
         self.inner.metrics.count("component");
         drop(turn);
         if let Some(publish) = reply.publish {
-            // Charged to whoever caused it, as its own messages are: not the node's.
+            // Its journal record is charged to whoever caused it, not the node; what waits
+            // for an away subscriber, to the subscriber ([`Bus::publish`]).
             let charge = Charge::from(conn.principal.owner());
             self.publish(publish, &charge).await;
         }

@@ -24,9 +24,7 @@ use crate::config::Durability;
 use crate::connectors::foreign::{AnswerTo, LineRoom};
 use crate::persist::inbox::NoRoom;
 use crate::persist::journal::HistoryFull;
-use crate::persist::shares::Charge;
-#[cfg(doc)]
-use crate::persist::shares::NODE;
+use crate::persist::shares::{Charge, NODE};
 use crate::policy::input::Target;
 use crate::rethink::address;
 use crate::rethink::{BusError, Message};
@@ -370,7 +368,7 @@ impl Bus {
             };
             // The subscribers first: they never wait, and a slow addressee must not hold
             // back what they get.
-            self.hand_out(&subscribers, &message.text, &charge);
+            self.hand_out(&subscribers, &message.text, Payer::Sender(&charge));
             let metrics = &self.inner.metrics;
             // A peer's message is a whole domain's traffic: it never waits on one local
             // addressee's flow control (its queue full: closed, the message in its inbox).
@@ -442,11 +440,17 @@ impl Bus {
     /// from its inbox, where `text` waits); one that can take it neither way (its inbox full
     /// too) misses it, counted (`bus_refused{reason="subscriber_missed"}`) — its own loss,
     /// not anyone else's.
-    fn hand_out(&self, runtimes: &[Arc<Runtime>], text: &Utf8Bytes, charge: &Charge) {
+    fn hand_out(&self, runtimes: &[Arc<Runtime>], text: &Utf8Bytes, payer: Payer<'_>) {
         let inbox = &self.inner.persistence.inbox;
         let metrics = &self.inner.metrics;
         for runtime in runtimes {
-            let mut slot = Slot::new(charge, None);
+            let mut slot = match payer {
+                Payer::Sender(charge) => Slot::new(charge, None),
+                Payer::Subscriber(charge) => match runtime.user() {
+                    Some(user) => Slot::new(&Charge::from(user), None),
+                    None => Slot::new(charge, None),
+                },
+            };
             let delivered = match runtime.offer_now(text, inbox, &mut slot) {
                 Offer::Done(delivered) => delivered,
                 Offer::Full { conn, .. } => {
@@ -495,9 +499,10 @@ impl Bus {
 
     /// Sends a node-originated message (a notification) to whoever `to` reaches, waiting
     /// for nobody ([`Bus::hand_out`]): whoever asked for it is not held up by receivers.
-    /// What waits of it in memory is charged to `charge`: the principal whose request
-    /// caused it (a registry status update), within its shares, or the node ([`NODE`]) for
-    /// what the node itself says (a revocation).
+    /// `charge` is the principal whose request caused it (a registry status update), or the
+    /// node ([`NODE`]) for what the node itself says (a revocation). A copy that waits for an
+    /// away receiver is charged to that receiver's principal, within its shares (the node's
+    /// own notices: to the node); the journal's record to `charge`.
     pub(super) async fn publish(&self, mut notification: Value, charge: &Charge) {
         notification["id"] = json!(self.next_message_id());
         let Ok(message) = Message::from_value(notification, None) else {
@@ -519,13 +524,30 @@ impl Bus {
             }
         }
         let targets = Table::distinct(targets);
-        self.hand_out(&targets, &message.text, charge);
+        // A principal's notification reaches whoever subscribed to it, which is not its
+        // choice (anyone may follow a hyperty's `…/registration`): what waits of it for an
+        // away subscriber is charged to that subscriber's principal, so others' subscriptions
+        // cannot fill the updater's share. The node's own notices stay the node's.
+        let payer = match &**charge == NODE {
+            true => Payer::Sender(charge),
+            false => Payer::Subscriber(charge),
+        };
+        self.hand_out(&targets, &message.text, payer);
         self.inner.persistence.journal.record(
             message.text.as_str(),
             targets.iter().map(|r| r.url.clone()).collect(),
             charge,
         );
     }
+}
+
+/// Whose share pays for a fan-out copy that has to wait in an inbox.
+#[derive(Clone, Copy)]
+enum Payer<'a> {
+    /// The sender's: a publish (its subscribers are ones the policy let follow it).
+    Sender(&'a Charge),
+    /// Each subscriber's own principal's (this charge for a runtime with no owner yet).
+    Subscriber(&'a Charge),
 }
 
 /// The refusal of a message while the history is behind the homeserver (or holds
