@@ -85,11 +85,19 @@ impl Fetches {
         F: FnMut() -> R,
         R: Future<Output = Option<RuntimeRecord>>,
     {
+        // A read that stops otherwise (a panic, its task aborted) must not leave `url` marked
+        // as read for ever, or every later head of it would be skipped.
+        let mut under_way = UnderWay {
+            fetches: self,
+            url,
+            ended: false,
+        };
         loop {
             let began = lock(&self.0).heads;
             let fetched = fetch().await;
             let mut state = lock(&self.0);
             let Some(running) = state.running.get_mut(url) else {
+                under_way.ended = true;
                 return;
             };
             if let Some(record) = fetched.filter(|_| running.adopted <= began) {
@@ -97,8 +105,24 @@ impl Fetches {
             }
             if !std::mem::take(&mut running.again) {
                 state.running.remove(url);
+                under_way.ended = true;
                 return;
             }
+        }
+    }
+}
+
+/// A read of [`Fetches::run`]: ends its mark when dropped before it ended it.
+struct UnderWay<'a> {
+    fetches: &'a Fetches,
+    url: &'a str,
+    ended: bool,
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            lock(&self.fetches.0).running.remove(self.url);
         }
     }
 }
@@ -289,6 +313,30 @@ mod tests {
             vec![owned_by("@read1:localhost"), owned_by("@read2:localhost")]
         );
         assert!(lock(&fetches.0).running.is_empty());
+        assert!(fetches.begin(URL), "a later head starts a read again");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_stops_halfway_does_not_block_later_reads() {
+        let fetches = std::sync::Arc::new(Fetches::default());
+        assert!(fetches.begin(URL));
+        let reading = std::sync::Arc::clone(&fetches);
+        let stopped = tokio::spawn(async move {
+            let fetch = || async { panic!("a read that fails inside") };
+            reading.run(URL, fetch, |_| {}).await;
+        })
+        .await;
+        assert!(stopped.is_err(), "the read panicked");
+        assert!(fetches.begin(URL), "a later head starts a read again");
+        // Aborted while it waits.
+        let reading = std::sync::Arc::clone(&fetches);
+        let waiting = tokio::spawn(async move {
+            let fetch = || std::future::pending::<Option<RuntimeRecord>>();
+            reading.run(URL, fetch, |_| {}).await;
+        });
+        tokio::task::yield_now().await;
+        waiting.abort();
+        assert!(waiting.await.is_err_and(|e| e.is_cancelled()));
         assert!(fetches.begin(URL), "a later head starts a read again");
     }
 
