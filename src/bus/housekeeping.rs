@@ -82,15 +82,23 @@ impl Bus {
             if released == REAP_BATCH || revised() {
                 return true;
             }
-            let pending = !runtime.with_record(|r| r.released)
-                || registry
-                    .is_some_and(|r| r.registered_by(std::slice::from_ref(&runtime.url)) > 0);
+            let registered = || {
+                registry.is_some_and(|r| r.registered_by(std::slice::from_ref(&runtime.url)) > 0)
+            };
+            let pending = !runtime.with_record(|r| r.released) || registered();
             if runtime.away_for().is_some_and(|away| away >= limit)
                 && pending
                 && !self.held_elsewhere(&runtime)
             {
                 released += 1;
                 match self.release_runtime(&runtime, false).await {
+                    // Its registry entries could not all be removed (only logged by the
+                    // release): like a failed release, the rest wait for the next round, so
+                    // a refusing homeserver is not asked again at every poll.
+                    Ok(()) if registered() => {
+                        tracing::warn!(runtime = %runtime.url, "a released runtime's registry entries could not all be removed; will retry");
+                        return false;
+                    }
                     Ok(()) => {
                         tracing::info!(runtime = %runtime.url, ?limit, "runtime away too long: released")
                     }
