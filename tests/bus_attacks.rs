@@ -2217,9 +2217,10 @@ async fn a_slow_receiver_holds_no_turn_of_its_senders() {
     let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
     bob.allocate("localhost", "hyperty", 1).await;
     // All that while the first request still waits: its ping is not answered yet.
+    let early = quiet(&mut waiting).await;
     assert!(
-        quiet(&mut waiting).await.is_none(),
-        "alice's first socket is still waiting"
+        early.is_none(),
+        "alice's first socket is still waiting: {early:?}"
     );
     // Once the receiver is gone, the waiting delivery ends (in its inbox) and the ping is
     // answered.
