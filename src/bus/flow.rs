@@ -74,17 +74,19 @@ impl Bus {
     /// whole domain, which one slow addressee must not hold up): into its socket queue, else
     /// — the queue full — the receiver is closed (1013, counted) and `text` waits in its
     /// inbox; missed only when that inbox has no room either (408 to the sender).
+    /// `when_full` counts a full queue (the topics' fan-out counts it as its own refusal).
     pub(super) fn deliver_now(
         &self,
         runtime: &Runtime,
         text: &Utf8Bytes,
         slot: &mut Slot,
+        when_full: impl FnOnce(),
     ) -> Delivered {
         let inbox = &self.inner.persistence.inbox;
         match runtime.offer_now(text, inbox, slot) {
             Offer::Done(delivered) => delivered,
             Offer::Full { conn, .. } => {
-                self.inner.metrics.receivers_closed.inc();
+                when_full();
                 runtime.too_slow(conn, text, inbox, slot)
             }
             Offer::Held { .. } => runtime.deliver(text, inbox, slot),

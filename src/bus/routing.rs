@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::connection::{Connection, Principal};
 use super::metrics::refused;
 use super::pubsub::{self, Topic};
-use super::runtimes::{Delivered, Offer, Runtime, Slot, Table};
+use super::runtimes::{Delivered, Runtime, Slot, Table};
 use super::Bus;
 use crate::config::Durability;
 use crate::connectors::foreign::{AnswerTo, LineRoom};
@@ -375,7 +375,9 @@ impl Bus {
             for (runtime, slot) in direct.iter().zip(&mut slots) {
                 let delivered = match peer {
                     false => self.deliver(runtime, &message.text, slot).await,
-                    true => self.deliver_now(runtime, &message.text, slot),
+                    true => self.deliver_now(runtime, &message.text, slot, || {
+                        self.inner.metrics.receivers_closed.inc();
+                    }),
                 };
                 match delivered {
                     Delivered::Direct => metrics.direct.inc(),
@@ -441,7 +443,6 @@ impl Bus {
     /// too) misses it, counted (`bus_refused{reason="subscriber_missed"}`) — its own loss,
     /// not anyone else's.
     fn hand_out(&self, runtimes: &[Arc<Runtime>], text: &Utf8Bytes, payer: Payer<'_>) {
-        let inbox = &self.inner.persistence.inbox;
         let metrics = &self.inner.metrics;
         for runtime in runtimes {
             let mut slot = match payer {
@@ -451,14 +452,9 @@ impl Bus {
                     None => Slot::new(charge, None),
                 },
             };
-            let delivered = match runtime.offer_now(text, inbox, &mut slot) {
-                Offer::Done(delivered) => delivered,
-                Offer::Full { conn, .. } => {
-                    metrics.refuse(refused::SLOW_SUBSCRIBER);
-                    runtime.too_slow(conn, text, inbox, &mut slot)
-                }
-                Offer::Held { .. } => runtime.deliver(text, inbox, &mut slot),
-            };
+            let delivered = self.deliver_now(runtime, text, &mut slot, || {
+                metrics.refuse(refused::SLOW_SUBSCRIBER);
+            });
             match delivered {
                 Delivered::Direct => {
                     metrics.direct.inc();
