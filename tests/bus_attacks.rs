@@ -1944,24 +1944,44 @@ async fn status_notifications_count_against_the_updaters_share() {
         .register_chat_hyperty(&h, "user://localhost/mallory")
         .await;
     assert_eq!(code(&registered), 200, "{registered}");
-    for n in 0..4 {
+    away_subscribers(addr, MALLORY, &format!("{h}/registration"), 4).await;
+    let a = away_hyperty(addr, ALICE_AWAY, ALICE).await;
+    // 20 × 50 KB to each of 4 away subscribers: 4 MB, twice the inboxes' budget.
+    status_updates(&mut mallory, &h).await;
+    let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
+    let errors = reaches_away(addr, &mut bob, &a).await;
+    assert!(errors.is_empty(), "bob's message is taken: {errors:?}");
+    running.stop().await;
+}
+
+/// `n` runtimes of `principal` (`runtime://localhost/m-sub-N`), each subscribed to
+/// `resource`, then away.
+async fn away_subscribers(addr: std::net::SocketAddr, principal: &str, resource: &str, n: usize) {
+    for n in 0..n {
         let runtime = format!("runtime://localhost/m-sub-{n}");
-        let mut sub = bound(addr, &runtime, MALLORY).await;
-        let answer = sub
-            .request(json!({"type": "subscribe", "from": format!("{runtime}/sm"),
-                "to": format!("{MN}/sm"), "body": {"resources": [format!("{h}/registration")]}}))
-            .await;
+        let mut sub = bound(addr, &runtime, principal).await;
+        let answer = subscribe(&mut sub, &runtime, &[resource.to_string()]).await;
         assert_eq!(code(&answer), 200, "{answer}");
         sub.drop_socket().await;
     }
-    let alice_rt = "runtime://localhost/alice-rt";
-    let mut alice = bound(addr, alice_rt, ALICE).await;
-    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
-    alice.drop_socket().await;
-    // 20 × 50 KB to each of 4 away subscribers: 4 MB, twice the inboxes' budget.
+}
+
+/// The away runtime a message of [`reaches_away`] is sent to.
+const ALICE_AWAY: &str = "runtime://localhost/alice-rt";
+
+/// A hyperty of `principal`'s runtime `runtime`, which then goes away.
+async fn away_hyperty(addr: std::net::SocketAddr, runtime: &str, principal: &str) -> String {
+    let mut stub = bound(addr, runtime, principal).await;
+    let hyperty = stub.allocate("localhost", "hyperty", 1).await.remove(0);
+    stub.drop_socket().await;
+    hyperty
+}
+
+/// Twenty status updates of 50 KB of hyperty `h`, registered by `updater`.
+async fn status_updates(updater: &mut Stub, h: &str) {
     let pad = "x".repeat(50_000);
     for n in 0..20 {
-        let update = mallory
+        let update = updater
             .request(
                 json!({"type": "update", "from": h, "to": "domain://registry.localhost",
                 "body": {"resource": h, "attribute": "status", "value": format!("{n}{pad}")}}),
@@ -1969,19 +1989,24 @@ async fn status_notifications_count_against_the_updaters_share() {
             .await;
         assert_eq!(code(&update), 200, "{update}");
     }
-    let mut bob = bound(addr, "runtime://localhost/bob-rt", BOB).await;
-    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
-    // Bigger than one notification: it fits only if they left room in the inboxes.
+}
+
+/// A 60 KB message from a new hyperty of `sender` to `a`, alice's hyperty on the away
+/// [`ALICE_AWAY`]: bigger than one notification, so it fits only if they left room in the
+/// inboxes. The errors it got; when none, alice gets it on reconnecting.
+async fn reaches_away(addr: std::net::SocketAddr, sender: &mut Stub, a: &str) -> Vec<Value> {
+    let b = sender.allocate("localhost", "hyperty", 1).await.remove(0);
     let hi = "y".repeat(60_000);
     let errors = send_all(
-        &mut bob,
+        sender,
         [json!({"type": "create", "from": b, "to": a, "body": {"value": hi}})],
     )
     .await;
-    assert!(errors.is_empty(), "bob's message is taken: {errors:?}");
-    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
-    assert_eq!(alice.recv().await["body"]["value"], hi.as_str());
-    running.stop().await;
+    if errors.is_empty() {
+        let mut alice = Stub::connect(addr, ALICE_AWAY, ALICE).await;
+        assert_eq!(alice.recv().await["body"]["value"], hi.as_str());
+    }
+    errors
 }
 
 /// Review bus-4 M2: with status notifications charged to the updater (N9), anyone's
@@ -2001,38 +2026,12 @@ async fn others_subscriptions_do_not_fill_the_updaters_share() {
     let h = bob.allocate("localhost", "hyperty", 1).await.remove(0);
     let registered = bob.register_chat_hyperty(&h, "user://localhost/bob").await;
     assert_eq!(code(&registered), 200, "{registered}");
-    for n in 0..30 {
-        let runtime = format!("runtime://localhost/m-sub-{n}");
-        let mut sub = bound(addr, &runtime, MALLORY).await;
-        let answer = subscribe(&mut sub, &runtime, &[format!("{h}/registration")]).await;
-        assert_eq!(code(&answer), 200, "{answer}");
-        sub.drop_socket().await;
-    }
-    let alice_rt = "runtime://localhost/alice-rt";
-    let mut alice = bound(addr, alice_rt, ALICE).await;
-    let a = alice.allocate("localhost", "hyperty", 1).await.remove(0);
-    alice.drop_socket().await;
+    away_subscribers(addr, MALLORY, &format!("{h}/registration"), 30).await;
+    let a = away_hyperty(addr, ALICE_AWAY, ALICE).await;
     // 20 × 50 KB to each of 30 away subscribers: 30 MB, far past bob's 1 MiB share.
-    let pad = "x".repeat(50_000);
-    for n in 0..20 {
-        let update = bob
-            .request(
-                json!({"type": "update", "from": h, "to": "domain://registry.localhost",
-                "body": {"resource": h, "attribute": "status", "value": format!("{n}{pad}")}}),
-            )
-            .await;
-        assert_eq!(code(&update), 200, "{update}");
-    }
-    let b = bob.allocate("localhost", "hyperty", 1).await.remove(0);
-    let hi = "y".repeat(60_000);
-    let errors = send_all(
-        &mut bob,
-        [json!({"type": "create", "from": b, "to": a, "body": {"value": hi}})],
-    )
-    .await;
+    status_updates(&mut bob, &h).await;
+    let errors = reaches_away(addr, &mut bob, &a).await;
     assert!(errors.is_empty(), "bob's share is his own: {errors:?}");
-    let mut alice = Stub::connect(addr, alice_rt, ALICE).await;
-    assert_eq!(alice.recv().await["body"]["value"], hi.as_str());
     running.stop().await;
 }
 
