@@ -3,6 +3,7 @@
 //! something held): what the listeners' per-address shares, the handshakes per address
 //! block and the sockets per principal count in.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
@@ -63,12 +64,6 @@ impl<K: Eq + Hash> Drop for Counted<K> {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! msgnode: a policy-enforced reTHINK messaging node in front of Matrix.
 //!
 //! # Layout (lower floors first; no module imports one above it)
-//! - [`config`], [`clock`], [`http_auth`], [`ratelimit`], [`retry`], [`batch`],
-//!   [`telemetry`] — configuration (`msgnode.toml` + `MSGNODE_*` overrides), the wall clock,
-//!   bearer tokens, keyed rate limits, retry delays, writer threads woken once per burst,
-//!   process logging.
+//! - [`config`], [`clock`], [`http_auth`], [`ratelimit`], [`retry`], [`batch`], [`counted`],
+//!   [`sync`], [`telemetry`] — configuration (`msgnode.toml` + `MSGNODE_*` overrides), the
+//!   wall clock, bearer tokens, keyed rate limits, retry delays, writer threads woken once per
+//!   burst, counted places, locks that survive a panic, process logging.
 //! - [`pdp`] — the policy decision point: Rego bundle loading and hot reload, evaluation on
 //!   regorus, decision cache, decision log, metrics, policy tests, and the OPA-compatible
 //!   HTTP API (`pdp::api`).
@@ -49,5 +49,6 @@ pub mod policyserver;
 pub mod ratelimit;
 pub mod rethink;
 pub mod retry;
+pub mod sync;
 pub mod telemetry;
 pub mod version;

@@ -281,7 +281,7 @@ impl Turns {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
-        self.by_owner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.by_owner)
     }
 }
 
@@ -327,7 +327,7 @@ impl Owners {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Owner>>> {
-        self.by_owner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.by_owner)
     }
 }
 

@@ -10,6 +10,7 @@
 //!   socket — take, send, ack: the same hand-over as a reconnect, so nothing is handed over
 //!   twice.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
@@ -125,12 +126,6 @@ impl Drop for UnderWay<'_> {
             lock(&self.fetches.0).running.remove(self.url);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Bus {

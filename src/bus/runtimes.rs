@@ -214,7 +214,7 @@ impl Runtime {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Reads the durable record without copying it.

@@ -20,6 +20,7 @@
 //! Socket.IO protocol 5 clients (socket.io ≥ 3) connect
 //! too: their `0` is answered with the session id.
 
+use crate::sync::lock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -265,10 +266,6 @@ impl EngineIoHandler for Handler {
     fn on_binary(self: &Arc<Self>, _data: bytes::Bytes, socket: Arc<Socket<Session>>) {
         let _ = socket.emit(format!("4{}", json!("binary data is not supported")));
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Sends a Socket.IO DISCONNECT and closes the transport.

@@ -18,6 +18,7 @@
 //! (so each addressee gets them in order, and one slow post holds up only its own target's;
 //! 5 s per HTTP attempt); an HTTP peer's answer is read up to `[bus] max_frame_bytes`.
 
+use crate::sync::lock;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -536,12 +537,6 @@ impl Foreign {
         .await
         .cloned()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

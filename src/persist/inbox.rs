@@ -23,6 +23,7 @@
 //! inbox's. Messages come back as equivalent JSON (whitespace
 //! and key order may differ; text that is not JSON comes back as given).
 
+use crate::sync::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -646,12 +647,6 @@ impl Inbox {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl MatrixInbox {

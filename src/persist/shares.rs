@@ -110,9 +110,7 @@ impl Shares {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Charge, Held>> {
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.held)
     }
 }
 

@@ -36,6 +36,7 @@
 //! content stays under [`record::MAX_CONTENT_BYTES`], a record under
 //! [`record::MAX_RECORD_BYTES`] ([`StoreError::TooLarge`], in memory too).
 
+use crate::sync::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -1209,12 +1210,6 @@ fn merge_packs(events: &[Value], mut runtimes: BTreeMap<String, RuntimeRecord>) 
         index,
         next_seq: top + 1,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
