@@ -382,11 +382,7 @@ impl Default for CacheConfig {
             enabled: true,
             max_entries: 100_000,
             ttl: Duration::from_secs(10),
-            ignore_fields: vec![
-                "message.id".to_string(),
-                "context.time".to_string(),
-                "matrix.event_id".to_string(),
-            ],
+            ignore_fields: vec!["message.id".to_string(), "matrix.event_id".to_string()],
         }
     }
 }

@@ -433,6 +433,32 @@ async fn policies_health_and_metrics_report_the_bundle() {
     node.stop().await;
 }
 
+/// A cached decision outlived a time window's edge by up to the cache's TTL (10 s): the
+/// default key left `context.time` out. An input past the edge is decided afresh.
+#[tokio::test]
+async fn a_cached_decision_does_not_outlive_a_time_windows_edge() {
+    let policy = r#"package t
+default allow := false
+allow if input.context.time < "2026-12-02T10:00:00Z"
+decision := {"allow": allow, "reasons": set()}
+"#;
+    let node = Node::start(&[("policies/t.rego", policy)], |_| {}).await;
+    let at = |time: &str| format!(r#"{{"input": {{"context": {{"time": "{time}"}}}}}}"#);
+    for _ in 0..2 {
+        let (status, body) = node
+            .post("/v1/data/t/allow", at("2026-12-02T09:59:59Z"))
+            .await;
+        assert_eq!((status, &body["result"]), (200, &json!(true)), "{body}");
+    }
+    let (status, body) = node
+        .post("/v1/data/t/allow", at("2026-12-02T10:00:00Z"))
+        .await;
+    assert_eq!((status, &body["result"]), (200, &json!(false)), "{body}");
+    let text = node.text("/metrics").await;
+    assert!(text.contains("msgnode_pdp_cache_hits_total 1"), "{text}");
+    node.stop().await;
+}
+
 /// A reload opens every file of the bundle (and the gate runs its tests, which read them):
 /// those reads are no change, so an idle node reloads nothing — it did, again and again.
 #[tokio::test]
