@@ -7,7 +7,16 @@
 //!   scalar fields, its newest entries (the *tail*) and, when there are parts, `gen` and
 //!   `parts`: the `[slot, gen]` of every part that belongs to it, in order;
 //! - a **part** (`org.msgnode.bus.runtime.part`, state key `<runtime>#<slot>`) holds some of
-//!   the record's entries and the `gen` it was written in.
+//!   the record's entries, the `gen` it was written in and (with replicas) its `writer`.
+//!
+//! With replicas two of them can write one record at once (a runtime moving between them),
+//! and a state event has no compare-and-set: so a part is its writer's. A head names only
+//! parts its own writer wrote (a layout's part by another writer is rewritten, never kept),
+//! and a load takes a part only when its `writer` is the head's (a part without one, from
+//! before parts said who wrote them, is read as the head's); each writer also picks its new
+//! slots from a range of its own ([`first_slot`]). Two writers interleaving their puts then
+//! leave the last head with its own parts, or — their ranges meeting — a head whose parts
+//! were written over, which the load counts as damaged: never a silent mix of the two.
 //!
 //! Writing is ordered so that a crash between any two writes leaves either the old record
 //! or the new one: changed and new parts are written first, each into a slot the current
@@ -58,6 +67,21 @@ pub const TAIL_BYTES: usize = 8 * 1024;
 /// they are merged into parts as full as they go, so parts stay few while each entry is
 /// rewritten only a few times (in the tail, in a small part, in a merged one).
 const SMALL_PARTS: usize = 6;
+
+/// Where `writer`'s new parts go: slots from here up, past those the head names (one range
+/// per replica name, so two replicas writing one record at once pick different slots; the
+/// only writer, from 1). 255 ranges of 8,192 slots (a record has at most [`MAX_PARTS`]),
+/// the highest slot 7 digits, so a head's list of [`MAX_PARTS`] parts still fits it.
+pub(crate) fn first_slot(writer: Option<&str>) -> u32 {
+    use sha2::{Digest, Sha256};
+    match writer {
+        None => 1,
+        Some(name) => {
+            let digest = Sha256::digest(name.as_bytes());
+            (u32::from(digest[0]) % 255 + 1) << 13
+        }
+    }
+}
 
 /// The state key of part `slot` of `runtime`'s record.
 pub fn part_key(runtime: &str, slot: u32) -> String {
@@ -185,6 +209,8 @@ pub struct Part {
     pub slot: u32,
     /// The generation it was written in.
     pub gen: u64,
+    /// The replica that wrote it (`None`: the only writer, or written before parts said).
+    pub writer: Option<String>,
     /// Its entries.
     pub items: Vec<Item>,
 }
@@ -196,6 +222,9 @@ impl Part {
         extend(&mut record, self.items.iter().cloned());
         let mut content = to_object(&record);
         content.insert("gen".into(), json!(self.gen));
+        if let Some(writer) = &self.writer {
+            content.insert("writer".into(), json!(writer));
+        }
         Value::Object(content)
     }
 }
@@ -241,7 +270,8 @@ fn content_len(content: &Value) -> usize {
 
 /// The writes that take a runtime's stored record from `layout` (what its head names now;
 /// `None`: its head names no parts) to `record` (not empty), with `extra` fields in the
-/// head (the writer). Parts whose entries did not change are not rewritten.
+/// head (the writer: its `writer` is also the new parts'). Parts whose entries did not
+/// change are not rewritten, unless another writer wrote them.
 ///
 /// # Errors
 /// [`TooLarge`] when the record cannot be laid out within the bounds.
@@ -253,6 +283,7 @@ pub fn plan(
     check(record)?;
     let nothing = Layout::default();
     let layout = layout.unwrap_or(&nothing);
+    let writer = extra.get("writer").and_then(Value::as_str);
     // Generations only grow while a layout is known; a fresh one starts from the clock, so
     // it does not repeat an earlier write's.
     let gen = match layout.gen {
@@ -270,7 +301,8 @@ pub fn plan(
             .filter(|i| live.contains(i))
             .cloned()
             .collect();
-        if left.len() == part.items.len() {
+        // A head names only its own writer's parts: another's is rewritten.
+        if left.len() == part.items.len() && part.writer.as_deref() == writer {
             kept.push(part);
         } else if left.iter().map(Item::bytes).sum::<usize>() >= MIN_PART_BYTES {
             sealed.push(left); // rewritten, into another slot
@@ -309,12 +341,13 @@ pub fn plan(
     // The head holds the scalars and as much of the tail as fits; the rest is sealed into
     // new parts from its oldest end, each as full as it goes.
     let (head, new_parts) = loop {
-        let mut free = (1u32..).filter(|s| !named.contains(s));
+        let mut free = (first_slot(writer)..).filter(|s| !named.contains(s));
         let new_parts: Vec<Part> = sealed
             .iter()
             .map(|items| Part {
                 slot: free.next().unwrap_or(u32::MAX),
                 gen,
+                writer: writer.map(str::to_string),
                 items: items.clone(),
             })
             .collect();
@@ -440,16 +473,20 @@ pub fn named_parts(head: &Value) -> (Vec<(u32, u64)>, u64) {
     (parts, gen)
 }
 
-/// Reads a part's content as its generation and entries.
-fn read_part(content: &Value) -> Option<(u64, Vec<Item>)> {
+/// Reads a part's content as its generation, writer and entries.
+fn read_part(content: &Value) -> Option<(u64, Option<String>, Vec<Item>)> {
     let gen = content.get("gen")?.as_u64()?;
+    let writer = content
+        .get("writer")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let record: RuntimeRecord = serde_json::from_value(content.clone()).ok()?;
-    Some((gen, items(&record)))
+    Some((gen, writer, items(&record)))
 }
 
 /// A runtime's record from its head and the parts it names (`part(slot)`: that slot's
 /// content, if any): the record, its layout when it has parts, and the slots the head names
-/// that are missing or of another generation (left out of the record).
+/// that are missing, of another generation or by another writer (left out of the record).
 pub fn assemble(
     head: &Value,
     mut part: impl FnMut(u32) -> Option<Value>,
@@ -459,16 +496,21 @@ pub fn assemble(
     if named.is_empty() {
         return (head_record, None, Vec::new());
     }
+    let head_writer = head.get("writer").and_then(Value::as_str);
     let mut record = scalars(&head_record);
     let mut parts = Vec::with_capacity(named.len());
     let mut missing = Vec::new();
     for (slot, want) in named {
         match part(slot).as_ref().and_then(read_part) {
-            Some((got, items)) if got == want => {
+            Some((got, writer, items))
+                if got == want && writer.as_deref().is_none_or(|w| Some(w) == head_writer) =>
+            {
                 extend(&mut record, items.iter().cloned());
                 parts.push(Part {
                     slot,
                     gen: got,
+                    // One written before parts said who wrote them is the head's writer's.
+                    writer: writer.or_else(|| head_writer.map(str::to_string)),
                     items,
                 });
             }
@@ -782,6 +824,7 @@ mod tests {
         let stale = Part {
             slot: 99,
             gen: 1,
+            writer: None,
             items: vec![Item::Foreign("hyperty://evil.example/1".into())],
         };
         room.put(PART_EVENT_TYPE, part_key(RT, 99), stale.content());
@@ -818,6 +861,7 @@ mod tests {
             Part {
                 slot,
                 gen: 12345,
+                writer: None,
                 items: vec![],
             }
             .content(),
@@ -825,6 +869,65 @@ mod tests {
         let loaded = room.load();
         assert_eq!(loaded.damaged, 1);
         assert!(loaded.runtimes[RT].user.is_some(), "still its owner's");
+    }
+
+    fn written_by(name: &str) -> Map<String, Value> {
+        Map::from_iter([("writer".to_string(), json!(name))])
+    }
+
+    /// M1: a part is its writer's. A head names only its writer's parts, a load takes only
+    /// those (or parts that say no writer: records stored before parts said), and another
+    /// writer's new parts go into slots of its own.
+    #[test]
+    fn a_part_is_its_writers_and_parts_written_before_still_load() {
+        let mut room = Room::default();
+        let first = super::plan(None, &record(0..2000), &written_by("a")).expect("plan");
+        let layout = apply(&mut room, &first).expect("parts");
+        assert!(layout
+            .parts
+            .iter()
+            .all(|p| p.writer.as_deref() == Some("a")));
+        assert_eq!(room.load().runtimes[RT], record(0..2000));
+
+        // Stored before parts said who wrote them: loaded as they were.
+        let mut old = room.clone();
+        for ((kind, _), content) in old.0.iter_mut() {
+            if kind == PART_EVENT_TYPE {
+                content.as_object_mut().map(|c| c.remove("writer"));
+            }
+        }
+        let loaded = old.load();
+        assert_eq!(
+            (loaded.damaged, &loaded.runtimes[RT]),
+            (0, &record(0..2000))
+        );
+
+        // Another writer keeps none of a's parts, and writes its own elsewhere.
+        let other = super::plan(Some(&layout), &record(0..2000), &written_by("b")).expect("plan");
+        let a_slots: BTreeSet<u32> = layout.parts.iter().map(|p| p.slot).collect();
+        let b_layout = other.layout.clone().expect("parts");
+        assert!(b_layout
+            .parts
+            .iter()
+            .all(|p| p.writer.as_deref() == Some("b")));
+        assert!(b_layout.parts.iter().all(|p| !a_slots.contains(&p.slot)));
+        assert!(a_slots.iter().all(|s| other.empty.contains(s)));
+
+        // A head naming a slot that holds another writer's part of the same generation:
+        // damaged, not read as its own.
+        let (slot, gen) = (layout.parts[0].slot, layout.parts[0].gen);
+        let foreign = Part {
+            slot,
+            gen,
+            writer: Some("b".into()),
+            items: vec![Item::Foreign("hyperty://evil.example/1".into())],
+        };
+        room.put(PART_EVENT_TYPE, part_key(RT, slot), foreign.content());
+        let loaded = room.load();
+        assert_eq!(loaded.damaged, 1);
+        assert!(!loaded.runtimes[RT]
+            .foreign
+            .contains(&"hyperty://evil.example/1".to_string()));
     }
 
     #[test]

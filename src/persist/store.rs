@@ -1417,6 +1417,10 @@ mod tests {
         held: tokio::sync::Notify,
         release: tokio::sync::Notify,
         fail: Mutex<Option<&'static str>>,
+        /// One put chosen by `gate` waits, before it is stored, until `open`.
+        gate: Mutex<Option<HoldIf>>,
+        gated: tokio::sync::Notify,
+        open: tokio::sync::Notify,
     }
 
     type HoldIf = Box<dyn Fn(usize, &str, &Value) -> bool + Send>;
@@ -1424,6 +1428,10 @@ mod tests {
     impl FakeRoom {
         fn hold(&self, when: impl Fn(usize, &str, &Value) -> bool + Send + 'static) {
             *lock(&self.hold) = Some(Box::new(when));
+        }
+
+        fn gate(&self, when: impl Fn(usize, &str, &Value) -> bool + Send + 'static) {
+            *lock(&self.gate) = Some(Box::new(when));
         }
 
         fn puts(&self) -> usize {
@@ -1464,6 +1472,18 @@ mod tests {
                     return Err(ActorError::Unavailable);
                 }
                 let n = self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let gated = {
+                    let mut gate = lock(&self.gate);
+                    let now = gate.as_ref().is_some_and(|when| when(n, kind, content));
+                    if now {
+                        *gate = None;
+                    }
+                    now
+                };
+                if gated {
+                    self.gated.notify_one();
+                    self.open.notified().await;
+                }
                 lock(&self.events).insert((kind.to_string(), key.to_string()), content.clone());
                 let hold = {
                     let mut hold = lock(&self.hold);
@@ -1646,6 +1666,61 @@ mod tests {
         let (stored, damaged) = room.loaded();
         assert_eq!(damaged, 0, "parts the head names were written over");
         assert_eq!(entries(&stored[RUNTIME]), entries(&third));
+    }
+
+    /// M1: two replicas writing one record at once (the runtime moving between them, each
+    /// planning against the head it knows) never leave a head naming the other's parts as
+    /// its own. The interleaving: all of a's parts, then all of b's (and b's head), then a's
+    /// head. With their own slot ranges the last head loads whole; with ranges that meet,
+    /// the writer in each part makes the mix counted damage.
+    #[tokio::test]
+    async fn two_replicas_writing_one_record_never_mix_parts() {
+        let same_range = (0..)
+            .map(|n| format!("b{n}"))
+            .find(|b| record::first_slot(Some(b)) == record::first_slot(Some("a")))
+            .expect("a name in a's range");
+        for b_name in ["b".to_string(), same_range] {
+            assert!(
+                b_name == "b" || record::first_slot(Some(&b_name)) != record::first_slot(Some("b"))
+            );
+            let room = Arc::new(FakeRoom::default());
+            let (a, b) = (in_fake(&room, "a"), in_fake(&room, &b_name));
+            matrix(&a)
+                .write_runtime(RUNTIME, &claiming(0, 5_000), matrix(&a).next_seq())
+                .await
+                .expect("first write");
+            // b's follower saw a's head: b reads it before it writes.
+            b.forget(RUNTIME);
+            let (a_record, b_record) = (claiming(10_000, 15_000), claiming(20_000, 24_000));
+            room.gate(|_, kind, content| {
+                kind == RUNTIME_EVENT_TYPE && content.get("writer") == Some(&json!("a"))
+            });
+            let a_write = matrix(&a).write_runtime(RUNTIME, &a_record, matrix(&a).next_seq());
+            tokio::pin!(a_write);
+            tokio::select! {
+                written = &mut a_write => panic!("a's head was not held: {written:?}"),
+                () = room.gated.notified() => {} // a's parts are all stored
+            }
+            matrix(&b)
+                .write_runtime(RUNTIME, &b_record, matrix(&b).next_seq())
+                .await
+                .expect("b's write");
+            room.open.notify_one();
+            a_write.await.expect("a's write");
+            let (stored, damaged) = room.loaded();
+            let got = stored.get(RUNTIME).map(entries);
+            if b_name == "b" {
+                assert_eq!(damaged, 0, "each writer's parts are its own");
+                assert_eq!(got, Some(entries(&a_record)), "the last head, whole");
+            } else {
+                assert!(
+                    damaged > 0
+                        || got == Some(entries(&a_record))
+                        || got == Some(entries(&b_record)),
+                    "a mix of the two writes was loaded as a record"
+                );
+            }
+        }
     }
 
     /// A put whose caller goes away while it waits for the packs' writer is still stored by
