@@ -332,7 +332,7 @@ impl Bus {
     /// # Errors
     /// 408 when the store cannot record the release.
     pub async fn release(&self, conn: &Connection) -> Result<(), BusError> {
-        self.release_runtime(&conn.runtime, true).await?;
+        self.release_runtime(&conn.runtime).await?;
         tracing::info!(runtime = %conn.runtime.url, "runtime released its addresses");
         Ok(())
     }
@@ -340,19 +340,15 @@ impl Bus {
     /// Releases `runtime`: everything bound to it (addresses, subscriptions, return routes)
     /// and what its inbox still holds are gone; its URL and claimed addresses stay its
     /// owner's for good (the record becomes a tombstone, stored first), so nobody else can
-    /// take them over with what was addressed to them. Its registry entries go too, unless
-    /// `keep_registry` (the runtime said goodbye itself: the reference clients register on
-    /// one socket and look the entry up from the next; the entries stay the runtime's, and
-    /// the reaper deletes them once it has been away for `[bus] away_release_after`).
+    /// take them over with what was addressed to them. Its registry entries stay the
+    /// runtime's (the reference clients register on one socket and look the entry up from
+    /// the next): the reaper deletes them, a few per step, once it has been away for `[bus]
+    /// away_release_after` (`housekeeping`).
     ///
     /// A release holds the runtime's hand-over turn from start to end: a socket attaching
     /// meanwhile (a reconnect right after `close`) waits, then finds the runtime released
     /// and takes it up again, empty — never half released, never released under it.
-    pub(super) async fn release_runtime(
-        &self,
-        runtime: &Arc<Runtime>,
-        keep_registry: bool,
-    ) -> Result<(), BusError> {
+    pub(super) async fn release_runtime(&self, runtime: &Arc<Runtime>) -> Result<(), BusError> {
         let _turn = runtime.handover().await;
         let Some(owner) = runtime.user() else {
             // Never owned, so never stored by this node (a record is first written with its
@@ -371,14 +367,6 @@ impl Bus {
         self.inner.subscriptions.remove_runtime(&runtime.url);
         self.inner.table.unbind_record(runtime, true);
         runtime.update(|r| *r = tombstone);
-        match &self.inner.connectors.builtin_registry {
-            Some(registry) if !keep_registry => {
-                if let Err(e) = registry.remove_runtime(&runtime.url).await {
-                    tracing::warn!(%e, runtime = %runtime.url, "released runtime: its registry entries are not all removed yet");
-                }
-            }
-            _ => {}
-        }
         match self.inner.persistence.inbox.discard(&runtime.url).await {
             Ok(0) => {}
             Ok(n) => {

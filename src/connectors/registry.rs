@@ -114,16 +114,18 @@ impl BuiltinRegistry {
             .sum()
     }
 
-    /// Removes every entry `runtime` registered (it was released): stored, then forgotten.
+    /// Removes at most `at_most` of the entries `runtime` registered (it was released):
+    /// stored, then forgotten; how many. (The caller bounds its writes per step: the rest
+    /// are removed by its next call.)
     ///
     /// # Errors
-    /// The store cannot record a removal now (the rest stay for a later release).
-    pub async fn remove_runtime(&self, runtime: &str) -> Result<usize, BusError> {
+    /// The store cannot record a removal now (the rest stay for a later call).
+    pub async fn remove_runtime(&self, runtime: &str, at_most: usize) -> Result<usize, BusError> {
         let urls: Vec<String> = self
             .read()
             .by_runtime
             .get(runtime)
-            .map(|urls| urls.iter().cloned().collect())
+            .map(|urls| urls.iter().take(at_most).cloned().collect())
             .unwrap_or_default();
         for url in &urls {
             self.put(url, None).await?;
