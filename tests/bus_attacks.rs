@@ -2333,6 +2333,11 @@ async fn a_peer_only_routes() {
             "not forwarded to a third domain",
             json!({"type": "create", "to": "hyperty://hybroker.example/y"}),
         ),
+        // M8: a peer's `close` released its stand-in.
+        (
+            "close a session",
+            json!({"type": "close", "to": "mn:/session"}),
+        ),
     ];
     for (n, (reason, mut message)) in refused.into_iter().enumerate() {
         message["id"] = json!(n + 1);
@@ -2361,6 +2366,51 @@ async fn a_peer_only_routes() {
         .expect("post");
     assert_eq!(posted.status(), 202);
     assert_eq!(bob.recv().await["from"], from);
+    running.stop().await;
+}
+
+/// Review bus-4 M10 (N13's `Destination::Topic` branch): a peer's message to a third
+/// domain's topic that local runtimes subscribed to is refused whole (403, nothing delivered
+/// to the local subscribers, nothing forwarded to the third domain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_does_not_publish_to_a_third_domains_topic() {
+    let policies = common::policies_with(|data| {
+        data["subscription"]["trusted_domains"] = json!(["hybroker.example"]);
+        data["subscription"]["consent"]["comm://hybroker.example/room"] =
+            json!(["runtime://localhost/alice-rt"]);
+    });
+    let running = node_with(|c| {
+        c.pdp.policies = policies.path().to_path_buf();
+        c.pdp.reload_requires_tests = Some(false);
+    })
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let http = reqwest::Client::new();
+    let children = "comm://hybroker.example/room/children/chat";
+    let mut alice = bound(addr, "runtime://localhost/alice-rt", ALICE).await;
+    let sub = alice
+        .request(
+            json!({"type": "subscribe", "from": "runtime://localhost/alice-rt/sm",
+            "to": format!("{MN}/sm"), "body": {"resources": [children]}}),
+        )
+        .await;
+    assert_eq!(code(&sub), 200, "{sub}");
+    let answer = from_peer(
+        &http,
+        addr,
+        json!({"id": 1, "type": "create", "from": "hyperty://msgnode.test/h",
+            "to": children, "body": {"value": "relayed?"}}),
+    )
+    .await;
+    assert_eq!(code(&answer), 403, "{answer}");
+    assert!(
+        description(&answer).contains("not forwarded to a third domain"),
+        "{answer}"
+    );
+    assert!(
+        quiet(&mut alice).await.is_none(),
+        "a local subscriber got it"
+    );
     running.stop().await;
 }
 

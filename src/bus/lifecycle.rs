@@ -382,7 +382,7 @@ impl Bus {
     /// Puts a stored runtime into the table (away), with its bindings and subscriptions.
     pub(super) fn restore(&self, url: &str, record: RuntimeRecord) {
         if self.is_stand_in(url) {
-            self.inner.table.stand_in(url, || record);
+            self.restore_stand_in(url, record);
             return;
         }
         if let Some(problem) = self.inner.nodes.runtime_url_problem(url) {
@@ -395,7 +395,10 @@ impl Bus {
 
     /// Replaces `runtime`'s record (written by another replica), its bindings and
     /// subscriptions with it; the runtime itself stays (a socket may be attaching to it).
-    pub(super) fn rebind(&self, runtime: &Arc<Runtime>, record: RuntimeRecord) {
+    pub(super) fn rebind(&self, runtime: &Arc<Runtime>, mut record: RuntimeRecord) {
+        if self.is_stand_in(&runtime.url) {
+            record = super::peers::stand_in_holdings(&record);
+        }
         self.inner.table.unbind_record(runtime, false);
         self.inner.subscriptions.remove_runtime(&runtime.url);
         runtime.update(|r| *r = record);

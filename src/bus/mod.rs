@@ -340,11 +340,11 @@ impl Bus {
         message: &Message,
     ) -> Result<Option<String>, BusError> {
         let request = Request::parse(&self.inner.nodes, message)?;
-        if let Request::Session(op) = request {
-            return self.session(conn, message, op).await;
-        }
         if let Principal::Peer(domain) = &conn.principal {
             peers::only_routes(domain, &request, message)?;
+        }
+        if let Request::Session(op) = request {
+            return self.session(conn, message, op).await;
         }
         self.verify_identity(conn, message).await?;
         // A request that may add to what the principal holds is decided and its change

@@ -214,6 +214,26 @@ impl Bus {
         Arc::new(Connection::new(0, runtime, principal, Outbound::detached()))
     }
 
+    /// Puts the stand-in `url` into the table from its stored record, without what a
+    /// stand-in may not hold ([`stand_in_holdings`]: a record stored before peers only
+    /// routed may have addresses, subscriptions or return routes, which would take messages
+    /// into an inbox nobody reads); a record that had any is stored again once, without.
+    pub(super) fn restore_stand_in(&self, url: &str, record: RuntimeRecord) {
+        let held = stand_in_holdings(&record);
+        let stripped = held != record;
+        let runtime = self.inner.table.stand_in(url, || held);
+        if stripped {
+            tracing::info!(runtime = %url, "a peer's stand-in restored without the addresses, subscriptions and return routes it may not hold");
+            let bus = self.clone();
+            self.inner.tracker.spawn(async move {
+                let record = runtime.record();
+                if let Err(error) = bus.persist(&runtime.url, &record).await {
+                    tracing::warn!(%error, runtime = %runtime.url, "cannot store a peer's stand-in without its old holdings");
+                }
+            });
+        }
+    }
+
     /// Whether the stored runtime `url` is the stand-in of a configured peer node.
     pub(super) fn is_stand_in(&self, url: &str) -> bool {
         url.strip_prefix("domain://msg-node.")
@@ -223,15 +243,28 @@ impl Bus {
     }
 }
 
+/// What a peer's stand-in may hold of `record`: its owner, its claims (an owner's for good)
+/// and its state — no allocations, subscriptions or return routes (a peer only routes).
+pub(super) fn stand_in_holdings(record: &RuntimeRecord) -> RuntimeRecord {
+    RuntimeRecord {
+        allocations: Default::default(),
+        subscriptions: Default::default(),
+        foreign: Vec::new(),
+        ..record.clone()
+    }
+}
+
 /// A peer node only routes (its messages to this domain's addresses, and answers): it
 /// holds nothing here, so it may not allocate addresses, subscribe or write to the registry
-/// (403); it may read the registry.
+/// (403); it may read the registry. It has no session either: it may not close one (which
+/// released its stand-in); an `open` or `ping` is answered.
 pub(super) fn only_routes(
     domain: &str,
     request: &Request,
     message: &Message,
 ) -> Result<(), BusError> {
     let asks = match request {
+        Request::Session(super::session::SessionOp::Close) => "close a session (it has none)",
         Request::Allocation(_) => "allocate addresses",
         Request::Subscribe => "subscribe",
         Request::Registry if !message.kind_is("read") => "write to the registry",
@@ -245,4 +278,104 @@ pub(super) fn only_routes(
 /// The runtime URL standing for the peer node of `domain`.
 fn stand_in_url(domain: &str) -> String {
     format!("domain://msg-node.{domain}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Peer;
+
+    const PEER: &str = "msgnode.test";
+    const ADDRESS: &str = "hyperty://localhost/held-by-the-stand-in";
+
+    /// A node with a memory bus and the peer node `PEER`.
+    async fn node() -> crate::cmd::run::Running {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut config = crate::config::Config::default();
+        config.pdp.listen = ([127, 0, 0, 1], 0).into();
+        config.pdp.policies = repo.join("policies");
+        config.pdp.schema_dir = repo.join("schemas");
+        config.pdp.decision_log.enabled = false;
+        config.bus.enabled = true;
+        config.bus.listen = ([127, 0, 0, 1], 0).into();
+        config.bus.domain = Some("localhost".into());
+        config.bus.peers = vec![Peer {
+            domain: PEER.into(),
+            url: "http://127.0.0.1:9".into(),
+            token: "peer-token".into(),
+            matrix_user: None,
+        }];
+        crate::cmd::run::start(config).await.expect("start")
+    }
+
+    /// Review bus-4 M8: a stand-in restored from a record stored before peers only routed
+    /// kept its allocations (what was sent to them went into an inbox nobody reads, for as
+    /// long as the peer talked), subscriptions and return routes. Restored without them, and
+    /// stored so once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stand_in_restored_from_an_old_record_holds_nothing() {
+        let running = node().await;
+        let bus = running.bus.clone().expect("bus");
+        let url = stand_in_url(PEER);
+        let mut old = RuntimeRecord {
+            user: Some(Principal::Peer(PEER.into()).owner()),
+            foreign: vec!["hyperty://hybroker.example/route".into()],
+            ..RuntimeRecord::default()
+        };
+        old.allocations.insert("k".into(), vec![ADDRESS.into()]);
+        old.subscriptions
+            .insert("comm://localhost/o/changes".into(), ADDRESS.into());
+        // What a start (or another replica's record) does with the stored record.
+        bus.restore(&url, old.clone());
+        assert!(
+            bus.inner.table.holder_of(ADDRESS).is_none(),
+            "the address is not bound"
+        );
+        assert!(bus
+            .inner
+            .table
+            .holder_of("hyperty://hybroker.example/route")
+            .is_none());
+        let stand_in = bus.inner.table.get_runtime(&url).expect("the stand-in");
+        assert_eq!(stand_in.record(), stand_in_holdings(&old));
+        assert_eq!(stand_in.user(), old.user, "still the peer's");
+
+        // A local message to the address it held: 404, not into the stand-in's inbox.
+        let alice = Principal::NetworkServer("alice".into());
+        let runtime = bus
+            .bind("runtime://localhost/alice-rt", &alice)
+            .await
+            .expect("bind");
+        let conn = Connection::new(1, runtime, alice, Outbound::detached());
+        let message = Message::parse(
+            serde_json::json!({"id": 1, "type": "create",
+                "from": "runtime://localhost/alice-rt", "to": ADDRESS})
+            .to_string(),
+        )
+        .expect("message");
+        let answer = bus.handle(&conn, message).await.expect("an answer");
+        let answer: Value = serde_json::from_str(&answer).expect("json");
+        assert_eq!(answer["body"]["code"], 404, "{answer}");
+
+        // Stored without them.
+        let store = bus.inner.persistence.store.clone();
+        let mut stored = None;
+        for _ in 0..500 {
+            stored = store
+                .load()
+                .await
+                .expect("load")
+                .runtimes
+                .get(&url)
+                .cloned();
+            if stored.as_ref() == Some(&stand_in_holdings(&old)) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(stored, Some(stand_in_holdings(&old)));
+        running.stop().await;
+    }
 }
