@@ -237,10 +237,14 @@ pub struct Layout {
     pub gen: u64,
     /// The parts that head names, in its order.
     pub parts: Vec<Part>,
-    /// Slots that may hold content the head does not account for (a write that did not
-    /// reach its head, surplus not emptied yet, or parts named by a head another replica
-    /// wrote): never written over, emptied after the next head.
+    /// Slots of this store's that may hold content the head does not account for (a write
+    /// that did not reach its head, surplus not emptied yet, parts of its own another
+    /// replica's head replaced): never written over, emptied after the next head.
     pub stale: BTreeSet<u32>,
+    /// Slots a head of another writer named when this store last read it: never written
+    /// over, and never emptied by this store — that writer may be storing a head naming them
+    /// right now, and it empties its own parts when it writes again.
+    pub foreign: BTreeSet<u32>,
 }
 
 /// The writes that store a record, in order: `parts`, then `head`, then `empty` (slots to
@@ -336,6 +340,7 @@ pub fn plan(
         .iter()
         .map(|p| p.slot)
         .chain(layout.stale.iter().copied())
+        .chain(layout.foreign.iter().copied())
         .collect();
     let mut rest: &[Item] = &tail;
     // The head holds the scalars and as much of the tail as fits; the rest is sealed into
@@ -385,12 +390,17 @@ pub fn plan(
         .map(|p| p.slot)
         .chain(new_parts.iter().map(|p| p.slot))
         .collect();
-    let empty: Vec<u32> = named.iter().copied().filter(|s| !now.contains(s)).collect();
+    let empty: Vec<u32> = named
+        .iter()
+        .copied()
+        .filter(|s| !now.contains(s) && !layout.foreign.contains(s))
+        .collect();
     let all: Vec<Part> = kept.into_iter().cloned().chain(new_parts).collect();
-    let layout = (!all.is_empty()).then_some(Layout {
+    let layout = (!all.is_empty() || !layout.foreign.is_empty()).then_some(Layout {
         gen,
         parts: all,
         stale: BTreeSet::new(),
+        foreign: layout.foreign.clone(),
     });
     Ok(Plan {
         parts,
@@ -521,7 +531,7 @@ pub fn assemble(
     let layout = Layout {
         gen,
         parts,
-        stale: BTreeSet::new(),
+        ..Layout::default()
     };
     (record, Some(layout), missing)
 }

@@ -1007,13 +1007,17 @@ impl MatrixStore {
             )
         };
         if seen.is_some() {
-            // Another replica wrote it last: whatever its head names is not written over.
+            // Another replica wrote it last: whatever its head names is neither written over
+            // nor emptied (that replica may be storing a head that keeps them right now); this
+            // store's own earlier parts, which no head of another names, are emptied.
             if let Some(head) = self.state(RUNTIME_EVENT_TYPE, key).await? {
                 let (named, gen) = record::named_parts(&head);
                 let mut known = layout.unwrap_or_default();
                 known.gen = known.gen.max(gen);
-                known.parts.clear();
-                known.stale.extend(named.into_iter().map(|(slot, _)| slot));
+                known.foreign = named.into_iter().map(|(slot, _)| slot).collect();
+                let own = known.parts.drain(..).map(|p| p.slot);
+                known.stale.extend(own);
+                known.stale.retain(|slot| !known.foreign.contains(slot));
                 layout = Some(known);
             }
         }
@@ -1046,6 +1050,7 @@ impl MatrixStore {
                         .iter()
                         .map(|p| p.slot)
                         .chain(l.stale.iter().copied())
+                        .filter(|slot| !l.foreign.contains(slot))
                 })
                 .collect();
             self.empty_parts(key, seen, slots, None).await;
@@ -1721,6 +1726,41 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Fifth review P1: a replica that read another's head emptied the slots that head named,
+    /// while the other's concurrent write kept most of them (a small change): when the other's
+    /// head landed last, it named emptied parts, and the claims in them were lost.
+    #[tokio::test]
+    async fn a_replica_never_empties_parts_another_replicas_head_keeps() {
+        let room = Arc::new(FakeRoom::default());
+        let (a, b) = (in_fake(&room, "a"), in_fake(&room, "b"));
+        matrix(&a)
+            .write_runtime(RUNTIME, &claiming(0, 5_000), matrix(&a).next_seq())
+            .await
+            .expect("first write");
+        b.forget(RUNTIME);
+        // a's change is small: it keeps its parts and adds one claim.
+        let a_record = claiming(0, 5_001);
+        room.gate(|_, kind, content| {
+            kind == RUNTIME_EVENT_TYPE && content.get("writer") == Some(&json!("a"))
+        });
+        let a_write = matrix(&a).write_runtime(RUNTIME, &a_record, matrix(&a).next_seq());
+        tokio::pin!(a_write);
+        tokio::select! {
+            written = &mut a_write => panic!("a's head was not held: {written:?}"),
+            () = room.gated.notified() => {}
+        }
+        // b's whole write, its empties included, before a's head lands.
+        matrix(&b)
+            .write_runtime(RUNTIME, &claiming(20_000, 24_000), matrix(&b).next_seq())
+            .await
+            .expect("b's write");
+        room.open.notify_one();
+        a_write.await.expect("a's write");
+        let (stored, damaged) = room.loaded();
+        assert_eq!(damaged, 0, "a's head names only parts that are there");
+        assert_eq!(stored.get(RUNTIME).map(entries), Some(entries(&a_record)));
     }
 
     /// A put whose caller goes away while it waits for the packs' writer is still stored by
