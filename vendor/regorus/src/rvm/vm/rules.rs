@@ -102,9 +102,7 @@ impl RegoVM {
                     ctx.current_definition_index = def_idx;
                 }
 
-                self.registers
-                    .resize(num_retained_registers, Value::Undefined);
-                self.registers.resize(num_registers, Value::Undefined);
+                self.reset_body_registers(num_retained_registers, num_registers);
 
                 if let Some(destructuring_entry_point) =
                     rule_info.destructuring_blocks.get(def_idx).and_then(|x| *x)
@@ -600,10 +598,10 @@ impl RegoVM {
                     ctx.current_body_index = frame_data.current_body_index;
                 }
 
-                self.registers
-                    .resize(frame_data.num_retained_registers, Value::Undefined);
-                self.registers
-                    .resize(frame_data.num_registers, Value::Undefined);
+                self.reset_body_registers(
+                    frame_data.num_retained_registers,
+                    frame_data.num_registers,
+                );
 
                 if let Some(destructuring_entry_point) = rule_info
                     .destructuring_blocks

@@ -284,6 +284,31 @@ impl RegoVM {
         self.register_window_pool.pop().unwrap_or_default()
     }
 
+    /// Readies the register window for the next body of a rule: the `retained` registers
+    /// (the result slot and a function's arguments) keep their values, the registers from
+    /// `retained` up to `count` hold `Undefined`, and the window has `count` registers.
+    ///
+    /// msgnode patch: only the registers a previous body left a value in are reset; the
+    /// others hold `Undefined` already. This was two `resize`s per body, the first dropping
+    /// every register past `retained` and the second writing `Undefined` into each of them
+    /// again, so a rule with many bodies that each fail early paid for every register of
+    /// the window at every body.
+    pub(super) fn reset_body_registers(&mut self, retained: usize, count: usize) {
+        let registers = &mut self.registers;
+        // Registers past the window (pushed by a body as temporaries) are dropped.
+        registers.truncate(count);
+        if let Some(written) = registers.get_mut(retained..) {
+            for register in written
+                .iter_mut()
+                .filter(|register| !matches!(register, Value::Undefined))
+            {
+                *register = Value::Undefined;
+            }
+        }
+        // The first body: a window that holds only the retained registers so far.
+        registers.resize(count, Value::Undefined);
+    }
+
     /// Return a register window to the pool for reuse
     pub(super) fn return_register_window(&mut self, mut window: Vec<Value>) {
         window.clear(); // Clear contents for reuse
