@@ -45,6 +45,12 @@ mod close_code {
     pub const TRY_AGAIN: u16 = 1013;
 }
 
+/// How much one read of a socket takes at most. The WebSocket reader zero-fills this much
+/// of its buffer before every read, including each read that finds nothing waiting (the
+/// library's default, 128 KiB, cost a routed message more than its cache key and look-up);
+/// a larger frame is read in several reads.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Upgrades to a WebSocket session of a protocol stub (`legacy`: the 2016 Matrix stub's
 /// `/stub/connect`, which answers a bad first frame with its own `connect` command).
 pub(super) fn upgrade(
@@ -75,6 +81,7 @@ pub(super) fn upgrade(
     let max = bus.config().max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| session(bus, socket, token, runtime, legacy, pending))
 }
 
