@@ -119,6 +119,27 @@ impl Stub {
         self.response_to(&id).await
     }
 
+    /// As [`Stub::request`], but `None` instead of a panic when the node closes the socket
+    /// first (a connection it refuses).
+    pub async fn try_request(&mut self, mut message: Value) -> Option<Value> {
+        if message.get("id").is_none() {
+            message["id"] = json!(self.next_id);
+            self.next_id += 1;
+        }
+        let id = message["id"].clone();
+        self.socket
+            .send(Ws::Text(message.to_string().into()))
+            .await
+            .ok()?;
+        loop {
+            let frame = self.next_frame().await?;
+            if frame["type"] == "response" && frame["id"] == id {
+                return Some(frame);
+            }
+            self.inbox.push_back(frame);
+        }
+    }
+
     /// Waits for the response to `id`.
     pub async fn response_to(&mut self, id: &Value) -> Value {
         if let Some(pos) = self
