@@ -10,7 +10,6 @@
 //! request is a policy decision too: the message's input carries `allocation`
 //! (`{action, scheme, number, held}`) so quotas and schemes are the policy's call.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -291,26 +290,7 @@ impl Bus {
         addresses: &[String],
         key: Option<&str>,
     ) -> Vec<String> {
-        let wanted: HashSet<&str> = addresses.iter().map(String::as_str).collect();
-        let mut released = Vec::new();
-        runtime.change(|r| {
-            if let Some(block) = key.and_then(|key| r.allocations.remove(key)) {
-                released.extend(block);
-            }
-            if key.is_some() {
-                return; // the block under the key is all of it
-            }
-            for block in r.allocations.values_mut() {
-                block.retain(|a| {
-                    let keep = !wanted.contains(a.as_str());
-                    if !keep {
-                        released.push(a.clone());
-                    }
-                    keep
-                });
-            }
-            r.allocations.retain(|_, block| !block.is_empty());
-        });
+        let released = runtime.release(addresses, key);
         for address in addresses {
             self.inner.table.unbind(address, runtime);
         }

@@ -56,6 +56,10 @@ struct RuntimeState {
     owner: Option<Arc<Owner>>,
     /// Since when its socket's queue has been full (`None`: it keeps up).
     behind_since: Option<Instant>,
+    /// Allocated address → its allocation key, built on the first release by address and
+    /// kept by allocations and releases (dropped by any other change), so a release costs
+    /// what it releases, not what the runtime holds.
+    keys: Option<HashMap<String, String>>,
 }
 
 impl RuntimeState {
@@ -187,6 +191,7 @@ impl Runtime {
                 away_since: Some(Instant::now()),
                 owner: None,
                 behind_since: None,
+                keys: None,
             }),
             handover: tokio::sync::Mutex::new(()),
             settled: tokio::sync::Notify::new(),
@@ -238,6 +243,7 @@ impl Runtime {
         change(&mut state.record);
         let after = counts(&state.record);
         state.counted(after);
+        state.keys = None;
         state.record.clone()
     }
 
@@ -248,6 +254,7 @@ impl Runtime {
         change(&mut state.record);
         let after = counts(&state.record);
         state.counted(after);
+        state.keys = None;
     }
 
     /// Adds `addresses` to the block under `key`, without copying the record or counting it
@@ -259,11 +266,65 @@ impl Runtime {
             None => state.record.allocations.entry(key.to_string()).or_default(),
         };
         block.extend(addresses.iter().cloned());
+        if let Some(keys) = &mut state.keys {
+            keys.extend(addresses.iter().map(|a| (a.clone(), key.to_string())));
+        }
         let after = Counts {
             addresses: state.counts.addresses + addresses.len(),
             ..state.counts
         };
         state.counted(after);
+    }
+
+    /// Takes `addresses` (each an allocated address, in whatever block) and the block under
+    /// `key` out of the record; what was held of them. Costs what it takes out (the blocks
+    /// it touches), not what the runtime holds: the address → key index is built once.
+    pub fn release(&self, addresses: &[String], key: Option<&str>) -> Vec<String> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut released = Vec::new();
+        let mut gone = 0;
+        if let Some(key) = key {
+            released.extend(state.record.allocations.remove(key).unwrap_or_default());
+            gone = released.len();
+            if let Some(keys) = &mut state.keys {
+                for address in &released {
+                    keys.remove(address);
+                }
+            }
+        } else {
+            let record = &state.record;
+            let keys = state.keys.get_or_insert_with(|| {
+                record
+                    .allocations
+                    .iter()
+                    .flat_map(|(k, block)| block.iter().map(|a| (a.clone(), k.clone())))
+                    .collect()
+            });
+            for address in addresses {
+                let Some(key) = keys.remove(address) else {
+                    continue;
+                };
+                let Some(block) = state.record.allocations.get_mut(&key) else {
+                    continue;
+                };
+                let before = block.len();
+                block.retain(|a| a != address);
+                if block.len() < before {
+                    gone += before - block.len();
+                    released.push(address.clone());
+                }
+                if block.is_empty() {
+                    state.record.allocations.remove(&key);
+                }
+            }
+        }
+        let after = Counts {
+            addresses: state.counts.addresses.saturating_sub(gone),
+            ..state.counts
+        };
+        state.counted(after);
+        released
     }
 
     /// The holdings of the principal that owns the runtime (once one does).
@@ -771,6 +832,43 @@ mod tests {
                 done => return done,
             }
         }
+    }
+
+    #[test]
+    fn a_release_by_address_takes_what_it_names_and_counts_follow() {
+        let rt = Runtime::new("runtime://example.com/1", RuntimeRecord::default());
+        let a = |i: usize| format!("hyperty://example.com/{i}");
+        for i in 0..100 {
+            rt.allocated(&format!("k{}", i / 3), &[a(i)]);
+        }
+        let check = |rt: &Runtime| {
+            let state = rt.lock();
+            assert_eq!(state.counts, counts(&state.record));
+        };
+        // By address, the index built on the first; unknown and repeated ones are skipped.
+        let released = rt.release(&[a(4), a(50), a(50), a(1000)], None);
+        assert_eq!(released, vec![a(4), a(50)]);
+        check(&rt);
+        rt.allocated("k99", &[a(200)]);
+        assert_eq!(rt.release(&[a(200), a(3)], None), vec![a(200), a(3)]);
+        assert!(
+            rt.with_record(|r| !r.allocations.contains_key("k99")),
+            "empty block gone"
+        );
+        check(&rt);
+        // By key, then the index is still right; any other change drops it.
+        assert_eq!(rt.release(&[], Some("k2")), vec![a(6), a(7), a(8)]);
+        assert!(rt.release(&[a(7)], None).is_empty());
+        rt.change(|r| {
+            r.allocations.insert("moved".into(), vec![a(9)]);
+            if let Some(block) = r.allocations.get_mut("k3") {
+                block.retain(|x| *x != a(9));
+            }
+        });
+        assert_eq!(rt.release(&[a(9)], None), vec![a(9)]);
+        assert!(rt.with_record(|r| !r.allocations.contains_key("moved")));
+        check(&rt);
+        assert_eq!(rt.held(), 101 - 8);
     }
 
     #[tokio::test]

@@ -26,12 +26,19 @@
 //! head, or surplus not yet emptied) are ignored, and parts without a head are orphans.
 //!
 //! Entries stay in their part while they live: an append goes to the head's tail and is
-//! sealed into a new part once the tail is over [`TAIL_BYTES`], a removal rewrites only the
-//! part that held the entry (a part fallen under a quarter full goes back to the tail), and
+//! sealed into a new part once the tail is over [`TAIL_BYTES`]; a removal from a part is
+//! recorded in the head (`removed`: the places gone from each part it names, as ranges),
+//! and the part is not written again until the head's removals outgrow [`REMOVED_BYTES`]
+//! (then the parts with the most are rewritten without them, or what is left goes back to
+//! the tail when little is); a part with nothing left is dropped (its slot emptied), and
 //! more than a few small parts are merged into full ones. So a write costs what it changed
-//! plus a head of at most [`TAIL_BYTES`] of entries and its list of parts — not what the
-//! record holds: a runtime allocating block after block rewrites a small head and, now and
-//! then, one small part (and, less often, merges a few into one).
+//! plus a head of at most [`TAIL_BYTES`] of entries, [`REMOVED_BYTES`] of removals and its
+//! list of parts — not what the record holds: a runtime allocating block after block
+//! rewrites a small head and, now and then, one small part; releasing them one by one
+//! rewrites the head and, now and then, empties a part. The removals are sealed with the
+//! head they are in: a load takes a named part's entries less the places its head
+//! removed, so an entry removed by a stored head is never read back. (A head written
+//! before removals were recorded has none: it loads as before.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -57,6 +64,10 @@ pub const MAX_PARTS: usize = 2048;
 
 /// A part fallen under this many bytes goes back to the tail instead of being rewritten.
 const MIN_PART_BYTES: usize = MAX_CONTENT_BYTES / 4;
+
+/// Most bytes of the head's list of entries removed from its parts: past it, the parts
+/// with the most removals are rewritten without them.
+pub const REMOVED_BYTES: usize = 4 * 1024;
 
 /// Most bytes of entries the head keeps (its tail): past it the tail is sealed into a part.
 /// Every write of the record rewrites its head, so this bounds what a write costs beyond
@@ -203,7 +214,7 @@ pub fn added(items: &[Item]) -> Result<usize, TooLarge> {
 }
 
 /// One stored part: where, in which generation, what.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Part {
     /// Its slot (state key `<runtime>#<slot>`).
     pub slot: u32,
@@ -211,11 +222,27 @@ pub struct Part {
     pub gen: u64,
     /// The replica that wrote it (`None`: the only writer, or written before parts said).
     pub writer: Option<String>,
-    /// Its entries.
+    /// Its entries, as written.
     pub items: Vec<Item>,
+    /// Which of `items` (their places) the head says are removed since.
+    pub removed: BTreeSet<u32>,
 }
 
 impl Part {
+    /// The entries it holds now (those not removed).
+    fn live(&self) -> impl Iterator<Item = &Item> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.removed.contains(&(*i as u32)))
+            .map(|(_, item)| item)
+    }
+
+    /// The bytes of the entries it holds now.
+    fn live_bytes(&self) -> usize {
+        self.live().map(Item::bytes).sum()
+    }
+
     /// The part's event content.
     pub fn content(&self) -> Value {
         let mut record = RuntimeRecord::default();
@@ -296,36 +323,57 @@ pub fn plan(
     };
     let wanted = items(record);
     let live: HashSet<&Item> = wanted.iter().collect();
-    let mut kept: Vec<&Part> = Vec::new();
+    // Entries gone from a part are recorded in the head (its `removed`), not rewritten: a
+    // part is rewritten only when the head's list of removals outgrows
+    // [`REMOVED_BYTES`], and a part with nothing left is dropped.
+    let mut kept: Vec<Part> = Vec::new();
     let mut sealed: Vec<Vec<Item>> = Vec::new();
     for part in &layout.parts {
-        let left: Vec<Item> = part
-            .items
-            .iter()
-            .filter(|i| live.contains(i))
-            .cloned()
-            .collect();
+        let mut part = part.clone();
+        for (i, item) in part.items.iter().enumerate() {
+            if !live.contains(item) {
+                part.removed.insert(i as u32);
+            }
+        }
+        if part.removed.len() == part.items.len() {
+            continue; // nothing left: dropped
+        }
         // A head names only its own writer's parts: another's is rewritten.
-        if left.len() == part.items.len() && part.writer.as_deref() == writer {
-            kept.push(part);
-        } else if left.iter().map(Item::bytes).sum::<usize>() >= MIN_PART_BYTES {
-            sealed.push(left); // rewritten, into another slot
+        if part.writer.as_deref() != writer {
+            if part.live_bytes() >= MIN_PART_BYTES {
+                sealed.push(part.live().cloned().collect()); // into another slot
+            } // else: what is left goes back to the tail
+            continue;
+        }
+        kept.push(part);
+    }
+    // Too many removals for the head: the parts with the most are rewritten (what is left
+    // of each into another slot, or back to the tail when little is).
+    let mut removals: usize = kept.iter().map(|p| removed_len(&p.removed)).sum();
+    while removals > REMOVED_BYTES {
+        let Some((at, _)) = kept.iter().enumerate().max_by_key(|(_, p)| p.removed.len()) else {
+            break;
+        };
+        let part = kept.remove(at);
+        removals -= removed_len(&part.removed);
+        if part.live_bytes() >= MIN_PART_BYTES {
+            sealed.push(part.live().cloned().collect()); // rewritten, into another slot
         } // else: what is left goes back to the tail
     }
     // Too many small parts: merged, as full as they go, into other slots.
-    let small = |p: &Part| p.items.iter().map(Item::bytes).sum::<usize>() < MIN_PART_BYTES;
+    let small = |p: &Part| p.live_bytes() < MIN_PART_BYTES;
     if kept.iter().filter(|p| small(p)).count() > SMALL_PARTS {
         let merged: Vec<Item> = kept
             .iter()
             .filter(|p| small(p))
-            .flat_map(|p| p.items.iter().cloned())
+            .flat_map(|p| p.live().cloned())
             .collect();
         kept.retain(|p| !small(p));
         sealed.extend(full_chunks(&merged));
     }
     let placed: HashSet<&Item> = kept
         .iter()
-        .flat_map(|p| &p.items)
+        .flat_map(Part::live)
         .chain(sealed.iter().flatten())
         .collect();
     let tail: Vec<Item> = wanted
@@ -354,15 +402,10 @@ pub fn plan(
                 gen,
                 writer: writer.map(str::to_string),
                 items: items.clone(),
+                removed: BTreeSet::new(),
             })
             .collect();
-        let head = head_content(
-            record,
-            rest,
-            extra,
-            gen,
-            kept.iter().copied().chain(&new_parts),
-        );
+        let head = head_content(record, rest, extra, gen, kept.iter().chain(&new_parts));
         let tail: usize = rest.iter().map(Item::bytes).sum();
         if tail <= TAIL_BYTES && content_len(&head) <= MAX_CONTENT_BYTES {
             break (head, new_parts);
@@ -395,7 +438,7 @@ pub fn plan(
         .copied()
         .filter(|s| !now.contains(s) && !layout.foreign.contains(s))
         .collect();
-    let all: Vec<Part> = kept.into_iter().cloned().chain(new_parts).collect();
+    let all: Vec<Part> = kept.into_iter().chain(new_parts).collect();
     let layout = (!all.is_empty() || !layout.foreign.is_empty()).then_some(Layout {
         gen,
         parts: all,
@@ -446,10 +489,20 @@ fn head_content<'a>(
     for (k, v) in extra {
         content.insert(k.clone(), v.clone());
     }
-    let list: Vec<Value> = parts.map(|p| json!([p.slot, p.gen])).collect();
+    let mut list = Vec::new();
+    let mut removed = Vec::new();
+    for part in parts {
+        list.push(json!([part.slot, part.gen]));
+        if !part.removed.is_empty() {
+            removed.push(json!([part.slot, ranges(&part.removed)]));
+        }
+    }
     if !list.is_empty() {
         content.insert("gen".into(), json!(gen));
         content.insert("parts".into(), Value::Array(list));
+    }
+    if !removed.is_empty() {
+        content.insert("removed".into(), Value::Array(removed));
     }
     Value::Object(content)
 }
@@ -483,6 +536,72 @@ pub fn named_parts(head: &Value) -> (Vec<(u32, u64)>, u64) {
     (parts, gen)
 }
 
+/// The places removed from each part a head names (`removed`: `[[slot, "0-99,104"], …]`).
+/// Unreadable: none (a head written before removals were recorded has none).
+fn removed_parts(head: &Value) -> HashMap<u32, BTreeSet<u32>> {
+    let mut removed = HashMap::new();
+    for entry in head
+        .get("removed")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let slot = entry
+            .get(0)
+            .and_then(Value::as_u64)
+            .and_then(|s| u32::try_from(s).ok());
+        let (Some(slot), Some(text)) = (slot, entry.get(1).and_then(Value::as_str)) else {
+            continue;
+        };
+        removed.insert(slot, parse_ranges(text));
+    }
+    removed
+}
+
+/// `set` as ranges: `"0-99,104"`.
+fn ranges(set: &BTreeSet<u32>) -> String {
+    let mut out = String::new();
+    let mut iter = set.iter().copied().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        match start == end {
+            true => out.push_str(&start.to_string()),
+            false => out.push_str(&format!("{start}-{end}")),
+        }
+    }
+    out
+}
+
+/// What [`ranges`] wrote (pieces that do not read are skipped).
+fn parse_ranges(text: &str) -> BTreeSet<u32> {
+    let mut set = BTreeSet::new();
+    for piece in text.split(',').filter(|p| !p.is_empty()) {
+        let (start, end) = piece.split_once('-').unwrap_or((piece, piece));
+        if let (Ok(start), Ok(end)) = (start.parse::<u32>(), end.parse::<u32>()) {
+            // A part holds at most a few thousand entries: a range past that is damage.
+            if end >= start && end - start < 1 << 16 {
+                set.extend(start..=end);
+            }
+        }
+    }
+    set
+}
+
+/// The bytes `set` takes in a head (as [`ranges`] writes it, an upper bound).
+fn removed_len(set: &BTreeSet<u32>) -> usize {
+    if set.is_empty() {
+        return 0;
+    }
+    ranges(set).len() + 16
+}
+
 /// Reads a part's content as its generation, writer and entries.
 fn read_part(content: &Value) -> Option<(u64, Option<String>, Vec<Item>)> {
     let gen = content.get("gen")?.as_u64()?;
@@ -510,19 +629,22 @@ pub fn assemble(
     let mut record = scalars(&head_record);
     let mut parts = Vec::with_capacity(named.len());
     let mut missing = Vec::new();
+    let mut removed = removed_parts(head);
     for (slot, want) in named {
         match part(slot).as_ref().and_then(read_part) {
             Some((got, writer, items))
                 if got == want && writer.as_deref().is_none_or(|w| Some(w) == head_writer) =>
             {
-                extend(&mut record, items.iter().cloned());
-                parts.push(Part {
+                let part = Part {
                     slot,
                     gen: got,
                     // One written before parts said who wrote them is the head's writer's.
                     writer: writer.or_else(|| head_writer.map(str::to_string)),
                     items,
-                });
+                    removed: removed.remove(&slot).unwrap_or_default(),
+                };
+                extend(&mut record, part.live().cloned());
+                parts.push(part);
             }
             _ => missing.push(slot),
         }
@@ -836,6 +958,7 @@ mod tests {
             gen: 1,
             writer: None,
             items: vec![Item::Foreign("hyperty://evil.example/1".into())],
+            ..Part::default()
         };
         room.put(PART_EVENT_TYPE, part_key(RT, 99), stale.content());
         let loaded = room.load();
@@ -871,8 +994,7 @@ mod tests {
             Part {
                 slot,
                 gen: 12345,
-                writer: None,
-                items: vec![],
+                ..Part::default()
             }
             .content(),
         );
@@ -931,6 +1053,7 @@ mod tests {
             gen,
             writer: Some("b".into()),
             items: vec![Item::Foreign("hyperty://evil.example/1".into())],
+            ..Part::default()
         };
         room.put(PART_EVENT_TYPE, part_key(RT, slot), foreign.content());
         let loaded = room.load();
@@ -938,6 +1061,139 @@ mod tests {
         assert!(!loaded.runtimes[RT]
             .foreign
             .contains(&"hyperty://evil.example/1".to_string()));
+    }
+
+    /// `record(0..n)` without the allocations whose index is in `gone`.
+    fn without(n: usize, gone: impl Fn(usize) -> bool) -> RuntimeRecord {
+        let mut r = record(0..n);
+        for block in r.allocations.values_mut() {
+            block.retain(|a| {
+                let i: usize = a
+                    .rsplit('/')
+                    .next()
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or(0);
+                !gone(i)
+            });
+        }
+        r.allocations.retain(|_, b| !b.is_empty());
+        r
+    }
+
+    #[test]
+    fn removals_are_recorded_in_the_head_instead_of_rewriting_parts() {
+        let mut room = Room::default();
+        let mut layout = apply(
+            &mut room,
+            &super::plan(None, &record(0..6000), &Map::new()).expect("plan"),
+        );
+        let parts_before = layout.as_ref().map_or(0, |l| l.parts.len());
+        assert!(parts_before >= 5, "{parts_before} parts");
+        // Released one by one in order, then every third of what is left: each write is a
+        // head (with its removals) and now and then a part emptied or rewritten.
+        let (mut part_bytes, mut empties, mut writes) = (0, 0, 0);
+        let mut steps: Vec<Box<dyn Fn(usize) -> bool>> = Vec::new();
+        for end in (30..3000).step_by(30) {
+            steps.push(Box::new(move |i| i < end));
+        }
+        for end in (3000..6000).step_by(90) {
+            steps.push(Box::new(move |i| i < 3000 || (i % 3 == 0 && i < end)));
+        }
+        for gone in &steps {
+            let want = without(6000, gone);
+            let plan = super::plan(layout.as_ref(), &want, &Map::new()).expect("plan");
+            assert!(
+                content_len(&plan.head) <= TAIL_BYTES + REMOVED_BYTES + 2_000,
+                "a head of {} bytes",
+                content_len(&plan.head)
+            );
+            part_bytes += plan
+                .parts
+                .iter()
+                .map(|(_, c)| content_len(c))
+                .sum::<usize>();
+            empties += plan.empty.len();
+            writes += 1;
+            layout = apply(&mut room, &plan);
+            // What a restarted node reads: never an entry removed.
+            if writes % 5 == 0 {
+                let loaded = room.load();
+                assert_eq!(sorted(loaded.runtimes[RT].clone()), sorted(want));
+                assert_eq!(loaded.damaged, 0);
+            }
+        }
+        // Rewritten parts are rare: far less than a part per write.
+        assert!(
+            part_bytes <= writes * MAX_CONTENT_BYTES / 8,
+            "{part_bytes} bytes of parts over {writes} writes"
+        );
+        assert!(
+            empties <= parts_before + writes / 8,
+            "{empties} slots emptied"
+        );
+    }
+
+    #[test]
+    fn an_entry_removed_and_added_again_is_held_once_and_removed_for_good() {
+        let mut room = Room::default();
+        let big = record(0..3000);
+        let gone = without(3000, |i| i == 5);
+        let five = Item::Allocation(
+            format!("{:08}", 5 / 3),
+            format!("hyperty://example.com/{:036}", 5),
+        );
+        let mut layout = apply(
+            &mut room,
+            &super::plan(None, &big, &Map::new()).expect("plan"),
+        );
+        let held = |layout: &Option<Layout>| {
+            layout.as_ref().map_or(0, |l| {
+                l.parts
+                    .iter()
+                    .map(|p| p.live().filter(|i| **i == five).count())
+                    .sum::<usize>()
+            })
+        };
+        assert_eq!(held(&layout), 1, "in a part");
+        let count = |room: &Room| {
+            items(&room.load().runtimes[RT])
+                .into_iter()
+                .filter(|i| *i == five)
+                .count()
+        };
+        layout = apply(
+            &mut room,
+            &super::plan(layout.as_ref(), &gone, &Map::new()).expect("plan"),
+        );
+        assert_eq!((held(&layout), count(&room)), (0, 0));
+        layout = apply(
+            &mut room,
+            &super::plan(layout.as_ref(), &big, &Map::new()).expect("plan"),
+        );
+        assert_eq!(count(&room), 1, "held once");
+        apply(
+            &mut room,
+            &super::plan(layout.as_ref(), &gone, &Map::new()).expect("plan"),
+        );
+        assert_eq!(count(&room), 0, "not resurrected");
+    }
+
+    #[test]
+    fn removed_places_read_back_as_written() {
+        for set in [
+            BTreeSet::new(),
+            BTreeSet::from([0]),
+            BTreeSet::from([0, 1, 2, 5, 7, 8, 100]),
+            (10..600).collect(),
+        ] {
+            assert_eq!(parse_ranges(&ranges(&set)), set);
+        }
+        assert_eq!(ranges(&BTreeSet::from([0, 1, 2, 5, 7, 8])), "0-2,5,7-8");
+        assert_eq!(parse_ranges("x,3,9-7,1-2"), BTreeSet::from([1, 2, 3]));
+        assert!(
+            parse_ranges("0-4294967295").is_empty(),
+            "damage is not read"
+        );
     }
 
     #[test]

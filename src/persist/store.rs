@@ -1629,6 +1629,44 @@ mod tests {
         );
     }
 
+    /// Releasing a runtime's entries a few at a time writes its head with the removals,
+    /// not the parts that held them; a restarted node never reads a released entry back.
+    #[tokio::test]
+    async fn releases_cost_a_head_not_the_parts_that_held_them() {
+        let room = Arc::new(FakeRoom::default());
+        let store = Store::in_room(Box::new(Arc::clone(&room)), "!state:localhost".into(), None);
+        let m = matrix(&store);
+        let all = claiming(0, 8_000);
+        m.write_runtime(RUNTIME, &all, m.next_seq())
+            .await
+            .expect("first write");
+        let parts = parts_named(&room);
+        assert!(parts >= 5, "{parts} parts");
+        let (mut puts, mut bytes, mut writes) = (0, 0, 0);
+        for end in (100..8_000).step_by(100) {
+            let (puts0, (_, bytes0)) = (room.puts(), m.written_so_far());
+            let left = without(all.clone(), 0, end);
+            m.write_runtime(RUNTIME, &left, m.next_seq())
+                .await
+                .expect("release");
+            puts += room.puts() - puts0;
+            bytes += m.written_so_far().1 - bytes0;
+            writes += 1;
+            let (stored, damaged) = room.loaded();
+            assert_eq!(damaged, 0);
+            assert_eq!(entries(&stored[RUNTIME]), entries(&left), "after {end}");
+        }
+        // A head each, now and then a part emptied or rewritten — not a part each time.
+        assert!(
+            puts <= writes + writes / 4,
+            "{puts} events for {writes} writes"
+        );
+        assert!(
+            bytes <= (writes * (record::TAIL_BYTES + record::REMOVED_BYTES)) as u64,
+            "{bytes} bytes for {writes} writes"
+        );
+    }
+
     /// N4: a `forget` (another replica wrote the record) that arrives while this replica's
     /// write is under way wins over it: the next write reads the other replica's head
     /// instead of planning against the layout of its own write.
@@ -1641,9 +1679,9 @@ mod tests {
             .write_runtime(RUNTIME, &first, matrix(&a).next_seq())
             .await
             .expect("first write");
-        // The second write rewrites the first part elsewhere and empties its slot (its only
-        // empty), then waits there for its answer.
-        let second = without(first.clone(), 0, 600);
+        // The second write drops the first part (all it held is gone) and empties its slot
+        // (its only empty), then waits there for its answer.
+        let second = without(first.clone(), 0, 1_500);
         room.hold(|_, kind, content| kind == PART_EVENT_TYPE && content == &json!({}));
         let second_write = matrix(&a).write_runtime(RUNTIME, &second, matrix(&a).next_seq());
         tokio::pin!(second_write);
