@@ -11,6 +11,7 @@ mod common;
 use common::stub::{urlencode, Stub};
 use common::synapse::{copy_dir, Synapse};
 use msgnode::cmd::run::start;
+use msgnode::config::Config;
 use serde_json::{json, Value};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -30,13 +31,10 @@ fn strings(value: &Value) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runtime_with_2000_addresses_survives_a_restart_with_synapse() {
-    let synapse = Synapse::start();
-    let alice_token = synapse.register("alice");
-    let bob_token = synapse.register("bob");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let policies: PathBuf = dir.path().join("policies");
+/// The node's configuration with Synapse behind it and the shipped policies, a runtime
+/// allowed 5,000 addresses (copied into `dir`).
+fn big_runtimes(synapse: &Synapse, dir: &Path) -> Config {
+    let policies: PathBuf = dir.join("policies");
     copy_dir(&Path::new(REPO).join("policies"), &policies);
     let data = policies.join("config/data.json");
     let mut json: Value =
@@ -47,6 +45,16 @@ async fn a_runtime_with_2000_addresses_survives_a_restart_with_synapse() {
     // The bundle's own tests check the shipped per-runtime limit, raised here.
     config.pdp.reload_requires_tests = Some(false);
     synapse.serve(&mut config);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_with_2000_addresses_survives_a_restart_with_synapse() {
+    let synapse = Synapse::start();
+    let alice_token = synapse.register("alice");
+    let bob_token = synapse.register("bob");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = big_runtimes(&synapse, dir.path());
     let running = start(config.clone()).await.expect("start");
     let addr = running.bus_addr.expect("bus");
 
@@ -280,12 +288,12 @@ async fn answered_allocations_in_flight_on_one_runtime_survive_a_restart_with_sy
 /// principal's to send from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_releases_in_flight_on_one_runtime_survive_a_restart_with_synapse() {
-    const N: usize = 1200; // several parts: the releases land in parts, not only the head
+    const N: usize = 1500; // several parts: the releases land in parts, not only the head
     let synapse = Synapse::start();
     let alice_token = synapse.register("alice");
     let bob_token = synapse.register("bob");
-    let mut config = common::bus_config(&Path::new(REPO).join("policies"));
-    synapse.serve(&mut config);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = big_runtimes(&synapse, dir.path());
     let running = start(config.clone()).await.expect("start");
     let addr = running.bus_addr.expect("bus");
 
