@@ -50,10 +50,8 @@ fn big_runtimes(synapse: &Synapse, dir: &Path) -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_with_2000_addresses_survives_a_restart_with_synapse() {
-    let synapse = Synapse::start();
-    let alice_token = synapse.register("alice");
-    let bob_token = synapse.register("bob");
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (synapse, dir) = (Synapse::start(), tempfile::tempdir().expect("tempdir"));
+    let (alice_token, bob_token) = (synapse.register("alice"), synapse.register("bob"));
     let config = big_runtimes(&synapse, dir.path());
     let running = start(config.clone()).await.expect("start");
     let addr = running.bus_addr.expect("bus");
@@ -289,10 +287,8 @@ async fn answered_allocations_in_flight_on_one_runtime_survive_a_restart_with_sy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_releases_in_flight_on_one_runtime_survive_a_restart_with_synapse() {
     const N: usize = 1500; // several parts: the releases land in parts, not only the head
-    let synapse = Synapse::start();
-    let alice_token = synapse.register("alice");
-    let bob_token = synapse.register("bob");
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (synapse, dir) = (Synapse::start(), tempfile::tempdir().expect("tempdir"));
+    let (alice_token, bob_token) = (synapse.register("alice"), synapse.register("bob"));
     let config = big_runtimes(&synapse, dir.path());
     let running = start(config.clone()).await.expect("start");
     let addr = running.bus_addr.expect("bus");
