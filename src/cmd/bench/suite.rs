@@ -356,7 +356,7 @@ async fn messages(node: &Node, n: usize) -> anyhow::Result<()> {
     for (label, size) in [("100 B", 100), ("1 kB", 1024), ("10 kB", 10240)] {
         let payload = "x".repeat(size);
         let started = Instant::now();
-        let Stub { tx, .. } = &mut one;
+        let Stub { tx, rx: answers } = &mut one;
         let send = async {
             for i in 0..n {
                 let m = json!({"id": 1, "type": "create", "from": from, "to": to,
@@ -366,19 +366,41 @@ async fn messages(node: &Node, n: usize) -> anyhow::Result<()> {
             tx.flush().await?;
             anyhow::Ok(())
         };
+        // Until each message has arrived or been refused (the node answers the sender only
+        // when it refuses one); one arriving before an earlier one counts as out of order.
         let receive = async {
-            let mut out_of_order = 0;
-            for i in 0..n {
-                let got = next_json(&mut two.rx).await?;
-                if got["body"]["value"]["data"] != json!(format!("{payload}{i}")) {
-                    out_of_order += 1;
+            let (mut arrived, mut refused, mut out_of_order) = (0, Vec::new(), 0);
+            let mut last: Option<usize> = None;
+            while arrived + refused.len() < n {
+                tokio::select! {
+                    got = next_json(&mut two.rx) => {
+                        let got = got?;
+                        arrived += 1;
+                        let i = got["body"]["value"]["data"]
+                            .as_str()
+                            .and_then(|d| d.strip_prefix(payload.as_str()))
+                            .and_then(|i| i.parse::<usize>().ok());
+                        match (i, last) {
+                            (Some(i), Some(l)) if i <= l => out_of_order += 1,
+                            (Some(i), _) => last = Some(i),
+                            (None, _) => out_of_order += 1,
+                        }
+                    }
+                    answer = next_json(answers) => refused.push(answer?),
                 }
             }
-            anyhow::Ok(out_of_order)
+            anyhow::Ok((out_of_order, refused))
         };
         let (sent, received) = tokio::join!(send, receive);
         sent?;
-        let failed = received?;
+        let (out_of_order, refused) = received?;
+        if let Some(first) = refused.first() {
+            eprintln!(
+                "messages {label}: {} of {n} refused, the first: {first}",
+                refused.len()
+            );
+        }
+        let failed = out_of_order + refused.len();
         let case = format!("messages {label}");
         row(
             &case,
