@@ -113,34 +113,36 @@ impl Bus {
         }
         // Counted and claimed in the principal's turn (see `Turns`) — waited for no longer
         // than a handshake may take, since the socket holds a handshake place meanwhile.
-        // Taken before the runtime is made: a turn not had leaves nothing behind.
         let turn = self
             .turn(&owner, self.inner.config.handshake_timeout)
             .await?;
-        let runtime = table.runtime(runtime_url, RuntimeRecord::default);
-        match runtime.user() {
-            Some(existing) if existing != owner => {
-                return Err(BusError::Forbidden(format!(
-                    "runtime '{runtime_url}' belongs to another user"
-                )))
+        if let Some(runtime) = table.get_runtime(runtime_url) {
+            match runtime.user() {
+                Some(existing) if existing != owner => {
+                    return Err(BusError::Forbidden(format!(
+                        "runtime '{runtime_url}' belongs to another user"
+                    )))
+                }
+                Some(_) => return Ok(runtime), // bound meanwhile by another of this principal's
+                None => {}
             }
-            Some(_) => return Ok(runtime), // bound meanwhile by another of this principal's
-            None => {}
         }
-        // Nothing of it is kept for a claim not made, whichever way this ends (a refusal,
-        // or the handshake given up meanwhile).
-        let unowned = Unowned {
-            table,
-            runtime: &runtime,
-        };
         self.claim_runtime(runtime_url, principal, &owner).await?;
         // First come, for good: of principals racing for it (or for an address over or
-        // under it), one takes it.
+        // under it), one takes it — before the runtime is made, and with no wait between
+        // the two: a claim refused or given up (the handshake dropped while deciding)
+        // leaves nothing behind, and no principal's bind ever holds a runtime another's
+        // may remove (review bus-4 M7).
         if let Err(other) = table.claims.take(runtime_url, &owner) {
             return Err(BusError::Forbidden(format!(
                 "'{runtime_url}' overlaps '{other}', another principal's"
             )));
         }
+        let runtime = table.runtime(runtime_url, || RuntimeRecord {
+            user: Some(owner.clone()),
+            ..RuntimeRecord::default()
+        });
+        // An ownerless runtime left by an older record is owned now, once.
         let record = runtime.update(|r| {
             r.user.get_or_insert_with(|| owner.clone());
         });
@@ -150,7 +152,6 @@ impl Bus {
             )));
         }
         table.own(&runtime);
-        drop(unowned);
         if self.inner.config.replica.is_none() {
             // Nobody else can have written to its inbox: no room until one is needed.
             self.inner.persistence.inbox.is_new(runtime_url);
@@ -216,9 +217,16 @@ impl Bus {
                 return Err(BusError::Unavailable("taken over meanwhile; reconnect".into()));
             }
         };
-        if runtime.with_record(|r| r.released) {
-            // In use again: the reaper may release it once more when it is away too long.
-            runtime.update(|r| r.released = false);
+        // Released meanwhile (a `close` just before this reconnect, whose `bind` found it
+        // live): in use again — and so live again only within `runtimes_per_principal`,
+        // checked in the principal's turn as any revival, or a release racing a second
+        // socket would free a place for another revival and then take it back unchecked
+        // (review bus-4 M6). The reaper may release it once more when it is away too long.
+        if let Some(owner) = runtime
+            .user()
+            .filter(|_| runtime.with_record(|r| r.released))
+        {
+            self.revive(Arc::clone(&runtime), &owner).await?;
         }
         runtime.begin_attach(conn.id, conn.close.clone());
         // Every wait below ends with the socket's close (a take-over, a too slow resume) or
@@ -347,7 +355,8 @@ impl Bus {
     ///
     /// A release holds the runtime's hand-over turn from start to end: a socket attaching
     /// meanwhile (a reconnect right after `close`) waits, then finds the runtime released
-    /// and takes it up again, empty — never half released, never released under it.
+    /// and takes it up again (within the principal's live runtimes, as a revival), empty —
+    /// never half released, never released under it.
     pub(super) async fn release_runtime(&self, runtime: &Arc<Runtime>) -> Result<(), BusError> {
         let _turn = runtime.handover().await;
         let Some(owner) = runtime.user() else {
@@ -407,22 +416,6 @@ impl Bus {
     }
 }
 
-/// A runtime made for a handshake and not owned yet: removed from the table when dropped
-/// unless a principal owns it by then (a refused claim, a handshake given up meanwhile), so
-/// no ownerless runtime is left holding its URL.
-struct Unowned<'a> {
-    table: &'a super::runtimes::Table,
-    runtime: &'a Arc<Runtime>,
-}
-
-impl Drop for Unowned<'_> {
-    fn drop(&mut self) {
-        if self.runtime.user().is_none() && !self.runtime.is_attached() {
-            self.table.remove_runtime(&self.runtime.url);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -432,6 +425,14 @@ mod tests {
 
     /// A node with a memory bus, handshakes given `handshake` for their turn.
     async fn node(handshake: Duration) -> crate::cmd::run::Running {
+        node_with(handshake, |_| {}).await
+    }
+
+    /// [`node`], its bus configuration changed by `change` first.
+    async fn node_with(
+        handshake: Duration,
+        change: impl FnOnce(&mut crate::config::BusConfig),
+    ) -> crate::cmd::run::Running {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut config = crate::config::Config::default();
         config.pdp.listen = ([127, 0, 0, 1], 0).into();
@@ -442,7 +443,125 @@ mod tests {
         config.bus.listen = ([127, 0, 0, 1], 0).into();
         config.bus.domain = Some("localhost".into());
         config.bus.handshake_timeout = handshake;
+        change(&mut config.bus);
         crate::cmd::run::start(config).await.expect("start")
+    }
+
+    /// Review bus-4 M6: a second socket's `bind` found the runtime live, its first socket's
+    /// `disconnect` then released it (a place free under `runtimes_per_principal`), another
+    /// tombstone was revived into that place, and the second socket's `attach` took the
+    /// released runtime up again unchecked: one live runtime over the limit per round.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_racing_a_second_socket_frees_no_place_over_the_limit() {
+        let running = node_with(Duration::from_secs(5), |bus| {
+            bus.limits.runtimes_per_principal = 2;
+        })
+        .await;
+        let bus = running.bus.clone().expect("bus");
+        let eve = Principal::NetworkServer("eve".into());
+        let (t, l, u) = (
+            "runtime://localhost/t",
+            "runtime://localhost/l",
+            "runtime://localhost/u",
+        );
+        let tombstone = bus.bind(u, &eve).await.expect("u");
+        bus.release_runtime(&tombstone).await.expect("u released");
+        let first = bus.bind(t, &eve).await.expect("t");
+        bus.bind(l, &eve).await.expect("l");
+        let (tx, _rx) = super::super::outbound::channel(16, 1 << 20);
+        let s1 = bus
+            .attach(first, eve.clone(), tx)
+            .await
+            .expect("t's first socket");
+        // The second socket's handshake binds T while it is live; T's first socket says
+        // `disconnect` before the second attaches, and U is revived meanwhile.
+        let second = bus.bind(t, &eve).await.expect("t live");
+        bus.release(&s1).await.expect("t released");
+        bus.bind(u, &eve)
+            .await
+            .expect("u revived into the free place");
+        let (tx, _rx) = super::super::outbound::channel(16, 1 << 20);
+        let attached = bus.attach(second, eve.clone(), tx).await;
+        let live = bus.totals(&eve.owner(), false).runtimes;
+        assert!(live <= 2, "{live} live runtimes, the limit is 2");
+        let refused = attached.err().expect("t is not live again past the limit");
+        assert_eq!(refused.code(), 403, "{refused}");
+        running.stop().await;
+    }
+
+    /// The same race within the limit: the second socket takes the released runtime up
+    /// again (a reconnect right after `close`), empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_socket_after_a_release_takes_the_runtime_up_again() {
+        let running = node(Duration::from_secs(5)).await;
+        let bus = running.bus.clone().expect("bus");
+        let eve = Principal::NetworkServer("eve".into());
+        let t = "runtime://localhost/t";
+        let first = bus.bind(t, &eve).await.expect("t");
+        let (tx, _rx) = super::super::outbound::channel(16, 1 << 20);
+        let s1 = bus
+            .attach(first, eve.clone(), tx)
+            .await
+            .expect("first socket");
+        let second = bus.bind(t, &eve).await.expect("t live");
+        bus.release(&s1).await.expect("t released");
+        let (tx, _rx) = super::super::outbound::channel(16, 1 << 20);
+        let s2 = bus
+            .attach(second, eve.clone(), tx)
+            .await
+            .expect("taken up again");
+        assert!(!s2.runtime.with_record(|r| r.released));
+        assert_eq!(bus.totals(&eve.owner(), false).runtimes, 1);
+        running.stop().await;
+    }
+
+    /// Review bus-4 M7: two principals bound one fresh URL at once and both held the same
+    /// ownerless runtime; the one refused removed it from the table, and the other then
+    /// owned a runtime the table no longer knew (its first attach failed, its holdings could
+    /// be counted twice). The runtime is made only once a claim is taken now.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_bind_removes_no_runtime_another_principal_binds() {
+        use futures_util::FutureExt;
+        let running = node_with(Duration::from_secs(5), |bus| {
+            bus.limits.runtimes_per_principal = 1;
+        })
+        .await;
+        let bus = running.bus.clone().expect("bus");
+        let (alice, bob) = (
+            Principal::NetworkServer("alice".into()),
+            Principal::NetworkServer("bob".into()),
+        );
+        let url = "runtime://localhost/contested";
+        bus.bind("runtime://localhost/alices", &alice)
+            .await
+            .expect("alice at her limit");
+        // Bob's bind goes as far as its claim's decision (which a pool thread answers)...
+        let mut bobs = Box::pin(bus.bind(url, &bob));
+        let early = (&mut bobs).now_or_never();
+        // ... then Alice's is refused (her limit) meanwhile.
+        let refused = bus.bind(url, &alice).await.err().expect("alice refused");
+        assert_eq!(refused.code(), 403, "{refused}");
+        let runtime = match early {
+            Some(bound) => bound,
+            None => bobs.await,
+        }
+        .expect("bob binds it");
+        let table = &bus.inner.table;
+        let listed = table
+            .get_runtime(url)
+            .expect("the table knows bob's runtime");
+        assert!(
+            Arc::ptr_eq(&listed, &runtime),
+            "the table's runtime is bob's"
+        );
+        let holder = table.holder(url).expect("the URL is held");
+        assert!(Arc::ptr_eq(&holder, &runtime), "held by bob's runtime");
+        assert_eq!(runtime.user().as_deref(), Some(bob.owner().as_str()));
+        let (tx, _rx) = super::super::outbound::channel(16, 1 << 20);
+        bus.attach(runtime, bob.clone(), tx)
+            .await
+            .expect("bob's first socket attaches");
+        running.stop().await;
     }
 
     /// Review N8: `bind` made the runtime before waiting for the turn, so a handshake that
