@@ -20,21 +20,39 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::connection::Connection;
 use super::metrics::refused;
-use super::outbound::Refused;
+use super::outbound::{Outbound, Refused};
 use super::runtimes::{Delivered, Offer, Runtime, Slot};
 use super::Bus;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Longest a peer node's message waits on its local addressees, all of them together (room
+/// in a full queue, a held hand-over), however long `[bus] slow_receiver_close_after` is: a
+/// peer's post carries a whole domain's traffic, which one slow addressee must not hold up
+/// beyond this, and it is answered well within the peer's own timeout.
+pub const PEER_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Bus {
-    /// Hands `text` to `runtime`, waiting (bounded) for room in a full socket queue; what
-    /// goes to its inbox waits in `slot` (room reserved for it, or reserved then).
+    /// Hands `text` to `runtime`, waiting (bounded) for room in a full socket queue, and no
+    /// later than `until` if given (a peer node's message: see [`PEER_WAIT`]); what goes to
+    /// its inbox waits in `slot` (room reserved for it, or reserved then). The receiver's
+    /// close rule is the same for every sender: closed once its queue has stayed full for
+    /// `[bus] slow_receiver_close_after`. A peer's message that cannot wait until then waits
+    /// in the inbox, which is handed to the same socket after what its queue holds
+    /// ([`Runtime::overflow`]): never closed at once, so a receiver that reads is not closed
+    /// by a burst (review bus-4 M3); a held hand-over not over by then takes it from the
+    /// inbox too.
     pub(super) async fn deliver(
         &self,
-        runtime: &Runtime,
+        runtime: &Arc<Runtime>,
         text: &Utf8Bytes,
         slot: &mut Slot,
+        until: Option<tokio::time::Instant>,
     ) -> Delivered {
         let inbox = &self.inner.persistence.inbox;
         let within = self.config().slow_receiver_close_after;
+        let closes = |since| tokio::time::Instant::from_std(since + within);
+        let deadline_from = |since| until.map_or(closes(since), |until| until.min(closes(since)));
         let (conn, tx, since) = loop {
             let settled = runtime.settled();
             tokio::pin!(settled);
@@ -45,8 +63,10 @@ impl Bus {
                 // Behind a hand-over's last rounds (bounded): direct once it is online; past
                 // the wait, into the inbox (the hand-over takes it).
                 Offer::Held { since } => {
-                    let deadline = tokio::time::Instant::from_std(since + within);
-                    if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                    if tokio::time::timeout_at(deadline_from(since), settled)
+                        .await
+                        .is_err()
+                    {
                         return runtime.deliver(text, inbox, slot);
                     }
                 }
@@ -54,11 +74,21 @@ impl Bus {
         };
         let metrics = &self.inner.metrics;
         metrics.senders_slowed.inc();
-        let deadline = tokio::time::Instant::from_std(since + within);
-        match tx.send_until(text.clone(), deadline).await {
+        match tx.send_until(text.clone(), deadline_from(since)).await {
             Ok(()) => {
                 runtime.caught_up(conn);
                 Delivered::Direct
+            }
+            // Still full once a peer's message may wait no longer, but not behind for
+            // `slow_receiver_close_after` yet: not closed for it, nor does the peer wait —
+            // the message waits in the inbox, which goes to the same socket after what it
+            // holds (review bus-4 M3).
+            Err(Refused::Full(_)) if until.is_some_and(|until| until < closes(since)) => {
+                let (delivered, again) = runtime.overflow(conn, text, inbox, slot);
+                if let Some((tx, close)) = again {
+                    self.catch_up(Arc::clone(runtime), conn, tx, close);
+                }
+                delivered
             }
             Err(Refused::Full(_)) => {
                 metrics.receivers_closed.inc();
@@ -70,11 +100,10 @@ impl Bus {
 }
 
 impl Bus {
-    /// Hands `text` to `runtime` without waiting (a peer node's message: the sender is a
-    /// whole domain, which one slow addressee must not hold up): into its socket queue, else
-    /// — the queue full — the receiver is closed (1013, counted) and `text` waits in its
-    /// inbox; missed only when that inbox has no room either (408 to the sender).
-    /// `when_full` counts a full queue (the topics' fan-out counts it as its own refusal).
+    /// Hands `text` to `runtime` without waiting (a topic's fan-out, a notification): into
+    /// its socket queue, else — the queue full — the receiver is closed (1013) and `text`
+    /// waits in its inbox; missed only when that inbox has no room either. `when_full`
+    /// counts a full queue.
     pub(super) fn deliver_now(
         &self,
         runtime: &Runtime,
@@ -98,19 +127,31 @@ impl Bus {
     /// socket's close or the node's shutdown. False when the socket is done: gone, closing,
     /// or too slow (then told to close; it resumes from its inbox on reconnect).
     pub(super) async fn respond(&self, conn: &Connection, text: Utf8Bytes) -> bool {
+        self.send_within(&conn.tx, &conn.close, &conn.runtime.url, text)
+            .await
+    }
+
+    /// [`Bus::respond`] for the socket of `runtime` with queue `tx` and `close`.
+    pub(super) async fn send_within(
+        &self,
+        tx: &Outbound,
+        close: &CancellationToken,
+        runtime: &str,
+        text: Utf8Bytes,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + self.config().slow_receiver_close_after;
         tokio::select! {
-            sent = conn.tx.send_until(text, deadline) => match sent {
+            sent = tx.send_until(text, deadline) => match sent {
                 Ok(()) => true,
                 Err(Refused::Full(_)) => {
                     self.inner.metrics.refuse(refused::SLOW_SOCKET);
-                    tracing::info!(runtime = %conn.runtime.url, "socket does not read its answers: closed");
-                    conn.close.cancel();
+                    tracing::info!(%runtime, "socket does not read what is queued for it: closed");
+                    close.cancel();
                     false
                 }
                 Err(Refused::Closed(_)) => false,
             },
-            () = conn.close.cancelled() => false,
+            () = close.cancelled() => false,
             () = self.inner.shutdown.cancelled() => false,
         }
     }

@@ -17,6 +17,7 @@ use crate::matrix::HomeserverError;
 use crate::persist::store::RuntimeRecord;
 use crate::rethink::address;
 use crate::rethink::BusError;
+use tokio_util::sync::CancellationToken;
 
 /// Rounds of a resume that each found new pushes before its hand-over is held: its
 /// flow-controlled senders then wait for it to go online (bounded) instead of adding to the
@@ -272,6 +273,22 @@ impl Bus {
             });
             self.persist(&runtime.url, &record).await?;
         }
+        self.hand_inbox(runtime, conn.id, &conn.tx, &conn.close)
+            .await
+    }
+
+    /// Hands `runtime`'s inbox to the socket `conn` (its queue `tx`, its `close`) in pages of
+    /// at most its socket's budget (each acknowledged once queued) — also what arrives
+    /// meanwhile, which goes to the inbox too — and goes online once a take found nothing
+    /// new; how many messages came from the inbox. Called with the runtime's hand-over turn
+    /// held and the runtime draining to `conn`.
+    async fn hand_inbox(
+        &self,
+        runtime: &Arc<Runtime>,
+        conn: u64,
+        tx: &Outbound,
+        close: &CancellationToken,
+    ) -> Result<u64, BusError> {
         let inbox = &self.inner.persistence.inbox;
         let page_bytes = self.config().outbound_queue_bytes;
         let mut resumed = 0u64;
@@ -285,7 +302,10 @@ impl Bus {
                 BusError::Unavailable(format!("cannot read the runtime's inbox: {e}"))
             })?;
             for text in &page.messages {
-                if !self.respond(conn, Utf8Bytes::from(text.clone())).await {
+                if !self
+                    .send_within(tx, close, &runtime.url, Utf8Bytes::from(text.clone()))
+                    .await
+                {
                     return Err(BusError::Unavailable(
                         "socket closed, or too slow, while resuming".into(),
                     ));
@@ -305,14 +325,14 @@ impl Bus {
                 continue;
             }
             // Nothing new since this take began: online. Else take what came meanwhile.
-            match runtime.go_online(conn.id, &conn.tx, pushed, inbox) {
+            match runtime.go_online(conn, tx, pushed, inbox) {
                 Some(true) => break,
                 Some(false) => {
                     rounds += 1;
                     if rounds == HOLD_AFTER_ROUNDS {
-                        runtime.hold(conn.id);
+                        runtime.hold(conn);
                     } else if rounds == HOLD_AFTER_ROUNDS + HELD_ROUNDS {
-                        runtime.unhold(conn.id);
+                        runtime.unhold(conn);
                         rounds = 0;
                     }
                     continue;
@@ -325,6 +345,36 @@ impl Bus {
             }
         }
         Ok(resumed)
+    }
+
+    /// After [`Runtime::overflow`]: hands `runtime`'s inbox to the socket `conn` that still
+    /// holds it (its queue `tx`), in the background, then online again. A socket that takes
+    /// none of it for `[bus] slow_receiver_close_after` is closed, as any too slow
+    /// receiver, and resumes from the inbox on reconnect; a reconnect meanwhile ends this.
+    pub(super) fn catch_up(
+        &self,
+        runtime: Arc<Runtime>,
+        conn: u64,
+        tx: Outbound,
+        close: CancellationToken,
+    ) {
+        let bus = self.clone();
+        self.inner.tracker.spawn(async move {
+            let _turn = tokio::select! {
+                turn = runtime.handover() => turn,
+                () = close.cancelled() => return,
+            };
+            let handed = tokio::select! {
+                handed = bus.hand_inbox(&runtime, conn, &tx, &close) => handed,
+                () = close.cancelled() => return,
+                () = bus.inner.shutdown.cancelled() => return,
+            };
+            if let Err(e) = handed {
+                tracing::info!(runtime = %runtime.url, %e, "a socket behind did not catch up: closed");
+                close.cancel();
+                runtime.detach(conn);
+            }
+        });
     }
 
     /// The socket of `conn` is gone: its runtime is away (bindings kept; messages go to the
@@ -512,6 +562,41 @@ mod tests {
             .expect("taken up again");
         assert!(!s2.runtime.with_record(|r| r.released));
         assert_eq!(bus.totals(&eve.owner(), false).runtimes, 1);
+        running.stop().await;
+    }
+
+    /// Review bus-4 M3: during a held hand-over (the last rounds of a resume) a peer node's
+    /// message went into the inbox at once, so each one found a new push and a remote
+    /// sender could keep a runtime resuming. It waits behind the hold now (as a local
+    /// sender's, `PEER_WAIT` at most): the hand-over goes online, and it is delivered direct.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peers_message_waits_behind_a_held_hand_over() {
+        use futures_util::FutureExt;
+        let running = node(Duration::from_secs(5)).await;
+        let bus = running.bus.clone().expect("bus");
+        let eve = Principal::NetworkServer("eve".into());
+        let runtime = bus.bind("runtime://localhost/r", &eve).await.expect("r");
+        let inbox = &bus.inner.persistence.inbox;
+        runtime.begin_attach(1, CancellationToken::new());
+        assert!(runtime.hold(1), "held");
+        let pushed = inbox.pushed(&runtime.url);
+        let charge = crate::persist::shares::Charge::from("peer");
+        let mut slot = super::super::runtimes::Slot::new(&charge, None);
+        let text = Utf8Bytes::from_static("{\"id\":1}");
+        let until = tokio::time::Instant::now() + super::super::flow::PEER_WAIT;
+        let mut delivery = Box::pin(bus.deliver(&runtime, &text, &mut slot, Some(until)));
+        assert!(
+            (&mut delivery).now_or_never().is_none(),
+            "it waits behind the hold"
+        );
+        let (tx, mut rx) = super::super::outbound::channel(16, 1 << 20);
+        assert_eq!(
+            runtime.go_online(1, &tx, pushed, inbox),
+            Some(true),
+            "nothing new in the inbox: online"
+        );
+        assert_eq!(delivery.await, super::super::runtimes::Delivered::Direct);
+        assert_eq!(rx.try_recv().map(|t| t.to_string()), Some(text.to_string()));
         running.stop().await;
     }
 

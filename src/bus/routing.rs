@@ -370,15 +370,11 @@ impl Bus {
             // back what they get.
             self.hand_out(&subscribers, &message.text, Payer::Sender(&charge));
             let metrics = &self.inner.metrics;
-            // A peer's message is a whole domain's traffic: it never waits on one local
-            // addressee's flow control (its queue full: closed, the message in its inbox).
+            // A peer's message is a whole domain's traffic: it waits on its local addressees'
+            // flow control no longer than `PEER_WAIT`, all together.
+            let until = peer.then(|| tokio::time::Instant::now() + super::flow::PEER_WAIT);
             for (runtime, slot) in direct.iter().zip(&mut slots) {
-                let delivered = match peer {
-                    false => self.deliver(runtime, &message.text, slot).await,
-                    true => self.deliver_now(runtime, &message.text, slot, || {
-                        self.inner.metrics.receivers_closed.inc();
-                    }),
-                };
+                let delivered = self.deliver(runtime, &message.text, slot, until).await;
                 match delivered {
                     Delivered::Direct => metrics.direct.inc(),
                     Delivered::Queued => metrics.queued.inc(),

@@ -486,6 +486,40 @@ impl Runtime {
         }
     }
 
+    /// The queue of `conn` has been full only a short while, but `text` cannot wait longer
+    /// (a peer node's message, see `bus::flow::PEER_WAIT`): the socket stays open and keeps
+    /// what it holds, `text` — like everything after it — goes to the inbox, and the inbox
+    /// is handed to the same socket again ([`Delivery::Draining`], as on a reconnect), in
+    /// order after what its queue holds. The socket's queue and close token, for that
+    /// hand-over; `None` when `conn` no longer holds the runtime (then `text` was handed over
+    /// as any delivery).
+    pub fn overflow(
+        &self,
+        conn: u64,
+        text: &Utf8Bytes,
+        inbox: &Inbox,
+        slot: &mut Slot,
+    ) -> (Delivered, Option<(Outbound, CancellationToken)>) {
+        let mut state = self.lock();
+        match &state.delivery {
+            Delivery::Online {
+                conn: c, tx, close, ..
+            } if *c == conn => {
+                let again = (tx.clone(), close.clone());
+                state.delivery = Delivery::Draining {
+                    conn,
+                    close: close.clone(),
+                    held: None,
+                };
+                (slot.push(inbox, &self.url, text), Some(again))
+            }
+            _ => {
+                drop(state);
+                (self.deliver(text, inbox, slot), None)
+            }
+        }
+    }
+
     /// A new connection takes the runtime over; deliveries go to the inbox until
     /// [`Runtime::go_online`]. The previous connection (if any) is told to close (`close` of
     /// its own attach is cancelled).
@@ -529,6 +563,8 @@ impl Runtime {
             tx: tx.clone(),
             close,
         };
+        // Whatever the queue held before was taken (the hand-over's pages were queued).
+        state.behind_since = None;
         drop(state);
         self.settled.notify_waiters();
         Some(true)
