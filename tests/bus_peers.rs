@@ -241,3 +241,74 @@ async fn a_peer_burst_does_not_close_a_reading_receiver() {
     assert_eq!(got, (0..BURST).collect::<Vec<_>>(), "all of it, in order");
     running.stop().await;
 }
+
+/// Review bus-4 M4: the peer line sent 4 posts at once, ordered per target address only, so
+/// one runtime's `create` to the peer's `…/a` and its `update` to `…/a/child` raced, and a
+/// slow first post let the second arrive first. Each sender's messages leave in order now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senders_messages_to_two_addresses_of_a_peer_arrive_in_order() {
+    use std::sync::{Arc, Mutex};
+    // The peer: takes its time over the first message to `…/a`, then records the order
+    // in which it has dealt with each.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let peer = axum::Router::new().route(
+        "/bus/v1/messages",
+        axum::routing::post(move |body: String| {
+            let record = Arc::clone(&record);
+            async move {
+                let message: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                let to = message["to"].as_str().unwrap_or_default().to_string();
+                if to.ends_with("/a") {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                record.lock().expect("seen").push(to);
+                axum::http::StatusCode::ACCEPTED
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("peer listener");
+    let peer_port = listener.local_addr().expect("peer addr").port();
+    let server = tokio::spawn(async move { axum::serve(listener, peer).await });
+
+    let port = common::synapse::free_port();
+    let running = node(config(
+        "msgnode.test",
+        port,
+        ("hybroker.example", peer_port),
+    ))
+    .await;
+    let addr = running.bus_addr.expect("bus");
+    let mut sender = Stub::connect(addr, "runtime://msgnode.test/sender", NS_TOKEN).await;
+    let h = sender
+        .allocate("msgnode.test", "hyperty", 1)
+        .await
+        .remove(0);
+    let (a, child) = (
+        "hyperty://hybroker.example/a",
+        "hyperty://hybroker.example/a/child",
+    );
+    sender
+        .send(json!({"type": "create", "from": h, "to": a, "body": {"value": {}}}))
+        .await;
+    sender
+        .send(json!({"type": "update", "from": h, "to": child, "body": {"value": {}}}))
+        .await;
+    let mut got = Vec::new();
+    for _ in 0..1500 {
+        got = seen.lock().expect("seen").clone();
+        if got.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        got,
+        [a, child],
+        "the peer got them in the order they were sent"
+    );
+    server.abort();
+    running.stop().await;
+}

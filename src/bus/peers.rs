@@ -175,7 +175,14 @@ impl Bus {
             tracing::warn!(%domain, "the peer node's queue is full: an answer to it is dropped");
             return true;
         };
-        self.to_peers(&answer, &answer.to, &AnswerTo::new(&answer, None), room);
+        let from = answer.from.clone();
+        self.to_peers(
+            &answer,
+            &from,
+            &answer.to,
+            &AnswerTo::new(&answer, None),
+            room,
+        );
         true
     }
 

@@ -396,7 +396,7 @@ impl Bus {
             // Queued for the peer in the room reserved above; the socket keeps reading
             // meanwhile.
             let answer = AnswerTo::new(message, Some(conn.tx.clone()));
-            self.to_peers(message, &foreign, &answer, room);
+            self.to_peers(message, &conn.runtime.url, &foreign, &answer, room);
         }
         if let Some(missed) = missed {
             return Err(BusError::Unavailable(format!(
@@ -466,17 +466,18 @@ impl Bus {
         }
     }
 
-    /// Queues `message` for the peer nodes of `targets` in the `room` reserved for it; their
-    /// first answer goes to `answer`.
+    /// Queues `message`, which `sender` sent, for the peer nodes of `targets` in the `room`
+    /// reserved for it; their first answer goes to `answer`.
     pub(super) fn to_peers(
         &self,
         message: &Message,
+        sender: &str,
         targets: &[String],
         answer: &Arc<AnswerTo>,
         room: LineRoom,
     ) {
         let foreign = &self.inner.connectors.foreign;
-        for line in foreign.enqueue(message, targets, answer, room) {
+        for line in foreign.enqueue(message, sender, targets, answer, room) {
             let bus = self.clone();
             self.inner.tracker.spawn(async move {
                 let metrics = &bus.inner.metrics;

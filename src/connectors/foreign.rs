@@ -14,12 +14,14 @@
 //! Messages for one peer wait in its line, in routing order, bounded by `[bus] peer_queue`
 //! messages and `peer_queue_bytes` bytes (a sender past it gets a 408 and nothing of its
 //! message goes anywhere); each waiting message is the shared frame the node received, not
-//! a copy. One task per peer sends them, a few at once but one at a time per target address
-//! (so each addressee gets them in order, and one slow post holds up only its own target's;
-//! 5 s per HTTP attempt); an HTTP peer's answer is read up to `[bus] max_frame_bytes`.
+//! a copy. One task per peer sends them, a few at once but one at a time per sender and per
+//! target address (so each sender's messages leave in the order it sent them, each
+//! addressee gets them in order, and one slow post holds up only what is for its target or
+//! sent after it by its sender; 5 s per HTTP attempt); an HTTP peer's answer is read up to
+//! `[bus] max_frame_bytes`.
 
 use crate::sync::lock;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,7 +42,7 @@ use crate::retry::Backoff;
 
 /// Event type of a reTHINK message carried over Matrix between nodes.
 pub const PEER_EVENT_TYPE: &str = "org.msgnode.rethink.message";
-/// How many messages one peer's line has in flight at once (one per target address).
+/// How many messages one peer's line has in flight at once (one per sender and per target).
 const IN_FLIGHT: usize = 4;
 /// How long the first message to a Matrix peer waits for it to join this node's room.
 const JOIN_WAIT: Duration = Duration::from_secs(30);
@@ -142,7 +144,24 @@ impl Drop for LineRoom {
 struct Job {
     text: Utf8Bytes,
     to: String,
+    /// The runtime that sent it (or the node): its messages leave in the order it sent them.
+    sender: Arc<str>,
     answer: Arc<AnswerTo>,
+}
+
+/// The first of `jobs` that may leave now: no job in flight (`busy`) or before it in the line
+/// has its sender or its target.
+fn next_free(jobs: &VecDeque<Job>, busy: &[(Arc<str>, String)]) -> Option<usize> {
+    let mut senders: HashSet<&str> = busy.iter().map(|(sender, _)| &**sender).collect();
+    let mut targets: HashSet<&str> = busy.iter().map(|(_, to)| to.as_str()).collect();
+    jobs.iter().position(|job| {
+        let free = !senders.contains(&*job.sender) && !targets.contains(job.to.as_str());
+        if !free {
+            senders.insert(&job.sender);
+            targets.insert(&job.to);
+        }
+        free
+    })
 }
 
 /// Where the answers to one message go (the sender's socket queue, or nowhere: an answer to
@@ -310,17 +329,20 @@ impl Foreign {
         Some(room)
     }
 
-    /// Queues `message` for each target's peer in the `room` reserved for it (call in routing
-    /// order: each peer gets its messages in that order); the first answer goes to `answer`. The lines that need a
-    /// task to send them now ([`Foreign::run_line`]). A target of no peer's domain is
-    /// answered 404 at once.
+    /// Queues `message`, which `sender` (a runtime URL, or the node's) sent, for each
+    /// target's peer in the `room` reserved for it (call in routing order: each peer gets
+    /// each sender's messages in that order); the first answer goes to `answer`. The lines
+    /// that need a task to send them now ([`Foreign::run_line`]). A target of no peer's
+    /// domain is answered 404 at once.
     pub fn enqueue(
         &self,
         message: &Message,
+        sender: &str,
         targets: &[String],
         answer: &Arc<AnswerTo>,
         mut room: LineRoom,
     ) -> Vec<Arc<Line>> {
+        let sender: Arc<str> = Arc::from(sender);
         let mut start = Vec::new();
         for to in targets {
             let Some(line) = self.line(to) else {
@@ -339,6 +361,7 @@ impl Foreign {
             state.jobs.push_back(Job {
                 text: message.text.clone(),
                 to: to.clone(),
+                sender: Arc::clone(&sender),
                 answer: Arc::clone(answer),
             });
             if !std::mem::replace(&mut state.running, true) {
@@ -353,25 +376,28 @@ impl Foreign {
     }
 
     /// Sends what waits in `line` until it is empty, up to [`IN_FLIGHT`] messages at once but
-    /// one at a time per target address, so each addressee gets its messages in routing
-    /// order while a slow one (or a slow answer) holds up only what is for it; `dropped` is
+    /// never one before an earlier one of the same sender or to the same target address: each
+    /// sender's messages leave in the order it sent them, whatever their targets (reTHINK
+    /// flows follow a `create` with messages to other addresses — review bus-4 M4), and each
+    /// addressee gets its messages in routing order, while a slow addressee (or a slow
+    /// answer) holds up only what is for it or sent after by the same senders. `dropped` is
     /// told of each answer the sender had no room for.
     pub async fn run_line(&self, line: Arc<Line>, dropped: impl Fn()) {
         let mut sending = FuturesUnordered::new();
-        // The targets of what is in flight.
-        let mut busy: Vec<String> = Vec::new();
+        // The senders and targets of what is in flight.
+        let mut busy: Vec<(Arc<str>, String)> = Vec::new();
         loop {
             {
                 let mut state = lock(&line.state);
                 while sending.len() < IN_FLIGHT {
-                    let Some(at) = state.jobs.iter().position(|j| !busy.contains(&j.to)) else {
+                    let Some(at) = next_free(&state.jobs, &busy) else {
                         break;
                     };
                     let Some(job) = state.jobs.remove(at) else {
                         break;
                     };
                     state.bytes -= job.text.len();
-                    busy.push(job.to.clone());
+                    busy.push((Arc::clone(&job.sender), job.to.clone()));
                     sending.push(async move {
                         let sent = self.send(job.text.as_str(), &job.to).await;
                         (job, sent)
@@ -385,7 +411,12 @@ impl Foreign {
             }
             tokio::select! {
                 Some((job, sent)) = sending.next() => {
-                    busy.retain(|to| *to != job.to);
+                    if let Some(at) = busy
+                        .iter()
+                        .position(|(sender, to)| *sender == job.sender && *to == job.to)
+                    {
+                        busy.swap_remove(at);
+                    }
                     if !job.answer.settle(&job.to, sent) {
                         dropped();
                     }
@@ -572,7 +603,9 @@ mod tests {
         let len = message.text.len();
         let room = foreign.reserve(&to, len).expect("room");
         assert_eq!(
-            foreign.enqueue(&message, &to, &answer, room).len(),
+            foreign
+                .enqueue(&message, "runtime://msgnode.test/s", &to, &answer, room)
+                .len(),
             1,
             "a task to start"
         );
@@ -582,7 +615,9 @@ mod tests {
             "1 waits and 1 is reserved: full before the second is queued"
         );
         assert!(
-            foreign.enqueue(&message, &to, &answer, reserved).is_empty(),
+            foreign
+                .enqueue(&message, "runtime://msgnode.test/s", &to, &answer, reserved)
+                .is_empty(),
             "already running"
         );
         assert!(foreign.reserve(&to, 1).is_none(), "2 messages wait: full");
@@ -612,7 +647,9 @@ mod tests {
         // A target of no peer's domain is answered at once.
         let other = vec!["hyperty://q.example/y".to_string()];
         let room = foreign.reserve(&other, len).expect("no line");
-        assert!(foreign.enqueue(&message, &other, &answer, room).is_empty());
+        assert!(foreign
+            .enqueue(&message, "runtime://msgnode.test/s", &other, &answer, room)
+            .is_empty());
         let missing: Value =
             serde_json::from_str(rx.try_recv().expect("404").as_str()).expect("json");
         assert_eq!(missing["body"]["code"], 404);
@@ -639,7 +676,7 @@ mod tests {
         let room = big
             .reserve(&to, message_big.text.len())
             .expect("given back");
-        big.enqueue(&message_big, &to, &answer, room);
+        big.enqueue(&message_big, "runtime://msgnode.test/s", &to, &answer, room);
         assert!(
             big.reserve(&to, message_big.text.len()).is_none(),
             "over 1000 bytes: full"
