@@ -650,6 +650,9 @@ pub struct BusConfig {
     /// Sockets from one address block (an IPv4 address, an IPv6 /64) that have not
     /// authenticated yet (more: 429); a small share of `max_handshakes`.
     pub handshakes_per_ip: usize,
+    /// Sockets from one network (an IPv4 /24, an IPv6 /48: many blocks of one customer) that
+    /// have not authenticated yet (more: 429); never less than `handshakes_per_ip`.
+    pub handshakes_per_network: usize,
     /// Sockets not yet authenticated, over all addresses (more: 503): what they may hold
     /// is `max_frame_bytes` each.
     pub max_handshakes: usize,
@@ -770,6 +773,7 @@ impl Default for BusConfig {
             peer_queue: 1024,
             peer_queue_bytes: 16 * 1024 * 1024,
             handshakes_per_ip: 8,
+            handshakes_per_network: 64,
             max_handshakes: 256,
             handshake_rate: RateLimit::new(50, 100),
             max_connections: 10_000,

@@ -44,6 +44,22 @@ pub fn block(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The network a second tier of per-address limits counts `ip` in: an IPv4 address's /24
+/// (also written as IPv6), or an IPv6 address's /48 (what one customer or site is often
+/// given) — so that many blocks of one customer cannot fill a node-wide cap between them.
+pub fn network(ip: IpAddr) -> IpAddr {
+    match block(ip) {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            IpAddr::from([a, b, c, 0])
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0))
+        }
+    }
+}
+
 /// A connection's place among `max_connections` and its block's `per_address`; both are
 /// free again once it is dropped.
 pub struct Place {

@@ -36,6 +36,9 @@ pub(super) mod refused {
     pub const PEER_ANSWER_DROPPED: &str = "peer_answer_dropped";
     /// An address with `handshakes_per_ip` sockets not yet authenticated: 429.
     pub const HANDSHAKES_PER_IP: &str = "handshakes_per_ip";
+    /// A network (IPv4 /24, IPv6 /48) with `handshakes_per_network` sockets not yet
+    /// authenticated: 429.
+    pub const HANDSHAKES_PER_NETWORK: &str = "handshakes_per_network";
     /// An address past `handshake_rate`: 429.
     pub const HANDSHAKE_RATE: &str = "handshake_rate";
     /// `max_handshakes` sockets not yet authenticated: 503.
