@@ -56,6 +56,9 @@ pub struct Connection {
     pub(super) pending: Arc<tokio::sync::Semaphore>,
     /// The identity its messages asserted and the IdM verified.
     identity: Mutex<Option<String>>,
+    /// A peer's: how long its messages may wait on their addressees' flow control, all
+    /// together (one post, or one appservice transaction; see `bus::flow::PEER_WAIT`).
+    pub(super) wait_until: Option<tokio::time::Instant>,
 }
 
 impl Connection {
@@ -69,6 +72,7 @@ impl Connection {
             close: CancellationToken::new(),
             pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_ANSWERS)),
             identity: Mutex::new(None),
+            wait_until: None,
         }
     }
 

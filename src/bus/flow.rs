@@ -26,10 +26,13 @@ use super::Bus;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Longest a peer node's message waits on its local addressees, all of them together (room
-/// in a full queue, a held hand-over), however long `[bus] slow_receiver_close_after` is: a
-/// peer's post carries a whole domain's traffic, which one slow addressee must not hold up
-/// beyond this, and it is answered well within the peer's own timeout.
+/// Longest a peer node's messages wait on their local addressees (room in a full queue, a
+/// held hand-over), however long `[bus] slow_receiver_close_after` is, counted from when
+/// their post or appservice transaction began — all the messages of one transaction
+/// together, so that slow addressees do not add up within it (a transaction holds the
+/// homeserver's next one back): a peer's post carries a whole domain's traffic, which one
+/// slow addressee must not hold up beyond this, and it is answered well within the peer's
+/// own timeout.
 pub const PEER_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Bus {

@@ -154,7 +154,8 @@ async fn peer_message(
         Ok(t) => t,
         Err(_) => return (StatusCode::BAD_REQUEST, "body must be UTF-8 JSON").into_response(),
     };
-    match bus.handle_from_peer(&domain, text).await {
+    let started = tokio::time::Instant::now();
+    match bus.handle_from_peer(&domain, text, started).await {
         Some(text) => ([("content-type", "application/json")], text).into_response(),
         None => StatusCode::ACCEPTED.into_response(),
     }

@@ -73,7 +73,12 @@ async fn join_peer_room(actor: Arc<Actor>, domain: String, room: String) {
 impl Bus {
     /// Handles `text`, a message from the node of `domain` (over HTTP or Matrix): the
     /// response to send back, if any.
-    pub async fn handle_from_peer(&self, domain: &str, text: &str) -> Option<String> {
+    pub async fn handle_from_peer(
+        &self,
+        domain: &str,
+        text: &str,
+        started: tokio::time::Instant,
+    ) -> Option<String> {
         match Message::parse(text) {
             Err((error, id)) => Some(response(
                 &id,
@@ -90,7 +95,8 @@ impl Bus {
                     ));
                     Some(message.error_response(&error))
                 } else {
-                    self.handle(&self.peer_connection(domain), message).await
+                    self.handle(&self.peer_connection(domain, started), message)
+                        .await
                 }
             }
         }
@@ -104,7 +110,7 @@ impl Bus {
     /// peer node leaving a room makes the next message to it check its room again. Whether
     /// the event was the bus's (else the appservice decides it as any event — also a peer
     /// message event from a user that is no configured peer node).
-    pub async fn matrix_peer_event(&self, event: &Value) -> bool {
+    pub async fn matrix_peer_event(&self, event: &Value, started: tokio::time::Instant) -> bool {
         let sender = event["sender"].as_str().unwrap_or_default();
         let kind = event["type"].as_str().unwrap_or_default();
         let Some(peer) = self.inner.connectors.foreign.matrix_peer(sender) else {
@@ -145,7 +151,7 @@ impl Bus {
             tracing::warn!(%domain, event_id = %event["event_id"], "a peer's message event without a message: ignored");
             return true;
         };
-        let Some(answer) = self.handle_from_peer(&domain, text).await else {
+        let Some(answer) = self.handle_from_peer(&domain, text, started).await else {
             return true;
         };
         let answer = match Message::parse(&answer) {
@@ -201,7 +207,7 @@ impl Bus {
     /// as any principal's, and released once the peer has sent nothing for
     /// `away_release_after`. Its URL is outside the routing table (what is addressed to the
     /// peer's domain goes to the peer).
-    fn peer_connection(&self, domain: &str) -> Arc<Connection> {
+    fn peer_connection(&self, domain: &str, started: tokio::time::Instant) -> Arc<Connection> {
         let principal = Principal::Peer(domain.to_string());
         let owner = principal.owner();
         let runtime = self
@@ -218,7 +224,9 @@ impl Bus {
         }
         // Nothing reads this queue: a peer's answers travel back as HTTP responses (or
         // Matrix events), and a peer only routes (`only_routes`), so nothing waits in it.
-        Arc::new(Connection::new(0, runtime, principal, Outbound::detached()))
+        let mut conn = Connection::new(0, runtime, principal, Outbound::detached());
+        conn.wait_until = Some(started + super::flow::PEER_WAIT);
+        Arc::new(conn)
     }
 
     /// Puts the stand-in `url` into the table from its stored record, without what a
@@ -383,6 +391,39 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(stored, Some(stand_in_holdings(&old)));
+        running.stop().await;
+    }
+
+    /// Fifth review P2: each of a peer's messages waited up to `PEER_WAIT` on its
+    /// addressees, and the appservice handles a transaction's events one after another, so
+    /// a local user keeping her runtimes held or full made every transaction take 250 ms per
+    /// message — holding back the homeserver's next one, everyone's events. The messages of
+    /// one transaction (or post) share one wait now.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transactions_messages_share_one_wait() {
+        let running = node().await;
+        let bus = running.bus.clone().expect("bus");
+        let alice = Principal::NetworkServer("alice".into());
+        let url = "runtime://localhost/alice-rt";
+        let runtime = bus.bind(url, &alice).await.expect("bind");
+        // A hand-over held: every delivery to the runtime waits for it, as long as it may.
+        runtime.begin_attach(1, tokio_util::sync::CancellationToken::new());
+        assert!(runtime.hold(1), "held");
+        let started = tokio::time::Instant::now();
+        let n: u32 = 16;
+        for i in 0..n {
+            let text = serde_json::json!({"id": i, "type": "create",
+                "from": format!("hyperty://{PEER}/x"), "to": url, "body": {"value": i}})
+            .to_string();
+            let answer = bus.handle_from_peer(PEER, &text, started).await;
+            assert!(answer.is_none(), "routed: {answer:?}");
+        }
+        // One wait for all (each its own: n of them, 4 s).
+        let took = started.elapsed();
+        assert!(
+            took < super::super::flow::PEER_WAIT * (n / 2),
+            "{n} messages of one transaction took {took:?}"
+        );
         running.stop().await;
     }
 }

@@ -371,8 +371,9 @@ impl Bus {
             self.hand_out(&subscribers, &message.text, Payer::Sender(&charge));
             let metrics = &self.inner.metrics;
             // A peer's message is a whole domain's traffic: it waits on its local addressees'
-            // flow control no longer than `PEER_WAIT`, all together.
-            let until = peer.then(|| tokio::time::Instant::now() + super::flow::PEER_WAIT);
+            // flow control no longer than `PEER_WAIT` after its post or transaction began,
+            // with every other message of that post or transaction (they do not add up).
+            let until = conn.wait_until;
             for (runtime, slot) in direct.iter().zip(&mut slots) {
                 let delivered = self.deliver(runtime, &message.text, slot, until).await;
                 match delivered {

@@ -709,8 +709,9 @@ impl PeerEvents for BusPeerEvents {
     fn take<'a>(
         &'a self,
         event: &'a serde_json::Value,
+        started: tokio::time::Instant,
     ) -> futures_util::future::BoxFuture<'a, bool> {
-        Box::pin(self.0.matrix_peer_event(event))
+        Box::pin(self.0.matrix_peer_event(event, started))
     }
 }
 

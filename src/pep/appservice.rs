@@ -55,7 +55,9 @@ const TXN_MEMORY: usize = 256;
 pub trait PeerEvents: Send + Sync {
     /// Takes `event` if it belongs to the peer transport (an invitation from, or a message
     /// of, a configured peer node); whether it did (then the appservice decides nothing).
-    fn take<'a>(&'a self, event: &'a Value) -> BoxFuture<'a, bool>;
+    /// `started` is when its transaction began: the messages of one transaction share one
+    /// bounded wait on their addressees, so they do not add up.
+    fn take<'a>(&'a self, event: &'a Value, started: tokio::time::Instant) -> BoxFuture<'a, bool>;
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -341,6 +343,7 @@ impl Appservice {
             return Ok(());
         }
         let context = Context::now(&self.server_name);
+        let started = tokio::time::Instant::now();
         for event in body["events"].as_array().into_iter().flatten() {
             self.learn_agent(event);
             self.learn_policy(event);
@@ -349,7 +352,7 @@ impl Appservice {
                 continue;
             }
             if let Some(peer_events) = self.peer_events.get() {
-                if peer_events.take(event).await {
+                if peer_events.take(event, started).await {
                     continue; // the bus's own traffic, decided there
                 }
             }
