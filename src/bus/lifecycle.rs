@@ -467,7 +467,7 @@ impl Bus {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::path::Path;
     use std::time::Duration;
 
@@ -479,7 +479,7 @@ mod tests {
     }
 
     /// [`node`], its bus configuration changed by `change` first.
-    async fn node_with(
+    pub(in crate::bus) async fn node_with(
         handshake: Duration,
         change: impl FnOnce(&mut crate::config::BusConfig),
     ) -> crate::cmd::run::Running {

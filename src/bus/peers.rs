@@ -297,8 +297,6 @@ fn stand_in_url(domain: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::config::Peer;
 
@@ -307,22 +305,16 @@ mod tests {
 
     /// A node with a memory bus and the peer node `PEER`.
     async fn node() -> crate::cmd::run::Running {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut config = crate::config::Config::default();
-        config.pdp.listen = ([127, 0, 0, 1], 0).into();
-        config.pdp.policies = repo.join("policies");
-        config.pdp.schema_dir = repo.join("schemas");
-        config.pdp.decision_log.enabled = false;
-        config.bus.enabled = true;
-        config.bus.listen = ([127, 0, 0, 1], 0).into();
-        config.bus.domain = Some("localhost".into());
-        config.bus.peers = vec![Peer {
-            domain: PEER.into(),
-            url: "http://127.0.0.1:9".into(),
-            token: "peer-token".into(),
-            matrix_user: None,
-        }];
-        crate::cmd::run::start(config).await.expect("start")
+        let handshake = std::time::Duration::from_secs(5); // the default
+        super::super::lifecycle::tests::node_with(handshake, |bus| {
+            bus.peers = vec![Peer {
+                domain: PEER.into(),
+                url: "http://127.0.0.1:9".into(),
+                token: "peer-token".into(),
+                matrix_user: None,
+            }];
+        })
+        .await
     }
 
     /// Review bus-4 M8: a stand-in restored from a record stored before peers only routed
