@@ -103,14 +103,22 @@ impl Stub {
     }
 
     /// Sends `message` (an `id` is added when missing); returns the id.
-    pub async fn send(&mut self, mut message: Value) -> Value {
+    pub async fn send(&mut self, message: Value) -> Value {
+        self.try_send(message).await.expect("send")
+    }
+
+    /// As [`Stub::send`]; `None` when the socket is closed.
+    async fn try_send(&mut self, mut message: Value) -> Option<Value> {
         if message.get("id").is_none() {
             message["id"] = json!(self.next_id);
             self.next_id += 1;
         }
         let id = message["id"].clone();
-        self.send_text(&message.to_string()).await;
-        id
+        self.socket
+            .send(Ws::Text(message.to_string().into()))
+            .await
+            .ok()?;
+        Some(id)
     }
 
     /// Sends `message` and returns the response with its id (other frames are kept).
@@ -121,41 +129,31 @@ impl Stub {
 
     /// As [`Stub::request`], but `None` instead of a panic when the node closes the socket
     /// first (a connection it refuses).
-    pub async fn try_request(&mut self, mut message: Value) -> Option<Value> {
-        if message.get("id").is_none() {
-            message["id"] = json!(self.next_id);
-            self.next_id += 1;
-        }
-        let id = message["id"].clone();
-        self.socket
-            .send(Ws::Text(message.to_string().into()))
-            .await
-            .ok()?;
-        loop {
-            let frame = self.next_frame().await?;
-            if frame["type"] == "response" && frame["id"] == id {
-                return Some(frame);
-            }
-            self.inbox.push_back(frame);
-        }
+    pub async fn try_request(&mut self, message: Value) -> Option<Value> {
+        let id = self.try_send(message).await?;
+        self.try_response_to(&id).await
     }
 
     /// Waits for the response to `id`.
     pub async fn response_to(&mut self, id: &Value) -> Value {
+        self.try_response_to(id)
+            .await
+            .expect("a response before the socket closed")
+    }
+
+    /// As [`Stub::response_to`]; `None` when the socket closes first.
+    async fn try_response_to(&mut self, id: &Value) -> Option<Value> {
         if let Some(pos) = self
             .inbox
             .iter()
             .position(|m| m["type"] == "response" && &m["id"] == id)
         {
-            return self.inbox.remove(pos).expect("present");
+            return self.inbox.remove(pos);
         }
         loop {
-            let frame = self
-                .next_frame()
-                .await
-                .expect("a response before the socket closed");
+            let frame = self.next_frame().await?;
             if frame["type"] == "response" && &frame["id"] == id {
-                return frame;
+                return Some(frame);
             }
             self.inbox.push_back(frame);
         }
